@@ -1,0 +1,83 @@
+#include "core/log.h"
+
+#include <openssl/err.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *log_role = "cmg";
+static enum cmg_log_level log_level = CMG_LOG_INFO;
+static const char *const level_names[] = {"debug", "info", "warn", "error"};
+
+void cmg_log_init(const char *role) { log_role = role; }
+
+void cmg_log_set_level(enum cmg_log_level level) { log_level = level; }
+
+int cmg_log_parse_level(const char *name)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(name, level_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+int cmg_log_enabled(enum cmg_log_level level) { return level >= log_level; }
+
+static void log_line(enum cmg_log_level level, const char *fmt, va_list ap, int with_ssl)
+{
+    char line[2048];
+    struct timeval tv;
+    struct tm tm;
+    size_t n;
+
+    if (level < log_level)
+        return;
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03dZ %s[%d] %s: ",
+                          (int)(tv.tv_usec / 1000), log_role, (int)getpid(),
+                          level_names[level]);
+    if (n < sizeof(line)) {
+        int m = vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+        n = m < 0 ? n : n + (size_t)m;
+    }
+    if (with_ssl) {
+        unsigned long e;
+        while ((e = ERR_get_error()) != 0 && n + 2 < sizeof(line)) {
+            n += (size_t)snprintf(line + n, sizeof(line) - n, n ? " (" : "(");
+            if (n < sizeof(line)) {
+                ERR_error_string_n(e, line + n, sizeof(line) - n);
+                n += strlen(line + n);
+            }
+            if (n + 1 < sizeof(line))
+                line[n++] = ')';
+        }
+        ERR_clear_error();
+    }
+    if (n >= sizeof(line) - 1)
+        n = sizeof(line) - 2;
+    line[n++] = '\n';
+    /* One write per line, so that lines of several processes do not interleave. */
+    if (write(STDERR_FILENO, line, n) < 0)
+        return;
+}
+
+void cmg_log(enum cmg_log_level level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(level, fmt, ap, 0);
+    va_end(ap);
+}
+
+void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(level, fmt, ap, 1);
+    va_end(ap);
+}

@@ -1,0 +1,25 @@
+/* Logging: one line per event, "time role[pid] level: message key=value ...",
+ * written to stderr so that systemd, docker or a terminal can collect it. */
+#ifndef CMG_LOG_H
+#define CMG_LOG_H
+
+enum cmg_log_level { CMG_LOG_DEBUG, CMG_LOG_INFO, CMG_LOG_WARN, CMG_LOG_ERROR };
+
+void cmg_log_init(const char *role);
+void cmg_log_set_level(enum cmg_log_level level);
+/* Returns the level for "debug", "info", "warn" or "error", or -1. */
+int cmg_log_parse_level(const char *name);
+int cmg_log_enabled(enum cmg_log_level level);
+void cmg_log(enum cmg_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Logs fmt followed by the OpenSSL error queue, which it then clears. */
+void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#define cmg_debug(...) \
+    do { if (cmg_log_enabled(CMG_LOG_DEBUG)) cmg_log(CMG_LOG_DEBUG, __VA_ARGS__); } while (0)
+#define cmg_info(...) cmg_log(CMG_LOG_INFO, __VA_ARGS__)
+#define cmg_warn(...) cmg_log(CMG_LOG_WARN, __VA_ARGS__)
+#define cmg_error(...) cmg_log(CMG_LOG_ERROR, __VA_ARGS__)
+
+#endif

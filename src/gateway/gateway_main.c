@@ -1,0 +1,3 @@
+#include "gateway/gateway.h"
+#include <stdio.h>
+int cmg_gateway_main(int argc, char **argv) { (void)argc; (void)argv; fputs("not yet\n", stderr); return 1; }

@@ -1,0 +1,44 @@
+/* cmg: one binary, one subcommand per role. */
+#include "connector/connector.h"
+#include "gateway/gateway.h"
+#include "site/site.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const char usage[] =
+    "usage: cmg <command> [options]\n"
+    "\n"
+    "OpenCMG " CMG_VERSION ", a cloud management gateway: managed devices on the internet\n"
+    "reach on-premises management services through a gateway, while the internal\n"
+    "network opens no inbound port.\n"
+    "\n"
+    "commands:\n"
+    "  site init DIR ...     create a site: CA, certificates, gateway.conf, connector.conf\n"
+    "  gateway -c FILE       run a gateway instance (internet-facing)\n"
+    "  connector -c FILE     run a connector (on-premises; dials out to every gateway)\n"
+    "  version               print the version\n"
+    "\n"
+    "Run 'cmg <command> --help' for the options of a command.\n";
+
+int main(int argc, char **argv)
+{
+    const char *cmd = argc > 1 ? argv[1] : NULL;
+
+    if (!cmd || !strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        fputs(usage, cmd ? stdout : stderr);
+        return cmd ? 0 : 2;
+    }
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        printf("cmg %s\n", CMG_VERSION);
+        return 0;
+    }
+    if (!strcmp(cmd, "gateway"))
+        return cmg_gateway_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "connector"))
+        return cmg_connector_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "site"))
+        return cmg_site_main(argc - 1, argv + 1);
+    fprintf(stderr, "cmg: unknown command '%s'\n%s", cmd, usage);
+    return 2;
+}

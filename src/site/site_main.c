@@ -1,0 +1,3 @@
+#include "site/site.h"
+#include <stdio.h>
+int cmg_site_main(int argc, char **argv) { (void)argc; (void)argv; fputs("not yet\n", stderr); return 1; }

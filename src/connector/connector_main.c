@@ -1,3 +1,111 @@
+/* cmg connector: dials every gateway instance and serves what comes down. */
+#include "connector/cn.h"
 #include "connector/connector.h"
+#include "core/log.h"
+#include "tls/tls.h"
+
+#include <getopt.h>
 #include <stdio.h>
-int cmg_connector_main(int argc, char **argv) { (void)argc; (void)argv; fputs("not yet\n", stderr); return 1; }
+#include <string.h>
+
+static const char usage[] =
+    "usage: cmg connector -c FILE\n"
+    "\n"
+    "Runs a connector on the internal network. It dials out to every gateway\n"
+    "instance named in FILE (one 'gateway =' line each), keeps those tunnels up,\n"
+    "and forwards the requests that come down them to the internal services of\n"
+    "its [mapping] sections. It needs no inbound port.\n"
+    "\n"
+    "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
+    "  -h, --help          this text\n";
+
+static int setup(struct cmg_connector *cn)
+{
+    struct cmg_cn_config *c = &cn->cfg;
+    struct cmg_tls_client_opts tun = {.ca = c->ca, .cert = c->cert, .key = c->key,
+                                      .alpn = "cmg-tunnel/1"};
+    char err[512];
+
+    cn->tunnel_ctx = cmg_tls_client_ctx(&tun, err, sizeof(err));
+    if (!cn->tunnel_ctx) {
+        cmg_error("tunnel TLS: %s", err);
+        return -1;
+    }
+    for (size_t i = 0; i < c->nmappings; i++) {
+        struct cmg_cn_mapping *m = &c->mappings[i];
+        struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,
+                                         .cert = m->client_cert[0] ? m->client_cert : NULL,
+                                         .key = m->client_key[0] ? m->client_key : NULL};
+        if (!m->tls)
+            continue;
+        m->ctx = cmg_tls_client_ctx(&up, err, sizeof(err));
+        if (!m->ctx) {
+            cmg_error("mapping %s (%s): %s", m->role, m->internal_url, err);
+            return -1;
+        }
+    }
+    for (int i = 0; i < c->ngateways; i++) {
+        struct cmg_cn_tunnel *t = &cn->tunnels[i];
+        if (cmg_addr_parse(c->gateways[i], 10140, &t->addr, err, sizeof(err)) < 0) {
+            cmg_error("gateway %s: %s", c->gateways[i], err);
+            return -1;
+        }
+        snprintf(t->target, sizeof(t->target), "%s", c->gateways[i]);
+        cn->ntunnels++;
+    }
+    for (int i = 0; i < cn->ntunnels; i++)
+        cmg_cn_tunnel_start(cn, &cn->tunnels[i]);
+    return 0;
+}
+
+int cmg_connector_main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    struct cmg_connector cn;
+    const char *file = NULL;
+    char err[600];
+    int ch, rc = 1;
+
+    memset(&cn, 0, sizeof(cn));
+    cmg_log_init("connector");
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'c':
+            file = optarg;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return 0;
+        default:
+            fputs(usage, stderr);
+            return 2;
+        }
+    }
+    if (!file || optind != argc) {
+        fputs(usage, stderr);
+        return 2;
+    }
+    if (cmg_cn_config_load(&cn.cfg, file, err, sizeof(err)) < 0) {
+        fprintf(stderr, "cmg connector: %s\n", err);
+        cmg_cn_config_free(&cn.cfg);
+        return 1;
+    }
+    cmg_log_set_level(cn.cfg.log_level);
+    cn.loop = cmg_loop_new();
+    if (cn.loop && setup(&cn) == 0) {
+        cmg_info("connector %s started: %d gateway(s), %zu mapping(s)", cn.cfg.name, cn.ntunnels,
+                 cn.cfg.nmappings);
+        rc = cmg_loop_run(cn.loop) < 0 ? 1 : 0;
+        cmg_info("connector stopped");
+    }
+    for (int i = 0; i < cn.ntunnels; i++)
+        cmg_cn_tunnel_stop(&cn.tunnels[i]);
+    cmg_upstream_close_all(&cn);
+    SSL_CTX_free(cn.tunnel_ctx);
+    cmg_cn_config_free(&cn.cfg);
+    cmg_loop_free(cn.loop);
+    return rc;
+}

@@ -1,0 +1,141 @@
+/* The connector's internal types: its configuration, the tunnels it dials to
+ * every gateway instance, the streams the gateways open on them, and the
+ * kept-alive connections to internal services. */
+#ifndef CMG_CN_H
+#define CMG_CN_H
+
+#include "core/conn.h"
+#include "core/loop.h"
+#include "core/net.h"
+#include "http/headers.h"
+#include "http/path.h"
+
+#include <limits.h>
+#include <llhttp.h>
+#include <nghttp2/nghttp2.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define CMG_CN_MAX_GATEWAYS 16
+#define CMG_CN_BUFFER (256 * 1024)
+
+struct cmg_connector;
+struct cmg_cn_stream;
+struct cmg_upstream;
+
+struct cmg_cn_mapping {
+    char role[CMG_ROLE_ID_MAX + 1];
+    char internal_url[1024];
+    bool tls;
+    char host[256];          /* for Host, SNI and certificate checks */
+    char authority[300];     /* host[:port] as the Host header */
+    char base_path[512];     /* without a trailing '/' */
+    int port;
+    struct cmg_addr addr;
+    char ca[PATH_MAX], client_cert[PATH_MAX], client_key[PATH_MAX];
+    SSL_CTX *ctx;
+    struct cmg_upstream *idle;   /* kept-alive connections, most recent first */
+    unsigned nidle;
+};
+
+struct cmg_cn_config {
+    char file[PATH_MAX];
+    char name[64];
+    char gateways[CMG_CN_MAX_GATEWAYS][300];
+    int ngateways;
+    char server_name[256];
+    char cert[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
+    uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
+    int log_level;
+    struct cmg_cn_mapping *mappings;
+    size_t nmappings;
+};
+
+int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen);
+void cmg_cn_config_free(struct cmg_cn_config *c);
+struct cmg_cn_mapping *cmg_cn_config_mapping(struct cmg_cn_config *c, const char *role,
+                                             size_t len);
+
+/* One tunnel per gateway instance, redialled whenever it falls. */
+struct cmg_cn_tunnel {
+    struct cmg_connector *cn;
+    char target[300];
+    struct cmg_addr addr;
+    struct cmg_conn conn;
+    nghttp2_session *h2;
+    bool active;             /* connection (being) set up */
+    bool up;                 /* the gateway opened the control stream */
+    uint32_t backoff_ms;
+    unsigned failures;
+    struct cmg_timer retry_timer, hs_timer, ping_timer, pong_timer;
+    struct cmg_task send_task;
+    struct cmg_cn_stream *streams;
+    int32_t ctl_stream;
+    struct cmg_buf ctl_out;
+};
+
+struct cmg_connector {
+    struct cmg_loop *loop;
+    struct cmg_cn_config cfg;
+    SSL_CTX *tunnel_ctx;
+    struct cmg_cn_tunnel tunnels[CMG_CN_MAX_GATEWAYS];
+    int ntunnels;
+    struct cmg_upstream *busy;   /* upstream connections in use */
+};
+
+/* A request that a gateway opened on a tunnel. */
+struct cmg_cn_stream {
+    struct cmg_cn_tunnel *t;
+    int32_t id;
+    char method[32];
+    char *path;
+    struct cmg_headers hdrs;
+    size_t head_bytes;
+    int64_t content_length;
+    bool has_body, req_chunked, req_end;
+    size_t unconsumed;        /* request bytes handed on but not yet consumed */
+    struct cmg_cn_mapping *m;
+    struct cmg_upstream *up;
+    bool resp_submitted, resp_eof;
+    struct cmg_buf resp_body;
+    const char *local_body;
+    size_t local_left;
+    struct cmg_cn_stream *prev, *next;
+};
+
+void cmg_cn_tunnel_start(struct cmg_connector *cn, struct cmg_cn_tunnel *t);
+void cmg_cn_tunnel_stop(struct cmg_cn_tunnel *t);
+void cmg_cn_tunnel_kick(struct cmg_cn_tunnel *t);
+/* Stream side of the upstream: */
+void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct cmg_headers *h);
+void cmg_cn_stream_body(struct cmg_cn_stream *st);   /* more in resp_body, or resp_eof */
+void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, const char *why);
+void cmg_cn_stream_request_written(struct cmg_cn_stream *st);
+
+/* Upstream: an HTTP/1.1 client connection to an internal service. */
+struct cmg_upstream {
+    struct cmg_connector *cn;
+    struct cmg_cn_mapping *m;
+    struct cmg_conn conn;
+    struct cmg_cn_stream *st;
+    llhttp_t parser;
+    struct cmg_headers resp;
+    bool in_value;
+    bool informational, headers_done, msg_done, reused, got_bytes, head;
+    bool paused;
+    struct cmg_timer timer;
+    struct cmg_upstream *prev, *next;   /* in the mapping's idle list or the busy list */
+};
+
+/* Sends the stream's request head to its mapping's internal service. 0 or -1. */
+int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st);
+/* Request body bytes; end of the body. */
+void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n);
+void cmg_upstream_body_end(struct cmg_upstream *u);
+/* The stream is gone: drop the connection unless it finished cleanly. */
+void cmg_upstream_detach(struct cmg_upstream *u);
+/* The stream took response bytes: read more if paused. */
+void cmg_upstream_resume(struct cmg_upstream *u);
+void cmg_upstream_close_all(struct cmg_connector *cn);
+
+#endif

@@ -1,0 +1,568 @@
+/* Tunnels, connector side. We dial out to every gateway instance, show our
+ * certificate, and then serve HTTP/2: the gateway opens a stream per device
+ * request, which we forward to the internal service of the role it names. */
+#include "connector/cn.h"
+#include "core/log.h"
+#include "tls/tls.h"
+
+#include <cjson/cJSON.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define READ_CHUNK 16384
+#define STREAM_WINDOW (1 << 20)
+#define CONNECTION_WINDOW (16 << 20)
+#define MAX_STREAMS 4096
+#define BACKOFF_MIN_MS 250
+#define CONTROL_PATH "/.cmg/control"
+#define TUNNEL_ALPN "cmg-tunnel/1"
+
+#define TUNNEL_OF(p, field) \
+    ((struct cmg_cn_tunnel *)((char *)(p) - offsetof(struct cmg_cn_tunnel, field)))
+
+static void tunnel_down(struct cmg_cn_tunnel *t, const char *why);
+static void dial(struct cmg_cn_tunnel *t);
+
+/* ---- sending ---- */
+
+static void tunnel_send(struct cmg_cn_tunnel *t)
+{
+    if (!t->h2)
+        return;
+    while (t->conn.out.len < 256 * 1024) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(t->h2, &data);
+        if (n < 0) {
+            tunnel_down(t, nghttp2_strerror((int)n));
+            return;
+        }
+        if (n == 0)
+            break;
+        if (cmg_buf_append(&t->conn.out, data, (size_t)n) < 0) {
+            tunnel_down(t, "out of memory");
+            return;
+        }
+    }
+    cmg_conn_flush(&t->conn);
+    if (!nghttp2_session_want_read(t->h2) && !nghttp2_session_want_write(t->h2) &&
+        t->conn.out.len == 0)
+        tunnel_down(t, "session ended");
+}
+
+static void on_send_task(struct cmg_task *task) { tunnel_send(TUNNEL_OF(task, send_task)); }
+
+void cmg_cn_tunnel_kick(struct cmg_cn_tunnel *t)
+{
+    if (t->h2)
+        cmg_task_post(t->cn->loop, &t->send_task, on_send_task);
+}
+
+/* ---- streams ---- */
+
+static struct cmg_cn_stream *stream_new(struct cmg_cn_tunnel *t, int32_t id)
+{
+    struct cmg_cn_stream *st = calloc(1, sizeof(*st));
+    if (!st)
+        return NULL;
+    st->t = t;
+    st->id = id;
+    st->content_length = -1;
+    st->next = t->streams;
+    if (st->next)
+        st->next->prev = st;
+    t->streams = st;
+    return st;
+}
+
+static void stream_free(struct cmg_cn_stream *st)
+{
+    struct cmg_cn_tunnel *t = st->t;
+    if (st->up)
+        cmg_upstream_detach(st->up);
+    st->up = NULL;
+    if (st->prev)
+        st->prev->next = st->next;
+    else
+        t->streams = st->next;
+    if (st->next)
+        st->next->prev = st->prev;
+    cmg_headers_free(&st->hdrs);
+    cmg_buf_free(&st->resp_body);
+    free(st->path);
+    free(st);
+}
+
+static ssize_t read_local(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                          uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct cmg_cn_stream *st = src->ptr;
+    size_t n = st->local_left < length ? st->local_left : length;
+    memcpy(buf, st->local_body, n);
+    st->local_body += n;
+    st->local_left -= n;
+    if (!st->local_left)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return (ssize_t)n;
+}
+
+/* An answer made here, not by the internal service. */
+static void answer(struct cmg_cn_stream *st, int status, const char *body)
+{
+    char code[8], len[24];
+    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_local};
+    nghttp2_nv nv[3];
+
+    snprintf(code, sizeof(code), "%d", status);
+    st->local_body = body;
+    st->local_left = strlen(body);
+    snprintf(len, sizeof(len), "%zu", st->local_left);
+    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
+    nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
+    nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
+    st->resp_submitted = true;
+    nghttp2_submit_response(st->t->h2, st->id, nv, 3, &dp);
+    cmg_cn_tunnel_kick(st->t);
+}
+
+static ssize_t read_response_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                                  uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct cmg_cn_stream *st = src->ptr;
+    size_t n = st->resp_body.len < length ? st->resp_body.len : length;
+
+    if (n) {
+        memcpy(buf, cmg_buf_head(&st->resp_body), n);
+        cmg_buf_consume(&st->resp_body, n);
+        if (st->up)
+            cmg_upstream_resume(st->up);
+    }
+    if (st->resp_eof && st->resp_body.len == 0)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    else if (n == 0)
+        return NGHTTP2_ERR_DEFERRED;
+    return (ssize_t)n;
+}
+
+void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct cmg_headers *h)
+{
+    nghttp2_nv *nv = calloc(h->n + 1, sizeof(*nv));
+    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_response_body};
+    char code[8];
+    size_t k = 0;
+
+    if (!nv) {
+        cmg_cn_stream_fail(st, 502, "out of memory");
+        return;
+    }
+    snprintf(code, sizeof(code), "%d", status);
+    nv[k++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
+    for (uint32_t i = 0; i < h->n; i++) {
+        const char *name = cmg_headers_name(h, i);
+        uint32_t nl = h->v[i].name_len;
+        if (cmg_header_not_forwarded(name, nl) && !cmg_header_is(h, i, "content-length"))
+            continue;
+        nv[k++] = (nghttp2_nv){(uint8_t *)name, (uint8_t *)cmg_headers_value(h, i), nl,
+                               h->v[i].value_len, NGHTTP2_NV_FLAG_NONE};
+    }
+    st->resp_submitted = true;
+    nghttp2_submit_response(st->t->h2, st->id, nv, k, &dp);
+    free(nv);
+    cmg_cn_tunnel_kick(st->t);
+}
+
+void cmg_cn_stream_body(struct cmg_cn_stream *st)
+{
+    if (st->resp_submitted) {
+        nghttp2_session_resume_data(st->t->h2, st->id);
+        cmg_cn_tunnel_kick(st->t);
+    }
+}
+
+void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, const char *why)
+{
+    cmg_warn("request %s %s failed: %s", st->method, st->path ? st->path : "-", why);
+    st->up = NULL;
+    if (st->resp_submitted) {
+        nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+        cmg_cn_tunnel_kick(st->t);
+    } else {
+        answer(st, status, status == 504 ? "CMGService_Internal_Timeout\r\n"
+                                         : "CMGService_Internal_Server_Error\r\n");
+    }
+}
+
+/* Request bytes were written to the internal service: open the window again. */
+void cmg_cn_stream_request_written(struct cmg_cn_stream *st)
+{
+    if (!st->unconsumed)
+        return;
+    nghttp2_session_consume(st->t->h2, st->id, st->unconsumed);
+    st->unconsumed = 0;
+    cmg_cn_tunnel_kick(st->t);
+}
+
+/* ---- the control stream ---- */
+
+static ssize_t read_control(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                            uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct cmg_cn_tunnel *t = user;
+    size_t n = t->ctl_out.len < length ? t->ctl_out.len : length;
+    if (n == 0)
+        return NGHTTP2_ERR_DEFERRED;
+    memcpy(buf, cmg_buf_head(&t->ctl_out), n);
+    cmg_buf_consume(&t->ctl_out, n);
+    return (ssize_t)n;
+}
+
+static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
+{
+    struct cmg_cn_config *c = &t->cn->cfg;
+    nghttp2_nv nv[] = {{(uint8_t *)":status", (uint8_t *)"200", 7, 3, 0},
+                       {(uint8_t *)"content-type", (uint8_t *)"application/x-ndjson", 12, 20, 0}};
+    nghttp2_data_provider dp = {.read_callback = read_control};
+    cJSON *hello = cJSON_CreateObject(), *roles = cJSON_CreateArray();
+    char *text;
+
+    cJSON_AddStringToObject(hello, "type", "hello");
+    cJSON_AddStringToObject(hello, "name", c->name);
+    cJSON_AddStringToObject(hello, "version", CMG_VERSION);
+    for (size_t i = 0; i < c->nmappings; i++)
+        cJSON_AddItemToArray(roles, cJSON_CreateString(c->mappings[i].role));
+    cJSON_AddItemToObject(hello, "roles", roles);
+    text = cJSON_PrintUnformatted(hello);
+    cJSON_Delete(hello);
+    if (text) {
+        cmg_buf_appends(&t->ctl_out, text);
+        cmg_buf_append(&t->ctl_out, "\n", 1);
+        free(text);
+    }
+    t->ctl_stream = st->id;
+    st->resp_submitted = true;
+    nghttp2_submit_response(t->h2, st->id, nv, 2, &dp);
+    if (!t->up) {
+        t->up = true;
+        t->failures = 0;
+        t->backoff_ms = BACKOFF_MIN_MS;
+        cmg_info("tunnel up: gateway=%s peer=%s roles=%zu", t->target, t->conn.peer,
+                 c->nmappings);
+    }
+}
+
+/* ---- requests ---- */
+
+static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
+{
+    struct cmg_path p;
+
+    if (!st->path || !st->method[0]) {
+        answer(st, 400, "CMGService_Bad_Request\r\n");
+        return;
+    }
+    if (!strcmp(st->path, CONTROL_PATH)) {
+        open_control(t, st);
+        return;
+    }
+    /* The gateway checked the target; we check again rather than trust it. */
+    cmg_path_parse(st->path, strlen(st->path), &p);
+    st->m = p.kind == CMG_PATH_OTHER || cmg_path_check(st->path, strlen(st->path)) < 0
+                ? NULL
+                : cmg_cn_config_mapping(&t->cn->cfg, p.role, p.role_len);
+    if (!st->m) {
+        answer(st, 404, "CMGService_No_Mapping\r\n");
+        return;
+    }
+    if (cmg_upstream_start(t->cn, st) < 0)
+        answer(st, 502, "CMGService_Internal_Server_Error\r\n");
+}
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct cmg_cn_tunnel *t = user;
+    struct cmg_cn_stream *st;
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    st = stream_new(t, frame->hd.stream_id);
+    if (!st)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    nghttp2_session_set_stream_user_data(s, frame->hd.stream_id, st);
+    return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
+                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                     void *user)
+{
+    struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    if (!st || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    st->head_bytes += namelen + valuelen;
+    if (st->head_bytes > 256 * 1024)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (namelen == 7 && !memcmp(name, ":method", 7)) {
+        snprintf(st->method, sizeof(st->method), "%.*s", (int)valuelen, value);
+    } else if (namelen == 5 && !memcmp(name, ":path", 5)) {
+        free(st->path);
+        st->path = strndup((const char *)value, valuelen);
+    } else if (namelen && name[0] != ':') {
+        if (namelen == 14 && !memcmp(name, "content-length", 14)) {
+            char *end;
+            st->content_length = strtoll((const char *)value, &end, 10);
+        }
+        if (cmg_headers_add(&st->hdrs, (const char *)name, namelen, (const char *)value,
+                            valuelen) < 0)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    return 0;
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct cmg_cn_tunnel *t = user;
+    struct cmg_cn_stream *st;
+    bool end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
+
+    if (frame->hd.type == NGHTTP2_PING) {
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+            cmg_timer_stop(t->cn->loop, &t->pong_timer);
+        return 0;
+    }
+    st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    if (!st)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        st->has_body = !end;
+        st->req_end = end;
+        start_request(t, st);
+    } else if (frame->hd.type == NGHTTP2_DATA && end) {
+        st->req_end = true;
+        if (st->up)
+            cmg_upstream_body_end(st->up);
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data,
+                         size_t len, void *user)
+{
+    struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
+    if (!st || !st->up) {
+        nghttp2_session_consume(s, id, len);
+        return 0;
+    }
+    st->unconsumed += len;
+    cmg_upstream_body(st->up, data, len);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, void *user)
+{
+    struct cmg_cn_tunnel *t = user;
+    struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
+    if (id == t->ctl_stream)
+        t->ctl_stream = -1;
+    if (st) {
+        if (st->unconsumed)
+            nghttp2_session_consume_connection(s, st->unconsumed);
+        stream_free(st);
+    }
+    return 0;
+}
+
+/* ---- health ---- */
+
+static void on_pong_timeout(struct cmg_timer *tm)
+{
+    tunnel_down(TUNNEL_OF(tm, pong_timer), "no answer to the health ping");
+}
+
+static void on_ping_timer(struct cmg_timer *tm)
+{
+    struct cmg_cn_tunnel *t = TUNNEL_OF(tm, ping_timer);
+    struct cmg_cn_config *c = &t->cn->cfg;
+    nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, NULL);
+    cmg_cn_tunnel_kick(t);
+    if (!cmg_timer_armed(&t->pong_timer))
+        cmg_timer_start(t->cn->loop, &t->pong_timer, c->ping_timeout_ms, on_pong_timeout);
+    cmg_timer_start(t->cn->loop, &t->ping_timer, c->ping_interval_ms, on_ping_timer);
+}
+
+static void on_hs_timeout(struct cmg_timer *tm)
+{
+    struct cmg_cn_tunnel *t = TUNNEL_OF(tm, hs_timer);
+    if (!t->up)
+        tunnel_down(t, "gateway did not open the tunnel in time");
+}
+
+/* ---- the connection ---- */
+
+static int start_session(struct cmg_cn_tunnel *t)
+{
+    nghttp2_session_callbacks *cb;
+    nghttp2_option *opt;
+    nghttp2_settings_entry settings[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+    };
+    int rc;
+
+    if (nghttp2_session_callbacks_new(&cb) != 0)
+        return -1;
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    if (nghttp2_option_new(&opt) != 0) {
+        nghttp2_session_callbacks_del(cb);
+        return -1;
+    }
+    /* Request bodies open the window only once written to the internal service. */
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    rc = nghttp2_session_server_new2(&t->h2, cb, t, opt);
+    nghttp2_session_callbacks_del(cb);
+    nghttp2_option_del(opt);
+    if (rc != 0)
+        return -1;
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 2);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
+    return 0;
+}
+
+static void on_open(struct cmg_conn *c)
+{
+    struct cmg_cn_tunnel *t = c->owner;
+    if (!cmg_tls_alpn_is(c->ssl, TUNNEL_ALPN)) {
+        tunnel_down(t, "the gateway did not agree to the tunnel protocol");
+        return;
+    }
+    if (start_session(t) < 0) {
+        tunnel_down(t, "cannot start HTTP/2");
+        return;
+    }
+    cmg_timer_start(t->cn->loop, &t->ping_timer, t->cn->cfg.ping_interval_ms, on_ping_timer);
+    cmg_conn_want_read(c, true);
+    tunnel_send(t);
+}
+
+static void on_read(struct cmg_conn *c)
+{
+    struct cmg_cn_tunnel *t = c->owner;
+    uint8_t buf[READ_CHUNK];
+
+    while (t->h2) {
+        ssize_t n = cmg_conn_read(c, buf, sizeof(buf)), used;
+        if (n == CMG_AGAIN)
+            break;
+        if (n == 0) {
+            tunnel_down(t, "connection closed by the gateway");
+            return;
+        }
+        used = nghttp2_session_mem_recv(t->h2, buf, (size_t)n);
+        if (used < 0) {
+            tunnel_down(t, nghttp2_strerror((int)used));
+            return;
+        }
+    }
+    tunnel_send(t);
+}
+
+static void on_drain(struct cmg_conn *c) { tunnel_send(c->owner); }
+
+static void on_error(struct cmg_conn *c, const char *why) { tunnel_down(c->owner, why); }
+
+static const struct cmg_conn_ops tunnel_ops = {on_open, on_read, on_drain, on_error};
+
+static void on_retry(struct cmg_timer *tm) { dial(TUNNEL_OF(tm, retry_timer)); }
+
+static void release(struct cmg_cn_tunnel *t)
+{
+    struct cmg_loop *loop = t->cn->loop;
+    while (t->streams)
+        stream_free(t->streams);
+    cmg_timer_stop(loop, &t->hs_timer);
+    cmg_timer_stop(loop, &t->ping_timer);
+    cmg_timer_stop(loop, &t->pong_timer);
+    cmg_task_cancel(loop, &t->send_task);
+    if (t->h2)
+        nghttp2_session_del(t->h2);
+    t->h2 = NULL;
+    cmg_conn_close(&t->conn);
+    cmg_buf_free(&t->ctl_out);
+    t->ctl_stream = -1;
+    t->active = t->up = false;
+}
+
+static void tunnel_down(struct cmg_cn_tunnel *t, const char *why)
+{
+    uint32_t delay;
+    unsigned char r[4];
+
+    if (!t->active)
+        return;
+    if (t->up)
+        cmg_warn("tunnel down: gateway=%s reason=\"%s\"", t->target, why);
+    else if (t->failures++ == 0)
+        cmg_warn("cannot reach gateway %s: %s (retrying)", t->target, why);
+    else
+        cmg_debug("cannot reach gateway %s: %s", t->target, why);
+    release(t);
+    /* Exponential back-off with jitter, so that connectors do not return in step. */
+    RAND_bytes(r, sizeof(r));
+    delay = t->backoff_ms / 2 + (uint32_t)(((uint64_t)(r[0] | r[1] << 8 | r[2] << 16) *
+                                             (t->backoff_ms / 2 + 1)) >> 24);
+    t->backoff_ms = t->backoff_ms * 2 > t->cn->cfg.reconnect_max_ms ? t->cn->cfg.reconnect_max_ms
+                                                                    : t->backoff_ms * 2;
+    if (t->backoff_ms < BACKOFF_MIN_MS)
+        t->backoff_ms = BACKOFF_MIN_MS;
+    cmg_timer_start(t->cn->loop, &t->retry_timer, delay, on_retry);
+}
+
+static void dial(struct cmg_cn_tunnel *t)
+{
+    struct cmg_connector *cn = t->cn;
+    SSL *ssl;
+    int fd;
+
+    t->active = true;
+    t->ctl_stream = -1;
+    fd = cmg_net_connect(&t->addr);
+    if (fd < 0) {
+        memset(&t->conn, 0, sizeof(t->conn));
+        t->conn.io.fd = -1;
+        tunnel_down(t, "cannot create a socket");
+        return;
+    }
+    ssl = SSL_new(cn->tunnel_ctx);
+    if (!ssl) {
+        close(fd);
+        tunnel_down(t, "out of memory");
+        return;
+    }
+    SSL_set_connect_state(ssl);
+    SSL_set_tlsext_host_name(ssl, cn->cfg.server_name);
+    SSL_set1_host(ssl, cn->cfg.server_name);   /* the gateway's certificate must name it */
+    if (cmg_conn_start(&t->conn, cn->loop, fd, ssl, true, &tunnel_ops, t) < 0) {
+        tunnel_down(t, "cannot watch the socket");
+        return;
+    }
+    cmg_timer_start(cn->loop, &t->hs_timer, 10000, on_hs_timeout);
+}
+
+void cmg_cn_tunnel_start(struct cmg_connector *cn, struct cmg_cn_tunnel *t)
+{
+    t->cn = cn;
+    t->backoff_ms = BACKOFF_MIN_MS;
+    t->conn.io.fd = -1;
+    dial(t);
+}
+
+void cmg_cn_tunnel_stop(struct cmg_cn_tunnel *t)
+{
+    cmg_timer_stop(t->cn->loop, &t->retry_timer);
+    if (t->active)
+        release(t);
+}

@@ -1,0 +1,458 @@
+/* Upstream: HTTP/1.1 (plain or TLS) to an internal service, one request at a
+ * time per connection, connections kept alive in a small pool per mapping. */
+#include "connector/cn.h"
+#include "core/log.h"
+#include "tls/tls.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define READ_CHUNK 16384
+#define MAX_IDLE 64
+#define IDLE_MS 30000
+#define MAX_RESPONSE_HEAD (64 * 1024)
+
+static const llhttp_settings_t *settings(void);
+static void release(struct cmg_upstream *u);
+
+static void upstream_free(void *p)
+{
+    struct cmg_upstream *u = p;
+    cmg_headers_free(&u->resp);
+    free(u);
+}
+
+static void list_remove(struct cmg_upstream **head, struct cmg_upstream *u)
+{
+    if (u->prev)
+        u->prev->next = u->next;
+    else if (*head == u)
+        *head = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    u->prev = u->next = NULL;
+}
+
+static void list_push(struct cmg_upstream **head, struct cmg_upstream *u)
+{
+    u->prev = NULL;
+    u->next = *head;
+    if (*head)
+        (*head)->prev = u;
+    *head = u;
+}
+
+/* Closes the connection and frees it after this loop round. */
+static void destroy(struct cmg_upstream *u)
+{
+    if (u->st) {
+        u->st->up = NULL;
+        u->st = NULL;
+        list_remove(&u->cn->busy, u);
+    } else {
+        list_remove(&u->m->idle, u);
+        u->m->nidle--;
+    }
+    cmg_timer_stop(u->cn->loop, &u->timer);
+    cmg_conn_close(&u->conn);
+    cmg_loop_free_later(u->cn->loop, u, upstream_free);
+}
+
+static void fail(struct cmg_upstream *u, int status, const char *why)
+{
+    struct cmg_cn_stream *st = u->st;
+    destroy(u);
+    if (st)
+        cmg_cn_stream_fail(st, status, why);
+}
+
+static void on_timeout(struct cmg_timer *t)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)t - offsetof(struct cmg_upstream, timer));
+    if (u->st)
+        fail(u, 504, "internal service timed out");
+    else
+        destroy(u);   /* idle too long */
+}
+
+static void arm(struct cmg_upstream *u)
+{
+    cmg_timer_start(u->cn->loop, &u->timer, u->cn->cfg.upstream_timeout_ms, on_timeout);
+}
+
+/* ---- response parsing ---- */
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    cmg_headers_reset(&u->resp);
+    u->in_value = false;
+    u->informational = false;
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    bool start = u->in_value || u->resp.n == 0;
+    u->in_value = false;
+    if (u->resp.arena.len + n > MAX_RESPONSE_HEAD)
+        return -1;
+    return cmg_headers_append_name(&u->resp, at, n, start);
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    bool start = !u->in_value;
+    u->in_value = true;
+    if (u->resp.arena.len + n > MAX_RESPONSE_HEAD)
+        return -1;
+    return cmg_headers_append_value(&u->resp, at, n, start);
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    if (!u->in_value) {
+        u->in_value = true;
+        return cmg_headers_append_value(&u->resp, "", 0, true);
+    }
+    return 0;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    int status = p->status_code;
+
+    if (status >= 100 && status < 200) {
+        if (status == 101)
+            return -1;   /* no upgrades through the gateway */
+        u->informational = true;
+        return 0;
+    }
+    /* Lower-case names: they go on as HTTP/2. */
+    for (uint32_t i = 0; i < u->resp.n; i++) {
+        char *name = u->resp.arena.data + u->resp.v[i].name;
+        for (uint32_t k = 0; k < u->resp.v[i].name_len; k++)
+            if (name[k] >= 'A' && name[k] <= 'Z')
+                name[k] = (char)(name[k] - 'A' + 'a');
+    }
+    u->headers_done = true;
+    if (u->st)
+        cmg_cn_stream_response(u->st, status, &u->resp);
+    return u->head ? 1 : 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    if (!u->st)
+        return -1;
+    if (cmg_buf_append(&u->st->resp_body, at, n) < 0)
+        return -1;
+    cmg_cn_stream_body(u->st);
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    if (u->informational) {
+        u->informational = false;
+        return 0;
+    }
+    u->msg_done = true;
+    return HPE_PAUSED;
+}
+
+static const llhttp_settings_t *settings(void)
+{
+    static llhttp_settings_t s;
+    static bool ready;
+    if (!ready) {
+        llhttp_settings_init(&s);
+        s.on_message_begin = on_message_begin;
+        s.on_header_field = on_header_field;
+        s.on_header_value = on_header_value;
+        s.on_header_value_complete = on_header_value_complete;
+        s.on_headers_complete = on_headers_complete;
+        s.on_body = on_body;
+        s.on_message_complete = on_message_complete;
+        ready = true;
+    }
+    return &s;
+}
+
+/* The response is complete: hand the body's end on, and keep the connection. */
+static void finished(struct cmg_upstream *u)
+{
+    struct cmg_cn_stream *st = u->st;
+    bool reusable = llhttp_should_keep_alive(&u->parser) && st->req_end && u->conn.out.len == 0;
+
+    st->resp_eof = true;
+    cmg_cn_stream_body(st);
+    if (reusable) {
+        release(u);
+    } else {
+        destroy(u);
+    }
+}
+
+static void on_read(struct cmg_conn *c)
+{
+    struct cmg_upstream *u = c->owner;
+    char buf[READ_CHUNK];
+
+    while (u->st && !u->msg_done) {
+        ssize_t n;
+        llhttp_errno_t err;
+        if (u->st->resp_body.len >= CMG_CN_BUFFER) {
+            u->paused = true;   /* the tunnel is behind: wait */
+            cmg_conn_want_read(c, false);
+            return;
+        }
+        n = cmg_conn_read(c, buf, sizeof(buf));
+        if (n == CMG_AGAIN)
+            return;
+        arm(u);
+        if (n == 0) {
+            if (u->headers_done && llhttp_finish(&u->parser) == HPE_OK && u->msg_done) {
+                finished(u);   /* a body delimited by the end of the connection */
+                return;
+            }
+            fail(u, 502, u->got_bytes ? "internal service closed the connection mid-response"
+                                      : "internal service closed the connection");
+            return;
+        }
+        u->got_bytes = true;
+        err = llhttp_execute(&u->parser, buf, (size_t)n);
+        if (err == HPE_PAUSED) {
+            finished(u);
+            return;
+        }
+        if (err != HPE_OK) {
+            char why[200];
+            snprintf(why, sizeof(why), "bad response from internal service: %s",
+                     llhttp_get_error_reason(&u->parser));
+            fail(u, 502, why);
+            return;
+        }
+    }
+}
+
+static void on_open(struct cmg_conn *c)
+{
+    struct cmg_upstream *u = c->owner;
+    cmg_conn_flush(c);
+    if (u->st && c->out.len == 0)
+        cmg_cn_stream_request_written(u->st);
+}
+
+static void on_drain(struct cmg_conn *c)
+{
+    struct cmg_upstream *u = c->owner;
+    if (u->st)
+        cmg_cn_stream_request_written(u->st);
+}
+
+static void on_error(struct cmg_conn *c, const char *why)
+{
+    struct cmg_upstream *u = c->owner;
+    char msg[1400];
+    snprintf(msg, sizeof(msg), "%s (%s)", why, u->m->internal_url);
+    fail(u, 502, msg);
+}
+
+static const struct cmg_conn_ops upstream_ops = {on_open, on_read, on_drain, on_error};
+
+/* ---- the pool ---- */
+
+static void release(struct cmg_upstream *u)
+{
+    struct cmg_cn_mapping *m = u->m;
+    if (u->st) {
+        u->st->up = NULL;
+        u->st = NULL;
+    }
+    list_remove(&u->cn->busy, u);
+    if (m->nidle >= MAX_IDLE) {
+        list_push(&m->idle, u);
+        m->nidle++;
+        destroy(u);
+        return;
+    }
+    list_push(&m->idle, u);
+    m->nidle++;
+    cmg_conn_idle(&u->conn);
+    cmg_conn_want_read(&u->conn, false);
+    cmg_timer_start(u->cn->loop, &u->timer, IDLE_MS, on_timeout);
+}
+
+/* An idle connection that the server has closed (or written to) is no good. */
+static bool still_good(struct cmg_upstream *u)
+{
+    char b;
+    ssize_t n = recv(u->conn.io.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
+static struct cmg_upstream *connect_new(struct cmg_connector *cn, struct cmg_cn_mapping *m)
+{
+    struct cmg_upstream *u = calloc(1, sizeof(*u));
+    SSL *ssl = NULL;
+    int fd;
+
+    if (!u)
+        return NULL;
+    u->cn = cn;
+    u->m = m;
+    fd = cmg_net_connect(&m->addr);
+    if (fd < 0) {
+        cmg_warn("cannot connect to %s: %s", m->internal_url, strerror(errno));
+        free(u);
+        return NULL;
+    }
+    if (m->tls) {
+        ssl = SSL_new(m->ctx);
+        if (!ssl) {
+            close(fd);
+            free(u);
+            return NULL;
+        }
+        SSL_set_connect_state(ssl);
+        SSL_set_tlsext_host_name(ssl, m->host);
+        SSL_set1_host(ssl, m->host);
+    }
+    if (cmg_conn_start(&u->conn, cn->loop, fd, ssl, true, &upstream_ops, u) < 0) {
+        free(u);
+        return NULL;
+    }
+    return u;
+}
+
+static struct cmg_upstream *acquire(struct cmg_connector *cn, struct cmg_cn_mapping *m)
+{
+    struct cmg_upstream *u;
+    while ((u = m->idle)) {
+        list_remove(&m->idle, u);
+        m->nidle--;
+        cmg_timer_stop(cn->loop, &u->timer);
+        if (still_good(u)) {
+            u->reused = true;
+            return u;
+        }
+        list_push(&m->idle, u);   /* so that destroy() finds it where it expects */
+        m->nidle++;
+        destroy(u);
+    }
+    return connect_new(cn, m);
+}
+
+static int write_head(struct cmg_upstream *u, struct cmg_cn_stream *st)
+{
+    struct cmg_buf *o = &u->conn.out;
+    struct cmg_path p;
+    const char *rest;
+    size_t rest_len;
+    int rc = 0;
+
+    cmg_path_parse(st->path, strlen(st->path), &p);
+    rest = p.rest;
+    rest_len = p.rest_len;
+    rc |= cmg_buf_printf(o, "%s %s", st->method, u->m->base_path);
+    if (rest_len == 0 || rest[0] == '?')
+        rc |= cmg_buf_append(o, "/", 1);
+    rc |= cmg_buf_append(o, rest, rest_len);
+    rc |= cmg_buf_printf(o, " HTTP/1.1\r\nHost: %s\r\n", u->m->authority);
+    for (uint32_t i = 0; i < st->hdrs.n; i++) {
+        const char *name = cmg_headers_name(&st->hdrs, i);
+        if (cmg_header_not_forwarded(name, st->hdrs.v[i].name_len))
+            continue;
+        rc |= cmg_buf_append(o, name, st->hdrs.v[i].name_len);
+        rc |= cmg_buf_append(o, ": ", 2);
+        rc |= cmg_buf_append(o, cmg_headers_value(&st->hdrs, i), st->hdrs.v[i].value_len);
+        rc |= cmg_buf_append(o, "\r\n", 2);
+    }
+    if (st->content_length >= 0)
+        rc |= cmg_buf_printf(o, "Content-Length: %lld\r\n", (long long)st->content_length);
+    else if (st->has_body) {
+        st->req_chunked = true;
+        rc |= cmg_buf_appends(o, "Transfer-Encoding: chunked\r\n");
+    }
+    rc |= cmg_buf_appends(o, "Connection: keep-alive\r\n\r\n");
+    if (st->req_end && st->req_chunked)
+        rc |= cmg_buf_appends(o, "0\r\n\r\n");
+    return rc ? -1 : 0;
+}
+
+int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
+{
+    struct cmg_upstream *u = acquire(cn, st->m);
+
+    if (!u)
+        return -1;
+    u->st = st;
+    st->up = u;
+    u->head = !strcmp(st->method, "HEAD");
+    u->headers_done = u->msg_done = u->got_bytes = u->paused = false;
+    llhttp_init(&u->parser, HTTP_RESPONSE, settings());
+    list_push(&cn->busy, u);
+    if (write_head(u, st) < 0) {
+        fail(u, 502, "out of memory");
+        return 0;
+    }
+    cmg_conn_flush(&u->conn);
+    cmg_conn_want_read(&u->conn, true);
+    arm(u);
+    return 0;
+}
+
+void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n)
+{
+    struct cmg_buf *o = &u->conn.out;
+    if (u->st->req_chunked)
+        cmg_buf_printf(o, "%zx\r\n", n);
+    cmg_buf_append(o, p, n);
+    if (u->st->req_chunked)
+        cmg_buf_append(o, "\r\n", 2);
+    cmg_conn_flush(&u->conn);
+    if (o->len == 0 && u->conn.state == CMG_CONN_OPEN)
+        cmg_cn_stream_request_written(u->st);
+}
+
+void cmg_upstream_body_end(struct cmg_upstream *u)
+{
+    if (u->st->req_chunked) {
+        cmg_buf_appends(&u->conn.out, "0\r\n\r\n");
+        cmg_conn_flush(&u->conn);
+    }
+}
+
+void cmg_upstream_detach(struct cmg_upstream *u)
+{
+    /* The stream went away mid-request: the connection's state is unknown. */
+    destroy(u);
+}
+
+void cmg_upstream_resume(struct cmg_upstream *u)
+{
+    if (u->paused && u->st && u->st->resp_body.len < CMG_CN_BUFFER / 2) {
+        u->paused = false;
+        cmg_conn_want_read(&u->conn, true);
+    }
+}
+
+void cmg_upstream_close_all(struct cmg_connector *cn)
+{
+    while (cn->busy)
+        destroy(cn->busy);
+    for (size_t i = 0; i < cn->cfg.nmappings; i++)
+        while (cn->cfg.mappings[i].idle)
+            destroy(cn->cfg.mappings[i].idle);
+}

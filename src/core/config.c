@@ -1,0 +1,64 @@
+#include "core/config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void cmg_conf_dir(const char *file, char *dir, size_t dirlen)
+{
+    const char *slash = strrchr(file, '/');
+    if (!slash)
+        snprintf(dir, dirlen, ".");
+    else if (slash == file)
+        snprintf(dir, dirlen, "/");
+    else
+        snprintf(dir, dirlen, "%.*s", (int)(slash - file), file);
+}
+
+int cmg_conf_path(char *out, size_t outlen, const char *dir, const char *value)
+{
+    int n;
+    if (value[0] == '/' || value[0] == 0)
+        n = snprintf(out, outlen, "%s", value);
+    else
+        n = snprintf(out, outlen, "%s/%s", dir, value);
+    return n < 0 || (size_t)n >= outlen ? -1 : 0;
+}
+
+int cmg_conf_uint(const char *v, uint64_t min, uint64_t max, uint64_t *out)
+{
+    char *end;
+    unsigned long long x;
+    if (!*v || *v == '-')
+        return -1;
+    errno = 0;
+    x = strtoull(v, &end, 10);
+    if (errno || *end || x < min || x > max)
+        return -1;
+    *out = x;
+    return 0;
+}
+
+int cmg_conf_seconds(const char *v, uint32_t *ms)
+{
+    char *end;
+    double s;
+    if (!*v || *v == '-')
+        return -1;
+    errno = 0;
+    s = strtod(v, &end);
+    if (errno || *end || s < 0 || s > 86400)
+        return -1;
+    *ms = (uint32_t)(s * 1000 + 0.5);
+    return 0;
+}
+
+int cmg_conf_str(char *out, size_t outlen, const char *v)
+{
+    size_t n = strlen(v);
+    if (n >= outlen)
+        return -1;
+    memcpy(out, v, n + 1);
+    return 0;
+}

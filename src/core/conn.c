@@ -1,0 +1,342 @@
+#include "core/conn.h"
+#include "core/log.h"
+
+#include <errno.h>
+#include <openssl/err.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define WRITE_CHUNK (256 * 1024)
+
+static void conn_io(struct cmg_io *io, uint32_t events);
+static void conn_task(struct cmg_task *t);
+
+static struct cmg_conn *conn_of_io(struct cmg_io *io)
+{
+    return (struct cmg_conn *)((char *)io - offsetof(struct cmg_conn, io));
+}
+
+static void update_events(struct cmg_conn *c)
+{
+    uint32_t ev = 0;
+
+    switch (c->state) {
+    case CMG_CONN_CLOSED:
+        return;
+    case CMG_CONN_CONNECTING:
+        ev = EPOLLOUT;
+        break;
+    case CMG_CONN_HANDSHAKE:
+        ev = c->hs_wants_write ? EPOLLOUT : EPOLLIN;
+        break;
+    case CMG_CONN_OPEN:
+        if (c->failed)
+            break;
+        if (c->reading || c->write_wants_read)
+            ev |= EPOLLIN;
+        if ((c->out.len && !c->write_wants_read) || c->read_wants_write)
+            ev |= EPOLLOUT;
+        break;
+    }
+    cmg_io_set(&c->io, ev);
+}
+
+void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...)
+{
+    va_list ap;
+    if (c->failed || c->state == CMG_CONN_CLOSED)
+        return;
+    c->failed = true;
+    va_start(ap, fmt);
+    vsnprintf(c->why, sizeof(c->why), fmt, ap);
+    va_end(ap);
+    ERR_clear_error();
+    update_events(c);
+    cmg_task_post(c->io.loop, &c->task, conn_task);
+}
+
+static void fail_ssl(struct cmg_conn *c, const char *what, int err)
+{
+    unsigned long e = ERR_peek_error();
+    char detail[160] = "";
+
+    if (e)
+        ERR_error_string_n(e, detail, sizeof(detail));
+    else if (err == SSL_ERROR_SYSCALL)
+        snprintf(detail, sizeof(detail), "%s", errno ? strerror(errno) : "connection closed");
+    cmg_conn_fail(c, "%s: %s", what, detail[0] ? detail : "TLS error");
+}
+
+int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, bool connecting,
+                   const struct cmg_conn_ops *ops, void *owner)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+
+    memset(c, 0, sizeof(*c));
+    c->ops = ops;
+    c->owner = owner;
+    c->ssl = ssl;
+    c->io.fd = -1;
+    if (getpeername(fd, (struct sockaddr *)&ss, &len) == 0)
+        cmg_addr_str((struct sockaddr *)&ss, c->peer, sizeof(c->peer));
+    if (ssl && !SSL_set_fd(ssl, fd))
+        goto fail;
+    c->state = connecting ? CMG_CONN_CONNECTING : ssl ? CMG_CONN_HANDSHAKE : CMG_CONN_OPEN;
+    if (cmg_io_start(loop, &c->io, fd, 0, conn_io) < 0)
+        goto fail;
+    update_events(c);
+    if (c->state == CMG_CONN_OPEN && ops->on_open) {
+        c->pending_open = true;
+        cmg_task_post(loop, &c->task, conn_task);   /* plain accepted: open at once */
+    } else if (c->state == CMG_CONN_HANDSHAKE && !SSL_is_server(ssl))
+        cmg_task_post(loop, &c->task, conn_task);   /* client speaks first */
+    return 0;
+fail:
+    c->state = CMG_CONN_CLOSED;
+    if (ssl)
+        SSL_free(ssl);
+    c->ssl = NULL;
+    close(fd);
+    return -1;
+}
+
+static void opened(struct cmg_conn *c)
+{
+    c->state = CMG_CONN_OPEN;
+    update_events(c);
+    if (c->ops->on_open)
+        c->ops->on_open(c);
+}
+
+static void do_handshake(struct cmg_conn *c)
+{
+    int r, err;
+
+    ERR_clear_error();
+    r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        opened(c);
+        return;
+    }
+    err = SSL_get_error(c->ssl, r);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+        c->hs_wants_write = err == SSL_ERROR_WANT_WRITE;
+        update_events(c);
+        return;
+    }
+    fail_ssl(c, "TLS handshake failed", err);
+}
+
+static void finish_connect(struct cmg_conn *c)
+{
+    int soerr = 0;
+    socklen_t len = sizeof(soerr);
+    struct sockaddr_storage ss;
+    socklen_t slen = sizeof(ss);
+
+    if (getsockopt(c->io.fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0)
+        soerr = errno;
+    if (soerr) {
+        cmg_conn_fail(c, "connect: %s", strerror(soerr));
+        return;
+    }
+    if (getpeername(c->io.fd, (struct sockaddr *)&ss, &slen) == 0)
+        cmg_addr_str((struct sockaddr *)&ss, c->peer, sizeof(c->peer));
+    if (c->ssl) {
+        c->state = CMG_CONN_HANDSHAKE;
+        do_handshake(c);
+    } else {
+        opened(c);
+    }
+}
+
+ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
+{
+    if (c->state != CMG_CONN_OPEN || c->failed)
+        return CMG_AGAIN;
+    if (c->ssl) {
+        size_t n = 0;
+        int r, err;
+        ERR_clear_error();
+        r = SSL_read_ex(c->ssl, buf, len, &n);
+        if (r == 1) {
+            c->read_wants_write = false;
+            return (ssize_t)n;
+        }
+        err = SSL_get_error(c->ssl, r);
+        switch (err) {
+        case SSL_ERROR_WANT_READ:
+            c->read_wants_write = false;
+            return CMG_AGAIN;
+        case SSL_ERROR_WANT_WRITE:
+            c->read_wants_write = true;
+            update_events(c);
+            return CMG_AGAIN;
+        case SSL_ERROR_ZERO_RETURN:
+            return 0;
+        default:
+            fail_ssl(c, "TLS read", err);
+            return CMG_AGAIN;
+        }
+    }
+    for (;;) {
+        ssize_t n = recv(c->io.fd, buf, len, 0);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return CMG_AGAIN;
+        cmg_conn_fail(c, "read: %s", strerror(errno));
+        return CMG_AGAIN;
+    }
+}
+
+void cmg_conn_flush(struct cmg_conn *c)
+{
+    if (c->state != CMG_CONN_OPEN || c->failed)
+        return;
+    c->write_wants_read = false;
+    while (c->out.len) {
+        size_t want = c->out.len < WRITE_CHUNK ? c->out.len : WRITE_CHUNK;
+        size_t n = 0;
+        if (c->ssl) {
+            int r, err;
+            ERR_clear_error();
+            r = SSL_write_ex(c->ssl, cmg_buf_head(&c->out), want, &n);
+            if (r != 1) {
+                err = SSL_get_error(c->ssl, r);
+                if (err == SSL_ERROR_WANT_WRITE)
+                    break;
+                if (err == SSL_ERROR_WANT_READ) {
+                    c->write_wants_read = true;
+                    break;
+                }
+                fail_ssl(c, "TLS write", err);
+                return;
+            }
+        } else {
+            ssize_t w = send(c->io.fd, cmg_buf_head(&c->out), want, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                cmg_conn_fail(c, "write: %s", strerror(errno));
+                return;
+            }
+            n = (size_t)w;
+        }
+        cmg_buf_consume(&c->out, n);
+    }
+    update_events(c);
+}
+
+void cmg_conn_want_read(struct cmg_conn *c, bool on)
+{
+    if (c->reading == on)
+        return;
+    c->reading = on;
+    if (c->state != CMG_CONN_OPEN)
+        return;
+    update_events(c);
+    /* TLS may hold decrypted bytes that epoll cannot see: look from the loop. */
+    if (on) {
+        c->kick_read = true;
+        cmg_task_post(c->io.loop, &c->task, conn_task);
+    }
+}
+
+static void conn_task(struct cmg_task *t)
+{
+    struct cmg_conn *c = (struct cmg_conn *)((char *)t - offsetof(struct cmg_conn, task));
+
+    if (c->state == CMG_CONN_CLOSED)
+        return;
+    if (c->failed) {
+        if (!c->reported) {
+            c->reported = true;
+            c->ops->on_error(c, c->why);
+        }
+        return;
+    }
+    if (c->pending_open) {
+        c->pending_open = false;
+        c->ops->on_open(c);
+        if (c->state == CMG_CONN_CLOSED || c->failed)
+            return;
+    }
+    if (c->state == CMG_CONN_HANDSHAKE) {
+        do_handshake(c);
+        return;
+    }
+    if (c->kick_read) {
+        c->kick_read = false;
+        if (c->reading && c->state == CMG_CONN_OPEN)
+            c->ops->on_read(c);
+    }
+}
+
+static void conn_io(struct cmg_io *io, uint32_t events)
+{
+    struct cmg_conn *c = conn_of_io(io);
+    bool err = events & (EPOLLERR | EPOLLHUP);
+
+    switch (c->state) {
+    case CMG_CONN_CONNECTING:
+        finish_connect(c);
+        return;
+    case CMG_CONN_HANDSHAKE:
+        do_handshake(c);
+        return;
+    case CMG_CONN_OPEN:
+        break;
+    default:
+        return;
+    }
+    if (c->failed)
+        return;
+    if ((events & EPOLLOUT) || err || (c->write_wants_read && (events & EPOLLIN))) {
+        bool had = c->out.len > 0;
+        cmg_conn_flush(c);
+        if (had && !c->out.len && c->state == CMG_CONN_OPEN && !c->failed && c->ops->on_drain)
+            c->ops->on_drain(c);
+    }
+    if (c->state != CMG_CONN_OPEN || c->failed)
+        return;
+    if (c->reading && ((events & EPOLLIN) || err || (c->read_wants_write && (events & EPOLLOUT))))
+        c->ops->on_read(c);
+    if (c->state == CMG_CONN_OPEN)
+        update_events(c);
+}
+
+void cmg_conn_close(struct cmg_conn *c)
+{
+    int fd = c->io.fd;
+
+    if (c->state == CMG_CONN_CLOSED && fd < 0)
+        return;
+    if (c->io.loop)
+        cmg_task_cancel(c->io.loop, &c->task);
+    if (c->ssl) {
+        if (c->state == CMG_CONN_OPEN && !c->failed) {
+            ERR_clear_error();
+            SSL_shutdown(c->ssl);   /* best effort close_notify; keeps the session resumable */
+        }
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+    cmg_io_stop(&c->io);
+    if (fd >= 0)
+        close(fd);
+    c->state = CMG_CONN_CLOSED;
+    cmg_buf_free(&c->out);
+    ERR_clear_error();
+}
+
+void cmg_conn_idle(struct cmg_conn *c) { cmg_buf_release(&c->out); }

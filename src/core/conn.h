@@ -1,0 +1,64 @@
+/* A non-blocking stream connection, plain TCP or TLS (OpenSSL), owned by one loop.
+ * The owner reads with cmg_conn_read() when told the connection is readable, and
+ * queues output in c->out then calls cmg_conn_flush(). Failures are reported once,
+ * asynchronously, through ops->on_error, so that no owner code is re-entered. */
+#ifndef CMG_CONN_H
+#define CMG_CONN_H
+
+#include "core/buf.h"
+#include "core/loop.h"
+#include "core/net.h"
+
+#include <openssl/ssl.h>
+#include <stdbool.h>
+#include <sys/types.h>
+
+#define CMG_AGAIN (-2)
+
+struct cmg_conn;
+
+struct cmg_conn_ops {
+    void (*on_open)(struct cmg_conn *c);   /* connected, TLS handshake done */
+    void (*on_read)(struct cmg_conn *c);   /* read until CMG_AGAIN (or stop reading) */
+    void (*on_drain)(struct cmg_conn *c);  /* queued output that had to wait is written */
+    void (*on_error)(struct cmg_conn *c, const char *why); /* the owner closes it */
+};
+
+enum cmg_conn_state { CMG_CONN_CLOSED, CMG_CONN_CONNECTING, CMG_CONN_HANDSHAKE, CMG_CONN_OPEN };
+
+struct cmg_conn {
+    struct cmg_io io;
+    SSL *ssl;
+    const struct cmg_conn_ops *ops;
+    void *owner;
+    struct cmg_buf out;
+    struct cmg_task task;
+    enum cmg_conn_state state;
+    bool reading;            /* the owner wants data */
+    bool hs_wants_write;
+    bool read_wants_write;   /* SSL_read needs the socket writable */
+    bool write_wants_read;   /* SSL_write needs the socket readable */
+    bool kick_read;          /* deliver on_read from the task */
+    bool pending_open;       /* deliver on_open from the task */
+    bool failed, reported;
+    char peer[64];           /* "ip:port", for logs */
+    char why[256];
+};
+
+/* Takes ownership of fd and ssl (NULL for plain TCP). The TLS role must be set on ssl. */
+int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, bool connecting,
+                   const struct cmg_conn_ops *ops, void *owner);
+/* > 0: bytes; 0: end of stream; CMG_AGAIN: nothing now (or failed: on_error follows). */
+ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len);
+/* Writes what it can of c->out now; the rest when the socket allows. */
+void cmg_conn_flush(struct cmg_conn *c);
+void cmg_conn_want_read(struct cmg_conn *c, bool on);
+/* Reports failure through on_error (once), from the loop, not from this call. */
+void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Releases the socket and TLS state now; the struct stays the owner's. */
+void cmg_conn_close(struct cmg_conn *c);
+/* Frees buffers while the connection idles. */
+void cmg_conn_idle(struct cmg_conn *c);
+static inline bool cmg_conn_open(const struct cmg_conn *c) { return c->state == CMG_CONN_OPEN && !c->failed; }
+
+#endif

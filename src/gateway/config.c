@@ -1,0 +1,189 @@
+#include "gateway/config.h"
+#include "core/config.h"
+#include "core/log.h"
+
+#include <ini.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct load {
+    struct cmg_gw_config *c;
+    char dir[PATH_MAX];
+    char err[512];
+};
+
+static int mapping_key(struct load *l, const char *role, const char *key, const char *value)
+{
+    struct cmg_gw_config *c = l->c;
+    struct cmg_gw_mapping *m = cmg_gw_config_mapping(c, role, strlen(role));
+    struct cmg_path p;
+    char probe[CMG_ROLE_ID_MAX + 32];
+
+    if (!m) {
+        snprintf(probe, sizeof(probe), "/CCM_Proxy_MutualAuth/%s", role);
+        cmg_path_parse(probe, strlen(probe), &p);
+        if (p.kind == CMG_PATH_OTHER || p.rest_len != 0) {
+            snprintf(l->err, sizeof(l->err), "bad role id '%s' (letters, digits, - and _)", role);
+            return 0;
+        }
+        m = realloc(c->mappings, (c->nmappings + 1) * sizeof(*m));
+        if (!m)
+            return 0;
+        c->mappings = m;
+        m = &c->mappings[c->nmappings++];
+        memset(m, 0, sizeof(*m));
+        snprintf(m->role, sizeof(m->role), "%s", role);
+        m->auth = CMG_AUTH_CERT;
+        m->max_body = 1024ull * 1024 * 1024;
+    }
+    if (!strcmp(key, "auth")) {
+        if (strcmp(value, "cert") != 0) {
+            snprintf(l->err, sizeof(l->err), "auth: '%s' is not supported (cert)", value);
+            return 0;
+        }
+        m->auth = CMG_AUTH_CERT;
+    } else if (!strcmp(key, "max_body")) {
+        if (cmg_conf_uint(value, 0, UINT64_MAX / 2, &m->max_body) < 0) {
+            snprintf(l->err, sizeof(l->err), "max_body: not a number of bytes");
+            return 0;
+        }
+    } else {
+        snprintf(l->err, sizeof(l->err), "unknown key '%s' in [mapping]", key);
+        return 0;
+    }
+    return 1;
+}
+
+static int gateway_key(struct load *l, const char *key, const char *value)
+{
+    struct cmg_gw_config *c = l->c;
+    uint64_t n;
+    int rc = 0;
+
+#define PATHKEY(k, field)                                                          \
+    if (!strcmp(key, k))                                                           \
+        return cmg_conf_path(c->field, sizeof(c->field), l->dir, value) == 0       \
+                   ? 1                                                             \
+                   : (snprintf(l->err, sizeof(l->err), "%s: path too long", k), 0);
+#define MSKEY(k, field)                                                            \
+    if (!strcmp(key, k))                                                           \
+        return cmg_conf_seconds(value, &c->field) == 0                             \
+                   ? 1                                                             \
+                   : (snprintf(l->err, sizeof(l->err), "%s: not a number of seconds", k), 0);
+
+    PATHKEY("cert", cert)
+    PATHKEY("key", key)
+    PATHKEY("client_ca", client_ca)
+    PATHKEY("connector_ca", connector_ca)
+    MSKEY("ping_interval", ping_interval_ms)
+    MSKEY("ping_timeout", ping_timeout_ms)
+    MSKEY("handshake_timeout", handshake_timeout_ms)
+    MSKEY("header_timeout", header_timeout_ms)
+    MSKEY("idle_timeout", idle_timeout_ms)
+#undef PATHKEY
+#undef MSKEY
+    if (!strcmp(key, "service_name"))
+        rc = cmg_conf_str(c->service_name, sizeof(c->service_name), value);
+    else if (!strcmp(key, "cert_password"))
+        rc = cmg_conf_str(c->cert_password, sizeof(c->cert_password), value);
+    else if (!strcmp(key, "tunnel_listen"))
+        rc = cmg_conf_str(c->tunnel_listen, sizeof(c->tunnel_listen), value);
+    else if (!strcmp(key, "listen")) {
+        if (c->nlisten == CMG_GW_MAX_LISTEN) {
+            snprintf(l->err, sizeof(l->err), "listen: at most %d addresses", CMG_GW_MAX_LISTEN);
+            return 0;
+        }
+        rc = cmg_conf_str(c->listen[c->nlisten++], sizeof(c->listen[0]), value);
+    } else if (!strcmp(key, "tunnel_port")) {
+        rc = cmg_conf_uint(value, 1, 65535, &n);
+        c->tunnel_port = (uint32_t)n;
+    } else if (!strcmp(key, "instance")) {
+        rc = cmg_conf_uint(value, 0, 15, &n);
+        c->instance = (uint32_t)n;
+    } else if (!strcmp(key, "max_header_size")) {
+        rc = cmg_conf_uint(value, 1024, 1024 * 1024, &n);
+        c->max_header_size = (uint32_t)n;
+    } else if (!strcmp(key, "max_connections")) {
+        rc = cmg_conf_uint(value, 1, 10000000, &n);
+        c->max_connections = (uint32_t)n;
+    } else if (!strcmp(key, "log_level")) {
+        c->log_level = cmg_log_parse_level(value);
+        rc = c->log_level < 0 ? -1 : 0;
+    } else {
+        snprintf(l->err, sizeof(l->err), "unknown key '%s' in [gateway]", key);
+        return 0;
+    }
+    if (rc < 0)
+        snprintf(l->err, sizeof(l->err), "%s: bad value '%s'", key, value);
+    return rc == 0;
+}
+
+static int on_key(void *user, const char *section, const char *key, const char *value)
+{
+    struct load *l = user;
+    if (!strcmp(section, "gateway"))
+        return gateway_key(l, key, value);
+    if (!strncmp(section, "mapping ", 8))
+        return mapping_key(l, section + 8, key, value);
+    snprintf(l->err, sizeof(l->err), "unknown section [%s]", section);
+    return 0;
+}
+
+int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, size_t errlen)
+{
+    struct load l;
+    int line;
+
+    memset(c, 0, sizeof(*c));
+    snprintf(c->file, sizeof(c->file), "%s", file);
+    c->tunnel_port = 10140;
+    snprintf(c->tunnel_listen, sizeof(c->tunnel_listen), "0.0.0.0");
+    c->ping_interval_ms = 60000;
+    c->ping_timeout_ms = 15000;
+    c->handshake_timeout_ms = 10000;
+    c->header_timeout_ms = 30000;
+    c->idle_timeout_ms = 120000;
+    c->max_header_size = 16384;
+    c->max_connections = 10000;
+    c->log_level = CMG_LOG_INFO;
+    memset(&l, 0, sizeof(l));
+    l.c = c;
+    cmg_conf_dir(file, l.dir, sizeof(l.dir));
+    line = ini_parse(file, on_key, &l);
+    if (line < 0) {
+        snprintf(err, errlen, "%s: cannot open: %m", file);
+        return -1;
+    }
+    if (line > 0) {
+        snprintf(err, errlen, "%s:%d: %s", file, line, l.err[0] ? l.err : "syntax error");
+        return -1;
+    }
+    if (!c->service_name[0] || !c->cert[0] || !c->client_ca[0] || !c->connector_ca[0]) {
+        snprintf(err, errlen, "%s: service_name, cert, client_ca and connector_ca are required",
+                 file);
+        return -1;
+    }
+    if (!c->nlisten) {
+        snprintf(c->listen[0], sizeof(c->listen[0]), "0.0.0.0:443");
+        c->nlisten = 1;
+    }
+    return 0;
+}
+
+void cmg_gw_config_free(struct cmg_gw_config *c)
+{
+    free(c->mappings);
+    c->mappings = NULL;
+    c->nmappings = 0;
+}
+
+struct cmg_gw_mapping *cmg_gw_config_mapping(struct cmg_gw_config *c, const char *role,
+                                             size_t role_len)
+{
+    for (size_t i = 0; i < c->nmappings; i++)
+        if (strlen(c->mappings[i].role) == role_len &&
+            memcmp(c->mappings[i].role, role, role_len) == 0)
+            return &c->mappings[i];
+    return NULL;
+}

@@ -1,0 +1,117 @@
+/* Device connections: accept, TLS handshake, then HTTP/1.1 or HTTP/2 by ALPN. */
+#include "core/log.h"
+#include "gateway/gw.h"
+#include "tls/tls.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static void device_free(void *p)
+{
+    struct cmg_device *d = p;
+    cmg_h1_free(d);
+    cmg_h2dev_free(d);
+    free(d);
+}
+
+void cmg_device_close(struct cmg_device *d, const char *why)
+{
+    struct cmg_gateway *gw = d->gw;
+
+    if (d->conn.state == CMG_CONN_CLOSED && d->conn.io.fd < 0)
+        return;
+    cmg_debug("device %s closed: %s", d->conn.peer, why);
+    cmg_timer_stop(gw->loop, &d->timer);
+    /* Protocol state goes first: it may still detach exchanges. */
+    cmg_h1_free(d);
+    cmg_h2dev_free(d);
+    cmg_conn_close(&d->conn);
+    gw->ndevices--;
+    if (d->prev)
+        d->prev->next = d->next;
+    else
+        gw->devices = d->next;
+    if (d->next)
+        d->next->prev = d->prev;
+    cmg_loop_free_later(gw->loop, d, device_free);
+}
+
+static void on_handshake_timeout(struct cmg_timer *t)
+{
+    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
+    cmg_debug("device %s: TLS handshake timed out", d->conn.peer);
+    cmg_device_close(d, "handshake timeout");
+}
+
+static void on_open(struct cmg_conn *c)
+{
+    struct cmg_device *d = c->owner;
+    int rc;
+
+    cmg_timer_stop(d->gw->loop, &d->timer);
+    rc = cmg_tls_alpn_is(c->ssl, "h2") ? cmg_h2dev_start(d) : cmg_h1_start(d);
+    if (rc < 0)
+        cmg_device_close(d, "out of memory");
+}
+
+static void on_read(struct cmg_conn *c)
+{
+    struct cmg_device *d = c->owner;
+    if (d->h2)
+        cmg_h2dev_on_read(d);
+    else if (d->h1)
+        cmg_h1_on_read(d);
+}
+
+static void on_drain(struct cmg_conn *c)
+{
+    struct cmg_device *d = c->owner;
+    if (d->h2)
+        cmg_h2dev_on_drain(d);
+    else if (d->h1)
+        cmg_h1_on_drain(d);
+}
+
+static void on_error(struct cmg_conn *c, const char *why)
+{
+    struct cmg_device *d = c->owner;
+    if (c->state == CMG_CONN_HANDSHAKE)
+        cmg_info("device %s: %s", c->peer, why);
+    cmg_device_close(d, why);
+}
+
+static const struct cmg_conn_ops device_ops = {on_open, on_read, on_drain, on_error};
+
+void cmg_device_accept(struct cmg_gateway *gw, int fd)
+{
+    struct cmg_device *d = calloc(1, sizeof(*d));
+    SSL *ssl = d ? SSL_new(gw->device_ctx) : NULL;
+
+    if (!ssl) {
+        cmg_warn("out of memory accepting a device connection");
+        free(d);
+        close(fd);
+        return;
+    }
+    d->gw = gw;
+    SSL_set_accept_state(ssl);
+    if (cmg_conn_start(&d->conn, gw->loop, fd, ssl, false, &device_ops, d) < 0) {
+        free(d);
+        return;
+    }
+    gw->ndevices++;
+    d->next = gw->devices;
+    if (d->next)
+        d->next->prev = d;
+    gw->devices = d;
+    cmg_timer_start(gw->loop, &d->timer, gw->cfg.handshake_timeout_ms, on_handshake_timeout);
+}
+
+void cmg_device_close_all(struct cmg_gateway *gw)
+{
+    while (gw->devices)
+        cmg_device_close(gw->devices, "gateway stopping");
+}

@@ -1,0 +1,602 @@
+/* HTTP/1.1 from devices: llhttp parses, with our own checks for what it lets
+ * through (obs-fold, space before colon, a second Host); one request at a time,
+ * pipelined input held until the response before it is done. */
+#include "core/log.h"
+#include "gateway/gw.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+#define READ_CHUNK 16384
+#define LINGER_MS 2000
+#define MAX_HEADERS 100
+
+struct cmg_h1 {
+    llhttp_t parser;
+    struct cmg_device *d;
+    struct cmg_headers hdrs;
+    struct cmg_buf url;
+    struct cmg_buf held;       /* input after a complete request, parsed later */
+    size_t head_bytes;
+    bool in_value;             /* last piece seen was a value */
+    bool value_done;           /* the current value is complete */
+    int error_status;
+    const char *error_reason;
+    struct cmg_exchange *ex;
+    bool in_message;           /* between message begin and complete */
+    bool msg_complete;
+    bool paused;
+    bool keep_alive;
+    bool head;
+    bool resp_started, resp_chunked, resp_close_delimited;
+    bool lingering;
+    int64_t resp_remaining;    /* -1 when the length is not known */
+    struct cmg_task task;
+};
+
+static const llhttp_settings_t *settings(void);
+static void pump_response(struct cmg_device *d);
+static void finish_request(struct cmg_device *d);
+
+static struct cmg_h1 *h1_of(llhttp_t *p) { return (struct cmg_h1 *)p; }
+
+/* ---- closing: answer, then half-close and read what is left, so that the
+ * answer is not lost to a reset caused by unread input ---- */
+
+static void on_timeout(struct cmg_timer *t)
+{
+    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
+    struct cmg_h1 *h = d->h1;
+    cmg_device_close(d, h->lingering ? "closed after answer" : h->in_message ? "header timeout"
+                                                                             : "idle timeout");
+}
+
+static void start_linger(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    if (h->lingering)
+        return;
+    h->lingering = true;
+    if (d->conn.ssl)
+        SSL_shutdown(d->conn.ssl);
+    shutdown(d->conn.io.fd, SHUT_WR);
+    cmg_timer_start(d->gw->loop, &d->timer, LINGER_MS, on_timeout);
+    cmg_conn_want_read(&d->conn, true);
+}
+
+/* Close once the queued output is written. */
+static void close_after_output(struct cmg_device *d)
+{
+    d->closing = true;
+    cmg_conn_flush(&d->conn);
+    if (d->conn.out.len == 0)
+        start_linger(d);
+}
+
+static void write_error(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_buf *o = &d->conn.out;
+    const char *phrase = cmg_reason_phrase(status);
+    cmg_buf_printf(o,
+                   "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                   "Connection: %s\r\n\r\n%s\r\n",
+                   status, phrase, strlen(reason) + 2, close ? "close" : "keep-alive", reason);
+}
+
+static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_h1 *h = d->h1;
+    cmg_info("refused peer=%s method=%s path=%.*s status=%d reason=%s", d->conn.peer,
+             h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
+             (int)(h->url.len > 200 ? 200 : h->url.len), h->url.len ? cmg_buf_head(&h->url) : "-",
+             status, reason);
+    write_error(d, status, reason, close);
+    if (close)
+        close_after_output(d);
+    else
+        cmg_conn_flush(&d->conn);
+}
+
+/* ---- parser callbacks ---- */
+
+static int head_limit(struct cmg_h1 *h, size_t n)
+{
+    h->head_bytes += n;
+    if (h->head_bytes > h->d->gw->cfg.max_header_size || h->hdrs.n > MAX_HEADERS) {
+        h->error_status = 431;
+        h->error_reason = "CMGService_Headers_Too_Large";
+        return -1;
+    }
+    return 0;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct cmg_h1 *h = h1_of(p);
+    struct cmg_device *d = h->d;
+    h->in_message = true;
+    h->head_bytes = 0;
+    h->in_value = h->value_done = false;
+    cmg_headers_reset(&h->hdrs);
+    cmg_buf_reset(&h->url);
+    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.header_timeout_ms, on_timeout);
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_h1 *h = h1_of(p);
+    if (head_limit(h, n) < 0)
+        return -1;
+    return cmg_buf_append(&h->url, at, n);
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_h1 *h = h1_of(p);
+    bool start = h->in_value || h->hdrs.n == 0;
+    if (start)
+        h->head_bytes += 4;   /* ": " and CRLF, roughly */
+    if (head_limit(h, n) < 0)
+        return -1;
+    h->in_value = false;
+    h->value_done = false;
+    return cmg_headers_append_name(&h->hdrs, at, n, start);
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    struct cmg_h1 *h = h1_of(p);
+    struct cmg_header *e = &h->hdrs.v[h->hdrs.n - 1];
+    char last = e->name_len ? cmg_headers_name(&h->hdrs, h->hdrs.n - 1)[e->name_len - 1] : 0;
+    if (last == ' ' || last == '\t') {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Bad_Header_Name";
+        return -1;
+    }
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_h1 *h = h1_of(p);
+    bool start = !h->in_value;
+    if (h->value_done) {   /* a value continued on the next line: obs-fold */
+        h->error_status = 400;
+        h->error_reason = "CMGService_Obsolete_Line_Folding";
+        return -1;
+    }
+    if (head_limit(h, n) < 0)
+        return -1;
+    h->in_value = true;
+    return cmg_headers_append_value(&h->hdrs, at, n, start);
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct cmg_h1 *h = h1_of(p);
+    if (!h->in_value) {   /* an empty value: no piece was seen */
+        if (cmg_headers_append_value(&h->hdrs, "", 0, true) < 0)
+            return -1;
+        h->in_value = true;
+    }
+    h->value_done = true;
+    return 0;
+}
+
+static const struct cmg_exchange_dev_ops h1_ex_ops;
+
+static int on_headers_complete(llhttp_t *p)
+{
+    struct cmg_h1 *h = h1_of(p);
+    struct cmg_device *d = h->d;
+    bool chunked = p->flags & F_CHUNKED;
+    bool has_length = p->flags & F_CONTENT_LENGTH;
+    bool has_body = chunked || (has_length && p->content_length > 0);
+    int64_t cl = has_length ? (int64_t)p->content_length : -1;
+    int hosts = 0, status = 0, expect = -1;
+    const char *reason = NULL;
+    const char *method = llhttp_method_name(p->method);
+
+    cmg_timer_stop(d->gw->loop, &d->timer);
+    for (uint32_t i = 0; i < h->hdrs.n; i++) {
+        if (cmg_header_is(&h->hdrs, i, "host"))
+            hosts++;
+        else if (cmg_header_is(&h->hdrs, i, "expect"))
+            expect = (int)i;
+    }
+    h->keep_alive = llhttp_should_keep_alive(p);
+    h->head = p->method == HTTP_HEAD;
+    if (hosts > 1 || (hosts == 0 && p->http_major == 1 && p->http_minor == 1)) {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Bad_Host";
+        return -1;
+    }
+    if (p->method == HTTP_CONNECT || p->upgrade) {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Method_Not_Supported";
+        return -1;
+    }
+    h->ex = cmg_admit(d, method, cmg_buf_head(&h->url), h->url.len, &h->hdrs, cl, has_body,
+                      &h1_ex_ops, d, &status, &reason);
+    if (h->ex && (status = cmg_exchange_start(h->ex)) != 0) {
+        reason = status == 503 ? "CMGService_No_Connector" : "CMGService_Tunnel_Error";
+        cmg_exchange_free(h->ex);
+        h->ex = NULL;
+    }
+    if (!h->ex) {
+        h->error_status = status;
+        h->error_reason = reason;
+        /* Without a body the connection stays usable; with one, framing says
+         * nothing we want to read: answer and close. */
+        return has_body ? -1 : 0;
+    }
+    if (expect >= 0 && has_body) {
+        if (strcasecmp(cmg_headers_value(&h->hdrs, (uint32_t)expect), "100-continue") != 0) {
+            cmg_exchange_dev_done(h->ex);
+            h->ex = NULL;
+            h->error_status = 417;
+            h->error_reason = "CMGService_Expectation_Failed";
+            return -1;
+        }
+        cmg_buf_appends(&d->conn.out, "HTTP/1.1 100 Continue\r\n\r\n");
+        cmg_conn_flush(&d->conn);
+    }
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    struct cmg_h1 *h = h1_of(p);
+    if (!h->ex)
+        return 0;
+    if (h->ex->req_bytes + n > h->ex->mapping->max_body) {
+        h->error_status = 413;
+        h->error_reason = "CMGService_Request_Too_Large";
+        return -1;
+    }
+    return cmg_exchange_req_write(h->ex, at, n);
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    struct cmg_h1 *h = h1_of(p);
+    h->in_message = false;
+    h->msg_complete = true;
+    if (h->ex)
+        cmg_exchange_req_end(h->ex);
+    return HPE_PAUSED;   /* the next request waits for this response */
+}
+
+static const llhttp_settings_t *settings(void)
+{
+    static llhttp_settings_t s;
+    static bool ready;
+    if (!ready) {
+        llhttp_settings_init(&s);
+        s.on_message_begin = on_message_begin;
+        s.on_url = on_url;
+        s.on_header_field = on_header_field;
+        s.on_header_field_complete = on_header_field_complete;
+        s.on_header_value = on_header_value;
+        s.on_header_value_complete = on_header_value_complete;
+        s.on_headers_complete = on_headers_complete;
+        s.on_body = on_body;
+        s.on_message_complete = on_message_complete;
+        ready = true;
+    }
+    return &s;
+}
+
+/* ---- the response ---- */
+
+static void h1_on_response(struct cmg_exchange *ex)
+{
+    struct cmg_device *d = ex->dev;
+    struct cmg_h1 *h = d->h1;
+    struct cmg_buf *o = &d->conn.out;
+    bool no_body = h->head || ex->status == 204 || ex->status == 304 || ex->status < 200;
+    int cl = cmg_headers_find(&ex->resp, "content-length");
+
+    h->resp_started = true;
+    h->resp_remaining = -1;
+    if (!h->msg_complete)   /* answered before the request ended: cannot continue */
+        h->keep_alive = false;
+    cmg_buf_printf(o, "HTTP/1.1 %d %s\r\n", ex->status, cmg_reason_phrase(ex->status));
+    for (uint32_t i = 0; i < ex->resp.n; i++) {
+        const char *name = cmg_headers_name(&ex->resp, i);
+        if (cmg_header_not_forwarded(name, ex->resp.v[i].name_len))
+            continue;
+        cmg_buf_append(o, name, ex->resp.v[i].name_len);
+        cmg_buf_append(o, ": ", 2);
+        cmg_buf_append(o, cmg_headers_value(&ex->resp, i), ex->resp.v[i].value_len);
+        cmg_buf_append(o, "\r\n", 2);
+    }
+    if (cl >= 0) {
+        char *end;
+        long long v = strtoll(cmg_headers_value(&ex->resp, (uint32_t)cl), &end, 10);
+        if (*end || v < 0) {
+            ex->status = 502;
+        } else {
+            cmg_buf_printf(o, "Content-Length: %lld\r\n", v);
+            h->resp_remaining = no_body ? 0 : v;
+        }
+    } else if (!no_body) {
+        if (h->parser.http_minor >= 1)
+            h->resp_chunked = true;
+        else
+            h->resp_close_delimited = true, h->keep_alive = false;
+        if (h->resp_chunked)
+            cmg_buf_appends(o, "Transfer-Encoding: chunked\r\n");
+    }
+    cmg_buf_appends(o, h->keep_alive ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
+    if (no_body)
+        h->resp_remaining = 0;
+    pump_response(d);
+}
+
+static void response_done(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    struct cmg_exchange *ex = h->ex;
+
+    cmg_exchange_log(ex, NULL);
+    h->ex = NULL;
+    cmg_exchange_dev_done(ex);
+    if (!h->msg_complete || !h->keep_alive) {
+        close_after_output(d);
+        return;
+    }
+    finish_request(d);
+}
+
+/* Moves response body from the exchange to the connection while there is room. */
+static void pump_response(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    struct cmg_exchange *ex = h->ex;
+    struct cmg_buf *o = &d->conn.out;
+
+    while (ex->resp_body.len && o->len < CMG_OUT_HIGH) {
+        size_t n = ex->resp_body.len < 65536 ? ex->resp_body.len : 65536;
+        if (h->resp_remaining >= 0 && (uint64_t)n > (uint64_t)h->resp_remaining) {
+            cmg_warn("connector sent more body than its Content-Length: %s", ex->target);
+            cmg_device_close(d, "response longer than its length");
+            return;
+        }
+        if (h->resp_chunked)
+            cmg_buf_printf(o, "%zx\r\n", n);
+        cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
+        if (h->resp_chunked)
+            cmg_buf_append(o, "\r\n", 2);
+        if (h->resp_remaining > 0)
+            h->resp_remaining -= (int64_t)n;
+        cmg_buf_consume(&ex->resp_body, n);
+        ex->resp_bytes += n;
+        cmg_exchange_resp_consumed(ex, n);
+    }
+    if (ex->resp_eof && ex->resp_body.len == 0) {
+        if (h->resp_remaining > 0) {
+            cmg_warn("response shorter than its Content-Length: %s", ex->target);
+            cmg_device_close(d, "response shorter than its length");
+            return;
+        }
+        if (h->resp_chunked)
+            cmg_buf_appends(o, "0\r\n\r\n");
+        cmg_conn_flush(&d->conn);
+        response_done(d);
+        return;
+    }
+    cmg_conn_flush(&d->conn);
+}
+
+static void h1_on_response_body(struct cmg_exchange *ex)
+{
+    struct cmg_device *d = ex->dev;
+    if (d->h1->resp_started)
+        pump_response(d);
+}
+
+static void h1_on_request_room(struct cmg_exchange *ex, size_t n)
+{
+    struct cmg_device *d = ex->dev;
+    (void)n;
+    if (!d->conn.reading && !d->h1->msg_complete && ex->req_body.len < CMG_EX_BUFFER / 2)
+        cmg_conn_want_read(&d->conn, true);
+}
+
+static void h1_on_fail(struct cmg_exchange *ex, int status, const char *why)
+{
+    struct cmg_device *d = ex->dev;
+    struct cmg_h1 *h = d->h1;
+
+    ex->status = status;
+    cmg_exchange_log(ex, why);
+    h->ex = NULL;
+    cmg_exchange_dev_done(ex);
+    if (h->resp_started) {   /* the device must not take a truncated body for whole */
+        cmg_device_close(d, why);
+        return;
+    }
+    write_error(d, status, status == 504 ? "CMGService_Internal_Timeout"
+                                         : "CMGService_Connector_Error",
+                !h->msg_complete || !h->keep_alive);
+    if (!h->msg_complete || !h->keep_alive)
+        close_after_output(d);
+    else {
+        cmg_conn_flush(&d->conn);
+        finish_request(d);
+    }
+}
+
+static const struct cmg_exchange_dev_ops h1_ex_ops = {h1_on_response, h1_on_response_body,
+                                                      h1_on_request_room, h1_on_fail};
+
+/* ---- reading ---- */
+
+static void idle_wait(struct cmg_device *d)
+{
+    cmg_conn_idle(&d->conn);
+    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_timeout);
+}
+
+/* The response is out: ready for the next request. */
+static void finish_request(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    h->msg_complete = false;
+    h->resp_started = h->resp_chunked = h->resp_close_delimited = false;
+    h->error_status = 0;
+    h->error_reason = NULL;
+    h->paused = false;
+    cmg_headers_reset(&h->hdrs);
+    cmg_buf_reset(&h->url);
+    llhttp_resume(&h->parser);
+    if (!h->held.len)
+        idle_wait(d);
+    cmg_conn_want_read(&d->conn, true);
+}
+
+static void parse(struct cmg_device *d, const char *data, size_t len)
+{
+    struct cmg_h1 *h = d->h1;
+    llhttp_errno_t err = llhttp_execute(&h->parser, data, len);
+    int status;
+    const char *reason;
+
+    if (err == HPE_OK)
+        return;
+    if (err == HPE_PAUSED) {
+        const char *pos = llhttp_get_error_pos(&h->parser);
+        h->paused = true;
+        cmg_conn_want_read(&d->conn, false);
+        if (pos && pos < data + len)
+            cmg_buf_append(&h->held, pos, (size_t)(data + len - pos));
+        if (!h->ex) {   /* answered here, no exchange to wait for */
+            status = h->error_status ? h->error_status : 500;
+            refuse(d, status, h->error_reason ? h->error_reason : "CMGService_Error", !h->keep_alive);
+            if (h->keep_alive)
+                finish_request(d);
+        }
+        return;
+    }
+    status = h->error_status ? h->error_status : 400;
+    reason = h->error_reason ? h->error_reason : llhttp_get_error_reason(&h->parser);
+    cmg_conn_want_read(&d->conn, false);
+    if (h->ex) {
+        struct cmg_exchange *ex = h->ex;
+        ex->status = status;
+        cmg_exchange_log(ex, reason);
+        h->ex = NULL;
+        cmg_exchange_dev_done(ex);
+        if (h->resp_started) {
+            cmg_device_close(d, reason);
+            return;
+        }
+    }
+    if (h->error_status)
+        refuse(d, status, reason, true);
+    else {
+        cmg_info("refused peer=%s status=400 reason=\"%s\"", d->conn.peer, reason);
+        write_error(d, 400, "CMGService_Bad_Request", true);
+        close_after_output(d);
+    }
+}
+
+void cmg_h1_on_read(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    char buf[READ_CHUNK];
+    ssize_t n;
+
+    while (d->h1 && !d->closing) {
+        if (h->paused)
+            return;
+        if (h->held.len) {   /* pipelined input first */
+            struct cmg_buf held = h->held;
+            memset(&h->held, 0, sizeof(h->held));
+            parse(d, cmg_buf_head(&held), held.len);
+            cmg_buf_free(&held);
+            continue;
+        }
+        if (h->ex && !h->msg_complete && h->ex->req_body.len >= CMG_EX_BUFFER) {
+            cmg_conn_want_read(&d->conn, false);   /* the tunnel is behind: wait */
+            return;
+        }
+        n = cmg_conn_read(&d->conn, buf, sizeof(buf));
+        if (n == CMG_AGAIN)
+            return;
+        if (n == 0) {
+            if (h->ex && !h->msg_complete) {
+                struct cmg_exchange *ex = h->ex;
+                cmg_exchange_log(ex, "device closed during the request");
+                h->ex = NULL;
+                cmg_exchange_dev_done(ex);
+            } else if (h->ex) {
+                return;   /* half-closed: still send the response */
+            }
+            cmg_device_close(d, "closed by device");
+            return;
+        }
+        if (h->in_message == false && !h->ex)
+            cmg_timer_stop(d->gw->loop, &d->timer);
+        parse(d, buf, (size_t)n);
+    }
+    if (d->h1 && h->lingering) {
+        for (;;) {
+            n = cmg_conn_read(&d->conn, buf, sizeof(buf));
+            if (n == CMG_AGAIN)
+                return;
+            if (n == 0) {
+                cmg_device_close(d, "closed after answer");
+                return;
+            }
+        }
+    }
+}
+
+void cmg_h1_on_drain(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    if (d->closing) {
+        if (d->conn.out.len == 0)
+            start_linger(d);
+        return;
+    }
+    if (h->ex && h->resp_started)
+        pump_response(d);
+}
+
+int cmg_h1_start(struct cmg_device *d)
+{
+    struct cmg_h1 *h = calloc(1, sizeof(*h));
+    if (!h)
+        return -1;
+    llhttp_init(&h->parser, HTTP_REQUEST, settings());
+    h->d = d;
+    d->h1 = h;
+    idle_wait(d);
+    cmg_conn_want_read(&d->conn, true);
+    return 0;
+}
+
+void cmg_h1_free(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    if (!h)
+        return;
+    d->h1 = NULL;
+    if (h->ex) {
+        struct cmg_exchange *ex = h->ex;
+        if (!ex->status)
+            ex->status = 499;
+        cmg_exchange_log(ex, "device connection closed");
+        cmg_exchange_dev_done(ex);
+    }
+    cmg_headers_free(&h->hdrs);
+    cmg_buf_free(&h->url);
+    cmg_buf_free(&h->held);
+    free(h);
+}

@@ -1,0 +1,459 @@
+/* HTTP/2 from devices: an nghttp2 server session per connection; every stream
+ * is admitted like an HTTP/1.1 request and relayed through its own exchange. */
+#include "core/log.h"
+#include "gateway/gw.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define READ_CHUNK 16384
+#define STREAM_WINDOW (256 * 1024)
+#define CONNECTION_WINDOW (1 << 20)
+#define MAX_STREAMS 100
+
+struct cmg_h2dev {
+    struct cmg_device *d;
+    nghttp2_session *s;
+    struct cmg_task send_task;
+    struct h2stream *streams;   /* open streams, freed with the session */
+    bool dead;
+};
+
+struct h2stream {
+    struct cmg_device *d;
+    int32_t id;
+    struct cmg_headers hdrs;
+    char method[32];
+    char *path;
+    size_t head_bytes;
+    int64_t content_length;
+    struct cmg_exchange *ex;
+    bool resp_submitted;
+    const char *local_body;   /* a refusal answered here */
+    size_t local_left;
+    struct h2stream *prev, *next;
+};
+
+static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                         uint32_t *flags, nghttp2_data_source *src, void *user);
+
+static void h2_send(struct cmg_device *d);
+static void on_idle(struct cmg_timer *t);
+
+static void on_send_task(struct cmg_task *t)
+{
+    struct cmg_h2dev *h = (struct cmg_h2dev *)((char *)t - offsetof(struct cmg_h2dev, send_task));
+    h2_send(h->d);
+}
+
+static void kick(struct cmg_device *d)
+{
+    if (d->h2 && !d->h2->dead)
+        cmg_task_post(d->gw->loop, &d->h2->send_task, on_send_task);
+}
+
+static void h2_send(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+    if (!h || h->dead)
+        return;
+    while (d->conn.out.len < CMG_OUT_HIGH) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(h->s, &data);
+        if (n < 0) {
+            cmg_device_close(d, nghttp2_strerror((int)n));
+            return;
+        }
+        if (n == 0)
+            break;
+        cmg_buf_append(&d->conn.out, data, (size_t)n);
+    }
+    cmg_conn_flush(&d->conn);
+    if (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s) &&
+        d->conn.out.len == 0)
+        cmg_device_close(d, "HTTP/2 session ended");
+}
+
+/* ---- answers ---- */
+
+static ssize_t read_local(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                          uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct h2stream *st = src->ptr;
+    size_t n = st->local_left < length ? st->local_left : length;
+    memcpy(buf, st->local_body, n);
+    st->local_body += n;
+    st->local_left -= n;
+    if (!st->local_left)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return (ssize_t)n;
+}
+
+static void answer(struct h2stream *st, int status, const char *reason)
+{
+    struct cmg_device *d = st->d;
+    char code[8], len[24];
+    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_local};
+    nghttp2_nv nv[3];
+
+    snprintf(code, sizeof(code), "%d", status);
+    st->local_body = reason;
+    st->local_left = strlen(reason);
+    snprintf(len, sizeof(len), "%zu", st->local_left);
+    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
+    nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
+    nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
+    st->resp_submitted = true;
+    nghttp2_submit_response(d->h2->s, st->id, nv, 3, &dp);
+    kick(d);
+}
+
+static void refuse(struct h2stream *st, int status, const char *reason)
+{
+    cmg_info("refused peer=%s method=%s path=%s status=%d reason=%s", st->d->conn.peer,
+             st->method[0] ? st->method : "-", st->path ? st->path : "-", status, reason);
+    answer(st, status, reason);
+}
+
+static void h2_on_response(struct cmg_exchange *ex)
+{
+    struct h2stream *st = ex->dev;
+    struct cmg_device *d = st->d;
+    nghttp2_nv *nv = calloc(ex->resp.n + 1, sizeof(*nv));
+    nghttp2_data_provider dp = {.source.ptr = st};
+    char code[8];
+    size_t k = 0;
+
+    if (!nv) {
+        nghttp2_submit_rst_stream(d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+        kick(d);
+        return;
+    }
+    snprintf(code, sizeof(code), "%d", ex->status);
+    nv[k++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
+    for (uint32_t i = 0; i < ex->resp.n; i++) {
+        const char *name = cmg_headers_name(&ex->resp, i);
+        uint32_t nl = ex->resp.v[i].name_len;
+        if (cmg_header_not_forwarded(name, nl) && !cmg_header_is(&ex->resp, i, "content-length"))
+            continue;
+        nv[k++] = (nghttp2_nv){(uint8_t *)name, (uint8_t *)cmg_headers_value(&ex->resp, i), nl,
+                               ex->resp.v[i].value_len, 0};
+    }
+    dp.read_callback = read_body;
+    st->resp_submitted = true;
+    nghttp2_submit_response(d->h2->s, st->id, nv, k, &dp);
+    free(nv);
+    kick(d);
+}
+
+static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                         uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct h2stream *st = src->ptr;
+    struct cmg_exchange *ex = st->ex;
+    size_t n;
+
+    if (!ex)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    n = ex->resp_body.len < length ? ex->resp_body.len : length;
+    if (n) {
+        memcpy(buf, cmg_buf_head(&ex->resp_body), n);
+        cmg_buf_consume(&ex->resp_body, n);
+        ex->resp_bytes += n;
+        cmg_exchange_resp_consumed(ex, n);
+    }
+    if (ex->resp_eof && ex->resp_body.len == 0)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    else if (n == 0)
+        return NGHTTP2_ERR_DEFERRED;
+    return (ssize_t)n;
+}
+
+static void h2_on_response_body(struct cmg_exchange *ex)
+{
+    struct h2stream *st = ex->dev;
+    if (st->resp_submitted) {
+        nghttp2_session_resume_data(st->d->h2->s, st->id);
+        kick(st->d);
+    }
+}
+
+static void h2_on_request_room(struct cmg_exchange *ex, size_t n)
+{
+    struct h2stream *st = ex->dev;
+    nghttp2_session_consume(st->d->h2->s, st->id, n);
+    kick(st->d);
+}
+
+static void h2_on_fail(struct cmg_exchange *ex, int status, const char *why)
+{
+    struct h2stream *st = ex->dev;
+    ex->status = status;
+    cmg_exchange_log(ex, why);
+    st->ex = NULL;
+    cmg_exchange_dev_done(ex);
+    if (st->resp_submitted) {
+        nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+        kick(st->d);
+    } else {
+        answer(st, status, status == 504 ? "CMGService_Internal_Timeout" : "CMGService_Connector_Error");
+    }
+}
+
+static const struct cmg_exchange_dev_ops h2_ex_ops = {h2_on_response, h2_on_response_body,
+                                                      h2_on_request_room, h2_on_fail};
+
+/* ---- nghttp2 callbacks ---- */
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct cmg_device *d = user;
+    struct h2stream *st;
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    st = calloc(1, sizeof(*st));
+    if (!st)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    st->d = d;
+    st->id = frame->hd.stream_id;
+    st->content_length = -1;
+    st->next = d->h2->streams;
+    if (st->next)
+        st->next->prev = st;
+    d->h2->streams = st;
+    nghttp2_session_set_stream_user_data(s, st->id, st);
+    return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
+                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                     void *user)
+{
+    struct cmg_device *d = user;
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+
+    if (!st || st->ex || st->resp_submitted)
+        return 0;
+    st->head_bytes += namelen + valuelen + 32;
+    if (st->head_bytes > d->gw->cfg.max_header_size) {
+        refuse(st, 431, "CMGService_Headers_Too_Large");
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    if (namelen == 7 && !memcmp(name, ":method", 7)) {
+        snprintf(st->method, sizeof(st->method), "%.*s", (int)valuelen, value);
+    } else if (namelen == 5 && !memcmp(name, ":path", 5)) {
+        free(st->path);
+        st->path = strndup((const char *)value, valuelen);
+    } else if (namelen == 10 && !memcmp(name, ":authority", 10)) {
+        return cmg_headers_add(&st->hdrs, "host", 4, (const char *)value, valuelen) < 0
+                   ? NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+                   : 0;
+    } else if (namelen && name[0] != ':') {
+        if (namelen == 14 && !memcmp(name, "content-length", 14)) {
+            char *end;
+            st->content_length = strtoll((const char *)value, &end, 10);
+        }
+        if (cmg_headers_add(&st->hdrs, (const char *)name, namelen, (const char *)value,
+                            valuelen) < 0)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    return 0;
+}
+
+static void admit(struct h2stream *st, bool end_stream)
+{
+    struct cmg_device *d = st->d;
+    int status = 0;
+    const char *reason = NULL;
+    bool has_body = !end_stream;
+
+    if (!st->path || !st->method[0]) {
+        refuse(st, 400, "CMGService_Bad_Request");
+        return;
+    }
+    if (!strcmp(st->method, "CONNECT")) {
+        refuse(st, 400, "CMGService_Method_Not_Supported");
+        return;
+    }
+    st->ex = cmg_admit(d, st->method, st->path, strlen(st->path), &st->hdrs,
+                       st->content_length, has_body, &h2_ex_ops, st, &status, &reason);
+    if (st->ex && (status = cmg_exchange_start(st->ex)) != 0) {
+        reason = status == 503 ? "CMGService_No_Connector" : "CMGService_Tunnel_Error";
+        cmg_exchange_free(st->ex);
+        st->ex = NULL;
+    }
+    if (!st->ex) {
+        refuse(st, status, reason);
+        return;
+    }
+    if (end_stream)
+        cmg_exchange_req_end(st->ex);
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    bool end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
+
+    if (!st)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        if (!st->resp_submitted)
+            admit(st, end);
+    } else if (frame->hd.type == NGHTTP2_DATA && end && st->ex) {
+        cmg_exchange_req_end(st->ex);
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data,
+                         size_t len, void *user)
+{
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, id);
+
+    if (!st || !st->ex) {
+        nghttp2_session_consume(s, id, len);
+        return 0;
+    }
+    if (st->ex->req_bytes + len > st->ex->mapping->max_body) {
+        struct cmg_exchange *ex = st->ex;
+        nghttp2_session_consume(s, id, len);
+        ex->status = 413;
+        cmg_exchange_log(ex, "request body over the mapping's limit");
+        st->ex = NULL;
+        cmg_exchange_dev_done(ex);
+        if (!st->resp_submitted)
+            answer(st, 413, "CMGService_Request_Too_Large");
+        return 0;
+    }
+    /* Consumed (window opened) only once the tunnel has taken it. */
+    if (cmg_exchange_req_write(st->ex, data, len) < 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+}
+
+static void stream_free(struct h2stream *st)
+{
+    struct cmg_h2dev *h = st->d->h2;
+    if (st->prev)
+        st->prev->next = st->next;
+    else if (h)
+        h->streams = st->next;
+    if (st->next)
+        st->next->prev = st->prev;
+    if (st->ex) {
+        struct cmg_exchange *ex = st->ex;
+        if (!ex->resp_eof || ex->resp_body.len) {
+            if (!ex->status)
+                ex->status = 499;
+            cmg_exchange_log(ex, "stream closed by device");
+        } else {
+            cmg_exchange_log(ex, NULL);
+        }
+        st->ex = NULL;
+        cmg_exchange_dev_done(ex);
+    }
+    cmg_headers_free(&st->hdrs);
+    free(st->path);
+    free(st);
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, void *user)
+{
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, id);
+    if (st) {
+        nghttp2_session_set_stream_user_data(s, id, NULL);
+        stream_free(st);
+    }
+    return 0;
+}
+
+/* ---- the connection ---- */
+
+void cmg_h2dev_on_read(struct cmg_device *d)
+{
+    uint8_t buf[READ_CHUNK];
+
+    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
+    while (d->h2 && !d->h2->dead) {
+        ssize_t n = cmg_conn_read(&d->conn, buf, sizeof(buf)), used;
+        if (n == CMG_AGAIN)
+            break;
+        if (n == 0) {
+            cmg_device_close(d, "closed by device");
+            return;
+        }
+        used = nghttp2_session_mem_recv(d->h2->s, buf, (size_t)n);
+        if (used < 0) {
+            cmg_info("device %s: HTTP/2 error: %s", d->conn.peer, nghttp2_strerror((int)used));
+            cmg_device_close(d, "HTTP/2 protocol error");
+            return;
+        }
+    }
+    h2_send(d);
+}
+
+void cmg_h2dev_on_drain(struct cmg_device *d) { h2_send(d); }
+
+static void on_idle(struct cmg_timer *t)
+{
+    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
+    if (d->h2 && d->h2->streams) {   /* busy, not idle */
+        cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
+        return;
+    }
+    cmg_device_close(d, "idle timeout");
+}
+
+int cmg_h2dev_start(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = calloc(1, sizeof(*h));
+    nghttp2_session_callbacks *cb = NULL;
+    nghttp2_option *opt = NULL;
+    nghttp2_settings_entry settings[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, d->gw->cfg.max_header_size},
+    };
+    int rc = -1;
+
+    if (!h || nghttp2_session_callbacks_new(&cb) != 0 || nghttp2_option_new(&opt) != 0)
+        goto out;
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    if (nghttp2_session_server_new2(&h->s, cb, d, opt) != 0)
+        goto out;
+    h->d = d;
+    d->h2 = h;
+    nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, settings, 3);
+    nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
+    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
+    cmg_conn_want_read(&d->conn, true);
+    kick(d);
+    rc = 0;
+out:
+    if (rc < 0)
+        free(h);
+    nghttp2_session_callbacks_del(cb);
+    nghttp2_option_del(opt);
+    return rc;
+}
+
+void cmg_h2dev_free(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+    if (!h)
+        return;
+    h->dead = true;
+    cmg_task_cancel(d->gw->loop, &h->send_task);
+    /* Deleting the session calls no stream-close callbacks: free the streams here. */
+    while (h->streams)
+        stream_free(h->streams);
+    nghttp2_session_del(h->s);
+    d->h2 = NULL;
+    free(h);
+}

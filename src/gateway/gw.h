@@ -1,0 +1,183 @@
+/* The gateway's internal types: the process state, device connections, tunnels
+ * to connectors, and the exchanges that relay one request between the two. */
+#ifndef CMG_GW_H
+#define CMG_GW_H
+
+#include "core/conn.h"
+#include "core/loop.h"
+#include "gateway/config.h"
+#include "http/headers.h"
+
+#include <llhttp.h>
+#include <nghttp2/nghttp2.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define CMG_TUNNEL_ALPN "cmg-tunnel/1"
+#define CMG_CONTROL_PATH "/.cmg/control"
+#define CMG_CONNECTOR_OU "OpenCMG Connector"
+/* Request or response bytes buffered per exchange before the producer is paused. */
+#define CMG_EX_BUFFER (256 * 1024)
+/* Output queued on a connection before producers wait for it to drain. */
+#define CMG_OUT_HIGH (256 * 1024)
+
+struct cmg_gateway;
+struct cmg_device;
+struct cmg_tunnel;
+struct cmg_exchange;
+
+struct cmg_listener {
+    struct cmg_io io;
+    struct cmg_gateway *gw;
+    bool tunnel;            /* connectors, not devices */
+    char addr[300];
+};
+
+struct cmg_gateway {
+    struct cmg_loop *loop;
+    struct cmg_gw_config cfg;
+    SSL_CTX *device_ctx, *tunnel_ctx;
+    struct cmg_listener listeners[CMG_GW_MAX_LISTEN + 1];
+    int nlisteners;
+    bool accept_paused;
+    struct cmg_timer accept_timer;
+    uint32_t ndevices;
+    struct cmg_tunnel *tunnels;     /* every tunnel, ready or not */
+    struct cmg_device *devices;
+};
+
+/* ---- exchanges: one request relayed from a device to a connector ---- */
+
+struct cmg_exchange_dev_ops {
+    void (*on_response)(struct cmg_exchange *ex);      /* status and headers arrived */
+    void (*on_response_body)(struct cmg_exchange *ex); /* more body, or its end */
+    void (*on_request_room)(struct cmg_exchange *ex, size_t n); /* n body bytes were taken */
+    /* The relay failed: before the response, answer status; after it, abort. */
+    void (*on_fail)(struct cmg_exchange *ex, int status, const char *why);
+};
+
+struct cmg_exchange {
+    struct cmg_gateway *gw;
+    struct cmg_gw_mapping *mapping;
+    /* request, as it goes to the connector */
+    char method[32];
+    char *target;
+    struct cmg_headers req;
+    bool req_body_expected;
+    struct cmg_buf req_body;
+    bool req_eof;
+    uint64_t req_bytes;
+    /* response, as it comes back */
+    int status;
+    struct cmg_headers resp;
+    bool resp_headers;
+    struct cmg_buf resp_body;
+    bool resp_eof;
+    uint64_t resp_bytes;
+    /* the device side */
+    const struct cmg_exchange_dev_ops *dev_ops;
+    void *dev;
+    /* the tunnel side */
+    struct cmg_tunnel *tun;
+    int32_t stream_id;
+    bool stream_closed;
+    struct cmg_exchange *tun_prev, *tun_next;
+    /* for the access log */
+    uint64_t start_ms;
+    char peer[64];
+    char identity[80];
+    char connector[64];
+};
+
+struct cmg_exchange *cmg_exchange_new(struct cmg_gateway *gw, const struct cmg_exchange_dev_ops *ops,
+                                      void *dev);
+/* Picks a tunnel and opens the stream. 0, or an HTTP status (503) to answer. */
+int cmg_exchange_start(struct cmg_exchange *ex);
+/* Device side: request body bytes and end. */
+int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
+void cmg_exchange_req_end(struct cmg_exchange *ex);
+/* Device side: n response body bytes were passed on to the device. */
+void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n);
+/* Device side is finished with the exchange (done or gone). */
+void cmg_exchange_dev_done(struct cmg_exchange *ex);
+/* The exchange is discarded before it was started. */
+void cmg_exchange_free(struct cmg_exchange *ex);
+
+/* ---- tunnels (gateway side): HTTP/2 client over a connection the connector dialled ---- */
+
+struct cmg_tunnel {
+    struct cmg_gateway *gw;
+    struct cmg_conn conn;
+    nghttp2_session *h2;
+    char name[64];           /* the connector's name, from its hello */
+    char **roles;
+    size_t nroles;
+    bool ready, dead;
+    int32_t ctl_stream;
+    struct cmg_buf ctl_in;
+    struct cmg_timer hs_timer, ping_timer, pong_timer;
+    struct cmg_task send_task;
+    struct cmg_exchange *exchanges;
+    struct cmg_tunnel *prev, *next;
+};
+
+void cmg_tunnel_accept(struct cmg_gateway *gw, int fd);
+/* A ready tunnel serving the role, round-robin; NULL if none. */
+struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_gw_mapping *m);
+int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
+void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
+void cmg_tunnel_close_all(struct cmg_gateway *gw);
+
+/* ---- devices ---- */
+
+enum cmg_cert_state { CMG_CERT_UNKNOWN, CMG_CERT_OK, CMG_CERT_NONE, CMG_CERT_INVALID };
+
+struct cmg_h1;
+struct cmg_h2dev;
+
+struct cmg_device {
+    struct cmg_gateway *gw;
+    struct cmg_conn conn;
+    struct cmg_timer timer;
+    enum cmg_cert_state cert;
+    long cert_error;
+    char thumbprint[65];
+    char subject[256];
+    struct cmg_h1 *h1;
+    struct cmg_h2dev *h2;
+    bool closing;
+    struct cmg_device *prev, *next;
+};
+
+void cmg_device_accept(struct cmg_gateway *gw, int fd);
+void cmg_device_close_all(struct cmg_gateway *gw);
+/* Closes the connection now and frees the device after this loop round. */
+void cmg_device_close(struct cmg_device *d, const char *why);
+/* Judges the TLS client certificate once per connection. */
+enum cmg_cert_state cmg_device_cert(struct cmg_device *d);
+
+/* Admission of a request head: checks the target, the mapping and the credential,
+ * and on success returns an exchange ready to start with the headers to forward.
+ * Otherwise returns NULL with *status and *reason set for the answer. */
+struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const char *target,
+                               size_t target_len, const struct cmg_headers *in,
+                               int64_t content_length, bool has_body,
+                               const struct cmg_exchange_dev_ops *ops, void *owner,
+                               int *status, const char **reason);
+/* The access-log line of a finished exchange. */
+void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
+
+/* HTTP/1.1 and HTTP/2 device protocols */
+int cmg_h1_start(struct cmg_device *d);
+void cmg_h1_on_read(struct cmg_device *d);
+void cmg_h1_on_drain(struct cmg_device *d);
+void cmg_h1_free(struct cmg_device *d);
+int cmg_h2dev_start(struct cmg_device *d);
+void cmg_h2dev_on_read(struct cmg_device *d);
+void cmg_h2dev_on_drain(struct cmg_device *d);
+void cmg_h2dev_free(struct cmg_device *d);
+
+/* The short body of an error answer: a reason token and a line of text. */
+const char *cmg_reason_phrase(int status);
+
+#endif

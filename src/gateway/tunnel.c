@@ -1,0 +1,541 @@
+/* Tunnels, gateway side. The connector dialled us and showed a certificate of the
+ * site CA; over that TLS connection we are the HTTP/2 *client*: each device
+ * request becomes a stream that we open. A control stream, opened first,
+ * carries the connector's hello (its name and roles). */
+#include "core/log.h"
+#include "gateway/gw.h"
+#include "tls/tls.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define READ_CHUNK 16384
+#define STREAM_WINDOW (1 << 20)
+#define CONNECTION_WINDOW (16 << 20)
+#define MAX_CONTROL_LINE (1 << 20)
+#define MAX_RESPONSE_HEADERS (64 * 1024)
+
+#define TUNNEL_OF(p, field) ((struct cmg_tunnel *)((char *)(p) - offsetof(struct cmg_tunnel, field)))
+
+static void tunnel_fail(struct cmg_tunnel *t, const char *why);
+
+static void tunnel_free(void *p)
+{
+    struct cmg_tunnel *t = p;
+    for (size_t i = 0; i < t->nroles; i++)
+        free(t->roles[i]);
+    free(t->roles);
+    cmg_buf_free(&t->ctl_in);
+    free(t);
+}
+
+/* ---- sending ---- */
+
+static void tunnel_send(struct cmg_tunnel *t)
+{
+    if (t->dead)
+        return;
+    while (t->conn.out.len < CMG_OUT_HIGH) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(t->h2, &data);
+        if (n < 0) {
+            tunnel_fail(t, nghttp2_strerror((int)n));
+            return;
+        }
+        if (n == 0)
+            break;
+        if (cmg_buf_append(&t->conn.out, data, (size_t)n) < 0) {
+            tunnel_fail(t, "out of memory");
+            return;
+        }
+    }
+    cmg_conn_flush(&t->conn);
+    if (!nghttp2_session_want_read(t->h2) && !nghttp2_session_want_write(t->h2) &&
+        t->conn.out.len == 0)
+        tunnel_fail(t, "session ended");
+}
+
+static void on_send_task(struct cmg_task *task) { tunnel_send(TUNNEL_OF(task, send_task)); }
+
+void cmg_tunnel_kick(struct cmg_tunnel *t)
+{
+    if (!t->dead)
+        cmg_task_post(t->gw->loop, &t->send_task, on_send_task);
+}
+
+/* ---- the control stream ---- */
+
+static bool serves(const struct cmg_tunnel *t, const char *role)
+{
+    for (size_t i = 0; i < t->nroles; i++)
+        if (!strcmp(t->roles[i], role))
+            return true;
+    return false;
+}
+
+static void on_hello(struct cmg_tunnel *t, cJSON *msg)
+{
+    cJSON *name = cJSON_GetObjectItemCaseSensitive(msg, "name");
+    cJSON *roles = cJSON_GetObjectItemCaseSensitive(msg, "roles");
+    cJSON *r;
+    size_t n = 0, unknown = 0;
+
+    if (cJSON_IsString(name)) {
+        size_t j = 0;
+        for (const char *s = name->valuestring; *s && j < sizeof(t->name) - 1; s++)
+            if ((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+                (*s >= '0' && *s <= '9') || *s == '-' || *s == '_' || *s == '.')
+                t->name[j++] = *s;
+        t->name[j] = 0;
+    }
+    if (!t->name[0])
+        snprintf(t->name, sizeof(t->name), "%s", t->conn.peer);
+    cJSON_ArrayForEach(r, roles) n++;
+    t->roles = calloc(n ? n : 1, sizeof(*t->roles));
+    if (!t->roles) {
+        tunnel_fail(t, "out of memory");
+        return;
+    }
+    cJSON_ArrayForEach(r, roles)
+    {
+        cJSON *id = cJSON_IsObject(r) ? cJSON_GetObjectItemCaseSensitive(r, "role") : r;
+        if (!cJSON_IsString(id) || strlen(id->valuestring) > CMG_ROLE_ID_MAX)
+            continue;
+        if (!cmg_gw_config_mapping(&t->gw->cfg, id->valuestring, strlen(id->valuestring))) {
+            /* The gateway's own mappings decide what is published. */
+            cmg_warn("connector %s serves role %s, which this gateway does not publish",
+                     t->name, id->valuestring);
+            unknown++;
+            continue;
+        }
+        t->roles[t->nroles] = strdup(id->valuestring);
+        if (t->roles[t->nroles])
+            t->nroles++;
+    }
+    t->ready = true;
+    cmg_timer_stop(t->gw->loop, &t->hs_timer);
+    cmg_info("tunnel up: connector=%s peer=%s roles=%zu", t->name, t->conn.peer, t->nroles);
+}
+
+static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)
+{
+    cJSON *msg = cJSON_ParseWithLength(line, len);
+    cJSON *type = cJSON_GetObjectItemCaseSensitive(msg, "type");
+
+    if (!cJSON_IsString(type))
+        cmg_warn("tunnel %s: unreadable control message", t->conn.peer);
+    else if (!strcmp(type->valuestring, "hello") && !t->ready)
+        on_hello(t, msg);
+    else
+        cmg_debug("tunnel %s: control message '%s' ignored", t->conn.peer, type->valuestring);
+    cJSON_Delete(msg);
+}
+
+static void on_control_data(struct cmg_tunnel *t, const uint8_t *data, size_t len)
+{
+    char *nl;
+    if (cmg_buf_append(&t->ctl_in, data, len) < 0) {
+        tunnel_fail(t, "out of memory");
+        return;
+    }
+    while (!t->dead && (nl = memchr(cmg_buf_head(&t->ctl_in), '\n', t->ctl_in.len))) {
+        size_t n = (size_t)(nl - cmg_buf_head(&t->ctl_in));
+        on_control_line(t, cmg_buf_head(&t->ctl_in), n);
+        cmg_buf_consume(&t->ctl_in, n + 1);
+    }
+    if (t->ctl_in.len > MAX_CONTROL_LINE)
+        tunnel_fail(t, "control message too long");
+}
+
+/* ---- nghttp2 callbacks ---- */
+
+static void exchange_detach(struct cmg_tunnel *t, struct cmg_exchange *ex)
+{
+    if (ex->resp_body.len)
+        nghttp2_session_consume_connection(t->h2, ex->resp_body.len);
+    if (ex->tun_prev)
+        ex->tun_prev->tun_next = ex->tun_next;
+    else
+        t->exchanges = ex->tun_next;
+    if (ex->tun_next)
+        ex->tun_next->tun_prev = ex->tun_prev;
+    ex->tun = NULL;
+    ex->stream_closed = true;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
+                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                     void *user)
+{
+    struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    if (!ex || frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    if (namelen == 7 && !memcmp(name, ":status", 7)) {
+        int st = 0;
+        for (size_t i = 0; i < valuelen && i < 3; i++)
+            st = st * 10 + (value[i] - '0');
+        ex->status = st;
+        return 0;
+    }
+    if (namelen && name[0] == ':')
+        return 0;
+    if (ex->resp.arena.len + namelen + valuelen > MAX_RESPONSE_HEADERS)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (cmg_headers_add(&ex->resp, (const char *)name, namelen, (const char *)value, valuelen) < 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct cmg_tunnel *t = user;
+    struct cmg_exchange *ex;
+
+    switch (frame->hd.type) {
+    case NGHTTP2_PING:
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+            cmg_timer_stop(t->gw->loop, &t->pong_timer);
+        return 0;
+    case NGHTTP2_GOAWAY:
+        cmg_info("tunnel %s: connector is going away", t->name[0] ? t->name : t->conn.peer);
+        t->ready = false;   /* no new streams; those in flight finish */
+        return 0;
+    case NGHTTP2_HEADERS:
+    case NGHTTP2_DATA:
+        break;
+    default:
+        return 0;
+    }
+    ex = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    if (!ex)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers) {
+        if (ex->status >= 100 && ex->status < 200) {   /* informational: wait for the final */
+            cmg_headers_reset(&ex->resp);
+            return 0;
+        }
+        ex->resp_headers = true;
+        if (ex->dev)
+            ex->dev_ops->on_response(ex);
+    }
+    if ((frame->hd.flags & NGHTTP2_FLAG_END_STREAM) && ex->resp_headers) {
+        ex->resp_eof = true;
+        if (ex->dev)
+            ex->dev_ops->on_response_body(ex);
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
+                         const uint8_t *data, size_t len, void *user)
+{
+    struct cmg_tunnel *t = user;
+    struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
+
+    if (stream_id == t->ctl_stream) {
+        nghttp2_session_consume(s, stream_id, len);
+        on_control_data(t, data, len);
+        return 0;
+    }
+    if (!ex || !ex->dev) {
+        nghttp2_session_consume(s, stream_id, len);
+        return 0;
+    }
+    /* Buffered until the device takes it; the stream window bounds how much. */
+    if (cmg_buf_append(&ex->resp_body, data, len) < 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    ex->dev_ops->on_response_body(ex);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_code, void *user)
+{
+    struct cmg_tunnel *t = user;
+    struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
+
+    if (stream_id == t->ctl_stream) {
+        tunnel_fail(t, "control stream closed");
+        return 0;
+    }
+    if (!ex)
+        return 0;
+    ex->stream_closed = true;
+    if (error_code == NGHTTP2_NO_ERROR && ex->resp_eof)
+        return 0;   /* complete; stays attached while the device drains it */
+    exchange_detach(t, ex);
+    if (ex->dev)
+        ex->dev_ops->on_fail(ex, 502, error_code == NGHTTP2_NO_ERROR
+                                          ? "response ended early"
+                                          : nghttp2_http2_strerror(error_code));
+    else
+        cmg_exchange_free(ex);
+    return 0;
+}
+
+static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t *buf,
+                                 size_t length, uint32_t *flags, nghttp2_data_source *src,
+                                 void *user)
+{
+    struct cmg_exchange *ex = src->ptr;
+    size_t n = ex->req_body.len < length ? ex->req_body.len : length;
+
+    if (n) {
+        memcpy(buf, cmg_buf_head(&ex->req_body), n);
+        cmg_buf_consume(&ex->req_body, n);
+        if (ex->dev)
+            ex->dev_ops->on_request_room(ex, n);
+    }
+    if (ex->req_eof && ex->req_body.len == 0)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    else if (n == 0)
+        return NGHTTP2_ERR_DEFERRED;
+    return (ssize_t)n;
+}
+
+/* ---- streams ---- */
+
+int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex)
+{
+    nghttp2_nv *nv = calloc(ex->req.n + 4, sizeof(*nv));
+    nghttp2_data_provider dp = {.source.ptr = ex, .read_callback = read_request_body};
+    const char *sn = t->gw->cfg.service_name;
+    size_t k = 0;
+    int32_t id;
+
+    if (!nv)
+        return -1;
+#define NV(n, nl, v, vl) nv[k++] = (nghttp2_nv){(uint8_t *)(n), (uint8_t *)(v), (nl), (vl), NGHTTP2_NV_FLAG_NONE}
+    NV(":method", 7, ex->method, strlen(ex->method));
+    NV(":scheme", 7, "https", 5);
+    NV(":authority", 10, sn, strlen(sn));
+    NV(":path", 5, ex->target, strlen(ex->target));
+    for (uint32_t i = 0; i < ex->req.n; i++)
+        NV(cmg_headers_name(&ex->req, i), ex->req.v[i].name_len, cmg_headers_value(&ex->req, i),
+           ex->req.v[i].value_len);
+#undef NV
+    id = nghttp2_submit_request(t->h2, NULL, nv, k, ex->req_body_expected ? &dp : NULL, ex);
+    free(nv);
+    if (id < 0) {
+        cmg_warn("tunnel %s: cannot open a stream: %s", t->name, nghttp2_strerror(id));
+        return -1;
+    }
+    ex->stream_id = id;
+    ex->tun = t;
+    snprintf(ex->connector, sizeof(ex->connector), "%s", t->name);
+    ex->tun_prev = NULL;
+    ex->tun_next = t->exchanges;
+    if (t->exchanges)
+        t->exchanges->tun_prev = ex;
+    t->exchanges = ex;
+    cmg_tunnel_kick(t);
+    return 0;
+}
+
+struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_gw_mapping *m)
+{
+    size_t n = 0, k;
+    struct cmg_tunnel *t;
+
+    for (t = gw->tunnels; t; t = t->next)
+        if (t->ready && !t->dead && serves(t, m->role))
+            n++;
+    if (n == 0)
+        return NULL;
+    k = m->rr++ % n;
+    for (t = gw->tunnels; t; t = t->next)
+        if (t->ready && !t->dead && serves(t, m->role) && k-- == 0)
+            return t;
+    return NULL;
+}
+
+/* ---- life and death ---- */
+
+static void tunnel_fail(struct cmg_tunnel *t, const char *why)
+{
+    struct cmg_gateway *gw = t->gw;
+    struct cmg_exchange *ex, *next;
+
+    if (t->dead)
+        return;
+    t->dead = true;
+    if (t->ready || t->name[0])
+        cmg_warn("tunnel down: connector=%s peer=%s reason=\"%s\"", t->name, t->conn.peer, why);
+    else
+        cmg_info("tunnel from %s refused or failed: %s", t->conn.peer, why);
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        gw->tunnels = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    /* Requests in flight fail now, with 502, rather than wait for a timeout. */
+    for (ex = t->exchanges; ex; ex = next) {
+        next = ex->tun_next;
+        ex->tun = NULL;
+        ex->stream_closed = true;
+        if (ex->resp_eof)
+            continue;
+        if (ex->dev)
+            ex->dev_ops->on_fail(ex, 502, "tunnel lost");
+        else
+            cmg_exchange_free(ex);
+    }
+    t->exchanges = NULL;
+    cmg_timer_stop(gw->loop, &t->hs_timer);
+    cmg_timer_stop(gw->loop, &t->ping_timer);
+    cmg_timer_stop(gw->loop, &t->pong_timer);
+    cmg_task_cancel(gw->loop, &t->send_task);
+    if (t->h2)
+        nghttp2_session_del(t->h2);
+    t->h2 = NULL;
+    cmg_conn_close(&t->conn);
+    cmg_loop_free_later(gw->loop, t, tunnel_free);
+}
+
+static void on_hs_timeout(struct cmg_timer *tm)
+{
+    tunnel_fail(TUNNEL_OF(tm, hs_timer), "no hello from the connector in time");
+}
+
+static void on_pong_timeout(struct cmg_timer *tm)
+{
+    tunnel_fail(TUNNEL_OF(tm, pong_timer), "no answer to the health ping");
+}
+
+static void on_ping_timer(struct cmg_timer *tm)
+{
+    struct cmg_tunnel *t = TUNNEL_OF(tm, ping_timer);
+    struct cmg_gw_config *c = &t->gw->cfg;
+    nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, NULL);
+    cmg_tunnel_kick(t);
+    if (!cmg_timer_armed(&t->pong_timer))
+        cmg_timer_start(t->gw->loop, &t->pong_timer, c->ping_timeout_ms, on_pong_timeout);
+    cmg_timer_start(t->gw->loop, &t->ping_timer, c->ping_interval_ms, on_ping_timer);
+}
+
+static int start_session(struct cmg_tunnel *t)
+{
+    nghttp2_session_callbacks *cb;
+    nghttp2_option *opt;
+    nghttp2_settings_entry settings[] = {
+        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+    };
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":method", (uint8_t *)"GET", 7, 3, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":scheme", (uint8_t *)"https", 7, 5, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":authority", (uint8_t *)"tunnel", 10, 6, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":path", (uint8_t *)CMG_CONTROL_PATH, 5, sizeof(CMG_CONTROL_PATH) - 1,
+         NGHTTP2_NV_FLAG_NONE},
+    };
+    int rc;
+
+    if (nghttp2_session_callbacks_new(&cb) != 0)
+        return -1;
+    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    if (nghttp2_option_new(&opt) != 0) {
+        nghttp2_session_callbacks_del(cb);
+        return -1;
+    }
+    /* Windows open only as the device takes the data: a slow device stalls
+     * its own stream, never the tunnel. */
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_peer_max_concurrent_streams(opt, 100);
+    rc = nghttp2_session_client_new2(&t->h2, cb, t, opt);
+    nghttp2_session_callbacks_del(cb);
+    nghttp2_option_del(opt);
+    if (rc != 0)
+        return -1;
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 2);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
+    t->ctl_stream = nghttp2_submit_request(t->h2, NULL, nv, 4, NULL, NULL);
+    return t->ctl_stream < 0 ? -1 : 0;
+}
+
+static void on_open(struct cmg_conn *c)
+{
+    struct cmg_tunnel *t = c->owner;
+    X509 *x = SSL_get0_peer_certificate(c->ssl);
+    char ou[128];
+
+    if (!cmg_tls_alpn_is(c->ssl, CMG_TUNNEL_ALPN)) {
+        tunnel_fail(t, "the peer did not ask for the tunnel protocol (ALPN " CMG_TUNNEL_ALPN ")");
+        return;
+    }
+    cmg_tls_subject_entry(x, NID_organizationalUnitName, ou, sizeof(ou));
+    if (strcmp(ou, CMG_CONNECTOR_OU) != 0) {
+        tunnel_fail(t, "certificate is not a connector's (OU=" CMG_CONNECTOR_OU ")");
+        return;
+    }
+    if (start_session(t) < 0) {
+        tunnel_fail(t, "cannot start HTTP/2");
+        return;
+    }
+    cmg_timer_start(t->gw->loop, &t->ping_timer, t->gw->cfg.ping_interval_ms, on_ping_timer);
+    cmg_conn_want_read(c, true);
+    tunnel_send(t);
+}
+
+static void on_read(struct cmg_conn *c)
+{
+    struct cmg_tunnel *t = c->owner;
+    uint8_t buf[READ_CHUNK];
+
+    while (!t->dead) {
+        ssize_t n = cmg_conn_read(c, buf, sizeof(buf)), used;
+        if (n == CMG_AGAIN)
+            break;
+        if (n == 0) {
+            tunnel_fail(t, "connection closed by the connector");
+            return;
+        }
+        used = nghttp2_session_mem_recv(t->h2, buf, (size_t)n);
+        if (used < 0) {
+            tunnel_fail(t, nghttp2_strerror((int)used));
+            return;
+        }
+    }
+    tunnel_send(t);
+}
+
+static void on_drain(struct cmg_conn *c) { tunnel_send(c->owner); }
+
+static void on_error(struct cmg_conn *c, const char *why) { tunnel_fail(c->owner, why); }
+
+static const struct cmg_conn_ops tunnel_ops = {on_open, on_read, on_drain, on_error};
+
+void cmg_tunnel_accept(struct cmg_gateway *gw, int fd)
+{
+    struct cmg_tunnel *t = calloc(1, sizeof(*t));
+    SSL *ssl = t ? SSL_new(gw->tunnel_ctx) : NULL;
+
+    if (!ssl) {
+        free(t);
+        close(fd);
+        return;
+    }
+    t->gw = gw;
+    t->ctl_stream = -1;
+    SSL_set_accept_state(ssl);
+    if (cmg_conn_start(&t->conn, gw->loop, fd, ssl, false, &tunnel_ops, t) < 0) {
+        free(t);
+        return;
+    }
+    t->next = gw->tunnels;
+    if (gw->tunnels)
+        gw->tunnels->prev = t;
+    gw->tunnels = t;
+    cmg_timer_start(gw->loop, &t->hs_timer, gw->cfg.handshake_timeout_ms, on_hs_timeout);
+}
+
+void cmg_tunnel_close_all(struct cmg_gateway *gw)
+{
+    while (gw->tunnels)
+        tunnel_fail(gw->tunnels, "gateway stopping");
+}

@@ -1,0 +1,313 @@
+#include "tls/tls.h"
+
+#include <openssl/err.h>
+#include <openssl/pkcs12.h>
+#include <openssl/provider.h>
+#include <openssl/x509v3.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+static int verify_err_index = -1;
+static int alpn_index = -1;
+
+static void alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    OPENSSL_free(ptr);
+}
+
+static const char tls12_ciphers[] =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+
+static void set_err(char *err, size_t errlen, const char *what, const char *file)
+{
+    unsigned long e = ERR_get_error();
+    char detail[200] = "";
+    if (e)
+        ERR_error_string_n(e, detail, sizeof(detail));
+    snprintf(err, errlen, "%s%s%s%s%s", what, file ? " " : "", file ? file : "",
+             detail[0] ? ": " : "", detail);
+    ERR_clear_error();
+}
+
+/* Encodes "h2,http/1.1" in the wire format: length-prefixed names. */
+static int alpn_wire(const char *list, unsigned char *out, size_t outlen)
+{
+    size_t n = 0;
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t len = comma ? (size_t)(comma - list) : strlen(list);
+        if (len == 0 || len > 255 || n + 1 + len > outlen)
+            return -1;
+        out[n++] = (unsigned char)len;
+        memcpy(out + n, list, len);
+        n += len;
+        list = comma ? comma + 1 : NULL;
+    }
+    return (int)n;
+}
+
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg)
+{
+    const unsigned char *pref = arg;
+    unsigned char *sel = NULL;
+    (void)ssl;
+    /* pref is the server's wire list, NUL-terminated after its length byte run */
+    if (SSL_select_next_proto(&sel, outlen, pref + 1, pref[0], in, inlen) !=
+        OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *out = sel;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static int ask_verify_cb(int ok, X509_STORE_CTX *store)
+{
+    SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+    if (!ok && ssl && !SSL_get_ex_data(ssl, verify_err_index))
+        SSL_set_ex_data(ssl, verify_err_index,
+                        (void *)(intptr_t)X509_STORE_CTX_get_error(store));
+    return 1;   /* decided per request, from the recorded error */
+}
+
+long cmg_tls_peer_verify_error(const SSL *ssl)
+{
+    intptr_t e = (intptr_t)SSL_get_ex_data(ssl, verify_err_index);
+    if (e)
+        return (long)e;
+    return SSL_get_verify_result(ssl);
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcasecmp(s + n - m, suffix) == 0;
+}
+
+static int load_pkcs12(SSL_CTX *ctx, const char *file, const char *password, char *err,
+                       size_t errlen)
+{
+    FILE *f = fopen(file, "rb");
+    PKCS12 *p12 = NULL;
+    EVP_PKEY *pkey = NULL;
+    X509 *cert = NULL;
+    STACK_OF(X509) *chain = NULL;
+    int rc = -1;
+
+    if (!f) {
+        snprintf(err, errlen, "cannot open %s: %m", file);
+        return -1;
+    }
+    p12 = d2i_PKCS12_fp(f, NULL);
+    fclose(f);
+    if (!p12) {
+        set_err(err, errlen, "not a PKCS#12 file:", file);
+        return -1;
+    }
+    if (!PKCS12_parse(p12, password ? password : "", &pkey, &cert, &chain)) {
+        /* Files exported by older tools use RC2/3DES, which need the legacy provider. */
+        ERR_clear_error();
+        OSSL_PROVIDER_try_load(NULL, "legacy", 1);
+        if (!PKCS12_parse(p12, password ? password : "", &pkey, &cert, &chain)) {
+            set_err(err, errlen, "cannot read PKCS#12 (wrong password?)", file);
+            goto out;
+        }
+    }
+    if (!cert || !pkey) {
+        snprintf(err, errlen, "%s holds no certificate with its private key", file);
+        goto out;
+    }
+    if (SSL_CTX_use_certificate(ctx, cert) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1 ||
+        (chain && SSL_CTX_set1_chain(ctx, chain) != 1) || SSL_CTX_check_private_key(ctx) != 1) {
+        set_err(err, errlen, "cannot use the certificate in", file);
+        goto out;
+    }
+    rc = 0;
+out:
+    EVP_PKEY_free(pkey);
+    X509_free(cert);
+    sk_X509_pop_free(chain, X509_free);
+    PKCS12_free(p12);
+    return rc;
+}
+
+static SSL_CTX *new_ctx(const SSL_METHOD *method, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(method);
+    if (verify_err_index < 0)
+        verify_err_index = SSL_get_ex_new_index(0, "cmg verify error", NULL, NULL, NULL);
+    if (alpn_index < 0)
+        alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
+    if (!ctx) {
+        set_err(err, errlen, "cannot create a TLS context", NULL);
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
+                              SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+                                 SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    if (SSL_CTX_set_cipher_list(ctx, tls12_ciphers) != 1) {
+        set_err(err, errlen, "cannot set ciphers", NULL);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+SSL_CTX *cmg_tls_server_ctx(const struct cmg_tls_server_opts *o, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = new_ctx(TLS_server_method(), err, errlen);
+    unsigned char *wire = NULL;
+    int n;
+
+    if (!ctx)
+        return NULL;
+    if (ends_with(o->cert, ".pfx") || ends_with(o->cert, ".p12")) {
+        if (load_pkcs12(ctx, o->cert, o->password, err, errlen) < 0)
+            goto fail;
+    } else {
+        if (SSL_CTX_use_certificate_chain_file(ctx, o->cert) != 1) {
+            set_err(err, errlen, "cannot load certificate", o->cert);
+            goto fail;
+        }
+        if (!o->key || SSL_CTX_use_PrivateKey_file(ctx, o->key, SSL_FILETYPE_PEM) != 1) {
+            set_err(err, errlen, "cannot load private key", o->key ? o->key : "(none given)");
+            goto fail;
+        }
+        if (SSL_CTX_check_private_key(ctx) != 1) {
+            set_err(err, errlen, "private key does not match certificate", o->cert);
+            goto fail;
+        }
+    }
+    SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"cmg", 3);
+    if (o->client_auth != CMG_TLS_NO_CLIENT_CERT) {
+        STACK_OF(X509_NAME) *names;
+        if (!o->client_ca || SSL_CTX_load_verify_locations(ctx, o->client_ca, NULL) != 1) {
+            set_err(err, errlen, "cannot load client CA", o->client_ca ? o->client_ca : "(none)");
+            goto fail;
+        }
+        names = SSL_load_client_CA_file(o->client_ca);
+        if (names)
+            SSL_CTX_set_client_CA_list(ctx, names);
+        SSL_CTX_set_purpose(ctx, X509_PURPOSE_SSL_CLIENT);   /* clientAuth EKU */
+        if (o->client_auth == CMG_TLS_REQUIRE_CLIENT_CERT)
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+        else
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, ask_verify_cb);
+    }
+    if (o->alpn) {
+        /* wire[0] holds the list's length, then the list: handed to the callback */
+        wire = OPENSSL_zalloc(256 + 1);
+        n = wire ? alpn_wire(o->alpn, wire + 1, 255) : -1;
+        if (n < 0) {
+            snprintf(err, errlen, "bad ALPN list '%s'", o->alpn);
+            goto fail;
+        }
+        wire[0] = (unsigned char)n;
+        SSL_CTX_set_alpn_select_cb(ctx, alpn_select, wire);
+        SSL_CTX_set_ex_data(ctx, alpn_index, wire);   /* freed with the context */
+    }
+    return ctx;
+fail:
+    OPENSSL_free(wire);
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+SSL_CTX *cmg_tls_client_ctx(const struct cmg_tls_client_opts *o, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = new_ctx(TLS_client_method(), err, errlen);
+    unsigned char wire[256];
+    int n;
+
+    if (!ctx)
+        return NULL;
+    if (o->ca ? SSL_CTX_load_verify_locations(ctx, o->ca, NULL) != 1
+              : SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        set_err(err, errlen, "cannot load CA", o->ca ? o->ca : "(system default)");
+        goto fail;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    if (o->cert) {
+        if (SSL_CTX_use_certificate_chain_file(ctx, o->cert) != 1) {
+            set_err(err, errlen, "cannot load certificate", o->cert);
+            goto fail;
+        }
+        if (SSL_CTX_use_PrivateKey_file(ctx, o->key ? o->key : o->cert, SSL_FILETYPE_PEM) != 1 ||
+            SSL_CTX_check_private_key(ctx) != 1) {
+            set_err(err, errlen, "cannot load private key", o->key ? o->key : o->cert);
+            goto fail;
+        }
+    }
+    if (o->alpn) {
+        n = alpn_wire(o->alpn, wire, sizeof(wire));
+        if (n < 0 || SSL_CTX_set_alpn_protos(ctx, wire, (unsigned)n) != 0) {
+            snprintf(err, errlen, "bad ALPN list '%s'", o->alpn);
+            goto fail;
+        }
+    }
+    return ctx;
+fail:
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+bool cmg_tls_alpn_is(const SSL *ssl, const char *proto)
+{
+    const unsigned char *p = NULL;
+    unsigned int len = 0;
+    SSL_get0_alpn_selected(ssl, &p, &len);
+    return p && len == strlen(proto) && memcmp(p, proto, len) == 0;
+}
+
+void cmg_tls_thumbprint(X509 *x, char out[65])
+{
+    unsigned char md[32];
+    unsigned int len = 0;
+    static const char hex[] = "0123456789abcdef";
+
+    out[0] = 0;
+    if (!X509_digest(x, EVP_sha256(), md, &len) || len != 32)
+        return;
+    for (unsigned i = 0; i < 32; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[64] = 0;
+}
+
+void cmg_tls_subject(X509 *x, char *out, size_t outlen)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    int n = 0;
+    out[0] = 0;
+    if (!b)
+        return;
+    if (X509_NAME_print_ex(b, X509_get_subject_name(x), 0,
+                           XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0)
+        n = BIO_read(b, out, (int)outlen - 1);
+    out[n > 0 ? n : 0] = 0;
+    BIO_free(b);
+}
+
+void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen)
+{
+    X509_NAME *name = X509_get_subject_name(x);
+    int i = X509_NAME_get_index_by_NID(name, nid, -1);
+    const ASN1_STRING *s;
+    int len;
+
+    out[0] = 0;
+    if (i < 0)
+        return;
+    s = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, i));
+    len = ASN1_STRING_length(s);
+    if (len < 0 || (size_t)len >= outlen || memchr(ASN1_STRING_get0_data(s), 0, (size_t)len))
+        return;
+    memcpy(out, ASN1_STRING_get0_data(s), (size_t)len);
+    out[len] = 0;
+}

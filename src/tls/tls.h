@@ -1,0 +1,45 @@
+/* TLS contexts and certificate helpers (OpenSSL 3). */
+#ifndef CMG_TLS_H
+#define CMG_TLS_H
+
+#include <openssl/ssl.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+enum cmg_tls_client_auth {
+    CMG_TLS_NO_CLIENT_CERT,
+    CMG_TLS_ASK_CLIENT_CERT,      /* asked for, judged per request (devices) */
+    CMG_TLS_REQUIRE_CLIENT_CERT,  /* handshake fails without a valid one (tunnels) */
+};
+
+struct cmg_tls_server_opts {
+    const char *cert;        /* PEM chain, or PKCS#12 when it ends in .pfx or .p12 */
+    const char *key;         /* PEM key; NULL with PKCS#12 */
+    const char *password;    /* of the PKCS#12 file */
+    const char *client_ca;   /* trusted roots for client certificates */
+    enum cmg_tls_client_auth client_auth;
+    const char *alpn;        /* protocols in preference order, comma-separated */
+};
+
+struct cmg_tls_client_opts {
+    const char *ca;          /* roots that the server must chain to; NULL: system default */
+    const char *cert, *key;  /* optional client certificate */
+    const char *alpn;        /* comma-separated; NULL for none */
+};
+
+SSL_CTX *cmg_tls_server_ctx(const struct cmg_tls_server_opts *o, char *err, size_t errlen);
+SSL_CTX *cmg_tls_client_ctx(const struct cmg_tls_client_opts *o, char *err, size_t errlen);
+
+/* The negotiated ALPN protocol equals proto. */
+bool cmg_tls_alpn_is(const SSL *ssl, const char *proto);
+/* The first verification error of the peer's certificate (X509_V_OK if none, or if
+ * no certificate was sent: check SSL_get0_peer_certificate too). */
+long cmg_tls_peer_verify_error(const SSL *ssl);
+/* SHA-256 of the certificate's DER, lowercase hex. */
+void cmg_tls_thumbprint(X509 *x, char out[65]);
+/* RFC 2253 form of the subject name. */
+void cmg_tls_subject(X509 *x, char *out, size_t outlen);
+/* The value of the first subject attribute with this NID, or "" */
+void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen);
+
+#endif

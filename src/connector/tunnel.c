@@ -3,6 +3,7 @@
  * request, which we forward to the internal service of the role it names. */
 #include "connector/cn.h"
 #include "core/log.h"
+#include "http/h2.h"
 #include "tls/tls.h"
 
 #include <cjson/cJSON.h>
@@ -32,23 +33,12 @@ static void tunnel_send(struct cmg_cn_tunnel *t)
 {
     if (!t->h2)
         return;
-    while (t->conn.out.len < 256 * 1024) {
-        const uint8_t *data;
-        ssize_t n = nghttp2_session_mem_send(t->h2, &data);
-        if (n < 0) {
-            tunnel_down(t, nghttp2_strerror((int)n));
-            return;
-        }
-        if (n == 0)
-            break;
-        if (cmg_buf_append(&t->conn.out, data, (size_t)n) < 0) {
-            tunnel_down(t, "out of memory");
-            return;
-        }
+    int rc = cmg_h2_send(t->h2, &t->conn);
+    if (rc < 0) {
+        tunnel_down(t, nghttp2_strerror(rc));
+        return;
     }
-    cmg_conn_flush(&t->conn);
-    if (!nghttp2_session_want_read(t->h2) && !nghttp2_session_want_write(t->h2) &&
-        t->conn.out.len == 0)
+    if (cmg_h2_finished(t->h2, &t->conn))
         tunnel_down(t, "session ended");
 }
 

@@ -1,6 +1,7 @@
 /* HTTP/2 from devices: an nghttp2 server session per connection; every stream
  * is admitted like an HTTP/1.1 request and relayed through its own exchange. */
 #include "core/log.h"
+#include "http/h2.h"
 #include "gateway/gw.h"
 
 #include <stdlib.h>
@@ -57,20 +58,12 @@ static void h2_send(struct cmg_device *d)
     struct cmg_h2dev *h = d->h2;
     if (!h || h->dead)
         return;
-    while (d->conn.out.len < CMG_OUT_HIGH) {
-        const uint8_t *data;
-        ssize_t n = nghttp2_session_mem_send(h->s, &data);
-        if (n < 0) {
-            cmg_device_close(d, nghttp2_strerror((int)n));
-            return;
-        }
-        if (n == 0)
-            break;
-        cmg_buf_append(&d->conn.out, data, (size_t)n);
+    int rc = cmg_h2_send(h->s, &d->conn);
+    if (rc < 0) {
+        cmg_device_close(d, nghttp2_strerror(rc));
+        return;
     }
-    cmg_conn_flush(&d->conn);
-    if (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s) &&
-        d->conn.out.len == 0)
+    if (cmg_h2_finished(h->s, &d->conn))
         cmg_device_close(d, "HTTP/2 session ended");
 }
 

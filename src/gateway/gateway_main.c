@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -49,6 +51,7 @@ static void on_accept(struct cmg_io *io, uint32_t events)
 {
     struct cmg_listener *l = (struct cmg_listener *)io;
     struct cmg_gateway *gw = l->gw;
+    int one = 1;
 
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -59,6 +62,7 @@ static void on_accept(struct cmg_io *io, uint32_t events)
             }
             return;
         }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         if (l->tunnel) {
             cmg_tunnel_accept(gw, fd);
             continue;

@@ -3,6 +3,7 @@
  * request becomes a stream that we open. A control stream, opened first,
  * carries the connector's hello (its name and roles). */
 #include "core/log.h"
+#include "http/h2.h"
 #include "gateway/gw.h"
 #include "tls/tls.h"
 
@@ -38,23 +39,12 @@ static void tunnel_send(struct cmg_tunnel *t)
 {
     if (t->dead)
         return;
-    while (t->conn.out.len < CMG_OUT_HIGH) {
-        const uint8_t *data;
-        ssize_t n = nghttp2_session_mem_send(t->h2, &data);
-        if (n < 0) {
-            tunnel_fail(t, nghttp2_strerror((int)n));
-            return;
-        }
-        if (n == 0)
-            break;
-        if (cmg_buf_append(&t->conn.out, data, (size_t)n) < 0) {
-            tunnel_fail(t, "out of memory");
-            return;
-        }
+    int rc = cmg_h2_send(t->h2, &t->conn);
+    if (rc < 0) {
+        tunnel_fail(t, nghttp2_strerror(rc));
+        return;
     }
-    cmg_conn_flush(&t->conn);
-    if (!nghttp2_session_want_read(t->h2) && !nghttp2_session_want_write(t->h2) &&
-        t->conn.out.len == 0)
+    if (cmg_h2_finished(t->h2, &t->conn))
         tunnel_fail(t, "session ended");
 }
 

@@ -412,6 +412,9 @@ static int start_session(struct cmg_cn_tunnel *t)
     }
     /* Request bodies open the window only once written to the internal service. */
     nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* The gateway cancels a stream whenever a device goes away mid-answer; it is
+     * an authenticated peer, so allow it far more resets than a stranger. */
+    nghttp2_option_set_stream_reset_rate_limit(opt, 100000, 10000);
     rc = nghttp2_session_server_new2(&t->h2, cb, t, opt);
     nghttp2_session_callbacks_del(cb);
     nghttp2_option_del(opt);

@@ -213,7 +213,8 @@ static void on_read(struct cmg_conn *c)
         ssize_t n;
         llhttp_errno_t err;
         if (u->st->resp_body.len >= CMG_CN_BUFFER) {
-            u->paused = true;   /* the tunnel is behind: wait */
+            u->paused = true;   /* the tunnel is behind: wait, and do not time out */
+            cmg_timer_stop(u->cn->loop, &u->timer);
             cmg_conn_want_read(c, false);
             return;
         }
@@ -444,6 +445,7 @@ void cmg_upstream_resume(struct cmg_upstream *u)
 {
     if (u->paused && u->st && u->st->resp_body.len < CMG_CN_BUFFER / 2) {
         u->paused = false;
+        arm(u);
         cmg_conn_want_read(&u->conn, true);
     }
 }

@@ -32,9 +32,13 @@ struct cmg_h1 {
     bool head;
     bool resp_started, resp_chunked, resp_close_delimited;
     bool lingering;
+    int scan;                  /* where scan_head is in the request head */
     int64_t resp_remaining;    /* -1 when the length is not known */
     struct cmg_task task;
 };
+
+/* States of scan_head() */
+enum { SCAN_LINE, SCAN_LINE_START, SCAN_BLANK_CR, SCAN_DONE };
 
 static const llhttp_settings_t *settings(void);
 static void pump_response(struct cmg_device *d);
@@ -209,6 +213,11 @@ static int on_headers_complete(llhttp_t *p)
     }
     h->keep_alive = llhttp_should_keep_alive(p);
     h->head = p->method == HTTP_HEAD;
+    if (p->http_major != 1) {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Bad_Version";
+        return -1;
+    }
     if (hosts > 1 || (hosts == 0 && p->http_major == 1 && p->http_minor == 1)) {
         h->error_status = 400;
         h->error_reason = "CMGService_Bad_Host";
@@ -359,37 +368,42 @@ static void pump_response(struct cmg_device *d)
     struct cmg_exchange *ex = h->ex;
     struct cmg_buf *o = &d->conn.out;
 
-    while (ex->resp_body.len && o->len < CMG_OUT_HIGH) {
-        size_t n = ex->resp_body.len < 65536 ? ex->resp_body.len : 65536;
-        if (h->resp_remaining >= 0 && (uint64_t)n > (uint64_t)h->resp_remaining) {
-            cmg_warn("connector sent more body than its Content-Length: %s", ex->target);
-            cmg_device_close(d, "response longer than its length");
+    for (;;) {
+        while (ex->resp_body.len && o->len < CMG_OUT_HIGH) {
+            size_t n = ex->resp_body.len < 65536 ? ex->resp_body.len : 65536;
+            if (h->resp_remaining >= 0 && (uint64_t)n > (uint64_t)h->resp_remaining) {
+                cmg_warn("connector sent more body than its Content-Length: %s", ex->target);
+                cmg_device_close(d, "response longer than its length");
+                return;
+            }
+            if (h->resp_chunked)
+                cmg_buf_printf(o, "%zx\r\n", n);
+            cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
+            if (h->resp_chunked)
+                cmg_buf_append(o, "\r\n", 2);
+            if (h->resp_remaining > 0)
+                h->resp_remaining -= (int64_t)n;
+            cmg_buf_consume(&ex->resp_body, n);
+            ex->resp_bytes += n;
+            cmg_exchange_resp_consumed(ex, n);
+        }
+        if (ex->resp_eof && ex->resp_body.len == 0) {
+            if (h->resp_remaining > 0) {
+                cmg_warn("response shorter than its Content-Length: %s", ex->target);
+                cmg_device_close(d, "response shorter than its length");
+                return;
+            }
+            if (h->resp_chunked)
+                cmg_buf_appends(o, "0\r\n\r\n");
+            cmg_conn_flush(&d->conn);
+            response_done(d);
             return;
         }
-        if (h->resp_chunked)
-            cmg_buf_printf(o, "%zx\r\n", n);
-        cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
-        if (h->resp_chunked)
-            cmg_buf_append(o, "\r\n", 2);
-        if (h->resp_remaining > 0)
-            h->resp_remaining -= (int64_t)n;
-        cmg_buf_consume(&ex->resp_body, n);
-        ex->resp_bytes += n;
-        cmg_exchange_resp_consumed(ex, n);
-    }
-    if (ex->resp_eof && ex->resp_body.len == 0) {
-        if (h->resp_remaining > 0) {
-            cmg_warn("response shorter than its Content-Length: %s", ex->target);
-            cmg_device_close(d, "response shorter than its length");
-            return;
-        }
-        if (h->resp_chunked)
-            cmg_buf_appends(o, "0\r\n\r\n");
         cmg_conn_flush(&d->conn);
-        response_done(d);
-        return;
+        /* All written at once: go on, or on_drain will call again. */
+        if (o->len || !ex->resp_body.len || !cmg_conn_open(&d->conn))
+            return;
     }
-    cmg_conn_flush(&d->conn);
 }
 
 static void h1_on_response_body(struct cmg_exchange *ex)
@@ -451,6 +465,7 @@ static void finish_request(struct cmg_device *d)
     h->error_status = 0;
     h->error_reason = NULL;
     h->paused = false;
+    h->scan = SCAN_LINE;
     cmg_headers_reset(&h->hdrs);
     cmg_buf_reset(&h->url);
     llhttp_resume(&h->parser);
@@ -459,12 +474,38 @@ static void finish_request(struct cmg_device *d)
     cmg_conn_want_read(&d->conn, true);
 }
 
+/* llhttp accepts obs-fold (a header line starting with a space or tab), which
+ * RFC 9112 lets a proxy reject: look at the raw head for it. */
+static bool scan_head(struct cmg_h1 *h, const char *p, size_t n)
+{
+    for (size_t i = 0; i < n && h->scan != SCAN_DONE; i++) {
+        char c = p[i];
+        if (c == '\n')
+            h->scan = h->scan == SCAN_LINE ? SCAN_LINE_START : SCAN_DONE;
+        else if (h->scan == SCAN_LINE_START && c == '\r')
+            h->scan = SCAN_BLANK_CR;
+        else if (h->scan == SCAN_LINE_START && (c == ' ' || c == '\t'))
+            return false;
+        else
+            h->scan = SCAN_LINE;
+    }
+    return true;
+}
+
 static void parse(struct cmg_device *d, const char *data, size_t len)
 {
     struct cmg_h1 *h = d->h1;
-    llhttp_errno_t err = llhttp_execute(&h->parser, data, len);
+    llhttp_errno_t err;
     int status;
     const char *reason;
+
+    if (!scan_head(h, data, len)) {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Obsolete_Line_Folding";
+        err = HPE_USER;
+    } else {
+        err = llhttp_execute(&h->parser, data, len);
+    }
 
     if (err == HPE_OK)
         return;

@@ -190,7 +190,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
             cmg_timer_stop(t->gw->loop, &t->pong_timer);
         return 0;
     case NGHTTP2_GOAWAY:
-        cmg_info("tunnel %s: connector is going away", t->name[0] ? t->name : t->conn.peer);
+        cmg_info("tunnel %s: connector is going away (%s%s%.*s)", t->name[0] ? t->name : t->conn.peer,
+                 nghttp2_http2_strerror(frame->goaway.error_code),
+                 frame->goaway.opaque_data_len ? ": " : "", (int)frame->goaway.opaque_data_len,
+                 frame->goaway.opaque_data ? (const char *)frame->goaway.opaque_data : "");
         t->ready = false;   /* no new streams; those in flight finish */
         return 0;
     case NGHTTP2_HEADERS:

@@ -1,0 +1,548 @@
+"""Helpers for the integration tests: ports, processes, the site, clients.
+
+Everything runs on 127.0.0.1 with ports the kernel hands out; every process started here is
+stopped at teardown, and one that crashed, tripped a sanitizer or exited on its own fails
+the test.
+"""
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CMG = os.path.abspath(os.environ.get('CMG_BIN') or HERE / '../../build/cmg')
+SANITIZED = os.environ.get('CMG_SANITIZED', '0').strip().upper() in ('1', 'ON', 'TRUE', 'YES', 'Y')
+SLOW = 4 if SANITIZED else 1          # factor for start-up and shutdown deadlines
+PYTHON = '/usr/bin/python3'
+SERVICE_NAME = 'cmg.test'
+SANITIZER_MARKS = ('ERROR: AddressSanitizer', 'runtime error:', 'LeakSanitizer')
+LOG_TAIL = 200                         # lines of each log shown for a failed test
+
+
+# ---------------------------------------------------------------- waiting
+
+def poll(fn, timeout, what, interval=0.02, check=None):
+    """Call fn() until it returns something truthy; return that. AssertionError after
+    `timeout` seconds. `check()` runs each round (e.g. to fail fast if a process died)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        if check:
+            check()
+        try:
+            result = fn()
+            if result:
+                return result
+            last = result
+        except (OSError, http.client.HTTPException) as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout:.1f} s waiting for {what} (last: {last!r})')
+        time.sleep(interval)
+
+
+def free_port():
+    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(n):
+    """n consecutive free ports (for tunnel_port + instance)."""
+    for _ in range(100):
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(('127.0.0.1', base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f'no {n} consecutive free ports')
+
+
+# ---------------------------------------------------------------- processes
+
+class Proc:
+    def __init__(self, name, popen, log):
+        self.name, self.popen, self.log = name, popen, log
+        self.expected_exit = False      # set when the test stops it on purpose
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def log_text(self):
+        try:
+            return self.log.read_text(errors='replace')
+        except OSError:
+            return ''
+
+    def signal(self, sig, wait=True):
+        """Send sig on purpose (the exit is then not a failure); wait for the exit."""
+        self.expected_exit = True
+        if self.alive():
+            self.popen.send_signal(sig)
+        if wait:
+            return self.popen.wait(timeout=10 * SLOW)
+
+    def peak_rss_kib(self):
+        """VmHWM: the peak resident set size of the process so far."""
+        status = Path(f'/proc/{self.pid}/status').read_text()
+        return int(re.search(r'^VmHWM:\s+(\d+) kB', status, re.M).group(1))
+
+    def problems(self):
+        """What is wrong with how this process ran or ended, as a list of sentences."""
+        found = [f'{self.name}: sanitizer report ({m!r}) in {self.log}'
+                 for m in SANITIZER_MARKS if m in self.log_text()]
+        rc = self.popen.poll()
+        if rc is not None and not self.expected_exit:
+            found.append(f'{self.name} (pid {self.pid}) exited on its own with status {rc}')
+        elif rc is not None and rc not in (0, -signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
+            found.append(f'{self.name} (pid {self.pid}) exited with status {rc} when stopped')
+        return found
+
+
+class Processes:
+    """Starts processes with their output in a log file in the test's directory; stops them
+    all at teardown (SIGTERM, then SIGKILL) and reports what went wrong."""
+
+    def __init__(self, tmp):
+        self.tmp = Path(tmp)
+        self.procs = []
+        self.notes = {}                 # extra text shown when the test fails
+
+    def start(self, name, argv, stdout_pipe=False, env=None):
+        log = self.tmp / f'{name}.log'
+        n = 2
+        while log.exists():
+            log = self.tmp / f'{name}-{n}.log'
+            n += 1
+        full_env = dict(os.environ, **(env or {}))
+        full_env.setdefault('ASAN_OPTIONS', 'detect_leaks=1:abort_on_error=0')
+        full_env.setdefault('UBSAN_OPTIONS', 'print_stacktrace=1')
+        with open(log, 'wb') as f:
+            popen = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if stdout_pipe else f,
+                                     stderr=f, env=full_env)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def check(self):
+        """Fail now if a process died or reported a sanitizer error."""
+        problems = [p for proc in self.procs for p in proc.problems()]
+        if problems:
+            raise AssertionError('; '.join(problems))
+
+    def close(self):
+        stubborn = []
+        for proc in reversed(self.procs):
+            if proc.alive() and not proc.expected_exit:
+                proc.popen.send_signal(signal.SIGTERM)
+                try:
+                    proc.popen.wait(timeout=10 * SLOW)
+                except subprocess.TimeoutExpired:
+                    stubborn.append(f'{proc.name} did not exit within {10 * SLOW} s of SIGTERM')
+                proc.expected_exit = True
+            if proc.alive():
+                proc.popen.kill()
+                proc.popen.wait()
+            if proc.popen.stdout:
+                proc.popen.stdout.close()
+        problems = stubborn + [p for proc in self.procs for p in proc.problems()]
+        if problems:
+            raise AssertionError('; '.join(problems))
+
+    def report_sections(self):
+        for name, text in self.notes.items():
+            yield name, text
+        for proc in self.procs:
+            lines = proc.log_text().splitlines()
+            head = f'[{proc.log}, last {LOG_TAIL} of {len(lines)} lines]\n' if len(lines) > LOG_TAIL else ''
+            yield f'log {proc.name} (pid {proc.pid})', head + '\n'.join(lines[-LOG_TAIL:])
+
+
+def run_cmg(*args, timeout=60):
+    return subprocess.run([CMG, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout * SLOW, stdin=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------- the internal service
+
+class InternalService:
+    def __init__(self, procs, name):
+        self.name = name
+        self.proc = procs.start(f'service-{name}',
+                                [PYTHON, HERE / 'internal_service.py', '--name', name],
+                                stdout_pipe=True)
+        line = self.proc.popen.stdout.readline().decode()
+        assert line.startswith('PORT '), f'internal service did not start: {line!r}'
+        self.port = int(line.split()[1])
+        self.url = f'http://127.0.0.1:{self.port}/'
+
+    def stats(self):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=10)
+        try:
+            conn.request('GET', '/__stats')
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    @property
+    def count(self):
+        """How many requests the service has seen (not counting /__stats)."""
+        return self.stats()['requests']
+
+
+# ---------------------------------------------------------------- INI files, textually
+
+_SECTION = re.compile(r'^\s*\[\s*([^\]]*?)\s*\]')
+
+
+def _section_bounds(lines, section):
+    want = ' '.join(section.split())
+    start = None
+    for i, line in enumerate(lines):
+        m = _SECTION.match(line)
+        if m and start is not None:
+            return start, i
+        if m and ' '.join(m.group(1).split()) == want:
+            start = i + 1
+    if start is None:
+        raise KeyError(f'no section [{section}]')
+    return start, len(lines)
+
+
+def ini_sections(path):
+    return [m.group(1) for m in map(_SECTION.match, Path(path).read_text().splitlines()) if m]
+
+
+def ini_get(path, section, key):
+    """All values of `key` in [section], inline comments removed."""
+    lines = Path(path).read_text().splitlines()
+    start, end = _section_bounds(lines, section)
+    key_re = re.compile(r'^\s*' + re.escape(key) + r'\s*=(.*)$')
+    return [re.sub(r'\s[;#].*$', '', m.group(1)).strip()
+            for m in map(key_re.match, lines[start:end]) if m]
+
+
+def ini_set(path, section, key, *values):
+    """Replace every `key = ...` line of [section] by one line per value (no values: remove
+    the key). New keys go at the end of the section."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    start, end = _section_bounds(lines, section)
+    key_re = re.compile(r'^\s*' + re.escape(key) + r'\s*=')
+    where = [i for i in range(start, end) if key_re.match(lines[i])]
+    at = where[0] if where else end
+    while not where and at > start and not lines[at - 1].strip():
+        at -= 1                         # before the blank lines that end the section
+    kept = [line for i, line in enumerate(lines) if i not in where]
+    at -= sum(1 for i in where if i < at)
+    kept[at:at] = [f'{key} = {v}' for v in values]
+    path.write_text('\n'.join(kept) + '\n')
+
+
+# ---------------------------------------------------------------- the site
+
+class Site:
+    """A site directory made by `cmg site init`, with its configs edited for loopback."""
+
+    def __init__(self, path, internal_urls, procs=None, name=SERVICE_NAME, instances=1):
+        self.dir = Path(path)
+        self.name = name
+        self.port = free_port()
+        self.tunnel_port = free_port_range(instances)
+        args = ['site', 'init', self.dir, '--service-name', name]
+        for url in internal_urls:
+            args += ['--mp', url]
+        args += ['--gateway-port', self.port, '--tunnel-port', self.tunnel_port]
+        r = run_cmg(*args)
+        self.init_output = r.stdout
+        if procs:
+            procs.notes['cmg site init'] = f'exit {r.returncode}\n{r.stdout}\n{r.stderr}'
+        assert r.returncode == 0, f'cmg site init failed ({r.returncode}):\n{r.stdout}\n{r.stderr}'
+        self.urls = [line.strip() for line in r.stdout.splitlines() if line.startswith('https://')]
+        assert len(self.urls) == len(internal_urls), f'expected one URL per --mp:\n{r.stdout}'
+        self.role_ids = [url.rstrip('/').rsplit('/', 1)[1] for url in self.urls]
+        self.gateway_conf = self.dir / 'gateway.conf'
+        self.connector_conf = self.dir / 'connector.conf'
+        self.ca = self.dir / 'ca.crt'
+        self.device_cert = self.dir / 'devices' / 'device1.crt'
+        self.device_key = self.dir / 'devices' / 'device1.key'
+        self.loopback(instances)
+
+    def loopback(self, instances):
+        """Devices and connectors on 127.0.0.1 only, quick health pings."""
+        g, c = self.gateway_conf, self.connector_conf
+        ini_set(g, 'gateway', 'listen', f'127.0.0.1:{self.port}')
+        ini_set(g, 'gateway', 'tunnel_listen', '127.0.0.1')
+        ini_set(g, 'gateway', 'tunnel_port', self.tunnel_port)
+        ini_set(g, 'gateway', 'ping_interval', 2)
+        ini_set(g, 'gateway', 'ping_timeout', 6)
+        ini_set(c, 'connector', 'gateway', *[f'127.0.0.1:{self.tunnel_port + i}' for i in range(instances)])
+        ini_set(c, 'connector', 'ping_interval', 2)
+        ini_set(c, 'connector', 'ping_timeout', 6)
+        ini_set(c, 'connector', 'reconnect_max', 1)
+
+    def prefix(self, i=0):
+        return f'/CCM_Proxy_MutualAuth/{self.role_ids[i]}'
+
+    def path(self, rest, i=0):
+        """The gateway path of internal path `rest` on role i."""
+        return f'{self.prefix(i)}/{rest.lstrip("/")}'
+
+    def url(self, rest, i=0):
+        return f'https://{self.name}:{self.port}{self.path(rest, i)}'
+
+    def connector_copy(self, name, internal_urls):
+        """Another connector.conf in the site directory (relative paths keep working):
+        connector `name`, role i forwarded to internal_urls[i]."""
+        conf = self.dir / f'{name}.conf'
+        shutil.copy(self.connector_conf, conf)
+        ini_set(conf, 'connector', 'name', name)
+        for role, url in zip(self.role_ids, internal_urls):
+            ini_set(conf, f'mapping {role}', 'internal_url', url)
+        return conf
+
+    def device_thumbprint(self):
+        der = ssl.PEM_cert_to_DER_cert(self.device_cert.read_text())
+        return hashlib.sha256(der).hexdigest()
+
+
+def start_gateway(procs, site, instance=None):
+    """Start a gateway; return once it completes a TLS handshake on the device port."""
+    argv = [CMG, 'gateway', '-c', site.gateway_conf]
+    if instance is not None:
+        argv += ['--instance', instance]
+    proc = procs.start('gateway' if instance is None else f'gateway{instance}', argv)
+
+    def handshake():
+        tls_connect(site).close()
+        return True
+    poll(handshake, 10 * SLOW, 'the gateway to accept devices', check=procs.check)
+    return proc
+
+
+def start_connector(procs, conf, name='connector'):
+    return procs.start(name, [CMG, 'connector', '-c', conf])
+
+
+def bring_up(procs, site, instances=1):
+    """Gateway instance(s) and a connector for `site`, serving. Returns (gateways, connector)."""
+    gateways = [start_gateway(procs, site, i if instances > 1 else None) for i in range(instances)]
+    connector = start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    return gateways, connector
+
+
+def poll_request(procs, site, path, until, timeout, what):
+    """GET path on a new connection, again and again, until until(response) holds; return
+    that response. Connection errors count as "not yet"."""
+    def once():
+        r = request(site, 'GET', path)
+        return r if until(r) else None
+    return poll(once, timeout, what, interval=0.01, check=procs.check)
+
+
+def wait_ready(procs, site, rest='policy.xml', i=0, timeout=15):
+    """Wait until a connector serves role i: a device request gets something other than 503."""
+    return poll_request(procs, site, site.path(rest, i), lambda r: r.status != 503, timeout * SLOW,
+                        f'a connector to serve {site.path(rest, i)}')
+
+
+# ---------------------------------------------------------------- clients
+
+def client_context(site, cert=None, key=None, alpn=('http/1.1',)):
+    """TLS client context trusting the site CA, presenting cert/key (default: the sample
+    device certificate; cert=False: none)."""
+    ctx = ssl.create_default_context(cafile=str(site.ca))
+    if cert is not False:
+        ctx.load_cert_chain(str(cert or site.device_cert), str(key or site.device_key))
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+class DeviceConnection(http.client.HTTPSConnection):
+    """http.client over TLS to the gateway on 127.0.0.1, with SNI and Host = the service name."""
+
+    def __init__(self, site, timeout=30, **ctx_args):
+        super().__init__(site.name, site.port, timeout=timeout, context=client_context(site, **ctx_args))
+
+    def connect(self):
+        sock = socket.create_connection(('127.0.0.1', self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f'<Response {self.status} {self.body[:80]!r}>'
+
+
+def request(site, method, path, body=None, headers=None, timeout=30, **ctx_args):
+    """One request on a new connection."""
+    conn = DeviceConnection(site, timeout=timeout, **ctx_args)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, r.getheaders(), r.read())
+    finally:
+        conn.close()
+
+
+class CurlResult:
+    def __init__(self, rc, status, version, body, stderr):
+        self.rc, self.status, self.version, self.body, self.stderr = rc, status, version, body, stderr
+
+    def __repr__(self):
+        return f'<curl rc={self.rc} status={self.status} http/{self.version} body={self.body[:80]!r} stderr={self.stderr[-300:]!r}>'
+
+
+_WRITE_OUT = '%{stderr}\nCMG-CURL %{http_code} %{http_version}\n'
+
+
+def curl_argv(site, path, *args, http='1.1', cert=True):
+    argv = ['curl', '-sS', '--resolve', f'{site.name}:{site.port}:127.0.0.1', '--cacert', site.ca,
+            f'--http{http}', '-w', _WRITE_OUT, '--max-time', 300]
+    if cert is True:
+        argv += ['--cert', site.device_cert, '--key', site.device_key]
+    elif cert:
+        argv += ['--cert', cert[0], '--key', cert[1]]
+    return [str(a) for a in argv + list(args) + [f'https://{site.name}:{site.port}{path}']]
+
+
+def _curl_result(rc, body, stderr):
+    m = re.search(r'^CMG-CURL (\d+) (\S+)$', stderr, re.M)
+    status, version = (int(m.group(1)), m.group(2)) if m else (0, '')
+    return CurlResult(rc, status, version, body, stderr)
+
+
+def curl(site, path, *args, http='1.1', cert=True, timeout=60):
+    """Run curl against the gateway; body from stdout, status and version from -w."""
+    p = subprocess.run(curl_argv(site, path, *args, http=http, cert=cert), capture_output=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return _curl_result(p.returncode, p.stdout, p.stderr.decode(errors='replace'))
+
+
+def curl_stream(site, path, *args, upload=None, http='1.1', timeout=300):
+    """curl with the response body hashed as it arrives (never stored) and, if `upload` is an
+    iterable of bytes, that fed to curl's stdin as it is generated.
+    Returns (CurlResult with body=b'' unless small, sha256 hex, byte count)."""
+    p = subprocess.Popen(curl_argv(site, path, *args, http=http), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.PIPE if upload else subprocess.DEVNULL)
+    timed_out = threading.Event()
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), p.kill()))
+    timer.start()
+    stderr = []
+
+    def feed():
+        try:
+            for block in upload:
+                p.stdin.write(block)
+        except OSError:                 # curl gave up early: its exit status says why
+            pass
+        finally:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=lambda: stderr.append(p.stderr.read()))]
+    if upload:
+        threads.append(threading.Thread(target=feed))
+    for t in threads:
+        t.start()
+    h, n, head = hashlib.sha256(), 0, b''
+    while True:
+        data = p.stdout.read(1 << 20)
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+        if len(head) < 65536:
+            head += data[:65536]
+    rc = p.wait()
+    timer.cancel()
+    for t in threads:
+        t.join()
+    assert not timed_out.is_set(), f'curl took longer than {timeout} s (got {n} bytes)'
+    stderr = b''.join(stderr).decode(errors='replace')
+    return _curl_result(rc, head if n <= 65536 else b'', stderr), h.hexdigest(), n
+
+
+def tls_connect(site, timeout=10, **ctx_args):
+    sock = socket.create_connection(('127.0.0.1', site.port), timeout=timeout)
+    return client_context(site, **ctx_args).wrap_socket(sock, server_hostname=site.name)
+
+
+def read_response(sock):
+    """Read one HTTP/1.1 response with a Content-Length (or none) from a socket.
+    Returns (status or None if the peer closed first, header bytes, body)."""
+    buf = b''
+    while b'\r\n\r\n' not in buf:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionError, ssl.SSLError):
+            data = b''
+        if not data:
+            return None, buf, b''
+        buf += data
+    head, body = buf.split(b'\r\n\r\n', 1)
+    m = re.match(rb'HTTP/1\.[01] (\d{3})(?!\d)', head)
+    if not m:
+        return None, buf, b''
+    status = int(m.group(1))
+    m = re.search(rb'^content-length:\s*(\d+)', head, re.I | re.M)
+    while m and len(body) < int(m.group(1)):
+        data = sock.recv(65536)
+        if not data:
+            break
+        body += data
+    return status, head, body
+
+
+def peer_closed(sock, wait=2.0):
+    """True if the peer closes the connection within `wait` seconds (nothing else arrives)."""
+    sock.settimeout(wait * SLOW)
+    try:
+        return sock.recv(65536) == b''
+    except socket.timeout:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def raw_exchange(site, data, wait_close=True):
+    """Send raw bytes on a new TLS connection; return (status, closed afterwards, response).
+    With wait_close=False, `closed` is only known if the peer closed before answering."""
+    with tls_connect(site) as sock:
+        sock.sendall(data)
+        status, head, body = read_response(sock)
+        closed = status is None or (wait_close and peer_closed(sock))
+        return status, closed, head + b'\r\n\r\n' + body

@@ -82,9 +82,10 @@ void cmg_exchange_dev_done(struct cmg_exchange *ex)
     if (t) {
         /* A stream whose both ends are done closes by itself: a reset is only
          * for one cut short (the connector limits the rate of resets). */
-        if (!ex->stream_closed && !(ex->resp_eof && (ex->req_eof || !ex->req_body_expected))) {
-            nghttp2_submit_rst_stream(t->h2, NGHTTP2_FLAG_NONE, ex->stream_id, NGHTTP2_CANCEL);
+        if (!ex->stream_closed) {
             nghttp2_session_set_stream_user_data(t->h2, ex->stream_id, NULL);
+            if (!(ex->resp_eof && (ex->req_eof || !ex->req_body_expected)))
+                nghttp2_submit_rst_stream(t->h2, NGHTTP2_FLAG_NONE, ex->stream_id, NGHTTP2_CANCEL);
         }
         /* What the device never took still counts against the connection window. */
         if (ex->resp_body.len)

@@ -427,9 +427,9 @@ class CurlResult:
 _WRITE_OUT = '%{stderr}\nCMG-CURL %{http_code} %{http_version}\n'
 
 
-def curl_argv(site, path, *args, http='1.1', cert=True):
+def curl_argv(site, path, *args, http='1.1', cert=True, timeout=300):
     argv = ['curl', '-sS', '--resolve', f'{site.name}:{site.port}:127.0.0.1', '--cacert', site.ca,
-            f'--http{http}', '-w', _WRITE_OUT, '--max-time', 300]
+            f'--http{http}', '-w', _WRITE_OUT, '--max-time', timeout]
     if cert is True:
         argv += ['--cert', site.device_cert, '--key', site.device_key]
     elif cert:
@@ -443,10 +443,11 @@ def _curl_result(rc, body, stderr):
     return CurlResult(rc, status, version, body, stderr)
 
 
-def curl(site, path, *args, http='1.1', cert=True, timeout=60):
-    """Run curl against the gateway; body from stdout, status and version from -w."""
-    p = subprocess.run(curl_argv(site, path, *args, http=http, cert=cert), capture_output=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+def curl(site, path, *args, http='1.1', cert=True, timeout=30):
+    """Run curl against the gateway; body from stdout, status and version from -w.
+    curl gives up after `timeout` seconds (exit status 28)."""
+    p = subprocess.run(curl_argv(site, path, *args, http=http, cert=cert, timeout=timeout),
+                       capture_output=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
     return _curl_result(p.returncode, p.stdout, p.stderr.decode(errors='replace'))
 
 
@@ -454,10 +455,10 @@ def curl_stream(site, path, *args, upload=None, http='1.1', timeout=300):
     """curl with the response body hashed as it arrives (never stored) and, if `upload` is an
     iterable of bytes, that fed to curl's stdin as it is generated.
     Returns (CurlResult with body=b'' unless small, sha256 hex, byte count)."""
-    p = subprocess.Popen(curl_argv(site, path, *args, http=http), stdout=subprocess.PIPE,
+    p = subprocess.Popen(curl_argv(site, path, *args, http=http, timeout=timeout), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, stdin=subprocess.PIPE if upload else subprocess.DEVNULL)
     timed_out = threading.Event()
-    timer = threading.Timer(timeout, lambda: (timed_out.set(), p.kill()))
+    timer = threading.Timer(timeout + 30, lambda: (timed_out.set(), p.kill()))
     timer.start()
     stderr = []
 

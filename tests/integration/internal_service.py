@@ -68,6 +68,12 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'internal-service/1'
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError):
+            pass                        # the connector went away; nothing to tell
+
     def log_message(self, fmt, *args):
         sys.stderr.write('%s %s\n' % (self.server.name, fmt % args))
 

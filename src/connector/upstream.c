@@ -65,7 +65,17 @@ static void destroy(struct cmg_upstream *u)
 static void fail(struct cmg_upstream *u, int status, const char *why)
 {
     struct cmg_cn_stream *st = u->st;
+    struct cmg_connector *cn = u->cn;
+    /* A kept-alive connection that the server had closed meanwhile: a request
+     * without a body is safe to send again on a new one. */
+    bool retry = st && u->reused && !u->got_bytes && !st->has_body && !st->resp_submitted;
+
     destroy(u);
+    if (retry) {
+        cmg_debug("kept-alive connection to %s was stale; retrying", st->m->internal_url);
+        if (cmg_upstream_start(cn, st) == 0)
+            return;
+    }
     if (st)
         cmg_cn_stream_fail(st, status, why);
 }

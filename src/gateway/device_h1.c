@@ -452,6 +452,9 @@ static const struct cmg_exchange_dev_ops h1_ex_ops = {h1_on_response, h1_on_resp
 
 static void idle_wait(struct cmg_device *d)
 {
+    /* Between requests a connection holds no buffers: idle devices cost little. */
+    cmg_headers_free(&d->h1->hdrs);
+    cmg_buf_free(&d->h1->url);
     cmg_conn_idle(&d->conn);
     cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_timeout);
 }

@@ -228,10 +228,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
     if (!st || st->ex || st->resp_submitted)
         return 0;
     st->head_bytes += namelen + valuelen + 32;
-    if (st->head_bytes > d->gw->cfg.max_header_size) {
-        refuse(st, 431, "CMGService_Headers_Too_Large");
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    }
+    if (st->head_bytes > d->gw->cfg.max_header_size)
+        return 0;   /* answered with 431 once the headers are complete */
     if (namelen == 7 && !memcmp(name, ":method", 7)) {
         snprintf(st->method, sizeof(st->method), "%.*s", (int)valuelen, value);
     } else if (namelen == 5 && !memcmp(name, ":path", 5)) {
@@ -260,6 +258,10 @@ static void admit(struct h2stream *st, bool end_stream)
     const char *reason = NULL;
     bool has_body = !end_stream;
 
+    if (st->head_bytes > d->gw->cfg.max_header_size) {
+        refuse(st, 431, "CMGService_Headers_Too_Large");
+        return;
+    }
     if (!st->path || !st->method[0]) {
         refuse(st, 400, "CMGService_Bad_Request");
         return;

@@ -50,24 +50,25 @@ def poll(fn, timeout, what, interval=0.02, check=None):
         time.sleep(interval)
 
 
-def free_port():
-    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+def free_port(avoid=()):
+    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it), not in `avoid`
+    (the kernel may hand out a port again as soon as it is released)."""
+    return free_port_range(1, avoid)
 
 
-def free_port_range(n):
-    """n consecutive free ports (for tunnel_port + instance)."""
+def free_port_range(n, avoid=()):
+    """The first of n consecutive ports that were free on 127.0.0.1 (for tunnel_port + instance)."""
     for _ in range(100):
-        base = free_port()
         socks = []
         try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(('127.0.0.1', base + i))
-            return base
+            socks.append(socket.socket())
+            socks[0].bind(('127.0.0.1', 0))
+            base = socks[0].getsockname()[1]
+            for i in range(1, n):
+                socks.append(socket.socket())
+                socks[i].bind(('127.0.0.1', base + i))
+            if not set(range(base, base + n)) & set(avoid):
+                return base
         except OSError:
             continue
         finally:
@@ -271,7 +272,7 @@ class Site:
         self.dir = Path(path)
         self.name = name
         self.port = free_port()
-        self.tunnel_port = free_port_range(instances)
+        self.tunnel_port = free_port_range(instances, avoid={self.port})
         args = ['site', 'init', self.dir, '--service-name', name]
         for url in internal_urls:
             args += ['--mp', url]

@@ -39,7 +39,8 @@ def test_site_init_help():
 def test_site_init(tmp_path):
     site = tmp_path / 'site'
     mps = ['http://127.0.0.1:8080/', 'http://127.0.0.1:8081/sup/', 'https://mp.internal.test/']
-    gport, tport = free_port(), free_port()
+    gport = free_port()
+    tport = free_port(avoid={gport})
     args = ['site', 'init', site, '--service-name', 'cmg.test']
     for mp in mps:
         args += ['--mp', mp]

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography import x509
 
-from cmgtest import DeviceConnection, curl, ini_set, start_connector, start_gateway, wait_ready
+from cmgtest import DeviceConnection, bring_up, curl, ini_set
 from internal_service import POLICY, stream, stream_sha256
 
 DOWNLOAD = 3 * (1 << 20) + 12345      # a few MiB, not a multiple of any buffer size
@@ -126,8 +126,6 @@ def test_gateway_certificate_from_pfx(procs, site, svc):
     ini_set(site.gateway_conf, 'gateway', 'cert', 'gateway.pfx')
     ini_set(site.gateway_conf, 'gateway', 'key')
     ini_set(site.gateway_conf, 'gateway', 'cert_password', 'pfx-secret')
-    start_gateway(procs, site)
-    start_connector(procs, site.connector_conf)
-    wait_ready(procs, site)
+    bring_up(procs, site)
     r = curl(site, site.path('policy.xml'))
     assert (r.rc, r.status, r.body) == (0, 200, POLICY), r

@@ -7,6 +7,7 @@
 #include "core/conn.h"
 #include "core/loop.h"
 #include "core/net.h"
+#include "http/h2.h"
 #include "http/headers.h"
 #include "http/path.h"
 
@@ -98,8 +99,7 @@ struct cmg_cn_stream {
     struct cmg_upstream *up;
     bool resp_submitted, resp_eof;
     struct cmg_buf resp_body;
-    const char *local_body;
-    size_t local_left;
+    struct cmg_h2_text text;   /* an answer made here */
     struct cmg_cn_stream *prev, *next;
 };
 

@@ -85,35 +85,11 @@ static void stream_free(struct cmg_cn_stream *st)
     free(st);
 }
 
-static ssize_t read_local(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
-                          uint32_t *flags, nghttp2_data_source *src, void *user)
-{
-    struct cmg_cn_stream *st = src->ptr;
-    size_t n = st->local_left < length ? st->local_left : length;
-    memcpy(buf, st->local_body, n);
-    st->local_body += n;
-    st->local_left -= n;
-    if (!st->local_left)
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-    return (ssize_t)n;
-}
-
 /* An answer made here, not by the internal service. */
 static void answer(struct cmg_cn_stream *st, int status, const char *body)
 {
-    char code[8], len[24];
-    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_local};
-    nghttp2_nv nv[3];
-
-    snprintf(code, sizeof(code), "%d", status);
-    st->local_body = body;
-    st->local_left = strlen(body);
-    snprintf(len, sizeof(len), "%zu", st->local_left);
-    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
-    nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
-    nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
     st->resp_submitted = true;
-    nghttp2_submit_response(st->t->h2, st->id, nv, 3, &dp);
+    cmg_h2_submit_text(st->t->h2, st->id, status, body, &st->text);
     cmg_cn_tunnel_kick(st->t);
 }
 

@@ -30,8 +30,7 @@ struct h2stream {
     int64_t content_length;
     struct cmg_exchange *ex;
     bool resp_submitted;
-    const char *local_body;   /* a refusal answered here */
-    size_t local_left;
+    struct cmg_h2_text text;   /* a refusal answered here */
     struct h2stream *prev, *next;
 };
 
@@ -69,36 +68,11 @@ static void h2_send(struct cmg_device *d)
 
 /* ---- answers ---- */
 
-static ssize_t read_local(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
-                          uint32_t *flags, nghttp2_data_source *src, void *user)
-{
-    struct h2stream *st = src->ptr;
-    size_t n = st->local_left < length ? st->local_left : length;
-    memcpy(buf, st->local_body, n);
-    st->local_body += n;
-    st->local_left -= n;
-    if (!st->local_left)
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-    return (ssize_t)n;
-}
-
 static void answer(struct h2stream *st, int status, const char *reason)
 {
-    struct cmg_device *d = st->d;
-    char code[8], len[24];
-    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_local};
-    nghttp2_nv nv[3];
-
-    snprintf(code, sizeof(code), "%d", status);
-    st->local_body = reason;
-    st->local_left = strlen(reason);
-    snprintf(len, sizeof(len), "%zu", st->local_left);
-    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
-    nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
-    nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
     st->resp_submitted = true;
-    nghttp2_submit_response(d->h2->s, st->id, nv, 3, &dp);
-    kick(d);
+    cmg_h2_submit_text(st->d->h2->s, st->id, status, reason, &st->text);
+    kick(st->d);
 }
 
 static void refuse(struct h2stream *st, int status, const char *reason)

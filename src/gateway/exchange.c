@@ -74,6 +74,21 @@ void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n)
     cmg_tunnel_kick(ex->tun);
 }
 
+void cmg_exchange_unlink(struct cmg_exchange *ex)
+{
+    struct cmg_tunnel *t = ex->tun;
+    /* What the device never took still counts against the connection window. */
+    if (ex->resp_body.len)
+        nghttp2_session_consume_connection(t->h2, ex->resp_body.len);
+    if (ex->tun_prev)
+        ex->tun_prev->tun_next = ex->tun_next;
+    else
+        t->exchanges = ex->tun_next;
+    if (ex->tun_next)
+        ex->tun_next->tun_prev = ex->tun_prev;
+    ex->tun = NULL;
+}
+
 void cmg_exchange_dev_done(struct cmg_exchange *ex)
 {
     struct cmg_tunnel *t = ex->tun;
@@ -87,16 +102,7 @@ void cmg_exchange_dev_done(struct cmg_exchange *ex)
             if (!(ex->resp_eof && (ex->req_eof || !ex->req_body_expected)))
                 nghttp2_submit_rst_stream(t->h2, NGHTTP2_FLAG_NONE, ex->stream_id, NGHTTP2_CANCEL);
         }
-        /* What the device never took still counts against the connection window. */
-        if (ex->resp_body.len)
-            nghttp2_session_consume_connection(t->h2, ex->resp_body.len);
-        if (ex->tun_prev)
-            ex->tun_prev->tun_next = ex->tun_next;
-        else
-            t->exchanges = ex->tun_next;
-        if (ex->tun_next)
-            ex->tun_next->tun_prev = ex->tun_prev;
-        ex->tun = NULL;
+        cmg_exchange_unlink(ex);
         cmg_tunnel_kick(t);
     }
     cmg_exchange_free(ex);

@@ -98,6 +98,8 @@ int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
 void cmg_exchange_req_end(struct cmg_exchange *ex);
 /* Device side: n response body bytes were passed on to the device. */
 void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n);
+/* Takes the exchange off its tunnel (its stream is over or abandoned). */
+void cmg_exchange_unlink(struct cmg_exchange *ex);
 /* Device side is finished with the exchange (done or gone). */
 void cmg_exchange_dev_done(struct cmg_exchange *ex);
 /* The exchange is discarded before it was started. */

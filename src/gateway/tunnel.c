@@ -142,20 +142,6 @@ static void on_control_data(struct cmg_tunnel *t, const uint8_t *data, size_t le
 
 /* ---- nghttp2 callbacks ---- */
 
-static void exchange_detach(struct cmg_tunnel *t, struct cmg_exchange *ex)
-{
-    if (ex->resp_body.len)
-        nghttp2_session_consume_connection(t->h2, ex->resp_body.len);
-    if (ex->tun_prev)
-        ex->tun_prev->tun_next = ex->tun_next;
-    else
-        t->exchanges = ex->tun_next;
-    if (ex->tun_next)
-        ex->tun_next->tun_prev = ex->tun_prev;
-    ex->tun = NULL;
-    ex->stream_closed = true;
-}
-
 static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
                      size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                      void *user)
@@ -258,7 +244,7 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
     ex->stream_closed = true;
     if (error_code == NGHTTP2_NO_ERROR && ex->resp_eof)
         return 0;   /* complete; stays attached while the device drains it */
-    exchange_detach(t, ex);
+    cmg_exchange_unlink(ex);
     if (ex->dev)
         ex->dev_ops->on_fail(ex, 502, error_code == NGHTTP2_NO_ERROR
                                           ? "response ended early"

@@ -16,4 +16,12 @@ int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c);
 /* The session has nothing more to do and everything is written. */
 int cmg_h2_finished(nghttp2_session *s, const struct cmg_conn *c);
 
+/* A short text answer made locally; body must outlive the stream (a literal). */
+struct cmg_h2_text {
+    const char *p;
+    size_t left;
+};
+int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
+                       struct cmg_h2_text *text);
+
 #endif

@@ -258,8 +258,14 @@ static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t 
                                  size_t length, uint32_t *flags, nghttp2_data_source *src,
                                  void *user)
 {
-    struct cmg_exchange *ex = src->ptr;
-    size_t n = ex->req_body.len < length ? ex->req_body.len : length;
+    /* Not src->ptr: an exchange that the device abandoned is gone, and its
+     * stream's user data says so, while a reset is still on its way out. */
+    struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
+    size_t n;
+
+    if (!ex)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    n = ex->req_body.len < length ? ex->req_body.len : length;
 
     if (n) {
         memcpy(buf, cmg_buf_head(&ex->req_body), n);
@@ -279,7 +285,7 @@ static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t 
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex)
 {
     nghttp2_nv *nv = calloc(ex->req.n + 4, sizeof(*nv));
-    nghttp2_data_provider dp = {.source.ptr = ex, .read_callback = read_request_body};
+    nghttp2_data_provider dp = {.read_callback = read_request_body};
     const char *sn = t->gw->cfg.service_name;
     size_t k = 0;
     int32_t id;

@@ -1,11 +1,13 @@
 """Helpers for the integration tests: ports, processes, the site, clients.
 
-Everything runs on 127.0.0.1 with ports the kernel hands out; every process started here is
+Everything runs on loopback (127.0.0.1; ::1 with site.addr) with ports the kernel hands out; every process started here is
 stopped at teardown, and one that crashed, tripped a sanitizer or exited on its own fails
 the test.
 """
+import datetime
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -17,6 +19,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HERE = Path(__file__).resolve().parent
 CMG = os.path.abspath(os.environ.get('CMG_BIN') or HERE / '../../build/cmg')
@@ -263,20 +270,64 @@ def ini_set(path, section, key, *values):
     path.write_text('\n'.join(kept) + '\n')
 
 
+# ---------------------------------------------------------------- certificates
+
+DAY = datetime.timedelta(days=1)
+
+
+def make_cert(path, cn, issuer_cert=None, issuer_key=None, ca=False,
+              eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), valid_from=-1, valid_days=30, san=()):
+    """Write path.crt/path.key: a P-256 certificate signed by issuer (self-signed if none),
+    valid from `valid_from` days from now for `valid_days` days, with subjectAltNames `san`
+    (IP addresses or DNS names). Returns (cert, key, (crt path, key path))."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    start = datetime.datetime.now(datetime.timezone.utc) + valid_from * DAY
+    builder = (x509.CertificateBuilder()
+               .subject_name(name)
+               .issuer_name(issuer_cert.subject if issuer_cert else name)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(start)
+               .not_valid_after(start + valid_days * DAY)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                        critical=True)
+    elif eku:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if san:
+        names = []
+        for n in san:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                names.append(x509.DNSName(n))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    crt, pem_key = path.with_suffix('.crt'), path.with_suffix('.key')
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    pem_key.chmod(0o600)
+    return cert, key, (crt, pem_key)
+
+
 # ---------------------------------------------------------------- the site
 
 class Site:
     """A site directory made by `cmg site init`, with its configs edited for loopback."""
 
-    def __init__(self, path, internal_urls, procs=None, name=SERVICE_NAME, instances=1):
+    def __init__(self, path, internal_urls, procs=None, name=SERVICE_NAME, instances=1, init_args=()):
         self.dir = Path(path)
         self.name = name
+        self.addr = '127.0.0.1'         # where clients connect for the service name (IPv4 or IPv6)
         self.port = free_port()
         self.tunnel_port = free_port_range(instances, avoid={self.port})
         args = ['site', 'init', self.dir, '--service-name', name]
         for url in internal_urls:
             args += ['--mp', url]
-        args += ['--gateway-port', self.port, '--tunnel-port', self.tunnel_port]
+        args += ['--gateway-port', self.port, '--tunnel-port', self.tunnel_port, *init_args]
         r = run_cmg(*args)
         self.init_output = r.stdout
         if procs:
@@ -385,13 +436,14 @@ def client_context(site, cert=None, key=None, alpn=('http/1.1',)):
 
 
 class DeviceConnection(http.client.HTTPSConnection):
-    """http.client over TLS to the gateway on 127.0.0.1, with SNI and Host = the service name."""
+    """http.client over TLS to the gateway on site.addr, with SNI and Host = the service name."""
 
     def __init__(self, site, timeout=30, **ctx_args):
         super().__init__(site.name, site.port, timeout=timeout, context=client_context(site, **ctx_args))
+        self.addr = site.addr
 
     def connect(self):
-        sock = socket.create_connection(('127.0.0.1', self.port), self.timeout)
+        sock = socket.create_connection((self.addr, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -429,7 +481,8 @@ _WRITE_OUT = '%{stderr}\nCMG-CURL %{http_code} %{http_version}\n'
 
 
 def curl_argv(site, path, *args, http='1.1', cert=True, timeout=300):
-    argv = ['curl', '-sS', '--resolve', f'{site.name}:{site.port}:127.0.0.1', '--cacert', site.ca,
+    addr = f'[{site.addr}]' if ':' in site.addr else site.addr
+    argv = ['curl', '-sS', '--resolve', f'{site.name}:{site.port}:{addr}', '--cacert', site.ca,
             f'--http{http}', '-w', _WRITE_OUT, '--max-time', timeout]
     if cert is True:
         argv += ['--cert', site.device_cert, '--key', site.device_key]
@@ -444,62 +497,102 @@ def _curl_result(rc, body, stderr):
     return CurlResult(rc, status, version, body, stderr)
 
 
-def curl(site, path, *args, http='1.1', cert=True, timeout=30):
-    """Run curl against the gateway; body from stdout, status and version from -w.
-    curl gives up after `timeout` seconds (exit status 28)."""
+def curl(site, path, *args, http='1.1', cert=True, timeout=30, input=None):
+    """Run curl against the gateway; body from stdout, status and version from -w; `input`
+    (bytes) is curl's stdin (for `-T -`). curl gives up after `timeout` seconds (exit status 28)."""
+    stdin = {'input': input} if input is not None else {'stdin': subprocess.DEVNULL}
     p = subprocess.run(curl_argv(site, path, *args, http=http, cert=cert, timeout=timeout),
-                       capture_output=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
+                       capture_output=True, timeout=timeout + 30, **stdin)
     return _curl_result(p.returncode, p.stdout, p.stderr.decode(errors='replace'))
+
+
+class CurlProcess:
+    """curl running in the background: the response body is hashed and counted as it arrives
+    (never stored whole; `received` grows while it runs) and, if `upload` is an iterable of
+    bytes, that is fed to curl's stdin as it is generated. curl is killed `timeout` + 30 s after
+    its start at the latest; kill() it in a `finally` if the test may leave it running."""
+
+    HEAD = 65536                        # a body up to this size is kept, for the result
+
+    def __init__(self, site, path, *args, upload=None, http='1.1', timeout=300):
+        self.timeout = timeout
+        self.p = subprocess.Popen(curl_argv(site, path, *args, http=http, timeout=timeout),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.PIPE if upload else subprocess.DEVNULL)
+        self.received, self.head = 0, b''
+        self._sha, self._stderr = hashlib.sha256(), []
+        self.timed_out = threading.Event()
+        self._timer = threading.Timer(timeout + 30, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        self._threads = [threading.Thread(target=self._read_body, daemon=True),
+                         threading.Thread(target=lambda: self._stderr.append(self.p.stderr.read()), daemon=True)]
+        if upload:
+            self._threads.append(threading.Thread(target=self._feed, args=(upload,), daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _expire(self):
+        self.timed_out.set()
+        self.p.kill()
+
+    def _feed(self, upload):
+        try:
+            for block in upload:
+                self.p.stdin.write(block)
+        except OSError:                 # curl gave up early: its exit status says why
+            pass
+        finally:
+            try:
+                self.p.stdin.close()
+            except OSError:
+                pass
+
+    def _read_body(self):
+        while True:
+            data = self.p.stdout.read1(1 << 20)
+            if not data:
+                break
+            self._sha.update(data)
+            self.received += len(data)
+            if len(self.head) < self.HEAD:
+                self.head += data[:self.HEAD - len(self.head)]
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.p.kill()
+        self.wait()
+
+    def wait(self, timeout=None):
+        """Wait for curl to end (subprocess.TimeoutExpired after `timeout` s); the CurlResult,
+        with body=b'' unless the body was small."""
+        rc = self.p.wait(timeout)
+        self._timer.cancel()
+        for t in self._threads:
+            t.join()
+        stderr = b''.join(self._stderr).decode(errors='replace')
+        return _curl_result(rc, self.head if self.received <= self.HEAD else b'', stderr)
+
+    @property
+    def sha256(self):
+        return self._sha.hexdigest()
 
 
 def curl_stream(site, path, *args, upload=None, http='1.1', timeout=300):
     """curl with the response body hashed as it arrives (never stored) and, if `upload` is an
     iterable of bytes, that fed to curl's stdin as it is generated.
     Returns (CurlResult with body=b'' unless small, sha256 hex, byte count)."""
-    p = subprocess.Popen(curl_argv(site, path, *args, http=http, timeout=timeout), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.PIPE if upload else subprocess.DEVNULL)
-    timed_out = threading.Event()
-    timer = threading.Timer(timeout + 30, lambda: (timed_out.set(), p.kill()))
-    timer.start()
-    stderr = []
-
-    def feed():
-        try:
-            for block in upload:
-                p.stdin.write(block)
-        except OSError:                 # curl gave up early: its exit status says why
-            pass
-        finally:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-
-    threads = [threading.Thread(target=lambda: stderr.append(p.stderr.read()))]
-    if upload:
-        threads.append(threading.Thread(target=feed))
-    for t in threads:
-        t.start()
-    h, n, head = hashlib.sha256(), 0, b''
-    while True:
-        data = p.stdout.read(1 << 20)
-        if not data:
-            break
-        h.update(data)
-        n += len(data)
-        if len(head) < 65536:
-            head += data[:65536]
-    rc = p.wait()
-    timer.cancel()
-    for t in threads:
-        t.join()
-    assert not timed_out.is_set(), f'curl took longer than {timeout} s (got {n} bytes)'
-    stderr = b''.join(stderr).decode(errors='replace')
-    return _curl_result(rc, head if n <= 65536 else b'', stderr), h.hexdigest(), n
+    c = CurlProcess(site, path, *args, upload=upload, http=http, timeout=timeout)
+    r = c.wait()
+    assert not c.timed_out.is_set(), f'curl took longer than {timeout} s (got {c.received} bytes)'
+    return r, c.sha256, c.received
 
 
 def tls_connect(site, timeout=10, **ctx_args):
-    sock = socket.create_connection(('127.0.0.1', site.port), timeout=timeout)
+    sock = socket.create_connection((site.addr, site.port), timeout=timeout)
     return client_context(site, **ctx_args).wrap_socket(sock, server_hostname=site.name)
 
 

@@ -13,8 +13,10 @@ Endpoints (anything but /__stats counts as a request the service "saw"):
   GET  /whoami                       the service's --name
   GET  /blob/<key>                   blob(key): a small body that depends on the key
   GET  /delay?ms=N                   answers "late" after N ms (for requests in flight)
-  GET  /__stats                      {"requests": n, "paths": [...], "download_bytes": n},
-                                     not counted
+  GET  /__stats                      {"requests": n, "paths": [...], "download_bytes": n,
+                                      "body_bytes": n, "answered": n}, not counted
+                                     (requests: heads seen; body_bytes: request body bytes
+                                     read; answered: responses begun, all but /__stats)
 """
 import argparse
 import hashlib
@@ -82,7 +84,10 @@ class Handler(BaseHTTPRequestHandler):
         te = self.headers.get('Transfer-Encoding', '')
         if 'chunked' in te.lower():
             while True:
-                size = int(self.rfile.readline().split(b';')[0].strip(), 16)
+                line = self.rfile.readline()
+                if not line:
+                    raise ConnectionError('body truncated')
+                size = int(line.split(b';')[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b'\r\n', b'\n', b''):
                         pass  # trailers
@@ -92,6 +97,7 @@ class Handler(BaseHTTPRequestHandler):
                     if not data:
                         raise ConnectionError('body truncated')
                     size -= len(data)
+                    self.count_body(data)
                     yield data
                 self.rfile.readline()
         else:
@@ -101,9 +107,17 @@ class Handler(BaseHTTPRequestHandler):
                 if not data:
                     raise ConnectionError('body truncated')
                 left -= len(data)
+                self.count_body(data)
                 yield data
 
+    def count_body(self, data):
+        with self.server.lock:
+            self.server.body_bytes += len(data)
+
     def reply(self, status, body, ctype='application/octet-stream'):
+        if self.path != '/__stats':
+            with self.server.lock:
+                self.server.answered += 1
         self.send_response(status)
         self.send_header('Content-Type', ctype)
         self.send_header('Content-Length', str(len(body)))
@@ -120,7 +134,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == '/__stats':
             with self.server.lock:
                 return self.reply_json({'requests': self.server.count, 'paths': self.server.paths,
-                                        'download_bytes': self.server.download_bytes})
+                                        'download_bytes': self.server.download_bytes,
+                                        'body_bytes': self.server.body_bytes,
+                                        'answered': self.server.answered})
         with self.server.lock:
             self.server.count += 1
             self.server.paths = (self.server.paths + [self.path])[-200:]
@@ -151,6 +167,8 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(404, b'internal-service: no such path\n', 'text/plain')
 
     def download(self, size, seed, chunked):
+        with self.server.lock:
+            self.server.answered += 1
         self.send_response(200)
         self.send_header('Content-Type', 'application/octet-stream')
         if chunked:
@@ -185,6 +203,8 @@ class Server(ThreadingHTTPServer):
         super().__init__(('127.0.0.1', port), Handler)
         self.name, self.count, self.paths, self.lock = name, 0, [], threading.Lock()
         self.download_bytes = 0         # body bytes of /download written so far, all requests
+        self.body_bytes = 0             # request body bytes read so far, all requests
+        self.answered = 0               # responses begun
 
 
 def main():

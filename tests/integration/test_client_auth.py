@@ -1,48 +1,15 @@
 """/CCM_Proxy_MutualAuth/ needs a client certificate that chains to the site's trusted root,
 is within its validity and has the clientAuth EKU. Anything else: 401 with the reason token
 (or a refused handshake), and the internal service sees nothing."""
-import datetime
-
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import curl
+from cmgtest import curl, make_cert
 from internal_service import POLICY
 
 REASON = b'CMGService_Invalid_Client_Certificate'
-DAY = datetime.timedelta(days=1)
-
-
-def make_cert(path, cn, issuer_cert=None, issuer_key=None, ca=False,
-              eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), valid_from=-1, valid_days=30):
-    """Write path.crt/path.key: a P-256 certificate signed by issuer (self-signed if none),
-    valid from `valid_from` days from now for `valid_days` days. Returns (cert, key, files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    start = datetime.datetime.now(datetime.timezone.utc) + valid_from * DAY
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer_cert.subject if issuer_cert else name)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(start)
-               .not_valid_after(start + valid_days * DAY)
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                                        critical=True)
-    elif eku:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    crt, pem_key = path.with_suffix('.crt'), path.with_suffix('.key')
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    pem_key.chmod(0o600)
-    return cert, key, (crt, pem_key)
 
 
 def site_ca(site):

@@ -30,7 +30,7 @@ struct cmg_h1 {
     bool paused;
     bool keep_alive;
     bool head;
-    bool resp_started, resp_chunked, resp_close_delimited;
+    bool resp_started, resp_chunked;
     bool lingering;
     int scan;                  /* where scan_head is in the request head */
     int64_t resp_remaining;    /* -1 when the length is not known */
@@ -323,22 +323,17 @@ static void h1_on_response(struct cmg_exchange *ex)
         cmg_buf_append(o, cmg_headers_value(&ex->resp, i), ex->resp.v[i].value_len);
         cmg_buf_append(o, "\r\n", 2);
     }
-    if (cl >= 0) {
-        char *end;
-        long long v = strtoll(cmg_headers_value(&ex->resp, (uint32_t)cl), &end, 10);
-        if (*end || v < 0) {
-            ex->status = 502;
-        } else {
-            cmg_buf_printf(o, "Content-Length: %lld\r\n", v);
-            h->resp_remaining = no_body ? 0 : v;
-        }
+    if (cl >= 0) {   /* the connector passes on a length that it parsed itself */
+        long long v = strtoll(cmg_headers_value(&ex->resp, (uint32_t)cl), NULL, 10);
+        cmg_buf_printf(o, "Content-Length: %lld\r\n", v);
+        h->resp_remaining = no_body ? 0 : v;
     } else if (!no_body) {
-        if (h->parser.http_minor >= 1)
+        if (h->parser.http_minor >= 1) {
             h->resp_chunked = true;
-        else
-            h->resp_close_delimited = true, h->keep_alive = false;
-        if (h->resp_chunked)
             cmg_buf_appends(o, "Transfer-Encoding: chunked\r\n");
+        } else {
+            h->keep_alive = false;   /* HTTP/1.0: the end of the connection ends the body */
+        }
     }
     cmg_buf_appends(o, h->keep_alive ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
     if (no_body)
@@ -464,7 +459,7 @@ static void finish_request(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
     h->msg_complete = false;
-    h->resp_started = h->resp_chunked = h->resp_close_delimited = false;
+    h->resp_started = h->resp_chunked = false;
     h->error_status = 0;
     h->error_reason = NULL;
     h->paused = false;

@@ -64,7 +64,12 @@ static void fail_ssl(struct cmg_conn *c, const char *what, int err)
     unsigned long e = ERR_peek_error();
     char detail[160] = "";
 
-    if (e)
+    long verify = c->ssl ? SSL_get_verify_result(c->ssl) : X509_V_OK;
+
+    if (e && verify != X509_V_OK && !SSL_is_server(c->ssl))   /* say why, not just "failed" */
+        snprintf(detail, sizeof(detail), "certificate verify failed: %s",
+                 X509_verify_cert_error_string(verify));
+    else if (e)
         ERR_error_string_n(e, detail, sizeof(detail));
     else if (err == SSL_ERROR_SYSCALL)
         snprintf(detail, sizeof(detail), "%s", errno ? strerror(errno) : "connection closed");

@@ -115,6 +115,7 @@ struct cmg_tunnel {
     char **roles;
     size_t nroles;
     bool ready, dead;
+    const char *failure;     /* why, when a callback decided the tunnel must go */
     int32_t ctl_stream;
     struct cmg_buf ctl_in;
     struct cmg_timer hs_timer, ping_timer, pong_timer;

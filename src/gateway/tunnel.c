@@ -23,6 +23,15 @@
 
 static void tunnel_fail(struct cmg_tunnel *t, const char *why);
 
+/* Inside nghttp2's callbacks the session must not be deleted: note why the
+ * tunnel must go, and let the callback fail the session call that runs it. */
+static int fail_later(struct cmg_tunnel *t, const char *why)
+{
+    if (!t->failure)
+        t->failure = why;
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+}
+
 static void tunnel_free(void *p)
 {
     struct cmg_tunnel *t = p;
@@ -41,7 +50,7 @@ static void tunnel_send(struct cmg_tunnel *t)
         return;
     int rc = cmg_h2_send(t->h2, &t->conn);
     if (rc < 0) {
-        tunnel_fail(t, nghttp2_strerror(rc));
+        tunnel_fail(t, t->failure ? t->failure : nghttp2_strerror(rc));
         return;
     }
     if (cmg_h2_finished(t->h2, &t->conn))
@@ -86,7 +95,7 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     cJSON_ArrayForEach(r, roles) n++;
     t->roles = calloc(n ? n : 1, sizeof(*t->roles));
     if (!t->roles) {
-        tunnel_fail(t, "out of memory");
+        fail_later(t, "out of memory");
         return;
     }
     cJSON_ArrayForEach(r, roles)
@@ -128,16 +137,16 @@ static void on_control_data(struct cmg_tunnel *t, const uint8_t *data, size_t le
 {
     char *nl;
     if (cmg_buf_append(&t->ctl_in, data, len) < 0) {
-        tunnel_fail(t, "out of memory");
+        fail_later(t, "out of memory");
         return;
     }
-    while (!t->dead && (nl = memchr(cmg_buf_head(&t->ctl_in), '\n', t->ctl_in.len))) {
+    while (!t->failure && (nl = memchr(cmg_buf_head(&t->ctl_in), '\n', t->ctl_in.len))) {
         size_t n = (size_t)(nl - cmg_buf_head(&t->ctl_in));
         on_control_line(t, cmg_buf_head(&t->ctl_in), n);
         cmg_buf_consume(&t->ctl_in, n + 1);
     }
     if (t->ctl_in.len > MAX_CONTROL_LINE)
-        tunnel_fail(t, "control message too long");
+        fail_later(t, "control message too long");
 }
 
 /* ---- nghttp2 callbacks ---- */
@@ -191,19 +200,22 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     ex = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
     if (!ex)
         return 0;
-    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers) {
-        if (ex->status >= 100 && ex->status < 200) {   /* informational: wait for the final */
-            cmg_headers_reset(&ex->resp);
-            return 0;
-        }
-        ex->resp_headers = true;
-        if (ex->dev)
-            ex->dev_ops->on_response(ex);
+    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers &&
+        ex->status >= 100 && ex->status < 200) {   /* informational: wait for the final */
+        cmg_headers_reset(&ex->resp);
+        return 0;
     }
-    if ((frame->hd.flags & NGHTTP2_FLAG_END_STREAM) && ex->resp_headers) {
+    /* The end is marked first, and the device side told once: it may be done
+     * with (and free) the exchange when the call returns. */
+    if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
         ex->resp_eof = true;
-        if (ex->dev)
-            ex->dev_ops->on_response_body(ex);
+    if (!ex->dev)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers) {
+        ex->resp_headers = true;
+        ex->dev_ops->on_response(ex);
+    } else if (ex->resp_eof && ex->resp_headers) {
+        ex->dev_ops->on_response_body(ex);
     }
     return 0;
 }
@@ -217,7 +229,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
     if (stream_id == t->ctl_stream) {
         nghttp2_session_consume(s, stream_id, len);
         on_control_data(t, data, len);
-        return 0;
+        return t->failure ? NGHTTP2_ERR_CALLBACK_FAILURE : 0;
     }
     if (!ex || !ex->dev) {
         nghttp2_session_consume(s, stream_id, len);
@@ -235,10 +247,8 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
     struct cmg_tunnel *t = user;
     struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
 
-    if (stream_id == t->ctl_stream) {
-        tunnel_fail(t, "control stream closed");
-        return 0;
-    }
+    if (stream_id == t->ctl_stream)
+        return fail_later(t, "control stream closed");
     if (!ex)
         return 0;
     ex->stream_closed = true;
@@ -482,7 +492,7 @@ static void on_read(struct cmg_conn *c)
         }
         used = nghttp2_session_mem_recv(t->h2, buf, (size_t)n);
         if (used < 0) {
-            tunnel_fail(t, nghttp2_strerror((int)used));
+            tunnel_fail(t, t->failure ? t->failure : nghttp2_strerror((int)used));
             return;
         }
     }

@@ -1,4 +1,5 @@
 /* cmg: one binary, one subcommand per role. */
+#include "client/client.h"
 #include "connector/connector.h"
 #include "gateway/gateway.h"
 #include "site/site.h"
@@ -17,6 +18,7 @@ static const char usage[] =
     "  site init DIR ...     create a site: CA, certificates, gateway.conf, connector.conf\n"
     "  gateway -c FILE       run a gateway instance (internet-facing)\n"
     "  connector -c FILE     run a connector (on-premises; dials out to every gateway)\n"
+    "  client <command> ...  device agent: register with a bulk token, get through the gateway\n"
     "  version               print the version\n"
     "\n"
     "Run 'cmg <command> --help' for the options of a command.\n";
@@ -39,6 +41,8 @@ int main(int argc, char **argv)
         return cmg_connector_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "site"))
         return cmg_site_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "client"))
+        return cmg_client_main(argc - 1, argv + 1);
     fprintf(stderr, "cmg: unknown command '%s'\n%s", cmd, usage);
     return 2;
 }

@@ -11,6 +11,7 @@
 #include "http/headers.h"
 #include "http/path.h"
 
+#include <cjson/cJSON.h>
 #include <limits.h>
 #include <llhttp.h>
 #include <nghttp2/nghttp2.h>
@@ -37,6 +38,9 @@ struct cmg_cn_mapping {
     SSL_CTX *ctx;
     struct cmg_upstream *idle;   /* kept-alive connections, most recent first */
     unsigned nidle;
+    /* routes from the site: kept until exit once made (streams may point here) */
+    bool retired;
+    struct cmg_cn_mapping *next;
 };
 
 struct cmg_cn_config {
@@ -46,6 +50,7 @@ struct cmg_cn_config {
     int ngateways;
     char server_name[256];
     char cert[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
+    char site[300], site_secret[PATH_MAX];
     uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
     int log_level;
     struct cmg_cn_mapping *mappings;
@@ -56,6 +61,8 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
 void cmg_cn_config_free(struct cmg_cn_config *c);
 struct cmg_cn_mapping *cmg_cn_config_mapping(struct cmg_cn_config *c, const char *role,
                                              size_t len);
+/* Sets the internal URL (and resolves its host: blocking). */
+int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err, size_t errlen);
 
 /* One tunnel per gateway instance, redialled whenever it falls. */
 struct cmg_cn_tunnel {
@@ -82,7 +89,26 @@ struct cmg_connector {
     struct cmg_cn_tunnel tunnels[CMG_CN_MAX_GATEWAYS];
     int ntunnels;
     struct cmg_upstream *busy;   /* upstream connections in use */
+    struct cmg_site_feed *feed;  /* NULL without 'site =' */
+    char *policy;                /* the signed policy to carry to every gateway */
+    int64_t policy_version;
+    struct cmg_cn_mapping *routes;   /* from the site, newest first */
 };
+
+/* The mapping that serves a role: the site's route, else the configuration's. */
+struct cmg_cn_mapping *cmg_cn_mapping_find(struct cmg_connector *cn, const char *role,
+                                           size_t len);
+/* Applies the site's routes; true if anything changed. */
+bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes);
+void cmg_cn_routes_free(struct cmg_connector *cn);
+/* The roles this connector serves, as a JSON array. */
+cJSON *cmg_cn_roles_json(struct cmg_connector *cn);
+/* Queues the connector's policy and roles for one tunnel's control stream. */
+void cmg_cn_tunnel_announce(struct cmg_cn_tunnel *t);
+
+/* The site feed (site_feed.c): long-polls the site for the policy and routes. */
+int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen);
+void cmg_site_feed_stop(struct cmg_connector *cn);
 
 /* A request that a gateway opened on a tunnel. */
 struct cmg_cn_stream {

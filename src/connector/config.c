@@ -130,6 +130,14 @@ static int connector_key(struct load *l, const char *key, const char *value)
     if (!strcmp(key, "cert") || !strcmp(key, "key") || !strcmp(key, "ca")) {
         char *dst = !strcmp(key, "cert") ? c->cert : !strcmp(key, "key") ? c->key : c->ca;
         rc = cmg_conf_path(dst, PATH_MAX, l->dir, value);
+    } else if (!strcmp(key, "site")) {
+        if (strncmp(value, "http://", 7)) {
+            snprintf(l->err, sizeof(l->err), "site: an http:// URL of the site's admin address");
+            return 0;
+        }
+        rc = cmg_conf_str(c->site, sizeof(c->site), value);
+    } else if (!strcmp(key, "site_secret")) {
+        rc = cmg_conf_path(c->site_secret, PATH_MAX, l->dir, value);
     } else if (!strcmp(key, "name")) {
         rc = cmg_conf_str(c->name, sizeof(c->name), value);
     } else if (!strcmp(key, "server_name")) {
@@ -209,7 +217,22 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
         if (cmg_addr_parse(m->authority, m->port, &m->addr, err, errlen) < 0)
             return -1;
     }
+    if (c->site[0] && !c->site_secret[0]) {
+        snprintf(err, errlen, "%s: site needs site_secret (the file connector.secret)", file);
+        return -1;
+    }
     return 0;
+}
+
+int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err, size_t errlen)
+{
+    if (cmg_conf_str(m->internal_url, sizeof(m->internal_url), url) < 0) {
+        snprintf(err, errlen, "URL too long");
+        return -1;
+    }
+    if (parse_url(m, url, err, errlen) < 0)
+        return -1;
+    return cmg_addr_parse(m->authority, m->port, &m->addr, err, errlen);
 }
 
 void cmg_cn_config_free(struct cmg_cn_config *c)

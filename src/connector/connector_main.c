@@ -6,6 +6,7 @@
 
 #include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char usage[] =
@@ -14,7 +15,8 @@ static const char usage[] =
     "Runs a connector on the internal network. It dials out to every gateway\n"
     "instance named in FILE (one 'gateway =' line each), keeps those tunnels up,\n"
     "and forwards the requests that come down them to the internal services of\n"
-    "its [mapping] sections. It needs no inbound port.\n"
+    "the site routes to (with 'site =') or of its [mapping] sections. It carries\n"
+    "the site's signed policy up to every gateway. It needs no inbound port.\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
@@ -55,6 +57,10 @@ static int setup(struct cmg_connector *cn)
     }
     for (int i = 0; i < cn->ntunnels; i++)
         cmg_cn_tunnel_start(cn, &cn->tunnels[i]);
+    if (cmg_site_feed_start(cn, err, sizeof(err)) < 0) {
+        cmg_error("site: %s", err);
+        return -1;
+    }
     return 0;
 }
 
@@ -101,9 +107,12 @@ int cmg_connector_main(int argc, char **argv)
         rc = cmg_loop_run(cn.loop) < 0 ? 1 : 0;
         cmg_info("connector stopped");
     }
+    cmg_site_feed_stop(&cn);
     for (int i = 0; i < cn.ntunnels; i++)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);
     cmg_upstream_close_all(&cn);
+    cmg_cn_routes_free(&cn);
+    free(cn.policy);
     SSL_CTX_free(cn.tunnel_ctx);
     cmg_cn_config_free(&cn.cfg);
     cmg_loop_free(cn.loop);

@@ -172,6 +172,47 @@ void cmg_cn_stream_request_written(struct cmg_cn_stream *st)
 
 /* ---- the control stream ---- */
 
+static void queue_line(struct cmg_cn_tunnel *t, const char *line)
+{
+    cmg_buf_appends(&t->ctl_out, line);
+    cmg_buf_append(&t->ctl_out, "\n", 1);
+}
+
+static void cmg_cn_tunnel_announce_policy(struct cmg_cn_tunnel *t)
+{
+    cJSON *msg = cJSON_CreateObject();
+    char *text;
+
+    cJSON_AddStringToObject(msg, "type", "policy");
+    cJSON_AddStringToObject(msg, "jws", t->cn->policy);
+    text = cJSON_PrintUnformatted(msg);
+    cJSON_Delete(msg);
+    if (text)
+        queue_line(t, text);
+    free(text);
+}
+
+void cmg_cn_tunnel_announce(struct cmg_cn_tunnel *t)
+{
+    cJSON *msg;
+    char *text;
+
+    if (!t->up || t->ctl_stream < 0 || !t->h2)
+        return;   /* the hello of the next control stream says it all */
+    msg = cJSON_CreateObject();
+    cJSON_AddStringToObject(msg, "type", "roles");
+    cJSON_AddItemToObject(msg, "roles", cmg_cn_roles_json(t->cn));
+    text = cJSON_PrintUnformatted(msg);
+    cJSON_Delete(msg);
+    if (text)
+        queue_line(t, text);
+    free(text);
+    if (t->cn->policy)
+        cmg_cn_tunnel_announce_policy(t);
+    nghttp2_session_resume_data(t->h2, t->ctl_stream);
+    cmg_cn_tunnel_kick(t);
+}
+
 static ssize_t read_control(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
                             uint32_t *flags, nghttp2_data_source *src, void *user)
 {
@@ -190,14 +231,13 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     nghttp2_nv nv[] = {{(uint8_t *)":status", (uint8_t *)"200", 7, 3, 0},
                        {(uint8_t *)"content-type", (uint8_t *)"application/x-ndjson", 12, 20, 0}};
     nghttp2_data_provider dp = {.read_callback = read_control};
-    cJSON *hello = cJSON_CreateObject(), *roles = cJSON_CreateArray();
+    cJSON *hello = cJSON_CreateObject(), *roles = cmg_cn_roles_json(t->cn);
     char *text;
+    int nroles = cJSON_GetArraySize(roles);
 
     cJSON_AddStringToObject(hello, "type", "hello");
     cJSON_AddStringToObject(hello, "name", c->name);
     cJSON_AddStringToObject(hello, "version", CMG_VERSION);
-    for (size_t i = 0; i < c->nmappings; i++)
-        cJSON_AddItemToArray(roles, cJSON_CreateString(c->mappings[i].role));
     cJSON_AddItemToObject(hello, "roles", roles);
     text = cJSON_PrintUnformatted(hello);
     cJSON_Delete(hello);
@@ -206,6 +246,8 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         cmg_buf_append(&t->ctl_out, "\n", 1);
         free(text);
     }
+    if (t->cn->policy)
+        cmg_cn_tunnel_announce_policy(t);
     t->ctl_stream = st->id;
     st->resp_submitted = true;
     nghttp2_submit_response(t->h2, st->id, nv, 2, &dp);
@@ -213,8 +255,7 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         t->up = true;
         t->failures = 0;
         t->backoff_ms = BACKOFF_MIN_MS;
-        cmg_info("tunnel up: gateway=%s peer=%s roles=%zu", t->target, t->conn.peer,
-                 c->nmappings);
+        cmg_info("tunnel up: gateway=%s peer=%s roles=%d", t->target, t->conn.peer, nroles);
     }
 }
 
@@ -236,7 +277,7 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     cmg_path_parse(st->path, strlen(st->path), &p);
     st->m = p.kind == CMG_PATH_OTHER || cmg_path_check(st->path, strlen(st->path)) < 0
                 ? NULL
-                : cmg_cn_config_mapping(&t->cn->cfg, p.role, p.role_len);
+                : cmg_cn_mapping_find(t->cn, p.role, p.role_len);
     if (!st->m) {
         answer(st, 404, "CMGService_No_Mapping\r\n");
         return;

@@ -292,7 +292,7 @@ static void release(struct cmg_upstream *u)
         u->st = NULL;
     }
     list_remove(&u->cn->busy, u);
-    if (m->nidle >= MAX_IDLE) {
+    if (m->nidle >= MAX_IDLE || m->retired) {
         list_push(&m->idle, u);
         m->nidle++;
         destroy(u);
@@ -467,4 +467,7 @@ void cmg_upstream_close_all(struct cmg_connector *cn)
     for (size_t i = 0; i < cn->cfg.nmappings; i++)
         while (cn->cfg.mappings[i].idle)
             destroy(cn->cfg.mappings[i].idle);
+    for (struct cmg_cn_mapping *m = cn->routes; m; m = m->next)
+        while (m->idle)
+            destroy(m->idle);
 }

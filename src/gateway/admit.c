@@ -4,61 +4,13 @@
 #include "core/log.h"
 #include "gateway/gw.h"
 #include "http/path.h"
+#include "http/status.h"
 #include "tls/tls.h"
 
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-const char *cmg_reason_phrase(int status)
-{
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 417: return "Expectation Failed";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Unknown";
-    }
-}
-
-enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
-{
-    X509 *x;
-
-    if (d->cert != CMG_CERT_UNKNOWN)
-        return d->cert;
-    x = d->conn.ssl ? SSL_get0_peer_certificate(d->conn.ssl) : NULL;
-    if (!x) {
-        d->cert = CMG_CERT_NONE;
-        return d->cert;
-    }
-    cmg_tls_thumbprint(x, d->thumbprint);
-    cmg_tls_subject(x, d->subject, sizeof(d->subject));
-    d->cert_error = cmg_tls_peer_verify_error(d->conn.ssl);
-    d->cert = d->cert_error == X509_V_OK ? CMG_CERT_OK : CMG_CERT_INVALID;
-    return d->cert;
-}
 
 /* Header names go to HTTP/2 in lower case. */
 static int add_lower(struct cmg_headers *h, const char *name, size_t nlen, const char *value,
@@ -72,8 +24,18 @@ static int add_lower(struct cmg_headers *h, const char *name, size_t nlen, const
     return cmg_headers_add(h, lower, nlen, value, vlen);
 }
 
+static const char *const method_names[] = {
+    [CMG_ID_CERT] = "cert", [CMG_ID_SITE_TOKEN] = "site-token",
+    [CMG_ID_BULK_TOKEN] = "bulk-token", [CMG_ID_OIDC] = "oidc"};
+
+static int add_str(struct cmg_headers *h, const char *name, const char *value)
+{
+    return value[0] ? cmg_headers_add(h, name, strlen(name), value, strlen(value)) : 0;
+}
+
 static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
-                         const struct cmg_headers *in, int64_t content_length)
+                         const struct cmg_headers *in, int64_t content_length,
+                         const struct cmg_identity *id)
 {
     char num[32], ip[64];
     const char *colon;
@@ -92,9 +54,16 @@ static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
         snprintf(num, sizeof(num), "%lld", (long long)content_length);
         rc |= cmg_headers_add(&ex->req, "content-length", 14, num, strlen(num));
     }
-    if (d->cert == CMG_CERT_OK) {
+    /* Who the gateway established the device to be: only ever set here. */
+    rc |= add_str(&ex->req, "cmg-client-auth", method_names[id->method]);
+    rc |= add_str(&ex->req, "cmg-client-device-id", id->device_id);
+    if (d->has_cert && id->method != CMG_ID_OIDC)
         rc |= cmg_headers_add(&ex->req, "cmg-client-cert-thumbprint", 26, d->thumbprint, 64);
-        rc |= cmg_headers_add(&ex->req, "cmg-client-subject", 18, d->subject, strlen(d->subject));
+    if (id->method == CMG_ID_CERT)
+        rc |= add_str(&ex->req, "cmg-client-subject", d->subject);
+    else if (id->method == CMG_ID_OIDC) {
+        rc |= add_str(&ex->req, "cmg-client-user", id->subject);
+        rc |= add_str(&ex->req, "cmg-client-tenant", id->tenant);
     }
     /* d->conn.peer is "ip:port" or "[ip6]:port" */
     snprintf(ip, sizeof(ip), "%s", d->conn.peer[0] == '[' ? d->conn.peer + 1 : d->conn.peer);
@@ -113,9 +82,11 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
                                int *status, const char **reason)
 {
     struct cmg_gateway *gw = d->gw;
-    struct cmg_gw_mapping *m;
+    struct cmg_policy_mapping *m;
+    struct cmg_identity id;
     struct cmg_exchange *ex;
     struct cmg_path p;
+    int rc;
 
     if (cmg_path_check(target, target_len) < 0) {
         *status = 400;
@@ -123,26 +94,14 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
         return NULL;
     }
     cmg_path_parse(target, target_len, &p);
-    m = p.kind == CMG_PATH_OTHER ? NULL : cmg_gw_config_mapping(&gw->cfg, p.role, p.role_len);
+    m = p.kind == CMG_PATH_OTHER ? NULL : cmg_policy_mapping(gw->policy, p.role, p.role_len);
     if (!m) {
         *status = 404;
         *reason = "CMGService_No_Mapping";
         return NULL;
     }
-    if (p.kind == CMG_PATH_MUTUAL_AUTH) {
-        if (!(m->auth & CMG_AUTH_CERT)) {
-            *status = 403;
-            *reason = "CMGService_Auth_Mode_Not_Allowed";
-            return NULL;
-        }
-        if (cmg_device_cert(d) != CMG_CERT_OK) {
-            *status = 401;
-            *reason = "CMGService_Invalid_Client_Certificate";
-            return NULL;
-        }
-    } else {
-        *status = 401;   /* bearer tokens are not accepted yet */
-        *reason = "CMGService_Invalid_Token";
+    if ((rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, reason)) != 0) {
+        *status = rc;
         return NULL;
     }
     if (content_length >= 0 && (uint64_t)content_length > m->max_body) {
@@ -152,17 +111,19 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     }
     ex = cmg_exchange_new(gw, ops, owner);
     if (!ex || !(ex->target = strndup(target, target_len)) ||
-        build_headers(d, ex, in, content_length) < 0) {
+        build_headers(d, ex, in, content_length, &id) < 0) {
         cmg_exchange_free(ex);
         *status = 500;
         *reason = "CMGService_Out_Of_Memory";
         return NULL;
     }
     snprintf(ex->method, sizeof(ex->method), "%s", method);
+    ex->policy = cmg_policy_ref(gw->policy);
     ex->mapping = m;
     ex->req_body_expected = has_body;
     snprintf(ex->peer, sizeof(ex->peer), "%s", d->conn.peer);
-    snprintf(ex->identity, sizeof(ex->identity), "cert:%.16s", d->thumbprint);
+    snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
+             id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
     return ex;
 }
 

@@ -16,7 +16,7 @@ struct load {
 static int mapping_key(struct load *l, const char *role, const char *key, const char *value)
 {
     struct cmg_gw_config *c = l->c;
-    struct cmg_gw_mapping *m = cmg_gw_config_mapping(c, role, strlen(role));
+    struct cmg_policy_mapping *m = cmg_gw_config_mapping(c, role, strlen(role));
     struct cmg_path p;
     char probe[CMG_ROLE_ID_MAX + 32];
 
@@ -34,6 +34,7 @@ static int mapping_key(struct load *l, const char *role, const char *key, const 
         m = &c->mappings[c->nmappings++];
         memset(m, 0, sizeof(*m));
         snprintf(m->role, sizeof(m->role), "%s", role);
+        snprintf(m->type, sizeof(m->type), "mp");
         m->auth = CMG_AUTH_CERT;
         m->max_body = 1024ull * 1024 * 1024;
     }
@@ -76,6 +77,8 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     PATHKEY("key", key)
     PATHKEY("client_ca", client_ca)
     PATHKEY("connector_ca", connector_ca)
+    PATHKEY("site_key", site_key)
+    PATHKEY("policy_cache", policy_cache)
     MSKEY("ping_interval", ping_interval_ms)
     MSKEY("ping_timeout", ping_timeout_ms)
     MSKEY("handshake_timeout", handshake_timeout_ms)
@@ -178,7 +181,7 @@ void cmg_gw_config_free(struct cmg_gw_config *c)
     c->nmappings = 0;
 }
 
-struct cmg_gw_mapping *cmg_gw_config_mapping(struct cmg_gw_config *c, const char *role,
+struct cmg_policy_mapping *cmg_gw_config_mapping(struct cmg_gw_config *c, const char *role,
                                              size_t role_len)
 {
     for (size_t i = 0; i < c->nmappings; i++)

@@ -2,6 +2,7 @@
 #ifndef CMG_GW_CONFIG_H
 #define CMG_GW_CONFIG_H
 
+#include "auth/policy.h"
 #include "http/path.h"
 
 #include <limits.h>
@@ -9,15 +10,6 @@
 #include <stdint.h>
 
 #define CMG_GW_MAX_LISTEN 8
-
-enum { CMG_AUTH_CERT = 1 };
-
-struct cmg_gw_mapping {
-    char role[CMG_ROLE_ID_MAX + 1];
-    unsigned auth;          /* CMG_AUTH_* bits */
-    uint64_t max_body;
-    unsigned rr;            /* round-robin position over tunnels */
-};
 
 struct cmg_gw_config {
     char file[PATH_MAX];
@@ -29,18 +21,19 @@ struct cmg_gw_config {
     uint32_t instance;
     char cert[PATH_MAX], key[PATH_MAX], cert_password[256];
     char client_ca[PATH_MAX], connector_ca[PATH_MAX];
+    char site_key[PATH_MAX], policy_cache[PATH_MAX];
     uint32_t ping_interval_ms, ping_timeout_ms;
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
     uint32_t max_header_size, max_connections;
     int log_level;
-    struct cmg_gw_mapping *mappings;
+    struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };
 
 /* Reads the file; on failure returns -1 with a message naming the line in err. */
 int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, size_t errlen);
 void cmg_gw_config_free(struct cmg_gw_config *c);
-struct cmg_gw_mapping *cmg_gw_config_mapping(struct cmg_gw_config *c, const char *role,
+struct cmg_policy_mapping *cmg_gw_config_mapping(struct cmg_gw_config *c, const char *role,
                                              size_t role_len);
 
 #endif

@@ -3,6 +3,7 @@
  * pipelined input held until the response before it is done. */
 #include "core/log.h"
 #include "gateway/gw.h"
+#include "http/status.h"
 
 #include <stdlib.h>
 #include <string.h>

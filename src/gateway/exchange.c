@@ -25,6 +25,7 @@ void cmg_exchange_free(struct cmg_exchange *ex)
     if (!ex)
         return;
     free(ex->target);
+    cmg_policy_unref(ex->policy);
     cmg_headers_free(&ex->req);
     cmg_headers_free(&ex->resp);
     cmg_buf_free(&ex->req_body);

@@ -154,6 +154,7 @@ static void teardown(struct cmg_gateway *gw)
     }
     SSL_CTX_free(gw->device_ctx);
     SSL_CTX_free(gw->tunnel_ctx);
+    cmg_gw_policy_free(gw);
     cmg_gw_config_free(&gw->cfg);
 }
 
@@ -209,10 +210,11 @@ int cmg_gateway_main(int argc, char **argv)
     gw.loop = cmg_loop_new();
     if (!gw.loop)
         goto out;
-    if (setup(&gw) < 0)
+    if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0)
         goto out;
-    cmg_info("gateway %s instance %u ready: %zu mapping(s) published", gw.cfg.service_name,
-             gw.cfg.instance, gw.cfg.nmappings);
+    cmg_info("gateway %s instance %u ready: policy version %lld, %zu mapping(s) published",
+             gw.cfg.service_name, gw.cfg.instance, (long long)gw.policy->version,
+             gw.policy->nmappings);
     rc = cmg_loop_run(gw.loop) < 0 ? 1 : 0;
     cmg_info("gateway stopped");
 out:

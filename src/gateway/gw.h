@@ -7,6 +7,7 @@
 #include "core/loop.h"
 #include "gateway/config.h"
 #include "http/headers.h"
+#include "http/path.h"
 
 #include <llhttp.h>
 #include <nghttp2/nghttp2.h>
@@ -16,6 +17,7 @@
 #define CMG_TUNNEL_ALPN "cmg-tunnel/1"
 #define CMG_CONTROL_PATH "/.cmg/control"
 #define CMG_CONNECTOR_OU "OpenCMG Connector"
+#define CMG_TUNNEL_MAX_ROLES 4096
 /* Request or response bytes buffered per exchange before the producer is paused. */
 #define CMG_EX_BUFFER (256 * 1024)
 /* Output queued on a connection before producers wait for it to drain. */
@@ -44,6 +46,10 @@ struct cmg_gateway {
     uint32_t ndevices;
     struct cmg_tunnel *tunnels;     /* every tunnel, ready or not */
     struct cmg_device *devices;
+    struct cmg_policy *policy;      /* in force for new requests */
+    uint64_t policy_gen;            /* + 1 each time another policy takes over */
+    struct cmg_jwk site_key;        /* verifies signed policies; pkey NULL if none */
+    char policy_cache[PATH_MAX];
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -58,7 +64,8 @@ struct cmg_exchange_dev_ops {
 
 struct cmg_exchange {
     struct cmg_gateway *gw;
-    struct cmg_gw_mapping *mapping;
+    struct cmg_policy *policy;      /* held: the mapping lives in it */
+    struct cmg_policy_mapping *mapping;
     /* request, as it goes to the connector */
     char method[32];
     char *target;
@@ -85,7 +92,7 @@ struct cmg_exchange {
     /* for the access log */
     uint64_t start_ms;
     char peer[64];
-    char identity[80];
+    char identity[160];
     char connector[64];
 };
 
@@ -126,7 +133,7 @@ struct cmg_tunnel {
 
 void cmg_tunnel_accept(struct cmg_gateway *gw, int fd);
 /* A ready tunnel serving the role, round-robin; NULL if none. */
-struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_gw_mapping *m);
+struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m);
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
 void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
 void cmg_tunnel_close_all(struct cmg_gateway *gw);
@@ -144,7 +151,10 @@ struct cmg_device {
     struct cmg_timer timer;
     enum cmg_cert_state cert;
     long cert_error;
-    char thumbprint[65];
+    uint64_t cert_gen;       /* policy generation the verdict was made under */
+    bool has_cert;           /* presented one, valid or not */
+    char thumbprint[65];     /* SHA-256 of the presented certificate, hex */
+    char x5t[44];            /* the same, base64url (RFC 8705 cnf) */
     char subject[256];
     struct cmg_h1 *h1;
     struct cmg_h2dev *h2;
@@ -156,8 +166,35 @@ void cmg_device_accept(struct cmg_gateway *gw, int fd);
 void cmg_device_close_all(struct cmg_gateway *gw);
 /* Closes the connection now and frees the device after this loop round. */
 void cmg_device_close(struct cmg_device *d, const char *why);
-/* Judges the TLS client certificate once per connection. */
+/* Judges the TLS client certificate against the policy in force (once per
+ * connection and policy). */
 enum cmg_cert_state cmg_device_cert(struct cmg_device *d);
+
+/* ---- the policy (policy_gw.c) ---- */
+
+/* The local policy from gateway.conf, then the cached signed one if there is one. */
+int cmg_gw_policy_init(struct cmg_gateway *gw);
+void cmg_gw_policy_free(struct cmg_gateway *gw);
+/* A signed policy a connector carried: applied if it verifies and is newer. */
+void cmg_gw_policy_offer(struct cmg_gateway *gw, const char *jws, size_t len, const char *from);
+
+/* ---- credentials (auth.c) ---- */
+
+enum cmg_auth_method { CMG_ID_CERT, CMG_ID_SITE_TOKEN, CMG_ID_BULK_TOKEN, CMG_ID_OIDC };
+
+struct cmg_identity {
+    enum cmg_auth_method method;
+    char device_id[128];
+    char subject[256];       /* certificate subject, or the token's sub / upn */
+    char tenant[128];
+    char jti[128];
+};
+
+/* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
+ * with *reason. */
+int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
+                     const struct cmg_path *path, const struct cmg_headers *in,
+                     struct cmg_identity *id, const char **reason);
 
 /* Admission of a request head: checks the target, the mapping and the credential,
  * and on success returns an exchange ready to start with the headers to forward.
@@ -181,6 +218,5 @@ void cmg_h2dev_on_drain(struct cmg_device *d);
 void cmg_h2dev_free(struct cmg_device *d);
 
 /* The short body of an error answer: a reason token and a line of text. */
-const char *cmg_reason_phrase(int status);
 
 #endif

@@ -16,7 +16,7 @@
 #define READ_CHUNK 16384
 #define STREAM_WINDOW (1 << 20)
 #define CONNECTION_WINDOW (16 << 20)
-#define MAX_CONTROL_LINE (1 << 20)
+#define MAX_CONTROL_LINE (CMG_POLICY_MAX + 65536)   /* a policy is one line */
 #define MAX_RESPONSE_HEADERS (64 * 1024)
 
 #define TUNNEL_OF(p, field) ((struct cmg_tunnel *)((char *)(p) - offsetof(struct cmg_tunnel, field)))
@@ -32,12 +32,19 @@ static int fail_later(struct cmg_tunnel *t, const char *why)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
 }
 
-static void tunnel_free(void *p)
+static void free_roles(struct cmg_tunnel *t)
 {
-    struct cmg_tunnel *t = p;
     for (size_t i = 0; i < t->nroles; i++)
         free(t->roles[i]);
     free(t->roles);
+    t->roles = NULL;
+    t->nroles = 0;
+}
+
+static void tunnel_free(void *p)
+{
+    struct cmg_tunnel *t = p;
+    free_roles(t);
     cmg_buf_free(&t->ctl_in);
     free(t);
 }
@@ -75,12 +82,36 @@ static bool serves(const struct cmg_tunnel *t, const char *role)
     return false;
 }
 
+/* The roles a connector serves; which of them are published is the policy's call,
+ * made per request, so a mapping added later finds its connectors. */
+static int set_roles(struct cmg_tunnel *t, const cJSON *roles)
+{
+    const cJSON *r;
+    size_t n = 0;
+
+    free_roles(t);
+    cJSON_ArrayForEach(r, roles) n++;
+    if (n > CMG_TUNNEL_MAX_ROLES)
+        n = CMG_TUNNEL_MAX_ROLES;
+    if (!(t->roles = calloc(n ? n : 1, sizeof(*t->roles))))
+        return -1;
+    cJSON_ArrayForEach(r, roles) {
+        const cJSON *id = cJSON_IsObject(r) ? cJSON_GetObjectItemCaseSensitive(r, "role") : r;
+        if (t->nroles == n)
+            break;
+        if (!cJSON_IsString(id) || strlen(id->valuestring) > CMG_ROLE_ID_MAX)
+            continue;
+        if (!(t->roles[t->nroles] = strdup(id->valuestring)))
+            return -1;
+        t->nroles++;
+    }
+    return 0;
+}
+
 static void on_hello(struct cmg_tunnel *t, cJSON *msg)
 {
     cJSON *name = cJSON_GetObjectItemCaseSensitive(msg, "name");
     cJSON *roles = cJSON_GetObjectItemCaseSensitive(msg, "roles");
-    cJSON *r;
-    size_t n = 0, unknown = 0;
 
     if (cJSON_IsString(name)) {
         size_t j = 0;
@@ -92,27 +123,9 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     }
     if (!t->name[0])
         snprintf(t->name, sizeof(t->name), "%s", t->conn.peer);
-    cJSON_ArrayForEach(r, roles) n++;
-    t->roles = calloc(n ? n : 1, sizeof(*t->roles));
-    if (!t->roles) {
+    if (set_roles(t, roles) < 0) {
         fail_later(t, "out of memory");
         return;
-    }
-    cJSON_ArrayForEach(r, roles)
-    {
-        cJSON *id = cJSON_IsObject(r) ? cJSON_GetObjectItemCaseSensitive(r, "role") : r;
-        if (!cJSON_IsString(id) || strlen(id->valuestring) > CMG_ROLE_ID_MAX)
-            continue;
-        if (!cmg_gw_config_mapping(&t->gw->cfg, id->valuestring, strlen(id->valuestring))) {
-            /* The gateway's own mappings decide what is published. */
-            cmg_warn("connector %s serves role %s, which this gateway does not publish",
-                     t->name, id->valuestring);
-            unknown++;
-            continue;
-        }
-        t->roles[t->nroles] = strdup(id->valuestring);
-        if (t->roles[t->nroles])
-            t->nroles++;
     }
     t->ready = true;
     cmg_timer_stop(t->gw->loop, &t->hs_timer);
@@ -128,6 +141,17 @@ static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)
         cmg_warn("tunnel %s: unreadable control message", t->conn.peer);
     else if (!strcmp(type->valuestring, "hello") && !t->ready)
         on_hello(t, msg);
+    else if (!strcmp(type->valuestring, "roles") && t->ready) {
+        if (set_roles(t, cJSON_GetObjectItemCaseSensitive(msg, "roles")) < 0)
+            fail_later(t, "out of memory");
+        else
+            cmg_info("tunnel %s: connector=%s now serves %zu role(s)", t->conn.peer, t->name,
+                     t->nroles);
+    } else if (!strcmp(type->valuestring, "policy") && t->ready) {
+        const cJSON *jws = cJSON_GetObjectItemCaseSensitive(msg, "jws");
+        if (cJSON_IsString(jws))
+            cmg_gw_policy_offer(t->gw, jws->valuestring, strlen(jws->valuestring), t->name);
+    }
     else
         cmg_debug("tunnel %s: control message '%s' ignored", t->conn.peer, type->valuestring);
     cJSON_Delete(msg);
@@ -329,7 +353,7 @@ int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex)
     return 0;
 }
 
-struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_gw_mapping *m)
+struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m)
 {
     size_t n = 0, k;
     struct cmg_tunnel *t;

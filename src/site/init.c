@@ -3,6 +3,8 @@
  * gateway.conf and connector.conf (the format of docs/configuration.md). */
 #include "site/init.h"
 
+#include "site/ctx.h"
+#include "site/init_store.h"
 #include "site/pki.h"
 
 #include <arpa/inet.h>
@@ -43,6 +45,8 @@ struct site_opts {
     unsigned tunnel_port;
     const char *pfx_path;
     const char *pfx_pass;
+    const char *site_admin;
+    const char *site_service;
     int force;
 };
 
@@ -68,6 +72,9 @@ void cmg_site_init_usage(FILE *out)
             "Creates the site directory DIR (and its parents if missing) for a local\n"
             "deployment, with:\n"
             "  ca.crt, ca.key                 the site CA (P-256, 10 years)\n"
+            "  site-signing.key, .pub         the key that signs tokens and the policy\n"
+            "  site.conf, site.db             the site service's settings and store\n"
+            "  admin.token, connector.secret  secrets of the admin API and policy feed\n"
             "  gateway.crt, gateway.key       the gateway's server certificate for NAME,\n"
             "                                 localhost, 127.0.0.1 and ::1 (2 years)\n"
             "  connector.crt, connector.key   the connector's client certificate (2 years)\n"
@@ -88,6 +95,11 @@ void cmg_site_init_usage(FILE *out)
             "                        DIR/gateway-ca.crt, which the connector then trusts\n"
             "  --pfx-password PASS   password of the --gateway-pfx file (default: none); it is\n"
             "                        written to gateway.conf\n"
+            "  --site-admin ADDR     address of the site's admin API and policy feed\n"
+            "                        (default " CMG_SITE_DEFAULT_ADMIN ")\n"
+            "  --site-service ADDR   address of the site's registration service, published\n"
+            "                        to devices under its own role id (default\n"
+            "                        " CMG_SITE_DEFAULT_SERVICE ")\n"
             "  --force               replace an existing site in DIR (a new CA: certificates\n"
             "                        of the old site stop working)\n"
             "  -h, --help            print this help\n",
@@ -260,11 +272,13 @@ static int site_opt(int argc, char **argv, int *i, const char *opt, const char *
 /* Returns 0, or the exit status (0 for --help, 2 for bad usage) plus 1 in *done. */
 static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
 {
-    enum { OPT_NAME, OPT_MP, OPT_GATEWAY_PORT, OPT_TUNNEL_PORT, OPT_PFX, OPT_PFX_PASSWORD };
+    enum { OPT_NAME, OPT_MP, OPT_GATEWAY_PORT, OPT_TUNNEL_PORT, OPT_PFX, OPT_PFX_PASSWORD,
+           OPT_SITE_ADMIN, OPT_SITE_SERVICE };
     static const char *const value_opts[] = {
         [OPT_NAME] = "--service-name",         [OPT_MP] = "--mp",
         [OPT_GATEWAY_PORT] = "--gateway-port", [OPT_TUNNEL_PORT] = "--tunnel-port",
-        [OPT_PFX] = "--gateway-pfx",           [OPT_PFX_PASSWORD] = "--pfx-password"};
+        [OPT_PFX] = "--gateway-pfx",           [OPT_PFX_PASSWORD] = "--pfx-password",
+        [OPT_SITE_ADMIN] = "--site-admin",     [OPT_SITE_SERVICE] = "--site-service"};
     int i, only_args = 0;
     size_t k;
 
@@ -317,6 +331,12 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
             break;
         case OPT_PFX:
             o->pfx_path = val;
+            break;
+        case OPT_SITE_ADMIN:
+            o->site_admin = val;
+            break;
+        case OPT_SITE_SERVICE:
+            o->site_service = val;
             break;
         case OPT_PFX_PASSWORD:
         default:
@@ -608,6 +628,10 @@ static int site_write_gateway_conf(const struct site *s, const struct site_opts 
     site_conf(f, "bytes of request line + headers", "max_header_size = 16384");
     site_conf(f, "device connections held at once", "max_connections = 10000");
     site_conf(f, "debug, info, warn, error", "log_level = info");
+    site_conf(f, "verifies the policy the site signs", "site_key = " CMG_SITE_SIGNING_PUB);
+    site_conf(f, "last good policy, served at once after a restart",
+              "policy_cache = policy-cache.jws");
+    fputs("; Until the first signed policy arrives, these mappings apply:\n", f);
     for (i = 0; i < o->n_mp; i++) {
         fputc('\n', f);
         site_conf(f, o->mp_urls[i], "[mapping %" PRIu64 "]", s->role_ids[i]);
@@ -649,6 +673,10 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
     site_conf(f, "longest pause between dial attempts, seconds", "reconnect_max = 30");
     site_conf(f, "seconds to wait for an internal server's response", "upstream_timeout = 60");
     site_conf(f, NULL, "log_level = info");
+    site_conf(f, "the site's policy feed (mappings and signed policy)", "site = http://%s",
+              o->site_admin ? o->site_admin : CMG_SITE_DEFAULT_ADMIN);
+    site_conf(f, "secret shown to the site", "site_secret = " CMG_SITE_CONNECTOR_SECRET);
+    fputs("; Used until the site answers, and for roles the site does not route:\n", f);
     for (i = 0; i < o->n_mp; i++) {
         fputc('\n', f);
         site_conf(f, NULL, "[mapping %" PRIu64 "]", s->role_ids[i]);
@@ -696,6 +724,18 @@ static int site_write(struct site *s, const struct site_opts *o)
         return -1;
     if (site_write_gateway_conf(s, o) < 0 || site_write_connector_conf(s, o) < 0)
         return -1;
+    {
+        struct cmg_init_store st = {
+            .dir = s->dir, .service_name = o->name, .site_role = s->role_ids[o->n_mp],
+            .admin = o->site_admin ? o->site_admin : CMG_SITE_DEFAULT_ADMIN,
+            .service = o->site_service ? o->site_service : CMG_SITE_DEFAULT_SERVICE,
+            .mp_urls = o->mp_urls, .role_ids = s->role_ids, .n_mp = o->n_mp, .force = o->force};
+        char err[512];
+        if (cmg_site_init_store(&st, err, sizeof(err)) < 0) {
+            fprintf(stderr, "cmg site init: %s\n", err);
+            return -1;
+        }
+    }
     if (SITE_WRITE(cmg_pki_write_cert, "ca.crt", s->ca_cert))
         return -1;
 #undef SITE_WRITE
@@ -823,7 +863,7 @@ int cmg_site_init_main(int argc, char **argv)
                         "to replace it with a new one\n", o.dir, ca_path);
         goto out;
     }
-    if (site_new_role_ids(&s, o.n_mp) < 0)
+    if (site_new_role_ids(&s, o.n_mp + 1) < 0)   /* the last one is the site's */
         goto out;
     if (site_issue(&s, &o, inet_pton(AF_INET, o.name, &ip4) == 1) < 0)
         goto out;

@@ -1,7 +1,9 @@
 /* cmg site <command>: dispatch of the site's subcommands. */
 #include "site/site.h"
 
+#include "site/admin_cli.h"
 #include "site/init.h"
+#include "site/serve.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -15,10 +17,17 @@ static void site_usage(FILE *out)
           "\n"
           "commands:\n"
           "  init DIR --service-name NAME [options]\n"
-          "            create a site directory: site CA, gateway, connector and sample device\n"
-          "            certificates, gateway.conf and connector.conf\n"
+          "            create a site directory: site CA, signing key, gateway, connector and\n"
+          "            sample device certificates, site.conf, gateway.conf, connector.conf\n"
+          "  serve DIR  run the site service: admin API, device registration, and the\n"
+          "            signed gateway policy that connectors carry to every gateway\n"
+          "  mapping add|list|remove          published URL mappings\n"
+          "  token bulk create|list|block|unblock   bulk registration tokens\n"
+          "  device list|block|unblock        registered devices\n"
+          "  cert issue|revoke|list|check-revocation   client certificates and the CRL\n"
+          "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
           "\n"
-          "Run 'cmg site init --help' for its options.\n",
+          "Run 'cmg site <command> --help' for the options of a command.\n",
           out);
 }
 
@@ -36,6 +45,10 @@ int cmg_site_main(int argc, char **argv)
     }
     if (!strcmp(cmd, "init"))
         return cmg_site_init_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve"))
+        return cmg_site_serve_main(argc - 1, argv + 1);
+    if (cmg_site_admin_area(cmd))
+        return cmg_site_admin_main(argc - 1, argv + 1);
     fprintf(stderr, "cmg site: unknown command '%s'\n", cmd);
     site_usage(stderr);
     return 2;

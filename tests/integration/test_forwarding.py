@@ -50,7 +50,10 @@ def test_identity_headers_set_and_forged_ones_stripped(site, connector, http):
     assert seen['path'] == '/echo-headers?a=1&b=%20x'
     assert headers.get('x-device-header') == ['kept']
     cmg = {k for k in headers if k.startswith('cmg-')}
-    assert cmg == {'cmg-client-cert-thumbprint', 'cmg-client-subject'}, headers
+    assert cmg == {'cmg-client-auth', 'cmg-client-device-id', 'cmg-client-cert-thumbprint',
+                   'cmg-client-subject'}, headers
+    assert headers['cmg-client-auth'] == ['cert']
+    assert headers['cmg-client-device-id'] == ['cert:' + site.device_thumbprint()]
     assert len(headers['cmg-client-cert-thumbprint']) == 1
     assert headers['cmg-client-cert-thumbprint'][0].lower().replace(':', '') == site.device_thumbprint()
     cn = x509.load_pem_x509_certificate(site.device_cert.read_bytes()).subject.get_attributes_for_oid(

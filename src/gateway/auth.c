@@ -1,0 +1,243 @@
+/* Credentials at the gateway (SPEC.md §4): a client certificate on MutualAuth
+ * paths; on ServerAuth paths a bearer token — a site device token bound to the
+ * connection's certificate, a bulk registration token (registration only), or an
+ * Entra ID / OIDC token. Keys come from the signed policy only, each pinned to its
+ * algorithm. Refusals carry a reason token for the device and the log. */
+#include "auth/b64url.h"
+#include "auth/jws.h"
+#include "core/log.h"
+#include "gateway/gw.h"
+#include "tls/tls.h"
+
+#include <openssl/x509_vfy.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
+{
+    struct cmg_policy *p = d->gw->policy;
+    X509 *x;
+
+    if (d->cert != CMG_CERT_UNKNOWN && d->cert_gen == d->gw->policy_gen)
+        return d->cert;
+    x = d->conn.ssl ? SSL_get0_peer_certificate(d->conn.ssl) : NULL;
+    d->cert_gen = d->gw->policy_gen;
+    if (!x) {
+        d->cert = CMG_CERT_NONE;
+        return d->cert;
+    }
+    if (!d->has_cert) {
+        unsigned char raw[32];
+        d->has_cert = true;
+        cmg_tls_thumbprint(x, d->thumbprint);
+        cmg_tls_subject(x, d->subject, sizeof(d->subject));
+        for (int i = 0; i < 32; i++)
+            sscanf(d->thumbprint + 2 * i, "%2hhx", &raw[i]);
+        cmg_b64url_encode(raw, sizeof(raw), d->x5t, sizeof(d->x5t));
+    }
+    d->cert_error = cmg_policy_verify_cert(p, x, SSL_get_peer_cert_chain(d->conn.ssl));
+    d->cert = d->cert_error == X509_V_OK ? CMG_CERT_OK : CMG_CERT_INVALID;
+    return d->cert;
+}
+
+static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
+                     struct cmg_identity *id, const char **reason)
+{
+    if (!(m->auth & CMG_AUTH_CERT)) {
+        *reason = "CMGService_Auth_Mode_Not_Allowed";
+        return 403;
+    }
+    if (cmg_device_cert(d) != CMG_CERT_OK) {
+        if (d->cert_error == X509_V_ERR_CERT_REVOKED) {
+            *reason = "CMGService_Client_Certificate_Revoked";
+            return 403;
+        }
+        if (d->cert_error == X509_V_ERR_UNABLE_TO_GET_CRL)
+            cmg_warn("client certificate refused: revocation is checked but the policy has "
+                     "no CRL for its issuer subject=\"%s\"", d->subject);
+        *reason = d->cert_error == X509_V_ERR_UNABLE_TO_GET_CRL ? "CMGService_CRL_Unavailable"
+                                                                : "CMGService_Invalid_Client_Certificate";
+        return 401;
+    }
+    id->method = CMG_ID_CERT;
+    snprintf(id->subject, sizeof(id->subject), "%s", d->subject);
+    snprintf(id->device_id, sizeof(id->device_id), "cert:%s", d->thumbprint);
+    return 0;
+}
+
+/* The bearer token of the request, or NULL. */
+static const char *bearer(const struct cmg_headers *in, size_t *len)
+{
+    int i = cmg_headers_find(in, "authorization");
+    const char *v;
+    size_t n;
+
+    if (i < 0)
+        return NULL;
+    v = cmg_headers_value(in, (uint32_t)i);
+    n = in->v[i].value_len;
+    if (n < 8 || strncasecmp(v, "Bearer ", 7))
+        return NULL;
+    v += 7;
+    n -= 7;
+    while (n && *v == ' ')
+        v++, n--;
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    *len = n;
+    return n ? v : NULL;
+}
+
+static bool is_register(const struct cmg_path *path)
+{
+    size_t n = path->rest_len;
+    const char *q = memchr(path->rest, '?', n);
+
+    if (q)
+        n = (size_t)(q - path->rest);
+    return n == 9 && !memcmp(path->rest, "/register", 9);
+}
+
+static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
+                      const struct cmg_path *path, const struct cmg_jws *j,
+                      struct cmg_identity *id, const char **reason, int64_t now)
+{
+    const struct cmg_jwk *key = cmg_jwks_find(&p->site_keys, cmg_jws_header_str(j, "kid"));
+    const char *use = cmg_jwt_str(j->payload, "cmg_use"), *jti = cmg_jwt_str(j->payload, "jti");
+    const cJSON *cnf = cJSON_GetObjectItemCaseSensitive(j->payload, "cnf");
+    const char *x5t = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cnf, "x5t#S256"));
+    const char *sub = cmg_jwt_str(j->payload, "sub");
+
+    *reason = "CMGService_Invalid_Token";
+    if (!key || cmg_jws_verify(j, key) < 0 || !cmg_jwt_aud_has(j->payload, p->service_name) ||
+        !use || !jti)
+        return 401;
+    if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
+        *reason = "CMGService_Token_Expired";
+        return 401;
+    }
+    if (cmg_policy_token_revoked(p, jti)) {
+        *reason = "CMGService_Token_Blocked";
+        return 403;
+    }
+    snprintf(id->jti, sizeof(id->jti), "%s", jti);
+    cmg_device_cert(d);   /* for the thumbprint of whatever was presented */
+    if (!strcmp(use, "bulk")) {
+        if (strcmp(m->type, "site") || !is_register(path)) {
+            *reason = "CMGService_Bulk_Token_Registration_Only";
+            return 403;
+        }
+        if (!d->has_cert) {
+            *reason = "CMGService_Client_Certificate_Required";
+            return 401;
+        }
+        id->method = CMG_ID_BULK_TOKEN;
+        snprintf(id->subject, sizeof(id->subject), "bulk:%s", jti);
+        return 0;
+    }
+    if (strcmp(use, "device") || !sub)
+        return 401;
+    if (!(m->auth & CMG_AUTH_TOKEN)) {
+        *reason = "CMGService_Auth_Mode_Not_Allowed";
+        return 403;
+    }
+    /* RFC 8705: the token is good only on a connection holding its certificate. */
+    if (!d->has_cert || !x5t || strcmp(x5t, d->x5t)) {
+        *reason = "CMGService_Token_Certificate_Mismatch";
+        return 401;
+    }
+    if (cmg_policy_device_blocked(p, sub)) {
+        *reason = "CMGService_Device_Blocked";
+        return 403;
+    }
+    id->method = CMG_ID_SITE_TOKEN;
+    snprintf(id->device_id, sizeof(id->device_id), "%s", sub);
+    snprintf(id->subject, sizeof(id->subject), "%s", sub);
+    return 0;
+}
+
+static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const struct cmg_jws *j,
+                      struct cmg_identity *id, const char **reason, int64_t now)
+{
+    const struct cmg_jwk *key = cmg_jwks_find(&p->oidc_keys, cmg_jws_header_str(j, "kid"));
+    const char *tid = cmg_jwt_str(j->payload, "tid"), *name;
+    const cJSON *aud = cJSON_GetObjectItemCaseSensitive(j->payload, "aud"), *a;
+    bool aud_ok = false;
+
+    *reason = "CMGService_Invalid_Token";
+    if (!(m->auth & CMG_AUTH_OIDC)) {
+        *reason = "CMGService_Auth_Mode_Not_Allowed";
+        return 403;
+    }
+    if (!key || cmg_jws_verify(j, key) < 0)
+        return 401;
+    if (p->oidc_tenant[0] && (!tid || strcmp(tid, p->oidc_tenant))) {
+        *reason = "CMGService_Wrong_Tenant";
+        return 401;
+    }
+    if (cJSON_IsString(aud))
+        aud_ok = cmg_policy_audience(p, aud->valuestring);
+    else
+        cJSON_ArrayForEach(a, aud) aud_ok |= cJSON_IsString(a) && cmg_policy_audience(p, a->valuestring);
+    if (!aud_ok) {
+        *reason = "CMGService_Wrong_Audience";
+        return 401;
+    }
+    if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
+        *reason = "CMGService_Token_Expired";
+        return 401;
+    }
+    id->method = CMG_ID_OIDC;
+    name = cmg_jwt_str(j->payload, "upn");
+    if (!name)
+        name = cmg_jwt_str(j->payload, "preferred_username");
+    if (!name)
+        name = cmg_jwt_str(j->payload, "sub");
+    snprintf(id->subject, sizeof(id->subject), "%s", name ? name : "");
+    snprintf(id->tenant, sizeof(id->tenant), "%s", tid ? tid : "");
+    name = cmg_jwt_str(j->payload, "deviceid");
+    if (!name)
+        name = cmg_jwt_str(j->payload, "oid");
+    snprintf(id->device_id, sizeof(id->device_id), "%s", name ? name : "");
+    name = cmg_jwt_str(j->payload, "jti");
+    if (name && cmg_policy_token_revoked(p, name)) {
+        *reason = "CMGService_Token_Blocked";
+        return 403;
+    }
+    return 0;
+}
+
+static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
+                      const struct cmg_path *path, const struct cmg_headers *in,
+                      struct cmg_identity *id, const char **reason)
+{
+    size_t len = 0;
+    const char *tok = bearer(in, &len), *iss;
+    int64_t now = (int64_t)time(NULL);
+    struct cmg_jws j;
+    int rc = 401;
+
+    *reason = "CMGService_Invalid_Token";
+    if (!tok || len > CMG_JWS_MAX || cmg_jws_parse(tok, len, &j) < 0)
+        return 401;
+    iss = cmg_jwt_str(j.payload, "iss");
+    if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
+        rc = site_token(d, p, m, path, &j, id, reason, now);
+    else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
+        rc = oidc_token(p, m, &j, id, reason, now);
+    cmg_jws_free(&j);
+    return rc;
+}
+
+int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
+                     const struct cmg_path *path, const struct cmg_headers *in,
+                     struct cmg_identity *id, const char **reason)
+{
+    memset(id, 0, sizeof(*id));
+    if (path->kind == CMG_PATH_MUTUAL_AUTH)
+        return cert_auth(d, m, id, reason);
+    return token_auth(d, p, m, path, in, id, reason);
+}

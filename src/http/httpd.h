@@ -1,0 +1,51 @@
+/* A small HTTP/1.1 server on the event loop, for the site's own services (admin API,
+ * registration, the connectors' policy feed): plain TCP on an internal address,
+ * requests with bodies of bounded size, keep-alive, and requests a handler may hold
+ * (long polls) and answer later. Not for the data path. */
+#ifndef CMG_HTTPD_H
+#define CMG_HTTPD_H
+
+#include "core/loop.h"
+#include "http/headers.h"
+
+#include <stddef.h>
+
+#define CMG_HTTPD_MAX_BODY (1024 * 1024)
+
+struct cmg_httpd;
+struct cmg_httpd_conn;
+
+struct cmg_httpd_req {
+    struct cmg_httpd_conn *conn;
+    char method[16];
+    char target[2048];
+    struct cmg_headers headers;
+    char *body;                 /* NUL-terminated */
+    size_t body_len;
+    char peer[64];
+    /* set by a handler that holds the request: called if the client goes first */
+    void (*on_abort)(struct cmg_httpd_req *req);
+    void *hold;
+};
+
+typedef void (*cmg_httpd_handler)(void *user, struct cmg_httpd_req *req);
+
+/* Listens on addr ("host:port"). -1 with a reason in err. */
+int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, cmg_httpd_handler fn, void *user,
+                     struct cmg_httpd **out, char *err, size_t errlen);
+/* Closes the listener and every connection (held requests see on_abort). */
+void cmg_httpd_free(struct cmg_httpd *h);
+/* Answers a request (now or later, once). extra: more header lines, "\r\n"-terminated,
+ * or NULL. */
+void cmg_httpd_respond(struct cmg_httpd_req *req, int status, const char *content_type,
+                       const char *body, size_t len, const char *extra);
+/* JSON helpers: {"error": reason} with status, and a cJSON document (freed here). */
+void cmg_httpd_error(struct cmg_httpd_req *req, int status, const char *reason);
+struct cJSON;
+void cmg_httpd_json(struct cmg_httpd_req *req, int status, struct cJSON *doc);
+/* A request header's value, or NULL. */
+const char *cmg_httpd_header(const struct cmg_httpd_req *req, const char *name);
+/* The bearer token of the Authorization header, or NULL. */
+const char *cmg_httpd_bearer(const struct cmg_httpd_req *req);
+
+#endif

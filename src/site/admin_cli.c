@@ -1,0 +1,460 @@
+/* The site's admin commands: cmg site mapping|token|device|cert|oidc ... They act
+ * on the site directory directly (SQLite allows it while 'cmg site serve' runs; the
+ * server notices the change and publishes a new policy within a second). Each
+ * command turns its flags into the JSON arguments of an operation in ops.c. */
+#include "site/admin_cli.h"
+
+#include "client/fetch.h"
+#include "site/ops.h"
+#include "site/pki.h"
+
+#include <getopt.h>
+#include <openssl/bn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define JWKS_MAX (1024 * 1024)
+
+struct cli {
+    const char *prog;          /* "cmg site mapping add" */
+    const char *dir;
+    const char *subject;       /* the positional argument that is not the site */
+    bool json;
+    cJSON *args;
+};
+
+static const char usage[] =
+    "usage: cmg site <area> <command> [DIR] [options]\n"
+    "\n"
+    "Administration of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
+    "directory). Changes are published to every gateway within seconds when\n"
+    "'cmg site serve DIR' runs. Add --json to any command for JSON output.\n"
+    "\n"
+    "  mapping add --type mp|sup|site --url URL [--role ID] [--auth cert,token,oidc]\n"
+    "              [--max-body BYTES]     publish an internal server (a new role id\n"
+    "                                     unless --role; auth default: cert,token,oidc,\n"
+    "                                     or token for type site; max body default\n"
+    "                                     1 GiB)\n"
+    "  mapping list                       the published mappings\n"
+    "  mapping remove ROLE                stop publishing a role\n"
+    "  token bulk create [--lifetime 3d] [--description TEXT]\n"
+    "                                     a bulk registration token (3 days by default,\n"
+    "                                     7 at most; d, h, m or s); prints its GUID, its\n"
+    "                                     expiry, and the token on the last line\n"
+    "  token bulk list                    bulk tokens by GUID and lifetime (the tokens\n"
+    "                                     themselves are not kept)\n"
+    "  token bulk block|unblock GUID      refuse / accept a bulk token again\n"
+    "  device list                        registered devices\n"
+    "  device block|unblock ID            refuse / accept a device's tokens\n"
+    "  cert issue --device NAME [--out DIR]\n"
+    "                                     a client certificate from the site CA (for\n"
+    "                                     labs), written to DIR/devices/NAME.crt, .key\n"
+    "  cert revoke SERIAL | --serial HEX | --cert FILE | --device NAME\n"
+    "                                     put a certificate of this site into the CRL\n"
+    "  cert list [--revoked]              certificates issued with 'cert issue'\n"
+    "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
+    "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
+    "           --jwks FILE|URL           accept Entra ID / OIDC tokens of this issuer\n"
+    "  oidc show | oidc clear\n";
+
+static int usage_error(const struct cli *c, const char *msg)
+{
+    fprintf(stderr, "%s: %s\n\n%s", c->prog, msg, usage);
+    return 2;
+}
+
+static bool is_site_dir(const char *d)
+{
+    char path[4096];
+    struct stat st;
+
+    snprintf(path, sizeof(path), "%s/site.conf", d);
+    return stat(path, &st) == 0;
+}
+
+static void iso_time(double t, char *out, size_t len)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+
+    gmtime_r(&tt, &tm);
+    strftime(out, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* Prints an array of objects as a table of the given columns. */
+static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
+{
+    const cJSON *row;
+
+    for (size_t i = 0; i < ncols; i++)
+        printf("%s%s", i ? "\t" : "", cols[i]);
+    putchar('\n');
+    cJSON_ArrayForEach(row, arr) {
+        for (size_t i = 0; i < ncols; i++) {
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(row, cols[i]);
+            char t[64];
+            fputs(i ? "\t" : "", stdout);
+            if (cJSON_IsString(v))
+                fputs(v->valuestring, stdout);
+            else if (cJSON_IsNumber(v) && v->valuedouble > 1e9 && v->valuedouble < 1e11 &&
+                     (strstr(cols[i], "expires") || strstr(cols[i], "created") ||
+                      strstr(cols[i], "registered") || strstr(cols[i], "issued") ||
+                      !strcmp(cols[i], "revoked"))) {
+                iso_time(v->valuedouble, t, sizeof(t));
+                fputs(t, stdout);
+            } else if (cJSON_IsNumber(v))
+                printf("%.0f", v->valuedouble);
+            else if (cJSON_IsBool(v))
+                fputs(cJSON_IsTrue(v) ? "yes" : "no", stdout);
+            else
+                fputs("-", stdout);
+        }
+        putchar('\n');
+    }
+}
+
+static int run(struct cli *c, const char *op, cJSON **result)
+{
+    struct cmg_site_ctx s;
+    char err[600], msg[600];
+    int rc;
+
+    if (!c->dir)
+        c->dir = getenv("CMG_SITE_DIR") ? getenv("CMG_SITE_DIR") : ".";
+    if (cmg_site_open(c->dir, &s, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s: %s\n", c->prog, err);
+        return 1;
+    }
+    rc = cmg_site_op_run(&s, op, c->args, result, msg, sizeof(msg));
+    cmg_site_close(&s);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", c->prog, msg);
+        return rc == 400 ? 2 : 1;
+    }
+    return 0;
+}
+
+/* Runs op and prints its result: JSON with --json, else as show() says. */
+static int run_print(struct cli *c, const char *op, void (*show)(const cJSON *r))
+{
+    cJSON *r = NULL;
+    int rc = run(c, op, &r);
+
+    if (rc == 0) {
+        if (c->json) {
+            char *s = cJSON_Print(r);
+            puts(s ? s : "null");
+            free(s);
+        } else
+            show(r);
+    }
+    cJSON_Delete(r);
+    return rc;
+}
+
+static void show_mappings(const cJSON *r)
+{
+    static const char *const cols[] = {"role", "type", "auth", "max_body", "url"};
+    print_table(r, cols, 5);
+}
+
+static void show_mapping(const cJSON *r)
+{
+    printf("mapped role %s (%s, auth %s, max body %.0f) to %s\n",
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "role")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "type")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "auth")),
+           cJSON_GetNumberValue(cJSON_GetObjectItem(r, "max_body")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "url")));
+}
+
+static void show_bulk(const cJSON *r)
+{
+    char t[64];
+    iso_time(cJSON_GetNumberValue(cJSON_GetObjectItem(r, "expires")), t, sizeof(t));
+    printf("GUID: %s\nExpires: %s\n%s\n", cJSON_GetStringValue(cJSON_GetObjectItem(r, "guid")),
+           t, cJSON_GetStringValue(cJSON_GetObjectItem(r, "token")));
+}
+
+static void show_bulk_list(const cJSON *r)
+{
+    static const char *const cols[] = {"guid", "created", "expires", "blocked", "description"};
+    print_table(r, cols, 5);
+}
+
+static void show_devices(const cJSON *r)
+{
+    static const char *const cols[] = {"id", "name", "registered", "token_expires", "blocked",
+                                       "thumbprint"};
+    print_table(r, cols, 6);
+}
+
+static void show_certs(const cJSON *r)
+{
+    static const char *const cols[] = {"serial", "name", "issued", "expires", "revoked"};
+    print_table(r, cols, 5);
+}
+
+static void show_done(const cJSON *r)
+{
+    char *s = cJSON_PrintUnformatted(r);
+    printf("done: %s\n", s ? s : "");
+    free(s);
+}
+
+static void show_cert(const cJSON *r)
+{
+    printf("issued certificate serial %s\n  certificate: %s\n  key:         %s\n",
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "serial")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "cert")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "key")));
+}
+
+static void show_revocation(const cJSON *r)
+{
+    printf("client certificate revocation checking: %s\n",
+           cJSON_IsTrue(cJSON_GetObjectItem(r, "check_revocation")) ? "on" : "off");
+}
+
+static void show_oidc(const cJSON *r)
+{
+    char *aud = cJSON_PrintUnformatted(cJSON_GetObjectItem(r, "audiences"));
+    if (!cJSON_GetObjectItem(r, "issuer"))
+        puts("OIDC tokens: not accepted (no issuer set)");
+    else
+        printf("issuer: %s\ntenant: %s\naudiences: %s\n",
+               cJSON_GetStringValue(cJSON_GetObjectItem(r, "issuer")),
+               cJSON_GetStringValue(cJSON_GetObjectItem(r, "tenant")), aud ? aud : "[]");
+    free(aud);
+}
+
+/* The serial of a PEM certificate file, in hex. */
+static int serial_of(const char *file, char *out, size_t len)
+{
+    X509 *x = cmg_pki_load_cert(file);
+    BIGNUM *bn = x ? ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL) : NULL;
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    int rc = hex ? 0 : -1;
+
+    if (hex)
+        snprintf(out, len, "%s", hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+    X509_free(x);
+    return rc;
+}
+
+/* The JWKS from a file or an http(s) URL, parsed. */
+static cJSON *load_jwks(const struct cli *c, const char *src)
+{
+    char *body = NULL, err[512];
+    unsigned char *data = NULL;
+    size_t len = 0;
+    int status = 0;
+    cJSON *doc;
+
+    if (!strncmp(src, "http://", 7) || !strncmp(src, "https://", 8)) {
+        if (cmg_fetch_url(src, NULL, JWKS_MAX, &body, &len, &status, err, sizeof(err)) < 0 ||
+            status != 200) {
+            fprintf(stderr, "%s: cannot fetch %s: %s\n", c->prog, src,
+                    status ? "not 200" : err);
+            free(body);
+            return NULL;
+        }
+        doc = cJSON_ParseWithLength(body, len);
+        free(body);
+    } else {
+        if (cmg_pki_read_file(src, JWKS_MAX, &data, &len) < 0)
+            return NULL;
+        doc = cJSON_ParseWithLength((const char *)data, len);
+        free(data);
+    }
+    if (!cJSON_IsObject(doc)) {
+        fprintf(stderr, "%s: %s is not a JSON Web Key Set\n", c->prog, src);
+        cJSON_Delete(doc);
+        return NULL;
+    }
+    return doc;
+}
+
+enum {
+    O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
+    O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP
+};
+
+static const struct option long_opts[] = {
+    {"role", required_argument, NULL, O_ROLE},       {"type", required_argument, NULL, O_TYPE},
+    {"url", required_argument, NULL, O_URL},
+    {"internal-url", required_argument, NULL, O_URL},
+    {"auth", required_argument, NULL, O_AUTH},
+    {"max-body", required_argument, NULL, O_MAX_BODY},
+    {"lifetime", required_argument, NULL, O_LIFETIME},
+    {"description", required_argument, NULL, O_DESC},
+    {"device", required_argument, NULL, O_DEVICE},   {"out", required_argument, NULL, O_OUT},
+    {"serial", required_argument, NULL, O_SERIAL},   {"cert", required_argument, NULL, O_CERT},
+    {"revoked", no_argument, NULL, O_REVOKED},
+    {"issuer", required_argument, NULL, O_ISSUER},
+    {"tenant", required_argument, NULL, O_TENANT},
+    {"audience", required_argument, NULL, O_AUDIENCE},
+    {"jwks", required_argument, NULL, O_JWKS},       {"json", no_argument, NULL, O_JSON},
+    {"site", required_argument, NULL, O_SITE},       {"dir", required_argument, NULL, O_SITE},
+    {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
+
+/* Parses options into c->args (by name), the site directory and one subject. */
+static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *help)
+{
+    cJSON *aud = NULL;
+    int ch;
+
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
+        switch (ch) {
+        case O_ROLE: cJSON_AddStringToObject(c->args, "role", optarg); break;
+        case O_TYPE: cJSON_AddStringToObject(c->args, "type", optarg); break;
+        case O_URL: cJSON_AddStringToObject(c->args, "url", optarg); break;
+        case O_AUTH: cJSON_AddStringToObject(c->args, "auth", optarg); break;
+        case O_MAX_BODY: cJSON_AddStringToObject(c->args, "max_body", optarg); break;
+        case O_LIFETIME: cJSON_AddStringToObject(c->args, "lifetime", optarg); break;
+        case O_DESC: cJSON_AddStringToObject(c->args, "description", optarg); break;
+        case O_DEVICE: cJSON_AddStringToObject(c->args, "device", optarg); break;
+        case O_OUT: cJSON_AddStringToObject(c->args, "out", optarg); break;
+        case O_SERIAL: cJSON_AddStringToObject(c->args, "serial", optarg); break;
+        case O_CERT: {
+            char serial[256];
+            if (serial_of(optarg, serial, sizeof(serial)) < 0)
+                return usage_error(c, "--cert: not a PEM certificate");
+            cJSON_AddStringToObject(c->args, "serial", serial);
+            break;
+        }
+        case O_REVOKED: cJSON_AddTrueToObject(c->args, "revoked"); break;
+        case O_ISSUER: cJSON_AddStringToObject(c->args, "issuer", optarg); break;
+        case O_TENANT: cJSON_AddStringToObject(c->args, "tenant", optarg); break;
+        case O_AUDIENCE:
+            if (!aud)
+                aud = cJSON_AddArrayToObject(c->args, "audience");
+            cJSON_AddItemToArray(aud, cJSON_CreateString(optarg));
+            break;
+        case O_JWKS: *jwks = optarg; break;
+        case O_JSON: c->json = true; break;
+        case O_SITE: c->dir = optarg; break;
+        case O_HELP: case 'h': *help = true; break;
+        default: return 2;
+        }
+    }
+    for (int i = optind; i < argc; i++) {
+        if (!c->dir && is_site_dir(argv[i]))
+            c->dir = argv[i];
+        else if (!c->subject)
+            c->subject = argv[i];
+        else
+            return usage_error(c, "too many arguments");
+    }
+    return 0;
+}
+
+/* The table of commands: words, operation, name of the subject argument, printer. */
+struct command {
+    const char *area, *verb;
+    const char *op;
+    const char *subject;       /* args key the positional argument fills, or NULL */
+    void (*show)(const cJSON *r);
+};
+
+static const struct command commands[] = {
+    {"mapping", "add", "mapping.add", NULL, show_mapping},
+    {"mapping", "list", "mapping.list", NULL, show_mappings},
+    {"mapping", "remove", "mapping.remove", "role", show_done},
+    {"token bulk", "create", "bulk.create", NULL, show_bulk},
+    {"token bulk", "list", "bulk.list", NULL, show_bulk_list},
+    {"token bulk", "block", "bulk.block", "guid", show_done},
+    {"token bulk", "unblock", "bulk.block", "guid", show_done},
+    {"device", "list", "device.list", NULL, show_devices},
+    {"device", "block", "device.block", "id", show_done},
+    {"device", "unblock", "device.block", "id", show_done},
+    {"cert", "issue", "cert.issue", "device", show_cert},
+    {"cert", "revoke", "cert.revoke", "serial", show_done},
+    {"cert", "list", "cert.list", NULL, show_certs},
+    {"cert", "check-revocation", "cert.revocation", "check_revocation", show_revocation},
+    {"oidc", "set", "oidc.set", NULL, show_oidc},
+    {"oidc", "show", "oidc.show", NULL, show_oidc},
+    {"oidc", "clear", "oidc.clear", NULL, show_done},
+};
+
+static int run_command(const struct command *cmd, int argc, char **argv)
+{
+    struct cli c = {0};
+    const char *jwks = NULL;
+    char prog[128];
+    bool help = false;
+    int rc;
+
+    snprintf(prog, sizeof(prog), "cmg site %s %s", cmd->area, cmd->verb);
+    c.prog = prog;
+    c.args = cJSON_CreateObject();
+    rc = parse(&c, argc, argv, &jwks, &help);
+    if (rc != 0 || help) {
+        fputs(usage, help && rc == 0 ? stdout : stderr);
+        goto out;
+    }
+    if (c.subject && !cmd->subject) {
+        rc = usage_error(&c, "unexpected argument (is the site directory right?)");
+        goto out;
+    }
+    if (c.subject && !strcmp(cmd->subject, "check_revocation")) {
+        if (strcmp(c.subject, "on") && strcmp(c.subject, "off")) {
+            rc = usage_error(&c, "on or off");
+            goto out;
+        }
+        cJSON_AddBoolToObject(c.args, "check_revocation", !strcmp(c.subject, "on"));
+    } else if (c.subject && !cJSON_GetObjectItem(c.args, cmd->subject))
+        cJSON_AddStringToObject(c.args, cmd->subject, c.subject);
+    if (!strcmp(cmd->verb, "unblock"))
+        cJSON_AddFalseToObject(c.args, "blocked");
+    if (!strcmp(cmd->op, "oidc.set")) {
+        cJSON *doc;
+        if (!jwks) {
+            rc = usage_error(&c, "--jwks FILE|URL is required");
+            goto out;
+        }
+        if (!(doc = load_jwks(&c, jwks))) {
+            rc = 1;
+            goto out;
+        }
+        cJSON_AddItemToObject(c.args, "jwks", doc);
+        cJSON_AddStringToObject(c.args, "source", jwks);
+    }
+    rc = run_print(&c, cmd->op, cmd->show);
+out:
+    cJSON_Delete(c.args);
+    return rc;
+}
+
+int cmg_site_admin_main(int argc, char **argv)
+{
+    bool token = argc > 1 && !strcmp(argv[0], "token");
+    const char *area = token ? "token bulk" : argv[0];
+    int skip = token ? 2 : 1;
+
+    if (token && strcmp(argv[1], "bulk")) {
+        fprintf(stderr, "cmg site token: only 'bulk' tokens are made by hand\n\n%s", usage);
+        return 2;
+    }
+    if (argc <= skip || !strcmp(argv[skip], "--help") || !strcmp(argv[skip], "-h")) {
+        fputs(usage, argc <= skip ? stderr : stdout);
+        return argc <= skip ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (!strcmp(commands[i].area, area) && !strcmp(commands[i].verb, argv[skip]))
+            return run_command(&commands[i], argc - skip, argv + skip);
+    fprintf(stderr, "cmg site %s: unknown command '%s'\n\n%s", area, argv[skip], usage);
+    return 2;
+}
+
+bool cmg_site_admin_area(const char *word)
+{
+    return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
+           !strcmp(word, "cert") || !strcmp(word, "oidc");
+}

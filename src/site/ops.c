@@ -1,0 +1,611 @@
+/* The site's administrative operations; see ops.h. */
+#include "site/ops.h"
+
+#include "auth/jwk.h"
+#include "http/path.h"
+#include "site/pki.h"
+#include "site/tokens.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <openssl/bn.h>
+#include <openssl/rand.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define ROLE_ID_BASE UINT64_C(72057594037927936) /* 2^56, as Configuration Manager */
+#define DEVICE_CERT_DAYS 365
+#define DEFAULT_MAX_BODY UINT64_C(1073741824)
+
+static int fail(char *msg, size_t len, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int fail(char *msg, size_t len, int status, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, len, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+static const char *arg_str(const cJSON *args, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, name);
+    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : NULL;
+}
+
+/* A non-negative whole number given as a JSON number or a decimal string. */
+static int arg_uint(const cJSON *args, const char *name, uint64_t *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, name);
+    char *end;
+
+    if (!v)
+        return 1;
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 9.0e18 &&
+        v->valuedouble == (double)(uint64_t)v->valuedouble) {
+        *out = (uint64_t)v->valuedouble;
+        return 0;
+    }
+    if (cJSON_IsString(v) && isdigit((unsigned char)v->valuestring[0])) {
+        errno = 0;
+        *out = strtoull(v->valuestring, &end, 10);
+        if (!errno && !*end)
+            return 0;
+    }
+    return -1;
+}
+
+static bool arg_bool(const cJSON *args, const char *name)
+{
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(args, name));
+}
+
+/* Runs body inside a transaction: commits on 0, rolls back otherwise. */
+#define IN_TX(s, msg, len, call)                                                            \
+    do {                                                                                    \
+        int rc_;                                                                            \
+        if (cmg_store_begin((s)->store) < 0)                                                \
+            return fail(msg, len, 500, "store busy: %s", cmg_store_error((s)->store));     \
+        rc_ = (call);                                                                       \
+        if (rc_ == 0 && cmg_store_commit((s)->store) < 0)                                   \
+            rc_ = fail(msg, len, 500, "store: %s", cmg_store_error((s)->store));            \
+        if (rc_ != 0)                                                                       \
+            cmg_store_rollback((s)->store);                                                 \
+        return rc_;                                                                         \
+    } while (0)
+
+/* ---- mappings ---- */
+
+static int new_role_id(struct cmg_site_ctx *s, char out[65])
+{
+    struct cmg_site_mapping *v;
+    size_t n;
+    bool dup;
+
+    if (cmg_store_mappings(s->store, &v, &n) < 0)
+        return -1;
+    do {
+        unsigned char r[3];
+        RAND_bytes(r, sizeof(r));
+        snprintf(out, 65, "%llu",
+                 (unsigned long long)(ROLE_ID_BASE + ((uint64_t)r[0] << 16 | (uint64_t)r[1] << 8 | r[2])));
+        dup = false;
+        for (size_t i = 0; i < n; i++)
+            dup |= !strcmp(v[i].role, out);
+    } while (dup);
+    free(v);
+    return 0;
+}
+
+static bool valid_role(const char *r)
+{
+    size_t n = strlen(r);
+    if (n == 0 || n > CMG_ROLE_ID_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)r[i]) && r[i] != '_' && r[i] != '-')
+            return false;
+    return true;
+}
+
+static bool valid_url(const char *u)
+{
+    if (strncmp(u, "http://", 7) && strncmp(u, "https://", 8))
+        return false;
+    for (; *u; u++)
+        if ((unsigned char)*u <= ' ' || *u == 0x7f)
+            return false;
+    return true;
+}
+
+static int mapping_add_tx(struct cmg_site_ctx *s, struct cmg_site_mapping *m, char *msg,
+                          size_t len)
+{
+    int rc;
+
+    if (!m->role[0] && new_role_id(s, m->role) < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    rc = cmg_store_mapping_add(s->store, m);
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc == 1)
+        return fail(msg, len, 409, "role %s is mapped already (remove it first)", m->role);
+    return 0;
+}
+
+static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                          size_t len)
+{
+    struct cmg_site_mapping m = {0};
+    const char *role = arg_str(args, "role"), *type = arg_str(args, "type");
+    const char *url = arg_str(args, "url"), *auth = arg_str(args, "auth");
+    int rc;
+
+    if (role && !valid_role(role))
+        return fail(msg, len, 400, "role id '%s': letters, digits, '_' and '-' only, "
+                                   "at most %d", role, CMG_ROLE_ID_MAX);
+    if (!type || (strcmp(type, "mp") && strcmp(type, "sup") && strcmp(type, "site")))
+        return fail(msg, len, 400, "type must be mp, sup or site");
+    if (!url || !valid_url(url) || strlen(url) >= sizeof(m.url))
+        return fail(msg, len, 400, "url must be an http:// or https:// URL");
+    if (cmg_mapping_auth_parse(auth ? auth : !strcmp(type, "site") ? "token" : "cert,token,oidc",
+                               &m.auth) < 0)
+        return fail(msg, len, 400, "auth must list cert, token and/or oidc, e.g. cert,token");
+    m.max_body = DEFAULT_MAX_BODY;
+    if (arg_uint(args, "max_body", &m.max_body) < 0)
+        return fail(msg, len, 400, "max_body must be a number of bytes");
+    snprintf(m.role, sizeof(m.role), "%s", role ? role : "");
+    snprintf(m.type, sizeof(m.type), "%s", type);
+    snprintf(m.url, sizeof(m.url), "%s", url);
+    if (cmg_store_begin(s->store) < 0)
+        return fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+    rc = mapping_add_tx(s, &m, msg, len);
+    if (rc == 0 && cmg_store_commit(s->store) < 0)
+        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc != 0) {
+        cmg_store_rollback(s->store);
+        return rc;
+    }
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "role", m.role);
+    cJSON_AddStringToObject(*result, "type", m.type);
+    cJSON_AddStringToObject(*result, "url", m.url);
+    {
+        char a[64];
+        cmg_mapping_auth_format(m.auth, a, sizeof(a));
+        cJSON_AddStringToObject(*result, "auth", a);
+    }
+    cJSON_AddNumberToObject(*result, "max_body", (double)m.max_body);
+    return 0;
+}
+
+static int mapping_remove_tx(struct cmg_site_ctx *s, const char *role, char *msg, size_t len)
+{
+    int rc = cmg_store_mapping_remove(s->store, role);
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 1 ? fail(msg, len, 404, "no mapping for role %s", role) : 0;
+}
+
+static int op_mapping_remove(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                             char *msg, size_t len)
+{
+    const char *role = arg_str(args, "role");
+
+    if (!role)
+        return fail(msg, len, 400, "which role? (--role ID)");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "removed", role);
+    IN_TX(s, msg, len, mapping_remove_tx(s, role, msg, len));
+}
+
+static int op_mapping_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                           size_t len)
+{
+    *result = cmg_store_mappings_json(s->store);
+    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+}
+
+/* ---- bulk registration tokens ---- */
+
+int64_t cmg_parse_lifetime(const char *v)
+{
+    char *end;
+    long long n;
+
+    if (!v || !isdigit((unsigned char)*v))
+        return -1;
+    errno = 0;
+    n = strtoll(v, &end, 10);
+    if (errno || n <= 0 || n > 100000000LL)
+        return -1;
+    if (!*end || !strcmp(end, "d"))
+        return n * 86400;
+    if (!strcmp(end, "h"))
+        return n * 3600;
+    if (!strcmp(end, "m"))
+        return n * 60;
+    if (!strcmp(end, "s"))
+        return n;
+    return -1;
+}
+
+static int bulk_create_tx(struct cmg_site_ctx *s, int64_t lifetime, const char *desc,
+                          cJSON **result, char *msg, size_t len)
+{
+    char guid[64];
+    int64_t exp;
+    char *tok = cmg_site_bulk_token(s, (int64_t)time(NULL), lifetime, desc, guid, &exp);
+
+    if (!tok)
+        return fail(msg, len, 500, "cannot make the token (store: %s)",
+                    cmg_store_error(s->store));
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "guid", guid);
+    cJSON_AddNumberToObject(*result, "expires", (double)exp);
+    cJSON_AddStringToObject(*result, "token", tok);
+    free(tok);
+    return 0;
+}
+
+static int op_bulk_create(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                          size_t len)
+{
+    const char *lt = arg_str(args, "lifetime");
+    int64_t lifetime = lt ? cmg_parse_lifetime(lt) : (int64_t)CMG_BULK_DEFAULT_DAYS * 86400;
+    uint64_t secs;
+
+    if (!lt && arg_uint(args, "lifetime", &secs) == 0)
+        lifetime = secs > INT64_MAX / 2 ? -1 : (int64_t)secs;
+    if (lifetime <= 0)
+        return fail(msg, len, 400, "lifetime: a duration such as 3d, 72h or 90m");
+    if (lifetime > (int64_t)CMG_BULK_MAX_DAYS * 86400)
+        return fail(msg, len, 400, "lifetime: %d days at most", CMG_BULK_MAX_DAYS);
+    IN_TX(s, msg, len, bulk_create_tx(s, lifetime, arg_str(args, "description"), result, msg, len));
+}
+
+static int op_bulk_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                        size_t len)
+{
+    *result = cmg_store_bulk_json(s->store);
+    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+}
+
+static int bulk_block_tx(struct cmg_site_ctx *s, const char *guid, bool block, char *msg,
+                         size_t len)
+{
+    int rc = cmg_store_bulk_block(s->store, guid, block);
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 1 ? fail(msg, len, 404, "no bulk token with GUID %s", guid) : 0;
+}
+
+static int op_bulk_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    const char *guid = arg_str(args, "guid");
+    bool block = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(args, "blocked"));
+
+    if (!guid)
+        return fail(msg, len, 400, "which token? (its GUID)");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "guid", guid);
+    cJSON_AddBoolToObject(*result, "blocked", block);
+    IN_TX(s, msg, len, bulk_block_tx(s, guid, block, msg, len));
+}
+
+/* ---- devices ---- */
+
+static int op_device_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                          size_t len)
+{
+    *result = cmg_store_devices_json(s->store);
+    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+}
+
+static int device_block_tx(struct cmg_site_ctx *s, const char *id, bool block, char *msg,
+                           size_t len)
+{
+    int rc = cmg_store_device_block(s->store, id, block);
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 1 ? fail(msg, len, 404, "no device %s", id) : 0;
+}
+
+static int op_device_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                           size_t len)
+{
+    const char *id = arg_str(args, "id");
+    bool block = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(args, "blocked"));
+
+    if (!id)
+        return fail(msg, len, 400, "which device? (its id)");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "id", id);
+    cJSON_AddBoolToObject(*result, "blocked", block);
+    IN_TX(s, msg, len, device_block_tx(s, id, block, msg, len));
+}
+
+/* ---- certificates ---- */
+
+static bool valid_name(const char *n)
+{
+    size_t len = strlen(n);
+    if (len == 0 || len > 64 || n[0] == '.' || n[0] == '-')
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!isalnum((unsigned char)n[i]) && !strchr("._-", n[i]))
+            return false;
+    return true;
+}
+
+static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *outdir,
+                         cJSON **result, char *msg, size_t len)
+{
+    char crt[PATH_MAX], key[PATH_MAX], subject[512];
+    struct cmg_cert_req req = {0};
+    EVP_PKEY *k = cmg_pki_new_key();
+    X509 *x = NULL;
+    BIGNUM *bn = NULL;
+    char *serial = NULL;
+    int rc = 500;
+
+    req.cn = name;
+    req.o = "OpenCMG device";
+    req.key = k;
+    req.eku = CMG_PKI_EKU_CLIENT;
+    req.days = DEVICE_CERT_DAYS;
+    if (!k || !(x = cmg_pki_issue(&req, s->ca_cert, s->ca_key)) ||
+        !(bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL)) || !(serial = BN_bn2hex(bn))) {
+        fail(msg, len, 500, "cannot issue the certificate");
+        goto out;
+    }
+    X509_NAME_oneline(X509_get_subject_name(x), subject, sizeof(subject));
+    if (snprintf(crt, sizeof(crt), "%s/%s.crt", outdir, name) >= (int)sizeof(crt) ||
+        snprintf(key, sizeof(key), "%s/%s.key", outdir, name) >= (int)sizeof(key)) {
+        fail(msg, len, 400, "output path too long");
+        rc = 400;
+        goto out;
+    }
+    if (cmg_store_cert_add(s->store, serial, name, subject, (int64_t)time(NULL),
+                           (int64_t)time(NULL) + DEVICE_CERT_DAYS * 86400LL) < 0) {
+        fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        goto out;
+    }
+    if (cmg_pki_write_key(key, k) < 0 || cmg_pki_write_cert(crt, x) < 0) {
+        fail(msg, len, 500, "cannot write %s / %s", crt, key);
+        goto out;
+    }
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "name", name);
+    cJSON_AddStringToObject(*result, "serial", serial);
+    cJSON_AddStringToObject(*result, "cert", crt);
+    cJSON_AddStringToObject(*result, "key", key);
+    rc = 0;
+out:
+    OPENSSL_free(serial);
+    BN_free(bn);
+    X509_free(x);
+    EVP_PKEY_free(k);
+    return rc;
+}
+
+static int op_cert_issue(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    const char *name = arg_str(args, "device"), *out = arg_str(args, "out");
+    char dir[PATH_MAX];
+
+    if (!name || !valid_name(name))
+        return fail(msg, len, 400, "--device NAME: letters, digits, '.', '_' and '-' only");
+    if (!out) {
+        if (snprintf(dir, sizeof(dir), "%s/devices", s->dir) >= (int)sizeof(dir))
+            return fail(msg, len, 400, "site directory path too long");
+        mkdir(dir, 0755);
+        out = dir;
+    }
+    IN_TX(s, msg, len, cert_issue_tx(s, name, out, result, msg, len));
+}
+
+static int cert_revoke_tx(struct cmg_site_ctx *s, const char *serial, char *msg, size_t len)
+{
+    int rc = cmg_store_cert_revoke(s->store, serial, (int64_t)time(NULL));
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc == 1)
+        return fail(msg, len, 404, "no certificate with serial %s was issued by this site",
+                    serial);
+    if (rc == 2)
+        return fail(msg, len, 409, "certificate %s is revoked already", serial);
+    return 0;
+}
+
+static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                          size_t len)
+{
+    const char *serial = arg_str(args, "serial"), *name = arg_str(args, "device");
+    char found[128];
+
+    if (!serial && name) {
+        int rc = cmg_store_cert_by_name(s->store, name, found, sizeof(found));
+        if (rc != 0)
+            return fail(msg, len, rc < 0 ? 500 : 404,
+                        "no unrevoked certificate for device %s", name);
+        serial = found;
+    }
+    if (!serial)
+        return fail(msg, len, 400, "which certificate? (--serial HEX, --cert FILE or "
+                                   "--device NAME)");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "revoked", serial);
+    IN_TX(s, msg, len, cert_revoke_tx(s, serial, msg, len));
+}
+
+static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                        size_t len)
+{
+    *result = cmg_store_certs_json(s->store, arg_bool(args, "revoked"));
+    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+}
+
+static int revocation_tx(struct cmg_site_ctx *s, bool on, char *msg, size_t len)
+{
+    if (cmg_store_set_setting(s->store, "check_revocation", on ? "on" : "off") < 0 ||
+        cmg_store_bump(s->store) < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return 0;
+}
+
+static int op_revocation(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    const cJSON *on = cJSON_GetObjectItemCaseSensitive(args, "check_revocation");
+
+    if (!cJSON_IsBool(on)) {
+        char v[16] = "off";
+        cmg_store_get_setting(s->store, "check_revocation", v, sizeof(v));
+        *result = cJSON_CreateObject();
+        cJSON_AddBoolToObject(*result, "check_revocation", !strcmp(v, "on"));
+        return 0;
+    }
+    *result = cJSON_CreateObject();
+    cJSON_AddBoolToObject(*result, "check_revocation", cJSON_IsTrue(on));
+    IN_TX(s, msg, len, revocation_tx(s, cJSON_IsTrue(on), msg, len));
+}
+
+/* ---- OIDC ---- */
+
+static int oidc_set_tx(struct cmg_site_ctx *s, const struct cmg_oidc_conf *o, char *msg,
+                       size_t len)
+{
+    return cmg_store_oidc_set(s->store, o) < 0
+               ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
+}
+
+static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                       size_t len)
+{
+    const char *issuer = arg_str(args, "issuer"), *tenant = arg_str(args, "tenant");
+    const cJSON *aud = cJSON_GetObjectItemCaseSensitive(args, "audience");
+    const cJSON *jwks = cJSON_GetObjectItemCaseSensitive(args, "jwks");
+    struct cmg_oidc_conf o = {0};
+    struct cmg_jwks keys = {0};
+    cJSON *auds = NULL;
+    char err[256];
+    int rc;
+
+    if (!issuer)
+        return fail(msg, len, 400, "--issuer is required");
+    if (cJSON_IsString(aud)) {
+        auds = cJSON_CreateArray();
+        cJSON_AddItemToArray(auds, cJSON_CreateString(aud->valuestring));
+    } else if (cJSON_IsArray(aud) && cJSON_GetArraySize(aud) > 0) {
+        auds = cJSON_Duplicate(aud, 1);
+    } else
+        return fail(msg, len, 400, "--audience is required");
+    if (!cJSON_IsObject(jwks) || cmg_jwks_from_json(jwks, &keys, err, sizeof(err)) < 0) {
+        cJSON_Delete(auds);
+        return fail(msg, len, 400, "jwks: %s", cJSON_IsObject(jwks) ? err : "a JWKS object "
+                                   "is required");
+    }
+    o.issuer = (char *)issuer;
+    o.tenant = (char *)(tenant ? tenant : "");
+    o.audiences = cJSON_PrintUnformatted(auds);
+    o.jwks = cJSON_PrintUnformatted(jwks);
+    o.source = (char *)(arg_str(args, "source") ? arg_str(args, "source") : "");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "issuer", issuer);
+    cJSON_AddStringToObject(*result, "tenant", o.tenant);
+    cJSON_AddItemToObject(*result, "audiences", auds);
+    cJSON_AddNumberToObject(*result, "keys", (double)keys.n);
+    cmg_jwks_free(&keys);
+    if (cmg_store_begin(s->store) < 0)
+        rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+    else if ((rc = oidc_set_tx(s, &o, msg, len)) == 0 && cmg_store_commit(s->store) < 0)
+        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc != 0) {
+        cmg_store_rollback(s->store);
+        cJSON_Delete(*result);
+        *result = NULL;
+    }
+    free(o.audiences);
+    free(o.jwks);
+    return rc;
+}
+
+static int op_oidc_show(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                        size_t len)
+{
+    struct cmg_oidc_conf o;
+    int rc = cmg_store_oidc_get(s->store, &o);
+
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    *result = cJSON_CreateObject();
+    if (rc == 0) {
+        cJSON_AddStringToObject(*result, "issuer", o.issuer ? o.issuer : "");
+        cJSON_AddStringToObject(*result, "tenant", o.tenant ? o.tenant : "");
+        cJSON_AddItemToObject(*result, "audiences", cJSON_Parse(o.audiences ? o.audiences : "[]"));
+        cJSON_AddStringToObject(*result, "source", o.source ? o.source : "");
+    }
+    cmg_oidc_conf_free(&o);
+    return 0;
+}
+
+static int oidc_clear_tx(struct cmg_site_ctx *s, char *msg, size_t len)
+{
+    return cmg_store_oidc_clear(s->store) < 0
+               ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
+}
+
+static int op_oidc_clear(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    *result = cJSON_CreateObject();
+    IN_TX(s, msg, len, oidc_clear_tx(s, msg, len));
+}
+
+static const struct cmg_site_op_def ops[] = {
+    {"mapping.add", op_mapping_add},       {"mapping.remove", op_mapping_remove},
+    {"mapping.list", op_mapping_list},     {"bulk.create", op_bulk_create},
+    {"bulk.list", op_bulk_list},           {"bulk.block", op_bulk_block},
+    {"device.list", op_device_list},       {"device.block", op_device_block},
+    {"cert.issue", op_cert_issue},         {"cert.revoke", op_cert_revoke},
+    {"cert.list", op_cert_list},           {"cert.revocation", op_revocation},
+    {"oidc.set", op_oidc_set},             {"oidc.show", op_oidc_show},
+    {"oidc.clear", op_oidc_clear},
+};
+
+const struct cmg_site_op_def *cmg_site_op_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
+        if (!strcmp(ops[i].name, name))
+            return &ops[i];
+    return NULL;
+}
+
+int cmg_site_op_run(struct cmg_site_ctx *s, const char *name, const cJSON *args,
+                    cJSON **result, char *msg, size_t msglen)
+{
+    const struct cmg_site_op_def *d = cmg_site_op_find(name);
+    int rc;
+
+    *result = NULL;
+    if (!d)
+        return fail(msg, msglen, 404, "no operation %s", name);
+    rc = d->fn(s, args, result, msg, msglen);
+    if (rc != 0) {
+        cJSON_Delete(*result);
+        *result = NULL;
+    } else if (!*result)
+        return fail(msg, msglen, 500, "out of memory");
+    return rc;
+}

@@ -1,0 +1,31 @@
+/* The site's administrative operations, shared by the admin commands and the admin
+ * API: each takes its arguments as a JSON object and gives a JSON result, so both
+ * front ends say the same thing. Changes run in one transaction and bump the policy
+ * version, which the running site server republishes to every gateway. */
+#ifndef CMG_SITE_OPS_H
+#define CMG_SITE_OPS_H
+
+#include "site/ctx.h"
+
+#include <cjson/cJSON.h>
+
+/* 0 with *result (the caller frees it), or an HTTP status (400, 404, 409, 500) with a
+ * message in msg. */
+typedef int (*cmg_site_op)(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                           char *msg, size_t msglen);
+
+struct cmg_site_op_def {
+    const char *name;     /* "mapping.add", ... */
+    cmg_site_op fn;
+};
+
+/* The operation called name, or NULL. */
+const struct cmg_site_op_def *cmg_site_op_find(const char *name);
+/* Runs it. */
+int cmg_site_op_run(struct cmg_site_ctx *s, const char *name, const cJSON *args,
+                    cJSON **result, char *msg, size_t msglen);
+
+/* "3d", "72h", "90m", "3600s" or a bare number of days, in seconds; -1 if malformed. */
+int64_t cmg_parse_lifetime(const char *s);
+
+#endif

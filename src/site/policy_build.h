@@ -1,0 +1,19 @@
+/* The signed gateway policy (ARCHITECTURE.md), built from the store, and the routes
+ * (role → internal URL) that only connectors get. */
+#ifndef CMG_SITE_POLICY_BUILD_H
+#define CMG_SITE_POLICY_BUILD_H
+
+#include "site/ctx.h"
+
+#include <cjson/cJSON.h>
+#include <stdint.h>
+
+/* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version.
+ * NULL with a reason in err. */
+char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen);
+/* {"<role>": {"url": ..., "type": ...}, ...} */
+cJSON *cmg_site_routes(struct cmg_site_ctx *s);
+/* The site CA's CRL, PEM, listing every revoked certificate of the store. */
+char *cmg_site_crl_pem(struct cmg_site_ctx *s);
+
+#endif

@@ -1,0 +1,601 @@
+/* The site's SQLite store; see store.h. */
+#include "site/store.h"
+
+#include <openssl/rand.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct cmg_store {
+    sqlite3 *db;
+};
+
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    "INSERT OR IGNORE INTO meta VALUES ('schema', '1'), ('policy_version', '1');"
+    "CREATE TABLE IF NOT EXISTS mappings (role TEXT PRIMARY KEY,"
+    " type TEXT NOT NULL CHECK (type IN ('mp', 'sup', 'site')), url TEXT NOT NULL,"
+    " auth INTEGER NOT NULL, max_body INTEGER NOT NULL, created INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS bulk_tokens (guid TEXT PRIMARY KEY, created INTEGER NOT NULL,"
+    " expires INTEGER NOT NULL, blocked INTEGER NOT NULL DEFAULT 0, description TEXT);"
+    "CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, name TEXT NOT NULL,"
+    " thumbprint TEXT NOT NULL UNIQUE, bulk_guid TEXT, registered INTEGER NOT NULL,"
+    " token_jti TEXT, token_issued INTEGER, token_expires INTEGER,"
+    " blocked INTEGER NOT NULL DEFAULT 0);"
+    "CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, name TEXT NOT NULL,"
+    " subject TEXT NOT NULL, issued INTEGER NOT NULL, expires INTEGER NOT NULL,"
+    " revoked INTEGER);"
+    "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"
+    " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);";
+
+const char *cmg_store_error(struct cmg_store *s)
+{
+    return sqlite3_errmsg(s->db);
+}
+
+int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t errlen)
+{
+    struct cmg_store *s = calloc(1, sizeof(*s));
+    char path[4096];
+
+    *out = NULL;
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    snprintf(path, sizeof(path), "%s/%s", dir, CMG_STORE_FILE);
+    if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+            SQLITE_OK ||
+        sqlite3_busy_timeout(s->db, 10000) != SQLITE_OK ||
+        sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", NULL, NULL,
+                     NULL) != SQLITE_OK ||
+        sqlite3_exec(s->db, schema, NULL, NULL, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
+        cmg_store_close(s);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+void cmg_store_close(struct cmg_store *s)
+{
+    if (!s)
+        return;
+    sqlite3_close(s->db);
+    free(s);
+}
+
+static int exec(struct cmg_store *s, const char *sql)
+{
+    return sqlite3_exec(s->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -1;
+}
+
+int cmg_store_begin(struct cmg_store *s) { return exec(s, "BEGIN IMMEDIATE"); }
+int cmg_store_begin_read(struct cmg_store *s) { return exec(s, "BEGIN"); }
+int cmg_store_commit(struct cmg_store *s) { return exec(s, "COMMIT"); }
+
+void cmg_store_rollback(struct cmg_store *s)
+{
+    if (!sqlite3_get_autocommit(s->db))
+        exec(s, "ROLLBACK");
+}
+
+/* Prepares sql and binds the arguments described by fmt: 's' text, 'i' int64, 'n' null. */
+static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st = NULL;
+    va_list ap;
+    int i = 1, rc = SQLITE_OK;
+
+    if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK)
+        return NULL;
+    va_start(ap, fmt);
+    for (const char *f = fmt; *f && rc == SQLITE_OK; f++, i++) {
+        if (*f == 's')
+            rc = sqlite3_bind_text(st, i, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+        else if (*f == 'i')
+            rc = sqlite3_bind_int64(st, i, va_arg(ap, int64_t));
+        else
+            rc = sqlite3_bind_null(st, i);
+    }
+    va_end(ap);
+    if (rc != SQLITE_OK) {
+        sqlite3_finalize(st);
+        return NULL;
+    }
+    return st;
+}
+
+/* Runs a statement that returns no rows; the number of rows changed, or -1. */
+static int run(sqlite3_stmt *st)
+{
+    int rc;
+
+    if (!st)
+        return -1;
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return -1;
+    return 1;
+}
+
+static int changes(struct cmg_store *s, sqlite3_stmt *st)
+{
+    return run(st) < 0 ? -1 : sqlite3_changes(s->db);
+}
+
+int cmg_store_bump(struct cmg_store *s)
+{
+    return exec(s, "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                   "WHERE key = 'policy_version'");
+}
+
+/* A statement that gives one integer; def if no row. */
+static int64_t one_int(struct cmg_store *s, const char *sql, int64_t def)
+{
+    sqlite3_stmt *st = prep(s, sql, "");
+    int64_t v = def;
+
+    if (st && sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+int64_t cmg_store_policy_version(struct cmg_store *s)
+{
+    return one_int(s, "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'policy_version'", -1);
+}
+
+int64_t cmg_store_data_version(struct cmg_store *s)
+{
+    return one_int(s, "PRAGMA data_version", -1);
+}
+
+int cmg_store_get_setting(struct cmg_store *s, const char *key, char *out, size_t outlen)
+{
+    sqlite3_stmt *st = prep(s, "SELECT value FROM meta WHERE key = ?", "s", key);
+    int rc = 1;
+
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(out, outlen, "%s", (const char *)sqlite3_column_text(st, 0));
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cmg_store_set_setting(struct cmg_store *s, const char *key, const char *value)
+{
+    return run(prep(s, "INSERT OR REPLACE INTO meta VALUES (?, ?)", "ss", key, value)) < 0
+               ? -1 : 0;
+}
+
+/* ---- mappings ---- */
+
+static const struct { const char *word; unsigned bit; } auth_words[] = {
+    {"cert", CMG_MAP_AUTH_CERT}, {"token", CMG_MAP_AUTH_TOKEN}, {"oidc", CMG_MAP_AUTH_OIDC},
+};
+
+int cmg_mapping_auth_parse(const char *s, unsigned *auth)
+{
+    *auth = 0;
+    while (*s) {
+        size_t n = strcspn(s, ",");
+        unsigned bit = 0;
+        for (size_t i = 0; i < sizeof(auth_words) / sizeof(auth_words[0]); i++)
+            if (strlen(auth_words[i].word) == n && !strncasecmp(s, auth_words[i].word, n))
+                bit = auth_words[i].bit;
+        if (!bit)
+            return -1;
+        *auth |= bit;
+        s += n + (s[n] == ',');
+    }
+    return *auth ? 0 : -1;
+}
+
+void cmg_mapping_auth_format(unsigned auth, char *out, size_t outlen)
+{
+    size_t len = 0;
+
+    out[0] = 0;
+    for (size_t i = 0; i < sizeof(auth_words) / sizeof(auth_words[0]); i++)
+        if (auth & auth_words[i].bit)
+            len += (size_t)snprintf(out + len, len < outlen ? outlen - len : 0, "%s%s",
+                                    len ? "," : "", auth_words[i].word);
+}
+
+int cmg_store_mapping_add(struct cmg_store *s, const struct cmg_site_mapping *m)
+{
+    sqlite3_stmt *st = prep(s, "INSERT OR IGNORE INTO mappings VALUES (?, ?, ?, ?, ?, "
+                               "strftime('%s', 'now'))",
+                            "sssii", m->role, m->type, m->url, (int64_t)m->auth,
+                            (int64_t)m->max_body);
+    int n = changes(s, st);
+
+    if (n < 0)
+        return -1;
+    if (n == 0)
+        return 1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_mapping_remove(struct cmg_store *s, const char *role)
+{
+    int n = changes(s, prep(s, "DELETE FROM mappings WHERE role = ?", "s", role));
+
+    if (n < 0)
+        return -1;
+    if (n == 0)
+        return 1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_mappings(struct cmg_store *s, struct cmg_site_mapping **out, size_t *n)
+{
+    sqlite3_stmt *st = prep(s, "SELECT role, type, url, auth, max_body FROM mappings "
+                               "ORDER BY created, role", "");
+    struct cmg_site_mapping *v = NULL, *nv;
+    size_t len = 0;
+    int rc;
+
+    *out = NULL;
+    *n = 0;
+    if (!st)
+        return -1;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (!(nv = realloc(v, (len + 1) * sizeof(*v)))) {
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        v = nv;
+        memset(&v[len], 0, sizeof(v[len]));
+        snprintf(v[len].role, sizeof(v[len].role), "%s", sqlite3_column_text(st, 0));
+        snprintf(v[len].type, sizeof(v[len].type), "%s", sqlite3_column_text(st, 1));
+        snprintf(v[len].url, sizeof(v[len].url), "%s", sqlite3_column_text(st, 2));
+        v[len].auth = (unsigned)sqlite3_column_int64(st, 3);
+        v[len].max_body = (uint64_t)sqlite3_column_int64(st, 4);
+        len++;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        free(v);
+        return -1;
+    }
+    *out = v;
+    *n = len;
+    return 0;
+}
+
+/* Rows of a query as an array of objects, column names as keys; integers stay numbers. */
+static cJSON *rows_json(struct cmg_store *s, sqlite3_stmt *st)
+{
+    cJSON *arr = cJSON_CreateArray();
+    int rc;
+
+    if (!st || !arr) {
+        sqlite3_finalize(st);
+        cJSON_Delete(arr);
+        return NULL;
+    }
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o || !cJSON_AddItemToArray(arr, o))
+            break;
+        for (int i = 0; i < sqlite3_column_count(st); i++) {
+            const char *name = sqlite3_column_name(st, i);
+            switch (sqlite3_column_type(st, i)) {
+            case SQLITE_INTEGER:
+                cJSON_AddNumberToObject(o, name, (double)sqlite3_column_int64(st, i));
+                break;
+            case SQLITE_NULL:
+                cJSON_AddNullToObject(o, name);
+                break;
+            default:
+                cJSON_AddStringToObject(o, name, (const char *)sqlite3_column_text(st, i));
+            }
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        cJSON_Delete(arr);
+        return NULL;
+    }
+    (void)s;
+    return arr;
+}
+
+cJSON *cmg_store_mappings_json(struct cmg_store *s)
+{
+    struct cmg_site_mapping *v;
+    cJSON *arr;
+    size_t n;
+    char auth[64];
+
+    if (cmg_store_mappings(s, &v, &n) < 0)
+        return NULL;
+    arr = cJSON_CreateArray();
+    for (size_t i = 0; arr && i < n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cmg_mapping_auth_format(v[i].auth, auth, sizeof(auth));
+        cJSON_AddItemToArray(arr, o);
+        cJSON_AddStringToObject(o, "role", v[i].role);
+        cJSON_AddStringToObject(o, "type", v[i].type);
+        cJSON_AddStringToObject(o, "url", v[i].url);
+        cJSON_AddStringToObject(o, "auth", auth);
+        cJSON_AddNumberToObject(o, "max_body", (double)v[i].max_body);
+    }
+    free(v);
+    return arr;
+}
+
+/* ---- bulk registration tokens ---- */
+
+int cmg_store_bulk_add(struct cmg_store *s, const char *guid, int64_t created, int64_t expires,
+                       const char *description)
+{
+    return run(prep(s, "INSERT INTO bulk_tokens (guid, created, expires, description) "
+                       "VALUES (?, ?, ?, ?)",
+                    description ? "siis" : "siin", guid, created, expires, description)) < 0
+               ? -1 : 0;
+}
+
+int cmg_store_bulk_get(struct cmg_store *s, const char *guid, int64_t *expires, bool *blocked)
+{
+    sqlite3_stmt *st = prep(s, "SELECT expires, blocked FROM bulk_tokens WHERE guid = ?", "s",
+                            guid);
+    int rc = 1;
+
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        if (expires)
+            *expires = sqlite3_column_int64(st, 0);
+        if (blocked)
+            *blocked = sqlite3_column_int64(st, 1) != 0;
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cmg_store_bulk_block(struct cmg_store *s, const char *guid, bool blocked)
+{
+    int n = changes(s, prep(s, "UPDATE bulk_tokens SET blocked = ? WHERE guid = ?", "is",
+                            (int64_t)blocked, guid));
+    if (n < 0)
+        return -1;
+    return n == 0 ? 1 : cmg_store_bump(s);
+}
+
+cJSON *cmg_store_bulk_json(struct cmg_store *s)
+{
+    return rows_json(s, prep(s, "SELECT guid, created, expires, blocked, description "
+                                "FROM bulk_tokens ORDER BY created, guid", ""));
+}
+
+/* ---- devices ---- */
+
+static void new_guid(char out[64])
+{
+    unsigned char r[16];
+
+    RAND_bytes(r, sizeof(r));
+    r[6] = (unsigned char)((r[6] & 0x0f) | 0x40); /* version 4 */
+    r[8] = (unsigned char)((r[8] & 0x3f) | 0x80);
+    snprintf(out, 64, "GUID:%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12],
+             r[13], r[14], r[15]);
+}
+
+static int device_row(sqlite3_stmt *st, struct cmg_device_rec *d)
+{
+    int rc = 1;
+
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(d->id, sizeof(d->id), "%s", sqlite3_column_text(st, 0));
+        snprintf(d->name, sizeof(d->name), "%s", sqlite3_column_text(st, 1));
+        snprintf(d->thumbprint, sizeof(d->thumbprint), "%s", sqlite3_column_text(st, 2));
+        d->blocked = sqlite3_column_int64(st, 3) != 0;
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cmg_store_device_upsert(struct cmg_store *s, const char *thumbprint, const char *name,
+                            const char *bulk_guid, int64_t now, struct cmg_device_rec *d)
+{
+    char id[64];
+    int rc = device_row(prep(s, "SELECT id, name, thumbprint, blocked FROM devices "
+                                "WHERE thumbprint = ?", "s", thumbprint), d);
+
+    if (rc <= 0)
+        return rc;
+    new_guid(id);
+    if (run(prep(s, "INSERT INTO devices (id, name, thumbprint, bulk_guid, registered) "
+                    "VALUES (?, ?, ?, ?, ?)", "ssssi", id, name, thumbprint, bulk_guid, now)) < 0)
+        return -1;
+    return device_row(prep(s, "SELECT id, name, thumbprint, blocked FROM devices WHERE id = ?",
+                           "s", id), d) == 0 ? 0 : -1;
+}
+
+int cmg_store_device_get(struct cmg_store *s, const char *id, struct cmg_device_rec *d)
+{
+    return device_row(prep(s, "SELECT id, name, thumbprint, blocked FROM devices WHERE id = ?",
+                           "s", id), d);
+}
+
+int cmg_store_device_token(struct cmg_store *s, const char *id, const char *jti, int64_t issued,
+                           int64_t expires)
+{
+    return run(prep(s, "UPDATE devices SET token_jti = ?, token_issued = ?, token_expires = ? "
+                       "WHERE id = ?", "siis", jti, issued, expires, id)) < 0 ? -1 : 0;
+}
+
+int cmg_store_device_block(struct cmg_store *s, const char *id, bool blocked)
+{
+    int n = changes(s, prep(s, "UPDATE devices SET blocked = ? WHERE id = ?", "is",
+                            (int64_t)blocked, id));
+    if (n < 0)
+        return -1;
+    return n == 0 ? 1 : cmg_store_bump(s);
+}
+
+cJSON *cmg_store_devices_json(struct cmg_store *s)
+{
+    return rows_json(s, prep(s, "SELECT id, name, thumbprint, bulk_guid, registered, "
+                                "token_issued, token_expires, blocked FROM devices "
+                                "ORDER BY registered, id", ""));
+}
+
+/* ---- certificates issued by the site ---- */
+
+int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name,
+                       const char *subject, int64_t issued, int64_t expires)
+{
+    return run(prep(s, "INSERT INTO certs VALUES (?, ?, ?, ?, ?, NULL)", "sssii", serial, name,
+                    subject, issued, expires)) < 0 ? -1 : 0;
+}
+
+int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when)
+{
+    sqlite3_stmt *st = prep(s, "SELECT revoked FROM certs WHERE serial = ? COLLATE NOCASE", "s",
+                            serial);
+    int rc;
+
+    if (!st)
+        return -1;
+    rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW) {
+        sqlite3_finalize(st);
+        return rc == SQLITE_DONE ? 1 : -1;
+    }
+    rc = sqlite3_column_type(st, 0) != SQLITE_NULL;
+    sqlite3_finalize(st);
+    if (rc)
+        return 2;
+    if (run(prep(s, "UPDATE certs SET revoked = ? WHERE serial = ? COLLATE NOCASE", "is", when,
+                 serial)) < 0)
+        return -1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len)
+{
+    sqlite3_stmt *st = prep(s, "SELECT serial FROM certs WHERE name = ? AND revoked IS NULL "
+                               "ORDER BY issued DESC LIMIT 1", "s", name);
+    int rc = 1;
+
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(serial, len, "%s", sqlite3_column_text(st, 0));
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only)
+{
+    return rows_json(s, prep(s, revoked_only
+                                    ? "SELECT serial, name, subject, issued, expires, revoked "
+                                      "FROM certs WHERE revoked IS NOT NULL ORDER BY revoked"
+                                    : "SELECT serial, name, subject, issued, expires, revoked "
+                                      "FROM certs ORDER BY issued, serial", ""));
+}
+
+/* ---- OIDC ---- */
+
+static char *col_dup(sqlite3_stmt *st, int i)
+{
+    const unsigned char *t = sqlite3_column_text(st, i);
+    return t ? strdup((const char *)t) : NULL;
+}
+
+int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o)
+{
+    sqlite3_stmt *st = prep(s, "SELECT issuer, tenant, audiences, jwks, source FROM oidc "
+                               "WHERE id = 1", "");
+    int rc = 1;
+
+    memset(o, 0, sizeof(*o));
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        o->issuer = col_dup(st, 0);
+        o->tenant = col_dup(st, 1);
+        o->audiences = col_dup(st, 2);
+        o->jwks = col_dup(st, 3);
+        o->source = col_dup(st, 4);
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cmg_store_oidc_set(struct cmg_store *s, const struct cmg_oidc_conf *o)
+{
+    if (run(prep(s, "INSERT OR REPLACE INTO oidc VALUES (1, ?, ?, ?, ?, ?)", "sssss", o->issuer,
+                 o->tenant ? o->tenant : "", o->audiences, o->jwks,
+                 o->source ? o->source : "")) < 0)
+        return -1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_oidc_clear(struct cmg_store *s)
+{
+    if (run(prep(s, "DELETE FROM oidc", "")) < 0)
+        return -1;
+    return cmg_store_bump(s);
+}
+
+void cmg_oidc_conf_free(struct cmg_oidc_conf *o)
+{
+    free(o->issuer);
+    free(o->tenant);
+    free(o->audiences);
+    free(o->jwks);
+    free(o->source);
+    memset(o, 0, sizeof(*o));
+}
+
+/* ---- what the policy lists ---- */
+
+static cJSON *column_strings(struct cmg_store *s, const char *sql)
+{
+    sqlite3_stmt *st = prep(s, sql, "");
+    cJSON *arr = cJSON_CreateArray();
+    int rc = SQLITE_ERROR;
+
+    if (st && arr)
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+            cJSON_AddItemToArray(arr, cJSON_CreateString((const char *)sqlite3_column_text(st, 0)));
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        cJSON_Delete(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+cJSON *cmg_store_blocked_devices(struct cmg_store *s)
+{
+    return column_strings(s, "SELECT id FROM devices WHERE blocked ORDER BY id");
+}
+
+cJSON *cmg_store_blocked_tokens(struct cmg_store *s)
+{
+    return column_strings(s, "SELECT guid FROM bulk_tokens WHERE blocked "
+                             "AND expires > strftime('%s', 'now') ORDER BY guid");
+}

@@ -1,0 +1,105 @@
+/* The site's store: one SQLite database (WAL) in the site directory, written only
+ * by the site (its server and its admin commands). Every change that gateways must
+ * see bumps the policy version in the same transaction, so a running server that
+ * sees a higher version republishes. Lists come out as cJSON arrays, shared by the
+ * admin commands (printed as tables) and the admin API (sent as they are). */
+#ifndef CMG_SITE_STORE_H
+#define CMG_SITE_STORE_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CMG_STORE_FILE "site.db"
+
+enum { CMG_MAP_AUTH_CERT = 1, CMG_MAP_AUTH_TOKEN = 2, CMG_MAP_AUTH_OIDC = 4 };
+
+struct cmg_site_mapping {
+    char role[65];
+    char type[8];            /* mp, sup or site */
+    char url[1024];          /* internal base URL */
+    unsigned auth;           /* CMG_MAP_AUTH_* */
+    uint64_t max_body;
+};
+
+struct cmg_store;
+
+/* Opens (creating if needed) DIR/site.db. -1 with a reason in err. */
+int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t errlen);
+void cmg_store_close(struct cmg_store *s);
+const char *cmg_store_error(struct cmg_store *s);
+
+int cmg_store_begin(struct cmg_store *s);        /* BEGIN IMMEDIATE: for writing */
+int cmg_store_begin_read(struct cmg_store *s);   /* BEGIN: a consistent snapshot */
+int cmg_store_commit(struct cmg_store *s);
+void cmg_store_rollback(struct cmg_store *s);
+/* Within a transaction: the gateways must be told (policy version + 1). */
+int cmg_store_bump(struct cmg_store *s);
+int64_t cmg_store_policy_version(struct cmg_store *s);
+/* SQLite's data_version: changes when another connection committed. */
+int64_t cmg_store_data_version(struct cmg_store *s);
+
+/* Settings (meta table). */
+int cmg_store_get_setting(struct cmg_store *s, const char *key, char *out, size_t outlen);
+int cmg_store_set_setting(struct cmg_store *s, const char *key, const char *value);
+
+/* Mapping auth list "cert,token,oidc" <-> bits; -1 on an unknown word. */
+int cmg_mapping_auth_parse(const char *s, unsigned *auth);
+void cmg_mapping_auth_format(unsigned auth, char *out, size_t outlen);
+
+/* 0 added; 1 the role exists already. Bumps. */
+int cmg_store_mapping_add(struct cmg_store *s, const struct cmg_site_mapping *m);
+/* 0 removed; 1 no such role. Bumps. */
+int cmg_store_mapping_remove(struct cmg_store *s, const char *role);
+int cmg_store_mappings(struct cmg_store *s, struct cmg_site_mapping **out, size_t *n);
+cJSON *cmg_store_mappings_json(struct cmg_store *s);
+
+int cmg_store_bulk_add(struct cmg_store *s, const char *guid, int64_t created, int64_t expires,
+                       const char *description);
+/* 0 found (fills what is asked for), 1 not found. */
+int cmg_store_bulk_get(struct cmg_store *s, const char *guid, int64_t *expires, bool *blocked);
+/* 0 done, 1 not found. Bumps. */
+int cmg_store_bulk_block(struct cmg_store *s, const char *guid, bool blocked);
+cJSON *cmg_store_bulk_json(struct cmg_store *s);
+
+struct cmg_device_rec {
+    char id[64];
+    char name[128];
+    char thumbprint[65];
+    bool blocked;
+};
+/* The device for this certificate thumbprint, recorded now if new (its id then made
+ * here). Runs inside the caller's transaction. 0, or -1. */
+int cmg_store_device_upsert(struct cmg_store *s, const char *thumbprint, const char *name,
+                            const char *bulk_guid, int64_t now, struct cmg_device_rec *d);
+/* 0 found, 1 not found. */
+int cmg_store_device_get(struct cmg_store *s, const char *id, struct cmg_device_rec *d);
+int cmg_store_device_token(struct cmg_store *s, const char *id, const char *jti, int64_t issued,
+                           int64_t expires);
+/* 0 done, 1 not found. Bumps. */
+int cmg_store_device_block(struct cmg_store *s, const char *id, bool blocked);
+cJSON *cmg_store_devices_json(struct cmg_store *s);
+
+int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name,
+                       const char *subject, int64_t issued, int64_t expires);
+/* 0 revoked now, 1 not found, 2 already revoked. Bumps. */
+int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when);
+/* Serial of the newest certificate issued for name; 0, or 1 if none. */
+int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len);
+cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only);
+
+/* What the policy carries for OIDC; NULL members when not set. */
+struct cmg_oidc_conf {
+    char *issuer, *tenant, *audiences /* JSON array */, *jwks /* JSON */, *source;
+};
+int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o);   /* 0 set, 1 unset */
+int cmg_store_oidc_set(struct cmg_store *s, const struct cmg_oidc_conf *o); /* bumps */
+int cmg_store_oidc_clear(struct cmg_store *s);                          /* bumps */
+void cmg_oidc_conf_free(struct cmg_oidc_conf *o);
+
+/* Blocked device ids and blocked bulk token GUIDs, for the policy. */
+cJSON *cmg_store_blocked_devices(struct cmg_store *s);
+cJSON *cmg_store_blocked_tokens(struct cmg_store *s);
+
+#endif

@@ -159,13 +159,25 @@ out:
     return pk;
 }
 
-/* One JWK; -1 if it is to be skipped. */
-static int jwk_from_json(const cJSON *k, struct cmg_jwk *key)
+/* "use", "alg" and "kid" are optional, but when present they must agree. */
+static int members_agree(const cJSON *k, enum cmg_jws_alg a)
 {
     const cJSON *use = cJSON_GetObjectItemCaseSensitive(k, "use");
     const cJSON *alg = cJSON_GetObjectItemCaseSensitive(k, "alg");
     const cJSON *kid = cJSON_GetObjectItemCaseSensitive(k, "kid");
-    const char *kty = member_str(k, "kty");
+
+    if (use && (!cJSON_IsString(use) || strcmp(use->valuestring, "sig")))
+        return 0;
+    if (alg && (!cJSON_IsString(alg) || cmg_jws_alg_parse(alg->valuestring) != a))
+        return 0;
+    return !kid || (cJSON_IsString(kid) &&
+                    strlen(kid->valuestring) < sizeof(((struct cmg_jwk *)0)->kid));
+}
+
+/* One JWK; -1 if it is to be skipped. */
+static int jwk_from_json(const cJSON *k, struct cmg_jwk *key)
+{
+    const char *kty = member_str(k, "kty"), *kid = member_str(k, "kid");
     enum cmg_jws_alg a = CMG_ALG_UNKNOWN;
 
     memset(key, 0, sizeof(*key));
@@ -173,16 +185,14 @@ static int jwk_from_json(const cJSON *k, struct cmg_jwk *key)
         a = CMG_ALG_ES256;
     else if (kty && !strcmp(kty, "RSA"))
         a = CMG_ALG_RS256;
-    if (a == CMG_ALG_UNKNOWN || (use && (!cJSON_IsString(use) || strcmp(use->valuestring, "sig"))) ||
-        (alg && cmg_jws_alg_parse(cJSON_IsString(alg) ? alg->valuestring : NULL) != a) ||
-        (kid && (!cJSON_IsString(kid) || strlen(kid->valuestring) >= sizeof(key->kid))))
+    if (a == CMG_ALG_UNKNOWN || !members_agree(k, a))
         return -1;
     key->pkey = a == CMG_ALG_ES256 ? jwk_ec(k) : jwk_rsa(k);
     if (!key->pkey)
         return -1;
     key->alg = a;
     if (kid)
-        strcpy(key->kid, kid->valuestring);   /* length checked above */
+        strcpy(key->kid, kid);   /* members_agree checked the length */
     return 0;
 }
 

@@ -253,31 +253,32 @@ char *cmg_jws_sign_es256(EVP_PKEY *key, const char *kid, const char *typ,
                          const char *payload_json)
 {
     char *hdr = NULL, *out = NULL;
-    size_t hl, pl, cap, o = 0;
+    size_t hl, pl, cap, o;
     unsigned char raw[ES256_SIG];
+    int ok = 0;
 
     /* Only sign what cmg_jws_parse would accept back. */
     if (!key || !payload_json || !is_p256(key) || !is_json_object(payload_json) ||
         !(hdr = header_json(kid, typ)))
-        goto fail;
+        goto out;
     hl = strlen(hdr);
     pl = strlen(payload_json);
     cap = CMG_B64URL_LEN(hl) + CMG_B64URL_LEN(pl) + CMG_B64URL_LEN(ES256_SIG);
     if (!(out = malloc(cap)))
-        goto fail;
+        goto out;
     o = cmg_b64url_encode(hdr, hl, out, cap);
     out[o++] = '.';
     o += cmg_b64url_encode(payload_json, pl, out + o, cap - o);
     if (sign_es256_raw(key, out, o, raw) < 0)
-        goto fail;
+        goto out;
     out[o++] = '.';
-    cmg_b64url_encode(raw, sizeof(raw), out + o, cap - o);
-    goto done;
-fail:
-    free(out);
-    out = NULL;
-    ERR_clear_error();
-done:
+    ok = cmg_b64url_encode(raw, sizeof(raw), out + o, cap - o) > 0;
+out:
+    if (!ok) {
+        free(out);
+        out = NULL;
+        ERR_clear_error();
+    }
     cJSON_free(hdr);
     return out;
 }

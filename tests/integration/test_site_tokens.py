@@ -86,6 +86,10 @@ def test_device_token_is_bound_to_its_certificate(dep, tmp_path, svc):
     assert r.status == 401, r
     r = dep.get(dev, cert=True)      # the site's sample PKI device certificate
     assert r.status == 401, r
+    for cert in (thief.cert, True, False):     # the same over HTTP/2
+        r = curl(dep.site, dep.token_path(), '-H', f'Authorization: Bearer {dev.token}',
+                 http='2', cert=cert)
+        assert r.status == 401 and r.rc == 0 and r.version == '2', r
     assert svc.count == before
 
 

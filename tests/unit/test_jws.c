@@ -169,7 +169,8 @@ static void b64url_encodes_without_padding(void **state)
     char out[16];
 
     for (size_t i = 0; i < sizeof(in) / sizeof(in[0]); i++) {
-        assert_int_equal(cmg_b64url_encode(in[i], strlen(in[i]), out, sizeof(out)), strlen(want[i]));
+        assert_int_equal(cmg_b64url_encode(in[i], strlen(in[i]), out, sizeof(out)),
+                         strlen(want[i]));
         assert_string_equal(out, want[i]);
     }
     assert_int_equal(cmg_b64url_encode(hi, 3, out, sizeof(out)), 4);
@@ -197,9 +198,10 @@ static void b64url_decodes_strictly(void **state)
     assert_memory_equal(out, "\xfb\xff\xfe", 3);
     assert_int_equal(cmg_b64url_decode("Zm8", 3, out, sizeof(out), &n), 0);
     assert_int_equal(n, 2);
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
-        assert_int_equal(cmg_b64url_decode(bad[i], strlen(bad[i]) + (i == 11), out, sizeof(out), &n),
-                         -1);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        size_t len = strlen(bad[i]) + (i == 11);   /* the last one holds a NUL */
+        assert_int_equal(cmg_b64url_decode(bad[i], len, out, sizeof(out), &n), -1);
+    }
     /* "Zh" has non-zero trailing bits, so "Zg" is the one spelling of "f". */
     assert_int_equal(cmg_b64url_decode("Zm9vYmFy", 8, out, 5, &n), -1);   /* outcap */
     assert_int_equal(cmg_b64url_decode("Zm9vYmE", 7, out, 5, &n), 0);
@@ -280,8 +282,9 @@ static void algorithm_is_pinned_by_the_key(void **state)
     assert_int_equal(check(tok, &rsak.keys[0]), -1);
     free(tok);
     /* Valid r||s signatures by the EC key, under headers that do not say ES256. */
-    const char *headers[] = {"{\"alg\":\"RS256\"}", "{\"alg\":\"HS256\"}", "{\"alg\":\"es256\"}",
-                             "{\"alg\":\"ES256 \"}", "{\"alg\":[\"ES256\"]}", "{\"ALG\":\"ES256\"}"};
+    const char *headers[] = {"{\"alg\":\"RS256\"}", "{\"alg\":\"HS256\"}",
+                             "{\"alg\":\"es256\"}", "{\"alg\":\"ES256 \"}",
+                             "{\"alg\":[\"ES256\"]}", "{\"ALG\":\"ES256\"}"};
     for (size_t i = 0; i < sizeof(headers) / sizeof(headers[0]); i++) {
         tok = sign_raw_es256(ec1, headers[i], base_claims);
         assert_int_equal(check(tok, &eck.keys[0]), -1);
@@ -480,7 +483,8 @@ static void rfc7515_a3_known_answer(void **state)
                       "\"y\":\"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0\"}";
     const char *tok =
         "eyJhbGciOiJFUzI1NiJ9"
-        ".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+        ".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxl"
+        "LmNvbS9pc19yb290Ijp0cnVlfQ"
         ".DtEhU3ljbEg8L38VWAfUAqOyKAM6-Xx-F4GawxaepmXFCgfTjDxw5djxLa8ISlSApmWQxfKTUJqPP3-Kg6NU1Q";
     struct cmg_jwks ks;
     struct cmg_jws j;
@@ -562,23 +566,33 @@ static void rfc7638_thumbprint(void **state)
     cmg_jwks_free(&ks);
 }
 
-/* An RSA JWK by hand, so that sizes the module refuses can be written. */
-static char *rsa_jwk_json(EVP_PKEY *pk, const char *extra)
+/* An RSA JWK by hand, so that what the module refuses can be written:
+ * e replaced if e64 is set, n made even if even_n. */
+static char *rsa_jwk_raw(EVP_PKEY *pk, const char *e64, int even_n, const char *extra)
 {
     BIGNUM *n = NULL, *e = NULL;
     unsigned char buf[1024];
+    size_t nl;
     char *ns, *es, *out = malloc(2048);
 
     assert_int_equal(EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_N, &n), 1);
     assert_int_equal(EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_E, &e), 1);
-    ns = b64s(buf, (size_t)BN_bn2bin(n, buf));
-    es = b64s(buf, (size_t)BN_bn2bin(e, buf));
+    nl = (size_t)BN_bn2bin(n, buf);
+    if (even_n)
+        buf[nl - 1] &= 0xfe;
+    ns = b64s(buf, nl);
+    es = e64 ? strdup(e64) : b64s(buf, (size_t)BN_bn2bin(e, buf));
     snprintf(out, 2048, "{\"kty\":\"RSA\",\"n\":\"%s\",\"e\":\"%s\"%s}", ns, es, extra);
     free(ns);
     free(es);
     BN_free(n);
     BN_free(e);
     return out;
+}
+
+static char *rsa_jwk_json(EVP_PKEY *pk, const char *extra)
+{
+    return rsa_jwk_raw(pk, NULL, 0, extra);
 }
 
 static char *ec_jwk_json(EVP_PKEY *pk, const char *field, const char *value)
@@ -635,6 +649,19 @@ static void jwks_skips_keys_it_cannot_pin(void **state)
     free(big);
     big = rsa_jwk_json(rsa2048, ",\"alg\":\"RS256\",\"use\":\"sig\"");
     assert_int_equal(jwks_count(big), 1);
+    free(big);
+    /* Not an RSA public key at all: even modulus, or e of 1 or 2, or e missing. */
+    const char *bad_e[] = {"AQ", "Ag", "", "AQAB=", "AAAAAAAAAAAAAQAB"};
+    for (size_t i = 0; i < sizeof(bad_e) / sizeof(bad_e[0]); i++) {
+        big = rsa_jwk_raw(rsa2048, bad_e[i], 0, "");
+        assert_int_equal(jwks_count(big), 0);
+        free(big);
+    }
+    big = rsa_jwk_raw(rsa2048, "Aw", 0, "");   /* e = 3 is odd and allowed */
+    assert_int_equal(jwks_count(big), 1);
+    free(big);
+    big = rsa_jwk_raw(rsa2048, NULL, 1, "");
+    assert_int_equal(jwks_count(big), 0);
     free(big);
 
     for (size_t i = 0; i < sizeof(skip) / sizeof(skip[0]); i++) {
@@ -703,33 +730,35 @@ static int64_t claim_time(const char *json)
 static void time_claims_with_skew(void **state)
 {
     const int64_t now = 1700000000, skew = 60;
+    const int ok = CMG_JWT_TIME_OK, expired = CMG_JWT_EXPIRED, not_yet = CMG_JWT_NOT_YET,
+              no_exp = CMG_JWT_NO_EXP;
 
-    assert_int_equal(time_of("{\"exp\":1700000100}", now, skew), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":1699999970}", now, skew), CMG_JWT_TIME_OK);   /* in skew */
-    assert_int_equal(time_of("{\"exp\":1699999941}", now, skew), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":1699999940}", now, skew), CMG_JWT_EXPIRED);
-    assert_int_equal(time_of("{\"exp\":1699990000}", now, skew), CMG_JWT_EXPIRED);
-    assert_int_equal(time_of("{\"exp\":1700000000}", now, 0), CMG_JWT_EXPIRED);
-    assert_int_equal(time_of("{\"exp\":1700000000}", now, -5), CMG_JWT_EXPIRED);
-    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000030}", now, skew), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000060}", now, skew), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000061}", now, skew), CMG_JWT_NOT_YET);
-    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":1790000000}", now, skew), CMG_JWT_NOT_YET);
-    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":\"soon\"}", now, skew), CMG_JWT_NOT_YET);
-    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":1e300}", now, skew), CMG_JWT_NOT_YET);
-    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":-3}", now, skew), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{}", now, skew), CMG_JWT_NO_EXP);
-    assert_int_equal(time_of("{\"nbf\":1}", now, skew), CMG_JWT_NO_EXP);
-    assert_int_equal(time_of("{\"exp\":\"1800000000\"}", now, skew), CMG_JWT_NO_EXP);
-    assert_int_equal(time_of("{\"exp\":null}", now, skew), CMG_JWT_NO_EXP);
-    assert_int_equal(time_of("{\"exp\":1e300}", now, skew), CMG_JWT_NO_EXP);
-    assert_int_equal(time_of("{\"exp\":-1700000100}", now, skew), CMG_JWT_NO_EXP);
+    assert_int_equal(time_of("{\"exp\":1700000100}", now, skew), ok);
+    assert_int_equal(time_of("{\"exp\":1699999970}", now, skew), ok);   /* in skew */
+    assert_int_equal(time_of("{\"exp\":1699999941}", now, skew), ok);
+    assert_int_equal(time_of("{\"exp\":1699999940}", now, skew), expired);
+    assert_int_equal(time_of("{\"exp\":1699990000}", now, skew), expired);
+    assert_int_equal(time_of("{\"exp\":1700000000}", now, 0), expired);
+    assert_int_equal(time_of("{\"exp\":1700000000}", now, -5), expired);
+    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000030}", now, skew), ok);
+    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000060}", now, skew), ok);
+    assert_int_equal(time_of("{\"exp\":1700000100,\"nbf\":1700000061}", now, skew), not_yet);
+    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":1790000000}", now, skew), not_yet);
+    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":\"soon\"}", now, skew), not_yet);
+    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":1e300}", now, skew), not_yet);
+    assert_int_equal(time_of("{\"exp\":1800000000,\"nbf\":-3}", now, skew), ok);
+    assert_int_equal(time_of("{}", now, skew), no_exp);
+    assert_int_equal(time_of("{\"nbf\":1}", now, skew), no_exp);
+    assert_int_equal(time_of("{\"exp\":\"1800000000\"}", now, skew), no_exp);
+    assert_int_equal(time_of("{\"exp\":null}", now, skew), no_exp);
+    assert_int_equal(time_of("{\"exp\":1e300}", now, skew), no_exp);
+    assert_int_equal(time_of("{\"exp\":-1700000100}", now, skew), no_exp);
     /* Extremes must not overflow into acceptance. */
-    assert_int_equal(time_of("{\"exp\":9.2e18}", INT64_MAX, INT64_MAX), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":9.2e18}", INT64_MAX, 0), CMG_JWT_EXPIRED);
-    assert_int_equal(time_of("{\"exp\":1}", INT64_MIN, INT64_MAX), CMG_JWT_TIME_OK);
-    assert_int_equal(time_of("{\"exp\":1,\"nbf\":9.2e18}", INT64_MIN, INT64_MAX), CMG_JWT_NOT_YET);
-    assert_int_equal(cmg_jwt_check_time(NULL, now, skew), CMG_JWT_NO_EXP);
+    assert_int_equal(time_of("{\"exp\":9.2e18}", INT64_MAX, INT64_MAX), ok);
+    assert_int_equal(time_of("{\"exp\":9.2e18}", INT64_MAX, 0), expired);
+    assert_int_equal(time_of("{\"exp\":1}", INT64_MIN, INT64_MAX), ok);
+    assert_int_equal(time_of("{\"exp\":1,\"nbf\":9.2e18}", INT64_MIN, INT64_MAX), not_yet);
+    assert_int_equal(cmg_jwt_check_time(NULL, now, skew), no_exp);
 
     assert_int_equal(claim_time("{\"exp\":1700000000.9}"), 1700000000);   /* truncated */
     assert_int_equal(claim_time("{\"exp\":0.5}"), 0);

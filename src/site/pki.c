@@ -23,7 +23,7 @@
 
 #define CMG_PKI_SKEW_SECONDS 300 /* notBefore = now - 5 minutes */
 
-/* Prints "cmg site: <message>: <OpenSSL reasons>" and clears the OpenSSL error queue. */
+/* Prints "cmg: <message>: <OpenSSL reasons>" and clears the OpenSSL error queue. */
 static void pki_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void pki_error(const char *fmt, ...)
 {
@@ -31,7 +31,7 @@ static void pki_error(const char *fmt, ...)
     unsigned long e;
     const char *sep = ": ";
 
-    fputs("cmg site: ", stderr);
+    fputs("cmg: ", stderr);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -235,13 +235,13 @@ int cmg_pki_write_file(const char *path, const void *data, size_t len, unsigned 
 
     n = snprintf(tmp, sizeof(tmp), "%s.tmp-%ld-%u", path, (long)getpid(), counter++);
     if (n < 0 || (size_t)n >= sizeof(tmp)) {
-        fprintf(stderr, "cmg site: %s: path too long\n", path);
+        fprintf(stderr, "cmg: %s: path too long\n", path);
         return -1;
     }
     /* Created with its final mode: a key is never readable by others, not even briefly. */
     fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, (mode_t)mode);
     if (fd < 0) {
-        fprintf(stderr, "cmg site: cannot create %s: %s\n", tmp, strerror(errno));
+        fprintf(stderr, "cmg: cannot create %s: %s\n", tmp, strerror(errno));
         return -1;
     }
     while (len > 0) {
@@ -250,24 +250,24 @@ int cmg_pki_write_file(const char *path, const void *data, size_t len, unsigned 
         if (w < 0 && errno == EINTR)
             continue;
         if (w < 0) {
-            fprintf(stderr, "cmg site: cannot write %s: %s\n", tmp, strerror(errno));
+            fprintf(stderr, "cmg: cannot write %s: %s\n", tmp, strerror(errno));
             goto out;
         }
         p += w;
         len -= (size_t)w;
     }
     if (fsync(fd) < 0) {
-        fprintf(stderr, "cmg site: cannot write %s: %s\n", tmp, strerror(errno));
+        fprintf(stderr, "cmg: cannot write %s: %s\n", tmp, strerror(errno));
         goto out;
     }
     if (close(fd) < 0) {
         fd = -1;
-        fprintf(stderr, "cmg site: cannot write %s: %s\n", tmp, strerror(errno));
+        fprintf(stderr, "cmg: cannot write %s: %s\n", tmp, strerror(errno));
         goto out;
     }
     fd = -1;
     if (rename(tmp, path) < 0) {
-        fprintf(stderr, "cmg site: cannot create %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "cmg: cannot create %s: %s\n", path, strerror(errno));
         goto out;
     }
     ret = 0;
@@ -353,24 +353,24 @@ int cmg_pki_read_file(const char *path, size_t max, unsigned char **data, size_t
     *len = 0;
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        fprintf(stderr, "cmg site: cannot open %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "cmg: cannot open %s: %s\n", path, strerror(errno));
         return -1;
     }
     if (fstat(fd, &st) < 0) {
-        fprintf(stderr, "cmg site: cannot read %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "cmg: cannot read %s: %s\n", path, strerror(errno));
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
-        fprintf(stderr, "cmg site: %s: not a regular file\n", path);
+        fprintf(stderr, "cmg: %s: not a regular file\n", path);
         goto out;
     }
     if ((unsigned long long)st.st_size > max) {
-        fprintf(stderr, "cmg site: %s: too large (more than %zu bytes)\n", path, max);
+        fprintf(stderr, "cmg: %s: too large (more than %zu bytes)\n", path, max);
         goto out;
     }
     buf = malloc((size_t)st.st_size + 1);
     if (!buf) {
-        fprintf(stderr, "cmg site: cannot read %s: out of memory\n", path);
+        fprintf(stderr, "cmg: cannot read %s: out of memory\n", path);
         goto out;
     }
     while (got < (size_t)st.st_size) {
@@ -379,7 +379,7 @@ int cmg_pki_read_file(const char *path, size_t max, unsigned char **data, size_t
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0) {
-            fprintf(stderr, "cmg site: cannot read %s: %s\n", path, strerror(errno));
+            fprintf(stderr, "cmg: cannot read %s: %s\n", path, strerror(errno));
             goto out;
         }
         if (r == 0)
@@ -460,7 +460,7 @@ int cmg_pki_parse_pkcs12(const char *name, const unsigned char *data, size_t len
     }
     if (!pki_pkcs12_mac_ok(p12, pass)) {
         ERR_clear_error();
-        fprintf(stderr, "cmg site: %s: wrong password (the PKCS#12 integrity check failed)\n",
+        fprintf(stderr, "cmg: %s: wrong password (the PKCS#12 integrity check failed)\n",
                 name);
         goto out;
     }
@@ -482,7 +482,7 @@ int cmg_pki_parse_pkcs12(const char *name, const unsigned char *data, size_t len
         }
     }
     if (!*key || !*cert) {
-        fprintf(stderr, "cmg site: %s: must hold a certificate and its private key\n", name);
+        fprintf(stderr, "cmg: %s: must hold a certificate and its private key\n", name);
         goto out;
     }
     if (X509_check_private_key(*cert, *key) != 1) {

@@ -318,6 +318,26 @@ static int parse_payload(struct cmg_policy *p, const cJSON *pl, char *err, size_
     return 0;
 }
 
+int cmg_policy_from_json(const char *json, size_t len, struct cmg_policy **out, char *err,
+                         size_t errlen)
+{
+    cJSON *doc = cJSON_ParseWithLength(json, len);
+    struct cmg_policy *p = NULL;
+    int rc = -1;
+
+    *out = NULL;
+    if (!cJSON_IsObject(doc))
+        snprintf(err, errlen, "not a JSON object");
+    else if ((p = cmg_policy_new()) && parse_payload(p, doc, err, errlen) == 0) {
+        *out = p;
+        p = NULL;
+        rc = 0;
+    }
+    cmg_policy_unref(p);
+    cJSON_Delete(doc);
+    return rc;
+}
+
 int cmg_policy_from_jws(const char *jws, size_t len, const struct cmg_jwk *site_key,
                         struct cmg_policy **out, char *err, size_t errlen)
 {

@@ -210,24 +210,76 @@ static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const 
     return 0;
 }
 
+/* A device sends the same token with every request of a connection: the verdict
+ * is kept for as long as nothing it depends on changes (the token, the policy, the
+ * mapping, the path being the registration one), and the token has not expired. */
+struct cmg_token_cache {
+    uint64_t gen;
+    const struct cmg_policy_mapping *m;
+    bool reg;
+    int64_t exp;
+    struct cmg_identity id;
+    size_t len;
+    char token[];
+};
+
+static bool cached(const struct cmg_device *d, const char *tok, size_t len,
+                   const struct cmg_policy_mapping *m, bool reg, int64_t now)
+{
+    const struct cmg_token_cache *c = d->tok;
+    return c && c->gen == d->gw->policy_gen && c->m == m && c->reg == reg && c->len == len &&
+           now < c->exp && !memcmp(c->token, tok, len);
+}
+
+static void remember(struct cmg_device *d, const char *tok, size_t len,
+                     const struct cmg_policy_mapping *m, bool reg, int64_t exp,
+                     const struct cmg_identity *id)
+{
+    struct cmg_token_cache *c = d->tok && d->tok->len >= len ? d->tok : NULL;
+
+    if (!c) {
+        free(d->tok);
+        d->tok = c = malloc(sizeof(*c) + len);
+        if (!c)
+            return;
+    }
+    c->gen = d->gw->policy_gen;
+    c->m = m;
+    c->reg = reg;
+    c->exp = exp;
+    c->id = *id;
+    c->len = len;
+    memcpy(c->token, tok, len);
+}
+
 static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
                       const struct cmg_path *path, const struct cmg_headers *in,
                       struct cmg_identity *id, const char **reason)
 {
     size_t len = 0;
     const char *tok = bearer(in, &len), *iss;
-    int64_t now = (int64_t)time(NULL);
+    int64_t now = (int64_t)time(NULL), exp;
+    bool reg = is_register(path);
     struct cmg_jws j;
     int rc = 401;
 
     *reason = "CMGService_Invalid_Token";
-    if (!tok || len > CMG_JWS_MAX || cmg_jws_parse(tok, len, &j) < 0)
+    if (!tok || len > CMG_JWS_MAX)
+        return 401;
+    if (cached(d, tok, len, m, reg, now)) {
+        *id = d->tok->id;
+        return 0;
+    }
+    if (cmg_jws_parse(tok, len, &j) < 0)
         return 401;
     iss = cmg_jwt_str(j.payload, "iss");
     if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
         rc = site_token(d, p, m, path, &j, id, reason, now);
     else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
         rc = oidc_token(p, m, &j, id, reason, now);
+    exp = cmg_jwt_time(j.payload, "exp");
+    if (rc == 0 && exp > 0)
+        remember(d, tok, len, m, reg, exp + p->clock_skew, id);
     cmg_jws_free(&j);
     return rc;
 }

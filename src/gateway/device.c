@@ -14,6 +14,7 @@ static void device_free(void *p)
     struct cmg_device *d = p;
     cmg_h1_free(d);
     cmg_h2dev_free(d);
+    free(d->tok);
     free(d);
 }
 

@@ -156,6 +156,7 @@ struct cmg_device {
     char thumbprint[65];     /* SHA-256 of the presented certificate, hex */
     char x5t[44];            /* the same, base64url (RFC 8705 cnf) */
     char subject[256];
+    struct cmg_token_cache *tok;   /* the last bearer token accepted here */
     struct cmg_h1 *h1;
     struct cmg_h2dev *h2;
     bool closing;

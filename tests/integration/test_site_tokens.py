@@ -219,3 +219,27 @@ def test_site_killed_mid_registration_leaves_a_consistent_store(dep, tmp_path):
     for dev in late[:5]:
         poll(lambda: dep.register(dev, bulk, expect=None).status == 200, 10 * SLOW,
              'registration after the site restarted')
+
+
+def test_block_applies_to_a_kept_alive_connection(dep, tmp_path):
+    """The gateway keeps a token's verdict per connection; a new policy voids it."""
+    from cmgtest import DeviceConnection
+    _, bulk = dep.bulk_token()
+    dev = Device(tmp_path, 'kept-alive')
+    dep.register(dev, bulk)
+    conn = DeviceConnection(dep.site, cert=dev.crt, key=dev.key)
+    auth = {'Authorization': f'Bearer {dev.token}'}
+
+    def status():
+        conn.request('GET', dep.token_path(), headers=auth)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    try:
+        assert [status() for _ in range(3)] == [200] * 3
+        sock = conn.sock
+        dep.cmg_site('device', 'block', dev.device_id)
+        poll(lambda: status() == 403, 5 * SLOW, 'the block on the same connection')
+        assert conn.sock is sock, 'the connection should have stayed open'
+    finally:
+        conn.close()

@@ -287,6 +287,9 @@ enum {
 
 static const struct option long_opts[] = {
     {"role", required_argument, NULL, O_ROLE},       {"type", required_argument, NULL, O_TYPE},
+    {"role-id", required_argument, NULL, O_ROLE},
+    {"role-type", required_argument, NULL, O_TYPE},
+    {"max_body", required_argument, NULL, O_MAX_BODY},
     {"url", required_argument, NULL, O_URL},
     {"internal-url", required_argument, NULL, O_URL},
     {"auth", required_argument, NULL, O_AUTH},

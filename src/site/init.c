@@ -790,8 +790,13 @@ static void site_print_summary(const struct site *s, const struct site_opts *o)
              : sk_X509_num(s->gw_ca) > 0 ? "  (no root: add the root CA that issued gateway.pfx)"
                                          : "  (not written: gateway.pfx holds no CA certificate)");
     }
-    puts("Next, start the gateway and the connector:");
-    fputs("  cmg gateway -c ", stdout);
+    printf("Device registration (with a bulk token, 'cmg site token bulk create'):\n"
+           "  https://%s:%u/CCM_Proxy_ServerAuth/%" PRIu64 "/register\n",
+           o->name, o->gateway_port, s->role_ids[o->n_mp]);
+    puts("Next, start the site service, the gateway and the connector:");
+    fputs("  cmg site serve ", stdout);
+    site_print_path(s->dir, NULL);
+    fputs("\n  cmg gateway -c ", stdout);
     site_print_path(s->dir, "gateway.conf");
     fputs("\n  cmg connector -c ", stdout);
     site_print_path(s->dir, "connector.conf");

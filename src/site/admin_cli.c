@@ -8,6 +8,8 @@
 #include "site/ops.h"
 #include "site/pki.h"
 
+#include <openssl/crypto.h>
+
 #include <getopt.h>
 #include <openssl/bn.h>
 #include <stdio.h>
@@ -21,6 +23,8 @@
 struct cli {
     const char *prog;          /* "cmg site mapping add" */
     const char *dir;
+    const char *api;           /* the admin API of a running site, instead of DIR */
+    const char *token_file;
     const char *subject;       /* the positional argument that is not the site */
     bool json;
     cJSON *args;
@@ -32,6 +36,8 @@ static const char usage[] =
     "Administration of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
     "directory). Changes are published to every gateway within seconds when\n"
     "'cmg site serve DIR' runs. Add --json to any command for JSON output.\n"
+    "With --api http://HOST:PORT the command goes to the admin API of a running\n"
+    "site instead, authenticated by DIR/admin.token or --admin-token FILE.\n"
     "\n"
     "  mapping add --type mp|sup|site --url URL [--role ID] [--auth cert,token,oidc]\n"
     "              [--max-body BYTES]     publish an internal server (a new role id\n"
@@ -116,12 +122,70 @@ static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
     }
 }
 
+/* The operation through the admin API of a running site (--api URL). */
+static int run_remote(struct cli *c, const char *op, cJSON **result)
+{
+    char url[1024], auth[256], path[4096], err[600];
+    const char *headers[] = {auth, "Content-Type: application/json"};
+    struct cmg_fetch_req req = {0};
+    struct cmg_fetch_resp resp = {0};
+    unsigned char *tok = NULL;
+    size_t toklen = 0;
+    char *body = cJSON_PrintUnformatted(c->args);
+    cJSON *doc = NULL;
+    int rc = 1;
+
+    if (c->token_file)
+        snprintf(path, sizeof(path), "%s", c->token_file);
+    else
+        snprintf(path, sizeof(path), "%s/%s", c->dir ? c->dir : ".", CMG_SITE_ADMIN_TOKEN);
+    if (cmg_pki_read_file(path, 1024, &tok, &toklen) < 0) {
+        fprintf(stderr, "%s: the admin token: cannot read %s (--admin-token FILE)\n", c->prog,
+                path);
+        goto out;
+    }
+    while (toklen && (tok[toklen - 1] == '\n' || tok[toklen - 1] == '\r'))
+        toklen--;
+    snprintf(auth, sizeof(auth), "Authorization: Bearer %.*s", (int)toklen, (const char *)tok);
+    snprintf(url, sizeof(url), "%s/v1/ops/%s", c->api, op);
+    req.url = url;
+    req.method = "POST";
+    req.headers = headers;
+    req.n_headers = 2;
+    req.body = body;
+    req.body_len = body ? strlen(body) : 0;
+    if (cmg_fetch(&req, &resp, err, sizeof(err)) != CMG_FETCH_OK) {
+        fprintf(stderr, "%s: %s\n", c->prog, err);
+        goto out;
+    }
+    doc = resp.body ? cJSON_ParseWithLength(resp.body, resp.body_len) : NULL;
+    if (resp.status != 200) {
+        const char *why = cJSON_GetStringValue(cJSON_GetObjectItem(doc, "error"));
+        fprintf(stderr, "%s: %d %s\n", c->prog, resp.status, why ? why : "from the admin API");
+        rc = resp.status == 400 ? 2 : 1;
+        goto out;
+    }
+    *result = doc;
+    doc = NULL;
+    rc = 0;
+out:
+    cJSON_Delete(doc);
+    cmg_fetch_resp_free(&resp);
+    if (tok)
+        OPENSSL_cleanse(tok, toklen);
+    free(tok);
+    free(body);
+    return rc;
+}
+
 static int run(struct cli *c, const char *op, cJSON **result)
 {
     struct cmg_site_ctx s;
     char err[600], msg[600];
     int rc;
 
+    if (c->api)
+        return run_remote(c, op, result);
     if (!c->dir)
         c->dir = getenv("CMG_SITE_DIR") ? getenv("CMG_SITE_DIR") : ".";
     if (cmg_site_open(c->dir, &s, err, sizeof(err)) < 0) {
@@ -282,7 +346,8 @@ static cJSON *load_jwks(const struct cli *c, const char *src)
 
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
-    O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP
+    O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
+    O_API, O_ADMIN_TOKEN
 };
 
 static const struct option long_opts[] = {
@@ -304,6 +369,8 @@ static const struct option long_opts[] = {
     {"audience", required_argument, NULL, O_AUDIENCE},
     {"jwks", required_argument, NULL, O_JWKS},       {"json", no_argument, NULL, O_JSON},
     {"site", required_argument, NULL, O_SITE},       {"dir", required_argument, NULL, O_SITE},
+    {"api", required_argument, NULL, O_API},
+    {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
@@ -343,6 +410,8 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *
         case O_JWKS: *jwks = optarg; break;
         case O_JSON: c->json = true; break;
         case O_SITE: c->dir = optarg; break;
+        case O_API: c->api = optarg; break;
+        case O_ADMIN_TOKEN: c->token_file = optarg; break;
         case O_HELP: case 'h': *help = true; break;
         default: return 2;
         }

@@ -189,9 +189,9 @@ class Processes:
             yield f'log {proc.name} (pid {proc.pid})', head + '\n'.join(lines[-LOG_TAIL:])
 
 
-def run_cmg(*args, timeout=60):
+def run_cmg(*args, timeout=60, cwd=None):
     return subprocess.run([CMG, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout * SLOW, stdin=subprocess.DEVNULL)
+                          timeout=timeout * SLOW, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 # ---------------------------------------------------------------- the internal service

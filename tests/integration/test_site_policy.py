@@ -136,3 +136,19 @@ def test_admin_api_needs_the_admin_token(dep):
     assert e.value.code == 401
     doc = dep.api('POST', '/v1/ops/mapping.list', {})
     assert {m['role'] for m in doc} >= {dep.site_role}
+
+
+def test_admin_commands_through_the_api(dep, tmp_path):
+    api = ['--api', f'http://127.0.0.1:{dep.admin_port}']
+    r = run_cmg('site', 'mapping', 'list', '--json', *api, '--admin-token',
+                dep.site.dir / 'admin.token', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert dep.site_role in {m['role'] for m in json.loads(r.stdout)}
+    r = run_cmg('site', 'mapping', 'remove', dep.site.role_ids[0], *api, '--admin-token',
+                dep.site.dir / 'admin.token', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    status_within(dep, dep.site.path('policy.xml'), 404)
+    bad = tmp_path / 'bad.token'
+    bad.write_text('nope\n')
+    r = run_cmg('site', 'mapping', 'list', *api, '--admin-token', bad, cwd=tmp_path)
+    assert r.returncode == 1 and '401' in r.stderr, r

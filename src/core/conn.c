@@ -36,9 +36,12 @@ static void update_events(struct cmg_conn *c)
     case CMG_CONN_OPEN:
         if (c->failed)
             break;
-        if (c->reading || c->write_wants_read)
+        /* EPOLLIN stays on while the owner pauses, unless input actually arrives: most
+         * pauses end before the peer sends anything, and then cost no epoll_ctl. */
+        if (c->reading || c->write_wants_read || !c->in_paused)
             ev |= EPOLLIN;
-        if ((c->out.len && !c->write_wants_read) || c->read_wants_write)
+        /* Output a task is about to write needs no EPOLLOUT yet. */
+        if ((c->out.len && !c->write_wants_read && !c->flush_later) || c->read_wants_write)
             ev |= EPOLLOUT;
         break;
     }
@@ -247,6 +250,8 @@ void cmg_conn_want_read(struct cmg_conn *c, bool on)
     if (c->reading == on)
         return;
     c->reading = on;
+    if (on)
+        c->in_paused = false;
     if (c->state != CMG_CONN_OPEN)
         return;
     update_events(c);
@@ -280,11 +285,25 @@ static void conn_task(struct cmg_task *t)
         do_handshake(c);
         return;
     }
+    if (c->flush_later) {
+        c->flush_later = false;
+        cmg_conn_flush(c);
+        if (c->state == CMG_CONN_CLOSED || c->failed)
+            return;
+    }
     if (c->kick_read) {
         c->kick_read = false;
         if (c->reading && c->state == CMG_CONN_OPEN)
             c->ops->on_read(c);
     }
+}
+
+void cmg_conn_flush_later(struct cmg_conn *c)
+{
+    if (c->state != CMG_CONN_OPEN || c->failed || c->flush_later)
+        return;
+    c->flush_later = true;
+    cmg_task_post(c->io.loop, &c->task, conn_task);
 }
 
 static void conn_io(struct cmg_io *io, uint32_t events)
@@ -316,6 +335,8 @@ static void conn_io(struct cmg_io *io, uint32_t events)
         return;
     if (c->reading && ((events & EPOLLIN) || err || (c->read_wants_write && (events & EPOLLOUT))))
         c->ops->on_read(c);
+    else if ((events & EPOLLIN) && !c->reading)
+        c->in_paused = true;
     if (c->state == CMG_CONN_OPEN)
         update_events(c);
 }

@@ -35,10 +35,12 @@ struct cmg_conn {
     struct cmg_task task;
     enum cmg_conn_state state;
     bool reading;            /* the owner wants data */
+    bool in_paused;          /* EPOLLIN off: input came while the owner did not want it */
     bool hs_wants_write;
     bool read_wants_write;   /* SSL_read needs the socket writable */
     bool write_wants_read;   /* SSL_write needs the socket readable */
     bool kick_read;          /* deliver on_read from the task */
+    bool flush_later;        /* write c->out from the task */
     bool pending_open;       /* deliver on_open from the task */
     bool failed, reported;
     char peer[64];           /* "ip:port", for logs */
@@ -53,6 +55,10 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len);
 /* Writes what it can of c->out now; the rest when the socket allows. */
 void cmg_conn_flush(struct cmg_conn *c);
 void cmg_conn_want_read(struct cmg_conn *c, bool on);
+/* Writes c->out once the current batch of events is handled, so that everything
+ * queued meanwhile (a response's head and body, several responses) goes out in one
+ * write. No on_drain follows unless the write has to wait for the socket. */
+void cmg_conn_flush_later(struct cmg_conn *c);
 /* Reports failure through on_error (once), from the loop, not from this call. */
 void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Releases the socket and TLS state now; the struct stays the owner's. */

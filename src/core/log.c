@@ -2,6 +2,7 @@
 
 #include <openssl/err.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/time.h>
@@ -10,9 +11,42 @@
 
 static const char *log_role = "cmg";
 static enum cmg_log_level log_level = CMG_LOG_INFO;
+static int log_pid;
+/* Lines of info and debug wait here, whole, until the event loop ends a round (or the
+ * buffer is full): one write per round instead of one per request. A write stays under
+ * PIPE_BUF, so lines of several processes sharing a pipe still never interleave. */
+static char pending[4096];
+static size_t npending;
+static bool buffered;
+static time_t stamp_sec = -1;
+static char stamp[32];
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
-void cmg_log_init(const char *role) { log_role = role; }
+void cmg_log_init(const char *role)
+{
+    log_role = role;
+    log_pid = (int)getpid();
+}
+
+void cmg_log_flush(void)
+{
+    size_t off = 0;
+
+    while (off < npending) {
+        ssize_t w = write(STDERR_FILENO, pending + off, npending - off);
+        if (w <= 0)
+            break;
+        off += (size_t)w;
+    }
+    npending = 0;
+}
+
+void cmg_log_set_buffered(bool on)
+{
+    if (!on)
+        cmg_log_flush();
+    buffered = on;
+}
 
 void cmg_log_set_level(enum cmg_log_level level) { log_level = level; }
 
@@ -36,11 +70,14 @@ static void log_line(enum cmg_log_level level, const char *fmt, va_list ap, int 
     if (level < log_level)
         return;
     gettimeofday(&tv, NULL);
-    gmtime_r(&tv.tv_sec, &tm);
-    n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-    n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03dZ %s[%d] %s: ",
-                          (int)(tv.tv_usec / 1000), log_role, (int)getpid(),
-                          level_names[level]);
+    if (tv.tv_sec != stamp_sec) {
+        stamp_sec = tv.tv_sec;
+        gmtime_r(&tv.tv_sec, &tm);
+        strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
+    }
+    n = (size_t)snprintf(line, sizeof(line), "%s.%03dZ %s[%d] %s: ", stamp,
+                         (int)(tv.tv_usec / 1000), log_role, log_pid ? log_pid : (int)getpid(),
+                         level_names[level]);
     if (n < sizeof(line)) {
         int m = vsnprintf(line + n, sizeof(line) - n, fmt, ap);
         n = m < 0 ? n : n + (size_t)m;
@@ -61,9 +98,18 @@ static void log_line(enum cmg_log_level level, const char *fmt, va_list ap, int 
     if (n >= sizeof(line) - 1)
         n = sizeof(line) - 2;
     line[n++] = '\n';
-    /* One write per line, so that lines of several processes do not interleave. */
-    if (write(STDERR_FILENO, line, n) < 0)
+    if (npending + n > sizeof(pending))
+        cmg_log_flush();
+    if (n > sizeof(pending)) {
+        /* One write per line, so that lines of several processes do not interleave. */
+        if (write(STDERR_FILENO, line, n) < 0)
+            return;
         return;
+    }
+    memcpy(pending + npending, line, n);
+    npending += n;
+    if (!buffered || level >= CMG_LOG_WARN)
+        cmg_log_flush();
 }
 
 void cmg_log(enum cmg_log_level level, const char *fmt, ...)

@@ -5,7 +5,13 @@
 
 enum cmg_log_level { CMG_LOG_DEBUG, CMG_LOG_INFO, CMG_LOG_WARN, CMG_LOG_ERROR };
 
+#include <stdbool.h>
+
 void cmg_log_init(const char *role);
+/* With buffering on (the event loop turns it on while it runs), info and debug lines
+ * are written once per loop round by cmg_log_flush(); warnings and errors at once. */
+void cmg_log_set_buffered(bool on);
+void cmg_log_flush(void);
 void cmg_log_set_level(enum cmg_log_level level);
 /* Returns the level for "debug", "info", "warn" or "error", or -1. */
 int cmg_log_parse_level(const char *name);

@@ -275,7 +275,9 @@ static void run_tasks(struct cmg_loop *loop)
 int cmg_loop_run(struct cmg_loop *loop)
 {
     struct epoll_event events[MAX_EVENTS];
+    uint64_t log_flushed = loop->now;
 
+    cmg_log_set_buffered(true);
     while (!loop->stop) {
         int timeout = -1, n;
         if (loop->tasks.next != &loop->tasks)
@@ -284,9 +286,15 @@ int cmg_loop_run(struct cmg_loop *loop)
             uint64_t when = loop->heap[0]->when;
             timeout = when <= loop->now ? 0 : (int)(when - loop->now);
         }
+        /* Log lines of this round go out before the loop sleeps, or each second. */
+        if (timeout != 0 || loop->now - log_flushed >= 1000) {
+            cmg_log_flush();
+            log_flushed = loop->now;
+        }
         n = epoll_wait(loop->epfd, events, MAX_EVENTS, timeout);
         loop->now = clock_ms();
         if (n < 0 && errno != EINTR) {
+            cmg_log_set_buffered(false);
             cmg_error("epoll_wait: %s", strerror(errno));
             return -1;
         }
@@ -299,5 +307,6 @@ int cmg_loop_run(struct cmg_loop *loop)
         run_timers(loop);
         run_later(loop);
     }
+    cmg_log_set_buffered(false);
     return 0;
 }

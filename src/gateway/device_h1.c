@@ -391,8 +391,14 @@ static void pump_response(struct cmg_device *d)
             }
             if (h->resp_chunked)
                 cmg_buf_appends(o, "0\r\n\r\n");
-            cmg_conn_flush(&d->conn);
+            cmg_conn_flush_later(&d->conn);
             response_done(d);
+            return;
+        }
+        if (o->len < CMG_OUT_HIGH) {
+            /* All the body there is was taken: written with whatever else this round
+             * queues; more body comes with on_response_body. */
+            cmg_conn_flush_later(&d->conn);
             return;
         }
         cmg_conn_flush(&d->conn);

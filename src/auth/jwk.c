@@ -283,7 +283,8 @@ const struct cmg_jwk *cmg_jwks_find(const struct cmg_jwks *s, const char *kid)
     for (size_t i = 0; i < s->n; i++)
         if (!strcmp(s->keys[i].kid, kid))
             return &s->keys[i];
-    return NULL;
+    /* A set of one key that has no kid is that key for every kid: the signature decides. */
+    return s->n == 1 && !s->keys[0].kid[0] ? &s->keys[0] : NULL;
 }
 
 /* Big-endian bytes of bn, left-padded to pad bytes if pad > 0, as base64url. */

@@ -34,7 +34,8 @@ int cmg_jwks_parse(const char *json, size_t len, struct cmg_jwks *out, char *err
 /* The same, from an already parsed document. */
 int cmg_jwks_from_json(const cJSON *doc, struct cmg_jwks *out, char *err, size_t errlen);
 void cmg_jwks_free(struct cmg_jwks *s);
-/* The key with this kid; with kid NULL, the only key if there is exactly one. */
+/* The key with this kid; with kid NULL (or a set of one key without a kid), the only
+ * key if there is exactly one. */
 const struct cmg_jwk *cmg_jwks_find(const struct cmg_jwks *s, const char *kid);
 
 /* The public JWK of an EC P-256 or RSA key, with "kid", "use":"sig" and "alg".

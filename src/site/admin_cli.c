@@ -450,6 +450,8 @@ static const struct command commands[] = {
     {"cert", "revoke", "cert.revoke", "serial", show_done},
     {"cert", "list", "cert.list", NULL, show_certs},
     {"cert", "check-revocation", "cert.revocation", "check_revocation", show_revocation},
+    {"cert", "revocation-check", "cert.revocation", "check_revocation", show_revocation},
+    {"cert", "revocation", "cert.revocation", "check_revocation", show_revocation},
     {"oidc", "set", "oidc.set", NULL, show_oidc},
     {"oidc", "show", "oidc.show", NULL, show_oidc},
     {"oidc", "clear", "oidc.clear", NULL, show_done},
@@ -476,11 +478,14 @@ static int run_command(const struct command *cmd, int argc, char **argv)
         goto out;
     }
     if (c.subject && !strcmp(cmd->subject, "check_revocation")) {
-        if (strcmp(c.subject, "on") && strcmp(c.subject, "off")) {
+        bool on = !strcmp(c.subject, "on") || !strcmp(c.subject, "true") ||
+                  !strcmp(c.subject, "yes") || !strcmp(c.subject, "1");
+        if (!on && strcmp(c.subject, "off") && strcmp(c.subject, "false") &&
+            strcmp(c.subject, "no") && strcmp(c.subject, "0")) {
             rc = usage_error(&c, "on or off");
             goto out;
         }
-        cJSON_AddBoolToObject(c.args, "check_revocation", !strcmp(c.subject, "on"));
+        cJSON_AddBoolToObject(c.args, "check_revocation", on);
     } else if (c.subject && !cJSON_GetObjectItem(c.args, cmd->subject))
         cJSON_AddStringToObject(c.args, cmd->subject, c.subject);
     if (!strcmp(cmd->verb, "unblock"))

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -347,6 +348,31 @@ static bool valid_name(const char *n)
     return true;
 }
 
+/* A serial as people write it ("serial=0A:1B", "a1b", "0x0A1B") in the form stored:
+ * upper-case hex without separators or leading zeros. -1 if not hex. */
+static int normal_serial(const char *in, char *out, size_t outlen)
+{
+    size_t n = 0;
+
+    if (!strncasecmp(in, "serial=", 7))
+        in += 7;
+    if (!strncasecmp(in, "0x", 2))
+        in += 2;
+    for (; *in; in++) {
+        if (*in == ':' || *in == ' ')
+            continue;
+        if (!isxdigit((unsigned char)*in) || n + 1 >= outlen)
+            return -1;
+        if (n == 0 && *in == '0')
+            continue;
+        out[n++] = (char)toupper((unsigned char)*in);
+    }
+    if (n == 0)
+        out[n++] = '0';
+    out[n] = 0;
+    return 0;
+}
+
 static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *outdir,
                          cJSON **result, char *msg, size_t len)
 {
@@ -369,6 +395,7 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
         goto out;
     }
     X509_NAME_oneline(X509_get_subject_name(x), subject, sizeof(subject));
+    normal_serial(serial, serial, strlen(serial) + 1);
     if (snprintf(crt, sizeof(crt), "%s/%s.crt", outdir, name) >= (int)sizeof(crt) ||
         snprintf(key, sizeof(key), "%s/%s.key", outdir, name) >= (int)sizeof(key)) {
         fail(msg, len, 400, "output path too long");
@@ -444,6 +471,9 @@ static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     if (!serial)
         return fail(msg, len, 400, "which certificate? (--serial HEX, --cert FILE or "
                                    "--device NAME)");
+    if (normal_serial(serial, found, sizeof(found)) < 0)
+        return fail(msg, len, 400, "serial %s: hexadecimal digits expected", serial);
+    serial = found;
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "revoked", serial);
     IN_TX(s, msg, len, cert_revoke_tx(s, serial, msg, len));

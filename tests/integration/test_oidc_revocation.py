@@ -141,3 +141,34 @@ def test_rsa_1024_client_certificate_refused(dep, tmp_path, svc):
     assert r.status == 401 and b'CMGService_Invalid_Client_Certificate' in body, (r.status, body)
     assert svc.count == before
     assert mtls(dep, *issue(2048, 'strong')).status == 200
+
+
+def test_revoke_by_serial_as_openssl_prints_it(dep, tmp_path):
+    import subprocess
+    out = json.loads(dep.cmg_site('cert', 'issue', '--device', 'lab-2', '--json').stdout)
+    printed = subprocess.run(['openssl', 'x509', '-noout', '-serial', '-in', out['cert']],
+                             capture_output=True, text=True).stdout.strip()   # serial=HEX
+    assert printed.lower().startswith('serial=')
+    dep.cmg_site('cert', 'revocation', 'on')
+    dep.cmg_site('cert', 'revoke', printed.split('=', 1)[1].lower())
+    r = poll(lambda: (lambda r: r if r.status == 403 else None)(mtls(dep, out['cert'], out['key'])),
+             5 * SLOW, 'the revoked certificate to be refused')
+    assert b'CMGService_Client_Certificate_Revoked' in r.body
+    again = dep.cmg_site('cert', 'revoke', '--cert', out['cert'], check=False)
+    assert again.returncode != 0 and 'already' in again.stderr
+
+
+def test_oidc_jwks_of_one_key_without_kid(dep, tmp_path):
+    from sitetest import public_jwk, sign_jwt
+    idp = IdP(tmp_path)
+    jwk = public_jwk(idp.ec, 'x')
+    del jwk['kid']
+    jwks = tmp_path / 'one.json'
+    jwks.write_text(json.dumps({'keys': [jwk]}))
+    v = dep.policy_version()
+    dep.cmg_site('oidc', 'set', '--issuer', idp.ISSUER, '--tenant', idp.TENANT,
+                 '--audience', idp.AUDIENCE, '--jwks', jwks)
+    dep.wait_policy(after=v)
+    assert bearer(dep, sign_jwt(idp.ec, idp.claims())).status == 200
+    assert bearer(dep, sign_jwt(idp.ec, idp.claims(), kid='whatever')).status == 200
+    assert bearer(dep, sign_jwt(idp.rsa, idp.claims(), kid='whatever')).status == 401

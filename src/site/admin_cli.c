@@ -59,9 +59,11 @@ static const char usage[] =
     "                                     a client certificate from the site CA (for\n"
     "                                     labs), written to DIR/devices/NAME.crt, .key\n"
     "  cert revoke SERIAL | --serial HEX | --cert FILE | --device NAME\n"
+    "                                     (SERIAL as 'openssl x509 -serial' prints it)\n"
     "                                     put a certificate of this site into the CRL\n"
     "  cert list [--revoked]              certificates issued with 'cert issue'\n"
     "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
+    "                                     (also: cert revocation [on|off])\n"
     "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
     "           --jwks FILE|URL           accept Entra ID / OIDC tokens of this issuer\n"
     "  oidc show | oidc clear\n";

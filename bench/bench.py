@@ -83,11 +83,12 @@ def proc_table():
     return table
 
 
-def busy_ticks():
-    """CPU ticks the whole machine spent busy (all CPUs), from /proc/stat."""
+def stat_ticks():
+    """(busy, steal): CPU ticks the machine spent running something (all CPUs), and
+    those the hypervisor gave to someone else, from /proc/stat."""
     with open('/proc/stat') as f:
         v = [int(x) for x in f.readline().split()[1:9]]
-    return sum(v) - v[3] - v[4]   # minus idle and iowait
+    return sum(v) - v[3] - v[4] - v[7], v[7]   # user nice system irq softirq; steal
 
 
 def descendants(table, root):
@@ -498,7 +499,7 @@ LogLevel ERROR
         snap = {g: sum(table[p][1] for p in descendants(table, pid))
                 for g, pid in self.procs.groups().items()}
         snap['_kernel'] = sum(t for pid, (ppid, t) in table.items() if ppid == 2 or pid == 2)
-        snap['_busy'] = busy_ticks()
+        snap['_busy'], snap['_steal'] = stat_ticks()
         ru = resource.getrusage(resource.RUSAGE_SELF)
         snap['_self'] = (ru.ru_utime + ru.ru_stime) * CLK_TCK
         return snap
@@ -520,6 +521,8 @@ LogLevel ERROR
         rec['cpu_kthreads_s'] = round(kernel, 3)
         rec['cpu_other_s'] = round(max(other, 0), 3)
         rec['other_pct'] = round(100 * max(other, 0) / (wall * (os.cpu_count() or 1)), 1)
+        rec['steal_pct'] = round(100 * (cpu1['_steal'] - cpu0['_steal']) / CLK_TCK /
+                                 (wall * (os.cpu_count() or 1)), 1)
 
     def wait_quiet(self, limit=20):
         """Waits (up to `limit` s, and 60 s in all) until processes outside the bench
@@ -527,9 +530,9 @@ LogLevel ERROR
         n = os.cpu_count() or 1
         t0 = time.monotonic()
         while True:
-            b0, s0 = busy_ticks(), self.cpu_snapshot()
+            b0, s0 = stat_ticks()[0], self.cpu_snapshot()
             time.sleep(self.quiet_probe)
-            b1, s1 = busy_ticks(), self.cpu_snapshot()
+            b1, s1 = stat_ticks()[0], self.cpu_snapshot()
             ours = sum(s1[g] - s0[g] for g in s1 if g in s0 and not g.startswith('_'))
             pct = 100 * ((b1 - b0) - ours - (s1['_kernel'] - s0['_kernel'])) / (self.quiet_probe * CLK_TCK * n)
             waited = time.monotonic() - t0
@@ -549,7 +552,8 @@ LogLevel ERROR
         machine with other processes is taken again (a bounded number of times)."""
         while True:
             rec = self.measure_once(scenario, system, tool, argv, rnd, parse, timeout)
-            if rec.get('other_pct', 0) < 10 or self.reruns >= self.size['reruns']:
+            if (rec.get('other_pct', 0) < 10 and rec.get('steal_pct', 0) < 10) or \
+                    self.reruns >= self.size['reruns']:
                 break
             self.reruns += 1
             self.runs.remove(rec)
@@ -587,8 +591,9 @@ LogLevel ERROR
         cpu = ' '.join(f'{k[4:-2]}={v}' for k, v in rec.items()
                        if k.startswith('cpu_') and k not in ('cpu_other_s', 'cpu_kthreads_s'))
         err = f'  ERROR: {rec["error"]}' if rec.get('error') else ''
-        if rec.get('other_pct', 0) >= 10:
-            err += f'  (other processes used {rec["other_pct"]} % of the machine)'
+        if rec.get('other_pct', 0) >= 10 or rec.get('steal_pct', 0) >= 10:
+            err += (f'  (other processes used {rec["other_pct"]} % of the machine, '
+                    f'the hypervisor stole {rec.get("steal_pct", 0)} %)')
         log(f'    {rec["scenario"]:<10} {LABEL[rec["system"]]:<15} {rec["tool"]:<8} r{rec["round"]}: '
             f'{figs}  cpu s: {cpu}{err}')
 
@@ -901,14 +906,17 @@ LogLevel ERROR
         except (OSError, subprocess.SubprocessError):
             tree = 'unknown'
         others = [r.get('other_pct', 0) for r in self.runs]
-        noisy = [r for r in self.runs if r.get('other_pct', 0) >= 10]
+        steals = [r.get('steal_pct', 0) for r in self.runs]
+        noisy = [r for r in self.runs if r.get('other_pct', 0) >= 10 or r.get('steal_pct', 0) >= 10]
         lines = [f'OpenCMG bench, {day}: nproc {ncpu}, {cpu}, Linux {kernel}; source tree {tree}; '
                  f'rounds per scenario {", ".join(f"{k} {v}" for k, v in z["rounds"].items())}, each round '
                  f'running the systems in turn ({", ".join(LABEL[x] for x in self.systems)}); medians, and '
                  f'ratios taken within each round (median of the per-round ratios); '
                  f'{"--quick (tiny sizes)" if self.args.quick else "full size"}; run took {wall / 60:.1f} min; '
                  f'processes outside the bench used {statistics.median(others) if others else 0:.1f} % '
-                 f'of the machine (median over runs, max {max(others) if others else 0:.0f} %).',
+                 f'of the machine (median over runs, max {max(others) if others else 0:.0f} %), '
+                 f'hypervisor steal {statistics.median(steals) if steals else 0:.1f} % '
+                 f'(max {max(steals) if steals else 0:.0f} %).',
                  '',
                  '| scenario | figure | direct | nginx | nginx + ssh -R | OpenCMG | OpenCMG ÷ nginx | '
                  'OpenCMG ÷ nginx+ssh | OpenCMG ÷ direct |',
@@ -1039,7 +1047,7 @@ LogLevel ERROR
                      f'{"–" if rss is None else f"{rss:.1f} KiB"} | {"✔" if met else "✘"} |')
         if noisy:
             lines += ['', f'⚠ {len(noisy)} of {len(self.runs)} runs shared the machine with other processes '
-                      '(≥ 10 % of its CPU): their figures are noise; run again on a quiet machine.']
+                      'or lost time to the hypervisor (≥ 10 % of its CPU): their figures are noisier.']
         errors = [r for r in self.runs if r.get('error')]
         if errors:
             lines += ['', f'⚠ {len(errors)} run(s) reported errors (see runs.csv):']

@@ -149,6 +149,7 @@ struct cmg_upstream {
     bool in_value;
     bool informational, headers_done, msg_done, reused, got_bytes, head;
     bool paused;
+    bool in_place;   /* the bytes being parsed were read into st->resp_body's spare room */
     struct cmg_timer timer;
     struct cmg_upstream *prev, *next;   /* in the mapping's idle list or the busy list */
 };

@@ -33,6 +33,7 @@ static int setup(struct cmg_connector *cn)
         cmg_error("tunnel TLS: %s", err);
         return -1;
     }
+    cmg_tls_tunnel_ciphers(cn->tunnel_ctx);
     for (size_t i = 0; i < c->nmappings; i++) {
         struct cmg_cn_mapping *m = &c->mappings[i];
         struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,

@@ -97,19 +97,19 @@ static ssize_t read_response_body(nghttp2_session *s, int32_t id, uint8_t *buf, 
                                   uint32_t *flags, nghttp2_data_source *src, void *user)
 {
     struct cmg_cn_stream *st = src->ptr;
-    size_t n = st->resp_body.len < length ? st->resp_body.len : length;
+    return cmg_h2_offer(&st->resp_body, st->resp_eof, length, flags);
+}
 
-    if (n) {
-        memcpy(buf, cmg_buf_head(&st->resp_body), n);
-        cmg_buf_consume(&st->resp_body, n);
-        if (st->up)
-            cmg_upstream_resume(st->up);
-    }
-    if (st->resp_eof && st->resp_body.len == 0)
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-    else if (n == 0)
-        return NGHTTP2_ERR_DEFERRED;
-    return (ssize_t)n;
+static int send_response_body(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd,
+                              size_t length, nghttp2_data_source *src, void *user)
+{
+    struct cmg_cn_tunnel *t = user;
+    struct cmg_cn_stream *st = src->ptr;
+    int rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &st->resp_body);
+
+    if (rc == 0 && st->up)
+        cmg_upstream_resume(st->up);
+    return rc;
 }
 
 void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct cmg_headers *h)
@@ -413,11 +413,14 @@ static int start_session(struct cmg_cn_tunnel *t)
     nghttp2_settings_entry settings[] = {
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, CMG_H2_MAX_FRAME},
     };
     int rc;
 
     if (nghttp2_session_callbacks_new(&cb) != 0)
         return -1;
+    nghttp2_session_callbacks_set_send_data_callback(cb, send_response_body);
+    cmg_h2_large_frames(cb);
     nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
@@ -437,7 +440,7 @@ static int start_session(struct cmg_cn_tunnel *t)
     nghttp2_option_del(opt);
     if (rc != 0)
         return -1;
-    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 2);
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
     nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
     return 0;
 }

@@ -11,7 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define READ_CHUNK 16384
+#define READ_CHUNK (64 * 1024)
 #define MAX_IDLE 64
 #define IDLE_MS 30000
 #define MAX_RESPONSE_HEAD (64 * 1024)
@@ -162,10 +162,21 @@ static int on_headers_complete(llhttp_t *p)
 static int on_body(llhttp_t *p, const char *at, size_t n)
 {
     struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+    struct cmg_buf *b;
+
     if (!u->st)
         return -1;
-    if (cmg_buf_append(&u->st->resp_body, at, n) < 0)
+    b = &u->st->resp_body;
+    if (u->in_place) {
+        /* Already in the buffer's spare room, at or after its tail: close the gap
+         * that framing (chunk sizes) left, if any. Nothing takes from the buffer
+         * while the parser runs: the tunnel sends from its own task. */
+        if (at != cmg_buf_tail(b))
+            memmove(cmg_buf_tail(b), at, n);
+        cmg_buf_commit(b, n);
+    } else if (cmg_buf_append(b, at, n) < 0) {
         return -1;
+    }
     cmg_cn_stream_body(u->st);
     return 0;
 }
@@ -203,7 +214,7 @@ static const llhttp_settings_t *settings(void)
 static void finished(struct cmg_upstream *u)
 {
     struct cmg_cn_stream *st = u->st;
-    bool reusable = llhttp_should_keep_alive(&u->parser) && st->req_end && u->conn.out.len == 0;
+    bool reusable = llhttp_should_keep_alive(&u->parser) && st->req_end && cmg_conn_pending(&u->conn) == 0;
 
     st->resp_eof = true;
     cmg_cn_stream_body(st);
@@ -220,15 +231,23 @@ static void on_read(struct cmg_conn *c)
     char buf[READ_CHUNK];
 
     while (u->st && !u->msg_done) {
+        struct cmg_buf *b = &u->st->resp_body;
+        char *into = buf;
         ssize_t n;
         llhttp_errno_t err;
-        if (u->st->resp_body.len >= CMG_CN_BUFFER) {
+        if (b->len >= CMG_CN_BUFFER) {
             u->paused = true;   /* the tunnel is behind: wait, and do not time out */
             cmg_timer_stop(u->cn->loop, &u->timer);
             cmg_conn_want_read(c, false);
             return;
         }
-        n = cmg_conn_read(c, buf, sizeof(buf));
+        /* Body bytes are read straight into the buffer they are sent from. */
+        u->in_place = u->headers_done && cmg_buf_reserve(b, READ_CHUNK) == 0;
+        if (u->in_place)
+            into = cmg_buf_tail(b);
+        n = cmg_conn_read(c, into, READ_CHUNK);
+        if (n <= 0)
+            u->in_place = false;
         if (n == CMG_AGAIN)
             return;
         arm(u);
@@ -242,7 +261,8 @@ static void on_read(struct cmg_conn *c)
             return;
         }
         u->got_bytes = true;
-        err = llhttp_execute(&u->parser, buf, (size_t)n);
+        err = llhttp_execute(&u->parser, into, (size_t)n);
+        u->in_place = false;
         if (err == HPE_PAUSED) {
             finished(u);
             return;
@@ -261,7 +281,7 @@ static void on_open(struct cmg_conn *c)
 {
     struct cmg_upstream *u = c->owner;
     cmg_conn_flush(c);
-    if (u->st && c->out.len == 0)
+    if (u->st && cmg_conn_pending(c) == 0)
         cmg_cn_stream_request_written(u->st);
 }
 
@@ -433,7 +453,7 @@ void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n)
     if (u->st->req_chunked)
         cmg_buf_append(o, "\r\n", 2);
     cmg_conn_flush(&u->conn);
-    if (o->len == 0 && u->conn.state == CMG_CONN_OPEN)
+    if (cmg_conn_pending(&u->conn) == 0 && u->conn.state == CMG_CONN_OPEN)
         cmg_cn_stream_request_written(u->st);
 }
 

@@ -11,6 +11,9 @@
 #include <unistd.h>
 
 #define WRITE_CHUNK (256 * 1024)
+/* Records are gathered up to this much before one send(2): a bulk transfer then
+ * costs a system call (and a wakeup of the peer) per 256 KiB, not per 16 KiB record. */
+#define TLS_BATCH (256 * 1024)
 
 static void conn_io(struct cmg_io *io, uint32_t events);
 static void conn_task(struct cmg_task *t);
@@ -18,6 +21,80 @@ static void conn_task(struct cmg_task *t);
 static struct cmg_conn *conn_of_io(struct cmg_io *io)
 {
     return (struct cmg_conn *)((char *)io - offsetof(struct cmg_conn, io));
+}
+
+/* ---- the TLS write side: records go into c->tls_out ---- */
+
+static int wbio_write(BIO *b, const char *p, int n)
+{
+    struct cmg_conn *c = BIO_get_data(b);
+
+    BIO_clear_retry_flags(b);
+    if (n <= 0)
+        return 0;
+    return cmg_buf_append(&c->tls_out, p, (size_t)n) < 0 ? -1 : n;
+}
+
+static long wbio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    struct cmg_conn *c = BIO_get_data(b);
+
+    (void)num;
+    (void)ptr;
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        return 1;   /* the owner's flush writes tls_out; OpenSSL's need not wait for it */
+    case BIO_CTRL_WPENDING:
+        return (long)c->tls_out.len;
+    default:
+        return 0;
+    }
+}
+
+/* One loop per process: made once, never freed. */
+static BIO_METHOD *wbio_method(void)
+{
+    static BIO_METHOD *m;
+
+    if (!m && (m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "cmg tls out"))) {
+        BIO_meth_set_write(m, wbio_write);
+        BIO_meth_set_ctrl(m, wbio_ctrl);
+    }
+    return m;
+}
+
+static int attach_bios(struct cmg_conn *c, int fd)
+{
+    BIO *r = BIO_new_socket(fd, BIO_NOCLOSE);
+    BIO *w = wbio_method() ? BIO_new(wbio_method()) : NULL;
+
+    if (!r || !w) {
+        BIO_free(r);
+        BIO_free(w);
+        return -1;
+    }
+    BIO_set_data(w, c);
+    BIO_set_init(w, 1);
+    SSL_set_bio(c->ssl, r, w);
+    return 0;
+}
+
+/* Sends what tls_out holds. 1: all of it; 0: the socket is full; -1: failed. */
+static int push_tls(struct cmg_conn *c)
+{
+    while (c->tls_out.len) {
+        ssize_t w = send(c->io.fd, cmg_buf_head(&c->tls_out), c->tls_out.len, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            cmg_conn_fail(c, "write: %s", strerror(errno));
+            return -1;
+        }
+        cmg_buf_consume(&c->tls_out, (size_t)w);
+    }
+    return 1;
 }
 
 static void update_events(struct cmg_conn *c)
@@ -41,7 +118,7 @@ static void update_events(struct cmg_conn *c)
         if (c->reading || c->write_wants_read || !c->in_paused)
             ev |= EPOLLIN;
         /* Output a task is about to write needs no EPOLLOUT yet. */
-        if ((c->out.len && !c->write_wants_read && !c->flush_later) || c->read_wants_write)
+        if (c->tls_out.len || (c->out.len && !c->write_wants_read && !c->flush_later))
             ev |= EPOLLOUT;
         break;
     }
@@ -92,7 +169,7 @@ int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, 
     c->io.fd = -1;
     if (getpeername(fd, (struct sockaddr *)&ss, &len) == 0)
         cmg_addr_str((struct sockaddr *)&ss, c->peer, sizeof(c->peer));
-    if (ssl && !SSL_set_fd(ssl, fd))
+    if (ssl && attach_bios(c, fd) < 0)
         goto fail;
     c->state = connecting ? CMG_CONN_CONNECTING : ssl ? CMG_CONN_HANDSHAKE : CMG_CONN_OPEN;
     if (cmg_io_start(loop, &c->io, fd, 0, conn_io) < 0)
@@ -115,6 +192,7 @@ fail:
 
 static void opened(struct cmg_conn *c)
 {
+    cmg_buf_release(&c->tls_out);   /* the handshake's flight, if written */
     c->state = CMG_CONN_OPEN;
     update_events(c);
     if (c->ops->on_open)
@@ -127,17 +205,19 @@ static void do_handshake(struct cmg_conn *c)
 
     ERR_clear_error();
     r = SSL_do_handshake(c->ssl);
+    err = r == 1 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
+    if (push_tls(c) < 0)
+        return;
     if (r == 1) {
         opened(c);
         return;
     }
-    err = SSL_get_error(c->ssl, r);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-        c->hs_wants_write = err == SSL_ERROR_WANT_WRITE;
+        c->hs_wants_write = c->tls_out.len > 0;
         update_events(c);
         return;
     }
-    fail_ssl(c, "TLS handshake failed", err);
+    fail_ssl(c, "TLS handshake failed", err);   /* the alert goes out when it is closed */
 }
 
 static void finish_connect(struct cmg_conn *c)
@@ -172,18 +252,15 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
         int r, err;
         ERR_clear_error();
         r = SSL_read_ex(c->ssl, buf, len, &n);
-        if (r == 1) {
-            c->read_wants_write = false;
+        err = r == 1 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
+        /* Reading may have made records to send: a key update, a ticket, an alert. */
+        if (c->tls_out.len && push_tls(c) == 0)
+            update_events(c);
+        if (r == 1)
             return (ssize_t)n;
-        }
-        err = SSL_get_error(c->ssl, r);
         switch (err) {
         case SSL_ERROR_WANT_READ:
-            c->read_wants_write = false;
-            return CMG_AGAIN;
         case SSL_ERROR_WANT_WRITE:
-            c->read_wants_write = true;
-            update_events(c);
             return CMG_AGAIN;
         case SSL_ERROR_ZERO_RETURN:
             return 0;
@@ -205,44 +282,72 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
     }
 }
 
+/* Encrypts c->out into records, TLS_BATCH at a time, and sends each batch at once. */
+static void flush_tls(struct cmg_conn *c)
+{
+    for (;;) {
+        if (c->tls_out.len && (c->tls_out.len >= TLS_BATCH || !c->out.len)) {
+            int r = push_tls(c);
+            if (r <= 0)
+                return;
+        }
+        if (!c->out.len)
+            return;
+        size_t want = c->out.len < WRITE_CHUNK ? c->out.len : WRITE_CHUNK, n = 0;
+        ERR_clear_error();
+        if (SSL_write_ex(c->ssl, cmg_buf_head(&c->out), want, &n) != 1) {
+            int err = SSL_get_error(c->ssl, 0);
+            if (push_tls(c) < 0)
+                return;
+            if (err == SSL_ERROR_WANT_READ)
+                c->write_wants_read = true;
+            else if (err != SSL_ERROR_WANT_WRITE)
+                fail_ssl(c, "TLS write", err);
+            return;
+        }
+        cmg_buf_consume(&c->out, n);
+    }
+}
+
+int cmg_conn_write(struct cmg_conn *c, const void *p, size_t n)
+{
+    size_t done = 0;
+
+    if (!c->ssl || c->out.len || !cmg_conn_open(c))
+        return cmg_buf_append(&c->out, p, n);
+    ERR_clear_error();
+    if (n && SSL_write_ex(c->ssl, p, n, &done) != 1) {
+        int err = SSL_get_error(c->ssl, 0);
+        if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
+            fail_ssl(c, "TLS write", err);
+            return -1;
+        }
+    }
+    return cmg_buf_append(&c->out, (const char *)p + done, n - done);
+}
+
 void cmg_conn_flush(struct cmg_conn *c)
 {
     if (c->state != CMG_CONN_OPEN || c->failed)
         return;
     c->write_wants_read = false;
-    while (c->out.len) {
+    if (c->ssl)
+        flush_tls(c);
+    while (!c->ssl && c->out.len) {
         size_t want = c->out.len < WRITE_CHUNK ? c->out.len : WRITE_CHUNK;
-        size_t n = 0;
-        if (c->ssl) {
-            int r, err;
-            ERR_clear_error();
-            r = SSL_write_ex(c->ssl, cmg_buf_head(&c->out), want, &n);
-            if (r != 1) {
-                err = SSL_get_error(c->ssl, r);
-                if (err == SSL_ERROR_WANT_WRITE)
-                    break;
-                if (err == SSL_ERROR_WANT_READ) {
-                    c->write_wants_read = true;
-                    break;
-                }
-                fail_ssl(c, "TLS write", err);
-                return;
-            }
-        } else {
-            ssize_t w = send(c->io.fd, cmg_buf_head(&c->out), want, MSG_NOSIGNAL);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                cmg_conn_fail(c, "write: %s", strerror(errno));
-                return;
-            }
-            n = (size_t)w;
+        ssize_t w = send(c->io.fd, cmg_buf_head(&c->out), want, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            cmg_conn_fail(c, "write: %s", strerror(errno));
+            return;
         }
-        cmg_buf_consume(&c->out, n);
+        cmg_buf_consume(&c->out, (size_t)w);
     }
-    update_events(c);
+    if (!c->failed)
+        update_events(c);
 }
 
 void cmg_conn_want_read(struct cmg_conn *c, bool on)
@@ -326,14 +431,14 @@ static void conn_io(struct cmg_io *io, uint32_t events)
     if (c->failed)
         return;
     if ((events & EPOLLOUT) || err || (c->write_wants_read && (events & EPOLLIN))) {
-        bool had = c->out.len > 0;
+        bool had = cmg_conn_pending(c) > 0;
         cmg_conn_flush(c);
-        if (had && !c->out.len && c->state == CMG_CONN_OPEN && !c->failed && c->ops->on_drain)
+        if (had && !cmg_conn_pending(c) && c->state == CMG_CONN_OPEN && !c->failed && c->ops->on_drain)
             c->ops->on_drain(c);
     }
     if (c->state != CMG_CONN_OPEN || c->failed)
         return;
-    if (c->reading && ((events & EPOLLIN) || err || (c->read_wants_write && (events & EPOLLOUT))))
+    if (c->reading && ((events & EPOLLIN) || err))
         c->ops->on_read(c);
     else if ((events & EPOLLIN) && !c->reading)
         c->in_paused = true;
@@ -354,6 +459,8 @@ void cmg_conn_close(struct cmg_conn *c)
             ERR_clear_error();
             SSL_shutdown(c->ssl);   /* best effort close_notify; keeps the session resumable */
         }
+        if (c->tls_out.len && fd >= 0)   /* close_notify or an alert: one try, no waiting */
+            (void)!send(fd, cmg_buf_head(&c->tls_out), c->tls_out.len, MSG_NOSIGNAL | MSG_DONTWAIT);
         SSL_free(c->ssl);
         c->ssl = NULL;
     }
@@ -362,7 +469,12 @@ void cmg_conn_close(struct cmg_conn *c)
         close(fd);
     c->state = CMG_CONN_CLOSED;
     cmg_buf_free(&c->out);
+    cmg_buf_free(&c->tls_out);
     ERR_clear_error();
 }
 
-void cmg_conn_idle(struct cmg_conn *c) { cmg_buf_release(&c->out); }
+void cmg_conn_idle(struct cmg_conn *c)
+{
+    cmg_buf_release(&c->out);
+    cmg_buf_release(&c->tls_out);
+}

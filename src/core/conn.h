@@ -32,12 +32,12 @@ struct cmg_conn {
     const struct cmg_conn_ops *ops;
     void *owner;
     struct cmg_buf out;
+    struct cmg_buf tls_out;  /* TLS records made, not yet written to the socket */
     struct cmg_task task;
     enum cmg_conn_state state;
     bool reading;            /* the owner wants data */
     bool in_paused;          /* EPOLLIN off: input came while the owner did not want it */
     bool hs_wants_write;
-    bool read_wants_write;   /* SSL_read needs the socket writable */
     bool write_wants_read;   /* SSL_write needs the socket readable */
     bool kick_read;          /* deliver on_read from the task */
     bool flush_later;        /* write c->out from the task */
@@ -52,6 +52,12 @@ int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, 
                    const struct cmg_conn_ops *ops, void *owner);
 /* > 0: bytes; 0: end of stream; CMG_AGAIN: nothing now (or failed: on_error follows). */
 ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len);
+/* Queues n bytes after what c->out holds. Over TLS with c->out empty they are
+ * encrypted at once from p, a copy fewer; p is the caller's again on return.
+ * 0, or -1 (out of memory, or failed: on_error follows). */
+int cmg_conn_write(struct cmg_conn *c, const void *p, size_t n);
+/* Bytes queued, plain or encrypted, and not yet taken by the socket. */
+static inline size_t cmg_conn_pending(const struct cmg_conn *c) { return c->out.len + c->tls_out.len; }
 /* Writes what it can of c->out now; the rest when the socket allows. */
 void cmg_conn_flush(struct cmg_conn *c);
 void cmg_conn_want_read(struct cmg_conn *c, bool on);

@@ -76,7 +76,7 @@ static void close_after_output(struct cmg_device *d)
 {
     d->closing = true;
     cmg_conn_flush(&d->conn);
-    if (d->conn.out.len == 0)
+    if (cmg_conn_pending(&d->conn) == 0)
         start_linger(d);
 }
 
@@ -365,18 +365,20 @@ static void pump_response(struct cmg_device *d)
     struct cmg_buf *o = &d->conn.out;
 
     for (;;) {
-        while (ex->resp_body.len && o->len < CMG_OUT_HIGH) {
+        while (ex->resp_body.len && cmg_conn_pending(&d->conn) < CMG_OUT_HIGH) {
             size_t n = ex->resp_body.len < 65536 ? ex->resp_body.len : 65536;
             if (h->resp_remaining >= 0 && (uint64_t)n > (uint64_t)h->resp_remaining) {
                 cmg_warn("connector sent more body than its Content-Length: %s", ex->target);
                 cmg_device_close(d, "response longer than its length");
                 return;
             }
-            if (h->resp_chunked)
+            if (h->resp_chunked) {   /* size, data and CRLF in one record */
                 cmg_buf_printf(o, "%zx\r\n", n);
-            cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
-            if (h->resp_chunked)
+                cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
                 cmg_buf_append(o, "\r\n", 2);
+            } else {
+                cmg_conn_write(&d->conn, cmg_buf_head(&ex->resp_body), n);
+            }
             if (h->resp_remaining > 0)
                 h->resp_remaining -= (int64_t)n;
             cmg_buf_consume(&ex->resp_body, n);
@@ -395,7 +397,7 @@ static void pump_response(struct cmg_device *d)
             response_done(d);
             return;
         }
-        if (o->len < CMG_OUT_HIGH) {
+        if (cmg_conn_pending(&d->conn) < CMG_OUT_HIGH) {
             /* All the body there is was taken: written with whatever else this round
              * queues; more body comes with on_response_body. */
             cmg_conn_flush_later(&d->conn);
@@ -403,7 +405,7 @@ static void pump_response(struct cmg_device *d)
         }
         cmg_conn_flush(&d->conn);
         /* All written at once: go on, or on_drain will call again. */
-        if (o->len || !ex->resp_body.len || !cmg_conn_open(&d->conn))
+        if (cmg_conn_pending(&d->conn) || !ex->resp_body.len || !cmg_conn_open(&d->conn))
             return;
     }
 }
@@ -607,7 +609,7 @@ void cmg_h1_on_drain(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
     if (d->closing) {
-        if (d->conn.out.len == 0)
+        if (cmg_conn_pending(&d->conn) == 0)
             start_linger(d);
         return;
     }

@@ -118,22 +118,28 @@ static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
 {
     struct h2stream *st = src->ptr;
     struct cmg_exchange *ex = st->ex;
-    size_t n;
 
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    n = ex->resp_body.len < length ? ex->resp_body.len : length;
-    if (n) {
-        memcpy(buf, cmg_buf_head(&ex->resp_body), n);
-        cmg_buf_consume(&ex->resp_body, n);
-        ex->resp_bytes += n;
-        cmg_exchange_resp_consumed(ex, n);
+    return cmg_h2_offer(&ex->resp_body, ex->resp_eof, length, flags);
+}
+
+static int send_body(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd,
+                     size_t length, nghttp2_data_source *src, void *user)
+{
+    struct cmg_device *d = user;
+    struct h2stream *st = src->ptr;
+    struct cmg_exchange *ex = st->ex;
+    int rc;
+
+    if (!ex)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    rc = cmg_h2_put_data(&d->conn, frame, framehd, length, &ex->resp_body);
+    if (rc == 0) {
+        ex->resp_bytes += length;
+        cmg_exchange_resp_consumed(ex, length);
     }
-    if (ex->resp_eof && ex->resp_body.len == 0)
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-    else if (n == 0)
-        return NGHTTP2_ERR_DEFERRED;
-    return (ssize_t)n;
+    return rc;
 }
 
 static void h2_on_response_body(struct cmg_exchange *ex)
@@ -324,6 +330,8 @@ static void stream_free(struct h2stream *st)
     }
     cmg_headers_free(&st->hdrs);
     free(st->path);
+    if (h && !h->streams)
+        cmg_conn_idle(&st->d->conn);   /* nothing in flight: keep no buffers */
     free(st);
 }
 
@@ -393,6 +401,8 @@ int cmg_h2dev_start(struct cmg_device *d)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_session_callbacks_set_send_data_callback(cb, send_body);
+    cmg_h2_large_frames(cb);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     if (nghttp2_session_server_new2(&h->s, cb, d, opt) != 0)
         goto out;

@@ -133,6 +133,7 @@ static int setup(struct cmg_gateway *gw)
         cmg_error("tunnel TLS: %s", err);
         return -1;
     }
+    cmg_tls_tunnel_ciphers(gw->tunnel_ctx);
     for (int i = 0; i < c->nlisten; i++)
         if (add_listener(gw, c->listen[i], 443, false) < 0)
             return -1;

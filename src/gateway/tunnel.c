@@ -295,23 +295,25 @@ static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t 
     /* Not src->ptr: an exchange that the device abandoned is gone, and its
      * stream's user data says so, while a reset is still on its way out. */
     struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
-    size_t n;
 
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    n = ex->req_body.len < length ? ex->req_body.len : length;
+    return cmg_h2_offer(&ex->req_body, ex->req_eof, length, flags);
+}
 
-    if (n) {
-        memcpy(buf, cmg_buf_head(&ex->req_body), n);
-        cmg_buf_consume(&ex->req_body, n);
-        if (ex->dev)
-            ex->dev_ops->on_request_room(ex, n);
-    }
-    if (ex->req_eof && ex->req_body.len == 0)
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-    else if (n == 0)
-        return NGHTTP2_ERR_DEFERRED;
-    return (ssize_t)n;
+static int send_request_body(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd,
+                             size_t length, nghttp2_data_source *src, void *user)
+{
+    struct cmg_tunnel *t = user;
+    struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    int rc;
+
+    if (!ex)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &ex->req_body);
+    if (rc == 0 && ex->dev)
+        ex->dev_ops->on_request_room(ex, length);
+    return rc;
 }
 
 /* ---- streams ---- */
@@ -442,6 +444,7 @@ static int start_session(struct cmg_tunnel *t)
     nghttp2_settings_entry settings[] = {
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, CMG_H2_MAX_FRAME},
     };
     nghttp2_nv nv[] = {
         {(uint8_t *)":method", (uint8_t *)"GET", 7, 3, NGHTTP2_NV_FLAG_NONE},
@@ -458,6 +461,8 @@ static int start_session(struct cmg_tunnel *t)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_session_callbacks_set_send_data_callback(cb, send_request_body);
+    cmg_h2_large_frames(cb);
     if (nghttp2_option_new(&opt) != 0) {
         nghttp2_session_callbacks_del(cb);
         return -1;
@@ -471,7 +476,7 @@ static int start_session(struct cmg_tunnel *t)
     nghttp2_option_del(opt);
     if (rc != 0)
         return -1;
-    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 2);
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
     nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
     t->ctl_stream = nghttp2_submit_request(t->h2, NULL, nv, 4, NULL, NULL);
     return t->ctl_stream < 0 ? -1 : 0;

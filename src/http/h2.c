@@ -6,7 +6,7 @@
 int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c)
 {
     for (;;) {
-        while (c->out.len < CMG_H2_OUT_HIGH) {
+        while (cmg_conn_pending(c) < CMG_H2_OUT_HIGH) {
             const uint8_t *data;
             ssize_t n = nghttp2_session_mem_send(s, &data);
             if (n < 0)
@@ -16,18 +16,64 @@ int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c)
             if (cmg_buf_append(&c->out, data, (size_t)n) < 0)
                 return NGHTTP2_ERR_NOMEM;
         }
-        if (!c->out.len)
+        if (!cmg_conn_pending(c))
             return 0;
         cmg_conn_flush(c);
         /* Written at once: the session may have more. Otherwise on_drain resumes. */
-        if (c->out.len || !cmg_conn_open(c) || !nghttp2_session_want_write(s))
+        if (cmg_conn_pending(c) || !cmg_conn_open(c) || !nghttp2_session_want_write(s))
             return 0;
     }
 }
 
 int cmg_h2_finished(nghttp2_session *s, const struct cmg_conn *c)
 {
-    return !nghttp2_session_want_read(s) && !nghttp2_session_want_write(s) && c->out.len == 0;
+    return !nghttp2_session_want_read(s) && !nghttp2_session_want_write(s) && cmg_conn_pending(c) == 0;
+}
+
+ssize_t cmg_h2_offer(const struct cmg_buf *src, bool eof, size_t length, uint32_t *flags)
+{
+    size_t n = src->len < length ? src->len : length;
+
+    if (eof && n == src->len)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    else if (n == 0)
+        return NGHTTP2_ERR_DEFERRED;
+    if (n)
+        *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+    return (ssize_t)n;
+}
+
+int cmg_h2_put_data(struct cmg_conn *c, const nghttp2_frame *frame, const uint8_t *framehd,
+                    size_t length, struct cmg_buf *src)
+{
+    /* We never ask for padding; and src holds what cmg_h2_offer() saw, or more. */
+    if (frame->data.padlen || length > src->len)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    if (cmg_buf_reserve(&c->out, 9 + length) < 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    cmg_buf_append(&c->out, framehd, 9);
+    cmg_buf_append(&c->out, cmg_buf_head(src), length);
+    cmg_buf_consume(src, length);
+    return 0;
+}
+
+static ssize_t data_length(nghttp2_session *s, uint8_t type, int32_t id, int32_t session_window,
+                           int32_t stream_window, uint32_t peer_max_frame, void *user)
+{
+    int32_t n = session_window < stream_window ? session_window : stream_window;
+
+    (void)s;
+    (void)type;
+    (void)id;
+    (void)user;
+    if ((uint32_t)n > peer_max_frame)
+        n = (int32_t)peer_max_frame;
+    return n > CMG_H2_MAX_FRAME ? CMG_H2_MAX_FRAME : n;
+}
+
+void cmg_h2_large_frames(nghttp2_session_callbacks *cb)
+{
+    nghttp2_session_callbacks_set_data_source_read_length_callback(cb, data_length);
 }
 
 static ssize_t read_text(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,

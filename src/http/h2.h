@@ -5,6 +5,7 @@
 #include "core/conn.h"
 
 #include <nghttp2/nghttp2.h>
+#include <stdbool.h>
 
 /* Output queued before we wait for the connection to drain. */
 #define CMG_H2_OUT_HIGH (256 * 1024)
@@ -15,6 +16,20 @@
 int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c);
 /* The session has nothing more to do and everything is written. */
 int cmg_h2_finished(nghttp2_session *s, const struct cmg_conn *c);
+
+/* DATA frames without nghttp2's copy of the body. A read callback answers with
+ * cmg_h2_offer(): how much of src to send now (at most length), flagged
+ * NGHTTP2_DATA_FLAG_NO_COPY, with EOF once eof is set and src is all taken, or
+ * NGHTTP2_ERR_DEFERRED when there is nothing yet. nghttp2 then calls the session's
+ * send_data callback, which calls cmg_h2_put_data(): the frame header and the
+ * body go straight from src into the connection's output, and leave src. */
+ssize_t cmg_h2_offer(const struct cmg_buf *src, bool eof, size_t length, uint32_t *flags);
+int cmg_h2_put_data(struct cmg_conn *c, const nghttp2_frame *frame, const uint8_t *framehd,
+                    size_t length, struct cmg_buf *src);
+/* Sets the callbacks for large frames: DATA frames up to the peer's maximum frame
+ * size (we advertise CMG_H2_MAX_FRAME on tunnels), not nghttp2's default 16 KiB. */
+#define CMG_H2_MAX_FRAME (64 * 1024)
+void cmg_h2_large_frames(nghttp2_session_callbacks *cb);
 
 /* A short text answer made locally; body must outlive the stream (a literal). */
 struct cmg_h2_text {

@@ -228,7 +228,7 @@ void cmg_httpd_respond(struct cmg_httpd_req *req, int status, const char *conten
     cmg_conn_flush(&c->conn);
     if (!c->keep_alive) {
         c->closing = true;
-        if (c->conn.out.len == 0)
+        if (cmg_conn_pending(&c->conn) == 0)
             conn_close(c);
         return;
     }
@@ -320,7 +320,7 @@ static void on_read(struct cmg_conn *conn)
             cmg_buf_append(&conn->out, bad, sizeof(bad) - 1);
             cmg_conn_flush(conn);
             c->closing = true;
-            if (conn->out.len == 0)
+            if (cmg_conn_pending(conn) == 0)
                 conn_close(c);
             return;
         }
@@ -330,7 +330,7 @@ static void on_read(struct cmg_conn *conn)
 static void on_drain(struct cmg_conn *conn)
 {
     struct cmg_httpd_conn *c = conn->owner;
-    if (c->closing && conn->out.len == 0)
+    if (c->closing && cmg_conn_pending(conn) == 0)
         conn_close(c);
 }
 

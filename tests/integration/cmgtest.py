@@ -10,6 +10,7 @@ import http.client
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -58,24 +59,29 @@ def poll(fn, timeout, what, interval=0.02, check=None):
 
 
 def free_port(avoid=()):
-    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it), not in `avoid`
-    (the kernel may hand out a port again as soon as it is released)."""
+    """A TCP port that was free on 127.0.0.1 a moment ago, not in `avoid`."""
     return free_port_range(1, avoid)
+
+
+# Below the kernel's ephemeral range (32768-60999 by default): a port picked there
+# can be taken by any outgoing connection of a test running alongside before our
+# server binds it; here only another test's random pick can, which is rare.
+PORT_LOW, PORT_HIGH = 10000, 32000
 
 
 def free_port_range(n, avoid=()):
     """The first of n consecutive ports that were free on 127.0.0.1 (for tunnel_port + instance)."""
-    for _ in range(100):
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(PORT_LOW, PORT_HIGH - n)
+        if set(range(base, base + n)) & set(avoid):
+            continue
         socks = []
         try:
-            socks.append(socket.socket())
-            socks[0].bind(('127.0.0.1', 0))
-            base = socks[0].getsockname()[1]
-            for i in range(1, n):
+            for i in range(n):
                 socks.append(socket.socket())
                 socks[i].bind(('127.0.0.1', base + i))
-            if not set(range(base, base + n)) & set(avoid):
-                return base
+            return base
         except OSError:
             continue
         finally:

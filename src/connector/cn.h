@@ -151,6 +151,7 @@ struct cmg_upstream {
     bool paused;
     bool in_place;   /* the bytes being parsed were read into st->resp_body's spare room */
     struct cmg_timer timer;
+    struct cmg_task body_task;   /* writes request body once per loop round */
     struct cmg_upstream *prev, *next;   /* in the mapping's idle list or the busy list */
 };
 

@@ -58,6 +58,7 @@ static void destroy(struct cmg_upstream *u)
         u->m->nidle--;
     }
     cmg_timer_stop(u->cn->loop, &u->timer);
+    cmg_task_cancel(u->cn->loop, &u->body_task);
     cmg_conn_close(&u->conn);
     cmg_loop_free_later(u->cn->loop, u, upstream_free);
 }
@@ -444,6 +445,15 @@ int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
     return 0;
 }
 
+static void write_body(struct cmg_task *t)
+{
+    struct cmg_upstream *u = (struct cmg_upstream *)((char *)t - offsetof(struct cmg_upstream, body_task));
+
+    cmg_conn_flush(&u->conn);
+    if (u->st && cmg_conn_pending(&u->conn) == 0 && u->conn.state == CMG_CONN_OPEN)
+        cmg_cn_stream_request_written(u->st);
+}
+
 void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n)
 {
     struct cmg_buf *o = &u->conn.out;
@@ -452,9 +462,9 @@ void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n)
     cmg_buf_append(o, p, n);
     if (u->st->req_chunked)
         cmg_buf_append(o, "\r\n", 2);
-    cmg_conn_flush(&u->conn);
-    if (cmg_conn_pending(&u->conn) == 0 && u->conn.state == CMG_CONN_OPEN)
-        cmg_cn_stream_request_written(u->st);
+    /* Written at the end of the round: the pieces of one read from the tunnel leave
+     * in one write, not one per DATA frame. */
+    cmg_task_post(u->cn->loop, &u->body_task, write_body);
 }
 
 void cmg_upstream_body_end(struct cmg_upstream *u)

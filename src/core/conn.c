@@ -309,6 +309,16 @@ static void flush_tls(struct cmg_conn *c)
     }
 }
 
+/* Idle connections keep no buffer: thousands of them wait for their next request. */
+static void release_if_idle(struct cmg_conn *c)
+{
+    if (c->release_idle && !c->out.len && !c->tls_out.len) {
+        cmg_buf_free(&c->out);
+        cmg_buf_free(&c->tls_out);
+        c->release_idle = false;
+    }
+}
+
 int cmg_conn_write(struct cmg_conn *c, const void *p, size_t n)
 {
     size_t done = 0;
@@ -346,8 +356,10 @@ void cmg_conn_flush(struct cmg_conn *c)
         }
         cmg_buf_consume(&c->out, (size_t)w);
     }
-    if (!c->failed)
+    if (!c->failed) {
+        release_if_idle(c);
         update_events(c);
+    }
 }
 
 void cmg_conn_want_read(struct cmg_conn *c, bool on)
@@ -475,6 +487,6 @@ void cmg_conn_close(struct cmg_conn *c)
 
 void cmg_conn_idle(struct cmg_conn *c)
 {
-    cmg_buf_release(&c->out);
-    cmg_buf_release(&c->tls_out);
+    c->release_idle = true;
+    release_if_idle(c);
 }

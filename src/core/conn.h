@@ -42,6 +42,7 @@ struct cmg_conn {
     bool kick_read;          /* deliver on_read from the task */
     bool flush_later;        /* write c->out from the task */
     bool pending_open;       /* deliver on_open from the task */
+    bool release_idle;       /* free the buffers once all output is written */
     bool failed, reported;
     char peer[64];           /* "ip:port", for logs */
     char why[256];
@@ -69,7 +70,7 @@ void cmg_conn_flush_later(struct cmg_conn *c);
 void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Releases the socket and TLS state now; the struct stays the owner's. */
 void cmg_conn_close(struct cmg_conn *c);
-/* Frees buffers while the connection idles. */
+/* The connection idles: its buffers are freed as soon as all output is written. */
 void cmg_conn_idle(struct cmg_conn *c);
 static inline bool cmg_conn_open(const struct cmg_conn *c) { return c->state == CMG_CONN_OPEN && !c->failed; }
 

@@ -66,7 +66,7 @@ static int member_bytes(const cJSON *o, const char *name, unsigned char *buf, si
     return s ? cmg_b64url_decode(s, strlen(s), buf, cap, len) : -1;
 }
 
-static int is_p256(EVP_PKEY *pk)
+bool cmg_jwk_is_p256(EVP_PKEY *pk)
 {
     char group[32];
     return EVP_PKEY_is_a(pk, "EC") &&
@@ -316,7 +316,7 @@ static int pub_parts(EVP_PKEY *pk, struct pub_parts *p)
     int ret = -1;
 
     memset(p, 0, sizeof(*p));
-    if (pk && is_p256(pk)) {
+    if (pk && cmg_jwk_is_p256(pk)) {
         p->alg = CMG_ALG_ES256;
         if (EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_EC_PUB_X, &a) &&
             EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_EC_PUB_Y, &b)) {

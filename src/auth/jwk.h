@@ -6,6 +6,7 @@
 
 #include <cjson/cJSON.h>
 #include <openssl/evp.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 enum cmg_jws_alg { CMG_ALG_UNKNOWN = 0, CMG_ALG_ES256, CMG_ALG_RS256 };
@@ -43,5 +44,7 @@ const struct cmg_jwk *cmg_jwks_find(const struct cmg_jwks *s, const char *kid);
 cJSON *cmg_jwk_public(EVP_PKEY *pkey, const char *kid);
 /* RFC 7638 thumbprint of the public key, base64url: a stable kid for a key. */
 int cmg_jwk_thumbprint(EVP_PKEY *pkey, char out[44]);
+/* An EC key on P-256, the only curve ES256 allows. */
+bool cmg_jwk_is_p256(EVP_PKEY *pk);
 
 #endif

@@ -109,20 +109,11 @@ const char *cmg_jws_header_str(const struct cmg_jws *j, const char *name)
     return cJSON_IsString(v) ? v->valuestring : NULL;
 }
 
-static int is_p256(EVP_PKEY *pk)
-{
-    char group[32];
-    return EVP_PKEY_is_a(pk, "EC") &&
-           EVP_PKEY_get_utf8_string_param(pk, OSSL_PKEY_PARAM_GROUP_NAME, group,
-                                          sizeof(group), NULL) &&
-           !strcmp(group, "prime256v1");
-}
-
 /* The key must be of the kind its alg pins, whoever filled in the struct. */
 static int key_fits(const struct cmg_jwk *key)
 {
     if (key->alg == CMG_ALG_ES256)
-        return is_p256(key->pkey);
+        return cmg_jwk_is_p256(key->pkey);
     if (key->alg == CMG_ALG_RS256)
         return EVP_PKEY_is_a(key->pkey, "RSA") && EVP_PKEY_get_bits(key->pkey) >= RSA_MIN_BITS;
     return 0;
@@ -258,7 +249,7 @@ char *cmg_jws_sign_es256(EVP_PKEY *key, const char *kid, const char *typ,
     int ok = 0;
 
     /* Only sign what cmg_jws_parse would accept back. */
-    if (!key || !payload_json || !is_p256(key) || !is_json_object(payload_json) ||
+    if (!key || !payload_json || !cmg_jwk_is_p256(key) || !is_json_object(payload_json) ||
         !(hdr = header_json(kid, typ)))
         goto out;
     hl = strlen(hdr);

@@ -868,25 +868,16 @@ static int on_message_complete(llhttp_t *p)
     return HPE_PAUSED;
 }
 
-static const llhttp_settings_t *settings(void)
-{
-    static llhttp_settings_t s;
-    static bool ready;
-
-    if (!ready) {
-        llhttp_settings_init(&s);
-        s.on_message_begin = on_message_begin;
-        s.on_status = on_status;
-        s.on_header_field = on_header_field;
-        s.on_header_value = on_header_value;
-        s.on_header_value_complete = on_header_value_complete;
-        s.on_headers_complete = on_headers_complete;
-        s.on_body = on_body;
-        s.on_message_complete = on_message_complete;
-        ready = true;
-    }
-    return &s;
-}
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_status = on_status,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
 
 static int read_response(struct fetch *f)
 {
@@ -895,7 +886,7 @@ static int read_response(struct fetch *f)
     llhttp_errno_t e;
     long n;
 
-    llhttp_init(&f->parser, HTTP_RESPONSE, settings());
+    llhttp_init(&f->parser, HTTP_RESPONSE, &settings);
     f->parser.data = f;
     while (!f->done) {
         n = conn_read(f, buf, sizeof(buf));

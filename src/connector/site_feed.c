@@ -59,19 +59,11 @@ static int on_complete(llhttp_t *p)
     return HPE_PAUSED;
 }
 
-static const llhttp_settings_t *settings(void)
-{
-    static llhttp_settings_t s;
-    static bool init;
-    if (!init) {
-        llhttp_settings_init(&s);
-        s.on_body = on_body;
-        s.on_headers_complete = on_headers_complete;
-        s.on_message_complete = on_complete;
-        init = true;
-    }
-    return &s;
-}
+static const llhttp_settings_t settings = {
+    .on_body = on_body,
+    .on_headers_complete = on_headers_complete,
+    .on_message_complete = on_complete,
+};
 
 static void finish(struct cmg_site_feed *f)
 {
@@ -197,7 +189,7 @@ static void request(struct cmg_site_feed *f)
     f->busy = true;
     f->complete = false;
     f->status = 0;
-    llhttp_init(&f->parser, HTTP_RESPONSE, settings());
+    llhttp_init(&f->parser, HTTP_RESPONSE, &settings);
     f->parser.data = f;
     if (cmg_conn_start(&f->conn, f->cn->loop, fd, NULL, true, &feed_ops, f) < 0) {
         close(fd);

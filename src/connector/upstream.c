@@ -16,7 +16,6 @@
 #define IDLE_MS 30000
 #define MAX_RESPONSE_HEAD (64 * 1024)
 
-static const llhttp_settings_t *settings(void);
 static void release(struct cmg_upstream *u);
 
 static void upstream_free(void *p)
@@ -193,23 +192,15 @@ static int on_message_complete(llhttp_t *p)
     return HPE_PAUSED;
 }
 
-static const llhttp_settings_t *settings(void)
-{
-    static llhttp_settings_t s;
-    static bool ready;
-    if (!ready) {
-        llhttp_settings_init(&s);
-        s.on_message_begin = on_message_begin;
-        s.on_header_field = on_header_field;
-        s.on_header_value = on_header_value;
-        s.on_header_value_complete = on_header_value_complete;
-        s.on_headers_complete = on_headers_complete;
-        s.on_body = on_body;
-        s.on_message_complete = on_message_complete;
-        ready = true;
-    }
-    return &s;
-}
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
 
 /* The response is complete: hand the body's end on, and keep the connection. */
 static void finished(struct cmg_upstream *u)
@@ -433,7 +424,7 @@ int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
     st->up = u;
     u->head = !strcmp(st->method, "HEAD");
     u->headers_done = u->msg_done = u->got_bytes = u->paused = false;
-    llhttp_init(&u->parser, HTTP_RESPONSE, settings());
+    llhttp_init(&u->parser, HTTP_RESPONSE, &settings);
     list_push(&cn->busy, u);
     if (write_head(u, st) < 0) {
         fail(u, 502, "out of memory");

@@ -108,7 +108,7 @@ static void update_events(struct cmg_conn *c)
         ev = EPOLLOUT;
         break;
     case CMG_CONN_HANDSHAKE:
-        ev = c->hs_wants_write ? EPOLLOUT : EPOLLIN;
+        ev = c->tls_out.len ? EPOLLOUT : EPOLLIN;   /* our flight first, then theirs */
         break;
     case CMG_CONN_OPEN:
         if (c->failed)
@@ -213,7 +213,6 @@ static void do_handshake(struct cmg_conn *c)
         return;
     }
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-        c->hs_wants_write = c->tls_out.len > 0;
         update_events(c);
         return;
     }

@@ -37,7 +37,6 @@ struct cmg_conn {
     enum cmg_conn_state state;
     bool reading;            /* the owner wants data */
     bool in_paused;          /* EPOLLIN off: input came while the owner did not want it */
-    bool hs_wants_write;
     bool write_wants_read;   /* SSL_write needs the socket readable */
     bool kick_read;          /* deliver on_read from the task */
     bool flush_later;        /* write c->out from the task */

@@ -41,7 +41,6 @@ struct cmg_h1 {
 /* States of scan_head() */
 enum { SCAN_LINE, SCAN_LINE_START, SCAN_BLANK_CR, SCAN_DONE };
 
-static const llhttp_settings_t *settings(void);
 static void pump_response(struct cmg_device *d);
 static void finish_request(struct cmg_device *d);
 
@@ -280,25 +279,17 @@ static int on_message_complete(llhttp_t *p)
     return HPE_PAUSED;   /* the next request waits for this response */
 }
 
-static const llhttp_settings_t *settings(void)
-{
-    static llhttp_settings_t s;
-    static bool ready;
-    if (!ready) {
-        llhttp_settings_init(&s);
-        s.on_message_begin = on_message_begin;
-        s.on_url = on_url;
-        s.on_header_field = on_header_field;
-        s.on_header_field_complete = on_header_field_complete;
-        s.on_header_value = on_header_value;
-        s.on_header_value_complete = on_header_value_complete;
-        s.on_headers_complete = on_headers_complete;
-        s.on_body = on_body;
-        s.on_message_complete = on_message_complete;
-        ready = true;
-    }
-    return &s;
-}
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
 
 /* ---- the response ---- */
 
@@ -622,7 +613,7 @@ int cmg_h1_start(struct cmg_device *d)
     struct cmg_h1 *h = calloc(1, sizeof(*h));
     if (!h)
         return -1;
-    llhttp_init(&h->parser, HTTP_REQUEST, settings());
+    llhttp_init(&h->parser, HTTP_REQUEST, &settings);
     h->d = d;
     d->h1 = h;
     idle_wait(d);

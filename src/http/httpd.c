@@ -43,7 +43,6 @@ struct cmg_httpd_conn {
     struct cmg_httpd_conn *prev, *next;
 };
 
-static const llhttp_settings_t *settings(void);
 
 static void conn_free(void *p)
 {
@@ -183,22 +182,14 @@ static int on_complete(llhttp_t *p)
     return HPE_PAUSED;
 }
 
-static const llhttp_settings_t *settings(void)
-{
-    static llhttp_settings_t s;
-    static bool init;
-    if (!init) {
-        llhttp_settings_init(&s);
-        s.on_method = on_method;
-        s.on_url = on_url;
-        s.on_header_field = on_field;
-        s.on_header_value = on_value;
-        s.on_body = on_body;
-        s.on_message_complete = on_complete;
-        init = true;
-    }
-    return &s;
-}
+static const llhttp_settings_t settings = {
+    .on_method = on_method,
+    .on_url = on_url,
+    .on_header_field = on_field,
+    .on_header_value = on_value,
+    .on_body = on_body,
+    .on_message_complete = on_complete,
+};
 
 /* ---- responses ---- */
 
@@ -356,7 +347,7 @@ static void on_accept(struct cmg_io *io, uint32_t events)
         }
         c->h = h;
         c->req.conn = c;
-        llhttp_init(&c->parser, HTTP_REQUEST, settings());
+        llhttp_init(&c->parser, HTTP_REQUEST, &settings);
         c->parser.data = c;
         if (cmg_conn_start(&c->conn, h->loop, fd, NULL, false, &conn_ops, c) < 0) {
             free(c);

@@ -14,8 +14,6 @@
 #include <unistd.h>
 
 #define READ_CHUNK 16384
-#define STREAM_WINDOW (1 << 20)
-#define CONNECTION_WINDOW (16 << 20)
 #define MAX_STREAMS 4096
 #define BACKOFF_MIN_MS 250
 #define CONTROL_PATH "/.cmg/control"
@@ -412,7 +410,7 @@ static int start_session(struct cmg_cn_tunnel *t)
     nghttp2_option *opt;
     nghttp2_settings_entry settings[] = {
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, CMG_TUNNEL_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, CMG_H2_MAX_FRAME},
     };
     int rc;
@@ -441,7 +439,7 @@ static int start_session(struct cmg_cn_tunnel *t)
     if (rc != 0)
         return -1;
     nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
-    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_TUNNEL_CONNECTION_WINDOW);
     return 0;
 }
 

@@ -14,6 +14,7 @@
 /* Records are gathered up to this much before one send(2): a bulk transfer then
  * costs a system call (and a wakeup of the peer) per 256 KiB, not per 16 KiB record. */
 #define TLS_BATCH (256 * 1024)
+#define TLS_RECORD 16384   /* the most plaintext one record carries */
 
 static void conn_io(struct cmg_io *io, uint32_t events);
 static void conn_task(struct cmg_task *t);
@@ -281,6 +282,24 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
     }
 }
 
+/* Encrypts up to n bytes of p into c->tls_out (*done says how many). -1: failed. */
+static int seal(struct cmg_conn *c, const char *p, size_t n, size_t *done)
+{
+    *done = 0;
+    ERR_clear_error();
+    if (n && SSL_write_ex(c->ssl, p, n, done) != 1) {
+        int err = SSL_get_error(c->ssl, 0);
+        *done = 0;
+        if (err == SSL_ERROR_WANT_READ)
+            c->write_wants_read = true;
+        else if (err != SSL_ERROR_WANT_WRITE) {
+            fail_ssl(c, "TLS write", err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Encrypts c->out into records, TLS_BATCH at a time, and sends each batch at once. */
 static void flush_tls(struct cmg_conn *c)
 {
@@ -292,16 +311,11 @@ static void flush_tls(struct cmg_conn *c)
         }
         if (!c->out.len)
             return;
-        size_t want = c->out.len < WRITE_CHUNK ? c->out.len : WRITE_CHUNK, n = 0;
-        ERR_clear_error();
-        if (SSL_write_ex(c->ssl, cmg_buf_head(&c->out), want, &n) != 1) {
-            int err = SSL_get_error(c->ssl, 0);
-            if (push_tls(c) < 0)
-                return;
-            if (err == SSL_ERROR_WANT_READ)
-                c->write_wants_read = true;
-            else if (err != SSL_ERROR_WANT_WRITE)
-                fail_ssl(c, "TLS write", err);
+        size_t want = c->out.len < WRITE_CHUNK ? c->out.len : WRITE_CHUNK, n;
+        if (seal(c, cmg_buf_head(&c->out), want, &n) < 0)
+            return;
+        if (n == 0) {   /* OpenSSL waits for the peer: send what it has made */
+            push_tls(c);
             return;
         }
         cmg_buf_consume(&c->out, n);
@@ -320,19 +334,26 @@ static void release_if_idle(struct cmg_conn *c)
 
 int cmg_conn_write(struct cmg_conn *c, const void *p, size_t n)
 {
+    const char *s = p;
     size_t done = 0;
 
-    if (!c->ssl || c->out.len || !cmg_conn_open(c))
+    if (!c->ssl || !cmg_conn_open(c) || c->write_wants_read || (c->out.len && n < TLS_RECORD))
         return cmg_buf_append(&c->out, p, n);
-    ERR_clear_error();
-    if (n && SSL_write_ex(c->ssl, p, n, &done) != 1) {
-        int err = SSL_get_error(c->ssl, 0);
-        if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
-            fail_ssl(c, "TLS write", err);
+    if (c->out.len) {
+        /* Queued output (a frame header, say) is topped up to a whole record with the
+         * head of p and encrypted first; the rest is encrypted straight from p. */
+        size_t top = TLS_RECORD - c->out.len % TLS_RECORD;
+        if (cmg_buf_append(&c->out, s, top) < 0 || seal(c, cmg_buf_head(&c->out), c->out.len, &done) < 0)
             return -1;
-        }
+        cmg_buf_consume(&c->out, done);
+        s += top;
+        n -= top;
+        if (c->out.len)
+            return cmg_buf_append(&c->out, s, n);
     }
-    return cmg_buf_append(&c->out, (const char *)p + done, n - done);
+    if (seal(c, s, n, &done) < 0)
+        return -1;
+    return cmg_buf_append(&c->out, s + done, n - done);
 }
 
 void cmg_conn_flush(struct cmg_conn *c)

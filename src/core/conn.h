@@ -52,8 +52,9 @@ int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, 
                    const struct cmg_conn_ops *ops, void *owner);
 /* > 0: bytes; 0: end of stream; CMG_AGAIN: nothing now (or failed: on_error follows). */
 ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len);
-/* Queues n bytes after what c->out holds. Over TLS with c->out empty they are
- * encrypted at once from p, a copy fewer; p is the caller's again on return.
+/* Queues n bytes after what c->out holds. Over TLS they are encrypted at once from
+ * p, a copy fewer (small writes after queued output are gathered into c->out
+ * first); p is the caller's again on return.
  * 0, or -1 (out of memory, or failed: on_error follows). */
 int cmg_conn_write(struct cmg_conn *c, const void *p, size_t n);
 /* Bytes queued, plain or encrypted, and not yet taken by the socket. */

@@ -14,8 +14,6 @@
 #include <unistd.h>
 
 #define READ_CHUNK 16384
-#define STREAM_WINDOW (1 << 20)
-#define CONNECTION_WINDOW (16 << 20)
 #define MAX_CONTROL_LINE (CMG_POLICY_MAX + 65536)   /* a policy is one line */
 #define MAX_RESPONSE_HEADERS (64 * 1024)
 
@@ -443,7 +441,7 @@ static int start_session(struct cmg_tunnel *t)
     nghttp2_option *opt;
     nghttp2_settings_entry settings[] = {
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, CMG_TUNNEL_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, CMG_H2_MAX_FRAME},
     };
     nghttp2_nv nv[] = {
@@ -477,7 +475,7 @@ static int start_session(struct cmg_tunnel *t)
     if (rc != 0)
         return -1;
     nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
-    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_TUNNEL_CONNECTION_WINDOW);
     t->ctl_stream = nghttp2_submit_request(t->h2, NULL, nv, 4, NULL, NULL);
     return t->ctl_stream < 0 ? -1 : 0;
 }

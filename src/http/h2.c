@@ -49,10 +49,8 @@ int cmg_h2_put_data(struct cmg_conn *c, const nghttp2_frame *frame, const uint8_
     /* We never ask for padding; and src holds what cmg_h2_offer() saw, or more. */
     if (frame->data.padlen || length > src->len)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    if (cmg_buf_reserve(&c->out, 9 + length) < 0)
+    if (cmg_buf_append(&c->out, framehd, 9) < 0 || cmg_conn_write(c, cmg_buf_head(src), length) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    cmg_buf_append(&c->out, framehd, 9);
-    cmg_buf_append(&c->out, cmg_buf_head(src), length);
     cmg_buf_consume(src, length);
     return 0;
 }

@@ -42,18 +42,21 @@ GROUP_LABEL = {'client': 'load tool', 'front': 'nginx (proxy)', 'sshd': 'sshd', 
                'gateway': 'cmg gateway', 'connector': 'cmg connector', 'internal': 'nginx (service)'}
 ALL_GROUPS = ['client', 'front', 'sshd', 'ssh', 'gateway', 'connector', 'internal']
 # The side of each system that faces the devices: its memory per idle connection.
+# A scenario's figures rest on its undisturbed rounds alone only if this many are left.
+CLEAN_ENOUGH = 3
+
 EDGE = {'direct': ['internal'], 'nginx': ['front'], 'ssh': ['front', 'sshd'], 'opencmg': ['gateway']}
 
 # The speed of a shared machine drifts by tens of per cent within seconds: many
 # short rounds, taken in turn, and ratios computed within each round, beat a few
 # long ones.
 SIZES = {
-    'full': dict(rounds=dict(h1=5, h2=5, rate=5, newconn=5, download=3, upload=3, idle=2, x=3),
+    'full': dict(rounds=dict(h1=5, h2=5, rate=12, newconn=5, download=3, upload=3, idle=2, x=3),
                  dur=2.0, warm=0.5, conns=64, h2_conns=8, h2_streams=8,
-                 rate=1000, rate_conns=32, rate_dur=4.0, newconn_conns=16,
+                 rate=1000, rate_conns=32, rate_dur=2.0, newconn_conns=16,
                  download=1 << 30, upload=256 << 20, idle=10000, idle_procs=2, hold=2.0,
                  xdur=2, xwarm=1, xpaths=dict(h1=('direct', 'nginx', 'ssh'), h2=('direct', 'nginx')),
-                 reruns=12),
+                 reruns=20),
     'tiny': dict(rounds=dict(h1=2, h2=2, rate=2, newconn=2, download=2, upload=2, idle=2, x=1),
                  dur=0.3, warm=0.1, conns=8, h2_conns=2, h2_streams=4,
                  rate=200, rate_conns=4, rate_dur=0.3, newconn_conns=4,
@@ -207,6 +210,7 @@ class Bench:
         self.runs = []             # one dict per measurement
         self.systems = [s for s in RUN_ORDER if s in args.systems.split(',')]
         self.reruns = 0
+        self.pairs_used = {}   # (scenario, other system) -> (rounds used, rounds, undisturbed only)
         self.waited = 0.0
         self.quiet_probe = 0.2 if args.quick else 0.5
         self.nginx = shutil.which('nginx') or '/usr/sbin/nginx'
@@ -552,8 +556,7 @@ LogLevel ERROR
         machine with other processes is taken again (a bounded number of times)."""
         while True:
             rec = self.measure_once(scenario, system, tool, argv, rnd, parse, timeout)
-            if (rec.get('other_pct', 0) < 10 and rec.get('steal_pct', 0) < 10) or \
-                    self.reruns >= self.size['reruns']:
+            if not self.disturbed(rec) or self.reruns >= self.size['reruns']:
                 break
             self.reruns += 1
             self.runs.remove(rec)
@@ -591,7 +594,7 @@ LogLevel ERROR
         cpu = ' '.join(f'{k[4:-2]}={v}' for k, v in rec.items()
                        if k.startswith('cpu_') and k not in ('cpu_other_s', 'cpu_kthreads_s'))
         err = f'  ERROR: {rec["error"]}' if rec.get('error') else ''
-        if rec.get('other_pct', 0) >= 10 or rec.get('steal_pct', 0) >= 10:
+        if self.disturbed(rec):
             err += (f'  (other processes used {rec["other_pct"]} % of the machine, '
                     f'the hypervisor stole {rec.get("steal_pct", 0)} %)')
         log(f'    {rec["scenario"]:<10} {LABEL[rec["system"]]:<15} {rec["tool"]:<8} r{rec["round"]}: '
@@ -817,20 +820,33 @@ LogLevel ERROR
 
     # ------------------------------------------------------------ the report
 
+    @staticmethod
+    def disturbed(r):
+        """A run that shared the machine with other processes, or lost time to the hypervisor."""
+        return r.get('other_pct', 0) >= 10 or r.get('steal_pct', 0) >= 10
+
     def median(self, scenario, system, key, tool='cmg-load'):
-        vals = [r[key] for r in self.runs if r['scenario'] == scenario and r['system'] == system
+        """The median over rounds; over the undisturbed rounds alone when there are enough."""
+        runs = [r for r in self.runs if r['scenario'] == scenario and r['system'] == system
                 and r['tool'] == tool and r.get(key) is not None]
+        clean = [r for r in runs if not self.disturbed(r)]
+        vals = [r[key] for r in (clean if len(clean) >= CLEAN_ENOUGH else runs)]
         return statistics.median(vals) if vals else None
 
     def paired(self, scenario, key, other, tool='cmg-load'):
         """The median over rounds of OpenCMG's figure divided by the other system's
         figure in the same round: the two ran side by side, so the drift of the
-        machine's speed between rounds cancels out."""
+        machine's speed between rounds cancels out. Rounds in which either run was
+        disturbed are left out when enough undisturbed ones remain."""
         by = {}
         for r in self.runs:
             if r['scenario'] == scenario and r['tool'] == tool and r.get(key) and not r.get('error'):
-                by.setdefault(r['round'], {})[r['system']] = r[key]
-        ratios = [v['opencmg'] / v[other] for v in by.values() if 'opencmg' in v and other in v]
+                by.setdefault(r['round'], {})[r['system']] = r
+        pairs = [(v['opencmg'], v[other]) for v in by.values() if 'opencmg' in v and other in v]
+        clean = [(a, b) for a, b in pairs if not self.disturbed(a) and not self.disturbed(b)]
+        used = clean if len(clean) >= CLEAN_ENOUGH else pairs
+        self.pairs_used[(scenario, other)] = (len(used), len(pairs), used is clean)
+        ratios = [a[key] / b[key] for a, b in used]
         return round(statistics.median(ratios), 3) if ratios else None
 
     def paired_tools(self, scenario, system, other):
@@ -907,11 +923,12 @@ LogLevel ERROR
             tree = 'unknown'
         others = [r.get('other_pct', 0) for r in self.runs]
         steals = [r.get('steal_pct', 0) for r in self.runs]
-        noisy = [r for r in self.runs if r.get('other_pct', 0) >= 10 or r.get('steal_pct', 0) >= 10]
+        noisy = [r for r in self.runs if self.disturbed(r)]
         lines = [f'OpenCMG bench, {day}: nproc {ncpu}, {cpu}, Linux {kernel}; source tree {tree}; '
                  f'rounds per scenario {", ".join(f"{k} {v}" for k, v in z["rounds"].items())}, each round '
                  f'running the systems in turn ({", ".join(LABEL[x] for x in self.systems)}); medians, and '
-                 f'ratios taken within each round (median of the per-round ratios); '
+                 f'ratios taken within each round (median of the per-round ratios), both over the rounds '
+                 f'no other process or the hypervisor disturbed (≥ 10 % of the CPU) where {CLEAN_ENOUGH} or more are left; '
                  f'{"--quick (tiny sizes)" if self.args.quick else "full size"}; run took {wall / 60:.1f} min; '
                  f'processes outside the bench used {statistics.median(others) if others else 0:.1f} % '
                  f'of the machine (median over runs, max {max(others) if others else 0:.0f} %), '
@@ -934,6 +951,12 @@ LogLevel ERROR
             ratios = [f'{row[f"opencmg_vs_{o}"]:.2f}' if row[f'opencmg_vs_{o}'] else '–'
                       for o in ('nginx', 'ssh', 'direct')]
             lines.append(f'| {title} | {row["figure"]} | ' + ' | '.join(cells + ratios) + ' |')
+        used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx']
+        if used:
+            lines += ['', 'Rounds behind the ratios to nginx: ' + ', '.join(
+                f'{sc} {n} undisturbed of {total}' if clean else
+                f'{sc} all {total} (fewer than {CLEAN_ENOUGH} undisturbed)'
+                for sc, (n, total, clean) in used) + '.']
 
         # CPU per unit of work, per process.
         units = {'h1': ('µs/request', 'requests', 1e6), 'h2': ('µs/request', 'requests', 1e6),

@@ -212,7 +212,7 @@ class Bench:
         self.runs = []             # one dict per measurement
         self.systems = [s for s in RUN_ORDER if s in args.systems.split(',')]
         self.reruns = 0
-        self.pairs_used = {}   # (scenario, other system) -> (rounds used, rounds, undisturbed only)
+        self.pairs_used = {}   # (scenario, other system) -> (rounds used, rounds, 'quietest'/'undisturbed'/'all')
         self.waited = 0.0
         self.quiet_probe = 0.2 if args.quick else 0.5
         self.nginx = shutil.which('nginx') or '/usr/sbin/nginx'
@@ -852,11 +852,11 @@ LogLevel ERROR
             noise = lambda r: r.get('steal_pct', 0) + r.get('other_pct', 0)
             pairs.sort(key=lambda p: max(noise(p[0]), noise(p[1])))
             used = pairs[:(len(pairs) + 1) // 2]
-            self.pairs_used[(scenario, other)] = (len(used), len(pairs), 'quieter half')
+            self.pairs_used[(scenario, other)] = (len(used), len(pairs), 'quietest')
         else:
             clean = [(a, b) for a, b in pairs if not self.disturbed(a) and not self.disturbed(b)]
             used = clean if len(clean) >= CLEAN_ENOUGH else pairs
-            self.pairs_used[(scenario, other)] = (len(used), len(pairs), used is clean)
+            self.pairs_used[(scenario, other)] = (len(used), len(pairs), 'undisturbed' if used is clean else 'all')
         ratios = [a[key] / b[key] for a, b in used]
         return round(statistics.median(ratios), 3) if ratios else None
 
@@ -965,10 +965,9 @@ LogLevel ERROR
         used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx']
         if used:
             lines += ['', 'Rounds behind the ratios to nginx: ' + ', '.join(
-                f'{sc} the {n} quietest of {total}' if clean == 'quieter half' else
-                f'{sc} {n} undisturbed of {total}' if clean else
-                f'{sc} all {total} (fewer than {CLEAN_ENOUGH} undisturbed)'
-                for sc, (n, total, clean) in used) + '.']
+                f'{sc} all {total} (fewer than {CLEAN_ENOUGH} undisturbed)' if how == 'all' else
+                f'{sc} the {n} {how} of {total}'
+                for sc, (n, total, how) in used) + '.']
 
         # CPU per unit of work, per process.
         units = {'h1': ('µs/request', 'requests', 1e6), 'h2': ('µs/request', 'requests', 1e6),

@@ -438,7 +438,7 @@ static int start_session(struct cmg_cn_tunnel *t)
     nghttp2_option_del(opt);
     if (rc != 0)
         return -1;
-    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, sizeof(settings) / sizeof(settings[0]));
     nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_TUNNEL_CONNECTION_WINDOW);
     return 0;
 }

@@ -363,13 +363,12 @@ static void pump_response(struct cmg_device *d)
                 cmg_device_close(d, "response longer than its length");
                 return;
             }
-            if (h->resp_chunked) {   /* size, data and CRLF in one record */
+            /* A chunk's size line rides in the first record of its data. */
+            if (h->resp_chunked)
                 cmg_buf_printf(o, "%zx\r\n", n);
-                cmg_buf_append(o, cmg_buf_head(&ex->resp_body), n);
+            cmg_conn_write(&d->conn, cmg_buf_head(&ex->resp_body), n);
+            if (h->resp_chunked)
                 cmg_buf_append(o, "\r\n", 2);
-            } else {
-                cmg_conn_write(&d->conn, cmg_buf_head(&ex->resp_body), n);
-            }
             if (h->resp_remaining > 0)
                 h->resp_remaining -= (int64_t)n;
             cmg_buf_consume(&ex->resp_body, n);

@@ -474,7 +474,7 @@ static int start_session(struct cmg_tunnel *t)
     nghttp2_option_del(opt);
     if (rc != 0)
         return -1;
-    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, 3);
+    nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, sizeof(settings) / sizeof(settings[0]));
     nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_TUNNEL_CONNECTION_WINDOW);
     t->ctl_stream = nghttp2_submit_request(t->h2, NULL, nv, 4, NULL, NULL);
     return t->ctl_stream < 0 ? -1 : 0;

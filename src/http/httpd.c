@@ -43,7 +43,6 @@ struct cmg_httpd_conn {
     struct cmg_httpd_conn *prev, *next;
 };
 
-
 static void conn_free(void *p)
 {
     struct cmg_httpd_conn *c = p;

@@ -58,9 +58,9 @@ def poll(fn, timeout, what, interval=0.02, check=None):
         time.sleep(interval)
 
 
-def free_port(avoid=()):
-    """A TCP port that was free on 127.0.0.1 a moment ago, not in `avoid`."""
-    return free_port_range(1, avoid)
+def free_port():
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    return free_port_range(1)
 
 
 # Below the kernel's ephemeral range (32768-60999 by default): a port picked there
@@ -68,19 +68,25 @@ def free_port(avoid=()):
 # server binds it; here only another test's random pick can, which is rare.
 PORT_LOW, PORT_HIGH = 10000, 32000
 
+# Every port handed out in this process: a test picks several ports before any
+# server binds one, so a free-looking port may already be promised elsewhere.
+_handed_out = set()
 
-def free_port_range(n, avoid=()):
+
+def free_port_range(n):
     """The first of n consecutive ports that were free on 127.0.0.1 (for tunnel_port + instance)."""
     rng = random.SystemRandom()
     for _ in range(200):
         base = rng.randrange(PORT_LOW, PORT_HIGH - n)
-        if set(range(base, base + n)) & set(avoid):
+        ports = set(range(base, base + n))
+        if ports & _handed_out:
             continue
         socks = []
         try:
             for i in range(n):
                 socks.append(socket.socket())
                 socks[i].bind(('127.0.0.1', base + i))
+            _handed_out.update(ports)
             return base
         except OSError:
             continue
@@ -329,7 +335,7 @@ class Site:
         self.name = name
         self.addr = '127.0.0.1'         # where clients connect for the service name (IPv4 or IPv6)
         self.port = free_port()
-        self.tunnel_port = free_port_range(instances, avoid={self.port})
+        self.tunnel_port = free_port_range(instances)
         args = ['site', 'init', self.dir, '--service-name', name]
         for url in internal_urls:
             args += ['--mp', url]

@@ -113,7 +113,7 @@ class Deployment:
         self.procs = procs
         self.tmp = Path(tmp)
         self.admin_port = free_port()
-        self.service_port = free_port(avoid={self.admin_port})
+        self.service_port = free_port()
         self.site = Site(self.tmp / 'site', [svc.url], procs, init_args=[
             '--site-admin', f'127.0.0.1:{self.admin_port}',
             '--site-service', f'127.0.0.1:{self.service_port}'])

@@ -40,7 +40,7 @@ def test_site_init(tmp_path):
     site = tmp_path / 'site'
     mps = ['http://127.0.0.1:8080/', 'http://127.0.0.1:8081/sup/', 'https://mp.internal.test/']
     gport = free_port()
-    tport = free_port(avoid={gport})
+    tport = free_port()
     args = ['site', 'init', site, '--service-name', 'cmg.test']
     for mp in mps:
         args += ['--mp', mp]

@@ -86,7 +86,10 @@ static const char usage[] =
     "from sending the request (or when it was due, or the connect with --new-conn)\n"
     "to the last byte of the response, in a log-linear histogram within 0.1 %;\n"
     "bytes_in/out are response/request body bytes, MB = 10^6 bytes; cpu_s is the\n"
-    "workers' user + system CPU time.\n";
+    "workers' user + system CPU time.\n"
+    "\n"
+    "Exit status: 0 when responses (with --idle: connections) got through, 1 when\n"
+    "none did, a worker failed or --max-time ran out, 2 for a usage error.\n";
 
 static double parse_double(const char *s, const char *what)
 {
@@ -536,7 +539,8 @@ int main(int argc, char **argv)
             rc = 1;
     }
     report(&o, &total, &hist);
-    if (total.timed_out)
+    /* Nothing got through: a benchmark of errors is no figure; say so in the status. */
+    if (total.timed_out || (o.mode == LOAD_IDLE ? total.established : total.requests) == 0)
         rc = 1;
     return rc;
 }

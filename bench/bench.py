@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -163,17 +164,29 @@ class Procs:
 
 
 def free_ports(n):
-    """n TCP ports that were free on 127.0.0.1 a moment ago."""
+    """n TCP ports that were free on 127.0.0.1 a moment ago. They are taken below the
+    kernel's ephemeral range (32768-60999 by default): a port from that range could go to an
+    outgoing connection (ssh -R dials out while later servers are still starting) before
+    the server meant to listen on it binds it."""
+    rng = random.SystemRandom()
     socks, ports = [], []
     try:
-        for _ in range(n):
+        for _ in range(100 * n):
+            if len(ports) == n:
+                break
             s = socket.socket()
-            s.bind(('127.0.0.1', 0))
+            try:
+                s.bind(('127.0.0.1', rng.randrange(10000, 32000)))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
             ports.append(s.getsockname()[1])
     finally:
         for s in socks:
             s.close()
+    if len(ports) < n:
+        raise RuntimeError(f'no {n} free ports on 127.0.0.1 between 10000 and 32000')
     return ports
 
 

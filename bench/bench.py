@@ -42,12 +42,11 @@ GROUPS = {'direct': ['internal'],
 GROUP_LABEL = {'client': 'load tool', 'front': 'nginx (proxy)', 'sshd': 'sshd', 'ssh': 'ssh -R',
                'gateway': 'cmg gateway', 'connector': 'cmg connector', 'internal': 'nginx (service)'}
 ALL_GROUPS = ['client', 'front', 'sshd', 'ssh', 'gateway', 'connector', 'internal']
-# The side of each system that faces the devices: its memory per idle connection.
 # A scenario's figures rest on its undisturbed rounds alone only if this many are left.
 CLEAN_ENOUGH = 3
 # Scenarios judged by a tail percentile: their ratios come from the quieter half of the rounds.
 TAIL_SCENARIOS = {'rate'}
-
+# The side of each system that faces the devices: its memory per idle connection.
 EDGE = {'direct': ['internal'], 'nginx': ['front'], 'ssh': ['front', 'sshd'], 'opencmg': ['gateway']}
 
 # The speed of a shared machine drifts by tens of per cent within seconds: many

@@ -243,9 +243,33 @@ static void finish_connect(struct cmg_conn *c)
     }
 }
 
+/* Counts n bytes read in this round; false once the round's budget is spent, after
+ * asking for on_read again next round (the task of a later round: others go first). */
+static bool within_budget(struct cmg_conn *c)
+{
+    uint64_t round = cmg_loop_round(c->io.loop);
+
+    if (c->read_round != round) {
+        c->read_round = round;
+        c->read_bytes = 0;
+    }
+    if (c->read_bytes < CMG_CONN_READ_BUDGET)
+        return true;
+    c->kick_read = true;
+    cmg_task_post(c->io.loop, &c->task, conn_task);
+    return false;
+}
+
+static ssize_t counted(struct cmg_conn *c, ssize_t n)
+{
+    if (n > 0)
+        c->read_bytes += (size_t)n;
+    return n;
+}
+
 ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
 {
-    if (c->state != CMG_CONN_OPEN || c->failed)
+    if (c->state != CMG_CONN_OPEN || c->failed || !within_budget(c))
         return CMG_AGAIN;
     if (c->ssl) {
         size_t n = 0;
@@ -257,7 +281,7 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
         if (c->tls_out.len && push_tls(c) == 0)
             update_events(c);
         if (r == 1)
-            return (ssize_t)n;
+            return counted(c, (ssize_t)n);
         switch (err) {
         case SSL_ERROR_WANT_READ:
         case SSL_ERROR_WANT_WRITE:
@@ -272,7 +296,7 @@ ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len)
     for (;;) {
         ssize_t n = recv(c->io.fd, buf, len, 0);
         if (n >= 0)
-            return n;
+            return counted(c, n);
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK)

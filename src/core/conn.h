@@ -43,6 +43,8 @@ struct cmg_conn {
     bool pending_open;       /* deliver on_open from the task */
     bool release_idle;       /* free the buffers once all output is written */
     bool failed, reported;
+    uint64_t read_round;     /* loop round that read_bytes counts */
+    size_t read_bytes;       /* input taken in that round (fairness budget) */
     char peer[64];           /* "ip:port", for logs */
     char why[256];
 };
@@ -50,7 +52,12 @@ struct cmg_conn {
 /* Takes ownership of fd and ssl (NULL for plain TCP). The TLS role must be set on ssl. */
 int cmg_conn_start(struct cmg_conn *c, struct cmg_loop *loop, int fd, SSL *ssl, bool connecting,
                    const struct cmg_conn_ops *ops, void *owner);
-/* > 0: bytes; 0: end of stream; CMG_AGAIN: nothing now (or failed: on_error follows). */
+/* Input one connection may take per loop round: past it cmg_conn_read() says
+ * CMG_AGAIN and on_read comes again next round, after the other connections. */
+#define CMG_CONN_READ_BUDGET (256 * 1024)
+
+/* > 0: bytes; 0: end of stream; CMG_AGAIN: nothing now, or this round's budget is
+ * spent (on_read follows next round), or failed (on_error follows). */
 ssize_t cmg_conn_read(struct cmg_conn *c, void *buf, size_t len);
 /* Queues n bytes after what c->out holds. Over TLS they are encrypted at once from
  * p, a copy fewer (small writes after queued output are gathered into c->out

@@ -22,6 +22,7 @@ struct cmg_loop {
     int epfd;
     bool stop;
     uint64_t now;
+    uint64_t round;          /* + 1 per epoll_wait */
     struct cmg_timer **heap;
     size_t nheap, capheap;
     struct cmg_task tasks;   /* list head */
@@ -105,6 +106,11 @@ void cmg_loop_free(struct cmg_loop *loop)
 
 void cmg_loop_stop(struct cmg_loop *loop) { loop->stop = true; }
 bool cmg_loop_stopping(const struct cmg_loop *loop) { return loop->stop; }
+uint64_t cmg_loop_round(const struct cmg_loop *loop)
+{
+    return loop->round;
+}
+
 uint64_t cmg_loop_now(const struct cmg_loop *loop) { return loop->now; }
 
 void cmg_loop_free_later(struct cmg_loop *loop, void *p, void (*fn)(void *))
@@ -293,6 +299,7 @@ int cmg_loop_run(struct cmg_loop *loop)
         }
         n = epoll_wait(loop->epfd, events, MAX_EVENTS, timeout);
         loop->now = clock_ms();
+        loop->round++;
         if (n < 0 && errno != EINTR) {
             cmg_log_set_buffered(false);
             cmg_error("epoll_wait: %s", strerror(errno));

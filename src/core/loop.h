@@ -45,6 +45,8 @@ void cmg_loop_stop(struct cmg_loop *loop);
 bool cmg_loop_stopping(const struct cmg_loop *loop);
 /* Monotonic milliseconds, read once per loop iteration. */
 uint64_t cmg_loop_now(const struct cmg_loop *loop);
+/* Counts loop iterations (one epoll_wait each): per-round budgets reset with it. */
+uint64_t cmg_loop_round(const struct cmg_loop *loop);
 /* Frees p with fn after the current batch of events has been handled. */
 void cmg_loop_free_later(struct cmg_loop *loop, void *p, void (*fn)(void *));
 

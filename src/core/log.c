@@ -120,6 +120,31 @@ void cmg_log(enum cmg_log_level level, const char *fmt, ...)
     va_end(ap);
 }
 
+void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const char *fmt, ...)
+{
+    struct timespec ts;
+    va_list ap;
+
+    if (level < log_level)
+        return;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    if (ts.tv_sec != l->sec) {
+        if (l->held)
+            cmg_log(level, "%u more %s not logged (at most %d a second)", l->held, l->what,
+                    CMG_LOG_LIMIT_BURST);
+        l->sec = ts.tv_sec;
+        l->logged = l->held = 0;
+    }
+    if (l->logged >= CMG_LOG_LIMIT_BURST) {
+        l->held++;
+        return;
+    }
+    l->logged++;
+    va_start(ap, fmt);
+    log_line(level, fmt, ap, 0);
+    va_end(ap);
+}
+
 void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
 {
     va_list ap;

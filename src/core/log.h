@@ -22,6 +22,18 @@ void cmg_log(enum cmg_log_level level, const char *fmt, ...)
 void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Lines a peer can cause at will (refusals, failed handshakes): at most
+ * CMG_LOG_LIMIT_BURST of one kind a second; the next line after a second with
+ * lines held back is preceded by one that counts them. */
+#define CMG_LOG_LIMIT_BURST 10
+struct cmg_log_limit {
+    const char *what;   /* names the lines in the summary: "refusals" */
+    long sec;
+    unsigned logged, held;
+};
+void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 #define cmg_debug(...) \
     do { if (cmg_log_enabled(CMG_LOG_DEBUG)) cmg_log(CMG_LOG_DEBUG, __VA_ARGS__); } while (0)
 #define cmg_info(...) cmg_log(CMG_LOG_INFO, __VA_ARGS__)

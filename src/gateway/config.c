@@ -110,6 +110,15 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     } else if (!strcmp(key, "max_connections")) {
         rc = cmg_conf_uint(value, 1, 10000000, &n);
         c->max_connections = (uint32_t)n;
+    } else if (!strcmp(key, "max_connections_per_source")) {
+        rc = cmg_conf_uint(value, 1, 10000000, &n);
+        c->max_connections_per_source = (uint32_t)n;
+    } else if (!strcmp(key, "max_tunnel_handshakes")) {
+        rc = cmg_conf_uint(value, 1, 100000, &n);
+        c->max_tunnel_handshakes = (uint32_t)n;
+    } else if (!strcmp(key, "max_tunnel_handshakes_per_source")) {
+        rc = cmg_conf_uint(value, 1, 100000, &n);
+        c->max_tunnel_handshakes_per_source = (uint32_t)n;
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
@@ -149,6 +158,9 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->idle_timeout_ms = 120000;
     c->max_header_size = 16384;
     c->max_connections = 10000;
+    c->max_connections_per_source = 2000;
+    c->max_tunnel_handshakes = 128;
+    c->max_tunnel_handshakes_per_source = 16;
     c->log_level = CMG_LOG_INFO;
     memset(&l, 0, sizeof(l));
     l.c = c;

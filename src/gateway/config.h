@@ -25,6 +25,8 @@ struct cmg_gw_config {
     uint32_t ping_interval_ms, ping_timeout_ms;
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
     uint32_t max_header_size, max_connections;
+    /* per source address (IPv4, or IPv6 /64); tunnel handshakes not yet authenticated */
+    uint32_t max_connections_per_source, max_tunnel_handshakes, max_tunnel_handshakes_per_source;
     int log_level;
     struct cmg_policy_mapping *mappings;
     size_t nmappings;

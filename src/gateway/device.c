@@ -30,7 +30,7 @@ void cmg_device_close(struct cmg_device *d, const char *why)
     cmg_h1_free(d);
     cmg_h2dev_free(d);
     cmg_conn_close(&d->conn);
-    gw->ndevices--;
+    cmg_gw_device_gone(gw, &d->src);
     if (d->prev)
         d->prev->next = d->next;
     else
@@ -76,17 +76,19 @@ static void on_drain(struct cmg_conn *c)
         cmg_h1_on_drain(d);
 }
 
+static struct cmg_log_limit failed_handshakes = {"failed device handshakes", 0, 0, 0};
+
 static void on_error(struct cmg_conn *c, const char *why)
 {
     struct cmg_device *d = c->owner;
-    if (c->state == CMG_CONN_HANDSHAKE)
-        cmg_info("device %s: %s", c->peer, why);
+    if (c->state == CMG_CONN_HANDSHAKE)   /* anyone can cause this line: rate-limited */
+        cmg_log_limited(&failed_handshakes, CMG_LOG_INFO, "device %s: %s", c->peer, why);
     cmg_device_close(d, why);
 }
 
 static const struct cmg_conn_ops device_ops = {on_open, on_read, on_drain, on_error};
 
-void cmg_device_accept(struct cmg_gateway *gw, int fd)
+void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src)
 {
     struct cmg_device *d = calloc(1, sizeof(*d));
     SSL *ssl = d ? SSL_new(gw->device_ctx) : NULL;
@@ -95,15 +97,18 @@ void cmg_device_accept(struct cmg_gateway *gw, int fd)
         cmg_warn("out of memory accepting a device connection");
         free(d);
         close(fd);
+        cmg_addrcount_del(&gw->dev_sources, src);
         return;
     }
     d->gw = gw;
+    d->src = *src;
+    gw->ndevices++;   /* counted from here: cmg_gw_device_gone() uncounts */
     SSL_set_accept_state(ssl);
     if (cmg_conn_start(&d->conn, gw->loop, fd, ssl, false, &device_ops, d) < 0) {
         free(d);
+        cmg_gw_device_gone(gw, src);
         return;
     }
-    gw->ndevices++;
     d->next = gw->devices;
     if (d->next)
         d->next->prev = d;

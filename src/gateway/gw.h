@@ -3,6 +3,7 @@
 #ifndef CMG_GW_H
 #define CMG_GW_H
 
+#include "core/addrcount.h"
 #include "core/conn.h"
 #include "core/loop.h"
 #include "gateway/config.h"
@@ -41,9 +42,13 @@ struct cmg_gateway {
     SSL_CTX *device_ctx, *tunnel_ctx;
     struct cmg_listener listeners[CMG_GW_MAX_LISTEN + 1];
     int nlisteners;
-    bool accept_paused;
+    bool accept_paused;             /* out of descriptors: every listener waits */
     struct cmg_timer accept_timer;
     uint32_t ndevices;
+    uint32_t max_devices;           /* max_connections, or less if descriptors are fewer */
+    struct cmg_addrcount dev_sources;   /* device connections per source address */
+    uint32_t nhandshakes;           /* tunnel connections not yet authenticated */
+    struct cmg_addrcount hs_sources;    /* those per source address */
     struct cmg_tunnel *tunnels;     /* every tunnel, ready or not */
     struct cmg_device *devices;
     struct cmg_policy *policy;      /* in force for new requests */
@@ -126,12 +131,14 @@ struct cmg_tunnel {
     int32_t ctl_stream;
     struct cmg_buf ctl_in;
     struct cmg_timer hs_timer, ping_timer, pong_timer;
+    struct cmg_addr_key src;
+    bool handshaking;        /* counted in gw->nhandshakes until authenticated or gone */
     struct cmg_task send_task;
     struct cmg_exchange *exchanges;
     struct cmg_tunnel *prev, *next;
 };
 
-void cmg_tunnel_accept(struct cmg_gateway *gw, int fd);
+void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
 /* A ready tunnel serving the role, round-robin; NULL if none. */
 struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m);
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
@@ -149,6 +156,7 @@ struct cmg_device {
     struct cmg_gateway *gw;
     struct cmg_conn conn;
     struct cmg_timer timer;
+    struct cmg_addr_key src;
     enum cmg_cert_state cert;
     long cert_error;
     uint64_t cert_gen;       /* policy generation the verdict was made under */
@@ -163,13 +171,23 @@ struct cmg_device {
     struct cmg_device *prev, *next;
 };
 
-void cmg_device_accept(struct cmg_gateway *gw, int fd);
+void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
 void cmg_device_close_all(struct cmg_gateway *gw);
 /* Closes the connection now and frees the device after this loop round. */
 void cmg_device_close(struct cmg_device *d, const char *why);
 /* Judges the TLS client certificate against the policy in force (once per
  * connection and policy). */
 enum cmg_cert_state cmg_device_cert(struct cmg_device *d);
+
+/* ---- listeners (listen.c) ---- */
+
+/* Opens the device and tunnel listeners, within the descriptor limit. */
+int cmg_gw_listen(struct cmg_gateway *gw);
+void cmg_gw_listen_close(struct cmg_gateway *gw);
+/* A device connection is gone: its source may connect again. */
+void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src);
+/* A tunnel's handshake is over (authenticated, or the tunnel is gone): frees its slot. */
+void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t);
 
 /* ---- the policy (policy_gw.c) ---- */
 

@@ -372,6 +372,8 @@ struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_map
 
 /* ---- life and death ---- */
 
+static struct cmg_log_limit failed_handshakes = {"failed tunnel handshakes", 0, 0, 0};
+
 static void tunnel_fail(struct cmg_tunnel *t, const char *why)
 {
     struct cmg_gateway *gw = t->gw;
@@ -380,10 +382,12 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
     if (t->dead)
         return;
     t->dead = true;
+    cmg_gw_handshake_over(gw, t);
     if (t->ready || t->name[0])
         cmg_warn("tunnel down: connector=%s peer=%s reason=\"%s\"", t->name, t->conn.peer, why);
-    else
-        cmg_info("tunnel from %s refused or failed: %s", t->conn.peer, why);
+    else   /* anyone can cause this line: rate-limited */
+        cmg_log_limited(&failed_handshakes, CMG_LOG_INFO, "tunnel from %s refused or failed: %s",
+                        t->conn.peer, why);
     if (t->prev)
         t->prev->next = t->next;
     else
@@ -495,6 +499,7 @@ static void on_open(struct cmg_conn *c)
         tunnel_fail(t, "certificate is not a connector's (OU=" CMG_CONNECTOR_OU ")");
         return;
     }
+    cmg_gw_handshake_over(t->gw, t);
     if (start_session(t) < 0) {
         tunnel_fail(t, "cannot start HTTP/2");
         return;
@@ -532,20 +537,27 @@ static void on_error(struct cmg_conn *c, const char *why) { tunnel_fail(c->owner
 
 static const struct cmg_conn_ops tunnel_ops = {on_open, on_read, on_drain, on_error};
 
-void cmg_tunnel_accept(struct cmg_gateway *gw, int fd)
+void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src)
 {
     struct cmg_tunnel *t = calloc(1, sizeof(*t));
     SSL *ssl = t ? SSL_new(gw->tunnel_ctx) : NULL;
 
+    if (t) {
+        t->gw = gw;
+        t->src = *src;
+        t->handshaking = true;   /* the caller counted it */
+    }
     if (!ssl) {
+        if (t)
+            cmg_gw_handshake_over(gw, t);
         free(t);
         close(fd);
         return;
     }
-    t->gw = gw;
     t->ctl_stream = -1;
     SSL_set_accept_state(ssl);
     if (cmg_conn_start(&t->conn, gw->loop, fd, ssl, false, &tunnel_ops, t) < 0) {
+        cmg_gw_handshake_over(gw, t);
         free(t);
         return;
     }

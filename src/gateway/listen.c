@@ -1,0 +1,259 @@
+/* The gateway's listeners: devices and connectors are accepted within their limits
+ * (in total, per source address, tunnel handshakes not yet authenticated), and when
+ * descriptors run out every listener pauses rather than spin on a level-triggered
+ * socket that stays readable. */
+#include "core/log.h"
+#include "gateway/gw.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define ACCEPT_BATCH 64
+#define PAUSE_MS 100
+/* Descriptors kept for what is not a device or a handshake: tunnels, listeners,
+ * the policy cache, logs. */
+#define FD_RESERVE 32
+
+static struct cmg_log_limit refusals = {"refused connections", 0, 0, 0};
+static struct cmg_log_limit fd_warnings = {"descriptor warnings", 0, 0, 0};
+
+static void set_listening(struct cmg_gateway *gw, bool devices, bool tunnels)
+{
+    for (int i = 0; i < gw->nlisteners; i++) {
+        struct cmg_listener *l = &gw->listeners[i];
+        cmg_io_set(&l->io, (l->tunnel ? tunnels : devices) ? EPOLLIN : 0);
+    }
+}
+
+static bool devices_full(const struct cmg_gateway *gw) { return gw->ndevices >= gw->max_devices; }
+
+static void on_resume(struct cmg_timer *t)
+{
+    struct cmg_gateway *gw =
+        (struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, accept_timer));
+    gw->accept_paused = false;
+    set_listening(gw, !devices_full(gw), true);
+}
+
+/* Out of descriptors: nothing can be accepted until some close. */
+static void pause_all(struct cmg_gateway *gw, int err)
+{
+    cmg_log_limited(&fd_warnings, CMG_LOG_WARN,
+                    "accept: %s (%u devices, %u tunnel handshakes): listeners paused for %d ms",
+                    strerror(err), gw->ndevices, gw->nhandshakes, PAUSE_MS);
+    gw->accept_paused = true;
+    set_listening(gw, false, false);
+    cmg_timer_start(gw->loop, &gw->accept_timer, PAUSE_MS, on_resume);
+}
+
+static void refuse(int fd, const struct sockaddr *sa, const char *what, uint32_t n,
+                   const char *key)
+{
+    char peer[64];
+    cmg_addr_str(sa, peer, sizeof(peer));
+    close(fd);
+    cmg_log_limited(&refusals, CMG_LOG_INFO, "refused %s from %s: %u already (%s)", what, peer, n,
+                    key);
+}
+
+static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr *sa)
+{
+    struct cmg_addr_key k;
+    uint32_t n;
+
+    cmg_addr_key_of(sa, &k);
+    n = cmg_addrcount_get(&gw->dev_sources, &k);
+    if (n >= gw->cfg.max_connections_per_source) {
+        refuse(fd, sa, "device connection", n, "max_connections_per_source");
+        return;
+    }
+    if (cmg_addrcount_add(&gw->dev_sources, &k) < 0) {
+        close(fd);
+        cmg_warn("out of memory accepting a device connection");
+        return;
+    }
+    cmg_device_accept(gw, fd, &k);
+}
+
+static void accept_tunnel(struct cmg_gateway *gw, int fd, const struct sockaddr *sa)
+{
+    struct cmg_addr_key k;
+    uint32_t n;
+
+    cmg_addr_key_of(sa, &k);
+    if (gw->nhandshakes >= gw->cfg.max_tunnel_handshakes) {
+        refuse(fd, sa, "tunnel connection", gw->nhandshakes, "max_tunnel_handshakes");
+        return;
+    }
+    n = cmg_addrcount_get(&gw->hs_sources, &k);
+    if (n >= gw->cfg.max_tunnel_handshakes_per_source) {
+        refuse(fd, sa, "tunnel connection", n, "max_tunnel_handshakes_per_source");
+        return;
+    }
+    if (cmg_addrcount_add(&gw->hs_sources, &k) < 0) {
+        close(fd);
+        cmg_warn("out of memory accepting a tunnel connection");
+        return;
+    }
+    gw->nhandshakes++;
+    cmg_tunnel_accept(gw, fd, &k);
+}
+
+static void on_accept(struct cmg_io *io, uint32_t events)
+{
+    struct cmg_listener *l = (struct cmg_listener *)io;
+    struct cmg_gateway *gw = l->gw;
+    int one = 1;
+
+    (void)events;
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd;
+
+        if (!l->tunnel && devices_full(gw)) {
+            /* The kernel's queue holds the rest until a device goes. */
+            cmg_log_limited(&refusals, CMG_LOG_WARN,
+                            "max_connections (%u) reached: new devices wait", gw->max_devices);
+            set_listening(gw, false, !gw->accept_paused);
+            return;
+        }
+        fd = accept4(io->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                pause_all(gw, errno);
+            return;
+        }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (l->tunnel)
+            accept_tunnel(gw, fd, (struct sockaddr *)&ss);
+        else
+            accept_device(gw, fd, (struct sockaddr *)&ss);
+    }
+}
+
+void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
+{
+    bool was_full = devices_full(gw);
+
+    gw->ndevices--;
+    cmg_addrcount_del(&gw->dev_sources, src);
+    if (was_full && !gw->accept_paused)
+        set_listening(gw, true, true);
+}
+
+void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t)
+{
+    if (!t->handshaking)
+        return;
+    t->handshaking = false;
+    gw->nhandshakes--;
+    cmg_addrcount_del(&gw->hs_sources, &t->src);
+}
+
+/* Raises the soft descriptor limit to the hard one, and fits the connection limits
+ * into it: an accept that fails for want of a descriptor helps nobody. */
+static int fit_descriptors(struct cmg_gateway *gw)
+{
+    struct cmg_gw_config *c = &gw->cfg;
+    struct rlimit rl;
+    uint64_t budget, want;
+
+    gw->max_devices = c->max_connections;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return 0;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    if (rl.rlim_cur == RLIM_INFINITY)
+        return 0;
+    if (rl.rlim_cur < FD_RESERVE + 16) {
+        cmg_error("the descriptor limit (%llu) is too low: at least %d are needed (raise "
+                  "LimitNOFILE or ulimit -n)", (unsigned long long)rl.rlim_cur, FD_RESERVE + 16);
+        return -1;
+    }
+    budget = rl.rlim_cur - FD_RESERVE;
+    want = (uint64_t)c->max_connections + c->max_tunnel_handshakes;
+    if (want <= budget)
+        return 0;
+    if (c->max_tunnel_handshakes > budget / 8)
+        c->max_tunnel_handshakes = (uint32_t)(budget / 8);
+    gw->max_devices = (uint32_t)(budget - c->max_tunnel_handshakes);
+    cmg_warn("max_connections (%u) + max_tunnel_handshakes does not fit the descriptor limit "
+             "(%llu, %d kept for tunnels and files): serving at most %u devices and %u tunnel "
+             "handshakes; raise LimitNOFILE or ulimit -n for more", c->max_connections,
+             (unsigned long long)rl.rlim_cur, FD_RESERVE, gw->max_devices,
+             c->max_tunnel_handshakes);
+    return 0;
+}
+
+static int add_listener(struct cmg_gateway *gw, const char *addr, int default_port, bool tunnel)
+{
+    struct cmg_listener *l = &gw->listeners[gw->nlisteners];
+    struct cmg_addr a;
+    char err[300];
+    int fd;
+
+    if (cmg_addr_parse(addr, default_port, &a, err, sizeof(err)) < 0) {
+        cmg_error("listen %s: %s", addr, err);
+        return -1;
+    }
+    fd = cmg_net_listen(&a, !tunnel, 4096);
+    if (fd < 0) {
+        if (a.ss.ss_family == AF_INET6 && (errno == EAFNOSUPPORT || errno == EADDRNOTAVAIL)) {
+            cmg_warn("listen %s: no IPv6 here (%s); skipped", addr, strerror(errno));
+            return 0;
+        }
+        cmg_error("listen %s: %s", addr, strerror(errno));
+        return -1;
+    }
+    l->gw = gw;
+    l->tunnel = tunnel;
+    cmg_addr_str((struct sockaddr *)&a.ss, l->addr, sizeof(l->addr));
+    if (cmg_io_start(gw->loop, &l->io, fd, EPOLLIN, on_accept) < 0) {
+        close(fd);
+        return -1;
+    }
+    gw->nlisteners++;
+    cmg_info("listening for %s on %s", tunnel ? "connectors" : "devices", l->addr);
+    return 0;
+}
+
+int cmg_gw_listen(struct cmg_gateway *gw)
+{
+    struct cmg_gw_config *c = &gw->cfg;
+    char taddr[300];
+
+    if (fit_descriptors(gw) < 0)
+        return -1;
+    for (int i = 0; i < c->nlisten; i++)
+        if (add_listener(gw, c->listen[i], 443, false) < 0)
+            return -1;
+    if (strchr(c->tunnel_listen, ':') && c->tunnel_listen[0] != '[')
+        snprintf(taddr, sizeof(taddr), "[%s]:%u", c->tunnel_listen, c->tunnel_port + c->instance);
+    else
+        snprintf(taddr, sizeof(taddr), "%s:%u", c->tunnel_listen, c->tunnel_port + c->instance);
+    return add_listener(gw, taddr, 0, true);
+}
+
+void cmg_gw_listen_close(struct cmg_gateway *gw)
+{
+    cmg_timer_stop(gw->loop, &gw->accept_timer);
+    for (int i = 0; i < gw->nlisteners; i++) {
+        int fd = gw->listeners[i].io.fd;
+        cmg_io_stop(&gw->listeners[i].io);
+        close(fd);
+    }
+    gw->nlisteners = 0;
+    cmg_addrcount_free(&gw->dev_sources);
+    cmg_addrcount_free(&gw->hs_sources);
+}

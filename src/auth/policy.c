@@ -201,6 +201,8 @@ static int parse_mappings(struct cmg_policy *p, const cJSON *arr, char *err, siz
         }
         copy_str(pm->role, sizeof(pm->role), role);
         pm->max_body = (uint64_t)mb->valuedouble;
+        pm->forward_authorization =
+            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "forward_authorization"));
         p->nmappings++;
     }
     return 0;

@@ -23,6 +23,7 @@ struct cmg_policy_mapping {
     char type[8];            /* mp, sup, site */
     unsigned auth;           /* CMG_AUTH_* */
     uint64_t max_body;
+    bool forward_authorization;  /* the device's Authorization reaches the service */
     unsigned rr;             /* round-robin position over tunnels */
 };
 

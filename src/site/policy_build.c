@@ -44,6 +44,14 @@ static int crl_add(X509_CRL *crl, const char *serial_hex, int64_t when)
     return ok ? 0 : -1;
 }
 
+bool cmg_site_revocation_checked(struct cmg_site_ctx *s)
+{
+    char setting[16] = "on";
+
+    cmg_store_get_setting(s->store, "check_revocation", setting, sizeof(setting));
+    return strcmp(setting, "off") != 0;
+}
+
 char *cmg_site_crl_pem(struct cmg_site_ctx *s)
 {
     cJSON *revoked = cmg_store_certs_json(s->store, true), *r;
@@ -114,6 +122,7 @@ static cJSON *mappings_json(struct cmg_site_ctx *s)
         if (v[i].auth & CMG_MAP_AUTH_OIDC)
             cJSON_AddItemToArray(auth, cJSON_CreateString("oidc"));
         cJSON_AddNumberToObject(o, "max_body", (double)v[i].max_body);
+        cJSON_AddBoolToObject(o, "forward_authorization", v[i].forward_authorization);
     }
     free(v);
     return arr;
@@ -148,7 +157,6 @@ out:
 char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen)
 {
     cJSON *p = cJSON_CreateObject(), *keys, *limits;
-    char setting[16] = "off";
     char *json = NULL, *jws = NULL;
 
     *version = 0;
@@ -158,7 +166,6 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         return NULL;
     }
     *version = cmg_store_policy_version(s->store);
-    cmg_store_get_setting(s->store, "check_revocation", setting, sizeof(setting));
     keys = cJSON_CreateObject();
     if (!p || !keys || !cJSON_AddNumberToObject(p, "version", (double)*version) ||
         !cJSON_AddNumberToObject(p, "iat", (double)time(NULL)) ||
@@ -168,7 +175,7 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         !cJSON_AddItemToObject(p, "mappings", mappings_json(s)) ||
         !cJSON_AddItemToObject(p, "ctl", cJSON_CreateArray()) ||
         add_owned(p, "crl", cmg_site_crl_pem(s)) < 0 ||
-        !cJSON_AddBoolToObject(p, "check_revocation", !strcmp(setting, "on")) ||
+        !cJSON_AddBoolToObject(p, "check_revocation", cmg_site_revocation_checked(s)) ||
         !cJSON_AddItemToObject(p, "site_keys", keys) ||
         !cJSON_AddItemToObject(keys, "keys", cJSON_CreateArray()) ||
         !cJSON_AddItemToArray(cJSON_GetObjectItem(keys, "keys"),

@@ -6,6 +6,7 @@
 #include "site/ctx.h"
 
 #include <cjson/cJSON.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 /* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version.
@@ -13,6 +14,9 @@
 char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen);
 /* {"<role>": {"url": ..., "type": ...}, ...} */
 cJSON *cmg_site_routes(struct cmg_site_ctx *s);
+/* Whether gateways check client certificates against the CRL: the "check_revocation"
+ * setting, on unless it was turned off. */
+bool cmg_site_revocation_checked(struct cmg_site_ctx *s);
 /* The site CA's CRL, PEM, listing every revoked certificate of the store. */
 char *cmg_site_crl_pem(struct cmg_site_ctx *s);
 

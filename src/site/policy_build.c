@@ -2,6 +2,7 @@
 #include "site/policy_build.h"
 
 #include "auth/jws.h"
+#include "core/log.h"
 
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -50,6 +51,25 @@ bool cmg_site_revocation_checked(struct cmg_site_ctx *s)
 
     cmg_store_get_setting(s->store, "check_revocation", setting, sizeof(setting));
     return strcmp(setting, "off") != 0;
+}
+
+void cmg_site_crl_freshness(time_t signed_at, time_t now)
+{
+    static time_t last_warning;
+    time_t expires = signed_at + CRL_DAYS * 86400;
+    char when[32];
+    struct tm tm;
+
+    if (!signed_at || expires - now > CRL_DAYS * 86400 / 2 ||
+        (last_warning && now - last_warning < 3600))
+        return;
+    gmtime_r(&expires, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    cmg_warn("the CRL published to gateways expires at %s and the policy has not been "
+             "re-signed for %lld hour(s): from then on gateways refuse every certificate "
+             "device (CMGService_CRL_Unavailable); see why the site cannot publish",
+             when, (long long)(now - signed_at) / 3600);
+    last_warning = now;
 }
 
 char *cmg_site_crl_pem(struct cmg_site_ctx *s)

@@ -182,3 +182,17 @@ def test_device_block_applies_to_certificate_and_oidc_devices(procs, tmp_path, s
     status_becomes(lambda: mtls(dep, lab), 200, 'lab-4 to be accepted again')
     r = dep.cmg_site('device', 'block', 'nobody-of-that-name', check=False)
     assert r.returncode != 0 and 'thumbprint' in r.stderr, r
+
+
+def test_the_store_is_readable_by_its_owner_only(procs, tmp_path, svc):
+    # what was revoked and who is blocked: site.db and its WAL files, mode 0600
+    dep = deployment(procs, tmp_path, svc)
+    dep.cmg_site('device', 'block', 'oidc:someone')     # a write, while the site serves
+    files = [dep.site.dir / name for name in ('site.db', 'site.db-wal', 'site.db-shm')]
+    assert all(f.exists() for f in files), files
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {'0o600'}
+    # a store made before the rule is narrowed when it is next opened
+    for f in files:
+        f.chmod(0o644)
+    dep.cmg_site('device', 'unblock', 'oidc:someone')
+    assert {oct(f.stat().st_mode & 0o777) for f in files if f.exists()} == {'0o600'}

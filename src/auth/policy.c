@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_MAPPINGS 4096
 #define MAX_LIST 1000000
@@ -112,6 +113,20 @@ bool cmg_policy_audience(const struct cmg_policy *p, const char *aud)
     return false;
 }
 
+/* The site signs its CRL at its own "now": a gateway whose clock is behind sees
+ * a thisUpdate in the future. Up to the policy's clock skew that is not an error. */
+static int crl_skew_tolerant(int ok, X509_STORE_CTX *ctx)
+{
+    const struct cmg_policy *p = X509_STORE_CTX_get_app_data(ctx);
+    X509_CRL *crl = X509_STORE_CTX_get0_current_crl(ctx);
+    time_t latest = time(NULL) + (time_t)(p ? p->clock_skew : 0);
+
+    if (!ok && X509_STORE_CTX_get_error(ctx) == X509_V_ERR_CRL_NOT_YET_VALID && crl &&
+        X509_cmp_time(X509_CRL_get0_lastUpdate(crl), &latest) < 0)
+        return 1;
+    return ok;
+}
+
 long cmg_policy_verify_cert(const struct cmg_policy *p, X509 *leaf, STACK_OF(X509) *chain)
 {
     X509_STORE_CTX *ctx = X509_STORE_CTX_new();
@@ -123,12 +138,35 @@ long cmg_policy_verify_cert(const struct cmg_policy *p, X509 *leaf, STACK_OF(X50
         X509_VERIFY_PARAM *param = X509_STORE_CTX_get0_param(ctx);
         X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_SSL_CLIENT);
         X509_VERIFY_PARAM_set_auth_level(param, 2);
-        if (p->check_revocation)
+        if (p->check_revocation) {
             X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_CRL_CHECK);
+            X509_STORE_CTX_set_app_data(ctx, (void *)p);
+            X509_STORE_CTX_set_verify_cb(ctx, crl_skew_tolerant);
+        }
         rc = X509_verify_cert(ctx) == 1 ? X509_V_OK : X509_STORE_CTX_get_error(ctx);
     }
     X509_STORE_CTX_free(ctx);
     return rc;
+}
+
+bool cmg_policy_crl_error(long verify_error)
+{
+    switch (verify_error) {
+    case X509_V_ERR_UNABLE_TO_GET_CRL:
+    case X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE:
+    case X509_V_ERR_CRL_SIGNATURE_FAILURE:
+    case X509_V_ERR_CRL_NOT_YET_VALID:
+    case X509_V_ERR_CRL_HAS_EXPIRED:
+    case X509_V_ERR_ERROR_IN_CRL_LAST_UPDATE_FIELD:
+    case X509_V_ERR_ERROR_IN_CRL_NEXT_UPDATE_FIELD:
+    case X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER:
+    case X509_V_ERR_KEYUSAGE_NO_CRL_SIGN:
+    case X509_V_ERR_DIFFERENT_CRL_SCOPE:
+    case X509_V_ERR_CRL_PATH_VALIDATION_ERROR:
+        return true;
+    default:
+        return false;
+    }
 }
 
 /* ---- parsing ---- */
@@ -201,6 +239,8 @@ static int parse_mappings(struct cmg_policy *p, const cJSON *arr, char *err, siz
         }
         copy_str(pm->role, sizeof(pm->role), role);
         pm->max_body = (uint64_t)mb->valuedouble;
+        pm->forward_authorization =
+            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "forward_authorization"));
         p->nmappings++;
     }
     return 0;

@@ -23,6 +23,7 @@ struct cmg_policy_mapping {
     char type[8];            /* mp, sup, site */
     unsigned auth;           /* CMG_AUTH_* */
     uint64_t max_body;
+    bool forward_authorization;  /* the device's Authorization reaches the service */
     unsigned rr;             /* round-robin position over tunnels */
 };
 
@@ -73,5 +74,8 @@ bool cmg_policy_audience(const struct cmg_policy *p, const char *aud);
  * revocation is checked), at security level 2 (RSA and DH keys of 2048 bits or
  * more). Returns X509_V_OK or the X509_V_ERR_* code. */
 long cmg_policy_verify_cert(const struct cmg_policy *p, X509 *leaf, STACK_OF(X509) *chain);
+/* Whether a verification error says the CRL could not be used (missing, expired, not
+ * yet valid beyond the clock skew, badly signed), not that the certificate is bad. */
+bool cmg_policy_crl_error(long verify_error);
 
 #endif

@@ -33,6 +33,19 @@ static int add_str(struct cmg_headers *h, const char *name, const char *value)
     return value[0] ? cmg_headers_add(h, name, strlen(name), value, strlen(value)) : 0;
 }
 
+/* What a device sent that goes on: never a field of one hop, never one the gateway
+ * alone vouches for (identity, routing: in any spelling), and its credential only
+ * where the mapping says the service needs it. */
+static bool passed_on(const struct cmg_headers *in, uint32_t i, const struct cmg_policy_mapping *m)
+{
+    const char *name = cmg_headers_name(in, i);
+    size_t nlen = in->v[i].name_len;
+
+    if (cmg_header_not_forwarded(name, nlen) || cmg_header_gateway_only(name, nlen))
+        return false;
+    return m->forward_authorization || !cmg_header_is(in, i, "authorization");
+}
+
 static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
                          const struct cmg_headers *in, int64_t content_length,
                          const struct cmg_identity *id)
@@ -41,15 +54,10 @@ static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
     const char *colon;
     int rc = 0;
 
-    for (uint32_t i = 0; i < in->n; i++) {
-        const char *name = cmg_headers_name(in, i);
-        size_t nlen = in->v[i].name_len;
-        /* CMG-* fields are ours to set: a device never gets to supply them. */
-        if (cmg_header_not_forwarded(name, nlen) || cmg_header_has_prefix(name, nlen, "cmg-") ||
-            (nlen == 15 && cmg_header_is(in, i, "x-forwarded-for")))
-            continue;
-        rc |= add_lower(&ex->req, name, nlen, cmg_headers_value(in, i), in->v[i].value_len);
-    }
+    for (uint32_t i = 0; i < in->n; i++)
+        if (passed_on(in, i, ex->mapping))
+            rc |= add_lower(&ex->req, cmg_headers_name(in, i), in->v[i].name_len,
+                            cmg_headers_value(in, i), in->v[i].value_len);
     if (content_length >= 0) {
         snprintf(num, sizeof(num), "%lld", (long long)content_length);
         rc |= cmg_headers_add(&ex->req, "content-length", 14, num, strlen(num));
@@ -84,46 +92,58 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     struct cmg_gateway *gw = d->gw;
     struct cmg_policy_mapping *m;
     struct cmg_identity id;
-    struct cmg_exchange *ex;
+    struct cmg_exchange *ex = NULL;
     struct cmg_path p;
+    char *canon = malloc(target_len + 1);
+    const char *why = NULL;   /* the device's refusal line says 400 and the reason token */
+    size_t canon_len = 0;
     int rc;
 
-    if (cmg_path_check(target, target_len) < 0) {
+    *status = 500;
+    *reason = "CMGService_Out_Of_Memory";
+    if (!canon)
+        goto out;
+    /* From here on only the canonical form exists: it is judged, and it is forwarded. */
+    if (cmg_path_canonical(target, target_len, canon, &canon_len, &why) < 0) {
         *status = 400;
         *reason = "CMGService_Bad_Request_Path";
-        return NULL;
+        goto out;
     }
-    cmg_path_parse(target, target_len, &p);
+    cmg_path_parse(canon, canon_len, &p);
     m = p.kind == CMG_PATH_OTHER ? NULL : cmg_policy_mapping(gw->policy, p.role, p.role_len);
     if (!m) {
         *status = 404;
         *reason = "CMGService_No_Mapping";
-        return NULL;
+        goto out;
     }
     if ((rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, reason)) != 0) {
         *status = rc;
-        return NULL;
+        goto out;
     }
     if (content_length >= 0 && (uint64_t)content_length > m->max_body) {
         *status = 413;
         *reason = "CMGService_Request_Too_Large";
-        return NULL;
+        goto out;
     }
-    ex = cmg_exchange_new(gw, ops, owner);
-    if (!ex || !(ex->target = strndup(target, target_len)) ||
-        build_headers(d, ex, in, content_length, &id) < 0) {
+    *reason = "CMGService_Out_Of_Memory";
+    if (!(ex = cmg_exchange_new(gw, ops, owner)))
+        goto out;
+    ex->target = canon;
+    canon = NULL;
+    ex->mapping = m;
+    if (build_headers(d, ex, in, content_length, &id) < 0) {
         cmg_exchange_free(ex);
-        *status = 500;
-        *reason = "CMGService_Out_Of_Memory";
-        return NULL;
+        ex = NULL;
+        goto out;
     }
     snprintf(ex->method, sizeof(ex->method), "%s", method);
     ex->policy = cmg_policy_ref(gw->policy);
-    ex->mapping = m;
     ex->req_body_expected = has_body;
     snprintf(ex->peer, sizeof(ex->peer), "%s", d->conn.peer);
     snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
              id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
+out:
+    free(canon);
     return ex;
 }
 

@@ -43,6 +43,27 @@ enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
     return d->cert;
 }
 
+/* Every certificate device is refused while the CRL cannot be used: the operator must
+ * hear of it, but once a minute is enough whatever the number of devices. */
+static void warn_crl(struct cmg_device *d)
+{
+    static time_t last;
+    static unsigned long quiet;
+    time_t now = time(NULL);
+
+    if (last && now - last < 60) {
+        quiet++;
+        return;
+    }
+    cmg_warn("client certificates refused: the CRL of policy version %lld cannot be used "
+             "(%s); the site must publish a fresh one (%lu more refusal(s) since the last "
+             "warning) subject=\"%s\"",
+             (long long)d->gw->policy->version, X509_verify_cert_error_string(d->cert_error),
+             quiet, d->subject);
+    last = now;
+    quiet = 0;
+}
+
 static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
                      struct cmg_identity *id, const char **reason)
 {
@@ -55,11 +76,11 @@ static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
             *reason = "CMGService_Client_Certificate_Revoked";
             return 403;
         }
-        if (d->cert_error == X509_V_ERR_UNABLE_TO_GET_CRL)
-            cmg_warn("client certificate refused: revocation is checked but the policy has "
-                     "no CRL for its issuer subject=\"%s\"", d->subject);
-        *reason = d->cert_error == X509_V_ERR_UNABLE_TO_GET_CRL ? "CMGService_CRL_Unavailable"
-                                                                : "CMGService_Invalid_Client_Certificate";
+        if (cmg_policy_crl_error(d->cert_error)) {
+            warn_crl(d);
+            *reason = "CMGService_CRL_Unavailable";
+        } else
+            *reason = "CMGService_Invalid_Client_Certificate";
         return 401;
     }
     id->method = CMG_ID_CERT;
@@ -159,6 +180,17 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     return 0;
 }
 
+/* 'cmg site device block' lists identities that are no registered device as
+ * "cert:<thumbprint>" and "oidc:<id>". */
+static bool blocked_as(const struct cmg_policy *p, const char *kind, const char *id)
+{
+    char key[300];
+
+    return id[0] && p->nblocked_devices &&
+           snprintf(key, sizeof(key), "%s%s", kind, id) < (int)sizeof(key) &&
+           cmg_policy_device_blocked(p, key);
+}
+
 static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const struct cmg_jws *j,
                       struct cmg_identity *id, const char **reason, int64_t now)
 {
@@ -205,6 +237,10 @@ static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const 
     name = cmg_jwt_str(j->payload, "jti");
     if (name && cmg_policy_token_revoked(p, name)) {
         *reason = "CMGService_Token_Blocked";
+        return 403;
+    }
+    if (blocked_as(p, "oidc:", id->device_id) || blocked_as(p, "oidc:", id->subject)) {
+        *reason = "CMGService_Device_Blocked";
         return 403;
     }
     return 0;
@@ -288,8 +324,15 @@ int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_poli
                      const struct cmg_path *path, const struct cmg_headers *in,
                      struct cmg_identity *id, const char **reason)
 {
+    int rc;
+
     memset(id, 0, sizeof(*id));
-    if (path->kind == CMG_PATH_MUTUAL_AUTH)
-        return cert_auth(d, m, id, reason);
-    return token_auth(d, p, m, path, in, id, reason);
+    rc = path->kind == CMG_PATH_MUTUAL_AUTH ? cert_auth(d, m, id, reason)
+                                            : token_auth(d, p, m, path, in, id, reason);
+    /* A blocked certificate is refused whatever credential rides on its connection. */
+    if (rc == 0 && d->has_cert && blocked_as(p, "cert:", d->thumbprint)) {
+        *reason = "CMGService_Device_Blocked";
+        rc = 403;
+    }
+    return rc;
 }

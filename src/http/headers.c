@@ -1,5 +1,6 @@
 #include "http/headers.h"
 
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -121,6 +122,33 @@ bool cmg_header_not_forwarded(const char *name, size_t len)
         "expect", "host", "content-length"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strlen(names[i]) == len && strncasecmp(name, names[i], len) == 0)
+            return true;
+    return false;
+}
+
+/* name equals word, or starts with it when word ends in '-', ignoring case and
+ * reading '_' as '-'. */
+static bool spelt_as(const char *name, size_t len, const char *word)
+{
+    size_t wlen = strlen(word);
+
+    if (len < wlen || (len > wlen && word[wlen - 1] != '-'))
+        return false;
+    for (size_t i = 0; i < wlen; i++) {
+        char c = name[i] == '_' ? '-' : (char)tolower((unsigned char)name[i]);
+        if (c != word[i])
+            return false;
+    }
+    return true;
+}
+
+bool cmg_header_gateway_only(const char *name, size_t len)
+{
+    static const char *const words[] = {"cmg-",          "forwarded",     "x-forwarded-",
+                                        "x-real-ip",     "x-original-url", "x-rewrite-url",
+                                        "x-client-"};
+    for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+        if (spelt_as(name, len, words[i]))
             return true;
     return false;
 }

@@ -40,6 +40,11 @@ bool cmg_header_is(const struct cmg_headers *h, uint32_t i, const char *name);
 /* Fields never passed on as they came: those of one connection (RFC 9110 7.6.1),
  * and the framing and host fields that each hop sets for itself. */
 bool cmg_header_not_forwarded(const char *name, size_t len);
+/* Fields only the gateway may set, whatever a device sends: identity ("cmg-*") and
+ * routing ("forwarded", "x-forwarded-*", "x-real-ip", "x-original-url",
+ * "x-rewrite-url", "x-client-*"). Compared without case and with '_' read as '-',
+ * since CGI and IIS give "CMG_Client_Id" and "CMG-Client-Id" the same variable. */
+bool cmg_header_gateway_only(const char *name, size_t len);
 /* Case-insensitive prefix test, e.g. "cmg-". */
 bool cmg_header_has_prefix(const char *name, size_t len, const char *prefix);
 

@@ -1,4 +1,5 @@
-/* Request targets: validation, and the CCM proxy prefixes that name a role. */
+/* Request targets: the one canonical form the gateway forwards, and the CCM proxy
+ * prefixes that name a role (docs/policy.md, "Paths"). */
 #ifndef CMG_PATH_H
 #define CMG_PATH_H
 
@@ -18,9 +19,16 @@ struct cmg_path {
     size_t rest_len;
 };
 
-/* 0 if the origin-form target is acceptable: starts with '/', no control bytes,
- * well-formed %XX escapes, no "." or ".." segment, no encoded '/', '\' or NUL
- * in the path; -1 otherwise. */
+/* Writes the canonical form of an origin-form target to out, which has room for
+ * n + 1 bytes (the form is never longer; it is NUL-terminated), and its length to
+ * *out_len. In the path: escapes of unreserved characters decoded, other escapes in
+ * upper case, "//" merged into "/". Refused (-1, with a short reason in *why): no
+ * leading '/', control bytes, space, raw bytes above 0x7e, '#', '\' or "%5C", bad
+ * escapes, %00, an encoded '/' or control byte, "%25" followed by two hex digits
+ * (double encoding), escapes that are not shortest-form UTF-8, and any "." or ".."
+ * segment (after dropping ";params"). The query is kept as it came, once checked. */
+int cmg_path_canonical(const char *p, size_t n, char *out, size_t *out_len, const char **why);
+/* 0 if the target is acceptable and already in its canonical form; -1 otherwise. */
 int cmg_path_check(const char *p, size_t n);
 /* Splits a checked target; kind is CMG_PATH_OTHER when no prefix matches. */
 void cmg_path_parse(const char *p, size_t n, struct cmg_path *out);

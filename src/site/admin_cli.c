@@ -40,10 +40,13 @@ static const char usage[] =
     "site instead, authenticated by DIR/admin.token or --admin-token FILE.\n"
     "\n"
     "  mapping add --type mp|sup|site --url URL [--role ID] [--auth cert,token,oidc]\n"
-    "              [--max-body BYTES]     publish an internal server (a new role id\n"
+    "              [--max-body BYTES] [--forward-authorization | --no-forward-authorization]\n"
+    "                                     publish an internal server (a new role id\n"
     "                                     unless --role; auth default: cert,token,oidc,\n"
     "                                     or token for type site; max body default\n"
-    "                                     1 GiB)\n"
+    "                                     1 GiB); the device's Authorization header\n"
+    "                                     reaches it only with --forward-authorization\n"
+    "                                     (the default for type site only)\n"
     "  mapping list                       the published mappings\n"
     "  mapping remove ROLE                stop publishing a role\n"
     "  token bulk create [--lifetime 3d] [--description TEXT]\n"
@@ -54,7 +57,10 @@ static const char usage[] =
     "                                     themselves are not kept)\n"
     "  token bulk block|unblock GUID      refuse / accept a bulk token again\n"
     "  device list                        registered devices\n"
-    "  device block|unblock ID            refuse / accept a device's tokens\n"
+    "  device block|unblock ID            refuse / accept a device: a registered\n"
+    "                                     device id, a certificate device by name or\n"
+    "                                     SHA-256 thumbprint, or oidc:ID (an OIDC oid,\n"
+    "                                     deviceid or user name)\n"
     "  cert issue --device NAME [--out DIR]\n"
     "                                     a client certificate from the site CA (for\n"
     "                                     labs), written to DIR/devices/NAME.crt, .key\n"
@@ -223,17 +229,20 @@ static int run_print(struct cli *c, const char *op, void (*show)(const cJSON *r)
 
 static void show_mappings(const cJSON *r)
 {
-    static const char *const cols[] = {"role", "type", "auth", "max_body", "url"};
-    print_table(r, cols, 5);
+    static const char *const cols[] = {"role", "type", "auth", "max_body",
+                                       "forward_authorization", "url"};
+    print_table(r, cols, 6);
 }
 
 static void show_mapping(const cJSON *r)
 {
-    printf("mapped role %s (%s, auth %s, max body %.0f) to %s\n",
+    printf("mapped role %s (%s, auth %s, max body %.0f, Authorization %s) to %s\n",
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "role")),
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "type")),
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "auth")),
            cJSON_GetNumberValue(cJSON_GetObjectItem(r, "max_body")),
+           cJSON_IsTrue(cJSON_GetObjectItem(r, "forward_authorization")) ? "forwarded"
+                                                                         : "not forwarded",
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "url")));
 }
 
@@ -267,7 +276,10 @@ static void show_certs(const cJSON *r)
 static void show_done(const cJSON *r)
 {
     char *s = cJSON_PrintUnformatted(r);
+    const char *note = cJSON_GetStringValue(cJSON_GetObjectItem(r, "note"));
     printf("done: %s\n", s ? s : "");
+    if (note)
+        printf("note: %s\n", note);
     free(s);
 }
 
@@ -349,7 +361,7 @@ static cJSON *load_jwks(const struct cli *c, const char *src)
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
     O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
-    O_API, O_ADMIN_TOKEN
+    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH
 };
 
 static const struct option long_opts[] = {
@@ -373,6 +385,8 @@ static const struct option long_opts[] = {
     {"site", required_argument, NULL, O_SITE},       {"dir", required_argument, NULL, O_SITE},
     {"api", required_argument, NULL, O_API},
     {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
+    {"forward-authorization", no_argument, NULL, O_FORWARD_AUTH},
+    {"no-forward-authorization", no_argument, NULL, O_NO_FORWARD_AUTH},
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
@@ -396,11 +410,19 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *
         case O_SERIAL: cJSON_AddStringToObject(c->args, "serial", optarg); break;
         case O_CERT: {
             char serial[256];
-            if (serial_of(optarg, serial, sizeof(serial)) < 0)
+            unsigned char *pem = NULL;
+            size_t pem_len = 0;
+            if (serial_of(optarg, serial, sizeof(serial)) < 0 ||
+                cmg_pki_read_file(optarg, 1 << 20, &pem, &pem_len) < 0)
                 return usage_error(c, "--cert: not a PEM certificate");
             cJSON_AddStringToObject(c->args, "serial", serial);
+            /* the certificate itself: one the site issued but never listed can be revoked */
+            cJSON_AddItemToObject(c->args, "pem", cJSON_CreateString((const char *)pem));
+            free(pem);
             break;
         }
+        case O_FORWARD_AUTH: cJSON_AddTrueToObject(c->args, "forward_authorization"); break;
+        case O_NO_FORWARD_AUTH: cJSON_AddFalseToObject(c->args, "forward_authorization"); break;
         case O_REVOKED: cJSON_AddTrueToObject(c->args, "revoked"); break;
         case O_ISSUER: cJSON_AddStringToObject(c->args, "issuer", optarg); break;
         case O_TENANT: cJSON_AddStringToObject(c->args, "tenant", optarg); break;

@@ -59,6 +59,7 @@ static int add_mapping(struct cmg_store *st, uint64_t role, const char *type, co
     snprintf(m.url, sizeof(m.url), "%s", url);
     m.auth = auth;
     m.max_body = !strcmp(type, "site") ? 65536 : UINT64_C(1073741824);
+    m.forward_authorization = !strcmp(type, "site");   /* it checks the bulk token again */
     return cmg_store_mapping_add(st, &m) < 0 ? -1 : 0;
 }
 

@@ -4,13 +4,17 @@
 #include "auth/jwk.h"
 #include "http/path.h"
 #include "site/pki.h"
+#include "site/policy_build.h"
 #include "site/tokens.h"
+#include "tls/tls.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <openssl/bn.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
+#include <openssl/x509.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -163,6 +167,11 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     m.max_body = DEFAULT_MAX_BODY;
     if (arg_uint(args, "max_body", &m.max_body) < 0)
         return fail(msg, len, 400, "max_body must be a number of bytes");
+    /* A device's credential goes to a service only where asked for: the registration
+     * service (type site) checks the bulk token again; others get the identity headers. */
+    m.forward_authorization = !strcmp(type, "site");
+    if (cJSON_GetObjectItemCaseSensitive(args, "forward_authorization"))
+        m.forward_authorization = arg_bool(args, "forward_authorization");
     snprintf(m.role, sizeof(m.role), "%s", role ? role : "");
     snprintf(m.type, sizeof(m.type), "%s", type);
     snprintf(m.url, sizeof(m.url), "%s", url);
@@ -185,6 +194,7 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
         cJSON_AddStringToObject(*result, "auth", a);
     }
     cJSON_AddNumberToObject(*result, "max_body", (double)m.max_body);
+    cJSON_AddBoolToObject(*result, "forward_authorization", m.forward_authorization);
     return 0;
 }
 
@@ -305,6 +315,8 @@ static int op_bulk_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
 
 /* ---- devices ---- */
 
+static bool valid_name(const char *n);
+
 static int op_device_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len)
 {
@@ -312,13 +324,84 @@ static int op_device_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
-static int device_block_tx(struct cmg_site_ctx *s, const char *id, bool block, char *msg,
-                           size_t len)
+/* A SHA-256 thumbprint as people write it (hex, any case, ':' between bytes), in
+ * the gateway's spelling: 64 lower-case hex digits. -1 if it is not one. */
+static int normal_thumbprint(const char *in, char out[65])
 {
+    size_t n = 0;
+
+    for (; *in; in++) {
+        if (*in == ':')
+            continue;
+        if (!isxdigit((unsigned char)*in) || n == 64)
+            return -1;
+        out[n++] = (char)tolower((unsigned char)*in);
+    }
+    out[n] = 0;
+    return n == 64 ? 0 : -1;
+}
+
+static bool issued_here(struct cmg_site_ctx *s, X509 *x)
+{
+    EVP_PKEY *ca = X509_get0_pubkey(s->ca_cert);
+    return x && ca && X509_verify(x, ca) == 1;
+}
+
+/* The thumbprint of DIR/devices/NAME.crt if the site issued it ('site init' writes
+ * its sample device there, unrecorded). 0, or -1. */
+static int device_file_thumbprint(struct cmg_site_ctx *s, const char *name, char out[65])
+{
+    char path[PATH_MAX];
+    X509 *x = NULL;
+    int rc = -1;
+
+    if (valid_name(name) &&
+        snprintf(path, sizeof(path), "%s/devices/%s.crt", s->dir, name) < (int)sizeof(path) &&
+        (x = cmg_pki_load_cert(path)) && issued_here(s, x)) {
+        cmg_tls_thumbprint(x, out);
+        rc = out[0] ? 0 : -1;
+    }
+    X509_free(x);
+    return rc;
+}
+
+/* What 'device block ID' names when ID is no registered device: "oidc:<id>" as given,
+ * a certificate by thumbprint ("cert:" optional) or by the name it was issued to.
+ * The identity as the gateway spells it into out, or -1. */
+static int identity_of(struct cmg_site_ctx *s, const char *id, char *out, size_t outlen)
+{
+    char thumb[65];
+
+    if (!strncmp(id, "oidc:", 5) && id[5]) {
+        snprintf(out, outlen, "%s", id);
+        return 0;
+    }
+    if (normal_thumbprint(!strncmp(id, "cert:", 5) ? id + 5 : id, thumb) < 0 &&
+        cmg_store_cert_thumbprint(s->store, id, thumb, sizeof(thumb)) != 0 &&
+        device_file_thumbprint(s, id, thumb) < 0)
+        return -1;
+    snprintf(out, outlen, "cert:%s", thumb);
+    return 0;
+}
+
+static int device_block_tx(struct cmg_site_ctx *s, const char *id, bool block, cJSON *result,
+                           char *msg, size_t len)
+{
+    char ident[300];
     int rc = cmg_store_device_block(s->store, id, block);
-    if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-    return rc == 1 ? fail(msg, len, 404, "no device %s", id) : 0;
+
+    if (rc == 1 && identity_of(s, id, ident, sizeof(ident)) == 0) {
+        cJSON_AddStringToObject(result, "identity", ident);
+        rc = cmg_store_identity_block(s->store, ident, block);
+        if (rc == 1 && block)
+            rc = 0;   /* blocked already */
+        else if (rc == 1)
+            return fail(msg, len, 404, "%s is not blocked", ident);
+    } else if (rc == 1)
+        return fail(msg, len, 404, "no device %s: give a registered device id, the name or "
+                                   "SHA-256 thumbprint of a certificate device, or oidc:ID "
+                                   "(an OIDC oid, deviceid or user name)", id);
+    return rc < 0 ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
 static int op_device_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -328,11 +411,12 @@ static int op_device_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **re
     bool block = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(args, "blocked"));
 
     if (!id)
-        return fail(msg, len, 400, "which device? (its id)");
+        return fail(msg, len, 400, "which device? (a device id, a certificate name or "
+                                   "thumbprint, or oidc:ID)");
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "id", id);
     cJSON_AddBoolToObject(*result, "blocked", block);
-    IN_TX(s, msg, len, device_block_tx(s, id, block, msg, len));
+    IN_TX(s, msg, len, device_block_tx(s, id, block, *result, msg, len));
 }
 
 /* ---- certificates ---- */
@@ -376,7 +460,7 @@ static int normal_serial(const char *in, char *out, size_t outlen)
 static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *outdir,
                          cJSON **result, char *msg, size_t len)
 {
-    char crt[PATH_MAX], key[PATH_MAX], subject[512];
+    char crt[PATH_MAX], key[PATH_MAX], subject[512], thumb[65];
     struct cmg_cert_req req = {0};
     EVP_PKEY *k = cmg_pki_new_key();
     X509 *x = NULL;
@@ -402,8 +486,10 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
         rc = 400;
         goto out;
     }
+    cmg_tls_thumbprint(x, thumb);
     if (cmg_store_cert_add(s->store, serial, name, subject, (int64_t)time(NULL),
-                           (int64_t)time(NULL) + DEVICE_CERT_DAYS * 86400LL) < 0) {
+                           (int64_t)time(NULL) + DEVICE_CERT_DAYS * 86400LL) < 0 ||
+        cmg_store_cert_set_thumbprint(s->store, serial, thumb) < 0) {
         fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         goto out;
     }
@@ -414,6 +500,7 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "name", name);
     cJSON_AddStringToObject(*result, "serial", serial);
+    cJSON_AddStringToObject(*result, "thumbprint", thumb);
     cJSON_AddStringToObject(*result, "cert", crt);
     cJSON_AddStringToObject(*result, "key", key);
     rc = 0;
@@ -442,9 +529,34 @@ static int op_cert_issue(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     IN_TX(s, msg, len, cert_issue_tx(s, name, out, result, msg, len));
 }
 
-static int cert_revoke_tx(struct cmg_site_ctx *s, const char *serial, char *msg, size_t len)
+/* A certificate the site issued but did not record ('site init' makes the gateway's,
+ * the connector's and the sample device's): recorded now, so that it can be revoked. */
+static int record_unlisted(struct cmg_site_ctx *s, X509 *x, const char *serial)
+{
+    char name[256] = "", subject[512], thumb[65];
+    int64_t expires = 0;
+    struct tm tm;
+
+    X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, name, sizeof(name));
+    X509_NAME_oneline(X509_get_subject_name(x), subject, sizeof(subject));
+    if (ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm))
+        expires = (int64_t)timegm(&tm);
+    cmg_tls_thumbprint(x, thumb);
+    return cmg_store_cert_add(s->store, serial, name[0] ? name : subject, subject,
+                              (int64_t)time(NULL), expires) < 0 ||
+                   cmg_store_cert_set_thumbprint(s->store, serial, thumb) < 0
+               ? -1 : 0;
+}
+
+static int cert_revoke_tx(struct cmg_site_ctx *s, const char *serial, X509 *x, char *msg,
+                          size_t len)
 {
     int rc = cmg_store_cert_revoke(s->store, serial, (int64_t)time(NULL));
+    if (rc == 1 && x) {
+        if (record_unlisted(s, x, serial) < 0)
+            return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        rc = cmg_store_cert_revoke(s->store, serial, (int64_t)time(NULL));
+    }
     if (rc < 0)
         return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc == 1)
@@ -455,28 +567,78 @@ static int cert_revoke_tx(struct cmg_site_ctx *s, const char *serial, char *msg,
     return 0;
 }
 
+/* The certificate given with the request (PEM text, "pem"), or for --device NAME the
+ * one in DIR/devices/NAME.crt; only if this site's CA issued it. */
+static X509 *given_cert(struct cmg_site_ctx *s, const cJSON *args)
+{
+    const char *pem = arg_str(args, "pem"), *name = arg_str(args, "device");
+    char path[PATH_MAX];
+    X509 *x = NULL;
+
+    if (pem) {
+        BIO *b = BIO_new_mem_buf(pem, -1);
+        x = b ? PEM_read_bio_X509(b, NULL, NULL, NULL) : NULL;
+        BIO_free(b);
+    } else if (name && valid_name(name) &&
+               snprintf(path, sizeof(path), "%s/devices/%s.crt", s->dir, name) <
+                   (int)sizeof(path)) {
+        x = cmg_pki_load_cert(path);
+    }
+    if (x && !issued_here(s, x)) {
+        X509_free(x);
+        x = NULL;
+    }
+    return x;
+}
+
+static int serial_hex(X509 *x, char *out, size_t len)
+{
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    int rc = hex && strlen(hex) < len ? 0 : -1;
+
+    if (rc == 0)
+        snprintf(out, len, "%s", hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+    return rc;
+}
+
 static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len)
 {
     const char *serial = arg_str(args, "serial"), *name = arg_str(args, "device");
+    X509 *x = given_cert(s, args);
     char found[128];
+    int rc;
 
-    if (!serial && name) {
-        int rc = cmg_store_cert_by_name(s->store, name, found, sizeof(found));
-        if (rc != 0)
-            return fail(msg, len, rc < 0 ? 500 : 404,
-                        "no unrevoked certificate for device %s", name);
+    if (!serial && name && cmg_store_cert_by_name(s->store, name, found, sizeof(found)) == 0)
         serial = found;
+    else if (!serial && x && serial_hex(x, found, sizeof(found)) == 0)
+        serial = found;
+    rc = !serial && name ? fail(msg, len, 404, "no unrevoked certificate for device %s", name)
+         : !serial ? fail(msg, len, 400, "which certificate? (--serial HEX, --cert FILE or "
+                                         "--device NAME)")
+         : normal_serial(serial, found, sizeof(found)) < 0
+             ? fail(msg, len, 400, "serial %s: hexadecimal digits expected", serial)
+             : 0;
+    if (rc == 0) {
+        *result = cJSON_CreateObject();
+        cJSON_AddStringToObject(*result, "revoked", found);
+        if (!cmg_site_revocation_checked(s))
+            cJSON_AddStringToObject(*result, "note",
+                                    "revocation checking is off: this revocation has no effect "
+                                    "until it is on (cmg site cert check-revocation on)");
+        if (cmg_store_begin(s->store) < 0)
+            rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+        else if ((rc = cert_revoke_tx(s, found, x, msg, len)) == 0 &&
+                 cmg_store_commit(s->store) < 0)
+            rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        if (rc != 0)
+            cmg_store_rollback(s->store);
     }
-    if (!serial)
-        return fail(msg, len, 400, "which certificate? (--serial HEX, --cert FILE or "
-                                   "--device NAME)");
-    if (normal_serial(serial, found, sizeof(found)) < 0)
-        return fail(msg, len, 400, "serial %s: hexadecimal digits expected", serial);
-    serial = found;
-    *result = cJSON_CreateObject();
-    cJSON_AddStringToObject(*result, "revoked", serial);
-    IN_TX(s, msg, len, cert_revoke_tx(s, serial, msg, len));
+    X509_free(x);
+    return rc;
 }
 
 static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -500,10 +662,8 @@ static int op_revocation(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     const cJSON *on = cJSON_GetObjectItemCaseSensitive(args, "check_revocation");
 
     if (!cJSON_IsBool(on)) {
-        char v[16] = "off";
-        cmg_store_get_setting(s->store, "check_revocation", v, sizeof(v));
         *result = cJSON_CreateObject();
-        cJSON_AddBoolToObject(*result, "check_revocation", !strcmp(v, "on"));
+        cJSON_AddBoolToObject(*result, "check_revocation", cmg_site_revocation_checked(s));
         return 0;
     }
     *result = cJSON_CreateObject();

@@ -2,6 +2,7 @@
 #include "site/policy_build.h"
 
 #include "auth/jws.h"
+#include "core/log.h"
 
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -42,6 +43,33 @@ static int crl_add(X509_CRL *crl, const char *serial_hex, int64_t when)
     ASN1_TIME_free(t);
     BN_free(bn);
     return ok ? 0 : -1;
+}
+
+bool cmg_site_revocation_checked(struct cmg_site_ctx *s)
+{
+    char setting[16] = "on";
+
+    cmg_store_get_setting(s->store, "check_revocation", setting, sizeof(setting));
+    return strcmp(setting, "off") != 0;
+}
+
+void cmg_site_crl_freshness(time_t signed_at, time_t now)
+{
+    static time_t last_warning;
+    time_t expires = signed_at + CRL_DAYS * 86400;
+    char when[32];
+    struct tm tm;
+
+    if (!signed_at || expires - now > CRL_DAYS * 86400 / 2 ||
+        (last_warning && now - last_warning < 3600))
+        return;
+    gmtime_r(&expires, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    cmg_warn("the CRL published to gateways expires at %s and the policy has not been "
+             "re-signed for %lld hour(s): from then on gateways refuse every certificate "
+             "device (CMGService_CRL_Unavailable); see why the site cannot publish",
+             when, (long long)(now - signed_at) / 3600);
+    last_warning = now;
 }
 
 char *cmg_site_crl_pem(struct cmg_site_ctx *s)
@@ -114,6 +142,7 @@ static cJSON *mappings_json(struct cmg_site_ctx *s)
         if (v[i].auth & CMG_MAP_AUTH_OIDC)
             cJSON_AddItemToArray(auth, cJSON_CreateString("oidc"));
         cJSON_AddNumberToObject(o, "max_body", (double)v[i].max_body);
+        cJSON_AddBoolToObject(o, "forward_authorization", v[i].forward_authorization);
     }
     free(v);
     return arr;
@@ -148,7 +177,6 @@ out:
 char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen)
 {
     cJSON *p = cJSON_CreateObject(), *keys, *limits;
-    char setting[16] = "off";
     char *json = NULL, *jws = NULL;
 
     *version = 0;
@@ -158,7 +186,6 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         return NULL;
     }
     *version = cmg_store_policy_version(s->store);
-    cmg_store_get_setting(s->store, "check_revocation", setting, sizeof(setting));
     keys = cJSON_CreateObject();
     if (!p || !keys || !cJSON_AddNumberToObject(p, "version", (double)*version) ||
         !cJSON_AddNumberToObject(p, "iat", (double)time(NULL)) ||
@@ -168,7 +195,7 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         !cJSON_AddItemToObject(p, "mappings", mappings_json(s)) ||
         !cJSON_AddItemToObject(p, "ctl", cJSON_CreateArray()) ||
         add_owned(p, "crl", cmg_site_crl_pem(s)) < 0 ||
-        !cJSON_AddBoolToObject(p, "check_revocation", !strcmp(setting, "on")) ||
+        !cJSON_AddBoolToObject(p, "check_revocation", cmg_site_revocation_checked(s)) ||
         !cJSON_AddItemToObject(p, "site_keys", keys) ||
         !cJSON_AddItemToObject(keys, "keys", cJSON_CreateArray()) ||
         !cJSON_AddItemToArray(cJSON_GetObjectItem(keys, "keys"),

@@ -6,13 +6,22 @@
 #include "site/ctx.h"
 
 #include <cjson/cJSON.h>
+#include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 /* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version.
  * NULL with a reason in err. */
 char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen);
 /* {"<role>": {"url": ..., "type": ...}, ...} */
 cJSON *cmg_site_routes(struct cmg_site_ctx *s);
+/* Whether gateways check client certificates against the CRL: the "check_revocation"
+ * setting, on unless it was turned off. */
+bool cmg_site_revocation_checked(struct cmg_site_ctx *s);
+/* Warns (at most once an hour) when the CRL of the policy signed at signed_at has
+ * less than half its life left: the site has not managed to re-sign for days, and
+ * when it runs out gateways refuse every certificate device. */
+void cmg_site_crl_freshness(time_t signed_at, time_t now);
 /* The site CA's CRL, PEM, listing every revoked certificate of the store. */
 char *cmg_site_crl_pem(struct cmg_site_ctx *s);
 

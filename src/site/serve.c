@@ -138,6 +138,7 @@ static void on_poll(struct cmg_timer *t)
 
     if (time(NULL) - srv->signed_at >= REFRESH_S)
         bump_version(srv);
+    cmg_site_crl_freshness(srv->signed_at, time(NULL));
     if (dv != srv->data_version || time(NULL) - srv->signed_at >= REFRESH_S) {
         srv->data_version = dv;
         cmg_site_server_changed(srv);

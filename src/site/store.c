@@ -1,6 +1,8 @@
 /* The site's SQLite store; see store.h. */
 #include "site/store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <openssl/rand.h>
 #include <sqlite3.h>
 #include <stdarg.h>
@@ -8,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 struct cmg_store {
     sqlite3 *db;
@@ -29,11 +33,67 @@ static const char schema[] =
     " subject TEXT NOT NULL, issued INTEGER NOT NULL, expires INTEGER NOT NULL,"
     " revoked INTEGER);"
     "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"
-    " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);";
+    " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);"
+    "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);";
+
+/* Columns added after the first schema: a store made before them gets them on open,
+ * with the value that keeps it working as it did (the registration service needs the
+ * device's bulk token, so site mappings pass Authorization on). */
+static const struct {
+    const char *table, *column, *add;
+} added_columns[] = {
+    {"mappings", "forward_authorization",
+     "ALTER TABLE mappings ADD COLUMN forward_authorization INTEGER NOT NULL DEFAULT 0;"
+     "UPDATE mappings SET forward_authorization = 1 WHERE type = 'site';"},
+    {"certs", "thumbprint", "ALTER TABLE certs ADD COLUMN thumbprint TEXT;"},
+};
 
 const char *cmg_store_error(struct cmg_store *s)
 {
     return sqlite3_errmsg(s->db);
+}
+
+static bool has_column(sqlite3 *db, const char *table, const char *column)
+{
+    sqlite3_stmt *st = NULL;
+    bool found = false;
+
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info(?) WHERE name = ?", -1, &st,
+                           NULL) == SQLITE_OK &&
+        sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC) == SQLITE_OK &&
+        sqlite3_bind_text(st, 2, column, -1, SQLITE_STATIC) == SQLITE_OK)
+        found = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return found;
+}
+
+static int add_columns(sqlite3 *db)
+{
+    for (size_t i = 0; i < sizeof(added_columns) / sizeof(added_columns[0]); i++)
+        if (!has_column(db, added_columns[i].table, added_columns[i].column) &&
+            sqlite3_exec(db, added_columns[i].add, NULL, NULL, NULL) != SQLITE_OK)
+            return -1;
+    return 0;
+}
+
+/* The store holds who is blocked and what was revoked: readable by the site's owner
+ * only. SQLite gives its -wal and -shm files the mode of the database file; those of
+ * a store made before this rule are narrowed too. */
+static int owner_only(const char *path)
+{
+    static const char *const suffixes[] = {"", "-wal", "-shm"};
+    char file[4200];
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+
+    if (fd < 0)
+        return -1;
+    close(fd);
+    for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+        snprintf(file, sizeof(file), "%s%s", path, suffixes[i]);
+        if (chmod(file, 0600) < 0 && errno != ENOENT)
+            return -1;
+    }
+    return 0;
 }
 
 int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t errlen)
@@ -47,12 +107,19 @@ int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t er
         return -1;
     }
     snprintf(path, sizeof(path), "%s/%s", dir, CMG_STORE_FILE);
+    if (owner_only(path) < 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        cmg_store_close(s);
+        return -1;
+    }
+    /* synchronous=FULL: a commit is on disk (WAL fsynced) before the change is
+     * published or answered, so a power cut cannot undo a revocation already told. */
     if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
             SQLITE_OK ||
         sqlite3_busy_timeout(s->db, 10000) != SQLITE_OK ||
-        sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", NULL, NULL,
+        sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL,
                      NULL) != SQLITE_OK ||
-        sqlite3_exec(s->db, schema, NULL, NULL, NULL) != SQLITE_OK) {
+        sqlite3_exec(s->db, schema, NULL, NULL, NULL) != SQLITE_OK || add_columns(s->db) < 0) {
         snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
         cmg_store_close(s);
         return -1;
@@ -214,10 +281,11 @@ void cmg_mapping_auth_format(unsigned auth, char *out, size_t outlen)
 
 int cmg_store_mapping_add(struct cmg_store *s, const struct cmg_site_mapping *m)
 {
-    sqlite3_stmt *st = prep(s, "INSERT OR IGNORE INTO mappings VALUES (?, ?, ?, ?, ?, "
-                               "strftime('%s', 'now'))",
-                            "sssii", m->role, m->type, m->url, (int64_t)m->auth,
-                            (int64_t)m->max_body);
+    sqlite3_stmt *st = prep(s, "INSERT OR IGNORE INTO mappings (role, type, url, auth, max_body,"
+                               " created, forward_authorization) VALUES (?, ?, ?, ?, ?, "
+                               "strftime('%s', 'now'), ?)",
+                            "sssiii", m->role, m->type, m->url, (int64_t)m->auth,
+                            (int64_t)m->max_body, (int64_t)m->forward_authorization);
     int n = changes(s, st);
 
     if (n < 0)
@@ -240,8 +308,8 @@ int cmg_store_mapping_remove(struct cmg_store *s, const char *role)
 
 int cmg_store_mappings(struct cmg_store *s, struct cmg_site_mapping **out, size_t *n)
 {
-    sqlite3_stmt *st = prep(s, "SELECT role, type, url, auth, max_body FROM mappings "
-                               "ORDER BY created, role", "");
+    sqlite3_stmt *st = prep(s, "SELECT role, type, url, auth, max_body, forward_authorization "
+                               "FROM mappings ORDER BY created, role", "");
     struct cmg_site_mapping *v = NULL, *nv;
     size_t len = 0;
     int rc;
@@ -262,6 +330,7 @@ int cmg_store_mappings(struct cmg_store *s, struct cmg_site_mapping **out, size_
         snprintf(v[len].url, sizeof(v[len].url), "%s", sqlite3_column_text(st, 2));
         v[len].auth = (unsigned)sqlite3_column_int64(st, 3);
         v[len].max_body = (uint64_t)sqlite3_column_int64(st, 4);
+        v[len].forward_authorization = sqlite3_column_int64(st, 5) != 0;
         len++;
     }
     sqlite3_finalize(st);
@@ -331,6 +400,7 @@ cJSON *cmg_store_mappings_json(struct cmg_store *s)
         cJSON_AddStringToObject(o, "url", v[i].url);
         cJSON_AddStringToObject(o, "auth", auth);
         cJSON_AddNumberToObject(o, "max_body", (double)v[i].max_body);
+        cJSON_AddBoolToObject(o, "forward_authorization", v[i].forward_authorization);
     }
     free(v);
     return arr;
@@ -463,8 +533,31 @@ cJSON *cmg_store_devices_json(struct cmg_store *s)
 int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name,
                        const char *subject, int64_t issued, int64_t expires)
 {
-    return run(prep(s, "INSERT INTO certs VALUES (?, ?, ?, ?, ?, NULL)", "sssii", serial, name,
-                    subject, issued, expires)) < 0 ? -1 : 0;
+    return run(prep(s, "INSERT INTO certs (serial, name, subject, issued, expires) "
+                       "VALUES (?, ?, ?, ?, ?)", "sssii", serial, name, subject, issued,
+                    expires)) < 0 ? -1 : 0;
+}
+
+int cmg_store_cert_set_thumbprint(struct cmg_store *s, const char *serial, const char *thumbprint)
+{
+    return run(prep(s, "UPDATE certs SET thumbprint = ? WHERE serial = ?", "ss", thumbprint,
+                    serial)) < 0 ? -1 : 0;
+}
+
+int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, size_t len)
+{
+    sqlite3_stmt *st = prep(s, "SELECT thumbprint FROM certs WHERE name = ? AND thumbprint "
+                               "IS NOT NULL ORDER BY issued DESC LIMIT 1", "s", name);
+    int rc = 1;
+
+    if (!st)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(out, len, "%s", sqlite3_column_text(st, 0));
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    return rc;
 }
 
 int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when)
@@ -591,7 +684,23 @@ static cJSON *column_strings(struct cmg_store *s, const char *sql)
 
 cJSON *cmg_store_blocked_devices(struct cmg_store *s)
 {
-    return column_strings(s, "SELECT id FROM devices WHERE blocked ORDER BY id");
+    return column_strings(s, "SELECT id FROM devices WHERE blocked UNION "
+                             "SELECT id FROM blocked_ids ORDER BY 1");
+}
+
+int cmg_store_identity_block(struct cmg_store *s, const char *id, bool blocked)
+{
+    int n = changes(s, blocked ? prep(s, "INSERT OR IGNORE INTO blocked_ids VALUES (?, "
+                                         "strftime('%s', 'now'))", "s", id)
+                               : prep(s, "DELETE FROM blocked_ids WHERE id = ?", "s", id));
+    if (n < 0)
+        return -1;
+    return n == 0 ? 1 : cmg_store_bump(s);
+}
+
+cJSON *cmg_store_blocked_ids_json(struct cmg_store *s)
+{
+    return rows_json(s, prep(s, "SELECT id, created FROM blocked_ids ORDER BY created, id", ""));
 }
 
 cJSON *cmg_store_blocked_tokens(struct cmg_store *s)

@@ -21,6 +21,7 @@ struct cmg_site_mapping {
     char url[1024];          /* internal base URL */
     unsigned auth;           /* CMG_MAP_AUTH_* */
     uint64_t max_body;
+    bool forward_authorization;  /* the device's Authorization reaches the service */
 };
 
 struct cmg_store;
@@ -85,6 +86,10 @@ int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name
                        const char *subject, int64_t issued, int64_t expires);
 /* 0 revoked now, 1 not found, 2 already revoked. Bumps. */
 int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when);
+/* The SHA-256 thumbprint (hex) of an issued certificate, kept for 'device block NAME'. */
+int cmg_store_cert_set_thumbprint(struct cmg_store *s, const char *serial, const char *thumbprint);
+/* Thumbprint of the newest certificate issued for name that has one; 0, or 1 if none. */
+int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, size_t len);
 /* Serial of the newest certificate issued for name; 0, or 1 if none. */
 int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len);
 cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only);
@@ -98,7 +103,12 @@ int cmg_store_oidc_set(struct cmg_store *s, const struct cmg_oidc_conf *o); /* b
 int cmg_store_oidc_clear(struct cmg_store *s);                          /* bumps */
 void cmg_oidc_conf_free(struct cmg_oidc_conf *o);
 
-/* Blocked device ids and blocked bulk token GUIDs, for the policy. */
+/* Identities blocked that are not registered devices: "cert:<thumbprint>" of a
+ * certificate device, "oidc:<id>" of an OIDC one. 0 done, 1 nothing to change. Bumps. */
+int cmg_store_identity_block(struct cmg_store *s, const char *id, bool blocked);
+cJSON *cmg_store_blocked_ids_json(struct cmg_store *s);
+/* Blocked device ids (registered devices, and the identities above) and blocked bulk
+ * token GUIDs, for the policy. */
 cJSON *cmg_store_blocked_devices(struct cmg_store *s);
 cJSON *cmg_store_blocked_tokens(struct cmg_store *s);
 

@@ -49,12 +49,30 @@ static void connection_fields_are_not_forwarded(void **state)
     assert_false(cmg_header_has_prefix("CM", 2, "cmg-"));
 }
 
+static void identity_and_routing_fields_are_the_gateways(void **state)
+{
+    const char *ours[] = {"CMG-Client-Device-Id", "cmg_client_device_id", "Cmg_Client-Subject",
+                          "cmg-", "Forwarded", "X-Forwarded-For", "x_forwarded_proto",
+                          "X-Forwarded-Host", "X-Real-IP", "x_real_ip", "X-Original-URL",
+                          "X-Rewrite-Url", "X-Client-IP", "x_client_cert"};
+    const char *theirs[] = {"Authorization", "Content-Type", "CM", "cmg", "Forwarded-X",
+                            "X-Forwardedfor", "X-Real-IPs", "X-Original-URLs", "X-Clientip",
+                            "X-Device-Header"};
+    for (size_t i = 0; i < sizeof(ours) / sizeof(ours[0]); i++)
+        if (!cmg_header_gateway_only(ours[i], strlen(ours[i])))
+            fail_msg("passed on: %s", ours[i]);
+    for (size_t i = 0; i < sizeof(theirs) / sizeof(theirs[0]); i++)
+        if (cmg_header_gateway_only(theirs[i], strlen(theirs[i])))
+            fail_msg("dropped: %s", theirs[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(pieces_join_into_one_field),
         cmocka_unit_test(many_fields_grow_the_arena),
         cmocka_unit_test(connection_fields_are_not_forwarded),
+        cmocka_unit_test(identity_and_routing_fields_are_the_gateways),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -47,6 +47,10 @@ struct cmg_policy {
     char **revoked_tokens;   /* sorted jti / bulk token GUIDs */
     size_t nrevoked_tokens;
     int64_t clock_skew;      /* seconds */
+    /* the site <-> connector channel */
+    int64_t issued_at;       /* "iat": when the site signed it (0: unknown, local) */
+    char **revoked_connectors;   /* sorted serials, upper-case hex */
+    size_t nrevoked_connectors;
 };
 
 /* Loads the site's public key (PEM, EC P-256) as an ES256 JWK. NULL on failure. */
@@ -68,6 +72,8 @@ struct cmg_policy_mapping *cmg_policy_mapping(struct cmg_policy *p, const char *
 bool cmg_policy_device_blocked(const struct cmg_policy *p, const char *id);
 bool cmg_policy_token_revoked(const struct cmg_policy *p, const char *jti);
 bool cmg_policy_audience(const struct cmg_policy *p, const char *aud);
+/* The connector certificate with this serial (cmg_tls_serial's form) is revoked. */
+bool cmg_policy_connector_revoked(const struct cmg_policy *p, const char *serial);
 
 /* Verifies a client certificate chain against the policy's roots (and CRLs when
  * revocation is checked), at security level 2 (RSA and DH keys of 2048 bits or

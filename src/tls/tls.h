@@ -6,6 +6,14 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+/* OpenCMG's own extended key usages, under a UUID arc (2.25, ITU-T X.667):
+ * a connector's certificate carries only CONNECTOR (no clientAuth: no device path
+ * takes it), the site's channel certificate carries SITE (beside serverAuth); a
+ * certificate of the same CA without it is not the site's. */
+#define CMG_OID_ARC "2.25.109644053832474330085877404209058180504"
+#define CMG_OID_EKU_CONNECTOR CMG_OID_ARC ".1.1"
+#define CMG_OID_EKU_SITE CMG_OID_ARC ".1.2"
+
 enum cmg_tls_client_auth {
     CMG_TLS_NO_CLIENT_CERT,
     CMG_TLS_ASK_CLIENT_CERT,      /* asked for, judged per request (devices) */
@@ -19,12 +27,17 @@ struct cmg_tls_server_opts {
     const char *client_ca;   /* trusted roots for client certificates */
     enum cmg_tls_client_auth client_auth;
     const char *alpn;        /* protocols in preference order, comma-separated */
+    /* With REQUIRE_CLIENT_CERT: the extended key usage (OID text) the client's
+     * certificate must carry instead of clientAuth; NULL: clientAuth. */
+    const char *client_eku;
 };
 
 struct cmg_tls_client_opts {
     const char *ca;          /* roots that the server must chain to; NULL: system default */
     const char *cert, *key;  /* optional client certificate */
     const char *alpn;        /* comma-separated; NULL for none */
+    const char *server_eku;  /* an extended key usage (OID text) the server's
+                                certificate must carry too; NULL for none */
 };
 
 SSL_CTX *cmg_tls_server_ctx(const struct cmg_tls_server_opts *o, char *err, size_t errlen);
@@ -40,6 +53,10 @@ bool cmg_tls_alpn_is(const SSL *ssl, const char *proto);
 long cmg_tls_peer_verify_error(const SSL *ssl);
 /* SHA-256 of the certificate's DER, lowercase hex. */
 void cmg_tls_thumbprint(X509 *x, char out[65]);
+/* The certificate lists this extended key usage (OID text). */
+bool cmg_tls_has_eku(X509 *x, const char *oid);
+/* The serial number in upper-case hex without leading zeros ("0" for zero). */
+void cmg_tls_serial(X509 *x, char *out, size_t outlen);
 /* RFC 2253 form of the subject name. */
 void cmg_tls_subject(X509 *x, char *out, size_t outlen);
 /* The value of the first subject attribute with this NID, or "" */

@@ -15,6 +15,11 @@
 
 #define CMG_POLICY_MAX (4 * 1024 * 1024)   /* longest signed policy accepted, bytes */
 #define CMG_POLICY_TYP "cmg-policy+jwt"
+/* The site signs a fresh policy at least this often (so the CRL in it never goes
+ * stale); gateways and connectors warn when the one in force is older than
+ * max_policy_age, by default twice that. */
+#define CMG_POLICY_RESIGN_S (24 * 3600)
+#define CMG_POLICY_MAX_AGE_MS (2u * CMG_POLICY_RESIGN_S * 1000u)
 
 enum { CMG_AUTH_CERT = 1, CMG_AUTH_TOKEN = 2, CMG_AUTH_OIDC = 4 };
 

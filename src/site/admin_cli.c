@@ -25,6 +25,7 @@ struct cli {
     const char *dir;
     const char *api;           /* the admin API of a running site, instead of DIR */
     const char *token_file;
+    const char *ca_file;       /* --ca: the site CA, for --api */
     const char *subject;       /* the positional argument that is not the site */
     bool json;
     cJSON *args;
@@ -37,8 +38,8 @@ static const char usage[] =
     "directory). Changes are published to every gateway within seconds when\n"
     "'cmg site serve DIR' runs. Add --json to any command for JSON output.\n"
     "With --api https://HOST:PORT the command goes to the admin API of a running\n"
-    "site instead (its certificate checked against DIR/ca.crt), authenticated by\n"
-    "DIR/admin.token or --admin-token FILE.\n"
+    "site instead (its certificate checked against DIR/ca.crt or --ca FILE),\n"
+    "authenticated by DIR/admin.token or --admin-token FILE.\n"
     "\n"
     "  mapping add --type mp|sup|site --url URL [--role ID] [--auth cert,token,oidc]\n"
     "              [--max-body BYTES]     publish an internal server (a new role id\n"
@@ -159,7 +160,10 @@ static int run_remote(struct cli *c, const char *op, cJSON **result)
         toklen--;
     snprintf(auth, sizeof(auth), "Authorization: Bearer %.*s", (int)toklen, (const char *)tok);
     snprintf(url, sizeof(url), "%s/v1/ops/%s", c->api, op);
-    snprintf(ca, sizeof(ca), "%s/ca.crt", c->dir ? c->dir : ".");
+    if (c->ca_file)
+        snprintf(ca, sizeof(ca), "%s", c->ca_file);
+    else
+        snprintf(ca, sizeof(ca), "%s/ca.crt", c->dir ? c->dir : ".");
     req.url = url;
     req.ca_file = ca;
     req.method = "POST";
@@ -376,7 +380,7 @@ static cJSON *load_jwks(const struct cli *c, const char *src)
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
     O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
-    O_API, O_ADMIN_TOKEN
+    O_API, O_ADMIN_TOKEN, O_CA
 };
 
 static const struct option long_opts[] = {
@@ -400,6 +404,7 @@ static const struct option long_opts[] = {
     {"site", required_argument, NULL, O_SITE},       {"dir", required_argument, NULL, O_SITE},
     {"api", required_argument, NULL, O_API},
     {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
+    {"ca", required_argument, NULL, O_CA},
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
@@ -441,6 +446,7 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *
         case O_SITE: c->dir = optarg; break;
         case O_API: c->api = optarg; break;
         case O_ADMIN_TOKEN: c->token_file = optarg; break;
+        case O_CA: c->ca_file = optarg; break;
         case O_HELP: case 'h': *help = true; break;
         default: return 2;
         }

@@ -678,8 +678,6 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
               o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED);
     site_conf(f, "CA of the site's certificate", "site_ca = ca.crt");
     site_conf(f, "verifies what the site signs", "site_key = " CMG_SITE_SIGNING_PUB);
-    site_conf(f, "last good policy and routes, served after a restart",
-              "policy_cache = connector-cache.json");
     fputs("; Used until the site answers, and for roles the site does not route:\n", f);
     for (i = 0; i < o->n_mp; i++) {
         fputc('\n', f);

@@ -8,6 +8,7 @@
  * connector waiting on the feed. */
 #include "site/serve.h"
 
+#include "auth/policy.h"
 #include "core/log.h"
 #include "http/httpd.h"
 #include "site/connectors.h"
@@ -27,7 +28,7 @@
 
 #define POLL_MS 250
 #define FEED_WAIT_MS 25000
-#define REFRESH_S (24 * 3600)   /* re-sign daily, so the CRL in force never goes stale */
+#define REFRESH_S CMG_POLICY_RESIGN_S
 
 struct feed_waiter {
     struct cmg_site_server *srv;

@@ -13,6 +13,12 @@
 static int verify_err_index = -1;
 static int alpn_index = -1;
 static int eku_index = -1;   /* SSL_CTX: the OID text a peer's leaf must carry */
+static int leaf_check_index = -1;   /* SSL: a struct leaf_check */
+
+struct leaf_check {
+    cmg_tls_leaf_check fn;
+    void *arg;
+};
 
 static void alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
 {
@@ -96,19 +102,46 @@ bool cmg_tls_has_eku(X509 *x, const char *oid)
 }
 
 /* A chain that verifies is refused if its leaf lacks the extended key usage that
- * its context requires (a connector's, the site's). */
+ * its context requires (a connector's, the site's), or fails the connection's own
+ * check (a revoked connector). */
 static int eku_verify_cb(int ok, X509_STORE_CTX *store)
 {
     SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
     const char *oid = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), eku_index) : NULL;
+    const struct leaf_check *check = ssl ? SSL_get_ex_data(ssl, leaf_check_index) : NULL;
+    X509 *leaf = X509_STORE_CTX_get_current_cert(store);
+    int e = X509_V_OK;
 
-    if (!ok || !oid || X509_STORE_CTX_get_error_depth(store) != 0)
+    if (!ok || X509_STORE_CTX_get_error_depth(store) != 0)
         return ok;
-    if (!cmg_tls_has_eku(X509_STORE_CTX_get_current_cert(store), oid)) {
-        X509_STORE_CTX_set_error(store, X509_V_ERR_INVALID_PURPOSE);
+    if (oid && !cmg_tls_has_eku(leaf, oid))
+        e = X509_V_ERR_INVALID_PURPOSE;
+    else if (check)
+        e = check->fn(check->arg, leaf);
+    if (e != X509_V_OK) {
+        X509_STORE_CTX_set_error(store, e);
         return 0;
     }
     return 1;
+}
+
+static void leaf_check_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                            void *argp)
+{
+    OPENSSL_free(ptr);
+}
+
+int cmg_tls_set_leaf_check(SSL *ssl, cmg_tls_leaf_check fn, void *arg)
+{
+    struct leaf_check *check = OPENSSL_malloc(sizeof(*check));
+
+    if (!check || !SSL_set_ex_data(ssl, leaf_check_index, check)) {
+        OPENSSL_free(check);
+        return -1;
+    }
+    check->fn = fn;
+    check->arg = arg;
+    return 0;
 }
 
 static void eku_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
@@ -214,6 +247,8 @@ static SSL_CTX *new_ctx(const SSL_METHOD *method, char *err, size_t errlen)
         alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
     if (eku_index < 0)
         eku_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, eku_free);
+    if (leaf_check_index < 0)
+        leaf_check_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, leaf_check_free);
     if (!ctx) {
         set_err(err, errlen, "cannot create a TLS context", NULL);
         return NULL;

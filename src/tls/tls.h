@@ -6,11 +6,13 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-/* OpenCMG's own extended key usages, under a UUID arc (2.25, ITU-T X.667):
- * a connector's certificate carries only CONNECTOR (no clientAuth: no device path
- * takes it), the site's channel certificate carries SITE (beside serverAuth); a
- * certificate of the same CA without it is not the site's. */
-#define CMG_OID_ARC "2.25.109644053832474330085877404209058180504"
+/* OpenCMG's own extended key usages. A connector's certificate carries only
+ * CONNECTOR (no clientAuth: no device path takes it); the site's channel
+ * certificate carries SITE beside serverAuth: a certificate of the same CA without
+ * it is not the site's. The arc lies in IANA's experimental subtree (1.3.6.1.3)
+ * until OpenCMG has a private enterprise number; every arc fits in 32 bits, as
+ * common X.509 parsers require. */
+#define CMG_OID_ARC "1.3.6.1.3.7264"
 #define CMG_OID_EKU_CONNECTOR CMG_OID_ARC ".1.1"
 #define CMG_OID_EKU_SITE CMG_OID_ARC ".1.2"
 
@@ -46,6 +48,12 @@ SSL_CTX *cmg_tls_client_ctx(const struct cmg_tls_client_opts *o, char *err, size
 /* Both ends of a tunnel are ours: AES-128-GCM first (TLS 1.3), the cheapest AEAD
  * per byte where AES instructions exist, and every byte crosses it twice. */
 void cmg_tls_tunnel_ciphers(SSL_CTX *ctx);
+/* A further check of the peer's leaf certificate once its chain verified, on one
+ * connection (before its handshake): X509_V_OK, or the X509_V_ERR_* code that
+ * fails the handshake with the matching alert (e.g. X509_V_ERR_CERT_REVOKED).
+ * Needs a context whose verification this file set up (client_eku, server_eku). */
+typedef int (*cmg_tls_leaf_check)(void *arg, X509 *leaf);
+int cmg_tls_set_leaf_check(SSL *ssl, cmg_tls_leaf_check fn, void *arg);
 /* The negotiated ALPN protocol equals proto. */
 bool cmg_tls_alpn_is(const SSL *ssl, const char *proto);
 /* The first verification error of the peer's certificate (X509_V_OK if none, or if

@@ -95,8 +95,12 @@ static void retry(struct cmg_site_feed *f, const char *why)
 {
     finish(f);
     if (!f->failing)
-        cmg_warn("site %s unreachable or refusing: %s (serving with policy version %lld; "
-                 "retrying)", f->authority, why, (long long)f->cn->policy_version);
+        cmg_warn("site %s unreachable or refusing: %s%s (serving with policy version %lld; "
+                 "retrying)", f->authority, why,
+                 strstr(why, "unsuitable certificate purpose")
+                     ? " (the certificate shown is not the site's: it lacks OpenCMG's site "
+                       "usage; is site = the site's feed_listen?)" : "",
+                 (long long)f->cn->policy_version);
     f->failing = true;
     f->retry_ms = f->retry_ms ? f->retry_ms * 2 : RETRY_MIN_MS;
     if (f->retry_ms > RETRY_MAX_MS)

@@ -20,6 +20,7 @@
  * max_policy_age, by default twice that. */
 #define CMG_POLICY_RESIGN_S (24 * 3600)
 #define CMG_POLICY_MAX_AGE_MS (2u * CMG_POLICY_RESIGN_S * 1000u)
+#define CMG_POLICY_AGE_REPEAT_MS (3600u * 1000u)   /* the warning, again while it lasts */
 
 enum { CMG_AUTH_CERT = 1, CMG_AUTH_TOKEN = 2, CMG_AUTH_OIDC = 4 };
 

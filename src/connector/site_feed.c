@@ -117,6 +117,7 @@ static void on_age(struct cmg_timer *t)
              "(%u s): the site has not been heard from; is it running, and reachable at %s?",
              (long long)cn->policy_version, (long long)(time(NULL) - cn->policy_iat),
              cn->cfg.max_policy_age_ms / 1000, cn->cfg.site);
+    cmg_timer_start(cn->loop, &cn->age_timer, CMG_POLICY_AGE_REPEAT_MS, on_age);
 }
 
 /* Warns when the policy in force grows older than max_policy_age. */

@@ -44,6 +44,7 @@ static void on_policy_age(struct cmg_timer *t)
              "(%u s): no newer policy came from the site; are the connectors and the site "
              "running?", (long long)gw->policy->version,
              (long long)(time(NULL) - gw->policy->issued_at), gw->cfg.max_policy_age_ms / 1000);
+    cmg_timer_start(gw->loop, &gw->policy_age_timer, CMG_POLICY_AGE_REPEAT_MS, on_policy_age);
 }
 
 /* Warns once the signed policy in force grows older than max_policy_age. */

@@ -54,7 +54,7 @@ static const char usage[] =
     "    /CCM_Proxy_ServerAuth/<site role>/register and .../renew.\n"
     "All should be internal addresses: nothing here is meant for the internet.\n"
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
-    "'cert', 'oidc') while it runs are signed into a new policy within a second and\n"
+    "'cert', 'oidc', 'connector') while it runs are signed into a new policy within a second and\n"
     "reach every gateway through the connectors.\n"
     "\n"
     "options:\n"

@@ -15,6 +15,7 @@
 
 #define CMG_POLICY_MAX (4 * 1024 * 1024)   /* longest signed policy accepted, bytes */
 #define CMG_POLICY_TYP "cmg-policy+jwt"
+#define CMG_ROUTES_TYP "cmg-routes+jwt"    /* the routes, for connectors only */
 /* The site signs a fresh policy at least this often (so the CRL in it never goes
  * stale); gateways and connectors warn when the one in force is older than
  * max_policy_age, by default twice that. */

@@ -29,7 +29,6 @@
 #define FEED_MAX_BODY (8u * 1024 * 1024)
 #define RETRY_MIN_MS 500
 #define RETRY_MAX_MS 15000
-#define ROUTES_TYP "cmg-routes+jwt"
 
 struct cmg_site_feed {
     struct cmg_connector *cn;
@@ -147,8 +146,9 @@ static cJSON *verified_routes(struct cmg_connector *cn, const char *jws, int64_t
     typ = cmg_jws_header_str(&j, "typ");
     v = cJSON_GetObjectItemCaseSensitive(j.payload, "version");
     routes = cJSON_GetObjectItemCaseSensitive(j.payload, "routes");
-    if (!typ || strcmp(typ, ROUTES_TYP))
-        snprintf(err, errlen, "routes: typ %s expected, found %s", ROUTES_TYP, typ ? typ : "none");
+    if (!typ || strcmp(typ, CMG_ROUTES_TYP))
+        snprintf(err, errlen, "routes: typ %s expected, found %s", CMG_ROUTES_TYP,
+                 typ ? typ : "none");
     else if (cmg_jws_verify(&j, &cn->site_key) < 0)
         snprintf(err, errlen, "routes: the signature does not verify with the site key");
     else if (!cJSON_IsNumber(v) || v->valuedouble != (double)version || !cJSON_IsObject(routes))

@@ -2,6 +2,7 @@
 #include "site/policy_build.h"
 
 #include "auth/jws.h"
+#include "auth/policy.h"
 
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -232,7 +233,7 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **rou
         }
     }
     if (!(json = cJSON_PrintUnformatted(p)) ||
-        !(jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, "cmg-policy+jwt", json)) ||
+        !(jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, CMG_POLICY_TYP, json)) ||
         !(*routes = routes_build(s, *version))) {
         snprintf(err, errlen, "cannot sign the policy and the routes");
         free(jws);

@@ -8,8 +8,6 @@
 #include <cjson/cJSON.h>
 #include <stdint.h>
 
-#define CMG_ROUTES_TYP "cmg-routes+jwt"
-
 /* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version,
  * and in *routes the routes of the same version, signed too (typ "cmg-routes+jwt",
  * payload {"version": N, "iat": T, "routes": {"<role>": {"url", "type"}}}): connectors

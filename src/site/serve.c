@@ -54,8 +54,8 @@ static const char usage[] =
     "    /CCM_Proxy_ServerAuth/<site role>/register and .../renew.\n"
     "All should be internal addresses: nothing here is meant for the internet.\n"
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
-    "'cert', 'oidc', 'connector') while it runs are signed into a new policy within a second and\n"
-    "reach every gateway through the connectors.\n"
+    "'cert', 'oidc', 'connector') while it runs are signed into a new policy within\n"
+    "a second and reach every gateway through the connectors.\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -163,10 +163,12 @@ static void on_poll(struct cmg_timer *t)
 static bool connector_allowed(struct cmg_site_server *srv, struct cmg_httpd_req *req,
                               const char *what)
 {
-    char serial[80], name[128];
+    char serial[80] = "", name[128] = "";
 
-    cmg_tls_serial(req->peer_cert, serial, sizeof(serial));
-    cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    if (req->peer_cert) {   /* always, on these listeners: the handshake required one */
+        cmg_tls_serial(req->peer_cert, serial, sizeof(serial));
+        cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    }
     if (!req->peer_cert || cmg_store_connector_revoked(srv->ctx->store, serial)) {
         cmg_warn("%s refused: connector %s (certificate serial %s) is revoked peer=%s", what,
                  name[0] ? name : "?", serial, req->peer);

@@ -327,6 +327,13 @@ static int parse_args(int argc, char **argv, const char **dir, const char **admi
     return -1;
 }
 
+/* "127.x.y.z:port", "[::1]:port", "localhost:port". */
+static bool is_loopback(const char *addr)
+{
+    return !strncmp(addr, "127.", 4) || !strncmp(addr, "[::1]:", 6) ||
+           !strncmp(addr, "localhost:", 10);
+}
+
 /* The TLS contexts: the admin API's (no client certificate) and the connectors'
  * channel's (a connector certificate of the site CA required). */
 static int channel_tls(struct cmg_site_server *srv, const char *const *listen, char *err,
@@ -391,6 +398,9 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_error("%s", err);
         goto out;
     }
+    if (!is_loopback(listen[0]))
+        cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
+                 "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],

@@ -48,6 +48,7 @@ void cmg_policy_unref(struct cmg_policy *p)
     free_list(p->oidc_audiences, p->noidc_audiences);
     free_list(p->blocked_devices, p->nblocked_devices);
     free_list(p->revoked_tokens, p->nrevoked_tokens);
+    free_list(p->revoked_connectors, p->nrevoked_connectors);
     free(p);
 }
 
@@ -103,6 +104,11 @@ bool cmg_policy_device_blocked(const struct cmg_policy *p, const char *id)
 bool cmg_policy_token_revoked(const struct cmg_policy *p, const char *jti)
 {
     return in_sorted(p->revoked_tokens, p->nrevoked_tokens, jti);
+}
+
+bool cmg_policy_connector_revoked(const struct cmg_policy *p, const char *serial)
+{
+    return in_sorted(p->revoked_connectors, p->nrevoked_connectors, serial);
 }
 
 bool cmg_policy_audience(const struct cmg_policy *p, const char *aud)
@@ -352,6 +358,16 @@ static int parse_payload(struct cmg_policy *p, const cJSON *pl, char *err, size_
                    &p->nrevoked_tokens) < 0) {
         snprintf(err, errlen, "blocked_devices or revoked_tokens malformed");
         return -1;
+    }
+    if (parse_list(cJSON_GetObjectItemCaseSensitive(pl, "revoked_connectors"),
+                   &p->revoked_connectors, &p->nrevoked_connectors) < 0) {
+        snprintf(err, errlen, "revoked_connectors malformed");
+        return -1;
+    }
+    {
+        const cJSON *iat = cJSON_GetObjectItemCaseSensitive(pl, "iat");
+        p->issued_at = cJSON_IsNumber(iat) && iat->valuedouble > 0 && iat->valuedouble < 1e11
+                           ? (int64_t)iat->valuedouble : 0;
     }
     p->clock_skew = cJSON_IsNumber(skew) && skew->valuedouble >= 0 && skew->valuedouble <= 3600
                         ? (int64_t)skew->valuedouble : 120;

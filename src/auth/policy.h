@@ -15,6 +15,13 @@
 
 #define CMG_POLICY_MAX (4 * 1024 * 1024)   /* longest signed policy accepted, bytes */
 #define CMG_POLICY_TYP "cmg-policy+jwt"
+#define CMG_ROUTES_TYP "cmg-routes+jwt"    /* the routes, for connectors only */
+/* The site signs a fresh policy at least this often (so the CRL in it never goes
+ * stale); gateways and connectors warn when the one in force is older than
+ * max_policy_age, by default twice that. */
+#define CMG_POLICY_RESIGN_S (24 * 3600)
+#define CMG_POLICY_MAX_AGE_MS (2u * CMG_POLICY_RESIGN_S * 1000u)
+#define CMG_POLICY_AGE_REPEAT_MS (3600u * 1000u)   /* the warning, again while it lasts */
 
 enum { CMG_AUTH_CERT = 1, CMG_AUTH_TOKEN = 2, CMG_AUTH_OIDC = 4 };
 
@@ -48,6 +55,10 @@ struct cmg_policy {
     char **revoked_tokens;   /* sorted jti / bulk token GUIDs */
     size_t nrevoked_tokens;
     int64_t clock_skew;      /* seconds */
+    /* the site <-> connector channel */
+    int64_t issued_at;       /* "iat": when the site signed it (0: unknown, local) */
+    char **revoked_connectors;   /* sorted serials, upper-case hex */
+    size_t nrevoked_connectors;
 };
 
 /* Loads the site's public key (PEM, EC P-256) as an ES256 JWK. NULL on failure. */
@@ -69,6 +80,8 @@ struct cmg_policy_mapping *cmg_policy_mapping(struct cmg_policy *p, const char *
 bool cmg_policy_device_blocked(const struct cmg_policy *p, const char *id);
 bool cmg_policy_token_revoked(const struct cmg_policy *p, const char *jti);
 bool cmg_policy_audience(const struct cmg_policy *p, const char *aud);
+/* The connector certificate with this serial (cmg_tls_serial's form) is revoked. */
+bool cmg_policy_connector_revoked(const struct cmg_policy *p, const char *serial);
 
 /* Verifies a client certificate chain against the policy's roots (and CRLs when
  * revocation is checked), at security level 2 (RSA and DH keys of 2048 bits or

@@ -10,6 +10,7 @@
 #include "http/h2.h"
 #include "http/headers.h"
 #include "http/path.h"
+#include "auth/jwk.h"
 
 #include <cjson/cJSON.h>
 #include <limits.h>
@@ -50,7 +51,11 @@ struct cmg_cn_config {
     int ngateways;
     char server_name[256];
     char cert[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
-    char site[300], site_secret[PATH_MAX];
+    char site[300];                  /* https://host:port of the site's feed */
+    char site_ca[PATH_MAX];          /* CA of the site's certificate (default: ca) */
+    char site_key[PATH_MAX];         /* site-signing.pub: verifies policy and routes */
+    char policy_cache[PATH_MAX];     /* last good signed policy and routes */
+    uint32_t max_policy_age_ms;
     uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
     int log_level;
     struct cmg_cn_mapping *mappings;
@@ -92,13 +97,17 @@ struct cmg_connector {
     struct cmg_site_feed *feed;  /* NULL without 'site =' */
     char *policy;                /* the signed policy to carry to every gateway */
     int64_t policy_version;
+    int64_t policy_iat;          /* when the site signed it */
+    struct cmg_jwk site_key;     /* verifies what the feed and the cache hold */
+    struct cmg_timer age_timer;  /* max_policy_age */
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
 };
 
 /* The mapping that serves a role: the site's route, else the configuration's. */
 struct cmg_cn_mapping *cmg_cn_mapping_find(struct cmg_connector *cn, const char *role,
                                            size_t len);
-/* Applies the site's routes; true if anything changed. */
+/* Applies the site's routes (verified: signed by the site key); true if anything
+ * changed. */
 bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes);
 void cmg_cn_routes_free(struct cmg_connector *cn);
 /* The roles this connector serves, as a JSON array. */

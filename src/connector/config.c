@@ -1,5 +1,6 @@
 /* connector.conf: see docs/configuration.md. */
 #include "connector/cn.h"
+#include "auth/policy.h"
 #include "core/config.h"
 #include "core/log.h"
 
@@ -131,13 +132,23 @@ static int connector_key(struct load *l, const char *key, const char *value)
         char *dst = !strcmp(key, "cert") ? c->cert : !strcmp(key, "key") ? c->key : c->ca;
         rc = cmg_conf_path(dst, PATH_MAX, l->dir, value);
     } else if (!strcmp(key, "site")) {
-        if (strncmp(value, "http://", 7)) {
-            snprintf(l->err, sizeof(l->err), "site: an http:// URL of the site's admin address");
+        if (strncmp(value, "https://", 8)) {
+            snprintf(l->err, sizeof(l->err), "site: an https:// URL of the site's feed "
+                     "(feed_listen in site.conf) expected, found '%s'", value);
             return 0;
         }
         rc = cmg_conf_str(c->site, sizeof(c->site), value);
+    } else if (!strcmp(key, "site_ca") || !strcmp(key, "site_key") ||
+               !strcmp(key, "policy_cache")) {
+        char *dst = !strcmp(key, "site_ca") ? c->site_ca
+                    : !strcmp(key, "site_key") ? c->site_key : c->policy_cache;
+        rc = cmg_conf_path(dst, PATH_MAX, l->dir, value);
+    } else if (!strcmp(key, "max_policy_age")) {
+        rc = cmg_conf_seconds(value, &c->max_policy_age_ms);
     } else if (!strcmp(key, "site_secret")) {
-        rc = cmg_conf_path(c->site_secret, PATH_MAX, l->dir, value);
+        snprintf(l->err, sizeof(l->err), "site_secret is no longer used: the connector shows "
+                 "its certificate (cert, key) to the site; remove the line");
+        return 0;
     } else if (!strcmp(key, "name")) {
         rc = cmg_conf_str(c->name, sizeof(c->name), value);
     } else if (!strcmp(key, "server_name")) {
@@ -179,6 +190,20 @@ static int on_key(void *user, const char *section, const char *key, const char *
     return 0;
 }
 
+/* connector.conf -> connector-cache.json beside it: one cache per configuration. */
+static int default_cache(struct cmg_cn_config *c, const char *dir)
+{
+    const char *base = strrchr(c->file, '/') ? strrchr(c->file, '/') + 1 : c->file;
+    size_t n = strlen(base);
+    char name[NAME_MAX + 1];
+
+    if (n > 5 && !strcmp(base + n - 5, ".conf"))
+        n -= 5;
+    if (snprintf(name, sizeof(name), "%.*s-cache.json", (int)n, base) >= (int)sizeof(name))
+        return -1;
+    return cmg_conf_path(c->policy_cache, sizeof(c->policy_cache), dir, name);
+}
+
 int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen)
 {
     struct load l;
@@ -191,6 +216,7 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
     c->ping_timeout_ms = 15000;
     c->reconnect_max_ms = 30000;
     c->upstream_timeout_ms = 60000;
+    c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
     c->log_level = CMG_LOG_INFO;
     memset(&l, 0, sizeof(l));
     l.c = c;
@@ -217,8 +243,15 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
         if (cmg_addr_parse(m->authority, m->port, &m->addr, err, errlen) < 0)
             return -1;
     }
-    if (c->site[0] && !c->site_secret[0]) {
-        snprintf(err, errlen, "%s: site needs site_secret (the file connector.secret)", file);
+    if (c->site[0] && !c->site_key[0]) {
+        snprintf(err, errlen, "%s: site needs site_key (the site's site-signing.pub), which "
+                 "verifies the policy and the routes", file);
+        return -1;
+    }
+    if (!c->site_ca[0])
+        snprintf(c->site_ca, sizeof(c->site_ca), "%s", c->ca);
+    if (!c->policy_cache[0] && default_cache(c, l.dir) < 0) {
+        snprintf(err, errlen, "%s: policy_cache: path too long", file);
         return -1;
     }
     return 0;

@@ -17,6 +17,10 @@ static const char usage[] =
     "and forwards the requests that come down them to the internal services of\n"
     "the site routes to (with 'site =') or of its [mapping] sections. It carries\n"
     "the site's signed policy up to every gateway. It needs no inbound port.\n"
+    "With 'site =' it follows the site's feed over mutual TLS (its own certificate,\n"
+    "the site's required), acts only on a policy and routes that verify with\n"
+    "'site_key', keeps the last good ones in 'policy_cache' and serves from there\n"
+    "after a restart while the site is down.\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";

@@ -38,7 +38,7 @@ cJSON *cmg_cn_roles_json(struct cmg_connector *cn)
 }
 
 static struct cmg_cn_mapping *new_route(struct cmg_connector *cn, const char *role,
-                                        const char *url)
+                                        const char *url, bool site)
 {
     struct cmg_cn_mapping *m = calloc(1, sizeof(*m));
     struct cmg_cn_mapping *conf = cmg_cn_config_mapping(&cn->cfg, role, strlen(role));
@@ -55,7 +55,14 @@ static struct cmg_cn_mapping *new_route(struct cmg_connector *cn, const char *ro
     if (m->tls) {
         /* TLS settings of the same role in connector.conf apply; else system roots. */
         struct cmg_tls_client_opts up = {0};
-        if (conf) {
+        if (site) {
+            /* The site's own service takes connectors only: this connector's
+             * certificate, and the site's certificate (not any of its CA). */
+            up.ca = cn->cfg.site_ca;
+            up.cert = cn->cfg.cert;
+            up.key = cn->cfg.key;
+            up.server_eku = CMG_OID_EKU_SITE;
+        } else if (conf) {
             up.ca = conf->ca[0] ? conf->ca : NULL;
             up.cert = conf->client_cert[0] ? conf->client_cert : NULL;
             up.key = conf->client_key[0] ? conf->client_key : NULL;
@@ -69,7 +76,8 @@ static struct cmg_cn_mapping *new_route(struct cmg_connector *cn, const char *ro
     return m;
 }
 
-/* Applies the site's routes {"role": {"url": ...}}; true if anything changed. */
+/* Applies the site's routes {"role": {"url": ..., "type": ...}}; true if anything
+ * changed. */
 bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes)
 {
     const cJSON *r;
@@ -91,7 +99,8 @@ bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes)
         for (m = cn->routes; m; m = m->next)
             if (!m->retired && !strcmp(m->role, r->string))
                 break;
-        if (m || !(m = new_route(cn, r->string, url)))
+        const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "type"));
+        if (m || !(m = new_route(cn, r->string, url, type && !strcmp(type, "site"))))
             continue;
         m->next = cn->routes;
         cn->routes = m;

@@ -1,11 +1,20 @@
-/* The site feed: the connector long-polls the site's admin address for the signed
- * policy and the routes (GET /v1/connector/feed?after=N, answered at once when the
- * site has something newer, else after some seconds). Whatever is new goes up
- * every tunnel. A site that cannot be reached is retried with back-off; the
- * connector meanwhile serves with what it has. */
+/* The site feed: the connector long-polls the site's feed listener for the signed
+ * policy and the signed routes (GET /v1/connector/feed?after=N, answered at once
+ * when the site has something newer, else after some seconds), over mutual TLS:
+ * the connector shows its own certificate, and the site must show one of the site
+ * CA with OpenCMG's site usage (a gateway's certificate of the same CA is refused).
+ * Nothing is taken on the channel's word: both documents must verify with the site
+ * key, the version comes from the verified policy, and only a newer one replaces
+ * what is in force. Whatever is new goes up every tunnel and into the cache on
+ * disk, which a restart serves from while the site is down. A site that cannot be
+ * reached is retried with back-off; the connector meanwhile serves with what it
+ * has, and warns once the policy in force is older than max_policy_age. */
+#include "auth/jws.h"
+#include "auth/policy.h"
 #include "connector/cn.h"
 #include "core/log.h"
 #include "site/pki.h"
+#include "tls/tls.h"
 
 #include <cjson/cJSON.h>
 #include <openssl/crypto.h>
@@ -13,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define FEED_TIMEOUT_MS 40000
@@ -24,8 +34,9 @@ struct cmg_site_feed {
     struct cmg_connector *cn;
     char authority[300];
     char path_prefix[256];
+    char host[256];           /* for SNI */
     struct cmg_addr addr;
-    char secret[128];
+    SSL_CTX *tls;
     struct cmg_conn conn;
     bool busy;
     llhttp_t parser;
@@ -83,8 +94,12 @@ static void retry(struct cmg_site_feed *f, const char *why)
 {
     finish(f);
     if (!f->failing)
-        cmg_warn("site %s unreachable or refusing: %s (serving with policy version %lld; "
-                 "retrying)", f->authority, why, (long long)f->cn->policy_version);
+        cmg_warn("site %s unreachable or refusing: %s%s (serving with policy version %lld; "
+                 "retrying)", f->authority, why,
+                 strstr(why, "unsuitable certificate purpose")
+                     ? " (the certificate shown is not the site's: it lacks OpenCMG's site "
+                       "usage; is site = the site's feed_listen?)" : "",
+                 (long long)f->cn->policy_version);
     f->failing = true;
     f->retry_ms = f->retry_ms ? f->retry_ms * 2 : RETRY_MIN_MS;
     if (f->retry_ms > RETRY_MAX_MS)
@@ -92,40 +107,169 @@ static void retry(struct cmg_site_feed *f, const char *why)
     cmg_timer_start(f->cn->loop, &f->timer, f->retry_ms, on_retry);
 }
 
-/* A feed document: {"version": N, "policy": "<jws>", "routes": {...}}. */
+static void on_age(struct cmg_timer *t)
+{
+    struct cmg_connector *cn =
+        (struct cmg_connector *)((char *)t - offsetof(struct cmg_connector, age_timer));
+
+    cmg_warn("policy version %lld in force was signed %lld s ago, more than max_policy_age "
+             "(%u s): the site has not been heard from; is it running, and reachable at %s?",
+             (long long)cn->policy_version, (long long)(time(NULL) - cn->policy_iat),
+             cn->cfg.max_policy_age_ms / 1000, cn->cfg.site);
+    cmg_timer_start(cn->loop, &cn->age_timer, CMG_POLICY_AGE_REPEAT_MS, on_age);
+}
+
+/* Warns when the policy in force grows older than max_policy_age. */
+static void watch_age(struct cmg_connector *cn)
+{
+    int64_t left_ms = (cn->policy_iat + cn->cfg.max_policy_age_ms / 1000 - time(NULL)) * 1000;
+
+    cmg_timer_stop(cn->loop, &cn->age_timer);
+    if (cn->policy_iat > 0 && cn->cfg.max_policy_age_ms > 0)
+        cmg_timer_start(cn->loop, &cn->age_timer, left_ms > 0 ? (uint64_t)left_ms : 0, on_age);
+}
+
+/* The routes document, verified with the site key: {"version", "routes"}. NULL with
+ * the reason in err. */
+static cJSON *verified_routes(struct cmg_connector *cn, const char *jws, int64_t version,
+                              char *err, size_t errlen)
+{
+    struct cmg_jws j;
+    const cJSON *v, *routes;
+    const char *typ;
+    cJSON *out = NULL;
+
+    if (cmg_jws_parse_limit(jws, strlen(jws), CMG_POLICY_MAX, &j) < 0) {
+        snprintf(err, errlen, "routes: not a signed document (malformed JWS)");
+        return NULL;
+    }
+    typ = cmg_jws_header_str(&j, "typ");
+    v = cJSON_GetObjectItemCaseSensitive(j.payload, "version");
+    routes = cJSON_GetObjectItemCaseSensitive(j.payload, "routes");
+    if (!typ || strcmp(typ, CMG_ROUTES_TYP))
+        snprintf(err, errlen, "routes: typ %s expected, found %s", CMG_ROUTES_TYP,
+                 typ ? typ : "none");
+    else if (cmg_jws_verify(&j, &cn->site_key) < 0)
+        snprintf(err, errlen, "routes: the signature does not verify with the site key");
+    else if (!cJSON_IsNumber(v) || v->valuedouble != (double)version || !cJSON_IsObject(routes))
+        snprintf(err, errlen, "routes: version %lld with an object of routes expected",
+                 (long long)version);
+    else
+        out = cJSON_Duplicate(routes, 1);
+    cmg_jws_free(&j);
+    return out;
+}
+
+/* Takes a signed policy and its signed routes if both verify and the version is
+ * newer than the one in force. 1 if taken, 0 if not newer, -1 if refused (logged). */
+static int take_signed(struct cmg_connector *cn, const char *policy, const char *routes_jws,
+                       const char *from)
+{
+    struct cmg_policy *p = NULL;
+    cJSON *routes = NULL;
+    char err[300], *copy = NULL;
+    int rc = -1;
+
+    if (cmg_policy_from_jws(policy, strlen(policy), &cn->site_key, &p, err, sizeof(err)) < 0 ||
+        !(routes = verified_routes(cn, routes_jws, p->version, err, sizeof(err)))) {
+        cmg_warn("policy and routes from %s refused: %s (version %lld stays in force)", from,
+                 err, (long long)cn->policy_version);
+        goto out;
+    }
+    rc = 0;
+    if (p->version <= cn->policy_version) {
+        if (p->version < cn->policy_version)
+            cmg_warn("policy from %s ignored: version %lld is older than version %lld in force",
+                     from, (long long)p->version, (long long)cn->policy_version);
+        goto out;
+    }
+    if (!(copy = strdup(policy))) {
+        rc = -1;
+        goto out;
+    }
+    free(cn->policy);
+    cn->policy = copy;
+    cn->policy_version = p->version;
+    cn->policy_iat = p->issued_at;
+    cmg_cn_routes_apply(cn, routes);
+    watch_age(cn);
+    cmg_info("policy version %lld and its routes from %s", (long long)cn->policy_version, from);
+    rc = 1;
+out:
+    cJSON_Delete(routes);
+    cmg_policy_unref(p);
+    return rc;
+}
+
+static void keep(struct cmg_connector *cn, const char *policy, const char *routes)
+{
+    cJSON *doc = cJSON_CreateObject();
+    char *text;
+
+    cJSON_AddStringToObject(doc, "policy", policy);
+    cJSON_AddStringToObject(doc, "routes", routes);
+    text = cJSON_PrintUnformatted(doc);
+    if (!text || cmg_pki_write_file(cn->cfg.policy_cache, text, strlen(text), 0644) < 0)
+        cmg_warn("cannot keep the policy in %s: a restart will wait for the site",
+                 cn->cfg.policy_cache);
+    free(text);
+    cJSON_Delete(doc);
+}
+
+/* The cache, read like any feed answer: verified, never trusted as it lies on disk. */
+static void load_cache(struct cmg_connector *cn)
+{
+    unsigned char *data = NULL;
+    size_t len = 0;
+    cJSON *doc;
+    const char *policy, *routes;
+
+    if (access(cn->cfg.policy_cache, R_OK) != 0 ||
+        cmg_pki_read_file(cn->cfg.policy_cache, 2 * CMG_POLICY_MAX, &data, &len) < 0)
+        return;
+    doc = cJSON_ParseWithLength((const char *)data, len);
+    policy = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "policy"));
+    routes = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "routes"));
+    if (!policy || !routes)
+        cmg_warn("%s: not a policy cache; ignored", cn->cfg.policy_cache);
+    else
+        take_signed(cn, policy, routes, "the cache");
+    cJSON_Delete(doc);
+    free(data);
+}
+
+/* A feed document: {"version": N (a hint), "policy": "<jws>", "routes": "<jws>"}. */
 static void take(struct cmg_site_feed *f)
 {
     struct cmg_connector *cn = f->cn;
     cJSON *doc = cJSON_ParseWithLength(cmg_buf_head(&f->body), f->body.len);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, "version");
     const char *policy = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "policy"));
-    const cJSON *routes = cJSON_GetObjectItemCaseSensitive(doc, "routes");
-    bool changed = false;
+    const char *routes = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "routes"));
+    char from[320];
+    int rc;
 
-    if (!cJSON_IsNumber(v) || !policy || !cJSON_IsObject(routes)) {
+    if (!policy || !routes) {
         cJSON_Delete(doc);
         retry(f, "malformed feed document");
+        return;
+    }
+    snprintf(from, sizeof(from), "site %s", f->authority);
+    rc = take_signed(cn, policy, routes, from);
+    if (rc < 0) {
+        cJSON_Delete(doc);
+        retry(f, "the feed's documents do not verify");
         return;
     }
     if (f->failing)
         cmg_info("site %s reached again", f->authority);
     f->failing = false;
     f->retry_ms = 0;
-    if ((int64_t)v->valuedouble > cn->policy_version) {
-        char *copy = strdup(policy);
-        if (copy) {
-            free(cn->policy);
-            cn->policy = copy;
-            cn->policy_version = (int64_t)v->valuedouble;
-            changed = true;
-            cmg_info("policy version %lld from the site", (long long)cn->policy_version);
-        }
-    }
-    changed |= cmg_cn_routes_apply(cn, routes);
-    cJSON_Delete(doc);
-    if (changed)
+    if (rc > 0) {
+        keep(cn, policy, routes);
         for (int i = 0; i < cn->ntunnels; i++)
             cmg_cn_tunnel_announce(&cn->tunnels[i]);
+    }
+    cJSON_Delete(doc);
     finish(f);
     cmg_timer_start(cn->loop, &f->timer, 0, on_retry);   /* the next poll, from the loop */
 }
@@ -158,7 +302,7 @@ static void on_read(struct cmg_conn *c)
     if (f->status != 200) {
         char why[64];
         snprintf(why, sizeof(why), "status %d%s", f->status,
-                 f->status == 401 ? " (is site_secret the site's connector.secret?)" : "");
+                 f->status == 403 ? " (this connector's certificate is revoked)" : "");
         retry(f, why);
         return;
     }
@@ -176,69 +320,76 @@ static void on_timeout(struct cmg_timer *t)
           "no answer in time");
 }
 
-static const struct cmg_conn_ops feed_ops = {NULL, on_read, NULL, on_error};
+/* TLS is up and the site's certificate verified: ask. */
+static void on_open(struct cmg_conn *c)
+{
+    struct cmg_site_feed *f = c->owner;
+
+    if (cmg_buf_printf(&c->out,
+                       "GET %s/v1/connector/feed?after=%lld HTTP/1.1\r\nHost: %s\r\n"
+                       "Connection: close\r\n\r\n",
+                       f->path_prefix, (long long)f->cn->policy_version, f->authority) < 0) {
+        retry(f, "out of memory");
+        return;
+    }
+    cmg_conn_flush(c);
+    cmg_conn_want_read(c, true);
+}
+
+static const struct cmg_conn_ops feed_ops = {on_open, on_read, NULL, on_error};
 
 static void request(struct cmg_site_feed *f)
 {
     int fd = cmg_net_connect(&f->addr);
+    SSL *ssl;
 
     if (fd < 0) {
         retry(f, strerror(errno));
         return;
     }
+    if (!(ssl = SSL_new(f->tls))) {
+        close(fd);
+        retry(f, "out of memory");
+        return;
+    }
+    SSL_set_connect_state(ssl);
+    SSL_set_tlsext_host_name(ssl, f->host);
     f->busy = true;
     f->complete = false;
     f->status = 0;
     llhttp_init(&f->parser, HTTP_RESPONSE, &settings);
     f->parser.data = f;
-    if (cmg_conn_start(&f->conn, f->cn->loop, fd, NULL, true, &feed_ops, f) < 0) {
-        close(fd);
+    if (cmg_conn_start(&f->conn, f->cn->loop, fd, ssl, true, &feed_ops, f) < 0) {
         retry(f, "cannot start the connection");
         return;
     }
-    if (cmg_buf_printf(&f->conn.out,
-                       "GET %s/v1/connector/feed?after=%lld HTTP/1.1\r\nHost: %s\r\n"
-                       "Authorization: Bearer %s\r\nConnection: close\r\n\r\n",
-                       f->path_prefix, (long long)f->cn->policy_version, f->authority,
-                       f->secret) < 0) {
-        retry(f, "out of memory");
-        return;
-    }
-    cmg_conn_flush(&f->conn);
-    cmg_conn_want_read(&f->conn, true);
     cmg_timer_start(f->cn->loop, &f->timer, FEED_TIMEOUT_MS, on_timeout);
 }
 
-static int read_secret(const char *file, char *out, size_t len, char *err, size_t errlen)
+/* "host:port" or "[v6]:port" -> host, for SNI. */
+static void authority_host(const char *a, char *out, size_t outlen)
 {
-    unsigned char *data = NULL;
-    size_t n = 0;
+    const char *end = a[0] == '[' ? strchr(a, ']') : strrchr(a, ':');
 
-    if (cmg_pki_read_file(file, 4096, &data, &n) < 0) {
-        snprintf(err, errlen, "site_secret: cannot read %s", file);
-        return -1;
-    }
-    while (n && (data[n - 1] == '\n' || data[n - 1] == '\r' || data[n - 1] == ' '))
-        n--;
-    if (n == 0 || n >= len || memchr(data, '\n', n) || memchr(data, '\r', n)) {
-        snprintf(err, errlen, "site_secret: %s does not hold one line", file);
-        free(data);
-        return -1;
-    }
-    memcpy(out, data, n);
-    out[n] = 0;
-    free(data);
-    return 0;
+    if (a[0] == '[')
+        snprintf(out, outlen, "%.*s", end ? (int)(end - a - 1) : 0, a + 1);
+    else
+        snprintf(out, outlen, "%.*s", end ? (int)(end - a) : (int)strlen(a), a);
 }
 
 int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
 {
     const char *url = cn->cfg.site;
+    struct cmg_tls_client_opts tls = {.ca = cn->cfg.site_ca, .cert = cn->cfg.cert,
+                                      .key = cn->cfg.key, .server_eku = CMG_OID_EKU_SITE};
     struct cmg_site_feed *f;
-    const char *host = url + 7, *slash;
+    const char *host = url + 8, *slash;
 
     if (!url[0])
         return 0;
+    if (cmg_policy_load_site_key(cn->cfg.site_key, &cn->site_key, err, errlen) < 0)
+        return -1;
+    load_cache(cn);
     if (!(f = calloc(1, sizeof(*f)))) {
         snprintf(err, errlen, "out of memory");
         return -1;
@@ -253,8 +404,9 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
         while (n && f->path_prefix[n - 1] == '/')
             f->path_prefix[--n] = 0;
     }
-    if (read_secret(cn->cfg.site_secret, f->secret, sizeof(f->secret), err, errlen) < 0 ||
-        cmg_addr_parse(f->authority, 80, &f->addr, err, errlen) < 0) {
+    authority_host(f->authority, f->host, sizeof(f->host));
+    if (cmg_addr_parse(f->authority, 443, &f->addr, err, errlen) < 0 ||
+        !(f->tls = cmg_tls_client_ctx(&tls, err, errlen))) {
         free(f);
         return -1;
     }
@@ -267,10 +419,14 @@ void cmg_site_feed_stop(struct cmg_connector *cn)
 {
     struct cmg_site_feed *f = cn->feed;
 
+    if (cn->loop)
+        cmg_timer_stop(cn->loop, &cn->age_timer);
+    EVP_PKEY_free(cn->site_key.pkey);
+    cn->site_key.pkey = NULL;
     if (!f)
         return;
     finish(f);
-    OPENSSL_cleanse(f->secret, sizeof(f->secret));
+    SSL_CTX_free(f->tls);
     free(f);
     cn->feed = NULL;
 }

@@ -24,6 +24,7 @@ struct cmg_gw_config {
     char site_key[PATH_MAX], policy_cache[PATH_MAX];
     uint32_t ping_interval_ms, ping_timeout_ms;
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
+    uint32_t max_policy_age_ms;   /* warn when the policy in force is older */
     uint32_t max_header_size, max_connections;
     /* per source address (IPv4, or IPv6 /64); tunnel handshakes not yet authenticated */
     uint32_t max_connections_per_source, max_tunnel_handshakes, max_tunnel_handshakes_per_source;

@@ -38,6 +38,7 @@ static int setup(struct cmg_gateway *gw)
     tun.client_ca = c->connector_ca;
     tun.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
     tun.alpn = CMG_TUNNEL_ALPN;
+    tun.client_eku = CMG_OID_EKU_CONNECTOR;   /* a connector's certificate, no other */
     gw->tunnel_ctx = cmg_tls_server_ctx(&tun, err, sizeof(err));
     if (!gw->tunnel_ctx) {
         cmg_error("tunnel TLS: %s", err);

@@ -17,7 +17,6 @@
 
 #define CMG_TUNNEL_ALPN "cmg-tunnel/1"
 #define CMG_CONTROL_PATH "/.cmg/control"
-#define CMG_CONNECTOR_OU "OpenCMG Connector"
 #define CMG_TUNNEL_MAX_ROLES 4096
 /* Request or response bytes buffered per exchange before the producer is paused. */
 #define CMG_EX_BUFFER (256 * 1024)
@@ -55,6 +54,7 @@ struct cmg_gateway {
     uint64_t policy_gen;            /* + 1 each time another policy takes over */
     struct cmg_jwk site_key;        /* verifies signed policies; pkey NULL if none */
     char policy_cache[PATH_MAX];
+    struct cmg_timer policy_age_timer;   /* max_policy_age */
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -144,6 +144,8 @@ struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_map
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
 void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
 void cmg_tunnel_close_all(struct cmg_gateway *gw);
+/* Closes the tunnels of connectors that the policy in force revoked (from the loop). */
+void cmg_tunnel_close_revoked(struct cmg_gateway *gw);
 
 /* ---- devices ---- */
 

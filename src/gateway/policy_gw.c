@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static struct cmg_policy *local_policy(struct cmg_gateway *gw)
@@ -34,6 +35,30 @@ static struct cmg_policy *local_policy(struct cmg_gateway *gw)
     return p;
 }
 
+static void on_policy_age(struct cmg_timer *t)
+{
+    struct cmg_gateway *gw =
+        (struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, policy_age_timer));
+
+    cmg_warn("policy version %lld in force was signed %lld s ago, more than max_policy_age "
+             "(%u s): no newer policy came from the site; are the connectors and the site "
+             "running?", (long long)gw->policy->version,
+             (long long)(time(NULL) - gw->policy->issued_at), gw->cfg.max_policy_age_ms / 1000);
+    cmg_timer_start(gw->loop, &gw->policy_age_timer, CMG_POLICY_AGE_REPEAT_MS, on_policy_age);
+}
+
+/* Warns once the signed policy in force grows older than max_policy_age. */
+static void watch_age(struct cmg_gateway *gw)
+{
+    const struct cmg_policy *p = gw->policy;
+    int64_t left_ms = (p->issued_at + gw->cfg.max_policy_age_ms / 1000 - time(NULL)) * 1000;
+
+    cmg_timer_stop(gw->loop, &gw->policy_age_timer);
+    if (p->issued_at > 0 && gw->cfg.max_policy_age_ms > 0)
+        cmg_timer_start(gw->loop, &gw->policy_age_timer, left_ms > 0 ? (uint64_t)left_ms : 0,
+                        on_policy_age);
+}
+
 static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from)
 {
     cmg_policy_unref(gw->policy);
@@ -43,6 +68,8 @@ static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from
              "oidc %s, %zu blocked device(s)",
              (long long)p->version, from, p->nmappings, p->check_revocation ? "on" : "off",
              p->oidc ? "on" : "off", p->nblocked_devices);
+    watch_age(gw);
+    cmg_tunnel_close_revoked(gw);
 }
 
 /* Parses and checks a signed policy; NULL (with a log line) if it must be refused. */
@@ -130,6 +157,7 @@ int cmg_gw_policy_init(struct cmg_gateway *gw)
 
 void cmg_gw_policy_free(struct cmg_gateway *gw)
 {
+    cmg_timer_stop(gw->loop, &gw->policy_age_timer);
     cmg_policy_unref(gw->policy);
     gw->policy = NULL;
     EVP_PKEY_free(gw->site_key.pkey);

@@ -487,16 +487,9 @@ static int start_session(struct cmg_tunnel *t)
 static void on_open(struct cmg_conn *c)
 {
     struct cmg_tunnel *t = c->owner;
-    X509 *x = SSL_get0_peer_certificate(c->ssl);
-    char ou[128];
 
     if (!cmg_tls_alpn_is(c->ssl, CMG_TUNNEL_ALPN)) {
         tunnel_fail(t, "the peer did not ask for the tunnel protocol (ALPN " CMG_TUNNEL_ALPN ")");
-        return;
-    }
-    cmg_tls_subject_entry(x, NID_organizationalUnitName, ou, sizeof(ou));
-    if (strcmp(ou, CMG_CONNECTOR_OU) != 0) {
-        tunnel_fail(t, "certificate is not a connector's (OU=" CMG_CONNECTOR_OU ")");
         return;
     }
     cmg_gw_handshake_over(t->gw, t);
@@ -537,6 +530,42 @@ static void on_error(struct cmg_conn *c, const char *why) { tunnel_fail(c->owner
 
 static const struct cmg_conn_ops tunnel_ops = {on_open, on_read, on_drain, on_error};
 
+/* The connector certificate's serial is revoked by the policy in force. */
+static bool connector_revoked(const struct cmg_gateway *gw, X509 *x, char *name, size_t namelen,
+                              char *serial, size_t seriallen)
+{
+    cmg_tls_serial(x, serial, seriallen);
+    cmg_tls_subject_entry(x, NID_commonName, name, namelen);
+    return cmg_policy_connector_revoked(gw->policy, serial);
+}
+
+/* During the handshake, after the chain verified (site CA, OpenCMG's connector
+ * usage: the TLS context requires both): a connector the site revoked is refused. */
+static int check_connector(void *arg, X509 *leaf)
+{
+    struct cmg_tunnel *t = arg;
+    char name[128], serial[80];
+
+    if (!connector_revoked(t->gw, leaf, name, sizeof(name), serial, sizeof(serial)))
+        return X509_V_OK;
+    cmg_warn("tunnel handshake from %s refused: connector %s (certificate serial %s) is "
+             "revoked by the site", t->conn.peer, name[0] ? name : "?", serial);
+    return X509_V_ERR_CERT_REVOKED;
+}
+
+void cmg_tunnel_close_revoked(struct cmg_gateway *gw)
+{
+    char name[128], serial[80];
+
+    for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
+        X509 *x = t->dead || !t->conn.ssl ? NULL : SSL_get0_peer_certificate(t->conn.ssl);
+        if (x && connector_revoked(gw, x, name, sizeof(name), serial, sizeof(serial)))
+            /* from the loop: this may run inside a tunnel's own callbacks */
+            cmg_conn_fail(&t->conn, "connector %s (certificate serial %s) revoked by the site",
+                          name[0] ? name : "?", serial);
+    }
+}
+
 void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src)
 {
     struct cmg_tunnel *t = calloc(1, sizeof(*t));
@@ -556,6 +585,12 @@ void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key
     }
     t->ctl_stream = -1;
     SSL_set_accept_state(ssl);
+    if (cmg_tls_set_leaf_check(ssl, check_connector, t) < 0) {
+        SSL_free(ssl);
+        free(t);
+        close(fd);
+        return;
+    }
     if (cmg_conn_start(&t->conn, gw->loop, fd, ssl, false, &tunnel_ops, t) < 0) {
         cmg_gw_handshake_over(gw, t);
         free(t);

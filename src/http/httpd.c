@@ -26,6 +26,7 @@ struct cmg_httpd {
     struct cmg_io io;
     cmg_httpd_handler fn;
     void *user;
+    SSL_CTX *tls;
     struct cmg_httpd_conn *conns;
     unsigned nconns;
 };
@@ -329,7 +330,16 @@ static void on_error(struct cmg_conn *conn, const char *why)
     conn_close(conn->owner);
 }
 
-static const struct cmg_conn_ops conn_ops = {NULL, on_read, on_drain, on_error};
+/* TLS: the handshake is done (and the client's certificate verified). */
+static void on_open(struct cmg_conn *conn)
+{
+    struct cmg_httpd_conn *c = conn->owner;
+
+    c->req.peer_cert = conn->ssl ? SSL_get0_peer_certificate(conn->ssl) : NULL;
+    cmg_conn_want_read(conn, true);
+}
+
+static const struct cmg_conn_ops conn_ops = {on_open, on_read, on_drain, on_error};
 
 static void on_accept(struct cmg_io *io, uint32_t events)
 {
@@ -337,18 +347,23 @@ static void on_accept(struct cmg_io *io, uint32_t events)
 
     for (int i = 0; i < 64; i++) {
         int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        struct cmg_httpd_conn *c;
+        struct cmg_httpd_conn *c = NULL;
+        SSL *ssl = NULL;
         if (fd < 0)
             return;
-        if (h->nconns >= MAX_CONNS || !(c = calloc(1, sizeof(*c)))) {
+        if (h->nconns >= MAX_CONNS || !(c = calloc(1, sizeof(*c))) ||
+            (h->tls && !(ssl = SSL_new(h->tls)))) {
+            free(c);
             close(fd);
             continue;
         }
+        if (ssl)
+            SSL_set_accept_state(ssl);
         c->h = h;
         c->req.conn = c;
         llhttp_init(&c->parser, HTTP_REQUEST, &settings);
         c->parser.data = c;
-        if (cmg_conn_start(&c->conn, h->loop, fd, NULL, false, &conn_ops, c) < 0) {
+        if (cmg_conn_start(&c->conn, h->loop, fd, ssl, false, &conn_ops, c) < 0) {
             free(c);
             continue;
         }
@@ -358,13 +373,14 @@ static void on_accept(struct cmg_io *io, uint32_t events)
             h->conns->prev = c;
         h->conns = c;
         h->nconns++;
-        arm_idle(c);
-        cmg_conn_want_read(&c->conn, true);
+        arm_idle(c);   /* bounds the handshake too */
+        if (!ssl)
+            cmg_conn_want_read(&c->conn, true);
     }
 }
 
-int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, cmg_httpd_handler fn, void *user,
-                     struct cmg_httpd **out, char *err, size_t errlen)
+int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_httpd_handler fn,
+                     void *user, struct cmg_httpd **out, char *err, size_t errlen)
 {
     struct cmg_httpd *h = calloc(1, sizeof(*h));
     struct cmg_addr a;
@@ -387,6 +403,7 @@ int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, cmg_httpd_handler 
     h->loop = loop;
     h->fn = fn;
     h->user = user;
+    h->tls = tls;
     if (cmg_io_start(loop, &h->io, fd, EPOLLIN, on_accept) < 0) {
         close(fd);
         free(h);

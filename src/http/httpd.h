@@ -1,5 +1,5 @@
 /* A small HTTP/1.1 server on the event loop, for the site's own services (admin API,
- * registration, the connectors' policy feed): plain TCP on an internal address,
+ * registration, the connectors' policy feed): TLS (or plain TCP) on an internal address,
  * requests with bodies of bounded size, keep-alive, and requests a handler may hold
  * (long polls) and answer later. Not for the data path. */
 #ifndef CMG_HTTPD_H
@@ -8,6 +8,7 @@
 #include "core/loop.h"
 #include "http/headers.h"
 
+#include <openssl/ssl.h>
 #include <stddef.h>
 
 #define CMG_HTTPD_MAX_BODY (1024 * 1024)
@@ -23,6 +24,7 @@ struct cmg_httpd_req {
     char *body;                 /* NUL-terminated */
     size_t body_len;
     char peer[64];
+    X509 *peer_cert;            /* the client's verified certificate (TLS), or NULL */
     /* set by a handler that holds the request: called if the client goes first */
     void (*on_abort)(struct cmg_httpd_req *req);
     void *hold;
@@ -30,9 +32,10 @@ struct cmg_httpd_req {
 
 typedef void (*cmg_httpd_handler)(void *user, struct cmg_httpd_req *req);
 
-/* Listens on addr ("host:port"). -1 with a reason in err. */
-int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, cmg_httpd_handler fn, void *user,
-                     struct cmg_httpd **out, char *err, size_t errlen);
+/* Listens on addr ("host:port"), over TLS with tls (its client certificate policy
+ * applies), or plain with NULL. -1 with a reason in err. */
+int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_httpd_handler fn,
+                     void *user, struct cmg_httpd **out, char *err, size_t errlen);
 /* Closes the listener and every connection (held requests see on_abort). */
 void cmg_httpd_free(struct cmg_httpd *h);
 /* Answers a request (now or later, once). extra: more header lines, "\r\n"-terminated,

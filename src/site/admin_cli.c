@@ -25,6 +25,7 @@ struct cli {
     const char *dir;
     const char *api;           /* the admin API of a running site, instead of DIR */
     const char *token_file;
+    const char *ca_file;       /* --ca: the site CA, for --api */
     const char *subject;       /* the positional argument that is not the site */
     bool json;
     cJSON *args;
@@ -36,8 +37,9 @@ static const char usage[] =
     "Administration of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
     "directory). Changes are published to every gateway within seconds when\n"
     "'cmg site serve DIR' runs. Add --json to any command for JSON output.\n"
-    "With --api http://HOST:PORT the command goes to the admin API of a running\n"
-    "site instead, authenticated by DIR/admin.token or --admin-token FILE.\n"
+    "With --api https://HOST:PORT the command goes to the admin API of a running\n"
+    "site instead (its certificate checked against DIR/ca.crt or --ca FILE),\n"
+    "authenticated by DIR/admin.token or --admin-token FILE.\n"
     "\n"
     "  mapping add --type mp|sup|site --url URL [--role ID] [--auth cert,token,oidc]\n"
     "              [--max-body BYTES] [--forward-authorization | --no-forward-authorization]\n"
@@ -72,7 +74,15 @@ static const char usage[] =
     "                                     (also: cert revocation [on|off])\n"
     "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
     "           --jwks FILE|URL           accept Entra ID / OIDC tokens of this issuer\n"
-    "  oidc show | oidc clear\n";
+    "  oidc show | oidc clear\n"
+    "  connector add NAME [--out DIR]     a certificate for one more connector, for the\n"
+    "                                     tunnels and the site feed only, written to\n"
+    "                                     DIR/connectors/NAME.crt, .key (put them in its\n"
+    "                                     connector.conf as cert and key)\n"
+    "  connector list                     connectors by name, serial, expiry, revocation\n"
+    "  connector revoke NAME              refuse a connector: gateways close its tunnels\n"
+    "                                     and refuse its handshakes once the policy\n"
+    "                                     arrives; the site refuses it at once\n";
 
 static int usage_error(const struct cli *c, const char *msg)
 {
@@ -133,7 +143,7 @@ static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
 /* The operation through the admin API of a running site (--api URL). */
 static int run_remote(struct cli *c, const char *op, cJSON **result)
 {
-    char url[1024], auth[256], path[4096], err[600];
+    char url[1024], auth[256], path[4096], err[600], ca[4096];
     const char *headers[] = {auth, "Content-Type: application/json"};
     struct cmg_fetch_req req = {0};
     struct cmg_fetch_resp resp = {0};
@@ -156,7 +166,12 @@ static int run_remote(struct cli *c, const char *op, cJSON **result)
         toklen--;
     snprintf(auth, sizeof(auth), "Authorization: Bearer %.*s", (int)toklen, (const char *)tok);
     snprintf(url, sizeof(url), "%s/v1/ops/%s", c->api, op);
+    if (c->ca_file)
+        snprintf(ca, sizeof(ca), "%s", c->ca_file);
+    else
+        snprintf(ca, sizeof(ca), "%s/ca.crt", c->dir ? c->dir : ".");
     req.url = url;
+    req.ca_file = ca;
     req.method = "POST";
     req.headers = headers;
     req.n_headers = 2;
@@ -291,6 +306,22 @@ static void show_cert(const cJSON *r)
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "key")));
 }
 
+static void show_connectors(const cJSON *r)
+{
+    static const char *const cols[] = {"name", "serial", "issued", "expires", "revoked"};
+    print_table(r, cols, 5);
+}
+
+static void show_connector(const cJSON *r)
+{
+    printf("issued connector %s, certificate serial %s\n  certificate: %s\n  key:         %s\n"
+           "Put them in its connector.conf as 'cert =' and 'key ='.\n",
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "name")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "serial")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "cert")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "key")));
+}
+
 static void show_revocation(const cJSON *r)
 {
     printf("client certificate revocation checking: %s\n",
@@ -361,7 +392,7 @@ static cJSON *load_jwks(const struct cli *c, const char *src)
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
     O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
-    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH
+    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH, O_CA
 };
 
 static const struct option long_opts[] = {
@@ -387,6 +418,7 @@ static const struct option long_opts[] = {
     {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
     {"forward-authorization", no_argument, NULL, O_FORWARD_AUTH},
     {"no-forward-authorization", no_argument, NULL, O_NO_FORWARD_AUTH},
+    {"ca", required_argument, NULL, O_CA},
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
@@ -436,6 +468,7 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *
         case O_SITE: c->dir = optarg; break;
         case O_API: c->api = optarg; break;
         case O_ADMIN_TOKEN: c->token_file = optarg; break;
+        case O_CA: c->ca_file = optarg; break;
         case O_HELP: case 'h': *help = true; break;
         default: return 2;
         }
@@ -479,6 +512,9 @@ static const struct command commands[] = {
     {"oidc", "set", "oidc.set", NULL, show_oidc},
     {"oidc", "show", "oidc.show", NULL, show_oidc},
     {"oidc", "clear", "oidc.clear", NULL, show_done},
+    {"connector", "add", "connector.add", "name", show_connector},
+    {"connector", "list", "connector.list", NULL, show_connectors},
+    {"connector", "revoke", "connector.revoke", "name", show_done},
 };
 
 static int run_command(const struct command *cmd, int argc, char **argv)
@@ -557,5 +593,5 @@ int cmg_site_admin_main(int argc, char **argv)
 bool cmg_site_admin_area(const char *word)
 {
     return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
-           !strcmp(word, "cert") || !strcmp(word, "oidc");
+           !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector");
 }

@@ -77,8 +77,7 @@ int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen)
             goto out;
         }
     }
-    if (ensure_secret(dir, CMG_SITE_ADMIN_TOKEN, err, errlen) < 0 ||
-        ensure_secret(dir, CMG_SITE_CONNECTOR_SECRET, err, errlen) < 0)
+    if (ensure_secret(dir, CMG_SITE_ADMIN_TOKEN, err, errlen) < 0)
         goto out;
     rc = 0;
 out:
@@ -129,6 +128,8 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         rc = cmg_conf_str(s->admin_listen, sizeof(s->admin_listen), value);
     else if (!strcmp(name, "service_listen"))
         rc = cmg_conf_str(s->service_listen, sizeof(s->service_listen), value);
+    else if (!strcmp(name, "feed_listen"))
+        rc = cmg_conf_str(s->feed_listen, sizeof(s->feed_listen), value);
     else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {
@@ -152,6 +153,7 @@ static int read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
 
     snprintf(s->admin_listen, sizeof(s->admin_listen), "%s", CMG_SITE_DEFAULT_ADMIN);
     snprintf(s->service_listen, sizeof(s->service_listen), "%s", CMG_SITE_DEFAULT_SERVICE);
+    snprintf(s->feed_listen, sizeof(s->feed_listen), "%s", CMG_SITE_DEFAULT_FEED);
     s->log_level = CMG_LOG_INFO;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)
         return -1;
@@ -203,7 +205,6 @@ int cmg_site_open(const char *dir, struct cmg_site_ctx *s, char *err, size_t err
         goto fail;
     }
     if (read_secret(s->dir, CMG_SITE_ADMIN_TOKEN, s->admin_token, err, errlen) < 0 ||
-        read_secret(s->dir, CMG_SITE_CONNECTOR_SECRET, s->connector_secret, err, errlen) < 0 ||
         cmg_store_open(s->dir, &s->store, err, errlen) < 0)
         goto fail;
     return 0;
@@ -219,6 +220,5 @@ void cmg_site_close(struct cmg_site_ctx *s)
     X509_free(s->ca_cert);
     EVP_PKEY_free(s->ca_key);
     OPENSSL_cleanse(s->admin_token, sizeof(s->admin_token));
-    OPENSSL_cleanse(s->connector_secret, sizeof(s->connector_secret));
     memset(s, 0, sizeof(*s));
 }

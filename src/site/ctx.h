@@ -7,15 +7,16 @@
 #include "site/store.h"
 
 #include <limits.h>
+#include <stdbool.h>
 #include <openssl/x509.h>
 
 #define CMG_SITE_CONF "site.conf"
 #define CMG_SITE_SIGNING_KEY "site-signing.key"
 #define CMG_SITE_SIGNING_PUB "site-signing.pub"
 #define CMG_SITE_ADMIN_TOKEN "admin.token"
-#define CMG_SITE_CONNECTOR_SECRET "connector.secret"
 #define CMG_SITE_DEFAULT_ADMIN "127.0.0.1:8090"
 #define CMG_SITE_DEFAULT_SERVICE "127.0.0.1:8091"
+#define CMG_SITE_DEFAULT_FEED "127.0.0.1:8092"
 #define CMG_BULK_DEFAULT_DAYS 3
 #define CMG_BULK_MAX_DAYS 7
 #define CMG_DEVICE_TOKEN_DAYS 90
@@ -26,23 +27,24 @@ struct cmg_site_ctx {
     char service_name[256];
     char site_role[65];
     char issuer[128];            /* "iss" of every site token */
-    char admin_listen[300], service_listen[300];
+    char admin_listen[300], service_listen[300], feed_listen[300];
     int log_level;
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */
     X509 *ca_cert;
     EVP_PKEY *ca_key;
-    char admin_token[65], connector_secret[65];
+    char admin_token[65];
     struct cmg_store *store;
+    bool confined;               /* the admin API: files are written inside dir only */
 };
 
-/* Opens DIR: reads site.conf, loads the CA and the signing key (making the signing key,
- * the admin token and the connector secret if they are missing), opens the store.
+/* Opens DIR: reads site.conf, loads the CA and the signing key (making the signing key
+ * and the admin token if they are missing), opens the store.
  * -1 with a reason in err. */
 int cmg_site_open(const char *dir, struct cmg_site_ctx *s, char *err, size_t errlen);
 void cmg_site_close(struct cmg_site_ctx *s);
 /* Makes what cmg_site_open needs beyond the CA if missing: signing key pair, admin
- * token, connector secret. Used by 'site init' too. */
+ * token. Used by 'site init' too. */
 int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen);
 /* The issuer name of a site's tokens. */
 void cmg_site_issuer(const char *site_role, char *out, size_t outlen);

@@ -3,6 +3,7 @@
  * gateway.conf and connector.conf (the format of docs/configuration.md). */
 #include "site/init.h"
 
+#include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/init_store.h"
 #include "site/pki.h"
@@ -31,10 +32,9 @@
 #define SITE_PFX_MAX (16u * 1024 * 1024)
 #define SITE_CA_DAYS 3650
 #define SITE_SERVER_DAYS 730
-#define SITE_CONNECTOR_DAYS 730
 #define SITE_DEVICE_DAYS 365
 #define SITE_MAX_BODY "1073741824"
-#define SITE_CONNECTOR_OU "OpenCMG Connector" /* the gateway requires exactly this OU */
+#define SITE_FIRST_CONNECTOR "connector-1"
 
 struct site_opts {
     const char *dir;
@@ -47,6 +47,7 @@ struct site_opts {
     const char *pfx_pass;
     const char *site_admin;
     const char *site_service;
+    const char *site_feed;
     int force;
 };
 
@@ -54,8 +55,9 @@ struct site_opts {
 struct site {
     char dir[PATH_MAX]; /* absolute */
     uint64_t *role_ids;
-    EVP_PKEY *ca_key, *gw_key, *conn_key, *dev_key;
-    X509 *ca_cert, *gw_cert, *conn_cert, *dev_cert;
+    EVP_PKEY *ca_key, *gw_key, *dev_key;
+    X509 *ca_cert, *gw_cert, *dev_cert;
+    struct cmg_connector_cert conn;
     unsigned char *pfx;    /* --gateway-pfx: the file as read */
     size_t pfx_len;
     STACK_OF(X509) *gw_ca; /* --gateway-pfx: what the connector trusts (gateway-ca.crt) */
@@ -74,10 +76,13 @@ void cmg_site_init_usage(FILE *out)
             "  ca.crt, ca.key                 the site CA (P-256, 10 years)\n"
             "  site-signing.key, .pub         the key that signs tokens and the policy\n"
             "  site.conf, site.db             the site service's settings and store\n"
-            "  admin.token, connector.secret  secrets of the admin API and policy feed\n"
+            "  admin.token                    the admin API's bearer token\n"
+            "  site.crt, site.key             the site's certificate: admin API, policy feed\n"
+            "                                 and registration service (2 years)\n"
             "  gateway.crt, gateway.key       the gateway's server certificate for NAME,\n"
             "                                 localhost, 127.0.0.1 and ::1 (2 years)\n"
-            "  connector.crt, connector.key   the connector's client certificate (2 years)\n"
+            "  connector.crt, connector.key   certificate of connector-1 (2 years; more with\n"
+            "                                 'cmg site connector add NAME')\n"
             "  devices/device1.crt, .key      a sample device client certificate (1 year)\n"
             "  gateway.conf, connector.conf   configurations that work as they are\n"
             "and prints the device-facing URL of every mapping, one per line.\n"
@@ -95,8 +100,10 @@ void cmg_site_init_usage(FILE *out)
             "                        DIR/gateway-ca.crt, which the connector then trusts\n"
             "  --pfx-password PASS   password of the --gateway-pfx file (default: none); it is\n"
             "                        written to gateway.conf\n"
-            "  --site-admin ADDR     address of the site's admin API and policy feed\n"
-            "                        (default " CMG_SITE_DEFAULT_ADMIN ")\n"
+            "  --site-admin ADDR     address of the site's admin API (HTTPS with the site's\n"
+            "                        certificate; default " CMG_SITE_DEFAULT_ADMIN ")\n"
+            "  --site-feed ADDR      address of the connectors' policy feed (mutual TLS;\n"
+            "                        default " CMG_SITE_DEFAULT_FEED ")\n"
             "  --site-service ADDR   address of the site's registration service, published\n"
             "                        to devices under its own role id (default\n"
             "                        " CMG_SITE_DEFAULT_SERVICE ")\n"
@@ -273,12 +280,13 @@ static int site_opt(int argc, char **argv, int *i, const char *opt, const char *
 static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
 {
     enum { OPT_NAME, OPT_MP, OPT_GATEWAY_PORT, OPT_TUNNEL_PORT, OPT_PFX, OPT_PFX_PASSWORD,
-           OPT_SITE_ADMIN, OPT_SITE_SERVICE };
+           OPT_SITE_ADMIN, OPT_SITE_SERVICE, OPT_SITE_FEED };
     static const char *const value_opts[] = {
         [OPT_NAME] = "--service-name",         [OPT_MP] = "--mp",
         [OPT_GATEWAY_PORT] = "--gateway-port", [OPT_TUNNEL_PORT] = "--tunnel-port",
         [OPT_PFX] = "--gateway-pfx",           [OPT_PFX_PASSWORD] = "--pfx-password",
-        [OPT_SITE_ADMIN] = "--site-admin",     [OPT_SITE_SERVICE] = "--site-service"};
+        [OPT_SITE_ADMIN] = "--site-admin",     [OPT_SITE_SERVICE] = "--site-service",
+        [OPT_SITE_FEED] = "--site-feed"};
     int i, only_args = 0;
     size_t k;
 
@@ -337,6 +345,9 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
             break;
         case OPT_SITE_SERVICE:
             o->site_service = val;
+            break;
+        case OPT_SITE_FEED:
+            o->site_feed = val;
             break;
         case OPT_PFX_PASSWORD:
         default:
@@ -493,7 +504,7 @@ static int site_issue(struct site *s, const struct site_opts *o, int name_is_ip)
     const char *gw_dns[] = {o->name, "localhost"};
     const char *gw_ip[] = {"127.0.0.1", "::1", o->name};
     char ca_cn[128];
-    struct cmg_cert_req ca = {0}, gw = {0}, conn = {0}, dev = {0};
+    struct cmg_cert_req ca = {0}, gw = {0}, dev = {0};
 
     snprintf(ca_cn, sizeof(ca_cn), "OpenCMG Site CA %s", o->name);
     if (!(s->ca_key = cmg_pki_new_key()))
@@ -522,17 +533,6 @@ static int site_issue(struct site *s, const struct site_opts *o, int name_is_ip)
         if (!(s->gw_cert = cmg_pki_issue(&gw, s->ca_cert, s->ca_key)))
             return -1;
     }
-
-    if (!(s->conn_key = cmg_pki_new_key()))
-        return -1;
-    conn.cn = "connector-1";
-    conn.ou = SITE_CONNECTOR_OU;
-    conn.o = "OpenCMG";
-    conn.key = s->conn_key;
-    conn.eku = CMG_PKI_EKU_CLIENT;
-    conn.days = SITE_CONNECTOR_DAYS;
-    if (!(s->conn_cert = cmg_pki_issue(&conn, s->ca_cert, s->ca_key)))
-        return -1;
 
     if (!(s->dev_key = cmg_pki_new_key()))
         return -1;
@@ -661,10 +661,11 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
     fputs("; OpenCMG connector, written by 'cmg site init' (see docs/configuration.md).\n"
           "; Paths are relative to the directory of this file.\n"
           "[connector]\n", f);
-    site_conf(f, "shown in the gateway's logs", "name = connector-1");
+    site_conf(f, "shown in the gateway's logs", "name = " SITE_FIRST_CONNECTOR);
     site_conf(f, "one line per gateway instance", "gateway = 127.0.0.1:%u", o->tunnel_port);
     site_conf(f, "name checked in the gateway's certificate", "server_name = %s", o->name);
-    site_conf(f, "the connector's certificate from the site CA", "cert = connector.crt");
+    site_conf(f, "this connector's certificate ('cmg site connector add')",
+              "cert = connector.crt");
     site_conf(f, NULL, "key = connector.key");
     site_conf(f, "CA that issued the gateway's certificate", "ca = %s",
               o->pfx_path ? "gateway-ca.crt" : "ca.crt");
@@ -673,9 +674,10 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
     site_conf(f, "longest pause between dial attempts, seconds", "reconnect_max = 30");
     site_conf(f, "seconds to wait for an internal server's response", "upstream_timeout = 60");
     site_conf(f, NULL, "log_level = info");
-    site_conf(f, "the site's policy feed (mappings and signed policy)", "site = http://%s",
-              o->site_admin ? o->site_admin : CMG_SITE_DEFAULT_ADMIN);
-    site_conf(f, "secret shown to the site", "site_secret = " CMG_SITE_CONNECTOR_SECRET);
+    site_conf(f, "the site's policy feed (signed policy and routes)", "site = https://%s",
+              o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED);
+    site_conf(f, "CA of the site's certificate", "site_ca = ca.crt");
+    site_conf(f, "verifies what the site signs", "site_key = " CMG_SITE_SIGNING_PUB);
     fputs("; Used until the site answers, and for roles the site does not route:\n", f);
     for (i = 0; i < o->n_mp; i++) {
         fputc('\n', f);
@@ -714,9 +716,17 @@ static int site_write(struct site *s, const struct site_opts *o)
             SITE_WRITE(cmg_pki_write_cert, "gateway.crt", s->gw_cert))
             return -1;
     }
-    if (SITE_WRITE(cmg_pki_write_key, "connector.key", s->conn_key) ||
-        SITE_WRITE(cmg_pki_write_cert, "connector.crt", s->conn_cert))
-        return -1;
+    {
+        char crt[PATH_MAX], key[PATH_MAX], err[512];
+        if (site_path(crt, sizeof(crt), s->dir, "connector.crt") < 0 ||
+            site_path(key, sizeof(key), s->dir, "connector.key") < 0)
+            return -1;
+        if (cmg_site_connector_issue(s->ca_cert, s->ca_key, SITE_FIRST_CONNECTOR, crt, key,
+                                     &s->conn, err, sizeof(err)) < 0) {
+            fprintf(stderr, "cmg site init: %s\n", err);
+            return -1;
+        }
+    }
     if (site_path(path, sizeof(path), s->dir, "devices") < 0 || site_mkdirs(path) < 0)
         return -1;
     if (SITE_WRITE(cmg_pki_write_key, "devices/device1.key", s->dev_key) ||
@@ -729,9 +739,14 @@ static int site_write(struct site *s, const struct site_opts *o)
             .dir = s->dir, .service_name = o->name, .site_role = s->role_ids[o->n_mp],
             .admin = o->site_admin ? o->site_admin : CMG_SITE_DEFAULT_ADMIN,
             .service = o->site_service ? o->site_service : CMG_SITE_DEFAULT_SERVICE,
+            .feed = o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED,
+            .connector_name = SITE_FIRST_CONNECTOR, .connector = &s->conn,
             .mp_urls = o->mp_urls, .role_ids = s->role_ids, .n_mp = o->n_mp, .force = o->force};
         char err[512];
-        if (cmg_site_init_store(&st, err, sizeof(err)) < 0) {
+        const char *listen[] = {st.admin, st.service, st.feed};
+        if (cmg_site_init_store(&st, err, sizeof(err)) < 0 ||
+            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, listen, 3, err,
+                                  sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;
         }
@@ -819,11 +834,9 @@ static void site_free(struct site *s)
     free(s->role_ids);
     EVP_PKEY_free(s->ca_key);
     EVP_PKEY_free(s->gw_key);
-    EVP_PKEY_free(s->conn_key);
     EVP_PKEY_free(s->dev_key);
     X509_free(s->ca_cert);
     X509_free(s->gw_cert);
-    X509_free(s->conn_cert);
     X509_free(s->dev_cert);
     if (s->pfx)
         OPENSSL_cleanse(s->pfx, s->pfx_len);

@@ -1,6 +1,7 @@
 /* 'cmg site init': the site service's files; see init_store.h. */
 #include "site/init_store.h"
 
+#include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/pki.h"
 #include "site/store.h"
@@ -20,12 +21,14 @@ static int write_site_conf(const struct cmg_init_store *o, char *err, size_t err
                      "service_name = %s\n"
                      "; role id under which devices reach the registration service\n"
                      "site_role = %" PRIu64 "\n"
-                     "; admin API and the connectors' policy feed (keep it internal)\n"
+                     "; admin API, TLS with site.crt (keep it on loopback)\n"
                      "admin_listen = %s\n"
-                     "; registration service, reached by connectors\n"
+                     "; registration service, reached by connectors (mutual TLS)\n"
                      "service_listen = %s\n"
+                     "; the connectors' policy feed (mutual TLS: connector certificates)\n"
+                     "feed_listen = %s\n"
                      "log_level = info\n",
-                     o->service_name, o->site_role, o->admin, o->service);
+                     o->service_name, o->site_role, o->admin, o->service, o->feed);
 
     if (snprintf(path, sizeof(path), "%s/%s", o->dir, CMG_SITE_CONF) >= (int)sizeof(path) ||
         cmg_pki_write_file(path, text, (size_t)n, 0644) < 0) {
@@ -41,7 +44,8 @@ static void remove_old(const char *dir)
     static const char *const names[] = {CMG_STORE_FILE, CMG_STORE_FILE "-wal",
                                         CMG_STORE_FILE "-shm", CMG_SITE_SIGNING_KEY,
                                         CMG_SITE_SIGNING_PUB, CMG_SITE_ADMIN_TOKEN,
-                                        CMG_SITE_CONNECTOR_SECRET};
+                                        CMG_SITE_CHANNEL_CERT, CMG_SITE_CHANNEL_KEY,
+                                        "connector.secret" /* of older sites */};
     char path[PATH_MAX];
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
@@ -74,7 +78,9 @@ int cmg_site_init_store(const struct cmg_init_store *o, char *err, size_t errlen
     if (write_site_conf(o, err, errlen) < 0 || cmg_site_ensure_secrets(o->dir, err, errlen) < 0 ||
         cmg_store_open(o->dir, &st, err, errlen) < 0)
         return -1;
-    snprintf(url, sizeof(url), "http://%s", o->service);
+    /* The registration service takes connectors only (mutual TLS): the thumbprint
+     * headers it trusts come from a gateway through an authenticated connector. */
+    snprintf(url, sizeof(url), "https://%s", o->service);
     if (cmg_store_begin(st) < 0 ||
         add_mapping(st, o->site_role, "site", url, CMG_MAP_AUTH_TOKEN) < 0)
         goto out;
@@ -82,6 +88,9 @@ int cmg_site_init_store(const struct cmg_init_store *o, char *err, size_t errlen
         if (add_mapping(st, o->role_ids[i], "mp", o->mp_urls[i],
                         CMG_MAP_AUTH_CERT | CMG_MAP_AUTH_TOKEN | CMG_MAP_AUTH_OIDC) < 0)
             goto out;
+    if (cmg_store_connector_add(st, o->connector_name, o->connector->serial,
+                                o->connector->issued, o->connector->expires) != 0)
+        goto out;
     if (cmg_store_commit(st) < 0)
         goto out;
     rc = 0;

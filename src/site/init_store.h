@@ -7,11 +7,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct cmg_connector_cert;
+
 struct cmg_init_store {
     const char *dir;
     const char *service_name;
     uint64_t site_role;
-    const char *admin, *service;        /* listen addresses */
+    const char *admin, *service, *feed; /* listen addresses */
+    const char *connector_name;         /* the first connector's certificate */
+    const struct cmg_connector_cert *connector;
     const char **mp_urls;
     const uint64_t *role_ids;
     size_t n_mp;

@@ -3,6 +3,7 @@
 
 #include "auth/jwk.h"
 #include "http/path.h"
+#include "site/connectors.h"
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/tokens.h"
@@ -512,21 +513,122 @@ out:
     return rc;
 }
 
+/* Where an operation writes files: --out, else DIR/sub (made if missing). Through the
+ * admin API only inside the site directory: a caller of the API must not be able to
+ * make the site write anywhere else. 0, or an HTTP status with msg. */
+static int out_dir(struct cmg_site_ctx *s, const cJSON *args, const char *sub, char *dir,
+                   size_t dirlen, char *msg, size_t len)
+{
+    const char *out = arg_str(args, "out");
+    char real[PATH_MAX];
+    size_t n = strlen(s->dir);
+
+    if (!out) {
+        if (snprintf(dir, dirlen, "%s/%s", s->dir, sub) >= (int)dirlen)
+            return fail(msg, len, 400, "site directory path too long");
+        mkdir(dir, 0755);
+        return 0;
+    }
+    if (s->confined && (!realpath(out, real) || strncmp(real, s->dir, n) ||
+                        (real[n] != '/' && real[n] != 0)))
+        return fail(msg, len, 403, "the admin API writes only inside the site directory %s: "
+                    "out '%s' is outside it (or missing)", s->dir, out);
+    if (snprintf(dir, dirlen, "%s", out) >= (int)dirlen)
+        return fail(msg, len, 400, "out: path too long");
+    return 0;
+}
+
 static int op_cert_issue(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                          size_t len)
 {
-    const char *name = arg_str(args, "device"), *out = arg_str(args, "out");
+    const char *name = arg_str(args, "device");
     char dir[PATH_MAX];
+    int rc;
 
     if (!name || !valid_name(name))
         return fail(msg, len, 400, "--device NAME: letters, digits, '.', '_' and '-' only");
-    if (!out) {
-        if (snprintf(dir, sizeof(dir), "%s/devices", s->dir) >= (int)sizeof(dir))
-            return fail(msg, len, 400, "site directory path too long");
-        mkdir(dir, 0755);
-        out = dir;
-    }
-    IN_TX(s, msg, len, cert_issue_tx(s, name, out, result, msg, len));
+    if ((rc = out_dir(s, args, "devices", dir, sizeof(dir), msg, len)) != 0)
+        return rc;
+    IN_TX(s, msg, len, cert_issue_tx(s, name, dir, result, msg, len));
+}
+
+/* ---- connectors ---- */
+
+static int connector_add_tx(struct cmg_site_ctx *s, const char *name, const char *dir,
+                            cJSON **result, char *msg, size_t len)
+{
+    struct cmg_connector_cert c;
+    char crt[PATH_MAX], key[PATH_MAX], err[512];
+    int rc;
+
+    if (snprintf(crt, sizeof(crt), "%s/%s.crt", dir, name) >= (int)sizeof(crt) ||
+        snprintf(key, sizeof(key), "%s/%s.key", dir, name) >= (int)sizeof(key))
+        return fail(msg, len, 400, "output path too long");
+    /* A taken name writes no file (the transaction holds the store meanwhile). */
+    if ((rc = cmg_store_connector_exists(s->store, name)) != 0)
+        return rc < 0 ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store))
+                      : fail(msg, len, 409, "a connector named %s exists already (revoked "
+                             "or not): choose another name", name);
+    if (cmg_site_connector_issue(s->ca_cert, s->ca_key, name, crt, key, &c, err,
+                                 sizeof(err)) < 0)
+        return fail(msg, len, 500, "%s", err);
+    if (cmg_store_connector_add(s->store, name, c.serial, c.issued, c.expires) != 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "name", name);
+    cJSON_AddStringToObject(*result, "serial", c.serial);
+    cJSON_AddStringToObject(*result, "cert", crt);
+    cJSON_AddStringToObject(*result, "key", key);
+    cJSON_AddNumberToObject(*result, "expires", (double)c.expires);
+    return 0;
+}
+
+static int op_connector_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                            char *msg, size_t len)
+{
+    const char *name = arg_str(args, "name");
+    char dir[PATH_MAX];
+    int rc;
+
+    if (!name || !cmg_site_connector_name_ok(name))
+        return fail(msg, len, 400, "connector NAME: 1 to 64 letters, digits, '.', '_' and "
+                    "'-' expected, found '%s'", name ? name : "");
+    if ((rc = out_dir(s, args, CMG_SITE_CONNECTORS_DIR, dir, sizeof(dir), msg, len)) != 0)
+        return rc;
+    IN_TX(s, msg, len, connector_add_tx(s, name, dir, result, msg, len));
+}
+
+static int op_connector_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                             char *msg, size_t len)
+{
+    *result = cmg_store_connectors_json(s->store);
+    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+}
+
+static int connector_revoke_tx(struct cmg_site_ctx *s, const char *name, char *msg, size_t len)
+{
+    int rc = cmg_store_connector_revoke(s->store, name, (int64_t)time(NULL));
+
+    if (rc < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc == 1)
+        return fail(msg, len, 404, "no connector named %s ('cmg site connector list' shows "
+                    "them)", name);
+    if (rc == 2)
+        return fail(msg, len, 409, "connector %s is revoked already", name);
+    return 0;
+}
+
+static int op_connector_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                               char *msg, size_t len)
+{
+    const char *name = arg_str(args, "name");
+
+    if (!name)
+        return fail(msg, len, 400, "which connector? (its NAME, as 'connector list' shows)");
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "revoked", name);
+    IN_TX(s, msg, len, connector_revoke_tx(s, name, msg, len));
 }
 
 /* A certificate the site issued but did not record ('site init' makes the gateway's,
@@ -771,7 +873,8 @@ static const struct cmg_site_op_def ops[] = {
     {"cert.issue", op_cert_issue},         {"cert.revoke", op_cert_revoke},
     {"cert.list", op_cert_list},           {"cert.revocation", op_revocation},
     {"oidc.set", op_oidc_set},             {"oidc.show", op_oidc_show},
-    {"oidc.clear", op_oidc_clear},
+    {"oidc.clear", op_oidc_clear},         {"connector.add", op_connector_add},
+    {"connector.list", op_connector_list}, {"connector.revoke", op_connector_revoke},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

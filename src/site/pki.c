@@ -1,5 +1,6 @@
 /* Site PKI: keys, certificates, PEM and PKCS#12 files. See pki.h. */
 #include "site/pki.h"
+#include "tls/tls.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -156,7 +157,7 @@ X509 *cmg_pki_issue(const struct cmg_cert_req *req, X509 *ca_cert, EVP_PKEY *ca_
     X509 *cert = NULL, *ret = NULL;
     X509_NAME *name = NULL;
     X509V3_CTX ctx;
-    char eku[64] = "";
+    char eku[256] = "";
     const char *who = req && req->cn ? req->cn : "(no name)";
 
     if (!req || !req->cn || !req->key || !ca_key || req->days <= 0) {
@@ -200,10 +201,18 @@ X509 *cmg_pki_issue(const struct cmg_cert_req *req, X509 *ca_cert, EVP_PKEY *ca_
             goto fail;
     }
     if (req->eku) {
-        snprintf(eku, sizeof(eku), "%s%s%s", req->eku & CMG_PKI_EKU_SERVER ? "serverAuth" : "",
-                 (req->eku & CMG_PKI_EKU_SERVER) && (req->eku & CMG_PKI_EKU_CLIENT) ? "," : "",
-                 req->eku & CMG_PKI_EKU_CLIENT ? "clientAuth" : "");
-        if (pki_add_ext(cert, &ctx, NID_ext_key_usage, eku) < 0)
+        static const struct { unsigned bit; const char *name; } ekus[] = {
+            {CMG_PKI_EKU_SERVER, "serverAuth"},
+            {CMG_PKI_EKU_CLIENT, "clientAuth"},
+            {CMG_PKI_EKU_CONNECTOR, CMG_OID_EKU_CONNECTOR},
+            {CMG_PKI_EKU_SITE, CMG_OID_EKU_SITE},
+        };
+        size_t n = 0;
+        for (size_t i = 0; i < sizeof(ekus) / sizeof(ekus[0]); i++)
+            if (req->eku & ekus[i].bit)
+                n += (size_t)snprintf(eku + n, sizeof(eku) - n, "%s%s", n ? "," : "",
+                                      ekus[i].name);
+        if (n >= sizeof(eku) || pki_add_ext(cert, &ctx, NID_ext_key_usage, eku) < 0)
             goto fail;
     }
     /* SKI first: for a self-signed certificate the AKI is taken from it. */

@@ -14,6 +14,8 @@
 /* Extended key usages, for cmg_cert_req.eku. */
 #define CMG_PKI_EKU_SERVER 0x1 /* serverAuth */
 #define CMG_PKI_EKU_CLIENT 0x2 /* clientAuth */
+#define CMG_PKI_EKU_CONNECTOR 0x4 /* OpenCMG connector (tls.h): tunnels and site feed only */
+#define CMG_PKI_EKU_SITE 0x8   /* OpenCMG site: the site's channel certificate */
 
 /* What to put in a certificate. */
 struct cmg_cert_req {

@@ -3,6 +3,7 @@
 
 #include "auth/jws.h"
 #include "core/log.h"
+#include "auth/policy.h"
 
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -174,12 +175,51 @@ out:
     return rc;
 }
 
-char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen)
+static cJSON *routes_json(struct cmg_site_ctx *s)
+{
+    struct cmg_site_mapping *v;
+    cJSON *o;
+    size_t n;
+
+    if (cmg_store_mappings(s->store, &v, &n) < 0)
+        return NULL;
+    o = cJSON_CreateObject();
+    for (size_t i = 0; o && i < n; i++) {
+        cJSON *r = cJSON_AddObjectToObject(o, v[i].role);
+        cJSON_AddStringToObject(r, "url", v[i].url);
+        cJSON_AddStringToObject(r, "type", v[i].type);
+    }
+    free(v);
+    return o;
+}
+
+/* The routes of this version, signed. */
+static char *routes_build(struct cmg_site_ctx *s, int64_t version)
+{
+    cJSON *doc = cJSON_CreateObject(), *routes = routes_json(s);
+    char *json = NULL, *jws = NULL;
+
+    if (doc && routes && cJSON_AddNumberToObject(doc, "version", (double)version) &&
+        cJSON_AddNumberToObject(doc, "iat", (double)time(NULL)) &&
+        cJSON_AddItemToObject(doc, "routes", routes)) {
+        routes = NULL;
+        if ((json = cJSON_PrintUnformatted(doc)))
+            jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, CMG_ROUTES_TYP, json);
+    }
+    cJSON_Delete(routes);
+    cJSON_Delete(doc);
+    free(json);
+    return jws;
+}
+
+char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **routes,
+                            char *err, size_t errlen)
 {
     cJSON *p = cJSON_CreateObject(), *keys, *limits;
     char *json = NULL, *jws = NULL;
 
     *version = 0;
+    *routes = NULL;
     if (cmg_store_begin_read(s->store) < 0) {   /* one consistent snapshot */
         snprintf(err, errlen, "store: %s", cmg_store_error(s->store));
         cJSON_Delete(p);
@@ -203,6 +243,8 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         add_oidc(s, p) < 0 ||
         !cJSON_AddItemToObject(p, "blocked_devices", cmg_store_blocked_devices(s->store)) ||
         !cJSON_AddItemToObject(p, "revoked_tokens", cmg_store_blocked_tokens(s->store)) ||
+        !cJSON_AddItemToObject(p, "revoked_connectors",
+                               cmg_store_revoked_connectors(s->store)) ||
         !(limits = cJSON_AddObjectToObject(p, "limits")) ||
         !cJSON_AddNumberToObject(limits, "clock_skew", CLOCK_SKEW)) {
         snprintf(err, errlen, "cannot build the policy (store: %s)", cmg_store_error(s->store));
@@ -218,8 +260,12 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err,
         }
     }
     if (!(json = cJSON_PrintUnformatted(p)) ||
-        !(jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, "cmg-policy+jwt", json)))
-        snprintf(err, errlen, "cannot sign the policy");
+        !(jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, CMG_POLICY_TYP, json)) ||
+        !(*routes = routes_build(s, *version))) {
+        snprintf(err, errlen, "cannot sign the policy and the routes");
+        free(jws);
+        jws = NULL;
+    }
 out:
     cmg_store_rollback(s->store);
     cJSON_Delete(p);
@@ -227,20 +273,3 @@ out:
     return jws;
 }
 
-cJSON *cmg_site_routes(struct cmg_site_ctx *s)
-{
-    struct cmg_site_mapping *v;
-    cJSON *o;
-    size_t n;
-
-    if (cmg_store_mappings(s->store, &v, &n) < 0)
-        return NULL;
-    o = cJSON_CreateObject();
-    for (size_t i = 0; o && i < n; i++) {
-        cJSON *r = cJSON_AddObjectToObject(o, v[i].role);
-        cJSON_AddStringToObject(r, "url", v[i].url);
-        cJSON_AddStringToObject(r, "type", v[i].type);
-    }
-    free(v);
-    return o;
-}

@@ -10,11 +10,12 @@
 #include <stdint.h>
 #include <time.h>
 
-/* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version.
- * NULL with a reason in err. */
-char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char *err, size_t errlen);
-/* {"<role>": {"url": ..., "type": ...}, ...} */
-cJSON *cmg_site_routes(struct cmg_site_ctx *s);
+/* The current policy as a compact JWS (ES256, typ "cmg-policy+jwt"), with its version,
+ * and in *routes the routes of the same version, signed too (typ "cmg-routes+jwt",
+ * payload {"version": N, "iat": T, "routes": {"<role>": {"url", "type"}}}): connectors
+ * act on nothing the site key did not sign. NULL with a reason in err. */
+char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **routes,
+                            char *err, size_t errlen);
 /* Whether gateways check client certificates against the CRL: the "check_revocation"
  * setting, on unless it was turned off. */
 bool cmg_site_revocation_checked(struct cmg_site_ctx *s);

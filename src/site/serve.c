@@ -1,18 +1,25 @@
-/* cmg site serve DIR: the on-premises site service. Two listeners on internal
- * addresses: the admin API (with the connectors' policy feed) and the device
- * registration service that connectors forward to. The store is polled for
- * changes made by the admin commands; each new policy version is signed once and
- * handed to every connector waiting on the feed. */
+/* cmg site serve DIR: the on-premises site service. Three listeners on internal
+ * addresses, all TLS with the site's certificate (site.crt: the site's own
+ * extended key usage, which connectors require): the admin API (bearer admin
+ * token), the connectors' policy feed and the device registration service that
+ * connectors forward to (both mutual TLS: a connector certificate of the site CA,
+ * not revoked). The store is polled for changes made by the admin commands; each
+ * new policy version is signed once, with its routes, and handed to every
+ * connector waiting on the feed. */
 #include "site/serve.h"
 
+#include "auth/policy.h"
 #include "core/log.h"
 #include "http/httpd.h"
+#include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/ops.h"
 #include "site/policy_build.h"
 #include "site/register.h"
+#include "tls/tls.h"
 
 #include <getopt.h>
+#include <limits.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,7 +28,7 @@
 
 #define POLL_MS 250
 #define FEED_WAIT_MS 25000
-#define REFRESH_S (24 * 3600)   /* re-sign daily, so the CRL in force never goes stale */
+#define REFRESH_S CMG_POLICY_RESIGN_S
 
 struct feed_waiter {
     struct cmg_site_server *srv;
@@ -32,22 +39,27 @@ struct feed_waiter {
 };
 
 static const char usage[] =
-    "usage: cmg site serve DIR [--admin ADDR] [--service ADDR]\n"
+    "usage: cmg site serve DIR [--admin ADDR] [--feed ADDR] [--service ADDR]\n"
     "\n"
-    "Runs the site service of the site in DIR (made by 'cmg site init'):\n"
-    "  - the admin API and the connectors' policy feed, on --admin (default from\n"
-    "    DIR/site.conf, else " CMG_SITE_DEFAULT_ADMIN "); callers present DIR/admin.token\n"
-    "    (admin) or DIR/connector.secret (connectors) as a bearer token;\n"
+    "Runs the site service of the site in DIR (made by 'cmg site init'), over TLS\n"
+    "with DIR/site.crt (made if missing):\n"
+    "  - the admin API, on --admin (default from DIR/site.conf, else\n"
+    "    " CMG_SITE_DEFAULT_ADMIN "); callers present DIR/admin.token as a bearer token;\n"
+    "  - the connectors' policy feed, on --feed (default from site.conf, else\n"
+    "    " CMG_SITE_DEFAULT_FEED "): mutual TLS, each connector with its own certificate\n"
+    "    ('cmg site connector add'); the signed policy and the signed routes;\n"
     "  - the device registration service, on --service (default from site.conf, else\n"
-    "    " CMG_SITE_DEFAULT_SERVICE "): published to devices through the gateway as\n"
+    "    " CMG_SITE_DEFAULT_SERVICE "): mutual TLS with connector certificates too;\n"
+    "    published to devices through the gateway as\n"
     "    /CCM_Proxy_ServerAuth/<site role>/register and .../renew.\n"
-    "Both should be internal addresses: nothing here is meant for the internet.\n"
+    "All should be internal addresses: nothing here is meant for the internet.\n"
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
-    "'cert', 'oidc') while it runs are signed into a new policy within a second and\n"
-    "reach every gateway through the connectors.\n"
+    "'cert', 'oidc', 'connector') while it runs are signed into a new policy within\n"
+    "a second and reach every gateway through the connectors.\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
+    "  --feed ADDR      address of the connectors' policy feed (host:port)\n"
     "  --service ADDR   address of the registration service (host:port)\n"
     "  -h, --help       print this help\n";
 
@@ -57,9 +69,10 @@ static cJSON *feed_doc(struct cmg_site_server *srv)
 {
     cJSON *o = cJSON_CreateObject();
 
+    /* The version is a hint: connectors take it from the signed payloads only. */
     cJSON_AddNumberToObject(o, "version", (double)srv->version);
     cJSON_AddStringToObject(o, "policy", srv->policy ? srv->policy : "");
-    cJSON_AddItemToObject(o, "routes", cJSON_Duplicate(srv->routes, 1));
+    cJSON_AddStringToObject(o, "routes", srv->routes ? srv->routes : "");
     return o;
 }
 
@@ -91,17 +104,15 @@ static int publish(struct cmg_site_server *srv)
 {
     char err[256];
     int64_t version;
-    char *jws = cmg_site_policy_build(srv->ctx, &version, err, sizeof(err));
-    cJSON *routes = cmg_site_routes(srv->ctx);
+    char *routes = NULL;
+    char *jws = cmg_site_policy_build(srv->ctx, &version, &routes, err, sizeof(err));
 
-    if (!jws || !routes) {
-        cmg_error("cannot publish the policy: %s", jws ? "cannot read the mappings" : err);
-        free(jws);
-        cJSON_Delete(routes);
+    if (!jws) {
+        cmg_error("cannot publish the policy: %s", err);
         return -1;
     }
     free(srv->policy);
-    cJSON_Delete(srv->routes);
+    free(srv->routes);
     srv->policy = jws;
     srv->routes = routes;
     srv->version = version;
@@ -144,6 +155,28 @@ static void on_poll(struct cmg_timer *t)
         cmg_site_server_changed(srv);
     }
     cmg_timer_start(srv->loop, &srv->poll, POLL_MS, on_poll);
+}
+
+/* ---- the connectors' channel ---- */
+
+/* The connector behind a request on a mutual-TLS listener, if not revoked: its
+ * name and serial for the logs. false (answered 403) if revoked. */
+static bool connector_allowed(struct cmg_site_server *srv, struct cmg_httpd_req *req,
+                              const char *what)
+{
+    char serial[80] = "", name[128] = "";
+
+    if (req->peer_cert) {   /* always, on these listeners: the handshake required one */
+        cmg_tls_serial(req->peer_cert, serial, sizeof(serial));
+        cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    }
+    if (!req->peer_cert || cmg_store_connector_revoked(srv->ctx->store, serial)) {
+        cmg_warn("%s refused: connector %s (certificate serial %s) is revoked peer=%s", what,
+                 name[0] ? name : "?", serial, req->peer);
+        cmg_httpd_error(req, 403, "this connector's certificate is revoked");
+        return false;
+    }
+    return true;
 }
 
 /* ---- admin API ---- */
@@ -212,22 +245,33 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
     cmg_httpd_json(req, 200, result);
 }
 
+/* The feed listener: every caller showed a connector certificate of the site CA. */
+static void on_feed(void *user, struct cmg_httpd_req *req)
+{
+    struct cmg_site_server *srv = user;
+
+    if (strncmp(req->target, "/v1/connector/feed", 18) || strcmp(req->method, "GET")) {
+        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N only");
+        return;
+    }
+    if (connector_allowed(srv, req, "policy feed"))
+        feed(srv, req);
+}
+
+/* The registration service: its callers are connectors (mutual TLS), so the
+ * CMG-Client-* headers it reads were set by a gateway and carried by one. */
+static void on_service(void *user, struct cmg_httpd_req *req)
+{
+    if (connector_allowed(user, req, "registration request"))
+        cmg_site_on_register(user, req);
+}
+
 static void on_admin(void *user, struct cmg_httpd_req *req)
 {
     struct cmg_site_server *srv = user;
     const char *bearer = cmg_httpd_bearer(req);
     bool get = !strcmp(req->method, "GET"), post = !strcmp(req->method, "POST");
 
-    if (!strncmp(req->target, "/v1/connector/feed", 18) && get) {
-        if (!secret_is(bearer, srv->ctx->connector_secret) &&
-            !secret_is(bearer, srv->ctx->admin_token)) {
-            cmg_warn("policy feed refused: wrong connector secret peer=%s", req->peer);
-            cmg_httpd_error(req, 401, "a connector secret is required");
-            return;
-        }
-        feed(srv, req);
-        return;
-    }
     if (!secret_is(bearer, srv->ctx->admin_token)) {
         cmg_warn("admin request refused: no or wrong admin token peer=%s path=%s", req->peer,
                  req->target);
@@ -256,9 +300,10 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
 /* ---- lifecycle ---- */
 
 static int parse_args(int argc, char **argv, const char **dir, const char **admin,
-                      const char **service)
+                      const char **service, const char **feed_addr)
 {
     static const struct option opts[] = {{"admin", required_argument, NULL, 'a'},
+                                         {"feed", required_argument, NULL, 'f'},
                                          {"service", required_argument, NULL, 's'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
@@ -269,6 +314,7 @@ static int parse_args(int argc, char **argv, const char **dir, const char **admi
         switch (ch) {
         case 'a': *admin = optarg; break;
         case 's': *service = optarg; break;
+        case 'f': *feed_addr = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return 2;
         }
@@ -282,16 +328,49 @@ static int parse_args(int argc, char **argv, const char **dir, const char **admi
     return -1;
 }
 
+/* "127.x.y.z:port", "[::1]:port", "localhost:port". */
+static bool is_loopback(const char *addr)
+{
+    return !strncmp(addr, "127.", 4) || !strncmp(addr, "[::1]:", 6) ||
+           !strncmp(addr, "localhost:", 10);
+}
+
+/* The TLS contexts: the admin API's (no client certificate) and the connectors'
+ * channel's (a connector certificate of the site CA required). */
+static int channel_tls(struct cmg_site_server *srv, const char *const *listen, char *err,
+                       size_t errlen)
+{
+    struct cmg_site_ctx *ctx = srv->ctx;
+    char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
+    struct cmg_tls_server_opts o = {.cert = crt, .key = key};
+
+    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, listen, 3, err, errlen) < 0)
+        return -1;
+    if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
+        snprintf(key, sizeof(key), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_KEY) >= (int)sizeof(key) ||
+        snprintf(ca, sizeof(ca), "%s/ca.crt", ctx->dir) >= (int)sizeof(ca)) {
+        snprintf(err, errlen, "the site directory's path is too long");
+        return -1;
+    }
+    if (!(srv->admin_tls = cmg_tls_server_ctx(&o, err, errlen)))
+        return -1;
+    o.client_ca = ca;
+    o.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
+    o.client_eku = CMG_OID_EKU_CONNECTOR;
+    return (srv->channel_tls = cmg_tls_server_ctx(&o, err, errlen)) ? 0 : -1;
+}
+
 int cmg_site_serve_main(int argc, char **argv)
 {
     struct cmg_site_server srv;
     struct cmg_site_ctx ctx;
-    const char *dir = NULL, *admin = NULL, *service = NULL;
+    const char *dir = NULL, *admin = NULL, *service = NULL, *feed_addr = NULL;
+    const char *listen[3];
     char err[600];
     int rc;
 
     memset(&srv, 0, sizeof(srv));
-    if ((rc = parse_args(argc, argv, &dir, &admin, &service)) >= 0)
+    if ((rc = parse_args(argc, argv, &dir, &admin, &service, &feed_addr)) >= 0)
         return rc;
     cmg_log_init("site");
     if (cmg_site_open(dir, &ctx, err, sizeof(err)) < 0) {
@@ -299,6 +378,10 @@ int cmg_site_serve_main(int argc, char **argv)
         return 1;
     }
     cmg_log_set_level(ctx.log_level);
+    ctx.confined = true;
+    listen[0] = admin ? admin : ctx.admin_listen;
+    listen[1] = feed_addr ? feed_addr : ctx.feed_listen;
+    listen[2] = service ? service : ctx.service_listen;
     rc = 1;
     srv.ctx = &ctx;
     if (!(srv.loop = cmg_loop_new()))
@@ -306,21 +389,28 @@ int cmg_site_serve_main(int argc, char **argv)
     srv.data_version = cmg_store_data_version(ctx.store);
     if (publish(&srv) < 0)
         goto out;
-    if (cmg_httpd_listen(srv.loop, admin ? admin : ctx.admin_listen, on_admin, &srv,
-                         &srv.admin, err, sizeof(err)) < 0 ||
-        cmg_httpd_listen(srv.loop, service ? service : ctx.service_listen, cmg_site_on_register,
-                         &srv, &srv.service, err, sizeof(err)) < 0) {
+    if (channel_tls(&srv, listen, err, sizeof(err)) < 0 ||
+        cmg_httpd_listen(srv.loop, listen[0], srv.admin_tls, on_admin, &srv, &srv.admin, err,
+                         sizeof(err)) < 0 ||
+        cmg_httpd_listen(srv.loop, listen[1], srv.channel_tls, on_feed, &srv, &srv.feed, err,
+                         sizeof(err)) < 0 ||
+        cmg_httpd_listen(srv.loop, listen[2], srv.channel_tls, on_service, &srv, &srv.service,
+                         err, sizeof(err)) < 0) {
         cmg_error("%s", err);
         goto out;
     }
+    if (!is_loopback(listen[0]))
+        cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
+                 "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
-    cmg_info("site %s serving: admin API on %s, registration on %s, policy version %lld",
-             ctx.service_name, admin ? admin : ctx.admin_listen,
-             service ? service : ctx.service_listen, (long long)srv.version);
+    cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
+             "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
+             listen[1], listen[2], (long long)srv.version);
     rc = cmg_loop_run(srv.loop) < 0 ? 1 : 0;
     cmg_info("site stopped");
 out:
     cmg_httpd_free(srv.admin);
+    cmg_httpd_free(srv.feed);
     cmg_httpd_free(srv.service);
     while (srv.waiters)
         waiter_free(srv.waiters);
@@ -328,8 +418,10 @@ out:
         cmg_timer_stop(srv.loop, &srv.poll);
         cmg_loop_free(srv.loop);
     }
+    SSL_CTX_free(srv.admin_tls);
+    SSL_CTX_free(srv.channel_tls);
     free(srv.policy);
-    cJSON_Delete(srv.routes);
+    free(srv.routes);
     cmg_site_close(&ctx);
     return rc;
 }

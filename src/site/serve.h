@@ -6,6 +6,7 @@
 #include "site/ctx.h"
 
 #include <cjson/cJSON.h>
+#include <openssl/ssl.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -15,9 +16,10 @@ struct feed_waiter;
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
     struct cmg_loop *loop;
-    struct cmg_httpd *admin, *service;
+    struct cmg_httpd *admin, *feed, *service;
+    SSL_CTX *admin_tls, *channel_tls;
     char *policy;               /* the signed policy in force */
-    cJSON *routes;              /* role -> internal URL, for connectors */
+    char *routes;               /* role -> internal URL, for connectors, signed */
     int64_t version;
     time_t signed_at;
     int64_t data_version;

@@ -20,12 +20,13 @@ static void site_usage(FILE *out)
           "            create a site directory: site CA, signing key, gateway, connector and\n"
           "            sample device certificates, site.conf, gateway.conf, connector.conf\n"
           "  serve DIR  run the site service: admin API, device registration, and the\n"
-          "            signed gateway policy that connectors carry to every gateway\n"
+          "            connectors' feed of the signed policy they carry to every gateway\n"
           "  mapping add|list|remove          published URL mappings\n"
           "  token bulk create|list|block|unblock   bulk registration tokens\n"
           "  device list|block|unblock        registered devices\n"
           "  cert issue|revoke|list|check-revocation   client certificates and the CRL\n"
           "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
+          "  connector add|list|revoke        connector certificates, one per connector\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

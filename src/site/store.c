@@ -32,6 +32,8 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, name TEXT NOT NULL,"
     " subject TEXT NOT NULL, issued INTEGER NOT NULL, expires INTEGER NOT NULL,"
     " revoked INTEGER);"
+    "CREATE TABLE IF NOT EXISTS connectors (name TEXT PRIMARY KEY, serial TEXT NOT NULL,"
+    " issued INTEGER NOT NULL, expires INTEGER NOT NULL, revoked INTEGER);"
     "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"
     " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);"
     "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);";
@@ -608,6 +610,73 @@ cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only)
                                       "FROM certs ORDER BY issued, serial", ""));
 }
 
+/* ---- connector certificates ---- */
+
+int cmg_store_connector_add(struct cmg_store *s, const char *name, const char *serial,
+                            int64_t issued, int64_t expires)
+{
+    sqlite3_stmt *st = prep(s, "INSERT INTO connectors VALUES (?, ?, ?, ?, NULL)", "ssii",
+                            name, serial, issued, expires);
+    int rc;
+
+    if (!st)
+        return -1;
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_CONSTRAINT)
+        return 1;
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int cmg_store_connector_revoke(struct cmg_store *s, const char *name, int64_t when)
+{
+    sqlite3_stmt *st = prep(s, "SELECT revoked FROM connectors WHERE name = ?", "s", name);
+    int rc;
+
+    if (!st)
+        return -1;
+    rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW) {
+        sqlite3_finalize(st);
+        return rc == SQLITE_DONE ? 1 : -1;
+    }
+    rc = sqlite3_column_type(st, 0) != SQLITE_NULL;
+    sqlite3_finalize(st);
+    if (rc)
+        return 2;
+    if (run(prep(s, "UPDATE connectors SET revoked = ? WHERE name = ?", "is", when, name)) < 0)
+        return -1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_connector_exists(struct cmg_store *s, const char *name)
+{
+    sqlite3_stmt *st = prep(s, "SELECT 1 FROM connectors WHERE name = ?", "s", name);
+    int rc;
+
+    if (!st)
+        return -1;
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : -1;
+}
+
+bool cmg_store_connector_revoked(struct cmg_store *s, const char *serial)
+{
+    sqlite3_stmt *st = prep(s, "SELECT 1 FROM connectors WHERE serial = ? COLLATE NOCASE "
+                               "AND revoked IS NOT NULL", "s", serial);
+    bool revoked = st && sqlite3_step(st) == SQLITE_ROW;
+
+    sqlite3_finalize(st);
+    return revoked;
+}
+
+cJSON *cmg_store_connectors_json(struct cmg_store *s)
+{
+    return rows_json(s, prep(s, "SELECT name, serial, issued, expires, revoked FROM connectors "
+                                "ORDER BY issued, name", ""));
+}
+
 /* ---- OIDC ---- */
 
 static char *col_dup(sqlite3_stmt *st, int i)
@@ -707,4 +776,10 @@ cJSON *cmg_store_blocked_tokens(struct cmg_store *s)
 {
     return column_strings(s, "SELECT guid FROM bulk_tokens WHERE blocked "
                              "AND expires > strftime('%s', 'now') ORDER BY guid");
+}
+
+cJSON *cmg_store_revoked_connectors(struct cmg_store *s)
+{
+    return column_strings(s, "SELECT serial FROM connectors WHERE revoked IS NOT NULL "
+                             "AND expires > strftime('%s', 'now') ORDER BY serial");
 }

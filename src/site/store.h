@@ -93,6 +93,16 @@ int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, 
 /* Serial of the newest certificate issued for name; 0, or 1 if none. */
 int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len);
 cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only);
+/* Connector certificates ('cmg site connector'): add gives 1 if the name is taken;
+ * revoke gives 1 if there is no such connector, 2 if it is revoked already. */
+int cmg_store_connector_add(struct cmg_store *s, const char *name, const char *serial,
+                            int64_t issued, int64_t expires);
+int cmg_store_connector_revoke(struct cmg_store *s, const char *name, int64_t when);
+int cmg_store_connector_exists(struct cmg_store *s, const char *name);   /* 1, 0, -1 */
+bool cmg_store_connector_revoked(struct cmg_store *s, const char *serial);
+cJSON *cmg_store_connectors_json(struct cmg_store *s);
+/* Serials of revoked connector certificates not yet expired, for the policy. */
+cJSON *cmg_store_revoked_connectors(struct cmg_store *s);
 
 /* What the policy carries for OIDC; NULL members when not set. */
 struct cmg_oidc_conf {

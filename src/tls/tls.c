@@ -1,5 +1,6 @@
 #include "tls/tls.h"
 
+#include <openssl/bn.h>
 #include <openssl/err.h>
 #include <openssl/pkcs12.h>
 #include <openssl/provider.h>
@@ -11,6 +12,13 @@
 
 static int verify_err_index = -1;
 static int alpn_index = -1;
+static int eku_index = -1;   /* SSL_CTX: the OID text a peer's leaf must carry */
+static int leaf_check_index = -1;   /* SSL: a struct leaf_check */
+
+struct leaf_check {
+    cmg_tls_leaf_check fn;
+    void *arg;
+};
 
 static void alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
 {
@@ -77,6 +85,96 @@ static int ask_verify_cb(int ok, X509_STORE_CTX *store)
         SSL_set_ex_data(ssl, verify_err_index,
                         (void *)(intptr_t)X509_STORE_CTX_get_error(store));
     return 1;   /* decided per request, from the recorded error */
+}
+
+bool cmg_tls_has_eku(X509 *x, const char *oid)
+{
+    EXTENDED_KEY_USAGE *eku = x ? X509_get_ext_d2i(x, NID_ext_key_usage, NULL, NULL) : NULL;
+    ASN1_OBJECT *want = OBJ_txt2obj(oid, 1);
+    bool found = false;
+
+    for (int i = 0; want && i < sk_ASN1_OBJECT_num(eku) && !found; i++)
+        found = OBJ_cmp(sk_ASN1_OBJECT_value(eku, i), want) == 0;
+    ASN1_OBJECT_free(want);
+    EXTENDED_KEY_USAGE_free(eku);
+    ERR_clear_error();
+    return found;
+}
+
+/* A chain that verifies is refused if its leaf lacks the extended key usage that
+ * its context requires (a connector's, the site's), or fails the connection's own
+ * check (a revoked connector). */
+static int eku_verify_cb(int ok, X509_STORE_CTX *store)
+{
+    SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+    const char *oid = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), eku_index) : NULL;
+    const struct leaf_check *check = ssl ? SSL_get_ex_data(ssl, leaf_check_index) : NULL;
+    X509 *leaf = X509_STORE_CTX_get_current_cert(store);
+    int e = X509_V_OK;
+
+    if (!ok || X509_STORE_CTX_get_error_depth(store) != 0)
+        return ok;
+    if (oid && !cmg_tls_has_eku(leaf, oid))
+        e = X509_V_ERR_INVALID_PURPOSE;
+    else if (check)
+        e = check->fn(check->arg, leaf);
+    if (e != X509_V_OK) {
+        X509_STORE_CTX_set_error(store, e);
+        return 0;
+    }
+    return 1;
+}
+
+static void leaf_check_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                            void *argp)
+{
+    OPENSSL_free(ptr);
+}
+
+int cmg_tls_set_leaf_check(SSL *ssl, cmg_tls_leaf_check fn, void *arg)
+{
+    struct leaf_check *check = OPENSSL_malloc(sizeof(*check));
+
+    if (!check || !SSL_set_ex_data(ssl, leaf_check_index, check)) {
+        OPENSSL_free(check);
+        return -1;
+    }
+    check->fn = fn;
+    check->arg = arg;
+    return 0;
+}
+
+static void eku_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    OPENSSL_free(ptr);
+}
+
+/* Requires the extended key usage oid of every peer leaf (any purpose otherwise:
+ * OpenCMG's own usages stand alone). */
+static int require_eku(SSL_CTX *ctx, const char *oid, bool instead_of_purpose)
+{
+    char *copy = OPENSSL_strdup(oid);
+
+    if (!copy || !SSL_CTX_set_ex_data(ctx, eku_index, copy)) {
+        OPENSSL_free(copy);
+        return -1;
+    }
+    if (instead_of_purpose)
+        SSL_CTX_set_purpose(ctx, X509_PURPOSE_ANY);
+    return 0;
+}
+
+void cmg_tls_serial(X509 *x, char *out, size_t outlen)
+{
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    const char *p = hex;
+
+    while (p && p[0] == '0' && p[1])
+        p++;
+    snprintf(out, outlen, "%s", p ? p : "");
+    OPENSSL_free(hex);
+    BN_free(bn);
 }
 
 long cmg_tls_peer_verify_error(const SSL *ssl)
@@ -147,6 +245,10 @@ static SSL_CTX *new_ctx(const SSL_METHOD *method, char *err, size_t errlen)
         verify_err_index = SSL_get_ex_new_index(0, "cmg verify error", NULL, NULL, NULL);
     if (alpn_index < 0)
         alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
+    if (eku_index < 0)
+        eku_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, eku_free);
+    if (leaf_check_index < 0)
+        leaf_check_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, leaf_check_free);
     if (!ctx) {
         set_err(err, errlen, "cannot create a TLS context", NULL);
         return NULL;
@@ -204,8 +306,14 @@ SSL_CTX *cmg_tls_server_ctx(const struct cmg_tls_server_opts *o, char *err, size
         if (names)
             SSL_CTX_set_client_CA_list(ctx, names);
         SSL_CTX_set_purpose(ctx, X509_PURPOSE_SSL_CLIENT);   /* clientAuth EKU */
+        if (o->client_auth == CMG_TLS_REQUIRE_CLIENT_CERT && o->client_eku &&
+            require_eku(ctx, o->client_eku, true) < 0) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
         if (o->client_auth == CMG_TLS_REQUIRE_CLIENT_CERT)
-            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                               eku_verify_cb);
         else
             SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, ask_verify_cb);
     }
@@ -241,7 +349,11 @@ SSL_CTX *cmg_tls_client_ctx(const struct cmg_tls_client_opts *o, char *err, size
         set_err(err, errlen, "cannot load CA", o->ca ? o->ca : "(system default)");
         goto fail;
     }
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, eku_verify_cb);
+    if (o->server_eku && require_eku(ctx, o->server_eku, false) < 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     if (o->cert) {
         if (SSL_CTX_use_certificate_chain_file(ctx, o->cert) != 1) {
             set_err(err, errlen, "cannot load certificate", o->cert);

@@ -6,6 +6,16 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+/* OpenCMG's own extended key usages. A connector's certificate carries only
+ * CONNECTOR (no clientAuth: no device path takes it); the site's channel
+ * certificate carries SITE beside serverAuth: a certificate of the same CA without
+ * it is not the site's. The arc lies in IANA's experimental subtree (1.3.6.1.3)
+ * until OpenCMG has a private enterprise number; every arc fits in 32 bits, as
+ * common X.509 parsers require. */
+#define CMG_OID_ARC "1.3.6.1.3.7264"
+#define CMG_OID_EKU_CONNECTOR CMG_OID_ARC ".1.1"
+#define CMG_OID_EKU_SITE CMG_OID_ARC ".1.2"
+
 enum cmg_tls_client_auth {
     CMG_TLS_NO_CLIENT_CERT,
     CMG_TLS_ASK_CLIENT_CERT,      /* asked for, judged per request (devices) */
@@ -19,12 +29,17 @@ struct cmg_tls_server_opts {
     const char *client_ca;   /* trusted roots for client certificates */
     enum cmg_tls_client_auth client_auth;
     const char *alpn;        /* protocols in preference order, comma-separated */
+    /* With REQUIRE_CLIENT_CERT: the extended key usage (OID text) the client's
+     * certificate must carry instead of clientAuth; NULL: clientAuth. */
+    const char *client_eku;
 };
 
 struct cmg_tls_client_opts {
     const char *ca;          /* roots that the server must chain to; NULL: system default */
     const char *cert, *key;  /* optional client certificate */
     const char *alpn;        /* comma-separated; NULL for none */
+    const char *server_eku;  /* an extended key usage (OID text) the server's
+                                certificate must carry too; NULL for none */
 };
 
 SSL_CTX *cmg_tls_server_ctx(const struct cmg_tls_server_opts *o, char *err, size_t errlen);
@@ -33,6 +48,12 @@ SSL_CTX *cmg_tls_client_ctx(const struct cmg_tls_client_opts *o, char *err, size
 /* Both ends of a tunnel are ours: AES-128-GCM first (TLS 1.3), the cheapest AEAD
  * per byte where AES instructions exist, and every byte crosses it twice. */
 void cmg_tls_tunnel_ciphers(SSL_CTX *ctx);
+/* A further check of the peer's leaf certificate once its chain verified, on one
+ * connection (before its handshake): X509_V_OK, or the X509_V_ERR_* code that
+ * fails the handshake with the matching alert (e.g. X509_V_ERR_CERT_REVOKED).
+ * Needs a context whose verification this file set up (client_eku, server_eku). */
+typedef int (*cmg_tls_leaf_check)(void *arg, X509 *leaf);
+int cmg_tls_set_leaf_check(SSL *ssl, cmg_tls_leaf_check fn, void *arg);
 /* The negotiated ALPN protocol equals proto. */
 bool cmg_tls_alpn_is(const SSL *ssl, const char *proto);
 /* The first verification error of the peer's certificate (X509_V_OK if none, or if
@@ -40,6 +61,10 @@ bool cmg_tls_alpn_is(const SSL *ssl, const char *proto);
 long cmg_tls_peer_verify_error(const SSL *ssl);
 /* SHA-256 of the certificate's DER, lowercase hex. */
 void cmg_tls_thumbprint(X509 *x, char out[65]);
+/* The certificate lists this extended key usage (OID text). */
+bool cmg_tls_has_eku(X509 *x, const char *oid);
+/* The serial number in upper-case hex without leading zeros ("0" for zero). */
+void cmg_tls_serial(X509 *x, char *out, size_t outlen);
 /* RFC 2253 form of the subject name. */
 void cmg_tls_subject(X509 *x, char *out, size_t outlen);
 /* The value of the first subject attribute with this NID, or "" */

@@ -3,6 +3,7 @@ devices with their own self-signed certificates, JWTs made here (for an OIDC ide
 provider of the test's own, and for forged tokens)."""
 import base64
 import json
+import ssl
 import time
 import urllib.request
 from pathlib import Path
@@ -114,9 +115,11 @@ class Deployment:
         self.tmp = Path(tmp)
         self.admin_port = free_port()
         self.service_port = free_port()
+        self.feed_port = free_port()
         self.site = Site(self.tmp / 'site', [svc.url], procs, init_args=[
             '--site-admin', f'127.0.0.1:{self.admin_port}',
-            '--site-service', f'127.0.0.1:{self.service_port}'])
+            '--site-service', f'127.0.0.1:{self.service_port}',
+            '--site-feed', f'127.0.0.1:{self.feed_port}'])
         conf = (self.site.dir / 'site.conf').read_text()
         self.site_role = [line.split('=', 1)[1].strip() for line in conf.splitlines()
                           if line.startswith('site_role')][0]
@@ -137,10 +140,12 @@ class Deployment:
         return self.site_proc
 
     def api(self, method, path, body=None, token=None):
-        req = urllib.request.Request(f'http://127.0.0.1:{self.admin_port}{path}', method=method,
+        """The admin API (HTTPS, the site's certificate checked against its CA)."""
+        req = urllib.request.Request(f'https://127.0.0.1:{self.admin_port}{path}', method=method,
                                      data=json.dumps(body).encode() if body is not None else None)
         req.add_header('Authorization', f'Bearer {token or self.admin_token}')
-        with urllib.request.urlopen(req, timeout=10) as r:
+        ctx = ssl.create_default_context(cafile=str(self.site.ca))
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             return json.loads(r.read())
 
     def policy_version(self):

@@ -13,6 +13,8 @@ KEYS = ['ca.key', 'gateway.key', 'connector.key', 'devices/device1.key']
 CERTS = ['ca.crt', 'gateway.crt', 'connector.crt', 'devices/device1.crt']
 
 
+CONNECTOR_EKU = '1.3.6.1.3.7264.1.1'   # OpenCMG connector
+
 def cert(path):
     return x509.load_pem_x509_certificate(path.read_bytes())
 
@@ -82,7 +84,11 @@ def test_site_init(tmp_path):
     conn = cert(site / 'connector.crt')
     assert [a.value for a in conn.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)] \
         == ['OpenCMG Connector']
-    assert openssl_verify(site, 'sslclient', site / 'connector.crt').returncode == 0
+    # a connector's certificate is for tunnels and the site feed only: OpenCMG's own
+    # extended key usage, no clientAuth (so no device path takes it)
+    eku = conn.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert [o.dotted_string for o in eku] == [CONNECTOR_EKU]
+    assert openssl_verify(site, 'sslclient', site / 'connector.crt').returncode != 0
 
     # the configs: the same role ids in both, each forwarded to its --mp
     g, c = site / 'gateway.conf', site / 'connector.conf'

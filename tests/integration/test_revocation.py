@@ -7,6 +7,7 @@ certificate devices (by name or thumbprint) and to OIDC identities."""
 import base64
 import glob
 import json
+import ssl
 import urllib.request
 
 from cryptography import x509
@@ -54,9 +55,10 @@ def status_becomes(fn, status, what):
 
 def policy_payload(dep):
     """The payload of the signed policy the site publishes (GET /v1/policy)."""
-    req = urllib.request.Request(f'http://127.0.0.1:{dep.admin_port}/v1/policy')
+    req = urllib.request.Request(f'https://127.0.0.1:{dep.admin_port}/v1/policy')
     req.add_header('Authorization', f'Bearer {dep.admin_token}')
-    with urllib.request.urlopen(req, timeout=10) as r:
+    ctx = ssl.create_default_context(cafile=str(dep.site.ca))
+    with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
         jws = r.read().decode()
     part = jws.split('.')[1]
     return json.loads(base64.urlsafe_b64decode(part + '=' * (-len(part) % 4)))

@@ -65,8 +65,10 @@ def test_a_new_mapping_to_a_new_service_is_served(dep, procs):
 
 
 def test_policy_of_another_site_or_older_is_refused(dep, procs, tmp_path, svc):
-    """A second connector carries (a) a policy signed by another site's key, (b) an older
-    policy of this site. The gateway refuses both, says why, and keeps its policy."""
+    """(a) A second connector carries an older policy of this site: the gateway refuses
+    it, says why, and keeps its policy. (b) A connector pointed at another site (its
+    CA trusted, its feed reached with its connector certificate) refuses that site's
+    policy itself: it does not verify with this site's key, so no gateway sees it."""
     v = dep.policy_version()
     # (b) an older copy of this site: same keys, lower version.
     old = tmp_path / 'old-site'
@@ -78,33 +80,36 @@ def test_policy_of_another_site_or_older_is_refused(dep, procs, tmp_path, svc):
     # Make the copy's store older than what it was copied at: it is, since it was copied
     # before the removal; but serve it on other ports.
     from cmgtest import free_port
-    admin_old = free_port()
+    feed_old = free_port()
     (old / 'site.conf').write_text((old / 'site.conf').read_text().replace(
-        f'127.0.0.1:{dep.admin_port}', f'127.0.0.1:{admin_old}').replace(
-        f'127.0.0.1:{dep.service_port}', f'127.0.0.1:{free_port()}'))
+        f'127.0.0.1:{dep.admin_port}', f'127.0.0.1:{free_port()}').replace(
+        f'127.0.0.1:{dep.service_port}', f'127.0.0.1:{free_port()}').replace(
+        f'127.0.0.1:{dep.feed_port}', f'127.0.0.1:{feed_old}'))
     procs.start('site-old', [CMG, 'site', 'serve', old])
     conf = dep.site.connector_copy('connector-old', [svc.url])
-    ini_set(conf, 'connector', 'site', f'http://127.0.0.1:{admin_old}')
+    ini_set(conf, 'connector', 'site', f'https://127.0.0.1:{feed_old}')
     start_connector(procs, conf, 'connector-old')
     poll(lambda: 'is older than version' in dep.gateway[0].log_text(), 10 * SLOW,
          'the gateway to refuse the older policy', check=procs.check)
 
     # (a) another site altogether: its own signing key.
     other = tmp_path / 'other-site'
-    admin_other = free_port()
+    feed_other = free_port()
     r = run_cmg('site', 'init', other, '--service-name', dep.site.name, '--mp', svc.url,
-                '--site-admin', f'127.0.0.1:{admin_other}',
+                '--site-admin', f'127.0.0.1:{free_port()}', '--site-feed', f'127.0.0.1:{feed_other}',
                 '--site-service', f'127.0.0.1:{free_port()}')
     assert r.returncode == 0, r.stderr
     for _ in range(5):               # a higher version than ours
         run_cmg('site', 'cert', 'check-revocation', 'off', '--site', other)
     procs.start('site-other', [CMG, 'site', 'serve', other])
     conf = dep.site.connector_copy('connector-other', [svc.url])
-    ini_set(conf, 'connector', 'site', f'http://127.0.0.1:{admin_other}')
-    ini_set(conf, 'connector', 'site_secret', other / 'connector.secret')
-    start_connector(procs, conf, 'connector-other')
-    poll(lambda: 'signature does not verify' in dep.gateway[0].log_text(), 10 * SLOW,
-         'the gateway to refuse the foreign policy', check=procs.check)
+    ini_set(conf, 'connector', 'site', f'https://127.0.0.1:{feed_other}')
+    ini_set(conf, 'connector', 'site_ca', other / 'ca.crt')
+    ini_set(conf, 'connector', 'cert', other / 'connector.crt')
+    ini_set(conf, 'connector', 'key', other / 'connector.key')
+    other_cn = start_connector(procs, conf, 'connector-other')
+    poll(lambda: 'signature does not verify' in other_cn.log_text(), 10 * SLOW,
+         'the connector to refuse the foreign policy', check=procs.check)
     # Still the policy in force: the removed mapping stays removed.
     assert curl(dep.site, dep.site.path('policy.xml')).status == 404
     assert f'policy version {v2} in force' in dep.gateway[0].log_text()
@@ -131,7 +136,7 @@ def test_admin_api_needs_the_admin_token(dep):
     with pytest.raises(urllib.error.HTTPError) as e:
         dep.api('GET', '/v1/status', token='wrong')
     assert e.value.code == 401
-    with pytest.raises(urllib.error.HTTPError) as e:
+    with pytest.raises(urllib.error.HTTPError) as e:     # the feed is not on the admin API
         dep.api('GET', '/v1/connector/feed?after=0', token='wrong')
     assert e.value.code == 401
     doc = dep.api('POST', '/v1/ops/mapping.list', {})
@@ -139,7 +144,7 @@ def test_admin_api_needs_the_admin_token(dep):
 
 
 def test_admin_commands_through_the_api(dep, tmp_path):
-    api = ['--api', f'http://127.0.0.1:{dep.admin_port}']
+    api = ['--api', f'https://127.0.0.1:{dep.admin_port}', '--ca', dep.site.ca]
     r = run_cmg('site', 'mapping', 'list', '--json', *api, '--admin-token',
                 dep.site.dir / 'admin.token', cwd=tmp_path)
     assert r.returncode == 0, r.stderr

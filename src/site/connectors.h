@@ -1,0 +1,39 @@
+/* Certificates of the site <-> connector channel: one per connector (marked with
+ * OpenCMG's connector extended key usage only, so that neither a device path nor
+ * any other TLS client takes it), and the site's own (serverAuth and OpenCMG's site
+ * usage, which connectors require: a gateway's certificate of the same CA is not
+ * the site's). */
+#ifndef CMG_SITE_CONNECTORS_H
+#define CMG_SITE_CONNECTORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#define CMG_SITE_CONNECTOR_DAYS 730
+#define CMG_SITE_CHANNEL_DAYS 730
+#define CMG_SITE_CHANNEL_CERT "site.crt"
+#define CMG_SITE_CHANNEL_KEY "site.key"
+#define CMG_SITE_CONNECTORS_DIR "connectors"
+
+/* What was issued to a connector. */
+struct cmg_connector_cert {
+    char serial[80];      /* upper-case hex, as the store and the policy hold it */
+    int64_t issued, expires;
+};
+
+/* Issues connector NAME's certificate and key and writes them to crt and key.
+ * -1 with the reason in err. */
+int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *name,
+                             const char *crt, const char *key, struct cmg_connector_cert *out,
+                             char *err, size_t errlen);
+/* A connector name: letters, digits, '.', '_' and '-', at most 64. */
+int cmg_site_connector_name_ok(const char *name);
+/* Makes DIR/site.crt and DIR/site.key unless a valid pair of this CA is there. Its
+ * names: localhost, 127.0.0.1, ::1 and the host of each listen address. */
+int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key,
+                          const char *const *listen, size_t nlisten, char *err, size_t errlen);
+
+#endif

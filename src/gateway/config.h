@@ -10,6 +10,8 @@
 #include <stdint.h>
 
 #define CMG_GW_MAX_LISTEN 8
+/* The smallest max_buffer_memory: a few streams' windows. */
+#define CMG_GW_MIN_BUFFER_MEMORY (16ull << 20)
 
 struct cmg_gw_config {
     char file[PATH_MAX];
@@ -25,6 +27,9 @@ struct cmg_gw_config {
     uint32_t ping_interval_ms, ping_timeout_ms;
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
     uint32_t max_header_size, max_connections;
+    /* buffering: the process-wide budget, and how long a device may take nothing */
+    uint64_t max_buffer_memory;
+    uint32_t send_timeout_ms;
     int log_level;
     struct cmg_policy_mapping *mappings;
     size_t nmappings;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 
 #define GW_OF_BUDGET(p) ((struct cmg_gateway *)((char *)(p) - offsetof(struct cmg_gateway, budget_task)))
+#define BUDGET_WARN_MS 10000
 #define EX_OF_TIMER(p) ((struct cmg_exchange *)((char *)(p) - offsetof(struct cmg_exchange, send_timer)))
 
 /* ---- the buffer budget ---- */
@@ -51,8 +52,9 @@ static void on_budget_task(struct cmg_task *task)
     if (!gw->budget_spent || gw->buffered >= low_mark(gw))
         return;
     gw->budget_spent = false;
-    cmg_info("buffer budget: %llu bytes held, below the low mark again; tunnels and uploads resume",
-             (unsigned long long)gw->buffered);
+    if (gw->budget_logged)
+        cmg_info("buffer budget: %llu bytes held, below the low mark again; tunnels and uploads "
+                 "resume", (unsigned long long)gw->buffered);
     for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
         if (t->dead || !t->h2)
             continue;
@@ -81,6 +83,26 @@ static void account_buffers(struct cmg_exchange *ex)
     account(ex, ex->req_body.len + ex->resp_body.len);
 }
 
+/* A budget at its edge may be spent many times a second: one warning per
+ * BUDGET_WARN_MS, which counts the times in between. */
+static void log_spent(struct cmg_gateway *gw)
+{
+    uint64_t now = cmg_loop_now(gw->loop);
+
+    gw->budget_logged = gw->budget_warned_ms == 0 || now - gw->budget_warned_ms >= BUDGET_WARN_MS;
+    if (!gw->budget_logged) {
+        gw->budget_unlogged++;
+        return;
+    }
+    cmg_warn("buffer budget spent: %llu bytes held for devices and connectors "
+             "(max_buffer_memory = %llu); tunnels and uploads pause until devices take their data "
+             "(%u more time(s) since the last warning)",
+             (unsigned long long)gw->buffered, (unsigned long long)gw->cfg.max_buffer_memory,
+             gw->budget_unlogged);
+    gw->budget_warned_ms = now;
+    gw->budget_unlogged = 0;
+}
+
 /* Whether window credit must be held back now. Once spent, the budget stays spent
  * until the low mark, so credit is paid back in the order it was held. */
 static bool budget_spent(struct cmg_gateway *gw)
@@ -90,9 +112,7 @@ static bool budget_spent(struct cmg_gateway *gw)
     if (gw->buffered < gw->cfg.max_buffer_memory)
         return false;
     gw->budget_spent = true;
-    cmg_warn("buffer budget spent: %llu bytes held for devices and connectors "
-             "(max_buffer_memory = %llu); tunnels and uploads pause until devices take their data",
-             (unsigned long long)gw->buffered, (unsigned long long)gw->cfg.max_buffer_memory);
+    log_spent(gw);
     return true;
 }
 
@@ -221,7 +241,7 @@ int cmg_exchange_resp_data(struct cmg_exchange *ex, const uint8_t *data, size_t 
 {
     struct cmg_tunnel *t = ex->tun;
 
-    if (cmg_buf_append(&ex->resp_body, data, len) < 0)
+    if (!t || cmg_buf_append(&ex->resp_body, data, len) < 0)
         return -1;
     account_buffers(ex);
     /* The connection window opens again at once: these bytes are one stream's, held

@@ -61,6 +61,9 @@ struct cmg_gateway {
     uint64_t buffered;
     bool budget_spent;
     struct cmg_task budget_task;    /* pays the credit back once below the low mark */
+    uint64_t budget_warned_ms;      /* at most one warning per BUDGET_WARN_MS ... */
+    uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
+    bool budget_logged;             /* this time was logged: so is its end */
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */

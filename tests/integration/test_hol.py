@@ -18,7 +18,7 @@ import h2.events
 import h2.settings
 import pytest
 
-from cmgtest import SANITIZED, SLOW, CurlProcess, bring_up, client_context, ini_set, poll, request
+from cmgtest import SANITIZED, SLOW, CurlProcess, bring_up, client_context, ini_set, poll, request, run_cmg
 from internal_service import blob, stream_sha256
 
 MiB = 1 << 20
@@ -295,3 +295,12 @@ def test_spent_buffer_budget_pauses_the_tunnel_then_resumes(procs, site):
     print(f'gateway peak RSS {rss / 1024:.1f} MiB (limit {limit_kib / 1024:.0f} MiB)')
     if not SANITIZED:
         assert rss < limit_kib, f'gateway peak RSS {rss / 1024:.1f} MiB'
+
+
+@pytest.mark.parametrize('key,value', [('send_timeout', '0'), ('send_timeout', 'soon'),
+                                       ('max_buffer_memory', '1048576'), ('max_buffer_memory', '1G')])
+def test_buffer_settings_out_of_range_are_refused_by_name(site, key, value):
+    ini_set(site.gateway_conf, 'gateway', key, value)
+    r = run_cmg('gateway', '-c', site.gateway_conf, timeout=20)
+    assert r.returncode != 0
+    assert f'{key}: \'{value}\' is not a number' in r.stderr, r.stderr

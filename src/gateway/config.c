@@ -120,6 +120,18 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     } else if (!strcmp(key, "max_tunnel_handshakes_per_source")) {
         rc = cmg_conf_uint(value, 1, 100000, &n);
         c->max_tunnel_handshakes_per_source = (uint32_t)n;
+    } else if (!strcmp(key, "max_buffer_memory")) {
+        if (cmg_conf_uint(value, CMG_GW_MIN_BUFFER_MEMORY, UINT64_MAX / 2, &c->max_buffer_memory) < 0) {
+            snprintf(l->err, sizeof(l->err), "max_buffer_memory: '%s' is not a number of bytes "
+                     "of at least %llu", value, (unsigned long long)CMG_GW_MIN_BUFFER_MEMORY);
+            return 0;
+        }
+    } else if (!strcmp(key, "send_timeout")) {
+        if (cmg_conf_seconds(value, &c->send_timeout_ms) < 0 || c->send_timeout_ms == 0) {
+            snprintf(l->err, sizeof(l->err), "send_timeout: '%s' is not a number of seconds above 0",
+                     value);
+            return 0;
+        }
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
@@ -163,6 +175,8 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->max_connections_per_source = 2000;
     c->max_tunnel_handshakes = 128;
     c->max_tunnel_handshakes_per_source = 16;
+    c->max_buffer_memory = 256ull << 20;
+    c->send_timeout_ms = 60000;
     c->log_level = CMG_LOG_INFO;
     memset(&l, 0, sizeof(l));
     l.c = c;

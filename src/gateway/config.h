@@ -10,6 +10,8 @@
 #include <stdint.h>
 
 #define CMG_GW_MAX_LISTEN 8
+/* The smallest max_buffer_memory: a few streams' windows. */
+#define CMG_GW_MIN_BUFFER_MEMORY (16ull << 20)
 
 struct cmg_gw_config {
     char file[PATH_MAX];
@@ -28,6 +30,9 @@ struct cmg_gw_config {
     uint32_t max_header_size, max_connections;
     /* per source address (IPv4, or IPv6 /64); tunnel handshakes not yet authenticated */
     uint32_t max_connections_per_source, max_tunnel_handshakes, max_tunnel_handshakes_per_source;
+    /* buffering: the process-wide budget, and how long a device may take nothing */
+    uint64_t max_buffer_memory;
+    uint32_t send_timeout_ms;
     int log_level;
     struct cmg_policy_mapping *mappings;
     size_t nmappings;

@@ -559,7 +559,7 @@ void cmg_h1_on_read(struct cmg_device *d)
             cmg_buf_free(&held);
             continue;
         }
-        if (h->ex && !h->msg_complete && h->ex->req_body.len >= CMG_EX_BUFFER) {
+        if (h->ex && !h->msg_complete && cmg_exchange_req_full(h->ex)) {
             cmg_conn_want_read(&d->conn, false);   /* the tunnel is behind: wait */
             return;
         }

@@ -18,8 +18,14 @@
 #define CMG_TUNNEL_ALPN "cmg-tunnel/1"
 #define CMG_CONTROL_PATH "/.cmg/control"
 #define CMG_TUNNEL_MAX_ROLES 4096
-/* Request or response bytes buffered per exchange before the producer is paused. */
+/* Request bytes buffered per exchange before the device is paused. (A response's are
+ * bounded by the tunnel's stream window, CMG_TUNNEL_STREAM_WINDOW.) */
 #define CMG_EX_BUFFER (256 * 1024)
+/* The connection window a tunnel gives its connector. Its credit goes back as soon as
+ * the data is buffered (exchange.c), so it need not cover stalled streams, only what is
+ * in flight: several stream windows (CMG_TUNNEL_STREAM_WINDOW). It is also what may still
+ * arrive on a tunnel once the buffer budget is spent. */
+#define CMG_GW_TUNNEL_WINDOW (16 << 20)
 /* Output queued on a connection before producers wait for it to drain. */
 #define CMG_OUT_HIGH (256 * 1024)
 
@@ -55,6 +61,14 @@ struct cmg_gateway {
     struct cmg_jwk site_key;        /* verifies signed policies; pkey NULL if none */
     char policy_cache[PATH_MAX];
     struct cmg_timer policy_age_timer;   /* max_policy_age */
+    /* The buffer budget (max_buffer_memory): bytes the exchanges hold, and whether
+     * window credit was held back because they reached it. */
+    uint64_t buffered;
+    bool budget_spent;
+    struct cmg_task budget_task;    /* pays the credit back once below the low mark */
+    uint64_t budget_warned_ms;      /* at most one warning per BUDGET_WARN_MS ... */
+    uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
+    bool budget_logged;             /* this time was logged: so is its end */
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -86,6 +100,14 @@ struct cmg_exchange {
     struct cmg_buf resp_body;
     bool resp_eof;
     uint64_t resp_bytes;
+    /* the buffer budget: bytes counted in gw->buffered, and what was held back while
+     * it was spent (stream credit to the connector, room to the device) */
+    size_t held;
+    size_t credit_owed, room_owed;
+    bool room_wanted;               /* the device paused its upload for the budget */
+    /* send_timeout: armed while response bytes wait for the device */
+    struct cmg_timer send_timer;
+    uint64_t progress_ms;           /* when the device last took response bytes */
     /* the device side */
     const struct cmg_exchange_dev_ops *dev_ops;
     void *dev;
@@ -110,6 +132,13 @@ int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
 void cmg_exchange_req_end(struct cmg_exchange *ex);
 /* Device side: n response body bytes were passed on to the device. */
 void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n);
+/* Tunnel side: response body arrived. 0, or -1 if out of memory. */
+int cmg_exchange_resp_data(struct cmg_exchange *ex, const uint8_t *data, size_t len);
+/* Device side: whether to stop reading the request body for now (this exchange holds
+ * its share, or the buffer budget is spent); on_request_room says when to go on. */
+bool cmg_exchange_req_full(struct cmg_exchange *ex);
+/* Tunnel side: n request body bytes left for the connector. */
+void cmg_exchange_req_taken(struct cmg_exchange *ex, size_t n);
 /* Takes the exchange off its tunnel (its stream is over or abandoned). */
 void cmg_exchange_unlink(struct cmg_exchange *ex);
 /* Device side is finished with the exchange (done or gone). */
@@ -135,6 +164,7 @@ struct cmg_tunnel {
     bool handshaking;        /* counted in gw->nhandshakes until authenticated or gone */
     struct cmg_task send_task;
     struct cmg_exchange *exchanges;
+    uint64_t credit_owed;    /* connection-window credit held back: the budget was spent */
     struct cmg_tunnel *prev, *next;
 };
 

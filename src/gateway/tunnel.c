@@ -258,9 +258,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
         return 0;
     }
     /* Buffered until the device takes it; the stream window bounds how much. */
-    if (cmg_buf_append(&ex->resp_body, data, len) < 0)
+    if (cmg_exchange_resp_data(ex, data, len) < 0)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    ex->dev_ops->on_response_body(ex);
     return 0;
 }
 
@@ -309,8 +308,8 @@ static int send_request_body(nghttp2_session *s, nghttp2_frame *frame, const uin
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &ex->req_body);
-    if (rc == 0 && ex->dev)
-        ex->dev_ops->on_request_room(ex, length);
+    if (rc == 0)
+        cmg_exchange_req_taken(ex, length);
     return rc;
 }
 
@@ -469,8 +468,9 @@ static int start_session(struct cmg_tunnel *t)
         nghttp2_session_callbacks_del(cb);
         return -1;
     }
-    /* Windows open only as the device takes the data: a slow device stalls
-     * its own stream, never the tunnel. */
+    /* Windows are opened by hand (exchange.c): a stream's as its device takes the
+     * data, the connection's as the data is buffered, both within the buffer budget.
+     * A slow device stalls its own stream, never the tunnel. */
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_peer_max_concurrent_streams(opt, 100);
     rc = nghttp2_session_client_new2(&t->h2, cb, t, opt);
@@ -479,7 +479,7 @@ static int start_session(struct cmg_tunnel *t)
     if (rc != 0)
         return -1;
     nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, settings, sizeof(settings) / sizeof(settings[0]));
-    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_TUNNEL_CONNECTION_WINDOW);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, CMG_GW_TUNNEL_WINDOW);
     t->ctl_stream = nghttp2_submit_request(t->h2, NULL, nv, 4, NULL, NULL);
     return t->ctl_stream < 0 ? -1 : 0;
 }

@@ -10,10 +10,11 @@
 /* Output queued before we wait for the connection to drain. */
 #define CMG_H2_OUT_HIGH (256 * 1024)
 
-/* Tunnel flow control, the same both ways. A stream's window is what may be in flight
+/* Tunnel flow control. A stream's window, the same both ways, is what may be in flight
  * towards a reader that has not passed it on yet: 4 MiB keeps a bulk transfer moving
  * across the scheduling hiccups of a busy host (1 MiB stalled it, bench/). The
- * connection window bounds what one tunnel may hold buffered at the receiving end. */
+ * connection window bounds what one tunnel may hold buffered at the connector (the
+ * gateway gives its own, CMG_GW_TUNNEL_WINDOW in gateway/gw.h). */
 #define CMG_TUNNEL_STREAM_WINDOW (4 << 20)
 #define CMG_TUNNEL_CONNECTION_WINDOW (64 << 20)
 

@@ -1,6 +1,6 @@
 """Hostile HTTP/1.1 devices cost a bounded time each, and nothing they send is forwarded.
 
-The gateway runs with header_timeout = 2 s and idle_timeout = 4 s. While each attack runs, a
+The gateway runs with header_timeout = 2 s and idle_timeout = 6 s. While each attack runs, a
 legitimate device keeps getting 200s, and the internal service's request count shows that
 nothing from the attacker reached it:
 - connections that send only CR/LF, stay silent after the TLS handshake, or trickle a head a
@@ -13,6 +13,11 @@ nothing from the attacker reached it:
   never 100 Continue) or chunked, with and without Expect: 100-continue, and the device's
   writes of the rest of its body do not fail (the gateway reads and discards them for a
   bounded time before it closes)."""
+import os
+import re
+import resource
+import select
+import selectors
 import socket
 import ssl
 import threading
@@ -21,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from cmgtest import (SANITIZED, SLOW, bring_up, ini_set, poll, read_response, request, tls_connect)
+from cmgtest import (SANITIZED, SLOW, DeviceConnection, bring_up, client_context, ini_set, read_response,
+                     request, tls_connect)
 from internal_service import POLICY
 
-HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 4
+HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 6
 MAX_BODY = 1000
 TOO_LARGE = b'CMGService_Request_Too_Large'
 
@@ -32,6 +38,7 @@ TOO_LARGE = b'CMGService_Request_Too_Large'
 @pytest.fixture
 def hostile(procs, site):
     """Gateway (short header and idle timeouts, max_body = 1000) and connector, serving."""
+    raise_fd_limit()
     g = site.gateway_conf
     ini_set(g, 'gateway', 'header_timeout', HEADER_TIMEOUT)
     ini_set(g, 'gateway', 'idle_timeout', IDLE_TIMEOUT)
@@ -41,8 +48,291 @@ def hostile(procs, site):
     return site
 
 
+def raise_fd_limit():
+    """Room for 1,000 connections here and in the gateway (which inherits the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < min(hard, 8192):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+
 def head(site, path='policy.xml', method='GET', extra=''):
     return f'{method} {site.path(path)} HTTP/1.1\r\nHost: {site.name}\r\n{extra}\r\n'.encode()
+
+
+class LegitDevice:
+    """A device with a valid certificate making GET requests on one kept-alive connection,
+    one every 20 ms, while an attack runs: every answer must be 200 with the right body."""
+
+    def __init__(self, site):
+        self.site = site
+        self.latencies, self.errors = [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        conn = DeviceConnection(self.site, timeout=10 * SLOW)
+        try:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                try:
+                    conn.request('GET', self.site.path('policy.xml'))
+                    r = conn.getresponse()
+                    body = r.read()
+                except Exception as e:  # noqa: BLE001 -- reported by finish()
+                    self.errors.append(repr(e))
+                    conn.close()
+                    conn = DeviceConnection(self.site, timeout=10 * SLOW)
+                    continue
+                self.latencies.append(time.monotonic() - started)
+                if (r.status, body) != (200, POLICY):
+                    self.errors.append(f'{r.status} {body[:80]!r}')
+                self.stop.wait(0.02)
+        finally:
+            conn.close()
+
+    def finish(self):
+        """Stop; assert every request succeeded; return (count, p99 in seconds)."""
+        self.stop.set()
+        self.thread.join(30 * SLOW)
+        assert not self.errors, f'the legitimate device failed {len(self.errors)} times: {self.errors[:3]}'
+        assert self.latencies, 'the legitimate device made no request'
+        lat = sorted(self.latencies)
+        return len(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+
+
+def closed_now(sock):
+    """True if the peer has closed (EOF, reset or TLS close); False if it is still open.
+    The socket is non-blocking."""
+    try:
+        return sock.recv(4096) == b''
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    except (ConnectionError, ssl.SSLError, OSError):
+        return True
+
+
+def wait_closed(sock, deadline):
+    """Seconds until the peer closes `sock` (monotonic clock), or None if it is still open
+    at `deadline`."""
+    sock.setblocking(False)
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([sock], [], [], 0.05)
+        if r and closed_now(sock):
+            return time.monotonic()
+    return None
+
+
+def attack(site, svc, fn):
+    """Run fn() while a legitimate device makes requests; the internal service must have
+    seen exactly the legitimate device's requests. Returns (fn's result, count, p99)."""
+    before = svc.count
+    legit = LegitDevice(site)
+    try:
+        result = fn()
+    finally:
+        count, p99 = legit.finish()
+    assert svc.count - before == count, 'the internal service saw requests of the attacker'
+    return result, count, p99
+
+
+# ---------------------------------------------------------------- deadlines
+
+SLACK = 1.0 * SLOW       # scheduling, and the timer's granularity
+
+
+def test_crlf_only_connections_are_closed_by_header_timeout(hostile, svc):
+    """CR/LF before a request line is allowed, but it starts the request's header deadline:
+    connections sending only CR/LF, every 0.2 s, are closed header_timeout after their
+    first byte."""
+    site = hostile
+
+    def crlf_forever():
+        socks = [tls_connect(site, timeout=5) for _ in range(20)]
+        started = {}
+        closed = {}
+        end = time.monotonic() + HEADER_TIMEOUT + 3 * SLACK
+        while time.monotonic() < end and len(closed) < len(socks):
+            for i, s in enumerate(socks):
+                if i in closed:
+                    continue
+                try:
+                    s.sendall(b'\r\n')
+                    started.setdefault(i, time.monotonic())
+                except OSError:
+                    closed[i] = time.monotonic()
+                    continue
+                s.setblocking(False)
+                if closed_now(s):
+                    closed[i] = time.monotonic()
+                s.setblocking(True)
+            time.sleep(0.2)
+        for s in socks:
+            s.close()
+        return started, closed
+
+    (started, closed), count, p99 = attack(site, svc, crlf_forever)
+    assert len(closed) == 20, f'{20 - len(closed)} CR/LF-only connections still open after {HEADER_TIMEOUT + 3 * SLACK:.0f} s'
+    lifetimes = sorted(closed[i] - started[i] for i in closed)
+    print(f'CR/LF-only connections closed after {lifetimes[0]:.2f}..{lifetimes[-1]:.2f} s; '
+          f'legitimate device: {count} requests, p99 {p99 * 1000:.0f} ms')
+    assert lifetimes[-1] <= HEADER_TIMEOUT + SLACK, f'closed after {lifetimes[-1]:.2f} s'
+    assert lifetimes[0] >= HEADER_TIMEOUT - 0.3, f'closed after {lifetimes[0]:.2f} s: before the deadline?'
+
+
+def test_silent_connection_is_closed_by_header_timeout_not_idle_timeout(hostile, svc):
+    """A connection that completes its TLS handshake and sends nothing has header_timeout
+    (2 s), not idle_timeout (6 s); a kept-alive connection between requests keeps
+    idle_timeout."""
+    site = hostile
+
+    def silent():
+        socks = [tls_connect(site, timeout=5) for _ in range(20)]
+        opened = time.monotonic()
+        lifetimes = [wait_closed(s, opened + IDLE_TIMEOUT + SLACK) for s in socks]
+        for s in socks:
+            s.close()
+        return [None if t is None else t - opened for t in lifetimes]
+
+    lifetimes, count, p99 = attack(site, svc, silent)
+    assert None not in lifetimes, f'{lifetimes.count(None)} silent connections outlived idle_timeout'
+    print(f'silent connections closed after {min(lifetimes):.2f}..{max(lifetimes):.2f} s; '
+          f'legitimate device: {count} requests, p99 {p99 * 1000:.0f} ms')
+    assert max(lifetimes) <= HEADER_TIMEOUT + SLACK, f'closed after {max(lifetimes):.2f} s, not by header_timeout'
+
+    conn = DeviceConnection(site)
+    conn.request('GET', site.path('policy.xml'))
+    assert conn.getresponse().read() == POLICY
+    sock = conn.sock
+    time.sleep(HEADER_TIMEOUT + SLACK)       # idle between requests: longer than header_timeout
+    conn.request('GET', site.path('policy.xml'))
+    r = conn.getresponse()
+    assert (r.status, r.read(), conn.sock is sock) == (200, POLICY, True), 'a kept-alive connection was closed'
+    conn.close()
+
+
+def test_head_trickled_a_byte_a_second_is_closed_by_header_timeout(hostile, svc):
+    site = hostile
+
+    def trickle():
+        with tls_connect(site, timeout=5) as sock:
+            data = head(site, extra='X-Padding: ' + 'p' * 100 + '\r\n')
+            first = None
+            for b in data:
+                try:
+                    sock.sendall(bytes([b]))
+                except OSError:
+                    break
+                first = first or time.monotonic()
+                closed = wait_closed(sock, time.monotonic() + 1.0)
+                if closed:
+                    return closed - first
+                sock.setblocking(True)
+            return None
+
+    lifetime, count, p99 = attack(site, svc, trickle)
+    assert lifetime is not None, 'the trickled head was never refused'
+    print(f'trickled head closed after {lifetime:.2f} s; legitimate device: {count} requests, p99 {p99 * 1000:.0f} ms')
+    assert HEADER_TIMEOUT - 0.3 <= lifetime <= HEADER_TIMEOUT + SLACK, f'closed after {lifetime:.2f} s'
+
+
+# ---------------------------------------------------------------- slowloris
+
+SLOWLORIS = 1000
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def rss_kib(pid):
+    return int(re.search(r'^VmRSS:\s+(\d+) kB', Path(f'/proc/{pid}/status').read_text(), re.M).group(1))
+
+
+def test_1000_slowloris_connections_are_closed_by_header_timeout(hostile, svc):
+    """1,000 TLS connections, each sending a request head a few bytes at a time and never
+    finishing it: every one is closed header_timeout after its first byte; meanwhile a
+    legitimate device's p99 stays <= 1 s, the gateway's CPU is well under a core and its
+    RSS under 128 MiB."""
+    site = hostile
+    pid = site.gateway_proc.pid
+    partial = head(site, extra='X-Slow: ' + 's' * 200 + '\r\n')[:-4]   # never ends
+    stats = {'rss': 0}
+
+    def slowloris():
+        sel = selectors.DefaultSelector()
+        first, closed, sent = {}, {}, {}
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        ctx = client_context(site, cert=False)
+        for i in range(SLOWLORIS):
+            raw = socket.create_connection((site.addr, site.port), timeout=10 * SLOW)
+            s = ctx.wrap_socket(raw, server_hostname=site.name)
+            s.sendall(partial[:8])
+            first[i], sent[i] = time.monotonic(), 8
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, i)
+            if i % 100 == 0:
+                stats['rss'] = max(stats['rss'], rss_kib(pid))
+        opened = time.monotonic()
+        deadline = opened + HEADER_TIMEOUT + 3 * SLACK
+        next_byte = 0
+        while len(closed) < SLOWLORIS and time.monotonic() < deadline:
+            for key, _ in sel.select(0.05):
+                if closed_now(key.fileobj):
+                    closed[key.data] = time.monotonic()
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+            if time.monotonic() >= next_byte:   # one more byte each, every 0.5 s
+                next_byte = time.monotonic() + 0.5
+                stats['rss'] = max(stats['rss'], rss_kib(pid))
+                for key in list(sel.get_map().values()):
+                    i = key.data
+                    try:
+                        key.fileobj.send(partial[sent[i]:sent[i] + 1])
+                        sent[i] += 1
+                    except (ssl.SSLWantWriteError, BlockingIOError):
+                        pass
+                    except OSError:
+                        closed[i] = time.monotonic()
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+        cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        return first, closed, opened - t0, cpu
+
+    (first, closed, open_s, cpu), count, p99 = attack(site, svc, slowloris)
+    lifetimes = sorted(closed[i] - first[i] for i in closed)
+    print(f'{SLOWLORIS} slowloris connections opened in {open_s:.1f} s, {len(closed)} closed after '
+          f'{lifetimes[0]:.2f}..{lifetimes[-1]:.2f} s; gateway: CPU {cpu * 100:.0f} % of a core, '
+          f'RSS peak seen {stats["rss"] / 1024:.1f} MiB; legitimate device: {count} requests, '
+          f'p99 {p99 * 1000:.0f} ms')
+    assert len(closed) == SLOWLORIS, f'{SLOWLORIS - len(closed)} slowloris connections still open'
+    assert lifetimes[-1] <= HEADER_TIMEOUT + SLACK, f'a connection lived {lifetimes[-1]:.2f} s'
+    assert p99 <= 1.0, f'the legitimate device waited {p99:.2f} s (p99)'
+    assert cpu < 0.8, f'the gateway used {cpu * 100:.0f} % of a core'
+    if not SANITIZED:
+        assert stats['rss'] < 128 * 1024, f'the gateway reached {stats["rss"] / 1024:.1f} MiB'
+
+
+# ---------------------------------------------------------------- Content-Length
+
+@pytest.mark.parametrize('length, status', [('99999999999999999999', 400),     # over UINT64_MAX
+                                             ('9223372036854775808', 400),      # INT64_MAX + 1
+                                             ('18446744073709551615', 400),     # UINT64_MAX
+                                             (str(MAX_BODY + 1), 413)])
+def test_content_length_too_large_is_refused_and_not_forwarded(hostile, svc, length, status):
+    site = hostile
+    before = svc.count
+    with tls_connect(site) as sock:
+        sock.sendall(upload_head(site, f'Content-Length: {length}\r\n') + b'x' * 100)
+        got, head_bytes, body = read_response(sock)
+    assert got == status, f'{head_bytes!r} {body!r}'
+    assert svc.count == before, 'the request was forwarded'
+    r = request(site, 'GET', site.path('policy.xml'))
+    assert (r.status, r.body) == (200, POLICY)
 
 
 # ---------------------------------------------------------------- 413, 200 times

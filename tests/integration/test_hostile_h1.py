@@ -8,6 +8,8 @@ nothing from the attacker reached it:
 - 1,000 slowloris connections (TLS, partial heads) are all closed by the deadline, with the
   legitimate device's p99 <= 1 s, the gateway's CPU well under a core and its RSS under
   128 MiB (only reported under ASan);
+- a device pipelining requests and never reading the answers is not read while its answers
+  pile up: the gateway's memory stays bounded;
 - a Content-Length over INT64_MAX gets 400 and one over max_body 413, nothing forwarded;
 - a body over max_body gets 413 every time, 200 times in a row: with Content-Length (at once,
   never 100 Continue) or chunked, with and without Expect: 100-continue, and the device's
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from cmgtest import (SANITIZED, SLOW, DeviceConnection, bring_up, client_context, ini_set, read_response,
-                     request, tls_connect)
+from cmgtest import (SANITIZED, SLOW, DeviceConnection, bring_up, client_context, curl, ini_set,
+                     read_response, request, tls_connect)
 from internal_service import POLICY
 
 HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 6
@@ -317,6 +319,40 @@ def test_1000_slowloris_connections_are_closed_by_header_timeout(hostile, svc):
         assert stats['rss'] < 128 * 1024, f'the gateway reached {stats["rss"] / 1024:.1f} MiB'
 
 
+# ---------------------------------------------------------------- pipelining
+
+def test_pipelined_requests_never_read_cost_bounded_memory(hostile, svc):
+    """A device pipelining requests that the gateway answers itself (404: no mapping) and
+    never reading the answers: the gateway stops reading it once its answers pile up, so
+    its memory stays bounded, and others are served meanwhile."""
+    site = hostile
+    pid = site.gateway_proc.pid
+    one = f'GET /nowhere HTTP/1.1\r\nHost: {site.name}\r\n\r\n'.encode()
+    block = one * (65536 // len(one))
+    rss_before = rss_kib(pid)
+
+    def flood():
+        sent = 0
+        with tls_connect(site, timeout=5) as sock:
+            sock.setblocking(False)
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                try:
+                    sent += sock.send(block)
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    select.select([], [sock], [], 0.05)
+        return sent
+
+    sent, count, p99 = attack(site, svc, flood)
+    grown = rss_kib(pid) - rss_before
+    print(f'pipelined flood: {sent / 1048576:.1f} MiB sent in 3 s; gateway RSS grew {grown / 1024:.1f} MiB; '
+          f'legitimate device: {count} requests, p99 {p99 * 1000:.0f} ms')
+    assert p99 <= 1.0, f'the legitimate device waited {p99:.2f} s (p99)'
+    assert sent < 16 * 1048576, f'the gateway took {sent / 1048576:.1f} MiB of requests whose answers were not read'
+    if not SANITIZED:
+        assert grown < 32 * 1024, f'the gateway grew by {grown / 1024:.1f} MiB'
+
+
 # ---------------------------------------------------------------- Content-Length
 
 @pytest.mark.parametrize('length, status', [('99999999999999999999', 400),     # over UINT64_MAX
@@ -406,6 +442,14 @@ def test_body_over_max_body_is_413_every_time(hostile, svc):
                     failures.append(f'round {i} chunked={chunked} expect={expect}: statuses {seen}'
                                     + (f', a write failed {write_failed}' if write_failed else ''))
     assert not failures, f'{len(failures)} of 800 uploads went wrong, e.g.: {failures[:5]}'
+    # As the issue saw it: curl, which reports the last status it read and fails on a write
+    # error ("100" and a broken pipe when the answer was lost).
+    for i in range(20):
+        for how in (['-T', '-'], ['--data-binary', '@-']):
+            r = curl(site, site.path('upload'), *how, '-H', 'Expect: 100-continue', input=BODY)
+            if (r.rc, r.status) != (0, 413) or TOO_LARGE not in r.body:
+                failures.append(f'curl {how[0]} round {i}: {r}')
+    assert not failures, f'{len(failures)} of 40 curl uploads went wrong, e.g.: {failures[:3]}'
     after = svc.stats()
     assert after['answered'] == before['answered'], 'the service answered an upload over the limit'
     assert after['body_bytes'] - before['body_bytes'] <= 400 * MAX_BODY, 'more than max_body reached the service'

@@ -26,6 +26,9 @@
 /* After the last answer: how long, and how much, the device's input is dropped. */
 #define LINGER_MS 2000
 #define LINGER_MAX_BYTES (4 * 1024 * 1024)
+/* Requests one connection may begin per loop round: a pipelined burst of requests
+ * answered here (refusals) costs far more than its bytes, which cmg_conn_read counts. */
+#define REQUESTS_PER_ROUND 16
 
 enum h1_phase {
     H1_WAIT,       /* no byte of the next request yet */
@@ -49,6 +52,9 @@ struct cmg_h1 {
     size_t linger_bytes;       /* dropped while lingering */
     bool close_notify_sent;
     bool out_blocked;          /* reading waits for answers the device has not taken */
+    uint64_t round;            /* the loop round that round_requests counts */
+    unsigned round_requests;
+    struct cmg_task next_round;   /* goes on reading after the other connections */
     int error_status;
     const char *error_reason;
     struct cmg_exchange *ex;
@@ -568,6 +574,7 @@ static bool scan_head(struct cmg_h1 *h, const char *p, size_t n)
 static void start_head(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
+    h->round_requests++;
     h->phase = H1_HEAD;
     h->blank_bytes = 0;
     h->scan = SCAN_LINE;
@@ -652,14 +659,29 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     }
 }
 
+static void on_next_round(struct cmg_task *t)
+{
+    struct cmg_h1 *h = (struct cmg_h1 *)((char *)t - offsetof(struct cmg_h1, next_round));
+    cmg_h1_on_read(h->d);
+}
+
 /* May input be parsed now? Not while a response is awaited (pipelining waits), nor
- * while answers pile up that the device does not take. */
+ * while answers pile up that the device does not take, nor past this round's share. */
 static bool ready_for_input(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
+    uint64_t round = cmg_loop_round(d->gw->loop);
 
     if (h->paused || h->phase == H1_CLOSING || h->phase == H1_LINGER)
         return false;
+    if (h->round != round) {
+        h->round = round;
+        h->round_requests = 0;
+    }
+    if (h->round_requests >= REQUESTS_PER_ROUND && h->phase == H1_WAIT) {
+        cmg_task_post(d->gw->loop, &h->next_round, on_next_round);   /* runs next round */
+        return false;
+    }
     if (cmg_conn_pending(&d->conn) >= CMG_OUT_HIGH) {
         h->out_blocked = true;   /* on_drain reads again */
         cmg_conn_want_read(&d->conn, false);
@@ -768,6 +790,7 @@ void cmg_h1_free(struct cmg_device *d)
     if (!h)
         return;
     d->h1 = NULL;
+    cmg_task_cancel(d->gw->loop, &h->next_round);
     if (h->ex) {
         struct cmg_exchange *ex = h->ex;
         if (!ex->status)

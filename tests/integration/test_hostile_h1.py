@@ -3,6 +3,7 @@
 The gateway runs with header_timeout = 2 s and idle_timeout = 6 s. While each attack runs, a
 legitimate device keeps getting 200s, and the internal service's request count shows that
 nothing from the attacker reached it:
+- CR/LF before a request line do not hide an obs-fold from the head's checks;
 - connections that send only CR/LF, stay silent after the TLS handshake, or trickle a head a
   byte at a time are closed by header_timeout (not idle_timeout);
 - 1,000 slowloris connections (TLS, partial heads) are all closed by the deadline, with the
@@ -236,6 +237,26 @@ def test_head_trickled_a_byte_a_second_is_closed_by_header_timeout(hostile, svc)
     assert lifetime is not None, 'the trickled head was never refused'
     print(f'trickled head closed after {lifetime:.2f} s; legitimate device: {count} requests, p99 {p99 * 1000:.0f} ms')
     assert HEADER_TIMEOUT - 0.3 <= lifetime <= HEADER_TIMEOUT + SLACK, f'closed after {lifetime:.2f} s'
+
+
+# ---------------------------------------------------------------- checks start at the request
+
+@pytest.mark.parametrize('kept_alive', [False, True], ids=['first request', 'second request'])
+def test_obs_fold_after_blank_lines_is_refused(hostile, svc, kept_alive):
+    """CR/LF before a request line are skipped, and the head's checks start at the request
+    line: an obs-fold after them is still refused (400) and nothing is forwarded."""
+    site = hostile
+    folded = head(site, extra='X-A: a\r\n  folded\r\n')
+    with tls_connect(site) as sock:
+        if kept_alive:
+            sock.sendall(head(site))
+            status, _, body = read_response(sock)
+            assert (status, body) == (200, POLICY)
+        before = svc.count
+        sock.sendall(b'\r\n\r\n' + folded)
+        status, head_bytes, body = read_response(sock)
+    assert status == 400 and b'CMGService_Obsolete_Line_Folding' in body, head_bytes + body
+    assert svc.count == before, 'the folded request was forwarded'
 
 
 # ---------------------------------------------------------------- slowloris

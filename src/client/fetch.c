@@ -2,6 +2,7 @@
  * every wait is a poll() with the timeout, so a silent server cannot hold us forever;
  * llhttp parses the response (Content-Length, chunked, or up to the close). */
 #include "client/fetch.h"
+#include "http/h1_head.h"
 
 #include "core/buf.h"
 
@@ -51,9 +52,9 @@ struct fetch {
     SSL *ssl;
 
     llhttp_t parser;
-    struct cmg_buf field, value, headers, reason;
-    size_t head_bytes;
-    unsigned n_headers;
+    struct cmg_buf reason;         /* the status line's text */
+    struct cmg_headers fields;
+    struct cmg_h1_head head;       /* collects fields */
     bool informational;            /* parsing a 1xx response */
     bool done;
     FILE *out;
@@ -702,31 +703,29 @@ out:
 
 static struct fetch *fetch_of(llhttp_t *p) { return p->data; }
 
-static int head_add(struct fetch *f, struct cmg_buf *b, const char *at, size_t n)
+/* A callback's failure to collect the head, said once; -1 for llhttp. */
+static int head_failed(struct fetch *f)
 {
-    f->head_bytes += n;
-    if (f->head_bytes > CMG_FETCH_MAX_HEAD) {
+    if (f->head.error == CMG_H1_HEAD_NO_MEMORY)
+        fail(f, CMG_FETCH_ELOCAL, "out of memory");
+    else if (f->head.error == CMG_H1_HEAD_TOO_LARGE && f->fields.n >= CMG_FETCH_MAX_HEADERS)
+        fail(f, CMG_FETCH_ETOOBIG, "%s: more than %d response headers", f->addr,
+             CMG_FETCH_MAX_HEADERS);
+    else if (f->head.error == CMG_H1_HEAD_TOO_LARGE)
         fail(f, CMG_FETCH_ETOOBIG, "%s: response head longer than %d bytes", f->addr,
              CMG_FETCH_MAX_HEAD);
-        return -1;
-    }
-    if (cmg_buf_append(b, at, n) < 0) {
-        fail(f, CMG_FETCH_ELOCAL, "out of memory");
-        return -1;
-    }
-    return 0;
+    else
+        fail(f, CMG_FETCH_ENET, "%s: malformed response: %s", f->addr,
+             cmg_h1_head_error_text(&f->head));
+    return -1;
 }
 
 static int on_message_begin(llhttp_t *p)
 {
     struct fetch *f = fetch_of(p);
 
-    cmg_buf_reset(&f->field);
-    cmg_buf_reset(&f->value);
-    cmg_buf_reset(&f->headers);
+    cmg_h1_head_begin(&f->head);
     cmg_buf_reset(&f->reason);
-    f->head_bytes = 0;
-    f->n_headers = 0;
     free(f->resp->content_type);
     f->resp->content_type = NULL;
     return 0;
@@ -734,45 +733,55 @@ static int on_message_begin(llhttp_t *p)
 
 static int on_status(llhttp_t *p, const char *at, size_t n)
 {
-    return head_add(fetch_of(p), &fetch_of(p)->reason, at, n);
+    struct fetch *f = fetch_of(p);
+
+    if (cmg_h1_head_count(&f->head, n) < 0)
+        return head_failed(f);
+    if (cmg_buf_append(&f->reason, at, n) < 0) {
+        fail(f, CMG_FETCH_ELOCAL, "out of memory");
+        return -1;
+    }
+    return 0;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
-    return head_add(fetch_of(p), &fetch_of(p)->field, at, n);
+    return cmg_h1_head_field(&fetch_of(p)->head, at, n) < 0 ? head_failed(fetch_of(p)) : 0;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    return cmg_h1_head_field_done(&fetch_of(p)->head) < 0 ? head_failed(fetch_of(p)) : 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
-    return head_add(fetch_of(p), &fetch_of(p)->value, at, n);
+    return cmg_h1_head_value(&fetch_of(p)->head, at, n) < 0 ? head_failed(fetch_of(p)) : 0;
 }
 
 static int on_header_value_complete(llhttp_t *p)
 {
-    struct fetch *f = fetch_of(p);
-    const char *name = f->field.len ? cmg_buf_head(&f->field) : "";
-    const char *value = f->value.len ? cmg_buf_head(&f->value) : "";
-    int ret = 0;
+    return cmg_h1_head_value_done(&fetch_of(p)->head) < 0 ? head_failed(fetch_of(p)) : 0;
+}
 
-    if (++f->n_headers > CMG_FETCH_MAX_HEADERS) {
-        fail(f, CMG_FETCH_ETOOBIG, "%s: more than %d response headers", f->addr,
-             CMG_FETCH_MAX_HEADERS);
-        return -1;
-    }
-    if (cmg_buf_printf(&f->headers, "%.*s: %.*s\r\n", (int)f->field.len, name,
-                       (int)f->value.len, value) < 0)
-        ret = -1;
-    if (f->field.len == 12 && !strncasecmp(name, "content-type", 12)) {
-        free(f->resp->content_type);
-        f->resp->content_type = strndup(value, f->value.len);
-        if (!f->resp->content_type)
-            ret = -1;
-    }
-    if (ret < 0)
-        fail(f, CMG_FETCH_ELOCAL, "out of memory");
-    cmg_buf_reset(&f->field);
-    cmg_buf_reset(&f->value);
-    return ret;
+/* The head as text (status line, fields, blank line), and its Content-Type. */
+static int head_text(struct fetch *f, llhttp_t *p, struct cmg_buf *head)
+{
+    const struct cmg_headers *h = &f->fields;
+    int ct = cmg_headers_find(h, "content-type");
+    int rc = cmg_buf_printf(head, "HTTP/%u.%u %u %.*s\r\n", p->http_major, p->http_minor,
+                            p->status_code, (int)f->reason.len,
+                            f->reason.len ? cmg_buf_head(&f->reason) : "");
+
+    for (uint32_t i = 0; i < h->n && rc >= 0; i++)
+        rc = cmg_buf_printf(head, "%.*s: %.*s\r\n", (int)h->v[i].name_len, cmg_headers_name(h, i),
+                            (int)h->v[i].value_len, cmg_headers_value(h, i));
+    if (rc >= 0)
+        rc = cmg_buf_printf(head, "\r\n");
+    if (rc >= 0 && ct >= 0 &&
+        !(f->resp->content_type = strndup(cmg_headers_value(h, (uint32_t)ct), h->v[ct].value_len)))
+        rc = -1;
+    return rc < 0 ? -1 : 0;
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -787,10 +796,8 @@ static int on_headers_complete(llhttp_t *p)
         f->informational = true;
         return 0;
     }
-    if (cmg_buf_printf(&head, "HTTP/%u.%u %u %.*s\r\n%.*s\r\n", p->http_major, p->http_minor,
-                       p->status_code, (int)f->reason.len,
-                       f->reason.len ? cmg_buf_head(&f->reason) : "", (int)f->headers.len,
-                       f->headers.len ? cmg_buf_head(&f->headers) : "") < 0) {
+    if (head_text(f, p, &head) < 0) {
+        cmg_buf_free(&head);
         fail(f, CMG_FETCH_ELOCAL, "out of memory");
         return -1;
     }
@@ -872,6 +879,7 @@ static const llhttp_settings_t settings = {
     .on_message_begin = on_message_begin,
     .on_status = on_status,
     .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
     .on_header_value = on_header_value,
     .on_header_value_complete = on_header_value_complete,
     .on_headers_complete = on_headers_complete,
@@ -888,6 +896,7 @@ static int read_response(struct fetch *f)
 
     llhttp_init(&f->parser, HTTP_RESPONSE, &settings);
     f->parser.data = f;
+    cmg_h1_head_init(&f->head, &f->fields, CMG_FETCH_MAX_HEAD, CMG_FETCH_MAX_HEADERS);
     while (!f->done) {
         n = conn_read(f, buf, sizeof(buf));
         if (n < 0)
@@ -957,9 +966,7 @@ int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char
     SSL_CTX_free(f.ctx);
     if (f.fd >= 0)
         close(f.fd);
-    cmg_buf_free(&f.field);
-    cmg_buf_free(&f.value);
-    cmg_buf_free(&f.headers);
+    cmg_headers_free(&f.fields);
     cmg_buf_free(&f.reason);
     free(f.target);
     ERR_clear_error();

@@ -8,6 +8,7 @@
 #include "core/loop.h"
 #include "core/net.h"
 #include "http/h2.h"
+#include "http/h1_head.h"
 #include "http/headers.h"
 #include "http/path.h"
 #include "auth/jwk.h"
@@ -155,7 +156,7 @@ struct cmg_upstream {
     struct cmg_cn_stream *st;
     llhttp_t parser;
     struct cmg_headers resp;
-    bool in_value;
+    struct cmg_h1_head resp_head;   /* collects resp */
     bool informational, headers_done, msg_done, reused, got_bytes, head;
     bool paused;
     bool in_place;   /* the bytes being parsed were read into st->resp_body's spare room */

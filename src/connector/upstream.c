@@ -15,6 +15,7 @@
 #define MAX_IDLE 64
 #define IDLE_MS 30000
 #define MAX_RESPONSE_HEAD (64 * 1024)
+#define MAX_RESPONSE_FIELDS 1000
 
 static void release(struct cmg_upstream *u);
 
@@ -96,43 +97,37 @@ static void arm(struct cmg_upstream *u)
 
 /* ---- response parsing ---- */
 
+static struct cmg_upstream *upstream_of(llhttp_t *p)
+{
+    return (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
+}
+
 static int on_message_begin(llhttp_t *p)
 {
-    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
-    cmg_headers_reset(&u->resp);
-    u->in_value = false;
+    struct cmg_upstream *u = upstream_of(p);
+    cmg_h1_head_begin(&u->resp_head);
     u->informational = false;
     return 0;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
-    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
-    bool start = u->in_value || u->resp.n == 0;
-    u->in_value = false;
-    if (u->resp.arena.len + n > MAX_RESPONSE_HEAD)
-        return -1;
-    return cmg_headers_append_name(&u->resp, at, n, start);
+    return cmg_h1_head_field(&upstream_of(p)->resp_head, at, n);
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    return cmg_h1_head_field_done(&upstream_of(p)->resp_head);
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
-    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
-    bool start = !u->in_value;
-    u->in_value = true;
-    if (u->resp.arena.len + n > MAX_RESPONSE_HEAD)
-        return -1;
-    return cmg_headers_append_value(&u->resp, at, n, start);
+    return cmg_h1_head_value(&upstream_of(p)->resp_head, at, n);
 }
 
 static int on_header_value_complete(llhttp_t *p)
 {
-    struct cmg_upstream *u = (struct cmg_upstream *)((char *)p - offsetof(struct cmg_upstream, parser));
-    if (!u->in_value) {
-        u->in_value = true;
-        return cmg_headers_append_value(&u->resp, "", 0, true);
-    }
-    return 0;
+    return cmg_h1_head_value_done(&upstream_of(p)->resp_head);
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -195,6 +190,7 @@ static int on_message_complete(llhttp_t *p)
 static const llhttp_settings_t settings = {
     .on_message_begin = on_message_begin,
     .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
     .on_header_value = on_header_value,
     .on_header_value_complete = on_header_value_complete,
     .on_headers_complete = on_headers_complete,
@@ -425,6 +421,7 @@ int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
     u->head = !strcmp(st->method, "HEAD");
     u->headers_done = u->msg_done = u->got_bytes = u->paused = false;
     llhttp_init(&u->parser, HTTP_RESPONSE, &settings);
+    cmg_h1_head_init(&u->resp_head, &u->resp, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS);
     list_push(&cn->busy, u);
     if (write_head(u, st) < 0) {
         fail(u, 502, "out of memory");

@@ -1,28 +1,60 @@
 /* HTTP/1.1 from devices: llhttp parses, with our own checks for what it lets
  * through (obs-fold, space before colon, a second Host); one request at a time,
- * pipelined input held until the response before it is done. */
+ * pipelined input held until the response before it is done.
+ *
+ * Deadlines: from the handshake until the first byte of a request, and between
+ * requests, the connection idles (header_timeout before the first request,
+ * idle_timeout after one); the first byte of a request (a leading CR/LF counts)
+ * starts header_timeout for its head, which nothing extends; a request body must
+ * make progress within idle_timeout. A refused request is answered, then what the
+ * device still sends is read and dropped for a bounded time and number of bytes
+ * before the connection closes, so that the answer is not lost to a reset. */
 #include "core/log.h"
 #include "gateway/gw.h"
+#include "http/h1_head.h"
 #include "http/status.h"
 
+#include <errno.h>
+#include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
 
 #define READ_CHUNK 16384
-#define LINGER_MS 2000
 #define MAX_HEADERS 100
+/* After the last answer: how long, and how much, the device's input is dropped. */
+#define LINGER_MS 2000
+#define LINGER_MAX_BYTES (4 * 1024 * 1024)
+/* Requests one connection may begin per loop round: a pipelined burst of requests
+ * answered here (refusals) costs far more than its bytes, which cmg_conn_read counts. */
+#define REQUESTS_PER_ROUND 16
+
+enum h1_phase {
+    H1_WAIT,       /* no byte of the next request yet */
+    H1_HEAD,       /* a request head is arriving */
+    H1_BODY,       /* its body is arriving */
+    H1_RESPONSE,   /* the request is in: its answer is awaited or on its way */
+    H1_CLOSING,    /* the last answer is being written */
+    H1_LINGER,     /* written; the device's input is dropped until it closes */
+};
 
 struct cmg_h1 {
     llhttp_t parser;
     struct cmg_device *d;
     struct cmg_headers hdrs;
+    struct cmg_h1_head head_fields;
     struct cmg_buf url;
     struct cmg_buf held;       /* input after a complete request, parsed later */
-    size_t head_bytes;
-    bool in_value;             /* last piece seen was a value */
-    bool value_done;           /* the current value is complete */
+    enum h1_phase phase;
+    const char *timer_why;     /* what the armed deadline ends */
+    size_t blank_bytes;        /* CR/LF before the request line */
+    size_t linger_bytes;       /* dropped while lingering */
+    bool close_notify_sent;
+    bool out_blocked;          /* reading waits for answers the device has not taken */
+    uint64_t round;            /* the loop round that round_requests counts */
+    unsigned round_requests;
+    struct cmg_task next_round;   /* goes on reading after the other connections */
     int error_status;
     const char *error_reason;
     struct cmg_exchange *ex;
@@ -32,10 +64,8 @@ struct cmg_h1 {
     bool keep_alive;
     bool head;
     bool resp_started, resp_chunked;
-    bool lingering;
     int scan;                  /* where scan_head is in the request head */
     int64_t resp_remaining;    /* -1 when the length is not known */
-    struct cmg_task task;
 };
 
 /* States of scan_head() */
@@ -43,40 +73,87 @@ enum { SCAN_LINE, SCAN_LINE_START, SCAN_BLANK_CR, SCAN_DONE };
 
 static void pump_response(struct cmg_device *d);
 static void finish_request(struct cmg_device *d);
+static bool ready_for_input(struct cmg_device *d);
 
 static struct cmg_h1 *h1_of(llhttp_t *p) { return (struct cmg_h1 *)p; }
 
-/* ---- closing: answer, then half-close and read what is left, so that the
- * answer is not lost to a reset caused by unread input ---- */
+/* ---- deadlines and closing ---- */
 
 static void on_timeout(struct cmg_timer *t)
 {
     struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
-    struct cmg_h1 *h = d->h1;
-    cmg_device_close(d, h->lingering ? "closed after answer" : h->in_message ? "header timeout"
-                                                                             : "idle timeout");
+    cmg_device_close(d, d->h1->timer_why);
 }
 
+static void arm(struct cmg_device *d, uint32_t ms, const char *why)
+{
+    d->h1->timer_why = why;
+    cmg_timer_start(d->gw->loop, &d->timer, ms, on_timeout);
+}
+
+/* The answer is written: say so over TLS (close_notify), end our side, and read what
+ * the device still sends, so that its unread input does not reset the connection
+ * (and the answer with it) at close, as nginx's lingering close does. */
 static void start_linger(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
-    if (h->lingering)
+
+    if (h->phase == H1_LINGER)
         return;
-    h->lingering = true;
-    if (d->conn.ssl)
-        SSL_shutdown(d->conn.ssl);
+    if (d->conn.ssl && !h->close_notify_sent) {
+        h->close_notify_sent = true;
+        ERR_clear_error();
+        SSL_shutdown(d->conn.ssl);   /* queued with the connection's output */
+        ERR_clear_error();
+        cmg_conn_flush(&d->conn);
+        if (cmg_conn_pending(&d->conn))
+            return;                  /* on_drain comes back here */
+    }
+    h->phase = H1_LINGER;
     shutdown(d->conn.io.fd, SHUT_WR);
-    cmg_timer_start(d->gw->loop, &d->timer, LINGER_MS, on_timeout);
+    arm(d, LINGER_MS, "closed after answer");
     cmg_conn_want_read(&d->conn, true);
 }
 
 /* Close once the queued output is written. */
 static void close_after_output(struct cmg_device *d)
 {
+    struct cmg_h1 *h = d->h1;
+
     d->closing = true;
+    h->phase = H1_CLOSING;
+    cmg_conn_want_read(&d->conn, false);
+    arm(d, d->gw->cfg.idle_timeout_ms, "answer not taken");
     cmg_conn_flush(&d->conn);
     if (cmg_conn_pending(&d->conn) == 0)
         start_linger(d);
+}
+
+/* Reads and drops the device's input, straight from the socket (nothing of it is
+ * used, not even decrypted): until it closes, or the bounds are reached. */
+static void linger_read(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    char buf[READ_CHUNK];
+    size_t round = 0;
+
+    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
+        ssize_t n = recv(d->conn.io.fd, buf, sizeof(buf), 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (n <= 0) {
+            cmg_device_close(d, "closed after answer");
+            return;
+        }
+        round += (size_t)n;
+        h->linger_bytes += (size_t)n;
+        if (h->linger_bytes > LINGER_MAX_BYTES) {
+            cmg_device_close(d, "closed after answer: the device kept sending");
+            return;
+        }
+    }
 }
 
 static void write_error(struct cmg_device *d, int status, const char *reason, bool close)
@@ -105,34 +182,49 @@ static void refuse(struct cmg_device *d, int status, const char *reason, bool cl
 
 /* ---- parser callbacks ---- */
 
-static int head_limit(struct cmg_h1 *h, size_t n)
+static void head_failed(struct cmg_h1 *h)
 {
-    h->head_bytes += n;
-    if (h->head_bytes > h->d->gw->cfg.max_header_size || h->hdrs.n > MAX_HEADERS) {
+    switch (h->head_fields.error) {
+    case CMG_H1_HEAD_TOO_LARGE:
         h->error_status = 431;
         h->error_reason = "CMGService_Headers_Too_Large";
-        return -1;
+        break;
+    case CMG_H1_HEAD_BAD_NAME:
+        h->error_status = 400;
+        h->error_reason = "CMGService_Bad_Header_Name";
+        break;
+    case CMG_H1_HEAD_OBS_FOLD:
+        h->error_status = 400;
+        h->error_reason = "CMGService_Obsolete_Line_Folding";
+        break;
+    default:
+        h->error_status = 500;
+        h->error_reason = "CMGService_Out_Of_Memory";
+        break;
     }
-    return 0;
+}
+
+/* The collector's verdict as llhttp's: 0, or -1 with the answer chosen. */
+static int head_rc(struct cmg_h1 *h, int rc)
+{
+    if (rc < 0)
+        head_failed(h);
+    return rc;
 }
 
 static int on_message_begin(llhttp_t *p)
 {
     struct cmg_h1 *h = h1_of(p);
-    struct cmg_device *d = h->d;
     h->in_message = true;
-    h->head_bytes = 0;
-    h->in_value = h->value_done = false;
-    cmg_headers_reset(&h->hdrs);
+    cmg_h1_head_begin(&h->head_fields);
     cmg_buf_reset(&h->url);
-    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.header_timeout_ms, on_timeout);
     return 0;
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     struct cmg_h1 *h = h1_of(p);
-    if (head_limit(h, n) < 0)
+    if (head_rc(h, cmg_h1_head_count(&h->head_fields, n)) < 0)
         return -1;
     return cmg_buf_append(&h->url, at, n);
 }
@@ -140,54 +232,25 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     struct cmg_h1 *h = h1_of(p);
-    bool start = h->in_value || h->hdrs.n == 0;
-    if (start)
-        h->head_bytes += 4;   /* ": " and CRLF, roughly */
-    if (head_limit(h, n) < 0)
-        return -1;
-    h->in_value = false;
-    h->value_done = false;
-    return cmg_headers_append_name(&h->hdrs, at, n, start);
+    return head_rc(h, cmg_h1_head_field(&h->head_fields, at, n));
 }
 
 static int on_header_field_complete(llhttp_t *p)
 {
     struct cmg_h1 *h = h1_of(p);
-    struct cmg_header *e = &h->hdrs.v[h->hdrs.n - 1];
-    char last = e->name_len ? cmg_headers_name(&h->hdrs, h->hdrs.n - 1)[e->name_len - 1] : 0;
-    if (last == ' ' || last == '\t') {
-        h->error_status = 400;
-        h->error_reason = "CMGService_Bad_Header_Name";
-        return -1;
-    }
-    return 0;
+    return head_rc(h, cmg_h1_head_field_done(&h->head_fields));
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     struct cmg_h1 *h = h1_of(p);
-    bool start = !h->in_value;
-    if (h->value_done) {   /* a value continued on the next line: obs-fold */
-        h->error_status = 400;
-        h->error_reason = "CMGService_Obsolete_Line_Folding";
-        return -1;
-    }
-    if (head_limit(h, n) < 0)
-        return -1;
-    h->in_value = true;
-    return cmg_headers_append_value(&h->hdrs, at, n, start);
+    return head_rc(h, cmg_h1_head_value(&h->head_fields, at, n));
 }
 
 static int on_header_value_complete(llhttp_t *p)
 {
     struct cmg_h1 *h = h1_of(p);
-    if (!h->in_value) {   /* an empty value: no piece was seen */
-        if (cmg_headers_append_value(&h->hdrs, "", 0, true) < 0)
-            return -1;
-        h->in_value = true;
-    }
-    h->value_done = true;
-    return 0;
+    return head_rc(h, cmg_h1_head_value_done(&h->head_fields));
 }
 
 static const struct cmg_exchange_dev_ops h1_ex_ops;
@@ -199,12 +262,24 @@ static int on_headers_complete(llhttp_t *p)
     bool chunked = p->flags & F_CHUNKED;
     bool has_length = p->flags & F_CONTENT_LENGTH;
     bool has_body = chunked || (has_length && p->content_length > 0);
-    int64_t cl = has_length ? (int64_t)p->content_length : -1;
+    int64_t cl = -1;
     int hosts = 0, status = 0, expect = -1;
     const char *reason = NULL;
     const char *method = llhttp_method_name(p->method);
 
-    cmg_timer_stop(d->gw->loop, &d->timer);
+    /* The head is in: its deadline is over; the body's, if any, starts. */
+    h->phase = has_body ? H1_BODY : H1_RESPONSE;
+    if (has_body)
+        arm(d, d->gw->cfg.idle_timeout_ms, "body timeout");
+    else
+        cmg_timer_stop(d->gw->loop, &d->timer);
+    if (has_length && p->content_length > (uint64_t)INT64_MAX) {
+        h->error_status = 400;
+        h->error_reason = "CMGService_Bad_Content_Length";
+        return -1;
+    }
+    if (has_length)
+        cl = (int64_t)p->content_length;
     for (uint32_t i = 0; i < h->hdrs.n; i++) {
         if (cmg_header_is(&h->hdrs, i, "host"))
             hosts++;
@@ -261,11 +336,12 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     struct cmg_h1 *h = h1_of(p);
     if (!h->ex)
         return 0;
-    if (h->ex->req_bytes + n > h->ex->mapping->max_body) {
+    if (n > h->ex->mapping->max_body - h->ex->req_bytes) {
         h->error_status = 413;
         h->error_reason = "CMGService_Request_Too_Large";
         return -1;
     }
+    arm(h->d, h->d->gw->cfg.idle_timeout_ms, "body timeout");   /* it makes progress */
     return cmg_exchange_req_write(h->ex, at, n);
 }
 
@@ -274,6 +350,8 @@ static int on_message_complete(llhttp_t *p)
     struct cmg_h1 *h = h1_of(p);
     h->in_message = false;
     h->msg_complete = true;
+    h->phase = H1_RESPONSE;
+    cmg_timer_stop(h->d->gw->loop, &h->d->timer);
     if (h->ex)
         cmg_exchange_req_end(h->ex);
     return HPE_PAUSED;   /* the next request waits for this response */
@@ -411,7 +489,10 @@ static void h1_on_request_room(struct cmg_exchange *ex, size_t n)
 {
     struct cmg_device *d = ex->dev;
     (void)n;
-    if (!d->conn.reading && !d->h1->msg_complete && ex->req_body.len < CMG_EX_BUFFER / 2)
+    if (d->h1->phase == H1_BODY)   /* the body moves on: its deadline too */
+        arm(d, d->gw->cfg.idle_timeout_ms, "body timeout");
+    if (!d->conn.reading && !d->h1->msg_complete && ex->req_body.len < CMG_EX_BUFFER / 2 &&
+        ready_for_input(d))
         cmg_conn_want_read(&d->conn, true);
 }
 
@@ -444,13 +525,14 @@ static const struct cmg_exchange_dev_ops h1_ex_ops = {h1_on_response, h1_on_resp
 
 /* ---- reading ---- */
 
-static void idle_wait(struct cmg_device *d)
+/* Waiting for the first byte of a request: for `ms`, with no buffer held. */
+static void wait_request(struct cmg_device *d, uint32_t ms, const char *why)
 {
-    /* Between requests a connection holds no buffers: idle devices cost little. */
+    d->h1->phase = H1_WAIT;
     cmg_headers_free(&d->h1->hdrs);
     cmg_buf_free(&d->h1->url);
     cmg_conn_idle(&d->conn);
-    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_timeout);
+    arm(d, ms, why);
 }
 
 /* The response is out: ready for the next request. */
@@ -462,12 +544,10 @@ static void finish_request(struct cmg_device *d)
     h->error_status = 0;
     h->error_reason = NULL;
     h->paused = false;
-    h->scan = SCAN_LINE;
     cmg_headers_reset(&h->hdrs);
     cmg_buf_reset(&h->url);
     llhttp_resume(&h->parser);
-    if (!h->held.len)
-        idle_wait(d);
+    wait_request(d, d->gw->cfg.idle_timeout_ms, "idle timeout");
     cmg_conn_want_read(&d->conn, true);
 }
 
@@ -489,6 +569,29 @@ static bool scan_head(struct cmg_h1 *h, const char *p, size_t n)
     return true;
 }
 
+/* The first byte of a request (a CR/LF before its request line counts) starts the
+ * head's deadline, once; the checks of the head start at its request line. */
+static void start_head(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    h->round_requests++;
+    h->phase = H1_HEAD;
+    h->blank_bytes = 0;
+    h->scan = SCAN_LINE;
+    arm(d, d->gw->cfg.header_timeout_ms, "header timeout");
+}
+
+/* CR/LF before a request line (RFC 9112 2.2 lets a server ignore them): skipped
+ * here, counted against max_header_size. Returns how many bytes were skipped. */
+static size_t skip_blank_lines(struct cmg_h1 *h, const char *data, size_t len)
+{
+    size_t n = 0;
+    while (n < len && (data[n] == '\r' || data[n] == '\n'))
+        n++;
+    h->blank_bytes += n;
+    return n;
+}
+
 static void parse(struct cmg_device *d, const char *data, size_t len)
 {
     struct cmg_h1 *h = d->h1;
@@ -496,6 +599,19 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     int status;
     const char *reason;
 
+    if (h->phase == H1_WAIT && len)
+        start_head(d);
+    if (h->phase == H1_HEAD && !h->in_message) {
+        size_t blank = skip_blank_lines(h, data, len);
+        if (h->blank_bytes > d->gw->cfg.max_header_size) {
+            refuse(d, 400, "CMGService_Bad_Request", true);
+            return;
+        }
+        data += blank;
+        len -= blank;
+        if (!len)
+            return;
+    }
     if (!scan_head(h, data, len)) {
         h->error_status = 400;
         h->error_reason = "CMGService_Obsolete_Line_Folding";
@@ -543,22 +659,85 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     }
 }
 
-void cmg_h1_on_read(struct cmg_device *d)
+static void on_next_round(struct cmg_task *t)
+{
+    struct cmg_h1 *h = (struct cmg_h1 *)((char *)t - offsetof(struct cmg_h1, next_round));
+    cmg_h1_on_read(h->d);
+}
+
+/* May input be parsed now? Not while a response is awaited (pipelining waits), nor
+ * while answers pile up that the device does not take, nor past this round's share. */
+static bool ready_for_input(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
+    uint64_t round = cmg_loop_round(d->gw->loop);
+
+    if (h->paused || h->phase == H1_CLOSING || h->phase == H1_LINGER)
+        return false;
+    if (h->round != round) {
+        h->round = round;
+        h->round_requests = 0;
+    }
+    if (h->round_requests >= REQUESTS_PER_ROUND && h->phase == H1_WAIT) {
+        cmg_task_post(d->gw->loop, &h->next_round, on_next_round);   /* runs next round */
+        return false;
+    }
+    if (cmg_conn_pending(&d->conn) >= CMG_OUT_HIGH) {
+        h->out_blocked = true;   /* on_drain reads again */
+        cmg_conn_want_read(&d->conn, false);
+        return false;
+    }
+    return true;
+}
+
+/* Pipelined input held back while the request before it was served. */
+static void parse_held(struct cmg_device *d)
+{
+    while (d->h1 && d->h1->held.len && ready_for_input(d)) {
+        struct cmg_h1 *h = d->h1;
+        struct cmg_buf held = h->held;
+        memset(&h->held, 0, sizeof(h->held));
+        parse(d, cmg_buf_head(&held), held.len);
+        cmg_buf_free(&held);
+    }
+}
+
+void cmg_h1_input(struct cmg_device *d, const char *data, size_t len)
+{
+    parse(d, data, len);
+    parse_held(d);
+}
+
+/* The device ended its side of the connection. */
+static void device_ended(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+
+    if (h->ex && !h->msg_complete) {
+        struct cmg_exchange *ex = h->ex;
+        cmg_exchange_log(ex, "device closed during the request");
+        h->ex = NULL;
+        cmg_exchange_dev_done(ex);
+    } else if (h->ex) {
+        cmg_conn_want_read(&d->conn, false);
+        return;   /* half-closed: still send the response */
+    }
+    cmg_device_close(d, "closed by device");
+}
+
+void cmg_h1_on_read(struct cmg_device *d)
+{
     char buf[READ_CHUNK];
     ssize_t n;
 
-    while (d->h1 && !d->closing) {
-        if (h->paused)
-            return;
-        if (h->held.len) {   /* pipelined input first */
-            struct cmg_buf held = h->held;
-            memset(&h->held, 0, sizeof(h->held));
-            parse(d, cmg_buf_head(&held), held.len);
-            cmg_buf_free(&held);
-            continue;
-        }
+    if (d->h1 && d->h1->phase == H1_LINGER) {
+        linger_read(d);
+        return;
+    }
+    parse_held(d);
+    /* Each read is parsed before the next; cmg_conn_read bounds a round's input. */
+    while (d->h1 && ready_for_input(d)) {
+        struct cmg_h1 *h = d->h1;
         if (h->ex && !h->msg_complete && cmg_exchange_req_full(h->ex)) {
             cmg_conn_want_read(&d->conn, false);   /* the tunnel is behind: wait */
             return;
@@ -567,41 +746,24 @@ void cmg_h1_on_read(struct cmg_device *d)
         if (n == CMG_AGAIN)
             return;
         if (n == 0) {
-            if (h->ex && !h->msg_complete) {
-                struct cmg_exchange *ex = h->ex;
-                cmg_exchange_log(ex, "device closed during the request");
-                h->ex = NULL;
-                cmg_exchange_dev_done(ex);
-            } else if (h->ex) {
-                return;   /* half-closed: still send the response */
-            }
-            cmg_device_close(d, "closed by device");
+            device_ended(d);
             return;
         }
-        if (h->in_message == false && !h->ex)
-            cmg_timer_stop(d->gw->loop, &d->timer);
-        parse(d, buf, (size_t)n);
-    }
-    if (d->h1 && h->lingering) {
-        for (;;) {
-            n = cmg_conn_read(&d->conn, buf, sizeof(buf));
-            if (n == CMG_AGAIN)
-                return;
-            if (n == 0) {
-                cmg_device_close(d, "closed after answer");
-                return;
-            }
-        }
+        cmg_h1_input(d, buf, (size_t)n);
     }
 }
 
 void cmg_h1_on_drain(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
-    if (d->closing) {
+    if (h->phase == H1_CLOSING) {
         if (cmg_conn_pending(&d->conn) == 0)
             start_linger(d);
         return;
+    }
+    if (h->out_blocked && cmg_conn_pending(&d->conn) < CMG_OUT_HIGH) {
+        h->out_blocked = false;
+        cmg_conn_want_read(&d->conn, true);
     }
     if (h->ex && h->resp_started)
         pump_response(d);
@@ -613,9 +775,11 @@ int cmg_h1_start(struct cmg_device *d)
     if (!h)
         return -1;
     llhttp_init(&h->parser, HTTP_REQUEST, &settings);
+    cmg_h1_head_init(&h->head_fields, &h->hdrs, d->gw->cfg.max_header_size, MAX_HEADERS);
     h->d = d;
     d->h1 = h;
-    idle_wait(d);
+    /* Until its first request, a connection has header_timeout, not idle_timeout. */
+    wait_request(d, d->gw->cfg.header_timeout_ms, "no request");
     cmg_conn_want_read(&d->conn, true);
     return 0;
 }
@@ -626,6 +790,7 @@ void cmg_h1_free(struct cmg_device *d)
     if (!h)
         return;
     d->h1 = NULL;
+    cmg_task_cancel(d->gw->loop, &h->next_round);
     if (h->ex) {
         struct cmg_exchange *ex = h->ex;
         if (!ex->status)

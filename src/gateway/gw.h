@@ -261,6 +261,10 @@ void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
 /* HTTP/1.1 and HTTP/2 device protocols */
 int cmg_h1_start(struct cmg_device *d);
 void cmg_h1_on_read(struct cmg_device *d);
+/* Bytes from the device, as read: parsed, admitted, answered or relayed; then any
+ * pipelined input held back. What on_read does with each read (the fuzz target
+ * calls it without a socket). */
+void cmg_h1_input(struct cmg_device *d, const char *data, size_t len);
 void cmg_h1_on_drain(struct cmg_device *d);
 void cmg_h1_free(struct cmg_device *d);
 int cmg_h2dev_start(struct cmg_device *d);

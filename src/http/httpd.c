@@ -4,6 +4,7 @@
 #include "core/conn.h"
 #include "core/log.h"
 #include "core/net.h"
+#include "http/h1_head.h"
 #include "http/status.h"
 
 #include <cjson/cJSON.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #define HEAD_MAX 16384
+#define HEAD_FIELDS 100
 #define IDLE_MS 60000
 #define MAX_CONNS 1024
 
@@ -37,10 +39,10 @@ struct cmg_httpd_conn {
     llhttp_t parser;
     struct cmg_timer timer;
     struct cmg_httpd_req req;
-    size_t head_bytes;
+    struct cmg_h1_head head;   /* collects req.headers */
     size_t body_cap;
     char *body;
-    bool in_value, complete, busy, keep_alive, closing, gone;
+    bool complete, busy, keep_alive, closing, gone;
     struct cmg_httpd_conn *prev, *next;
 };
 
@@ -88,13 +90,12 @@ static void arm_idle(struct cmg_httpd_conn *c)
 
 static void reset_request(struct cmg_httpd_conn *c)
 {
-    cmg_headers_reset(&c->req.headers);
+    cmg_h1_head_begin(&c->head);
     c->req.method[0] = c->req.target[0] = 0;
     c->req.body_len = 0;
     c->req.on_abort = NULL;
     c->req.hold = NULL;
-    c->head_bytes = 0;
-    c->in_value = c->complete = false;
+    c->complete = false;
     if (c->body)
         c->body[0] = 0;
 }
@@ -125,32 +126,24 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
     return 0;
 }
 
-static int count(struct cmg_httpd_conn *c, size_t n)
-{
-    c->head_bytes += n;
-    return c->head_bytes > HEAD_MAX ? -1 : 0;
-}
-
 static int on_field(llhttp_t *p, const char *at, size_t n)
 {
-    struct cmg_httpd_conn *c = of(p);
-    bool start = c->in_value || c->req.headers.n == 0;
+    return cmg_h1_head_field(&of(p)->head, at, n);
+}
 
-    if (count(c, n) < 0)
-        return -1;
-    c->in_value = false;
-    return cmg_headers_append_name(&c->req.headers, at, n, start);
+static int on_field_done(llhttp_t *p)
+{
+    return cmg_h1_head_field_done(&of(p)->head);
 }
 
 static int on_value(llhttp_t *p, const char *at, size_t n)
 {
-    struct cmg_httpd_conn *c = of(p);
-    bool start = !c->in_value;
+    return cmg_h1_head_value(&of(p)->head, at, n);
+}
 
-    if (count(c, n) < 0)
-        return -1;
-    c->in_value = true;
-    return cmg_headers_append_value(&c->req.headers, at, n, start);
+static int on_value_done(llhttp_t *p)
+{
+    return cmg_h1_head_value_done(&of(p)->head);
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n)
@@ -186,7 +179,9 @@ static const llhttp_settings_t settings = {
     .on_method = on_method,
     .on_url = on_url,
     .on_header_field = on_field,
+    .on_header_field_complete = on_field_done,
     .on_header_value = on_value,
+    .on_header_value_complete = on_value_done,
     .on_body = on_body,
     .on_message_complete = on_complete,
 };
@@ -363,6 +358,7 @@ static void on_accept(struct cmg_io *io, uint32_t events)
         c->req.conn = c;
         llhttp_init(&c->parser, HTTP_REQUEST, &settings);
         c->parser.data = c;
+        cmg_h1_head_init(&c->head, &c->req.headers, HEAD_MAX, HEAD_FIELDS);
         if (cmg_conn_start(&c->conn, h->loop, fd, ssl, false, &conn_ops, c) < 0) {
             free(c);
             continue;

@@ -1,72 +1,115 @@
-/* Request heads as the gateway collects them: llhttp with header names and
- * values gathered piecewise into a cmg_headers arena, fed in random splits. */
-#include "http/headers.h"
+/* The gateway's own HTTP/1.1 request handling, fed the bytes a device sends: the
+ * parser callbacks and head checks of gateway/device_h1.c, the header collector
+ * (http/h1_head.c) and admission (gateway/admit.c, auth.c), through cmg_h1_input(),
+ * the function the device's read loop calls with each read. No socket: the device's
+ * connection is not open, so answers stay in its output buffer, where they are
+ * checked; there is no tunnel, so an admitted request is answered 503.
+ *
+ * Input: the first byte picks where the rest is cut in two (two reads). Requests
+ * for the mapped role use /CCM_Proxy_MutualAuth/1234567890 (the device holds a
+ * valid certificate) or /CCM_Proxy_ServerAuth/1234567890 (bearer tokens). */
+#include "core/log.h"
+#include "gateway/gw.h"
 
-#include <llhttp.h>
-#include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-struct state {
-    llhttp_t parser;
-    struct cmg_headers h;
-    bool in_value;
-};
+#define ROLE "1234567890"
+#define MAX_BODY 1000
 
-static int on_field(llhttp_t *p, const char *at, size_t n)
+static struct cmg_gateway gw;
+
+static void gateway_once(void)
 {
-    struct state *s = (struct state *)p;
-    bool start = s->in_value || s->h.n == 0;
-    s->in_value = false;
-    return cmg_headers_append_name(&s->h, at, n, start);
+    struct cmg_policy *p;
+
+    if (gw.loop)
+        return;
+    cmg_log_set_level(CMG_LOG_ERROR);
+    gw.loop = cmg_loop_new();
+    gw.cfg.max_header_size = 4096;
+    gw.cfg.header_timeout_ms = 2000;
+    gw.cfg.idle_timeout_ms = 4000;
+    p = cmg_policy_new();
+    if (!gw.loop || !p || !(p->mappings = calloc(1, sizeof(*p->mappings))))
+        abort();
+    snprintf(p->service_name, sizeof(p->service_name), "cmg.test");
+    snprintf(p->mappings[0].role, sizeof(p->mappings[0].role), ROLE);
+    snprintf(p->mappings[0].type, sizeof(p->mappings[0].type), "mp");
+    p->mappings[0].auth = CMG_AUTH_CERT | CMG_AUTH_TOKEN;
+    p->mappings[0].max_body = MAX_BODY;
+    p->nmappings = 1;
+    gw.policy = p;
+    gw.policy_gen = 1;
 }
 
-static int on_value(llhttp_t *p, const char *at, size_t n)
+/* A device whose certificate was judged valid under the policy in force. */
+static void device_init(struct cmg_device *d)
 {
-    struct state *s = (struct state *)p;
-    bool start = !s->in_value;
-    s->in_value = true;
-    return cmg_headers_append_value(&s->h, at, n, start);
+    memset(d, 0, sizeof(*d));
+    d->gw = &gw;
+    d->conn.io.fd = -1;
+    d->conn.state = CMG_CONN_CLOSED;
+    d->cert = CMG_CERT_OK;
+    d->cert_gen = gw.policy_gen;
+    d->has_cert = true;
+    memset(d->thumbprint, 'a', 64);
+    snprintf(d->subject, sizeof(d->subject), "CN=device1");
+    snprintf(d->conn.peer, sizeof(d->conn.peer), "192.0.2.1:50000");
 }
 
-static int on_headers_complete(llhttp_t *p)
+/* Every answer the gateway wrote is a whole HTTP/1.1 status line and head. */
+static void check_output(const struct cmg_buf *out)
 {
-    struct state *s = (struct state *)p;
-    for (uint32_t i = 0; i < s->h.n; i++) {
-        /* every run is NUL-terminated where its length says */
-        if (cmg_headers_name(&s->h, i)[s->h.v[i].name_len] != 0)
+    const char *p = out->len ? cmg_buf_head(out) : "";
+    size_t left = out->len;
+
+    while (left) {
+        const char *end;
+        if (left < 12 || memcmp(p, "HTTP/1.1 ", 9) != 0)
             __builtin_trap();
-        (void)cmg_header_not_forwarded(cmg_headers_name(&s->h, i), s->h.v[i].name_len);
+        end = memmem(p, left, "\r\n\r\n", 4);
+        if (!end)
+            __builtin_trap();
+        left -= (size_t)(end + 4 - p);
+        p = end + 4;
+        /* an error answer's body: "reason\r\n" of its Content-Length */
+        if (left && memcmp(p, "HTTP/1.1 ", 9) != 0) {
+            const char *next = memmem(p, left, "\r\n", 2);
+            if (!next)
+                __builtin_trap();
+            left -= (size_t)(next + 2 - p);
+            p = next + 2;
+        }
     }
-    (void)cmg_headers_find(&s->h, "host");
-    cmg_headers_reset(&s->h);
-    s->in_value = false;
-    return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static llhttp_settings_t settings;
-    struct state s;
+    struct cmg_device d;
     size_t split;
 
     if (size < 1)
         return 0;
-    llhttp_settings_init(&settings);
-    settings.on_header_field = on_field;
-    settings.on_header_value = on_value;
-    settings.on_headers_complete = on_headers_complete;
-    memset(&s, 0, sizeof(s));
-    llhttp_init(&s.parser, HTTP_REQUEST, &settings);
-    split = data[0] % size;   /* the first byte picks where the input is cut in two */
+    gateway_once();
+    device_init(&d);
+    if (cmg_h1_start(&d) < 0)
+        return 0;
+    split = data[0] % size;
     data++;
     size--;
     if (split > size)
         split = size;
-    if (llhttp_execute(&s.parser, (const char *)data, split) == HPE_OK)
-        llhttp_execute(&s.parser, (const char *)data + split, size - split);
-    cmg_headers_free(&s.h);
+    cmg_h1_input(&d, (const char *)data, split);
+    if (d.h1 && size > split)
+        cmg_h1_input(&d, (const char *)data + split, size - split);
+    check_output(&d.conn.out);
+    cmg_h1_free(&d);
+    cmg_timer_stop(gw.loop, &d.timer);
+    cmg_buf_free(&d.conn.out);
+    free(d.tok);
     return 0;
 }

@@ -3,6 +3,28 @@
 #include <stdio.h>
 #include <string.h>
 
+int cmg_h2_read(nghttp2_session *s, struct cmg_conn *c, const bool *stop)
+{
+    uint8_t buf[CMG_H2_READ_CHUNK];
+
+    while (!(stop && *stop)) {
+        ssize_t n, used;
+        if (!nghttp2_session_want_read(s)) {
+            cmg_conn_want_read(c, false);
+            return 0;
+        }
+        n = cmg_conn_read(c, buf, sizeof(buf));
+        if (n == CMG_AGAIN)
+            return 0;
+        if (n == 0)
+            return CMG_H2_EOF;
+        used = nghttp2_session_mem_recv(s, buf, (size_t)n);
+        if (used < 0)
+            return (int)used;
+    }
+    return 0;
+}
+
 int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c)
 {
     for (;;) {

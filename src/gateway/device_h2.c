@@ -50,6 +50,7 @@ struct h2stream {
     bool admitted;             /* forwarded: the connection is busy while it is open */
     bool refused;              /* answered here */
     bool reset_after_answer;   /* and reset once the answer is out, if still open */
+    bool reset_counted;        /* its reset is already counted by count_reset() */
     struct cmg_h2_text text;   /* a refusal answered here */
     struct h2stream *prev, *next;
 };
@@ -267,6 +268,8 @@ static int header_too_large(nghttp2_session *s, struct h2stream *st)
         st->resp_submitted = true;
         nghttp2_submit_response(s, st->id, &status, 1, NULL);
     }
+    st->reset_counted = true;   /* now, not when the RST goes out: reading stops sooner */
+    count_reset(st->d);
     return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
 }
 
@@ -379,14 +382,14 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
 static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *user)
 {
     struct cmg_device *d = user;
-    struct h2stream *st;
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
 
-    if (frame->hd.type == NGHTTP2_RST_STREAM && frame->rst_stream.error_code != NGHTTP2_NO_ERROR)
+    if (frame->hd.type == NGHTTP2_RST_STREAM && frame->rst_stream.error_code != NGHTTP2_NO_ERROR &&
+        !(st && st->reset_counted))
         count_reset(d);
     if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM) ||
         (frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS))
         return 0;
-    st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
     if (st && st->reset_after_answer && !nghttp2_session_get_stream_remote_close(s, st->id))
         nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
     return 0;

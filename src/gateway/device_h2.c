@@ -519,14 +519,11 @@ static void schedule(struct cmg_device *d)
         cmg_timer_start(d->gw->loop, &d->timer, when > now ? when - now : 0, on_deadline);
 }
 
-void cmg_h2dev_on_read(struct cmg_device *d)
+/* What follows input, read from the connection or fed: rc as cmg_h2_read() says. */
+static void after_input(struct cmg_device *d, int rc)
 {
     struct cmg_h2dev *h = d->h2;
-    int rc;
 
-    if (!h || h->dead)
-        return;
-    rc = cmg_h2_read(h->s, &d->conn, &h->dead);
     if (rc == CMG_H2_EOF) {
         cmg_device_close(d, "closed by device");
         return;
@@ -540,6 +537,18 @@ void cmg_h2dev_on_read(struct cmg_device *d)
         h->ending_since = cmg_loop_now(d->gw->loop);
     schedule(d);
     h2_send(d);
+}
+
+void cmg_h2dev_on_read(struct cmg_device *d)
+{
+    if (d->h2 && !d->h2->dead)
+        after_input(d, cmg_h2_read(d->h2->s, &d->conn, &d->h2->dead));
+}
+
+void cmg_h2dev_feed(struct cmg_device *d, const uint8_t *p, size_t n)
+{
+    if (d->h2 && !d->h2->dead && nghttp2_session_want_read(d->h2->s))
+        after_input(d, cmg_h2_recv(d->h2->s, p, n));
 }
 
 void cmg_h2dev_on_drain(struct cmg_device *d) { h2_send(d); }

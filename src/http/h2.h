@@ -26,6 +26,9 @@
 #define CMG_H2_READ_CHUNK 16384
 #define CMG_H2_EOF 1
 int cmg_h2_read(nghttp2_session *s, struct cmg_conn *c, const bool *stop);
+/* Feeds the session n bytes: what cmg_h2_read() does with each chunk it reads.
+ * 0, or a negative nghttp2 error. */
+int cmg_h2_recv(nghttp2_session *s, const uint8_t *p, size_t n);
 
 /* Moves what the session has to send into the connection and writes it, until
  * the session has nothing more or the connection must drain first (on_drain

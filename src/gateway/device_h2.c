@@ -1,14 +1,15 @@
 /* HTTP/2 from devices: an nghttp2 server session per connection; every stream
  * is admitted like an HTTP/1.1 request and relayed through its own exchange.
  *
- * What a hostile peer can cost is bounded: a stream answered here (refused) is reset
- * once its answer is out and keeps nothing meanwhile; a header list fails at the
- * first field past max_header_size (nghttp2 then decodes the rest of the block
- * without handing it over); a header block must be complete within header_timeout;
- * a connection with no request in progress closes after idle_timeout (header_timeout
- * before its first request), and only admitted requests count as activity, not PING,
- * SETTINGS, WINDOW_UPDATE or refused streams; more than CMG_H2_MAX_RESETS refused or
- * reset streams in a second end the connection with GOAWAY ENHANCE_YOUR_CALM. */
+ * What a hostile peer can cost is bounded: a stream answered here (refused) keeps
+ * nothing of its request and is reset once its answer is out (unless it announced a
+ * body, which is taken and dropped); a header list fails at the first field past
+ * max_header_size (nghttp2 then decodes the rest of the block without handing it
+ * over); a header block must be complete within header_timeout; a connection with
+ * no request in progress closes after idle_timeout (header_timeout before its first
+ * request), and only admitted requests count as activity, not PING, SETTINGS,
+ * WINDOW_UPDATE or refused streams; more than CMG_H2_MAX_RESETS refused or reset
+ * streams in a second end the connection with GOAWAY ENHANCE_YOUR_CALM. */
 #include "core/log.h"
 #include "http/h2.h"
 #include "gateway/gw.h"

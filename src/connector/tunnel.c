@@ -462,21 +462,18 @@ static void on_open(struct cmg_conn *c)
 static void on_read(struct cmg_conn *c)
 {
     struct cmg_cn_tunnel *t = c->owner;
-    uint8_t buf[READ_CHUNK];
+    int rc;
 
-    while (t->h2) {
-        ssize_t n = cmg_conn_read(c, buf, sizeof(buf)), used;
-        if (n == CMG_AGAIN)
-            break;
-        if (n == 0) {
-            tunnel_down(t, "connection closed by the gateway");
-            return;
-        }
-        used = nghttp2_session_mem_recv(t->h2, buf, (size_t)n);
-        if (used < 0) {
-            tunnel_down(t, nghttp2_strerror((int)used));
-            return;
-        }
+    if (!t->h2)
+        return;
+    rc = cmg_h2_read(t->h2, c, NULL);
+    if (rc == CMG_H2_EOF) {
+        tunnel_down(t, "connection closed by the gateway");
+        return;
+    }
+    if (rc < 0) {
+        tunnel_down(t, nghttp2_strerror(rc));
+        return;
     }
     tunnel_send(t);
 }

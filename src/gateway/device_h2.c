@@ -1,5 +1,15 @@
 /* HTTP/2 from devices: an nghttp2 server session per connection; every stream
- * is admitted like an HTTP/1.1 request and relayed through its own exchange. */
+ * is admitted like an HTTP/1.1 request and relayed through its own exchange.
+ *
+ * What a hostile peer can cost is bounded: a stream answered here (refused) keeps
+ * nothing of its request and is reset once its answer is out (unless it announced a
+ * body, which is taken and dropped); a header list fails at the first field past
+ * max_header_size (nghttp2 then decodes the rest of the block without handing it
+ * over); a header block must be complete within header_timeout; a connection with
+ * no request in progress closes after idle_timeout (header_timeout before its first
+ * request), and only admitted requests count as activity, not PING, SETTINGS,
+ * WINDOW_UPDATE or refused streams; more than CMG_H2_MAX_RESETS refused or reset
+ * streams in a second end the connection with GOAWAY ENHANCE_YOUR_CALM. */
 #include "core/log.h"
 #include "http/h2.h"
 #include "gateway/gw.h"
@@ -7,10 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define READ_CHUNK 16384
 #define STREAM_WINDOW (256 * 1024)
 #define CONNECTION_WINDOW (1 << 20)
 #define MAX_STREAMS 100
+/* Refused plus reset streams a connection may have in one second (rapid reset). */
+#define CMG_H2_MAX_RESETS 100
 
 struct cmg_h2dev {
     struct cmg_device *d;
@@ -18,6 +29,13 @@ struct cmg_h2dev {
     struct cmg_task send_task;
     struct h2stream *streams;   /* open streams, freed with the session */
     bool dead;
+    bool served;                /* a request was admitted: idle_timeout, not header_timeout */
+    uint64_t quiet_since;       /* when the last admitted stream ended (or the start) */
+    bool block_open;            /* a HEADERS block is being received ... */
+    uint64_t block_start;       /* ... since then */
+    uint64_t ending_since;      /* the session wants no more input (GOAWAY); 0 if not */
+    uint64_t reset_window;      /* start of the second that resets counts */
+    uint32_t resets;
 };
 
 struct h2stream {
@@ -30,6 +48,10 @@ struct h2stream {
     int64_t content_length;
     struct cmg_exchange *ex;
     bool resp_submitted;
+    bool admitted;             /* forwarded: the connection is busy while it is open */
+    bool refused;              /* answered here */
+    bool reset_after_answer;   /* and reset once the answer is out, if still open */
+    bool reset_counted;        /* its reset is already counted by count_reset() */
     struct cmg_h2_text text;   /* a refusal answered here */
     struct h2stream *prev, *next;
 };
@@ -38,7 +60,7 @@ static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
                          uint32_t *flags, nghttp2_data_source *src, void *user);
 
 static void h2_send(struct cmg_device *d);
-static void on_idle(struct cmg_timer *t);
+static void schedule(struct cmg_device *d);
 
 static void on_send_task(struct cmg_task *t)
 {
@@ -75,10 +97,45 @@ static void answer(struct h2stream *st, int status, const char *reason)
     kick(st->d);
 }
 
+/* A refused or reset stream; past CMG_H2_MAX_RESETS in a second the connection is
+ * told to go away (rapid reset: each costs us more than it costs the peer). */
+static void count_reset(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+    uint64_t now = cmg_loop_now(d->gw->loop);
+
+    if (now - h->reset_window >= 1000) {
+        h->reset_window = now;
+        h->resets = 0;
+    }
+    if (++h->resets == CMG_H2_MAX_RESETS + 1) {
+        cmg_info("device %s: more than %d refused or reset HTTP/2 streams in a second: "
+                 "GOAWAY ENHANCE_YOUR_CALM", d->conn.peer, CMG_H2_MAX_RESETS);
+        nghttp2_session_terminate_session(h->s, NGHTTP2_ENHANCE_YOUR_CALM);
+        h->ending_since = now;
+        kick(d);
+    }
+}
+
+/* Drops what the stream's head holds: a refused stream keeps nothing while its
+ * answer goes out. */
+static void forget_head(struct h2stream *st)
+{
+    cmg_headers_free(&st->hdrs);
+    free(st->path);
+    st->path = NULL;
+}
+
 static void refuse(struct h2stream *st, int status, const char *reason)
 {
     cmg_info("refused peer=%s method=%s path=%s status=%d reason=%s", st->d->conn.peer,
              st->method[0] ? st->method : "-", st->path ? st->path : "-", status, reason);
+    st->refused = true;
+    /* A body the device announced may already be on its way: it is taken and dropped
+     * rather than reset (most clients report a reset as an error, not the answer). */
+    st->reset_after_answer = st->content_length <= 0;
+    forget_head(st);
+    count_reset(st->d);
     answer(st, status, reason);
 }
 
@@ -198,6 +255,25 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
     return 0;
 }
 
+/* The first field past max_header_size fails the stream: 431 without a body, then
+ * RST_STREAM (nghttp2 decodes the rest of the block, which keeps HPACK in step, and
+ * hands none of it over). Trailers count against the same limit and are dropped. */
+static int header_too_large(nghttp2_session *s, struct h2stream *st)
+{
+    nghttp2_nv status = {(uint8_t *)":status", (uint8_t *)"431", 7, 3, 0};
+
+    cmg_info("refused peer=%s method=%s path=%s status=431 reason=CMGService_Headers_Too_Large",
+             st->d->conn.peer, st->method[0] ? st->method : "-", st->path ? st->path : "-");
+    forget_head(st);
+    if (!st->resp_submitted && !st->ex) {
+        st->resp_submitted = true;
+        nghttp2_submit_response(s, st->id, &status, 1, NULL);
+    }
+    st->reset_counted = true;   /* now, not when the RST goes out: reading stops sooner */
+    count_reset(st->d);
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+}
+
 static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
                      size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                      void *user)
@@ -205,11 +281,13 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
     struct cmg_device *d = user;
     struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
 
-    if (!st || st->ex || st->resp_submitted)
+    if (!st || st->refused)
         return 0;
     st->head_bytes += namelen + valuelen + 32;
     if (st->head_bytes > d->gw->cfg.max_header_size)
-        return 0;   /* answered with 431 once the headers are complete */
+        return header_too_large(s, st);
+    if (st->ex || st->resp_submitted || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;   /* trailers: counted, not forwarded */
     if (namelen == 7 && !memcmp(name, ":method", 7)) {
         snprintf(st->method, sizeof(st->method), "%.*s", (int)valuelen, value);
     } else if (namelen == 5 && !memcmp(name, ":path", 5)) {
@@ -238,10 +316,6 @@ static void admit(struct h2stream *st, bool end_stream)
     const char *reason = NULL;
     bool has_body = !end_stream;
 
-    if (st->head_bytes > d->gw->cfg.max_header_size) {
-        refuse(st, 431, "CMGService_Headers_Too_Large");
-        return;
-    }
     if (!st->path || !st->method[0]) {
         refuse(st, 400, "CMGService_Bad_Request");
         return;
@@ -261,23 +335,64 @@ static void admit(struct h2stream *st, bool end_stream)
         refuse(st, status, reason);
         return;
     }
+    st->admitted = true;
+    d->h2->served = true;
+    d->h2->quiet_since = cmg_loop_now(d->gw->loop);
     if (end_stream)
         cmg_exchange_req_end(st->ex);
 }
 
+static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *user)
+{
+    struct cmg_device *d = user;
+
+    /* CONTINUATION frames carry on the block; any other frame means it ended. */
+    if (hd->type == NGHTTP2_HEADERS) {
+        d->h2->block_open = true;
+        d->h2->block_start = cmg_loop_now(d->gw->loop);
+    } else if (hd->type != NGHTTP2_CONTINUATION) {
+        d->h2->block_open = false;
+    }
+    return 0;
+}
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *user)
 {
+    struct cmg_device *d = user;
     struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
     bool end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
 
+    if (frame->hd.type == NGHTTP2_HEADERS)
+        d->h2->block_open = false;
+    else if (frame->hd.type == NGHTTP2_RST_STREAM)
+        count_reset(d);
     if (!st)
         return 0;
     if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
         if (!st->resp_submitted)
             admit(st, end);
-    } else if (frame->hd.type == NGHTTP2_DATA && end && st->ex) {
-        cmg_exchange_req_end(st->ex);
+    } else if ((frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS) && end &&
+               st->ex) {
+        cmg_exchange_req_end(st->ex);   /* the last DATA frame, or trailers */
     }
+    return 0;
+}
+
+/* A refused stream whose answer is out is reset if the device has not finished
+ * its request: a half-open stream would otherwise stay until the connection ends. */
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+    struct cmg_device *d = user;
+    struct h2stream *st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+
+    if (frame->hd.type == NGHTTP2_RST_STREAM && frame->rst_stream.error_code != NGHTTP2_NO_ERROR &&
+        !(st && st->reset_counted))
+        count_reset(d);
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM) ||
+        (frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS))
+        return 0;
+    if (st && st->reset_after_answer && !nghttp2_session_get_stream_remote_close(s, st->id))
+        nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
     return 0;
 }
 
@@ -297,6 +412,10 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
         cmg_exchange_log(ex, "request body over the mapping's limit");
         st->ex = NULL;
         cmg_exchange_dev_done(ex);
+        /* What the device still sends is taken and dropped (a reset would cut the
+         * answer short at most clients); idle_timeout bounds how long. */
+        st->admitted = false;
+        st->d->h2->quiet_since = cmg_loop_now(st->d->gw->loop);
         if (!st->resp_submitted)
             answer(st, 413, "CMGService_Request_Too_Large");
         return 0;
@@ -328,10 +447,13 @@ static void stream_free(struct h2stream *st)
         st->ex = NULL;
         cmg_exchange_dev_done(ex);
     }
-    cmg_headers_free(&st->hdrs);
-    free(st->path);
+    forget_head(st);
+    if (h && st->admitted)
+        h->quiet_since = cmg_loop_now(st->d->gw->loop);
     if (h && !h->streams)
         cmg_conn_idle(&st->d->conn);   /* nothing in flight: keep no buffers */
+    if (h && !h->dead)
+        schedule(st->d);
     free(st);
 }
 
@@ -347,40 +469,90 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
 
 /* ---- the connection ---- */
 
-void cmg_h2dev_on_read(struct cmg_device *d)
+static bool busy(const struct cmg_h2dev *h)
 {
-    uint8_t buf[READ_CHUNK];
+    for (const struct h2stream *st = h->streams; st; st = st->next)
+        if (st->admitted)
+            return true;
+    return false;
+}
 
-    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
-    while (d->h2 && !d->h2->dead) {
-        ssize_t n = cmg_conn_read(&d->conn, buf, sizeof(buf)), used;
-        if (n == CMG_AGAIN)
-            break;
-        if (n == 0) {
-            cmg_device_close(d, "closed by device");
-            return;
-        }
-        used = nghttp2_session_mem_recv(d->h2->s, buf, (size_t)n);
-        if (used < 0) {
-            cmg_info("device %s: HTTP/2 error: %s", d->conn.peer, nghttp2_strerror((int)used));
-            cmg_device_close(d, "HTTP/2 protocol error");
-            return;
-        }
+static void on_deadline(struct cmg_timer *t)
+{
+    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
+    struct cmg_h2dev *h = d->h2;
+    const struct cmg_gw_config *cfg = &d->gw->cfg;
+    uint64_t now = cmg_loop_now(d->gw->loop);
+
+    if (!h || h->dead)
+        return;
+    if (h->ending_since && now - h->ending_since >= cfg->header_timeout_ms)
+        cmg_device_close(d, "HTTP/2 GOAWAY not taken within header_timeout");
+    else if (h->block_open && now - h->block_start >= cfg->header_timeout_ms)
+        cmg_device_close(d, "HTTP/2 request headers not complete within header_timeout");
+    else if (!busy(h) && !h->served && now - h->quiet_since >= cfg->header_timeout_ms)
+        cmg_device_close(d, "no HTTP/2 request within header_timeout");
+    else if (!busy(h) && h->served && now - h->quiet_since >= cfg->idle_timeout_ms)
+        cmg_device_close(d, "idle timeout");
+    else
+        schedule(d);
+}
+
+static uint64_t earlier(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+/* Arms the connection's timer for the nearest deadline. Only admitted requests move
+ * quiet_since: PING, SETTINGS, WINDOW_UPDATE and refused streams keep nothing open. */
+static void schedule(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+    const struct cmg_gw_config *cfg = &d->gw->cfg;
+    uint64_t now = cmg_loop_now(d->gw->loop), when = UINT64_MAX;
+
+    if (!busy(h))
+        when = h->quiet_since + (h->served ? cfg->idle_timeout_ms : cfg->header_timeout_ms);
+    if (h->block_open)
+        when = earlier(when, h->block_start + cfg->header_timeout_ms);
+    if (h->ending_since)
+        when = earlier(when, h->ending_since + cfg->header_timeout_ms);
+    if (when == UINT64_MAX)
+        cmg_timer_stop(d->gw->loop, &d->timer);
+    else
+        cmg_timer_start(d->gw->loop, &d->timer, when > now ? when - now : 0, on_deadline);
+}
+
+/* What follows input, read from the connection or fed: rc as cmg_h2_read() says. */
+static void after_input(struct cmg_device *d, int rc)
+{
+    struct cmg_h2dev *h = d->h2;
+
+    if (rc == CMG_H2_EOF) {
+        cmg_device_close(d, "closed by device");
+        return;
     }
+    if (rc < 0) {
+        cmg_info("device %s: HTTP/2 error: %s", d->conn.peer, nghttp2_strerror(rc));
+        cmg_device_close(d, "HTTP/2 protocol error");
+        return;
+    }
+    if (!h->ending_since && !nghttp2_session_want_read(h->s))
+        h->ending_since = cmg_loop_now(d->gw->loop);
+    schedule(d);
     h2_send(d);
 }
 
-void cmg_h2dev_on_drain(struct cmg_device *d) { h2_send(d); }
-
-static void on_idle(struct cmg_timer *t)
+void cmg_h2dev_on_read(struct cmg_device *d)
 {
-    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
-    if (d->h2 && d->h2->streams) {   /* busy, not idle */
-        cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
-        return;
-    }
-    cmg_device_close(d, "idle timeout");
+    if (d->h2 && !d->h2->dead)
+        after_input(d, cmg_h2_read(d->h2->s, &d->conn, &d->h2->dead));
 }
+
+void cmg_h2dev_feed(struct cmg_device *d, const uint8_t *p, size_t n)
+{
+    if (d->h2 && !d->h2->dead && nghttp2_session_want_read(d->h2->s))
+        after_input(d, cmg_h2_recv(d->h2->s, p, n));
+}
+
+void cmg_h2dev_on_drain(struct cmg_device *d) { h2_send(d); }
 
 int cmg_h2dev_start(struct cmg_device *d)
 {
@@ -398,19 +570,27 @@ int cmg_h2dev_start(struct cmg_device *d)
         goto out;
     nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_send_data_callback(cb, send_body);
     cmg_h2_large_frames(cb);
     nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* Closed streams are forgotten at once (we use no priorities); a header block
+     * may span the CONTINUATION frames that max_header_size needs, no more;
+     * nghttp2's own RST_STREAM limit stays as a backstop behind count_reset(). */
+    nghttp2_option_set_no_closed_streams(opt, 1);
+    nghttp2_option_set_max_continuations(opt, d->gw->cfg.max_header_size / 16384 + 2);
     if (nghttp2_session_server_new2(&h->s, cb, d, opt) != 0)
         goto out;
     h->d = d;
     d->h2 = h;
     nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, settings, 3);
     nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0, CONNECTION_WINDOW);
-    cmg_timer_start(d->gw->loop, &d->timer, d->gw->cfg.idle_timeout_ms, on_idle);
+    h->quiet_since = h->reset_window = cmg_loop_now(d->gw->loop);
+    schedule(d);
     cmg_conn_want_read(&d->conn, true);
     kick(d);
     rc = 0;

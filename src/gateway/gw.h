@@ -269,6 +269,8 @@ void cmg_h1_on_drain(struct cmg_device *d);
 void cmg_h1_free(struct cmg_device *d);
 int cmg_h2dev_start(struct cmg_device *d);
 void cmg_h2dev_on_read(struct cmg_device *d);
+/* Input from memory, as if read from the connection (the fuzz target's way in). */
+void cmg_h2dev_feed(struct cmg_device *d, const uint8_t *p, size_t n);
 void cmg_h2dev_on_drain(struct cmg_device *d);
 void cmg_h2dev_free(struct cmg_device *d);
 

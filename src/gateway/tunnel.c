@@ -505,21 +505,17 @@ static void on_open(struct cmg_conn *c)
 static void on_read(struct cmg_conn *c)
 {
     struct cmg_tunnel *t = c->owner;
-    uint8_t buf[READ_CHUNK];
+    int rc = cmg_h2_read(t->h2, c, &t->dead);
 
-    while (!t->dead) {
-        ssize_t n = cmg_conn_read(c, buf, sizeof(buf)), used;
-        if (n == CMG_AGAIN)
-            break;
-        if (n == 0) {
-            tunnel_fail(t, "connection closed by the connector");
-            return;
-        }
-        used = nghttp2_session_mem_recv(t->h2, buf, (size_t)n);
-        if (used < 0) {
-            tunnel_fail(t, t->failure ? t->failure : nghttp2_strerror((int)used));
-            return;
-        }
+    if (t->dead)
+        return;
+    if (rc == CMG_H2_EOF) {
+        tunnel_fail(t, "connection closed by the connector");
+        return;
+    }
+    if (rc < 0) {
+        tunnel_fail(t, t->failure ? t->failure : nghttp2_strerror(rc));
+        return;
     }
     tunnel_send(t);
 }

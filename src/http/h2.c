@@ -3,6 +3,35 @@
 #include <stdio.h>
 #include <string.h>
 
+int cmg_h2_read(nghttp2_session *s, struct cmg_conn *c, const bool *stop)
+{
+    uint8_t buf[CMG_H2_READ_CHUNK];
+
+    while (!(stop && *stop)) {
+        ssize_t n;
+        int rc;
+        if (!nghttp2_session_want_read(s)) {
+            cmg_conn_want_read(c, false);
+            return 0;
+        }
+        n = cmg_conn_read(c, buf, sizeof(buf));
+        if (n == CMG_AGAIN)
+            return 0;
+        if (n == 0)
+            return CMG_H2_EOF;
+        rc = cmg_h2_recv(s, buf, (size_t)n);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int cmg_h2_recv(nghttp2_session *s, const uint8_t *p, size_t n)
+{
+    ssize_t used = nghttp2_session_mem_recv(s, p, n);
+    return used < 0 ? (int)used : 0;
+}
+
 int cmg_h2_send(nghttp2_session *s, struct cmg_conn *c)
 {
     for (;;) {

@@ -18,6 +18,19 @@
 #define CMG_TUNNEL_STREAM_WINDOW (4 << 20)
 #define CMG_TUNNEL_CONNECTION_WINDOW (64 << 20)
 
+/* Feeds the session what the connection has to read, CMG_H2_READ_CHUNK bytes at a
+ * time, until the connection has nothing more for this loop round (cmg_conn_read's
+ * per-round budget bounds what one connection is served before the others), *stop
+ * turns true (set by a callback; may be NULL), or the session wants no more input
+ * (a GOAWAY: reading stops). Returns 0; CMG_H2_EOF when the peer closed the
+ * connection; or a negative nghttp2 error. */
+#define CMG_H2_READ_CHUNK 16384
+#define CMG_H2_EOF 1
+int cmg_h2_read(nghttp2_session *s, struct cmg_conn *c, const bool *stop);
+/* Feeds the session n bytes: what cmg_h2_read() does with each chunk it reads.
+ * 0, or a negative nghttp2 error. */
+int cmg_h2_recv(nghttp2_session *s, const uint8_t *p, size_t n);
+
 /* Moves what the session has to send into the connection and writes it, until
  * the session has nothing more or the connection must drain first (on_drain
  * then calls again). Returns 0, or a negative nghttp2 error. */

@@ -122,6 +122,7 @@ void cmg_log(enum cmg_log_level level, const char *fmt, ...)
 
 void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const char *fmt, ...)
 {
+    unsigned burst = l->burst ? l->burst : CMG_LOG_LIMIT_BURST;
     struct timespec ts;
     va_list ap;
 
@@ -130,12 +131,12 @@ void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const ch
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     if (ts.tv_sec != l->sec) {
         if (l->held)
-            cmg_log(level, "%u more %s not logged (at most %d a second)", l->held, l->what,
-                    CMG_LOG_LIMIT_BURST);
+            cmg_log(level, "%u more %s not logged (at most %u a second)", l->held, l->what,
+                    burst);
         l->sec = ts.tv_sec;
         l->logged = l->held = 0;
     }
-    if (l->logged >= CMG_LOG_LIMIT_BURST) {
+    if (l->logged >= burst) {
         l->held++;
         return;
     }

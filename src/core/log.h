@@ -22,12 +22,13 @@ void cmg_log(enum cmg_log_level level, const char *fmt, ...)
 void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-/* Lines a peer can cause at will (refusals, failed handshakes): at most
- * CMG_LOG_LIMIT_BURST of one kind a second; the next line after a second with
- * lines held back is preceded by one that counts them. */
+/* Lines a peer can cause at will (refusals, failed handshakes): at most `burst` (default
+ * CMG_LOG_LIMIT_BURST) of one kind a second; the next line after a second with lines
+ * held back is preceded by one that counts them. */
 #define CMG_LOG_LIMIT_BURST 10
 struct cmg_log_limit {
-    const char *what;   /* names the lines in the summary: "refusals" */
+    const char *what;   /* names the lines in the summary: "refused connections" */
+    unsigned burst;     /* lines a second; 0: CMG_LOG_LIMIT_BURST */
     long sec;
     unsigned logged, held;
 };

@@ -76,7 +76,9 @@ static void on_drain(struct cmg_conn *c)
         cmg_h1_on_drain(d);
 }
 
-static struct cmg_log_limit failed_handshakes = {"failed device handshakes", 0, 0, 0};
+struct cmg_log_limit cmg_refused_requests = {.what = "refused requests", .burst = 100};
+
+static struct cmg_log_limit failed_handshakes = {.what = "failed device handshakes"};
 
 static void on_error(struct cmg_conn *c, const char *why)
 {

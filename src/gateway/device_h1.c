@@ -169,10 +169,11 @@ static void write_error(struct cmg_device *d, int status, const char *reason, bo
 static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
 {
     struct cmg_h1 *h = d->h1;
-    cmg_info("refused peer=%s method=%s path=%.*s status=%d reason=%s", d->conn.peer,
-             h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
-             (int)(h->url.len > 200 ? 200 : h->url.len), h->url.len ? cmg_buf_head(&h->url) : "-",
-             status, reason);
+    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
+                    "refused peer=%s method=%s path=%.*s status=%d reason=%s", d->conn.peer,
+                    h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
+                    (int)(h->url.len > 200 ? 200 : h->url.len),
+                    h->url.len ? cmg_buf_head(&h->url) : "-", status, reason);
     write_error(d, status, reason, close);
     if (close)
         close_after_output(d);
@@ -653,7 +654,8 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     if (h->error_status)
         refuse(d, status, reason, true);
     else {
-        cmg_info("refused peer=%s status=400 reason=\"%s\"", d->conn.peer, reason);
+        cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO, "refused peer=%s status=400 reason=\"%s\"",
+                        d->conn.peer, reason);
         write_error(d, 400, "CMGService_Bad_Request", true);
         close_after_output(d);
     }

@@ -128,8 +128,9 @@ static void forget_head(struct h2stream *st)
 
 static void refuse(struct h2stream *st, int status, const char *reason)
 {
-    cmg_info("refused peer=%s method=%s path=%s status=%d reason=%s", st->d->conn.peer,
-             st->method[0] ? st->method : "-", st->path ? st->path : "-", status, reason);
+    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
+                    "refused peer=%s method=%s path=%s status=%d reason=%s", st->d->conn.peer,
+                    st->method[0] ? st->method : "-", st->path ? st->path : "-", status, reason);
     st->refused = true;
     /* A body the device announced may already be on its way: it is taken and dropped
      * rather than reset (most clients report a reset as an error, not the answer). */
@@ -262,8 +263,9 @@ static int header_too_large(nghttp2_session *s, struct h2stream *st)
 {
     nghttp2_nv status = {(uint8_t *)":status", (uint8_t *)"431", 7, 3, 0};
 
-    cmg_info("refused peer=%s method=%s path=%s status=431 reason=CMGService_Headers_Too_Large",
-             st->d->conn.peer, st->method[0] ? st->method : "-", st->path ? st->path : "-");
+    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
+                    "refused peer=%s method=%s path=%s status=431 reason=CMGService_Headers_Too_Large",
+                    st->d->conn.peer, st->method[0] ? st->method : "-", st->path ? st->path : "-");
     forget_head(st);
     if (!st->resp_submitted && !st->ex) {
         st->resp_submitted = true;

@@ -5,6 +5,7 @@
 
 #include "core/addrcount.h"
 #include "core/conn.h"
+#include "core/log.h"
 #include "core/loop.h"
 #include "gateway/config.h"
 #include "http/headers.h"
@@ -202,6 +203,10 @@ struct cmg_device {
     bool closing;
     struct cmg_device *prev, *next;
 };
+
+/* The info line of each request the gateway refuses (any client can cause them): at
+ * most 100 a second, then counted. */
+extern struct cmg_log_limit cmg_refused_requests;
 
 void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
 void cmg_device_close_all(struct cmg_gateway *gw);

@@ -21,8 +21,8 @@
  * the policy cache, logs. */
 #define FD_RESERVE 32
 
-static struct cmg_log_limit refusals = {"refused connections", 0, 0, 0};
-static struct cmg_log_limit fd_warnings = {"descriptor warnings", 0, 0, 0};
+static struct cmg_log_limit refusals = {.what = "refused connections"};
+static struct cmg_log_limit fd_warnings = {.what = "descriptor warnings"};
 
 static void set_listening(struct cmg_gateway *gw, bool devices, bool tunnels)
 {

@@ -371,7 +371,7 @@ struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_map
 
 /* ---- life and death ---- */
 
-static struct cmg_log_limit failed_handshakes = {"failed tunnel handshakes", 0, 0, 0};
+static struct cmg_log_limit failed_handshakes = {.what = "failed tunnel handshakes"};
 
 static void tunnel_fail(struct cmg_tunnel *t, const char *why)
 {

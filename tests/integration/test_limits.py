@@ -160,3 +160,28 @@ def test_tunnel_port_flood_under_low_descriptor_limit(site, procs, svc):
     cmgtest.start_connector(procs, site.connector_conf, name='connector-again')
     cmgtest.wait_ready(procs, site)
     assert gw.alive()
+
+
+def test_refusal_lines_are_rate_limited(site, procs, svc):
+    (gw,), _ = cmgtest.bring_up(procs, site)
+    before = svc.count
+    with cmgtest.tls_connect(site) as s:
+        s.sendall(f'GET /not-published HTTP/1.1\r\nHost: {site.name}\r\n\r\n'.encode() * 300)
+        got = b''
+        while got.count(b'HTTP/1.1 404') < 300:
+            data = s.recv(65536)
+            assert data, f'closed after {got.count(b"HTTP/1.1 404")} answers'
+            got += data
+    time.sleep(1.1)   # the count of what was held back comes with the next line
+    assert cmgtest.request(site, 'GET', '/not-published-either').status == 404
+    # The log is written at the end of the loop round that answered.
+    poll(lambda: 'path=/not-published-either' in gw.log_text(), 5, 'the last refusal logged')
+    lines = gw.log_text().splitlines()
+    refused = [line for line in lines if 'refused peer=' in line and 'path=/not-published ' in line]
+    summary = [line for line in lines if 'more refused requests not logged' in line]
+    # 100 a second (start-up's 503s may have taken some of the first second's)
+    assert 0 < len(refused) <= 201, len(refused)
+    assert summary, 'no line counts the refusals that were not logged'
+    held = sum(int(line.split('more refused requests')[0].split()[-1]) for line in summary)
+    assert len(refused) + held == 300
+    assert svc.count == before

@@ -483,3 +483,19 @@ def test_body_over_max_body_is_413_every_time(hostile, svc):
     assert after['body_bytes'] - before['body_bytes'] <= 400 * MAX_BODY, 'more than max_body reached the service'
     r = request(site, 'GET', site.path('policy.xml'))
     assert (r.status, r.body) == (200, POLICY)
+
+
+def test_body_over_max_body_is_413_every_time_over_http2(hostile, svc):
+    """The same over HTTP/2 (ALPN h2): with a content-length over the limit, and streamed
+    without one, 100 times each; curl reports 413 every time and nothing is answered inside."""
+    site = hostile
+    before = svc.stats()
+    failures = []
+    for i in range(100):
+        for how in (['-T', '-'], ['--data-binary', '@-']):
+            r = curl(site, site.path('upload'), *how, http='2', input=BODY)
+            if (r.rc, r.status, r.version) != (0, 413, '2') or TOO_LARGE not in r.body:
+                failures.append(f'curl --http2 {how[0]} round {i}: {r}')
+    assert not failures, f'{len(failures)} of 200 uploads went wrong, e.g.: {failures[:3]}'
+    after = svc.stats()
+    assert after['answered'] == before['answered'], 'the service answered an upload over the limit'

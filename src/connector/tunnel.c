@@ -13,7 +13,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define READ_CHUNK 16384
 #define MAX_STREAMS 4096
 #define BACKOFF_MIN_MS 250
 #define CONTROL_PATH "/.cmg/control"

@@ -28,9 +28,49 @@ void cmg_log_init(const char *role)
     log_pid = (int)getpid();
 }
 
+/* Limiters holding lines back, so that their count is written even when no line of
+ * their kind comes again: see summarize(). */
+#define MAX_HOLDING 16
+static struct cmg_log_limit *holding[MAX_HOLDING];
+static size_t nholding;
+
+/* Writes the count of what l held back in a second that is over. */
+static void summarize(struct cmg_log_limit *l, long now_sec, enum cmg_log_level level)
+{
+    unsigned burst = l->burst ? l->burst : CMG_LOG_LIMIT_BURST;
+
+    if (l->held && l->sec != now_sec) {
+        unsigned held = l->held;
+        l->held = 0;
+        cmg_log(level, "%u more %s not logged (at most %u a second)", held, l->what, burst);
+    }
+}
+
+static long mono_sec(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (long)ts.tv_sec;
+}
+
 void cmg_log_flush(void)
 {
     size_t off = 0;
+    static bool summarizing;
+
+    if (nholding && !summarizing) {
+        long now = mono_sec();
+        summarizing = true;
+        for (size_t i = 0; i < nholding;)
+            if (holding[i]->sec != now) {
+                summarize(holding[i], now, holding[i]->level);
+                holding[i]->listed = false;
+                holding[i] = holding[--nholding];
+            } else {
+                i++;
+            }
+        summarizing = false;
+    }
 
     while (off < npending) {
         ssize_t w = write(STDERR_FILENO, pending + off, npending - off);
@@ -123,21 +163,24 @@ void cmg_log(enum cmg_log_level level, const char *fmt, ...)
 void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const char *fmt, ...)
 {
     unsigned burst = l->burst ? l->burst : CMG_LOG_LIMIT_BURST;
-    struct timespec ts;
+    long now;
     va_list ap;
 
     if (level < log_level)
         return;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    if (ts.tv_sec != l->sec) {
-        if (l->held)
-            cmg_log(level, "%u more %s not logged (at most %u a second)", l->held, l->what,
-                    burst);
-        l->sec = ts.tv_sec;
-        l->logged = l->held = 0;
+    now = mono_sec();
+    if (now != l->sec) {
+        summarize(l, now, level);
+        l->sec = now;
+        l->logged = 0;
     }
     if (l->logged >= burst) {
         l->held++;
+        l->level = level;
+        if (!l->listed && nholding < MAX_HOLDING) {   /* counted when the second is over */
+            l->listed = true;
+            holding[nholding++] = l;
+        }
         return;
     }
     l->logged++;

@@ -23,14 +23,16 @@ void cmg_log_ssl(enum cmg_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* Lines a peer can cause at will (refusals, failed handshakes): at most `burst` (default
- * CMG_LOG_LIMIT_BURST) of one kind a second; the next line after a second with lines
- * held back is preceded by one that counts them. */
+ * CMG_LOG_LIMIT_BURST) of one kind a second; a line counts what a second held back, written
+ * with the next line of that kind or the next log flush after the second is over. */
 #define CMG_LOG_LIMIT_BURST 10
 struct cmg_log_limit {
     const char *what;   /* names the lines in the summary: "refused connections" */
     unsigned burst;     /* lines a second; 0: CMG_LOG_LIMIT_BURST */
     long sec;
     unsigned logged, held;
+    enum cmg_log_level level;   /* of the lines held */
+    bool listed;                /* among those the log flush summarizes */
 };
 void cmg_log_limited(struct cmg_log_limit *l, enum cmg_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -52,6 +52,7 @@ struct h2stream {
     bool refused;              /* answered here */
     bool reset_after_answer;   /* and reset once the answer is out, if still open */
     bool reset_counted;        /* its reset is already counted by count_reset() */
+    uint64_t body_since;       /* a request body is due: its last progress; 0 if none */
     struct cmg_h2_text text;   /* a refusal answered here */
     struct h2stream *prev, *next;
 };
@@ -140,6 +141,22 @@ static void refuse(struct h2stream *st, int status, const char *reason)
     answer(st, status, reason);
 }
 
+/* The device side lets go of the stream's exchange. Body bytes the tunnel has not
+ * taken, or whose credit the budget held back, will never come back through
+ * on_request_room: the connection window gets them now, or every later upload on
+ * this connection would find less room. */
+static void release_exchange(struct h2stream *st)
+{
+    struct cmg_exchange *ex = st->ex;
+    struct cmg_h2dev *h = st->d->h2;
+    size_t owed = ex->req_body.len + ex->room_owed;
+
+    st->ex = NULL;
+    if (owed && h && !h->dead)
+        nghttp2_session_consume_connection(h->s, owed);
+    cmg_exchange_dev_done(ex);
+}
+
 static void h2_on_response(struct cmg_exchange *ex)
 {
     struct h2stream *st = ex->dev;
@@ -212,6 +229,8 @@ static void h2_on_response_body(struct cmg_exchange *ex)
 static void h2_on_request_room(struct cmg_exchange *ex, size_t n)
 {
     struct h2stream *st = ex->dev;
+    if (st->body_since)   /* the tunnel took body: progress */
+        st->body_since = cmg_loop_now(st->d->gw->loop);
     nghttp2_session_consume(st->d->h2->s, st->id, n);
     kick(st->d);
 }
@@ -221,8 +240,7 @@ static void h2_on_fail(struct cmg_exchange *ex, int status, const char *why)
     struct h2stream *st = ex->dev;
     ex->status = status;
     cmg_exchange_log(ex, why);
-    st->ex = NULL;
-    cmg_exchange_dev_done(ex);
+    release_exchange(st);
     if (st->resp_submitted) {
         nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
         kick(st->d);
@@ -370,6 +388,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         count_reset(d);
     if (!st)
         return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        st->body_since = end ? 0 : cmg_loop_now(d->gw->loop);
+    else if ((frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS) && end)
+        st->body_since = 0;
     if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
         if (!st->resp_submitted)
             admit(st, end);
@@ -403,6 +425,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
 {
     struct h2stream *st = nghttp2_session_get_stream_user_data(s, id);
 
+    if (st && st->body_since)
+        st->body_since = cmg_loop_now(st->d->gw->loop);
     if (!st || !st->ex) {
         nghttp2_session_consume(s, id, len);
         return 0;
@@ -412,8 +436,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
         nghttp2_session_consume(s, id, len);
         ex->status = 413;
         cmg_exchange_log(ex, "request body over the mapping's limit");
-        st->ex = NULL;
-        cmg_exchange_dev_done(ex);
+        release_exchange(st);
         /* What the device still sends is taken and dropped (a reset would cut the
          * answer short at most clients); idle_timeout bounds how long. */
         st->admitted = false;
@@ -446,8 +469,7 @@ static void stream_free(struct h2stream *st)
         } else {
             cmg_exchange_log(ex, NULL);
         }
-        st->ex = NULL;
-        cmg_exchange_dev_done(ex);
+        release_exchange(st);
     }
     forget_head(st);
     if (h && st->admitted)
@@ -479,6 +501,33 @@ static bool busy(const struct cmg_h2dev *h)
     return false;
 }
 
+static struct cmg_log_limit stalled_bodies = {.what = "stalled HTTP/2 request bodies"};
+
+/* A request body that makes no progress (nothing from the device, nothing taken by the
+ * tunnel) for idle_timeout ends its stream, as over HTTP/1.1: a stream is not a way
+ * to hold the connection open for free. */
+static void end_stalled_bodies(struct cmg_device *d, uint64_t now)
+{
+    uint32_t idle = d->gw->cfg.idle_timeout_ms;
+
+    for (struct h2stream *st = d->h2->streams; st; st = st->next) {
+        if (!st->body_since || now - st->body_since < idle)
+            continue;
+        st->body_since = 0;
+        cmg_log_limited(&stalled_bodies, CMG_LOG_INFO,
+                        "device %s: HTTP/2 stream %d sent no request body for idle_timeout (%u s): "
+                        "reset", d->conn.peer, st->id, idle / 1000);
+        if (st->ex) {
+            st->ex->status = 408;
+            cmg_exchange_log(st->ex, "request body stalled");
+            release_exchange(st);
+        }
+        st->reset_counted = true;   /* our own reset: not the device's rapid reset */
+        nghttp2_submit_rst_stream(d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+        kick(d);
+    }
+}
+
 static void on_deadline(struct cmg_timer *t)
 {
     struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
@@ -488,6 +537,7 @@ static void on_deadline(struct cmg_timer *t)
 
     if (!h || h->dead)
         return;
+    end_stalled_bodies(d, now);
     if (h->ending_since && now - h->ending_since >= cfg->header_timeout_ms)
         cmg_device_close(d, "HTTP/2 GOAWAY not taken within header_timeout");
     else if (h->block_open && now - h->block_start >= cfg->header_timeout_ms)
@@ -512,6 +562,9 @@ static void schedule(struct cmg_device *d)
 
     if (!busy(h))
         when = h->quiet_since + (h->served ? cfg->idle_timeout_ms : cfg->header_timeout_ms);
+    for (const struct h2stream *st = h->streams; st; st = st->next)
+        if (st->body_since)
+            when = earlier(when, st->body_since + cfg->idle_timeout_ms);
     if (h->block_open)
         when = earlier(when, h->block_start + cfg->header_timeout_ms);
     if (h->ending_since)

@@ -169,7 +169,8 @@ struct cmg_tunnel {
     struct cmg_tunnel *prev, *next;
 };
 
-void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
+/* Takes fd (closed on failure). 0, or -1 when out of memory. */
+int cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
 /* A ready tunnel serving the role, round-robin; NULL if none. */
 struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m);
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);

@@ -103,7 +103,11 @@ static void accept_tunnel(struct cmg_gateway *gw, int fd, const struct sockaddr 
         return;
     }
     gw->nhandshakes++;
-    cmg_tunnel_accept(gw, fd, &k);
+    if (cmg_tunnel_accept(gw, fd, &k) < 0) {
+        gw->nhandshakes--;
+        cmg_addrcount_del(&gw->hs_sources, &k);
+        cmg_warn("out of memory accepting a tunnel connection");
+    }
 }
 
 static void on_accept(struct cmg_io *io, uint32_t events)
@@ -187,7 +191,8 @@ static int fit_descriptors(struct cmg_gateway *gw)
         return 0;
     if (c->max_tunnel_handshakes > budget / 8)
         c->max_tunnel_handshakes = (uint32_t)(budget / 8);
-    gw->max_devices = (uint32_t)(budget - c->max_tunnel_handshakes);
+    if (budget - c->max_tunnel_handshakes < gw->max_devices)
+        gw->max_devices = (uint32_t)(budget - c->max_tunnel_handshakes);
     cmg_warn("max_connections (%u) + max_tunnel_handshakes does not fit the descriptor limit "
              "(%llu, %d kept for tunnels and files): serving at most %u devices and %u tunnel "
              "handshakes; raise LimitNOFILE or ulimit -n for more", c->max_connections,

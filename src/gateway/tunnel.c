@@ -13,7 +13,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define READ_CHUNK 16384
 #define MAX_CONTROL_LINE (CMG_POLICY_MAX + 65536)   /* a policy is one line */
 #define MAX_RESPONSE_HEADERS (64 * 1024)
 
@@ -562,41 +561,32 @@ void cmg_tunnel_close_revoked(struct cmg_gateway *gw)
     }
 }
 
-void cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src)
+int cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src)
 {
     struct cmg_tunnel *t = calloc(1, sizeof(*t));
     SSL *ssl = t ? SSL_new(gw->tunnel_ctx) : NULL;
 
-    if (t) {
-        t->gw = gw;
-        t->src = *src;
-        t->handshaking = true;   /* the caller counted it */
-    }
-    if (!ssl) {
-        if (t)
-            cmg_gw_handshake_over(gw, t);
-        free(t);
-        close(fd);
-        return;
-    }
-    t->ctl_stream = -1;
-    SSL_set_accept_state(ssl);
-    if (cmg_tls_set_leaf_check(ssl, check_connector, t) < 0) {
+    if (!ssl || cmg_tls_set_leaf_check(ssl, check_connector, t) < 0) {
         SSL_free(ssl);
         free(t);
         close(fd);
-        return;
+        return -1;
     }
+    t->gw = gw;
+    t->ctl_stream = -1;
+    SSL_set_accept_state(ssl);
     if (cmg_conn_start(&t->conn, gw->loop, fd, ssl, false, &tunnel_ops, t) < 0) {
-        cmg_gw_handshake_over(gw, t);
         free(t);
-        return;
+        return -1;
     }
+    t->src = *src;
+    t->handshaking = true;   /* the caller counted it: cmg_gw_handshake_over() uncounts */
     t->next = gw->tunnels;
     if (gw->tunnels)
         gw->tunnels->prev = t;
     gw->tunnels = t;
     cmg_timer_start(gw->loop, &t->hs_timer, gw->cfg.handshake_timeout_ms, on_hs_timeout);
+    return 0;
 }
 
 void cmg_tunnel_close_all(struct cmg_gateway *gw)

@@ -6,7 +6,9 @@ completes); after send_timeout without progress their streams are ended, with a 
 the device, the path and the bytes sent; the gateway's RSS stays bounded. A device that reads
 slowly but steadily is not a stalled one: its download completes intact, however long it takes."""
 import hashlib
+import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -304,3 +306,76 @@ def test_buffer_settings_out_of_range_are_refused_by_name(site, key, value):
     r = run_cmg('gateway', '-c', site.gateway_conf, timeout=20)
     assert r.returncode != 0
     assert f'{key}: \'{value}\' is not a number' in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- device window credit
+
+def test_abandoned_uploads_give_back_their_connection_window(procs, site, svc):
+    """HTTP/2 uploads cancelled by the device while the gateway still holds some of their
+    body (here: the connector is frozen, so the tunnel takes nothing more) must give that
+    share of the device's connection window back: four of them would otherwise strand the
+    whole 1 MiB window, and every later upload on the connection would wait forever."""
+    _, connector = bring_up(procs, site)
+    sock = socket.create_connection((site.addr, site.port), timeout=10 * SLOW)
+    sock = client_context(site, alpn=('h2',)).wrap_socket(sock, server_hostname=site.name)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding='utf-8'))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    chunk = b'\0' * 16384
+
+    def headers(sid):
+        conn.send_headers(sid, [(':method', 'POST'), (':scheme', 'https'), (':authority', site.name),
+                                (':path', site.path('upload'))])
+
+    def pump(until, within):
+        """Reads (acknowledging nothing but settings) until until() or within seconds."""
+        sock.settimeout(0.2)
+        end = time.monotonic() + within
+        while not until() and time.monotonic() < end:
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, ssl.SSLWantReadError):
+                continue
+            assert data, 'the gateway closed the connection'
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.StreamEnded):
+                    done.add(ev.stream_id)
+                elif isinstance(ev, h2.events.DataReceived):
+                    body.extend(ev.data)
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            sock.sendall(conn.data_to_send())
+    done, body = set(), bytearray()
+    os.kill(connector.pid, signal.SIGSTOP)
+    try:
+        for sid in (1, 3, 5, 7):
+            headers(sid)
+            # Send until the gateway stops giving credit: its buffers hold what it took.
+            while True:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window > 0:
+                    conn.send_data(sid, chunk[:window])
+                    sock.sendall(conn.data_to_send())
+                    continue
+                before = conn.local_flow_control_window(sid)
+                pump(lambda: conn.local_flow_control_window(sid) > before, 0.5)
+                if conn.local_flow_control_window(sid) <= before:
+                    break
+            conn.reset_stream(sid)
+            sock.sendall(conn.data_to_send())
+        pump(lambda: False, 0.5)   # the gateway's WINDOW_UPDATEs for what it held
+    finally:
+        os.kill(connector.pid, signal.SIGCONT)
+    payload = bytes(range(256)) * 8192   # 2 MiB
+    headers(9)
+    sent = 0
+    deadline = time.monotonic() + 20 * SLOW
+    while 9 not in done:
+        assert time.monotonic() < deadline, f'the upload on the same connection stalled at {sent} bytes'
+        while sent < len(payload) and min(conn.local_flow_control_window(9), conn.max_outbound_frame_size) > 0:
+            n = min(len(payload) - sent, conn.local_flow_control_window(9), conn.max_outbound_frame_size)
+            conn.send_data(9, payload[sent:sent + n], end_stream=sent + n == len(payload))
+            sent += n
+        sock.sendall(conn.data_to_send())
+        pump(lambda: 9 in done or (sent < len(payload) and conn.local_flow_control_window(9) > 0), 1)
+    sock.close()
+    assert hashlib.sha256(payload).hexdigest() in body.decode()

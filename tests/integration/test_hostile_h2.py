@@ -402,3 +402,35 @@ def test_trailers_end_the_request(hsite, svc):
     sock.close()
     assert status == '200'
     assert json.loads(data) == {'bytes': len(body), 'sha256': hashlib.sha256(body).hexdigest()}
+
+
+def test_stalled_request_body_ends_its_stream(hsite, svc):
+    """An admitted upload whose body makes no progress for idle_timeout is reset (it would
+    otherwise keep the connection busy, and so open, for ever); then, with nothing admitted
+    left, the connection closes idle_timeout later. A body that keeps coming, however
+    slowly, is not cut: 7 bytes a second apart for longer than idle_timeout get 200."""
+    post = request_block(hsite.path('upload'), hsite.name, method=b'POST')
+    s = h2_socket(hsite, cert=True)
+    s.sendall(frame(HEADERS, END_HEADERS, 1, post))
+    took, got, _ = drive(s, 2 * IDLE_TIMEOUT + 2 * SLACK)
+    resets = [sid for t, _, sid, _ in parse_frames(got) if t == RST_STREAM and sid == 1]
+    print(f'stalled upload: connection closed after {took:.1f} s')
+    assert resets, 'stream 1 was never reset'
+    assert took >= 2 * IDLE_TIMEOUT - 1
+    s.close()
+
+    s = h2_socket(hsite, cert=True)
+    chunks = [frame(HEADERS, END_HEADERS, 1, post)]
+    chunks += [frame(DATA, 0, 1, b'x') for _ in range(6)] + [frame(DATA, END_STREAM, 1, b'x')]
+    s.setblocking(True)
+    start = time.monotonic()
+    for c in chunks:
+        s.sendall(c)
+        time.sleep(1)
+    s.settimeout(5 * SLOW)
+    got = b''
+    while b'"bytes": 7' not in got:
+        data = s.recv(65536)
+        assert data, f'closed after {time.monotonic() - start:.1f} s: {parse_frames(got)}'
+        got += data
+    s.close()

@@ -255,8 +255,8 @@ static void h2_on_fail(struct cmg_exchange *ex, int status, const char *why)
         nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
         kick(st->d);
     } else {
-        answer_refusal(st, status,
-                       status == 504 ? "CMGService_Internal_Timeout" : "CMGService_Connector_Error");
+        answer_refusal(st, status, status == 504 ? "CMGService_Internal_Timeout"
+                                                 : "CMGService_Connector_Error");
     }
 }
 

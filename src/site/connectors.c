@@ -29,7 +29,8 @@ int cmg_site_connector_name_ok(const char *name)
     return 1;
 }
 
-int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_url, const char *name,
+int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_url,
+                             const char *name,
                              const char *crt, const char *key, struct cmg_connector_cert *out,
                              char *err, size_t errlen)
 {
@@ -119,8 +120,9 @@ static bool channel_cert_ok(const char *crt, const char *key, X509 *ca_cert,
     return ok;
 }
 
-int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_url,
-                          const char *const *listen, size_t nlisten, char *err, size_t errlen)
+int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key,
+                          const char *crl_url, const char *const *listen, size_t nlisten,
+                          char *err, size_t errlen)
 {
     char hosts[MAX_NAMES][300], crt[PATH_MAX], key[PATH_MAX];
     const char *dns[MAX_NAMES + 1], *ips[MAX_NAMES + 2];

@@ -724,7 +724,8 @@ static int site_write(struct site *s, const struct site_opts *o)
         if (site_path(crt, sizeof(crt), s->dir, "connector.crt") < 0 ||
             site_path(key, sizeof(key), s->dir, "connector.key") < 0)
             return -1;
-        if (cmg_site_connector_issue(s->ca_cert, s->ca_key, s->crl_url, SITE_FIRST_CONNECTOR, crt, key,
+        if (cmg_site_connector_issue(s->ca_cert, s->ca_key, s->crl_url, SITE_FIRST_CONNECTOR,
+                                     crt, key,
                                      &s->conn, err, sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;

@@ -43,6 +43,7 @@ void cmg_policy_unref(struct cmg_policy *p)
         return;
     free(p->mappings);
     X509_STORE_free(p->trust);
+    free(p->crl_der);
     cmg_jwks_free(&p->site_keys);
     cmg_jwks_free(&p->oidc_keys);
     free_list(p->oidc_audiences, p->noidc_audiences);
@@ -273,6 +274,26 @@ static int parse_list(const cJSON *arr, char ***v, size_t *n)
     return 0;
 }
 
+/* The site's CRL, in the form the gateway serves it (DER), with its nextUpdate. */
+static void keep_crl(struct cmg_policy *p, X509_CRL *x)
+{
+    const ASN1_TIME *next = X509_CRL_get0_nextUpdate(x);
+    unsigned char *der = NULL;
+    int len = i2d_X509_CRL(x, &der);
+    struct tm tm;
+
+    if (len <= 0)
+        return;
+    p->crl_der = malloc((size_t)len);
+    if (p->crl_der) {
+        memcpy(p->crl_der, der, (size_t)len);
+        p->crl_der_len = (size_t)len;
+    }
+    OPENSSL_free(der);
+    if (next && ASN1_TIME_to_tm(next, &tm))
+        p->crl_next_update = (int64_t)timegm(&tm);
+}
+
 static int parse_trust(struct cmg_policy *p, const cJSON *pl, char *err, size_t errlen)
 {
     const cJSON *ctl = cJSON_GetObjectItemCaseSensitive(pl, "ctl"), *c;
@@ -298,6 +319,8 @@ static int parse_trust(struct cmg_policy *p, const cJSON *pl, char *err, size_t 
         X509_CRL *x;
         while (b && (x = PEM_read_bio_X509_CRL(b, NULL, NULL, NULL))) {
             X509_STORE_add_crl(p->trust, x);
+            if (!p->crl_der)
+                keep_crl(p, x);
             X509_CRL_free(x);
         }
         BIO_free(b);

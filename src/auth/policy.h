@@ -16,6 +16,9 @@
 #define CMG_POLICY_MAX (4 * 1024 * 1024)   /* longest signed policy accepted, bytes */
 #define CMG_POLICY_TYP "cmg-policy+jwt"
 #define CMG_ROUTES_TYP "cmg-routes+jwt"    /* the routes, for connectors only */
+/* Where the gateway serves the policy's CRL to anyone (DER), and so the CRL
+ * distribution point of every certificate the site issues. */
+#define CMG_CRL_PATH "/CCM_CRL/site.crl"
 /* The site signs a fresh policy at least this often (so the CRL in it never goes
  * stale); gateways and connectors warn when the one in force is older than
  * max_policy_age, by default twice that. */
@@ -44,6 +47,9 @@ struct cmg_policy {
     size_t nmappings;
     X509_STORE *trust;       /* CTL roots, and the CRLs */
     bool check_revocation;
+    unsigned char *crl_der;  /* the site's CRL as the gateway serves it; NULL if none */
+    size_t crl_der_len;
+    int64_t crl_next_update; /* its nextUpdate, seconds since the epoch (0: none) */
     struct cmg_jwks site_keys;
     bool oidc;
     char oidc_issuer[512], oidc_tenant[128];

@@ -11,6 +11,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+/* Longest a client may cache the CRL (Cache-Control: max-age), so that a revocation
+ * reaches those that cache it this soon; never past the CRL's nextUpdate. */
+#define CRL_MAX_AGE_S 300
 
 /* Header names go to HTTP/2 in lower case. */
 static int add_lower(struct cmg_headers *h, const char *name, size_t nlen, const char *value,
@@ -83,11 +88,52 @@ static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
     return rc ? -1 : 0;
 }
 
+struct cmg_answer cmg_answer_refusal(int status, const char *reason)
+{
+    return (struct cmg_answer){.status = status, .reason = reason, .max_age = -1};
+}
+
+void cmg_answer_release(struct cmg_answer *a)
+{
+    cmg_policy_unref(a->hold);
+    a->hold = NULL;
+}
+
+/* The canonical target names the CRL (a query, which caches add, is ignored). */
+static bool names_crl(const char *canon, size_t len)
+{
+    size_t n = strlen(CMG_CRL_PATH);
+    return len >= n && !memcmp(canon, CMG_CRL_PATH, n) && (len == n || canon[n] == '?');
+}
+
+/* The CRL of the policy in force, to anyone: it is public, and devices and TLS
+ * scanners need it without reaching the internal network. Never forwarded. */
+static struct cmg_answer crl_answer(struct cmg_gateway *gw, const char *method, bool has_body)
+{
+    struct cmg_policy *p = gw->policy;
+    struct cmg_answer a;
+    int64_t left = p->crl_next_update - (int64_t)time(NULL);
+
+    if (strcmp(method, "GET") && strcmp(method, "HEAD"))
+        return cmg_answer_refusal(405, "CMGService_Method_Not_Allowed");
+    if (has_body)   /* nothing to upload here: refused, not read */
+        return cmg_answer_refusal(413, "CMGService_Request_Too_Large");
+    if (!p->crl_der)
+        return cmg_answer_refusal(404, "CMGService_No_CRL");
+    a = cmg_answer_refusal(200, NULL);
+    a.content_type = "application/pkix-crl";
+    a.body = p->crl_der;
+    a.body_len = p->crl_der_len;
+    a.max_age = left < 0 ? 0 : left < CRL_MAX_AGE_S ? left : CRL_MAX_AGE_S;
+    a.hold = cmg_policy_ref(p);
+    return a;
+}
+
 struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const char *target,
                                size_t target_len, const struct cmg_headers *in,
                                int64_t content_length, bool has_body,
                                const struct cmg_exchange_dev_ops *ops, void *owner,
-                               int *status, const char **reason)
+                               struct cmg_answer *answer)
 {
     struct cmg_gateway *gw = d->gw;
     struct cmg_policy_mapping *m;
@@ -97,35 +143,41 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     char *canon = malloc(target_len + 1);
     const char *why = NULL;   /* the device's refusal line says 400 and the reason token */
     size_t canon_len = 0;
-    int rc;
+    int status = 500, rc;
+    const char *reason = "CMGService_Out_Of_Memory";
 
-    *status = 500;
-    *reason = "CMGService_Out_Of_Memory";
+    *answer = cmg_answer_refusal(500, reason);
     if (!canon)
         goto out;
     /* From here on only the canonical form exists: it is judged, and it is forwarded. */
     if (cmg_path_canonical(target, target_len, canon, &canon_len, &why) < 0) {
-        *status = 400;
-        *reason = "CMGService_Bad_Request_Path";
+        status = 400;
+        reason = "CMGService_Bad_Request_Path";
+        goto out;
+    }
+    if (names_crl(canon, canon_len)) {
+        *answer = crl_answer(gw, method, has_body);
+        status = 0;
         goto out;
     }
     cmg_path_parse(canon, canon_len, &p);
     m = p.kind == CMG_PATH_OTHER ? NULL : cmg_policy_mapping(gw->policy, p.role, p.role_len);
     if (!m) {
-        *status = 404;
-        *reason = "CMGService_No_Mapping";
+        status = 404;
+        reason = "CMGService_No_Mapping";
         goto out;
     }
-    if ((rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, reason)) != 0) {
-        *status = rc;
+    if ((rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, &reason)) != 0) {
+        status = rc;
         goto out;
     }
     if (content_length >= 0 && (uint64_t)content_length > m->max_body) {
-        *status = 413;
-        *reason = "CMGService_Request_Too_Large";
+        status = 413;
+        reason = "CMGService_Request_Too_Large";
         goto out;
     }
-    *reason = "CMGService_Out_Of_Memory";
+    status = 500;
+    reason = "CMGService_Out_Of_Memory";
     if (!(ex = cmg_exchange_new(gw, ops, owner)))
         goto out;
     ex->target = canon;
@@ -143,6 +195,8 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
              id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
 out:
+    if (!ex && status)
+        *answer = cmg_answer_refusal(status, reason);
     free(canon);
     return ex;
 }

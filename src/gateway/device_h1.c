@@ -57,6 +57,7 @@ struct cmg_h1 {
     struct cmg_task next_round;   /* goes on reading after the other connections */
     int error_status;
     const char *error_reason;
+    struct cmg_answer local;   /* the gateway's own document to answer with (the CRL) */
     struct cmg_exchange *ex;
     bool in_message;           /* between message begin and complete */
     bool msg_complete;
@@ -156,29 +157,55 @@ static void linger_read(struct cmg_device *d)
     }
 }
 
-static void write_error(struct cmg_device *d, int status, const char *reason, bool close)
+/* An answer made here: a refusal (its reason token as text) or the gateway's own
+ * document; the answer to HEAD has its length and no body. */
+static void write_answer(struct cmg_device *d, const struct cmg_answer *a, bool close)
 {
     struct cmg_buf *o = &d->conn.out;
-    const char *phrase = cmg_reason_phrase(status);
-    cmg_buf_printf(o,
-                   "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
-                   "Connection: %s\r\n\r\n%s\r\n",
-                   status, phrase, strlen(reason) + 2, close ? "close" : "keep-alive", reason);
+    bool doc = a->content_type != NULL;
+
+    cmg_buf_printf(o, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n",
+                   a->status, cmg_reason_phrase(a->status), doc ? a->content_type : "text/plain",
+                   doc ? a->body_len : strlen(a->reason) + 2);
+    if (a->max_age >= 0)
+        cmg_buf_printf(o, "Cache-Control: max-age=%lld\r\n", (long long)a->max_age);
+    cmg_buf_printf(o, "Connection: %s\r\n\r\n", close ? "close" : "keep-alive");
+    if (d->h1->head)
+        return;
+    if (doc)
+        cmg_buf_append(o, a->body, a->body_len);
+    else
+        cmg_buf_printf(o, "%s\r\n", a->reason);
 }
 
-static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+static void write_error(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_answer a = cmg_answer_refusal(status, reason);
+    write_answer(d, &a, close);
+}
+
+/* A request answered here, not forwarded: logged (at a bounded rate), answered. */
+static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool close)
 {
     struct cmg_h1 *h = d->h1;
     cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "refused peer=%s method=%s path=%.*s status=%d reason=%s", d->conn.peer,
+                    "%s peer=%s method=%s path=%.*s status=%d reason=%s",
+                    a->content_type ? "answered" : "refused", d->conn.peer,
                     h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
                     (int)(h->url.len > 200 ? 200 : h->url.len),
-                    h->url.len ? cmg_buf_head(&h->url) : "-", status, reason);
-    write_error(d, status, reason, close);
+                    h->url.len ? cmg_buf_head(&h->url) : "-", a->status,
+                    a->reason ? a->reason : a->content_type);
+    write_answer(d, a, close);
     if (close)
         close_after_output(d);
     else
         cmg_conn_flush(&d->conn);
+}
+
+static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_answer a = cmg_answer_refusal(status, reason);
+    answer_here(d, &a, close);
 }
 
 /* ---- parser callbacks ---- */
@@ -217,6 +244,7 @@ static int on_message_begin(llhttp_t *p)
 {
     struct cmg_h1 *h = h1_of(p);
     h->in_message = true;
+    h->head = false;
     cmg_h1_head_begin(&h->head_fields);
     cmg_buf_reset(&h->url);
     return 0;
@@ -264,8 +292,8 @@ static int on_headers_complete(llhttp_t *p)
     bool has_length = p->flags & F_CONTENT_LENGTH;
     bool has_body = chunked || (has_length && p->content_length > 0);
     int64_t cl = -1;
-    int hosts = 0, status = 0, expect = -1;
-    const char *reason = NULL;
+    int hosts = 0, status, expect = -1;
+    struct cmg_answer a;
     const char *method = llhttp_method_name(p->method);
 
     /* The head is in: its deadline is over; the body's, if any, starts. */
@@ -305,15 +333,20 @@ static int on_headers_complete(llhttp_t *p)
         return -1;
     }
     h->ex = cmg_admit(d, method, cmg_buf_head(&h->url), h->url.len, &h->hdrs, cl, has_body,
-                      &h1_ex_ops, d, &status, &reason);
+                      &h1_ex_ops, d, &a);
     if (h->ex && (status = cmg_exchange_start(h->ex)) != 0) {
-        reason = status == 503 ? "CMGService_No_Connector" : "CMGService_Tunnel_Error";
+        a = cmg_answer_refusal(status, status == 503 ? "CMGService_No_Connector"
+                                                     : "CMGService_Tunnel_Error");
         cmg_exchange_free(h->ex);
         h->ex = NULL;
     }
     if (!h->ex) {
-        h->error_status = status;
-        h->error_reason = reason;
+        if (a.content_type) {   /* the gateway's own document: no body comes with it */
+            h->local = a;
+        } else {
+            h->error_status = a.status;
+            h->error_reason = a.reason;
+        }
         /* Without a body the connection stays usable; with one, framing says
          * nothing we want to read: answer and close. */
         return has_body ? -1 : 0;
@@ -629,9 +662,14 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
         cmg_conn_want_read(&d->conn, false);
         if (pos && pos < data + len)
             cmg_buf_append(&h->held, pos, (size_t)(data + len - pos));
-        if (!h->ex) {   /* answered here, no exchange to wait for */
-            status = h->error_status ? h->error_status : 500;
-            refuse(d, status, h->error_reason ? h->error_reason : "CMGService_Error", !h->keep_alive);
+        if (!h->ex) {   /* answered here: refused, or from the policy (the CRL) */
+            struct cmg_answer a = h->local.content_type
+                ? h->local
+                : cmg_answer_refusal(h->error_status ? h->error_status : 500,
+                                     h->error_reason ? h->error_reason : "CMGService_Error");
+            answer_here(d, &a, !h->keep_alive);
+            cmg_answer_release(&h->local);
+            h->local = (struct cmg_answer){0};
             if (h->keep_alive)
                 finish_request(d);
         }
@@ -800,6 +838,7 @@ void cmg_h1_free(struct cmg_device *d)
         cmg_exchange_log(ex, "device connection closed");
         cmg_exchange_dev_done(ex);
     }
+    cmg_answer_release(&h->local);
     cmg_headers_free(&h->hdrs);
     cmg_buf_free(&h->url);
     cmg_buf_free(&h->held);

@@ -53,7 +53,8 @@ struct h2stream {
     bool reset_after_answer;   /* and reset once the answer is out, if still open */
     bool reset_counted;        /* its reset is already counted by count_reset() */
     uint64_t body_since;       /* a request body is due: its last progress; 0 if none */
-    struct cmg_h2_text text;   /* a refusal answered here */
+    struct cmg_h2_text text;   /* an answer made here: a refusal, or the CRL ... */
+    struct cmg_policy *hold;   /* ... whose body this policy holds until the stream ends */
     struct h2stream *prev, *next;
 };
 
@@ -91,11 +92,27 @@ static void h2_send(struct cmg_device *d)
 
 /* ---- answers ---- */
 
-static void answer(struct h2stream *st, int status, const char *reason)
+/* Sends an answer made here (a refusal, or the gateway's own document) and keeps
+ * what holds its body until the stream ends. */
+static void answer(struct h2stream *st, struct cmg_answer *a)
 {
+    const char *body = a->content_type ? (const char *)a->body : a->reason;
+    size_t len = a->content_type ? a->body_len : strlen(a->reason);
+
     st->resp_submitted = true;
-    cmg_h2_submit_text(st->d->h2->s, st->id, status, reason, &st->text);
+    cmg_policy_unref(st->hold);
+    st->hold = a->hold;
+    a->hold = NULL;
+    cmg_h2_submit_local(st->d->h2->s, st->id, a->status,
+                        a->content_type ? a->content_type : "text/plain", body, len,
+                        (long long)a->max_age, !strcmp(st->method, "HEAD"), &st->text);
     kick(st->d);
+}
+
+static void answer_refusal(struct h2stream *st, int status, const char *reason)
+{
+    struct cmg_answer a = cmg_answer_refusal(status, reason);
+    answer(st, &a);
 }
 
 /* A refused or reset stream; past CMG_H2_MAX_RESETS in a second the connection is
@@ -127,18 +144,29 @@ static void forget_head(struct h2stream *st)
     st->path = NULL;
 }
 
-static void refuse(struct h2stream *st, int status, const char *reason)
+/* A stream answered here, not forwarded: a refusal (counted as a reset), or the
+ * gateway's own document. */
+static void answer_here(struct h2stream *st, struct cmg_answer *a)
 {
     cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "refused peer=%s method=%s path=%s status=%d reason=%s", st->d->conn.peer,
-                    st->method[0] ? st->method : "-", st->path ? st->path : "-", status, reason);
+                    "%s peer=%s method=%s path=%s status=%d reason=%s",
+                    a->content_type ? "answered" : "refused", st->d->conn.peer,
+                    st->method[0] ? st->method : "-", st->path ? st->path : "-", a->status,
+                    a->reason ? a->reason : a->content_type);
     st->refused = true;
     /* A body the device announced may already be on its way: it is taken and dropped
      * rather than reset (most clients report a reset as an error, not the answer). */
     st->reset_after_answer = st->content_length <= 0;
     forget_head(st);
-    count_reset(st->d);
-    answer(st, status, reason);
+    if (!a->content_type)
+        count_reset(st->d);
+    answer(st, a);
+}
+
+static void refuse(struct h2stream *st, int status, const char *reason)
+{
+    struct cmg_answer a = cmg_answer_refusal(status, reason);
+    answer_here(st, &a);
 }
 
 /* The device side lets go of the stream's exchange. Body bytes the tunnel has not
@@ -245,7 +273,8 @@ static void h2_on_fail(struct cmg_exchange *ex, int status, const char *why)
         nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
         kick(st->d);
     } else {
-        answer(st, status, status == 504 ? "CMGService_Internal_Timeout" : "CMGService_Connector_Error");
+        answer_refusal(st, status, status == 504 ? "CMGService_Internal_Timeout"
+                                                 : "CMGService_Connector_Error");
     }
 }
 
@@ -332,8 +361,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
 static void admit(struct h2stream *st, bool end_stream)
 {
     struct cmg_device *d = st->d;
-    int status = 0;
-    const char *reason = NULL;
+    struct cmg_answer a;
+    int status;
     bool has_body = !end_stream;
 
     if (!st->path || !st->method[0]) {
@@ -345,14 +374,15 @@ static void admit(struct h2stream *st, bool end_stream)
         return;
     }
     st->ex = cmg_admit(d, st->method, st->path, strlen(st->path), &st->hdrs,
-                       st->content_length, has_body, &h2_ex_ops, st, &status, &reason);
+                       st->content_length, has_body, &h2_ex_ops, st, &a);
     if (st->ex && (status = cmg_exchange_start(st->ex)) != 0) {
-        reason = status == 503 ? "CMGService_No_Connector" : "CMGService_Tunnel_Error";
+        a = cmg_answer_refusal(status, status == 503 ? "CMGService_No_Connector"
+                                                     : "CMGService_Tunnel_Error");
         cmg_exchange_free(st->ex);
         st->ex = NULL;
     }
     if (!st->ex) {
-        refuse(st, status, reason);
+        answer_here(st, &a);
         return;
     }
     st->admitted = true;
@@ -442,7 +472,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
         st->admitted = false;
         st->d->h2->quiet_since = cmg_loop_now(st->d->gw->loop);
         if (!st->resp_submitted)
-            answer(st, 413, "CMGService_Request_Too_Large");
+            answer_refusal(st, 413, "CMGService_Request_Too_Large");
         return 0;
     }
     /* Consumed (window opened) only once the tunnel has taken it. */
@@ -472,6 +502,7 @@ static void stream_free(struct h2stream *st)
         release_exchange(st);
     }
     forget_head(st);
+    cmg_policy_unref(st->hold);
     if (h && st->admitted)
         h->quiet_since = cmg_loop_now(st->d->gw->loop);
     if (h && !h->streams)

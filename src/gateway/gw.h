@@ -253,14 +253,32 @@ int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_poli
                      const struct cmg_path *path, const struct cmg_headers *in,
                      struct cmg_identity *id, const char **reason);
 
+/* An answer the gateway makes itself instead of relaying one: a refusal, whose body
+ * is its reason token as text, or a small document of the gateway's own (the CRL at
+ * CMG_CRL_PATH), whose body lives in the policy that `hold` keeps referenced. */
+struct cmg_answer {
+    int status;
+    const char *reason;            /* a refusal's token; what the log line names */
+    const char *content_type;      /* NULL: a refusal (text/plain, the reason) */
+    const unsigned char *body;     /* with content_type: the body ... */
+    size_t body_len;
+    int64_t max_age;               /* ... and Cache-Control: max-age if >= 0 */
+    struct cmg_policy *hold;       /* a reference; cmg_answer_release drops it */
+};
+
+/* A refusal: status and reason token. */
+struct cmg_answer cmg_answer_refusal(int status, const char *reason);
+void cmg_answer_release(struct cmg_answer *a);
+
 /* Admission of a request head: checks the target, the mapping and the credential,
  * and on success returns an exchange ready to start with the headers to forward.
- * Otherwise returns NULL with *status and *reason set for the answer. */
+ * Otherwise returns NULL with *answer set to what the gateway answers itself: a
+ * refusal, or its own document (the CRL), which the caller releases once sent. */
 struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const char *target,
                                size_t target_len, const struct cmg_headers *in,
                                int64_t content_length, bool has_body,
                                const struct cmg_exchange_dev_ops *ops, void *owner,
-                               int *status, const char **reason);
+                               struct cmg_answer *answer);
 /* The access-log line of a finished exchange. */
 void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
 
@@ -279,7 +297,5 @@ void cmg_h2dev_on_read(struct cmg_device *d);
 void cmg_h2dev_feed(struct cmg_device *d, const uint8_t *p, size_t n);
 void cmg_h2dev_on_drain(struct cmg_device *d);
 void cmg_h2dev_free(struct cmg_device *d);
-
-/* The short body of an error answer: a reason token and a line of text. */
 
 #endif

@@ -116,19 +116,31 @@ static ssize_t read_text(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
     return (ssize_t)n;
 }
 
+int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const char *type,
+                        const void *body, size_t len, long long max_age, bool no_body,
+                        struct cmg_h2_text *text)
+{
+    char code[8], clen[24], cache[32];
+    nghttp2_data_provider dp = {.source.ptr = text, .read_callback = read_text};
+    nghttp2_nv nv[4];
+    size_t n = 0;
+
+    snprintf(code, sizeof(code), "%d", status);
+    snprintf(clen, sizeof(clen), "%zu", len);
+    snprintf(cache, sizeof(cache), "max-age=%lld", max_age);
+    text->p = body;
+    text->left = len;
+    nv[n++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
+    nv[n++] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)type, 12, strlen(type), 0};
+    nv[n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clen, 14, strlen(clen), 0};
+    if (max_age >= 0)
+        nv[n++] = (nghttp2_nv){(uint8_t *)"cache-control", (uint8_t *)cache, 13, strlen(cache), 0};
+    return nghttp2_submit_response(s, stream_id, nv, n, no_body || !len ? NULL : &dp);
+}
+
 int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
                        struct cmg_h2_text *text)
 {
-    char code[8], len[24];
-    nghttp2_data_provider dp = {.source.ptr = text, .read_callback = read_text};
-    nghttp2_nv nv[3];
-
-    snprintf(code, sizeof(code), "%d", status);
-    text->p = body;
-    text->left = strlen(body);
-    snprintf(len, sizeof(len), "%zu", text->left);
-    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
-    nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
-    nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
-    return nghttp2_submit_response(s, stream_id, nv, 3, &dp);
+    return cmg_h2_submit_local(s, stream_id, status, "text/plain", body, strlen(body), -1, false,
+                               text);
 }

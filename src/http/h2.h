@@ -52,11 +52,18 @@ int cmg_h2_put_data(struct cmg_conn *c, const nghttp2_frame *frame, const uint8_
 #define CMG_H2_MAX_FRAME (64 * 1024)
 void cmg_h2_large_frames(nghttp2_session_callbacks *cb);
 
-/* A short text answer made locally; body must outlive the stream (a literal). */
+/* A short answer made locally; its body must outlive the stream (a literal, or held
+ * by the caller until the stream closes). */
 struct cmg_h2_text {
-    const char *p;
+    const unsigned char *p;
     size_t left;
 };
+/* status, content-type, content-length, cache-control "max-age=N" when max_age >= 0,
+ * and the body unless no_body (the answer to HEAD: its length, no data). */
+int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const char *type,
+                        const void *body, size_t len, long long max_age, bool no_body,
+                        struct cmg_h2_text *text);
+/* A text/plain answer: cmg_h2_submit_local() with body a NUL-terminated literal. */
 int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
                        struct cmg_h2_text *text);
 

@@ -29,7 +29,8 @@ int cmg_site_connector_name_ok(const char *name)
     return 1;
 }
 
-int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *name,
+int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_url,
+                             const char *name,
                              const char *crt, const char *key, struct cmg_connector_cert *out,
                              char *err, size_t errlen)
 {
@@ -44,6 +45,7 @@ int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *name,
     req.key = k;
     req.eku = CMG_PKI_EKU_CONNECTOR;   /* tunnels and the site feed, nothing else */
     req.days = CMG_SITE_CONNECTOR_DAYS;
+    req.crl_url = crl_url;
     if (!k || !(x = cmg_pki_issue(&req, ca_cert, ca_key))) {
         snprintf(err, errlen, "cannot issue a certificate for connector %s", name);
         goto out;
@@ -119,7 +121,8 @@ static bool channel_cert_ok(const char *crt, const char *key, X509 *ca_cert,
 }
 
 int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key,
-                          const char *const *listen, size_t nlisten, char *err, size_t errlen)
+                          const char *crl_url, const char *const *listen, size_t nlisten,
+                          char *err, size_t errlen)
 {
     char hosts[MAX_NAMES][300], crt[PATH_MAX], key[PATH_MAX];
     const char *dns[MAX_NAMES + 1], *ips[MAX_NAMES + 2];
@@ -151,6 +154,7 @@ int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key,
     req.n_ip_addrs = nips;
     req.eku = CMG_PKI_EKU_SERVER | CMG_PKI_EKU_SITE;
     req.days = CMG_SITE_CHANNEL_DAYS;
+    req.crl_url = crl_url;
     if (!(k = req.key = cmg_pki_new_key()) || !(x = cmg_pki_issue(&req, ca_cert, ca_key)) ||
         cmg_pki_write_key(key, k) < 0 || cmg_pki_write_cert(crt, x) < 0) {
         snprintf(err, errlen, "cannot make the site's channel certificate %s", crt);

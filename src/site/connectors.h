@@ -24,16 +24,19 @@ struct cmg_connector_cert {
     int64_t issued, expires;
 };
 
-/* Issues connector NAME's certificate and key and writes them to crt and key.
- * -1 with the reason in err. */
-int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *name,
+/* Issues connector NAME's certificate (naming crl_url as its CRL distribution point,
+ * unless NULL) and key and writes them to crt and key. -1 with the reason in err. */
+int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_url,
+                             const char *name,
                              const char *crt, const char *key, struct cmg_connector_cert *out,
                              char *err, size_t errlen);
 /* A connector name: letters, digits, '.', '_' and '-', at most 64. */
 int cmg_site_connector_name_ok(const char *name);
 /* Makes DIR/site.crt and DIR/site.key unless a valid pair of this CA is there. Its
- * names: localhost, 127.0.0.1, ::1 and the host of each listen address. */
+ * names: localhost, 127.0.0.1, ::1 and the host of each listen address; its CRL
+ * distribution point crl_url (none if NULL). */
 int cmg_site_channel_cert(const char *dir, X509 *ca_cert, EVP_PKEY *ca_key,
-                          const char *const *listen, size_t nlisten, char *err, size_t errlen);
+                          const char *crl_url, const char *const *listen, size_t nlisten,
+                          char *err, size_t errlen);
 
 #endif

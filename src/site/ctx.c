@@ -2,6 +2,7 @@
 #include "site/ctx.h"
 
 #include "core/config.h"
+#include "auth/policy.h"
 #include "core/log.h"
 #include "site/pki.h"
 
@@ -17,6 +18,15 @@
 void cmg_site_issuer(const char *site_role, char *out, size_t outlen)
 {
     snprintf(out, outlen, "opencmg-site:%s", site_role);
+}
+
+void cmg_site_crl_url(const char *service_name, unsigned port, char *out, size_t outlen)
+{
+    char at[16] = "";
+
+    if (port != 443)
+        snprintf(at, sizeof(at), ":%u", port);
+    snprintf(out, outlen, "https://%s%s%s", service_name, at, CMG_CRL_PATH);
 }
 
 static int path_in(char *out, size_t len, const char *dir, const char *name)
@@ -130,6 +140,9 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         rc = cmg_conf_str(s->service_listen, sizeof(s->service_listen), value);
     else if (!strcmp(name, "feed_listen"))
         rc = cmg_conf_str(s->feed_listen, sizeof(s->feed_listen), value);
+    else if (!strcmp(name, "crl_url"))
+        rc = strncmp(value, "https://", 8) && strncmp(value, "http://", 7)
+                 ? -1 : cmg_conf_str(s->crl_url, sizeof(s->crl_url), value);
     else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {

@@ -28,6 +28,7 @@ struct cmg_site_ctx {
     char site_role[65];
     char issuer[128];            /* "iss" of every site token */
     char admin_listen[300], service_listen[300], feed_listen[300];
+    char crl_url[300];           /* the CRL distribution point certificates name, or "" */
     int log_level;
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */
@@ -46,6 +47,9 @@ void cmg_site_close(struct cmg_site_ctx *s);
 /* Makes what cmg_site_open needs beyond the CA if missing: signing key pair, admin
  * token. Used by 'site init' too. */
 int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen);
+/* The CRL distribution point of a site whose gateway devices reach at
+ * service_name:port: https://NAME[:PORT]/CCM_CRL/site.crl (no ":443"). */
+void cmg_site_crl_url(const char *service_name, unsigned port, char *out, size_t outlen);
 /* The issuer name of a site's tokens. */
 void cmg_site_issuer(const char *site_role, char *out, size_t outlen);
 

@@ -62,6 +62,7 @@ struct site {
     size_t pfx_len;
     STACK_OF(X509) *gw_ca; /* --gateway-pfx: what the connector trusts (gateway-ca.crt) */
     int gw_ca_has_root;
+    char crl_url[300];     /* the CRL distribution point of what the site issues */
 };
 
 void cmg_site_init_usage(FILE *out)
@@ -91,7 +92,10 @@ void cmg_site_init_usage(FILE *out)
             "  --service-name NAME   the DNS name devices use to reach the gateway (required)\n"
             "  --mp URL              publish an internal server (http:// or https://, with an\n"
             "                        optional base path) under a new role id; repeatable\n"
-            "  --gateway-port N      device port of the gateway (default %d)\n"
+            "  --gateway-port N      device port of the gateway (default %d); the site's\n"
+            "                        certificates name https://NAME[:N]/CCM_CRL/site.crl,\n"
+            "                        where the gateway serves the CRL, as their CRL\n"
+            "                        distribution point\n"
             "  --tunnel-port N       port on which the gateway accepts connectors\n"
             "                        (default %d)\n"
             "  --gateway-pfx FILE    use this PKCS#12 file (certificate and key) as the\n"
@@ -530,6 +534,7 @@ static int site_issue(struct site *s, const struct site_opts *o, int name_is_ip)
         gw.key = s->gw_key;
         gw.eku = CMG_PKI_EKU_SERVER;
         gw.days = SITE_SERVER_DAYS;
+        gw.crl_url = s->crl_url;
         if (!(s->gw_cert = cmg_pki_issue(&gw, s->ca_cert, s->ca_key)))
             return -1;
     }
@@ -542,6 +547,7 @@ static int site_issue(struct site *s, const struct site_opts *o, int name_is_ip)
     dev.key = s->dev_key;
     dev.eku = CMG_PKI_EKU_CLIENT;
     dev.days = SITE_DEVICE_DAYS;
+    dev.crl_url = s->crl_url;
     if (!(s->dev_cert = cmg_pki_issue(&dev, s->ca_cert, s->ca_key)))
         return -1;
     return 0;
@@ -721,7 +727,8 @@ static int site_write(struct site *s, const struct site_opts *o)
         if (site_path(crt, sizeof(crt), s->dir, "connector.crt") < 0 ||
             site_path(key, sizeof(key), s->dir, "connector.key") < 0)
             return -1;
-        if (cmg_site_connector_issue(s->ca_cert, s->ca_key, SITE_FIRST_CONNECTOR, crt, key,
+        if (cmg_site_connector_issue(s->ca_cert, s->ca_key, s->crl_url, SITE_FIRST_CONNECTOR,
+                                     crt, key,
                                      &s->conn, err, sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;
@@ -740,12 +747,13 @@ static int site_write(struct site *s, const struct site_opts *o)
             .admin = o->site_admin ? o->site_admin : CMG_SITE_DEFAULT_ADMIN,
             .service = o->site_service ? o->site_service : CMG_SITE_DEFAULT_SERVICE,
             .feed = o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED,
+            .crl_url = s->crl_url,
             .connector_name = SITE_FIRST_CONNECTOR, .connector = &s->conn,
             .mp_urls = o->mp_urls, .role_ids = s->role_ids, .n_mp = o->n_mp, .force = o->force};
         char err[512];
         const char *listen[] = {st.admin, st.service, st.feed};
         if (cmg_site_init_store(&st, err, sizeof(err)) < 0 ||
-            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, listen, 3, err,
+            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, s->crl_url, listen, 3, err,
                                   sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;
@@ -883,6 +891,7 @@ int cmg_site_init_main(int argc, char **argv)
     }
     if (site_new_role_ids(&s, o.n_mp + 1) < 0)   /* the last one is the site's */
         goto out;
+    cmg_site_crl_url(o.name, o.gateway_port, s.crl_url, sizeof(s.crl_url));
     if (site_issue(&s, &o, inet_pton(AF_INET, o.name, &ip4) == 1) < 0)
         goto out;
     if (site_write(&s, &o) < 0)

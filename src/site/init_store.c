@@ -27,8 +27,12 @@ static int write_site_conf(const struct cmg_init_store *o, char *err, size_t err
                      "service_listen = %s\n"
                      "; the connectors' policy feed (mutual TLS: connector certificates)\n"
                      "feed_listen = %s\n"
+                     "; CRL distribution point named by the certificates the site issues\n"
+                     "; (the gateway serves the CRL there)\n"
+                     "crl_url = %s\n"
                      "log_level = info\n",
-                     o->service_name, o->site_role, o->admin, o->service, o->feed);
+                     o->service_name, o->site_role, o->admin, o->service, o->feed,
+                     o->crl_url);
 
     if (snprintf(path, sizeof(path), "%s/%s", o->dir, CMG_SITE_CONF) >= (int)sizeof(path) ||
         cmg_pki_write_file(path, text, (size_t)n, 0644) < 0) {

@@ -14,6 +14,7 @@ struct cmg_init_store {
     const char *service_name;
     uint64_t site_role;
     const char *admin, *service, *feed; /* listen addresses */
+    const char *crl_url;                /* named by the certificates the site issues */
     const char *connector_name;         /* the first connector's certificate */
     const struct cmg_connector_cert *connector;
     const char **mp_urls;

@@ -474,6 +474,7 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
     req.key = k;
     req.eku = CMG_PKI_EKU_CLIENT;
     req.days = DEVICE_CERT_DAYS;
+    req.crl_url = s->crl_url;
     if (!k || !(x = cmg_pki_issue(&req, s->ca_cert, s->ca_key)) ||
         !(bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL)) || !(serial = BN_bn2hex(bn))) {
         fail(msg, len, 500, "cannot issue the certificate");
@@ -569,7 +570,7 @@ static int connector_add_tx(struct cmg_site_ctx *s, const char *name, const char
         return rc < 0 ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store))
                       : fail(msg, len, 409, "a connector named %s exists already (revoked "
                              "or not): choose another name", name);
-    if (cmg_site_connector_issue(s->ca_cert, s->ca_key, name, crt, key, &c, err,
+    if (cmg_site_connector_issue(s->ca_cert, s->ca_key, s->crl_url, name, crt, key, &c, err,
                                  sizeof(err)) < 0)
         return fail(msg, len, 500, "%s", err);
     if (cmg_store_connector_add(s->store, name, c.serial, c.issued, c.expires) != 0)

@@ -152,6 +152,22 @@ out:
     return ret;
 }
 
+/* Where a relying party fetches the site's CRL (the gateway serves it). A CA's own
+ * certificate is the trust anchor: it names none. */
+static int pki_add_cdp(X509 *cert, X509V3_CTX *ctx, const struct cmg_cert_req *req)
+{
+    char value[600];
+
+    if (!req->crl_url || !req->crl_url[0] || req->is_ca)
+        return 0;
+    if (strpbrk(req->crl_url, ", \t\r\n") ||
+        snprintf(value, sizeof(value), "URI:%s", req->crl_url) >= (int)sizeof(value)) {
+        ERR_raise_data(ERR_LIB_X509V3, X509V3_R_INVALID_NAME, "crl_url %s", req->crl_url);
+        return -1;
+    }
+    return pki_add_ext(cert, ctx, NID_crl_distribution_points, value);
+}
+
 X509 *cmg_pki_issue(const struct cmg_cert_req *req, X509 *ca_cert, EVP_PKEY *ca_key)
 {
     X509 *cert = NULL, *ret = NULL;
@@ -220,6 +236,8 @@ X509 *cmg_pki_issue(const struct cmg_cert_req *req, X509 *ca_cert, EVP_PKEY *ca_
         pki_add_ext(cert, &ctx, NID_authority_key_identifier, "keyid:always") < 0)
         goto fail;
     if (pki_add_san(cert, req) < 0)
+        goto fail;
+    if (pki_add_cdp(cert, &ctx, req) < 0)
         goto fail;
 
     if (X509_sign(cert, ca_key, EVP_sha256()) <= 0)

@@ -31,6 +31,7 @@ struct cmg_cert_req {
                                      digitalSignature */
     unsigned eku;                 /* CMG_PKI_EKU_* bits; 0 for none */
     int days;                     /* validity from now; notBefore is now - 5 minutes */
+    const char *crl_url;          /* CRL distribution point (not on a CA), or NULL */
 };
 
 /* A new P-256 key. */

@@ -344,7 +344,8 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
     struct cmg_tls_server_opts o = {.cert = crt, .key = key};
 
-    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, listen, 3, err, errlen) < 0)
+    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, ctx->crl_url, listen, 3, err,
+                              errlen) < 0)
         return -1;
     if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
         snprintf(key, sizeof(key), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_KEY) >= (int)sizeof(key) ||

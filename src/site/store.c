@@ -532,6 +532,9 @@ cJSON *cmg_store_devices_json(struct cmg_store *s)
 
 /* ---- certificates issued by the site ---- */
 
+/* A connector certificate's subject (site/connectors.c issues it so). */
+#define CONNECTOR_SUBJECT "'/O=OpenCMG/OU=OpenCMG Connector/CN=' || name"
+
 int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name,
                        const char *subject, int64_t issued, int64_t expires)
 {
@@ -562,13 +565,17 @@ int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, 
     return rc;
 }
 
-int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when)
+/* Revokes the row of `table` that `where` (with one '?' for key) selects: 0 revoked
+ * now, 1 not found, 2 already revoked. Bumps. (Table and condition are ours.) */
+static int revoke_row(struct cmg_store *s, const char *table, const char *where, const char *key,
+                      int64_t when)
 {
-    sqlite3_stmt *st = prep(s, "SELECT revoked FROM certs WHERE serial = ? COLLATE NOCASE", "s",
-                            serial);
+    char sql[160];
+    sqlite3_stmt *st;
     int rc;
 
-    if (!st)
+    snprintf(sql, sizeof(sql), "SELECT revoked FROM %s WHERE %s", table, where);
+    if (!(st = prep(s, sql, "s", key)))
         return -1;
     rc = sqlite3_step(st);
     if (rc != SQLITE_ROW) {
@@ -579,10 +586,19 @@ int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when)
     sqlite3_finalize(st);
     if (rc)
         return 2;
-    if (run(prep(s, "UPDATE certs SET revoked = ? WHERE serial = ? COLLATE NOCASE", "is", when,
-                 serial)) < 0)
+    snprintf(sql, sizeof(sql), "UPDATE %s SET revoked = ? WHERE %s", table, where);
+    if (run(prep(s, sql, "is", when, key)) < 0)
         return -1;
     return cmg_store_bump(s);
+}
+
+/* A connector's certificate is revoked where its connector is recorded, whichever
+ * command names it: the CRL and the policy's revoked_connectors both read that. */
+int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when)
+{
+    static const char by_serial[] = "serial = ? COLLATE NOCASE";
+    int rc = revoke_row(s, "certs", by_serial, serial, when);
+    return rc == 1 ? revoke_row(s, "connectors", by_serial, serial, when) : rc;
 }
 
 int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len)
@@ -601,13 +617,22 @@ int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, 
     return rc;
 }
 
+/* The site's certificates: those of 'cert issue' (and of 'site init' once named), and
+ * the connectors' (each recorded with its connector). The revoked ones are the CRL. */
 cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only)
 {
     return rows_json(s, prep(s, revoked_only
                                     ? "SELECT serial, name, subject, issued, expires, revoked "
-                                      "FROM certs WHERE revoked IS NOT NULL ORDER BY revoked"
+                                      "FROM certs WHERE revoked IS NOT NULL UNION ALL "
+                                      "SELECT serial, name, " CONNECTOR_SUBJECT ", issued, "
+                                      "expires, revoked FROM connectors WHERE revoked IS NOT "
+                                      "NULL AND serial NOT IN (SELECT serial FROM certs) "
+                                      "ORDER BY revoked, serial"
                                     : "SELECT serial, name, subject, issued, expires, revoked "
-                                      "FROM certs ORDER BY issued, serial", ""));
+                                      "FROM certs UNION ALL "
+                                      "SELECT serial, name, " CONNECTOR_SUBJECT ", issued, "
+                                      "expires, revoked FROM connectors WHERE serial NOT IN "
+                                      "(SELECT serial FROM certs) ORDER BY issued, serial", ""));
 }
 
 /* ---- connector certificates ---- */
@@ -630,23 +655,7 @@ int cmg_store_connector_add(struct cmg_store *s, const char *name, const char *s
 
 int cmg_store_connector_revoke(struct cmg_store *s, const char *name, int64_t when)
 {
-    sqlite3_stmt *st = prep(s, "SELECT revoked FROM connectors WHERE name = ?", "s", name);
-    int rc;
-
-    if (!st)
-        return -1;
-    rc = sqlite3_step(st);
-    if (rc != SQLITE_ROW) {
-        sqlite3_finalize(st);
-        return rc == SQLITE_DONE ? 1 : -1;
-    }
-    rc = sqlite3_column_type(st, 0) != SQLITE_NULL;
-    sqlite3_finalize(st);
-    if (rc)
-        return 2;
-    if (run(prep(s, "UPDATE connectors SET revoked = ? WHERE name = ?", "is", when, name)) < 0)
-        return -1;
-    return cmg_store_bump(s);
+    return revoke_row(s, "connectors", "name = ?", name, when);
 }
 
 int cmg_store_connector_exists(struct cmg_store *s, const char *name)

@@ -84,7 +84,8 @@ cJSON *cmg_store_devices_json(struct cmg_store *s);
 
 int cmg_store_cert_add(struct cmg_store *s, const char *serial, const char *name,
                        const char *subject, int64_t issued, int64_t expires);
-/* 0 revoked now, 1 not found, 2 already revoked. Bumps. */
+/* 0 revoked now, 1 not found, 2 already revoked. Bumps. A connector's certificate
+ * is revoked as its connector (cmg_store_connector_revoke). */
 int cmg_store_cert_revoke(struct cmg_store *s, const char *serial, int64_t when);
 /* The SHA-256 thumbprint (hex) of an issued certificate, kept for 'device block NAME'. */
 int cmg_store_cert_set_thumbprint(struct cmg_store *s, const char *serial, const char *thumbprint);
@@ -92,6 +93,8 @@ int cmg_store_cert_set_thumbprint(struct cmg_store *s, const char *serial, const
 int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, size_t len);
 /* Serial of the newest certificate issued for name; 0, or 1 if none. */
 int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len);
+/* [{serial, name, subject, issued, expires, revoked}]: every certificate the site
+ * recorded, connectors' included; revoked_only: what the CRL lists. */
 cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only);
 /* Connector certificates ('cmg site connector'): add gives 1 if the name is taken;
  * revoke gives 1 if there is no such connector, 2 if it is revoked already. */

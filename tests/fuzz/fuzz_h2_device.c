@@ -33,6 +33,10 @@ static void setup(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_polic
     p->refs = 1;
     p->mappings = m;
     p->nmappings = 1;
+    /* A CRL to serve at CMG_CRL_PATH (any bytes do: the gateway passes it on as it is;
+     * the policy is never freed, nor is this) */
+    p->crl_der = (unsigned char *)"0\x03\x02\x01\x00";
+    p->crl_der_len = 5;
     gw->policy = p;
     gw->cfg.max_header_size = 4096;
     gw->cfg.header_timeout_ms = 30000;

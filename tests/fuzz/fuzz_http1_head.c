@@ -7,7 +7,8 @@
  *
  * Input: the first byte picks where the rest is cut in two (two reads). Requests
  * for the mapped role use /CCM_Proxy_MutualAuth/1234567890 (the device holds a
- * valid certificate) or /CCM_Proxy_ServerAuth/1234567890 (bearer tokens). */
+ * valid certificate) or /CCM_Proxy_ServerAuth/1234567890 (bearer tokens); the CRL
+ * is at /CCM_CRL/site.crl. */
 #include "core/log.h"
 #include "gateway/gw.h"
 
@@ -42,6 +43,10 @@ static void gateway_once(void)
     p->mappings[0].auth = CMG_AUTH_CERT | CMG_AUTH_TOKEN;
     p->mappings[0].max_body = MAX_BODY;
     p->nmappings = 1;
+    /* A CRL to serve at CMG_CRL_PATH (any bytes do: the gateway passes it on as it is;
+     * the policy is never freed, nor is this) */
+    p->crl_der = (unsigned char *)"0\x03\x02\x01\x00";
+    p->crl_der_len = 5;
     gw.policy = p;
     gw.policy_gen = 1;
 }
@@ -61,7 +66,16 @@ static void device_init(struct cmg_device *d)
     snprintf(d->conn.peer, sizeof(d->conn.peer), "192.0.2.1:50000");
 }
 
-/* Every answer the gateway wrote is a whole HTTP/1.1 status line and head. */
+/* The Content-Length of a head (-1 if none). */
+static long head_length(const char *head, size_t len)
+{
+    static const char name[] = "\r\nContent-Length: ";
+    const char *at = memmem(head, len, name, sizeof(name) - 1);
+    return at ? strtol(at + sizeof(name) - 1, NULL, 10) : -1;
+}
+
+/* Every answer the gateway wrote is a whole HTTP/1.1 status line and head, then the
+ * body its Content-Length gives (none after HEAD: the next answer follows). */
 static void check_output(const struct cmg_buf *out)
 {
     const char *p = out->len ? cmg_buf_head(out) : "";
@@ -69,20 +83,20 @@ static void check_output(const struct cmg_buf *out)
 
     while (left) {
         const char *end;
+        long body;
         if (left < 12 || memcmp(p, "HTTP/1.1 ", 9) != 0)
             __builtin_trap();
         end = memmem(p, left, "\r\n\r\n", 4);
         if (!end)
             __builtin_trap();
+        body = head_length(p, (size_t)(end - p));
         left -= (size_t)(end + 4 - p);
         p = end + 4;
-        /* an error answer's body: "reason\r\n" of its Content-Length */
         if (left && memcmp(p, "HTTP/1.1 ", 9) != 0) {
-            const char *next = memmem(p, left, "\r\n", 2);
-            if (!next)
+            if (body < 0 || (size_t)body > left)
                 __builtin_trap();
-            left -= (size_t)(next + 2 - p);
-            p = next + 2;
+            left -= (size_t)body;
+            p += body;
         }
     }
 }

@@ -140,15 +140,24 @@ def test_every_certificate_the_site_issued_can_be_revoked(procs, tmp_path, svc):
     dep = deployment(procs, tmp_path, svc)
     site = dep.site.dir
     serials = set()
-    for args in (['--cert', site / 'gateway.crt'], ['--cert', site / 'connector.crt'],
-                 ['--device', 'device1']):
+
+    def revoke(*args):
         out = json.loads(dep.cmg_site('cert', 'revoke', *args, '--json').stdout)
         serials.add(int(out['revoked'], 16))
-    assert len(serials) == 3
+
+    revoke('--cert', site / 'gateway.crt')
+    revoke('--device', 'device1')
     status_becomes(lambda: mtls(dep, (dep.site.device_cert, dep.site.device_key)), 403,
                    'the sample device certificate to be refused')
-    crl = x509.load_pem_x509_crl(policy_payload(dep)['crl'].encode())
-    assert {r.serial_number for r in crl} == serials
+    # the connector's last: it revokes connector-1, the only one carrying the policy
+    revoke('--cert', site / 'connector.crt')
+    assert len(serials) == 3
+    listed = json.loads(dep.cmg_site('connector', 'list', '--json').stdout)
+    assert [c['revoked'] is not None for c in listed] == [True], listed
+    def crl_serials():
+        return {r.serial_number
+                for r in x509.load_pem_x509_crl(policy_payload(dep)['crl'].encode())}
+    poll(lambda: crl_serials() == serials, 5 * SLOW, 'the published CRL to list all three')
     listed = json.loads(dep.cmg_site('cert', 'list', '--revoked', '--json').stdout)
     assert {int(c['serial'], 16) for c in listed} == serials
     # a certificate of another CA is not this site's to revoke

@@ -3,10 +3,27 @@
 
 #include <errno.h>
 #include <grp.h>
+#include <linux/capability.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+/* The one capability kept: a listener bound later (a reload, a deferred device port) may
+ * still take a port below 1024, as the systemd unit allows; nothing else survives. */
+#define KEPT_CAPABILITY CAP_NET_BIND_SERVICE
+
+static int set_capabilities(unsigned int mask)
+{
+    struct __user_cap_header_struct head = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
+    struct __user_cap_data_struct data[2];
+
+    memset(data, 0, sizeof(data));
+    data[0].effective = data[0].permitted = mask;
+    return (int)syscall(SYS_capset, &head, data);
+}
 
 /* Root must be gone for good: real, effective and saved ids all the user's, and no way back. */
 static int dropped_for_good(uid_t uid, gid_t gid)
@@ -27,7 +44,10 @@ static int switch_to(const struct passwd *pw, char *err, size_t errlen)
         snprintf(err, errlen, "user = %s: cannot set its groups: %s", pw->pw_name, strerror(errno));
         return -1;
     }
-    if (setgid(pw->pw_gid) < 0 || setuid(pw->pw_uid) < 0) {
+    /* Capabilities survive setuid only with KEEPCAPS; then all but one are given up. */
+    if (prctl(PR_SET_KEEPCAPS, 1L, 0L, 0L, 0L) < 0 || setgid(pw->pw_gid) < 0 ||
+        setuid(pw->pw_uid) < 0 || set_capabilities(1u << KEPT_CAPABILITY) < 0 ||
+        prctl(PR_SET_KEEPCAPS, 0L, 0L, 0L, 0L) < 0) {
         snprintf(err, errlen, "user = %s: cannot switch to uid %lu gid %lu: %s", pw->pw_name,
                  (unsigned long)pw->pw_uid, (unsigned long)pw->pw_gid, strerror(errno));
         return -1;
@@ -68,7 +88,7 @@ int cmg_drop_privileges(const char *user, char *err, size_t errlen)
     }
     if (switch_to(pw, err, errlen) < 0)
         return -1;
-    cmg_info("running as user %s (uid %lu, gid %lu)", user, (unsigned long)pw->pw_uid,
-             (unsigned long)pw->pw_gid);
+    cmg_info("running as user %s (uid %lu, gid %lu), with no capability but "
+             "CAP_NET_BIND_SERVICE", user, (unsigned long)pw->pw_uid, (unsigned long)pw->pw_gid);
     return 0;
 }

@@ -24,6 +24,7 @@ from cmgtest import CMG, SLOW, ini_set, poll, request, run_cmg
 ROOT = cmgtest.HERE.parent.parent
 BUILD = Path(CMG).parent
 UNITS = ('opencmg-gateway@.service', 'opencmg-connector.service', 'opencmg-site.service')
+CAP_NET_BIND_SERVICE = 10
 CONFIG_LINE_ERROR = re.compile(r'\.conf:\d+: ')     # how a config file's syntax error reads
 
 
@@ -189,8 +190,11 @@ def test_kubernetes_manifests_parse_and_fit_together():
 
 def status_ids(pid):
     status = Path(f'/proc/{pid}/status').read_text()
-    return {k: [int(x) for x in re.search(rf'^{k}:\s+(.*)$', status, re.M).group(1).split()]
-            for k in ('Uid', 'Gid', 'Groups')}
+    ids = {k: [int(x) for x in re.search(rf'^{k}:\s+(.*)$', status, re.M).group(1).split()]
+           for k in ('Uid', 'Gid', 'Groups')}
+    ids.update({k: int(re.search(rf'^{k}:\s+(\w+)$', status, re.M).group(1), 16)
+                for k in ('CapEff', 'CapPrm', 'CapAmb')})
+    return ids
 
 
 def test_gateway_started_as_root_serves_as_user(procs, tmp_path, svc):
@@ -220,6 +224,8 @@ def test_gateway_started_as_root_serves_as_user(procs, tmp_path, svc):
         assert answer['r'].status == 200 and answer['r'].body == b'late', answer
         assert ids['Uid'] == [nobody.pw_uid] * 4 and ids['Gid'] == [nobody.pw_gid] * 4, ids
         assert set(ids['Groups']) <= {nobody.pw_gid}, ids
+        # One capability left, as the systemd unit grants: binding ports below 1024.
+        assert ids['CapEff'] == ids['CapPrm'] == 1 << CAP_NET_BIND_SERVICE and ids['CapAmb'] == 0, ids
 
         # The policy cache was written as that user; the files a reload re-reads are in
         # the test's root-only directory, and the gateway says so.

@@ -91,6 +91,8 @@ static int gateway_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_str(c->service_name, sizeof(c->service_name), value);
     else if (!strcmp(key, "cert_password"))
         rc = cmg_conf_str(c->cert_password, sizeof(c->cert_password), value);
+    else if (!strcmp(key, "user"))
+        rc = cmg_conf_str(c->user, sizeof(c->user), value);
     else if (!strcmp(key, "tunnel_listen"))
         rc = cmg_conf_str(c->tunnel_listen, sizeof(c->tunnel_listen), value);
     else if (!strcmp(key, "listen")) {

@@ -1,5 +1,7 @@
 /* cmg gateway: listeners for devices and for connectors, and the loop. */
+#include "core/config.h"
 #include "core/log.h"
+#include "core/privdrop.h"
 #include "gateway/gateway.h"
 #include "gateway/gw.h"
 #include "tls/tls.h"
@@ -9,17 +11,27 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char usage[] =
     "usage: cmg gateway -c FILE [--instance I]\n"
     "\n"
-    "Runs one gateway instance: it serves devices on the 'listen' addresses of FILE\n"
-    "and takes tunnels from connectors on port tunnel_port + I (10140 + I by default).\n"
-    "Instances on one host share the device port (SO_REUSEPORT).\n"
+    "Runs one gateway instance, the internet-facing role. It serves devices on the\n"
+    "'listen' addresses of FILE (HTTPS, HTTP/1.1 and HTTP/2; client certificate,\n"
+    "site device token or OIDC token), forwards what a published mapping covers down\n"
+    "a tunnel to a connector, and refuses the rest. It takes tunnels from connectors\n"
+    "on tunnel_listen, port tunnel_port + I (10140 + I by default). Instances on one\n"
+    "host share the device port (SO_REUSEPORT), up to 16 of them.\n"
+    "Started as root, it binds its listeners, then goes on as the unprivileged 'user'\n"
+    "of FILE (it refuses to go on as root when that user does not exist).\n"
+    "It logs to stderr; SIGINT and SIGTERM stop it.\n"
     "\n"
-    "  -c, --config FILE   gateway.conf (see docs/configuration.md)\n"
+    "options:\n"
+    "  -c, --config FILE   gateway.conf (keys: docs/configuration.md, the man page)\n"
     "  -i, --instance I    instance number, 0..15 (default: 'instance' in FILE, or 0)\n"
-    "  -h, --help          this text\n";
+    "  -h, --help          print this help\n"
+    "\n"
+    "Exit status: 0 stopped by a signal, 1 failed to start or run, 2 bad usage.\n";
 
 static int setup(struct cmg_gateway *gw)
 {
@@ -46,6 +58,39 @@ static int setup(struct cmg_gateway *gw)
     }
     cmg_tls_tunnel_ciphers(gw->tunnel_ctx);
     return cmg_gw_listen(gw);
+}
+
+/* After the drop, what the gateway still opens must be open to its user: the policy cache's
+ * directory (a new policy is written beside it, then renamed), and what a reload re-reads. */
+static void check_access_as_user(const struct cmg_gateway *gw)
+{
+    const struct cmg_gw_config *c = &gw->cfg;
+    const char *reread[] = {c->file, c->cert, c->key, c->client_ca, c->connector_ca, c->site_key};
+    char dir[PATH_MAX];
+
+    if (gw->policy_cache[0]) {
+        cmg_conf_dir(gw->policy_cache, dir, sizeof(dir));
+        if (access(dir, W_OK | X_OK) != 0)
+            cmg_warn("policy_cache %s: uid %lu cannot write in %s (%m): new policies apply but "
+                     "are not kept for the next start", gw->policy_cache,
+                     (unsigned long)geteuid(), dir);
+    }
+    for (size_t i = 0; i < sizeof(reread) / sizeof(reread[0]); i++)
+        if (reread[i][0] && access(reread[i], R_OK) != 0)
+            cmg_warn("%s: uid %lu cannot read it (%m): a reload would fail", reread[i],
+                     (unsigned long)geteuid());
+}
+
+static int drop_root(struct cmg_gateway *gw)
+{
+    char err[400];
+
+    if (cmg_drop_privileges(gw->cfg.user, err, sizeof(err)) < 0) {
+        cmg_error("%s", err);
+        return -1;
+    }
+    check_access_as_user(gw);
+    return 0;
 }
 
 static void teardown(struct cmg_gateway *gw)
@@ -111,7 +156,7 @@ int cmg_gateway_main(int argc, char **argv)
     gw.loop = cmg_loop_new();
     if (!gw.loop)
         goto out;
-    if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0)
+    if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0 || drop_root(&gw) < 0)
         goto out;
     cmg_info("gateway %s instance %u ready: policy version %lld, %zu mapping(s) published",
              gw.cfg.service_name, gw.cfg.instance, (long long)gw.policy->version,

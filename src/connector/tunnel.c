@@ -117,7 +117,7 @@ void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct c
     size_t k = 0;
 
     if (!nv) {
-        cmg_cn_stream_fail(st, 502, "out of memory");
+        cmg_cn_stream_fail(st, 502, CMG_CN_FAIL_OTHER, "out of memory");
         return;
     }
     snprintf(code, sizeof(code), "%d", status);
@@ -144,17 +144,35 @@ void cmg_cn_stream_body(struct cmg_cn_stream *st)
     }
 }
 
-void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, const char *why)
+/* The reason token of each cause, and the body that carries it to the device. */
+static const struct {
+    const char *token, *body;
+} failures[] = {
+#define FAILURE(t) {t, t "\r\n"}
+    [CMG_CN_FAIL_OTHER] = FAILURE("CMGService_Internal_Server_Error"),
+    [CMG_CN_FAIL_REFUSED] = FAILURE("CMGConnector_Upstream_Refused"),
+    [CMG_CN_FAIL_TLS] = FAILURE("CMGConnector_Upstream_TLS_Failed"),
+    [CMG_CN_FAIL_DNS] = FAILURE("CMGConnector_Upstream_DNS_Failed"),
+    [CMG_CN_FAIL_TIMEOUT] = FAILURE("CMGConnector_Upstream_Timeout"),
+#undef FAILURE
+};
+
+/* The answer names its cause twice: in the body for the device, and in
+ * CMG_REASON_HEADER for the gateway's access log (the gateway takes it off). */
+void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, enum cmg_cn_failure cause,
+                        const char *why)
 {
-    cmg_warn("request %s %s failed: %s", st->method, st->path ? st->path : "-", why);
+    cmg_warn("request %s %s failed: %s reason=%s", st->method, st->path ? st->path : "-", why,
+             failures[cause].token);
     st->up = NULL;
     if (st->resp_submitted) {
         nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-        cmg_cn_tunnel_kick(st->t);
     } else {
-        answer(st, status, status == 504 ? "CMGService_Internal_Timeout\r\n"
-                                         : "CMGService_Internal_Server_Error\r\n");
+        st->resp_submitted = true;
+        cmg_h2_submit_reason(st->t->h2, st->id, status, failures[cause].body,
+                             failures[cause].token, &st->text);
     }
+    cmg_cn_tunnel_kick(st->t);
 }
 
 /* Request bytes were written to the internal service: open the window again. */
@@ -279,8 +297,7 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         answer(st, 404, "CMGService_No_Mapping\r\n");
         return;
     }
-    if (cmg_upstream_start(t->cn, st) < 0)
-        answer(st, 502, "CMGService_Internal_Server_Error\r\n");
+    cmg_upstream_start(t->cn, st);
 }
 
 static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user)

@@ -1,4 +1,5 @@
 #include "http/h2.h"
+#include "http/headers.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -119,9 +120,16 @@ static ssize_t read_text(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
 int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
                        struct cmg_h2_text *text)
 {
+    return cmg_h2_submit_reason(s, stream_id, status, body, NULL, text);
+}
+
+int cmg_h2_submit_reason(nghttp2_session *s, int32_t stream_id, int status, const char *body,
+                         const char *reason, struct cmg_h2_text *text)
+{
     char code[8], len[24];
     nghttp2_data_provider dp = {.source.ptr = text, .read_callback = read_text};
-    nghttp2_nv nv[3];
+    nghttp2_nv nv[4];
+    size_t n = 3;
 
     snprintf(code, sizeof(code), "%d", status);
     text->p = body;
@@ -130,5 +138,8 @@ int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const 
     nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
     nv[1] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)"text/plain", 12, 10, 0};
     nv[2] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)len, 14, strlen(len), 0};
-    return nghttp2_submit_response(s, stream_id, nv, 3, &dp);
+    if (reason)
+        nv[n++] = (nghttp2_nv){(uint8_t *)CMG_REASON_HEADER, (uint8_t *)reason,
+                               sizeof(CMG_REASON_HEADER) - 1, strlen(reason), 0};
+    return nghttp2_submit_response(s, stream_id, nv, n, &dp);
 }

@@ -1,0 +1,130 @@
+"""Errors that say what is true. A 502/504 made by the connector names its cause with a reason
+token, in the device's body (HTTP/1.1 and HTTP/2) and in the gateway's access log:
+`CMGConnector_Upstream_Refused` (nothing listens on the internal port),
+`CMGConnector_Upstream_TLS_Failed` (the internal server's certificate is not trusted),
+`CMGConnector_Upstream_DNS_Failed` (the internal host name does not resolve),
+`CMGConnector_Upstream_Timeout` (the internal service answers after `upstream_timeout`).
+The token travels from connector to gateway in a `cmg-reason` response field that the device
+never sees and that an internal service cannot forge."""
+import socket
+import ssl
+import threading
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from cmgtest import Site, bring_up, curl, free_port, ini_set, make_cert
+
+TOKENS = {
+    'refused': (502, 'CMGConnector_Upstream_Refused'),
+    'tls': (502, 'CMGConnector_Upstream_TLS_Failed'),
+    'dns': (502, 'CMGConnector_Upstream_DNS_Failed'),
+    'slow': (504, 'CMGConnector_Upstream_Timeout'),
+}
+FORGED = (b'HTTP/1.1 502 Bad Gateway\r\ncmg-reason: CMGConnector_Upstream_Refused\r\n'
+          b'Content-Length: 7\r\nConnection: close\r\n\r\nforged\n')
+
+
+class Listener:
+    """A loopback server in a thread: each connection gets `serve(conn)`; counts connections."""
+
+    def __init__(self, serve, context=None):
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.port = self.sock.getsockname()[1]
+        self.serve, self.context = serve, context
+        self.connections = 0
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                try:
+                    if self.context:
+                        conn = self.context.wrap_socket(conn, server_side=True)
+                    self.serve(conn)
+                except (OSError, ssl.SSLError):
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def answer_forged(conn):
+    conn.recv(65536)
+    conn.sendall(FORGED)
+
+
+@pytest.fixture
+def listeners(tmp_path):
+    """An HTTPS server whose self-signed certificate the connector does not trust, and an HTTP
+    server that answers 502 with a forged `cmg-reason` field."""
+    _, _, (crt, key) = make_cert(tmp_path / 'untrusted', 'localhost', san=('localhost', '127.0.0.1'),
+                                 eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)
+    made = {'tls': Listener(lambda conn: conn.recv(65536), ctx), 'forged': Listener(answer_forged)}
+    yield made
+    for listener in made.values():
+        listener.close()
+
+
+@pytest.fixture
+def roles(procs, tmp_path, svc, listeners):
+    """A site with one role per cause (and one whose service forges the field), a gateway and a
+    connector with upstream_timeout = 1 s."""
+    closed = free_port()
+    urls = {'refused': f'http://127.0.0.1:{closed}/',
+            'tls': f'https://localhost:{listeners["tls"].port}/',
+            'dns': 'http://internal-mp.cmg-test.invalid/',
+            'slow': svc.url,
+            'forged': f'http://127.0.0.1:{listeners["forged"].port}/'}
+    site = Site(tmp_path / 'site', list(urls.values()), procs)
+    ini_set(site.connector_conf, 'connector', 'upstream_timeout', 1)
+    gateways, connector = bring_up(procs, site)
+    return site, dict(zip(urls, range(len(urls)))), gateways[0], connector
+
+
+@pytest.mark.parametrize('http', ['1.1', '2'])
+def test_each_cause_has_its_reason_token(procs, roles, svc, http):
+    site, role, gateway, connector = roles
+    for cause, (status, token) in TOKENS.items():
+        rest = 'delay?ms=3000' if cause == 'slow' else 'policy.xml'
+        r = curl(site, site.path(rest, role[cause]), '-i', http=http)
+        assert (r.rc, r.status) == (0, status), (cause, r)
+        head, _, body = r.body.partition(b'\r\n\r\n')
+        assert body == token.encode() + b'\r\n', (cause, r)
+        assert b'cmg-reason' not in head.lower(), f'the device saw the connector\'s field: {head!r}'
+        line = f'path={site.path(rest, role[cause])} status={status} '
+        logged = [x for x in gateway.log_text().splitlines() if line in x]
+        assert logged and all(f' reason={token}' in x for x in logged), (cause, logged)
+        assert f'reason={token}' in connector.log_text()
+
+
+def test_internal_service_cannot_forge_the_reason(procs, roles, listeners):
+    site, role, gateway, connector = roles
+    for http in ('1.1', '2'):
+        r = curl(site, site.path('anything', role['forged']), '-i', http=http)
+        assert (r.rc, r.status) == (0, 502), r
+        head, _, body = r.body.partition(b'\r\n\r\n')
+        assert body == b'forged\n', r
+        assert b'cmg-reason' not in head.lower(), head
+    logged = [x for x in gateway.log_text().splitlines() if f'path={site.path("anything", role["forged"])} ' in x]
+    assert len(logged) == 2 and not any('reason=' in x for x in logged), logged
+    assert listeners['forged'].connections == 2
+
+
+def test_nothing_reaches_an_untrusted_or_missing_service(procs, roles, listeners):
+    """The TLS failure is the connector's verdict: the handshake never completes, so no request
+    is written; a name that does not resolve is not dialled at all."""
+    site, role, gateway, connector = roles
+    for _ in range(3):
+        r = curl(site, site.path('policy.xml', role['tls']))
+        assert (r.rc, r.status) == (0, 502), r
+    log = connector.log_text()
+    assert 'certificate verify failed' in log
+    assert 'cannot resolve internal-mp.cmg-test.invalid' in log

@@ -18,13 +18,17 @@
 #include "site/register.h"
 #include "tls/tls.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
+#include <unistd.h>
 
 #define POLL_MS 250
 #define FEED_WAIT_MS 25000
@@ -360,6 +364,53 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     return (srv->channel_tls = cmg_tls_server_ctx(&o, err, errlen)) ? 0 : -1;
 }
 
+bool cmg_site_serve_running(const char *dir)
+{
+    char path[PATH_MAX];
+    int fd;
+    bool held;
+
+    if (snprintf(path, sizeof(path), "%s/%s", dir, CMG_SITE_SERVE_LOCK) >= (int)sizeof(path))
+        return false;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;   /* no service ever ran here */
+    held = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+    close(fd);          /* drops the shared lock if we took it */
+    return held;
+}
+
+/* Takes the lock for the life of the process (the descriptor stays open); -1 if
+ * another service holds it. */
+static int hold_lock(const char *dir, char *err, size_t errlen)
+{
+    char path[PATH_MAX], pid[32];
+    int fd;
+
+    if (snprintf(path, sizeof(path), "%s/%s", dir, CMG_SITE_SERVE_LOCK) >= (int)sizeof(path)) {
+        snprintf(err, errlen, "%s: path too long", dir);
+        return -1;
+    }
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open %.400s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int n = (int)read(fd, pid, sizeof(pid) - 1);
+        pid[n > 0 ? n : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        snprintf(err, errlen, "another 'cmg site serve' runs on %.200s (pid %s; it holds %s)", dir,
+                 pid[0] ? pid : "unknown", CMG_SITE_SERVE_LOCK);
+        close(fd);
+        return -1;
+    }
+    snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 || write(fd, pid, strlen(pid)) < 0)
+        cmg_warn("cannot write the pid into %s: %s", path, strerror(errno));
+    return fd;
+}
+
 int cmg_site_serve_main(int argc, char **argv)
 {
     struct cmg_site_server srv;
@@ -367,7 +418,7 @@ int cmg_site_serve_main(int argc, char **argv)
     const char *dir = NULL, *admin = NULL, *service = NULL, *feed_addr = NULL;
     const char *listen[3];
     char err[600];
-    int rc;
+    int rc, lock = -1;
 
     memset(&srv, 0, sizeof(srv));
     if ((rc = parse_args(argc, argv, &dir, &admin, &service, &feed_addr)) >= 0)
@@ -378,6 +429,11 @@ int cmg_site_serve_main(int argc, char **argv)
         return 1;
     }
     cmg_log_set_level(ctx.log_level);
+    if ((lock = hold_lock(dir, err, sizeof(err))) < 0) {
+        fprintf(stderr, "cmg site serve: %s\n", err);
+        cmg_site_close(&ctx);
+        return 1;
+    }
     ctx.confined = true;
     listen[0] = admin ? admin : ctx.admin_listen;
     listen[1] = feed_addr ? feed_addr : ctx.feed_listen;
@@ -423,5 +479,6 @@ out:
     free(srv.policy);
     free(srv.routes);
     cmg_site_close(&ctx);
+    close(lock);
     return rc;
 }

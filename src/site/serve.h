@@ -7,6 +7,7 @@
 
 #include <cjson/cJSON.h>
 #include <openssl/ssl.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -26,6 +27,13 @@ struct cmg_site_server {
     struct cmg_timer poll;
     struct feed_waiter *waiters;
 };
+
+/* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the
+ * kernel lets go however the process ends); the admin commands test it to say whether
+ * a change is published now. */
+#define CMG_SITE_SERVE_LOCK "serve.lock"
+/* Whether a 'site serve' holds the lock of the site directory dir. */
+bool cmg_site_serve_running(const char *dir);
 
 /* argv[0] is "serve". Returns the exit status. */
 int cmg_site_serve_main(int argc, char **argv);

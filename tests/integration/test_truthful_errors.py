@@ -6,6 +6,8 @@ token, in the device's body (HTTP/1.1 and HTTP/2) and in the gateway's access lo
 `CMGConnector_Upstream_Timeout` (the internal service answers after `upstream_timeout`).
 The token travels from connector to gateway in a `cmg-reason` response field that the device
 never sees and that an internal service cannot forge."""
+import json
+import signal
 import socket
 import ssl
 import threading
@@ -13,7 +15,8 @@ import threading
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import Site, bring_up, curl, free_port, ini_set, make_cert
+from cmgtest import Site, bring_up, curl, free_port, ini_set, make_cert, poll, run_cmg
+from sitetest import Deployment
 
 TOKENS = {
     'refused': (502, 'CMGConnector_Upstream_Refused'),
@@ -52,6 +55,15 @@ class Listener:
 
     def close(self):
         self.sock.close()
+
+
+def access_log(gateway, part, n):
+    """The gateway's access-log lines that contain `part`, once there are n of them (the line
+    is written as the answer ends, maybe after the client has it)."""
+    def lines():
+        found = [x for x in gateway.log_text().splitlines() if part in x]
+        return found if len(found) >= n else None
+    return poll(lines, 10, f'{n} access-log line(s) with {part!r}')
 
 
 def answer_forged(conn):
@@ -99,9 +111,8 @@ def test_each_cause_has_its_reason_token(procs, roles, svc, http):
         head, _, body = r.body.partition(b'\r\n\r\n')
         assert body == token.encode() + b'\r\n', (cause, r)
         assert b'cmg-reason' not in head.lower(), f'the device saw the connector\'s field: {head!r}'
-        line = f'path={site.path(rest, role[cause])} status={status} '
-        logged = [x for x in gateway.log_text().splitlines() if line in x]
-        assert logged and all(f' reason={token}' in x for x in logged), (cause, logged)
+        logged = access_log(gateway, f'path={site.path(rest, role[cause])} status={status} ', 1)
+        assert all(f' reason={token}' in x for x in logged), (cause, logged)
         assert f'reason={token}' in connector.log_text()
 
 
@@ -113,8 +124,8 @@ def test_internal_service_cannot_forge_the_reason(procs, roles, listeners):
         head, _, body = r.body.partition(b'\r\n\r\n')
         assert body == b'forged\n', r
         assert b'cmg-reason' not in head.lower(), head
-    logged = [x for x in gateway.log_text().splitlines() if f'path={site.path("anything", role["forged"])} ' in x]
-    assert len(logged) == 2 and not any('reason=' in x for x in logged), logged
+    logged = access_log(gateway, f'path={site.path("anything", role["forged"])} ', 2)
+    assert not any('reason=' in x for x in logged), logged
     assert listeners['forged'].connections == 2
 
 
@@ -128,3 +139,39 @@ def test_nothing_reaches_an_untrusted_or_missing_service(procs, roles, listeners
     log = connector.log_text()
     assert 'certificate verify failed' in log
     assert 'cannot resolve internal-mp.cmg-test.invalid' in log
+
+
+# ---------------------------------------------------------------- changes while the site is down
+
+RECORDED = 'recorded; published when the site service runs (it is not running now)'
+
+
+def test_a_change_says_whether_the_site_service_publishes_it(procs, tmp_path, svc):
+    """`site serve` holds DIR/serve.lock (flock) while it runs: a change made without it is
+    "recorded", one made with it "done"; a service killed with SIGKILL lets the lock go."""
+    dep = Deployment(procs, tmp_path, svc, start=False)
+    changes = [('mapping', 'add', '--type', 'mp', '--url', svc.url),
+               ('device', 'block', 'oidc:someone'), ('device', 'unblock', 'oidc:someone'),
+               ('cert', 'revocation', 'off'), ('token', 'bulk', 'create')]
+    for args in changes:
+        out = dep.cmg_site(*args).stdout
+        assert RECORDED in out and 'done' not in out, (args, out)
+    for args in (('mapping', 'list'), ('device', 'list'), ('cert', 'revocation')):
+        assert RECORDED not in dep.cmg_site(*args).stdout, args
+    r = dep.cmg_site('device', 'block', 'oidc:other', '--json')
+    assert RECORDED in r.stderr and json.loads(r.stdout), r
+    # the last line of `token bulk create` is still the token
+    guid, token = dep.bulk_token()
+    assert token.count('.') == 2, token
+
+    site = dep.start_site()
+    for args in changes:
+        out = dep.cmg_site(*args).stdout
+        assert RECORDED not in out, (args, out)
+    assert dep.cmg_site('device', 'block', 'oidc:someone').stdout.startswith('done: ')
+    second = run_cmg('site', 'serve', dep.site.dir)
+    assert second.returncode == 1 and f'pid {site.pid}' in second.stderr, second
+
+    site.signal(signal.SIGKILL)
+    out = dep.cmg_site('device', 'unblock', 'oidc:someone').stdout
+    assert out.startswith(RECORDED), out

@@ -12,6 +12,7 @@
 #include "http/headers.h"
 #include "http/path.h"
 #include "auth/jwk.h"
+#include "tls/tls.h"
 
 #include <cjson/cJSON.h>
 #include <limits.h>
@@ -110,6 +111,7 @@ struct cmg_connector {
     struct cmg_jwk site_key;     /* verifies what the feed and the cache hold */
     struct cmg_timer age_timer;  /* max_policy_age */
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
+    struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */
 };
 
 /* The mapping that serves a role: the site's route, else the configuration's. */

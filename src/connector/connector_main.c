@@ -25,6 +25,21 @@ static const char usage[] =
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
+/* The connector's own certificate and the CAs it trusts, watched for their end. */
+static void watch_certs(struct cmg_connector *cn)
+{
+    struct cmg_cn_config *c = &cn->cfg;
+    char err[PATH_MAX + 64];
+
+    if (cmg_tls_watch_file(&cn->cert_watch, "connector certificate", c->cert, err,
+                           sizeof(err)) < 0 ||
+        cmg_tls_watch_file(&cn->cert_watch, "gateway CA", c->ca, err, sizeof(err)) < 0 ||
+        (c->site[0] && cmg_tls_watch_file(&cn->cert_watch, "site CA", c->site_ca, err,
+                                          sizeof(err)) < 0))
+        cmg_warn("%s", err);
+    cmg_tls_watch_start(&cn->cert_watch, cn->loop);
+}
+
 static int setup(struct cmg_connector *cn)
 {
     struct cmg_cn_config *c = &cn->cfg;
@@ -38,6 +53,7 @@ static int setup(struct cmg_connector *cn)
         return -1;
     }
     cmg_tls_tunnel_ciphers(cn->tunnel_ctx);
+    watch_certs(cn);
     for (size_t i = 0; i < c->nmappings; i++) {
         struct cmg_cn_mapping *m = &c->mappings[i];
         struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,
@@ -117,6 +133,7 @@ int cmg_connector_main(int argc, char **argv)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);
     cmg_upstream_close_all(&cn);
     cmg_cn_routes_free(&cn);
+    cmg_tls_watch_free(&cn.cert_watch);
     free(cn.policy);
     SSL_CTX_free(cn.tunnel_ctx);
     cmg_cn_config_free(&cn.cfg);

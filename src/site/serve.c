@@ -364,6 +364,19 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     return (srv->channel_tls = cmg_tls_server_ctx(&o, err, errlen)) ? 0 : -1;
 }
 
+/* The site CA and the site's own certificate, watched for their end. */
+static void watch_certs(struct cmg_site_server *srv)
+{
+    char path[PATH_MAX];
+
+    snprintf(path, sizeof(path), "%.*s/ca.crt", (int)sizeof(path) - 8, srv->ctx->dir);
+    cmg_tls_watch_cert(&srv->cert_watch, "site CA", path, srv->ctx->ca_cert);
+    snprintf(path, sizeof(path), "%.*s/site.crt", (int)sizeof(path) - 10, srv->ctx->dir);
+    cmg_tls_watch_cert(&srv->cert_watch, "site certificate", path,
+                       SSL_CTX_get0_certificate(srv->channel_tls));
+    cmg_tls_watch_start(&srv->cert_watch, srv->loop);
+}
+
 bool cmg_site_serve_running(const char *dir)
 {
     char path[PATH_MAX];
@@ -459,6 +472,7 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
+    watch_certs(&srv);
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
              listen[1], listen[2], (long long)srv.version);
@@ -470,6 +484,7 @@ out:
     cmg_httpd_free(srv.service);
     while (srv.waiters)
         waiter_free(srv.waiters);
+    cmg_tls_watch_free(&srv.cert_watch);
     if (srv.loop) {
         cmg_timer_stop(srv.loop, &srv.poll);
         cmg_loop_free(srv.loop);

@@ -4,6 +4,7 @@
 
 #include "core/loop.h"
 #include "site/ctx.h"
+#include "tls/tls.h"
 
 #include <cjson/cJSON.h>
 #include <openssl/ssl.h>
@@ -26,6 +27,7 @@ struct cmg_site_server {
     int64_t data_version;
     struct cmg_timer poll;
     struct feed_waiter *waiters;
+    struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the

@@ -13,6 +13,8 @@ import ssl
 import threading
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cmgtest import Site, bring_up, curl, free_port, ini_set, make_cert, poll, run_cmg
@@ -175,3 +177,75 @@ def test_a_change_says_whether_the_site_service_publishes_it(procs, tmp_path, sv
     site.signal(signal.SIGKILL)
     out = dep.cmg_site('device', 'unblock', 'oidc:someone').stdout
     assert out.startswith(RECORDED), out
+
+
+# ---------------------------------------------------------------- certificates: names and expiry
+
+CONNECTOR_EKU = x509.ObjectIdentifier('1.3.6.1.3.7264.1.1')
+SITE_EKU = x509.ObjectIdentifier('1.3.6.1.3.7264.1.2')
+
+
+def site_ca(site):
+    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    key = serialization.load_pem_private_key((site.dir / 'ca.key').read_bytes(), None)
+    return ca, key
+
+
+def not_after(cert):
+    return cert.not_valid_after.strftime('%Y-%m-%d %H:%M:%S UTC')
+
+
+def gateway_cert(site, name, **kw):
+    """A gateway certificate of the site CA in site.dir/name.crt, set in gateway.conf."""
+    ca, key = site_ca(site)
+    cert, _, (crt, pem_key) = make_cert(site.dir / name, 'gateway', ca, key,
+                                        eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **kw)
+    ini_set(site.gateway_conf, 'gateway', 'cert', crt.name)
+    ini_set(site.gateway_conf, 'gateway', 'key', pem_key.name)
+    return cert, crt
+
+
+def test_gateway_refuses_an_expired_certificate(tmp_path, svc):
+    site = Site(tmp_path / 'site', [svc.url])
+    cert, crt = gateway_cert(site, 'old', valid_from=-40, valid_days=30, san=(site.name,))
+    r = run_cmg('gateway', '-c', site.gateway_conf, timeout=20)
+    assert r.returncode == 1, r
+    assert f'certificate {crt} expired on {not_after(cert)}' in r.stderr, r.stderr
+    assert 'ready' not in r.stderr
+
+
+def test_gateway_refuses_a_certificate_for_another_name(tmp_path, svc):
+    site = Site(tmp_path / 'site', [svc.url])
+    _, crt = gateway_cert(site, 'misnamed', san=('other.example', '192.0.2.7'))
+    r = run_cmg('gateway', '-c', site.gateway_conf, timeout=20)
+    assert r.returncode == 1, r
+    assert (f'certificate {crt} does not name the service: expected {site.name} (service_name), '
+            f'found other.example, 192.0.2.7') in r.stderr, r.stderr
+    assert 'ready' not in r.stderr
+
+
+def test_every_role_warns_of_its_certificates_end(procs, tmp_path, svc):
+    """A gateway certificate with 10 days left, a connector certificate with 2 and a site
+    certificate with 5: each role says so at start, one line, with the file and the date; the
+    CAs (10 years) are not mentioned."""
+    dep = Deployment(procs, tmp_path, svc, start=False)
+    site = dep.site
+    gw_cert, gw_crt = gateway_cert(site, 'soon', valid_days=11, san=(site.name,))
+    ca, key = site_ca(site)
+    cn_cert, _, (cn_crt, cn_key) = make_cert(site.dir / 'connector-soon', 'connector-1', ca, key,
+                                             eku=(CONNECTOR_EKU,), valid_days=3)
+    ini_set(site.connector_conf, 'connector', 'cert', cn_crt.name)
+    ini_set(site.connector_conf, 'connector', 'key', cn_key.name)
+    site_cert, _, _ = make_cert(site.dir / 'site', 'OpenCMG site', ca, key, valid_days=6,
+                                eku=(ExtendedKeyUsageOID.SERVER_AUTH, SITE_EKU),
+                                san=('localhost', '127.0.0.1', '::1'))
+    site_proc = dep.start_site()
+    gateways, connector = bring_up(procs, site)
+    expected = {gateways[0]: ('gateway certificate', gw_crt, gw_cert, 10),
+                connector: ('connector certificate', site.dir / cn_crt.name, cn_cert, 2),
+                site_proc: ('site certificate', site.dir / 'site.crt', site_cert, 5)}
+    for proc, (what, path, cert, days) in expected.items():
+        line = f'{what} {path} expires on {not_after(cert)} ({days} day(s) left)'
+        log = proc.log_text()
+        assert log.count(line) == 1, (proc.name, line, log[-2000:])
+        assert log.count(' expires on ') == 1, (proc.name, log[-2000:])

@@ -72,7 +72,10 @@ static const char usage[] =
     "  cert revoke SERIAL | --serial HEX | --cert FILE | --device NAME\n"
     "                                     (SERIAL as 'openssl x509 -serial' prints it)\n"
     "                                     put a certificate of this site into the CRL\n"
-    "  cert list [--revoked]              certificates issued with 'cert issue'\n"
+    "  cert list [--revoked]              everything the site issued or holds, with\n"
+    "                                     its end: CA, site channel, gateway, each\n"
+    "                                     connector, devices, signing keys (--revoked:\n"
+    "                                     the revoked certificates)\n"
     "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
     "                                     (also: cert revocation [on|off])\n"
     "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
@@ -323,8 +326,8 @@ static void show_devices(const cJSON *r)
 
 static void show_certs(const cJSON *r)
 {
-    static const char *const cols[] = {"serial", "name", "issued", "expires", "revoked"};
-    print_table(r, cols, 5);
+    static const char *const cols[] = {"kind", "name", "serial", "issued", "expires", "revoked"};
+    print_table(r, cols, 6);
 }
 
 static void show_done(const cJSON *r)

@@ -249,3 +249,26 @@ def test_every_role_warns_of_its_certificates_end(procs, tmp_path, svc):
         log = proc.log_text()
         assert log.count(line) == 1, (proc.name, line, log[-2000:])
         assert log.count(' expires on ') == 1, (proc.name, log[-2000:])
+
+
+def test_cert_list_shows_everything_the_site_holds(tmp_path, svc):
+    site = Site(tmp_path / 'site', [svc.url])
+    assert run_cmg('site', 'connector', 'add', 'connector-2', '--site', site.dir).returncode == 0
+    assert run_cmg('site', 'cert', 'issue', '--device', 'lab-1', '--site', site.dir).returncode == 0
+    r = run_cmg('site', 'cert', 'list', '--site', site.dir, '--json')
+    assert r.returncode == 0, r
+    rows = {(row['kind'], row['name']): row for row in json.loads(r.stdout)}
+    files = {('CA', 'site CA'): 'ca.crt', ('site', 'site channel'): 'site.crt',
+             ('gateway', 'gateway'): 'gateway.crt', ('connector', 'connector-1'): 'connector.crt',
+             ('connector', 'connector-2'): 'connectors/connector-2.crt',
+             ('device', 'device1'): 'devices/device1.crt', ('device', 'lab-1'): 'devices/lab-1.crt'}
+    for key, rel in files.items():
+        cert = x509.load_pem_x509_certificate((site.dir / rel).read_bytes())
+        row = rows.pop(key, None)
+        assert row, (key, r.stdout)
+        assert row['not_after'] == cert.not_valid_after.strftime('%Y-%m-%dT%H:%M:%SZ'), (key, row)
+        assert int(row['serial'], 16) == cert.serial_number, (key, row)
+    assert list(rows) == [('signing key', 'site-signing.pub')], rows
+    table = run_cmg('site', 'cert', 'list', '--site', site.dir).stdout.splitlines()
+    assert table[0].split('\t') == ['kind', 'name', 'serial', 'issued', 'expires', 'revoked']
+    assert len(table) == 1 + len(files) + 1, table

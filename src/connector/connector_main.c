@@ -25,11 +25,23 @@ static const char usage[] =
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
-/* The connector's own certificate and the CAs it trusts, watched for their end. */
-static void watch_certs(struct cmg_connector *cn)
+/* The connector's own certificate must be a connector's: gateways and the site
+ * refuse any other, so a device's shows at start, named, rather than as a refused
+ * handshake. It and the CAs it trusts are watched for their end. */
+static void check_certs(struct cmg_connector *cn)
 {
     struct cmg_cn_config *c = &cn->cfg;
-    char err[PATH_MAX + 64];
+    X509 *own = SSL_CTX_get0_certificate(cn->tunnel_ctx);
+    char err[PATH_MAX + 64], usages[256], subject[256];
+
+    if (own && !cmg_tls_has_eku(own, CMG_OID_EKU_CONNECTOR)) {
+        cmg_tls_usages(own, usages, sizeof(usages));
+        cmg_tls_subject(own, subject, sizeof(subject));
+        cmg_error("%s is not a connector certificate: expected the OpenCMG connector usage "
+                  "(made by 'cmg site connector add'), found %s (%s%s); gateways and the site "
+                  "will refuse it", c->cert, usages, subject,
+                  cmg_tls_has_eku(own, "1.3.6.1.5.5.7.3.2") ? ": a device certificate?" : "");
+    }
 
     if (cmg_tls_watch_file(&cn->cert_watch, "connector certificate", c->cert, err,
                            sizeof(err)) < 0 ||
@@ -53,7 +65,7 @@ static int setup(struct cmg_connector *cn)
         return -1;
     }
     cmg_tls_tunnel_ciphers(cn->tunnel_ctx);
-    watch_certs(cn);
+    check_certs(cn);
     for (size_t i = 0; i < c->nmappings; i++) {
         struct cmg_cn_mapping *m = &c->mappings[i];
         struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,

@@ -451,8 +451,7 @@ void cmg_tls_not_after(X509 *x, char *out, size_t outlen)
         snprintf(out, outlen, "(unreadable date)");
 }
 
-/* The names a certificate answers to: its DNS and IP subjectAltNames, else its CN. */
-static void cert_names(X509 *x, char *out, size_t outlen)
+void cmg_tls_cert_names(X509 *x, char *out, size_t outlen)
 {
     GENERAL_NAMES *sans = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
     size_t used = 0;
@@ -513,7 +512,7 @@ int cmg_tls_check_server_cert(SSL_CTX *ctx, const char *file, const char *servic
         return -1;
     }
     if (!names_host(x, service_name)) {
-        cert_names(x, names, sizeof(names));
+        cmg_tls_cert_names(x, names, sizeof(names));
         snprintf(err, errlen, "certificate %s does not name the service: expected %s "
                  "(service_name), found %s", file, service_name, names);
         return -1;
@@ -621,4 +620,34 @@ void cmg_tls_watch_free(struct cmg_tls_watch *w)
     for (size_t i = 0; i < w->n; i++)
         X509_free(w->certs[i].cert);
     w->n = 0;
+}
+
+void cmg_tls_usages(X509 *x, char *out, size_t outlen)
+{
+    EXTENDED_KEY_USAGE *eku = X509_get_ext_d2i(x, NID_ext_key_usage, NULL, NULL);
+    size_t used = 0;
+
+    out[0] = 0;
+    for (int i = 0; i < sk_ASN1_OBJECT_num(eku); i++) {
+        const ASN1_OBJECT *o = sk_ASN1_OBJECT_value(eku, i);
+        char name[80];
+        int n;
+        int nid = OBJ_obj2nid(o);
+        if (OBJ_obj2txt(name, sizeof(name), o, 1) <= 0)
+            snprintf(name, sizeof(name), "?");
+        if (!strcmp(name, CMG_OID_EKU_CONNECTOR))
+            snprintf(name, sizeof(name), "OpenCMG connector");
+        else if (!strcmp(name, CMG_OID_EKU_SITE))
+            snprintf(name, sizeof(name), "OpenCMG site");
+        else if (nid != NID_undef)
+            snprintf(name, sizeof(name), "%s", OBJ_nid2sn(nid));   /* clientAuth, ... */
+        n = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", name);
+        if (n < 0 || (size_t)n >= outlen - used)
+            break;
+        used += (size_t)n;
+    }
+    EXTENDED_KEY_USAGE_free(eku);
+    ERR_clear_error();
+    if (!used)
+        snprintf(out, outlen, "no extended key usage");
 }

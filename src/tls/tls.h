@@ -106,6 +106,10 @@ void cmg_tls_watch_cert(struct cmg_tls_watch *w, const char *what, const char *f
 /* Checks now, then every day. */
 void cmg_tls_watch_start(struct cmg_tls_watch *w, struct cmg_loop *loop);
 void cmg_tls_watch_free(struct cmg_tls_watch *w);
+/* The names a certificate answers to: its DNS and IP subjectAltNames, else its CN. */
+void cmg_tls_cert_names(X509 *x, char *out, size_t outlen);
+/* Its extended key usages, by name ("clientAuth", "OpenCMG connector", ...). */
+void cmg_tls_usages(X509 *x, char *out, size_t outlen);
 /* notAfter as "YYYY-MM-DD HH:MM:SS UTC". */
 void cmg_tls_not_after(X509 *x, char *out, size_t outlen);
 

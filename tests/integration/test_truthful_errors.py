@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import Site, bring_up, curl, free_port, ini_set, make_cert, poll, run_cmg
+from cmgtest import (Site, bring_up, curl, free_port, ini_set, make_cert, poll, run_cmg, start_connector,
+                     start_gateway)
 from sitetest import Deployment
 
 TOKENS = {
@@ -272,3 +273,37 @@ def test_cert_list_shows_everything_the_site_holds(tmp_path, svc):
     table = run_cmg('site', 'cert', 'list', '--site', site.dir).stdout.splitlines()
     assert table[0].split('\t') == ['kind', 'name', 'serial', 'issued', 'expires', 'revoked']
     assert len(table) == 1 + len(files) + 1, table
+
+
+# ---------------------------------------------------------------- connector setup mistakes
+
+def test_connector_setup_mistakes_name_expected_and_found(procs, tmp_path, svc):
+    """Four wrong connector.conf files against one gateway: a device certificate as the
+    connector's, the device port dialled, another server_name, a port that speaks plain HTTP.
+    Each connector's log says what it expected and what it found; none of them gets a tunnel."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    gateway = start_gateway(procs, site)
+    confs = {name: site.connector_copy(name, [svc.url])
+             for name in ('devcert', 'devport', 'misnamed', 'plain')}
+    ini_set(confs['devcert'], 'connector', 'cert', 'devices/device1.crt')
+    ini_set(confs['devcert'], 'connector', 'key', 'devices/device1.key')
+    ini_set(confs['devport'], 'connector', 'gateway', f'127.0.0.1:{site.port}')
+    ini_set(confs['misnamed'], 'connector', 'server_name', 'wrong.example')
+    ini_set(confs['plain'], 'connector', 'gateway', f'127.0.0.1:{svc.port}')
+    expected = {
+        'devcert': [f'{site.dir}/devices/device1.crt is not a connector certificate: expected the '
+                    'OpenCMG connector usage (made by \'cmg site connector add\'), found clientAuth',
+                    'a device certificate?',
+                    f'the gateway refused this connector\'s certificate {site.dir}/devices/device1.crt'],
+        'devport': ['expected the tunnel protocol (ALPN cmg-tunnel/1), found no ALPN agreed',
+                    'is this the gateway\'s device port?'],
+        'misnamed': [f'does not name the server_name of {confs["misnamed"]}: expected wrong.example, '
+                     f'found {site.name}, localhost, 127.0.0.1'],
+        'plain': ['expected TLS from a gateway\'s tunnel port, found a peer that does not speak TLS'],
+    }
+    connectors = {name: start_connector(procs, conf, name) for name, conf in confs.items()}
+    for name, parts in expected.items():
+        log = poll(lambda: (lambda t: t if all(p in t for p in parts) else None)(connectors[name].log_text()),
+                   10, f'{name}: {parts}', check=procs.check)
+        assert 'tunnel up' not in log
+    assert 'tunnel up' not in gateway.log_text()

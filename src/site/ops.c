@@ -2,6 +2,7 @@
 #include "site/ops.h"
 
 #include "auth/jwk.h"
+#include "core/net.h"
 #include "http/path.h"
 #include "site/connectors.h"
 #include "site/pki.h"
@@ -133,6 +134,32 @@ static bool valid_url(const char *u)
     return true;
 }
 
+/* The host of an internal URL must be well formed and resolve here (the connectors
+ * are on this network): a route that no connector could dial is refused when it is
+ * added, not answered 503 or 502 to every device later. */
+static int check_url_host(const char *url, char *msg, size_t len)
+{
+    bool tls = !strncmp(url, "https://", 8);
+    const char *a = url + (tls ? 8 : 7);
+    size_t n = strcspn(a, "/?#");
+    char authority[300], err[400];
+    struct cmg_addr addr;
+
+    if (n == 0)
+        return fail(msg, len, 400, "url %s: no host", url);
+    if (n >= sizeof(authority))
+        return fail(msg, len, 400, "url %s: host too long", url);
+    memcpy(authority, a, n);
+    authority[n] = 0;
+    if (strchr(authority, '@'))
+        return fail(msg, len, 400, "url %s: expected host[:port], found user information "
+                                   "('@'), which is not supported", url);
+    if (cmg_addr_parse(authority, tls ? 443 : 80, &addr, err, sizeof(err)) < 0)
+        return fail(msg, len, 400, "url %s: expected a host (and port) that resolves on this "
+                                   "network, found %s: no connector could reach it", url, err);
+    return 0;
+}
+
 static int mapping_add_tx(struct cmg_site_ctx *s, struct cmg_site_mapping *m, char *msg,
                           size_t len)
 {
@@ -163,6 +190,8 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
         return fail(msg, len, 400, "type must be mp, sup or site");
     if (!url || !valid_url(url) || strlen(url) >= sizeof(m.url))
         return fail(msg, len, 400, "url must be an http:// or https:// URL");
+    if ((rc = check_url_host(url, msg, len)) != 0)
+        return rc;
     if (cmg_mapping_auth_parse(auth ? auth : !strcmp(type, "site") ? "token" : "cert,token,oidc",
                                &m.auth) < 0)
         return fail(msg, len, 400, "auth must list cert, token and/or oidc, e.g. cert,token");

@@ -307,3 +307,16 @@ def test_connector_setup_mistakes_name_expected_and_found(procs, tmp_path, svc):
                    10, f'{name}: {parts}', check=procs.check)
         assert 'tunnel up' not in log
     assert 'tunnel up' not in gateway.log_text()
+
+
+def test_mapping_add_refuses_a_host_no_connector_could_reach(tmp_path, svc):
+    site = Site(tmp_path / 'site', [svc.url])
+    for url, found in (('http://internal-mp.cmg-test.invalid/', "found 'internal-mp.cmg-test.invalid': "),
+                       ('http://:8080/', "found ':8080': bad host"),
+                       ('https://127.0.0.1:70000/', "found '70000': bad port"),
+                       ('http://admin@127.0.0.1/', "found user information ('@')")):
+        r = run_cmg('site', 'mapping', 'add', '--type', 'mp', '--url', url, '--site', site.dir)
+        assert r.returncode == 2 and f'url {url}: expected' in r.stderr and found in r.stderr, (url, r)
+    listed = run_cmg('site', 'mapping', 'list', '--site', site.dir).stdout
+    assert 'invalid' not in listed and ':8080' not in listed and '70000' not in listed, listed
+    assert run_cmg('site', 'mapping', 'add', '--type', 'mp', '--url', svc.url, '--site', site.dir).returncode == 0

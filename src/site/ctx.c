@@ -130,6 +130,8 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         rc = cmg_conf_str(s->service_listen, sizeof(s->service_listen), value);
     else if (!strcmp(name, "feed_listen"))
         rc = cmg_conf_str(s->feed_listen, sizeof(s->feed_listen), value);
+    else if (!strcmp(name, "connector_address"))
+        rc = cmg_conf_str(s->connector_address, sizeof(s->connector_address), value);
     else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {

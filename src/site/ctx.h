@@ -28,6 +28,7 @@ struct cmg_site_ctx {
     char site_role[65];
     char issuer[128];            /* "iss" of every site token */
     char admin_listen[300], service_listen[300], feed_listen[300];
+    char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */

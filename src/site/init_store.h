@@ -14,6 +14,7 @@ struct cmg_init_store {
     const char *service_name;
     uint64_t site_role;
     const char *admin, *service, *feed; /* listen addresses */
+    const char *address;                /* the host connectors reach the site at, or NULL */
     const char *connector_name;         /* the first connector's certificate */
     const struct cmg_connector_cert *connector;
     const char **mp_urls;

@@ -348,7 +348,12 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
     struct cmg_tls_server_opts o = {.cert = crt, .key = key};
 
-    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, listen, 3, err, errlen) < 0)
+    char reach[300];
+    const char *names[] = {listen[0], listen[1], listen[2], reach};
+
+    /* Connectors on other hosts check the name they reach the site at. */
+    cmg_site_reach(listen[1], ctx->connector_address, reach, sizeof(reach));
+    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, names, 4, err, errlen) < 0)
         return -1;
     if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
         snprintf(key, sizeof(key), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_KEY) >= (int)sizeof(key) ||

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import (Site, bring_up, curl, free_port, ini_set, make_cert, poll, run_cmg, start_connector,
-                     start_gateway)
+import cmgtest
+from cmgtest import (Site, bring_up, curl, free_port, ini_get, ini_set, make_cert, poll, run_cmg,
+                     start_connector, start_gateway)
 from sitetest import Deployment
 
 TOKENS = {
@@ -320,3 +321,31 @@ def test_mapping_add_refuses_a_host_no_connector_could_reach(tmp_path, svc):
     listed = run_cmg('site', 'mapping', 'list', '--site', site.dir).stdout
     assert 'invalid' not in listed and ':8080' not in listed and '70000' not in listed, listed
     assert run_cmg('site', 'mapping', 'add', '--type', 'mp', '--url', svc.url, '--site', site.dir).returncode == 0
+
+
+def test_site_init_publishes_the_address_connectors_reach_the_site_at(tmp_path, svc, procs):
+    """`--site-address HOST`: the connector's feed URL and the registration route use HOST with
+    the listen ports, site.crt names HOST (and `serve` keeps it), site.conf records it. A feed
+    or registration service on every address without one is refused."""
+    feed, service = free_port(), free_port()
+    args = ('--site-feed', f'127.0.0.1:{feed}', '--site-service', f'127.0.0.1:{service}',
+            '--site-address', 'site.contoso.test')
+    site = Site(tmp_path / 'site', [svc.url], procs, init_args=args)
+    assert ini_get(site.connector_conf, 'connector', 'site') == [f'https://site.contoso.test:{feed}']
+    assert ini_get(site.dir / 'site.conf', 'site', 'connector_address') == ['site.contoso.test']
+    routes = json.loads(run_cmg('site', 'mapping', 'list', '--site', site.dir, '--json').stdout)
+    assert [m['url'] for m in routes if m['type'] == 'site'] == [f'https://site.contoso.test:{service}']
+
+    def names():
+        cert = x509.load_pem_x509_certificate((site.dir / 'site.crt').read_bytes())
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert 'site.contoso.test' in names()
+    before = (site.dir / 'site.crt').read_bytes()
+    dep_site = procs.start('site', [cmgtest.CMG, 'site', 'serve', site.dir])
+    poll(lambda: 'serving' in dep_site.log_text(), 10, 'the site to serve', check=procs.check)
+    assert (site.dir / 'site.crt').read_bytes() == before, 'serve made the site certificate again'
+
+    r = run_cmg('site', 'init', tmp_path / 'wild', '--service-name', 'cmg.test',
+                '--site-feed', f'0.0.0.0:{feed}')
+    assert r.returncode == 2 and 'give --site-address HOST' in r.stderr, r
+    assert not (tmp_path / 'wild' / 'site.conf').exists()

@@ -812,8 +812,11 @@ static void add_cert_file(struct cmg_site_ctx *s, cJSON *list, const char *kind,
         return;
     if (serial_hex(x, hex, sizeof(hex)) == 0 && normal_serial(hex, serial, sizeof(serial)) == 0 &&
         (row = row_of(list, serial))) {
+        /* the certificate says when it ends, not what was noted when it was made */
         set_string(row, "kind", kind);
         set_string(row, "file", path);
+        cJSON_DeleteItemFromObjectCaseSensitive(row, "expires");
+        cJSON_AddNumberToObject(row, "expires", epoch_of(X509_get0_notAfter(x)));
         X509_free(x);
         return;
     }

@@ -12,6 +12,7 @@
 #include "http/headers.h"
 #include "http/path.h"
 #include "auth/jwk.h"
+#include "tls/tls.h"
 
 #include <cjson/cJSON.h>
 #include <limits.h>
@@ -38,6 +39,11 @@ struct cmg_cn_mapping {
     struct cmg_addr addr;
     char ca[PATH_MAX], client_cert[PATH_MAX], client_key[PATH_MAX];
     SSL_CTX *ctx;
+    /* a host name that did not resolve: its requests fail with the reason, and it
+     * is looked up again at most once per CMG_CN_RESOLVE_RETRY_MS */
+    bool unresolved;
+    uint64_t resolved_ms;
+    char resolve_error[600];
     struct cmg_upstream *idle;   /* kept-alive connections, most recent first */
     unsigned nidle;
     /* routes from the site: kept until exit once made (streams may point here) */
@@ -69,6 +75,9 @@ struct cmg_cn_mapping *cmg_cn_config_mapping(struct cmg_cn_config *c, const char
                                              size_t len);
 /* Sets the internal URL (and resolves its host: blocking). */
 int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err, size_t errlen);
+/* Resolves the mapping's host (blocking); a failure is kept in the mapping, not fatal. */
+#define CMG_CN_RESOLVE_RETRY_MS 5000
+void cmg_cn_mapping_resolve(struct cmg_cn_mapping *m, uint64_t now_ms);
 
 /* One tunnel per gateway instance, redialled whenever it falls. */
 struct cmg_cn_tunnel {
@@ -102,6 +111,7 @@ struct cmg_connector {
     struct cmg_jwk site_key;     /* verifies what the feed and the cache hold */
     struct cmg_timer age_timer;  /* max_policy_age */
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
+    struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */
 };
 
 /* The mapping that serves a role: the site's route, else the configuration's. */
@@ -145,7 +155,17 @@ void cmg_cn_tunnel_kick(struct cmg_cn_tunnel *t);
 /* Stream side of the upstream: */
 void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct cmg_headers *h);
 void cmg_cn_stream_body(struct cmg_cn_stream *st);   /* more in resp_body, or resp_eof */
-void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, const char *why);
+/* Why a request failed here: each cause has its reason token for the device and
+ * the gateway's access log (tunnel.c). */
+enum cmg_cn_failure {
+    CMG_CN_FAIL_OTHER,
+    CMG_CN_FAIL_REFUSED,
+    CMG_CN_FAIL_TLS,
+    CMG_CN_FAIL_DNS,
+    CMG_CN_FAIL_TIMEOUT,
+};
+void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, enum cmg_cn_failure cause,
+                        const char *why);
 void cmg_cn_stream_request_written(struct cmg_cn_stream *st);
 
 /* Upstream: an HTTP/1.1 client connection to an internal service. */
@@ -165,8 +185,9 @@ struct cmg_upstream {
     struct cmg_upstream *prev, *next;   /* in the mapping's idle list or the busy list */
 };
 
-/* Sends the stream's request head to its mapping's internal service. 0 or -1. */
-int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st);
+/* Sends the stream's request head to its mapping's internal service, or fails the
+ * stream with the reason. */
+void cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st);
 /* Request body bytes; end of the body. */
 void cmg_upstream_body(struct cmg_upstream *u, const uint8_t *p, size_t n);
 void cmg_upstream_body_end(struct cmg_upstream *u);

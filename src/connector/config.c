@@ -240,8 +240,7 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
             snprintf(err, errlen, "%s: [mapping %s] has no internal_url", file, m->role);
             return -1;
         }
-        if (cmg_addr_parse(m->authority, m->port, &m->addr, err, errlen) < 0)
-            return -1;
+        cmg_cn_mapping_resolve(m, 0);
     }
     if (c->site[0] && !c->site_key[0]) {
         snprintf(err, errlen, "%s: site needs site_key (the site's site-signing.pub), which "
@@ -265,7 +264,8 @@ int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err,
     }
     if (parse_url(m, url, err, errlen) < 0)
         return -1;
-    return cmg_addr_parse(m->authority, m->port, &m->addr, err, errlen);
+    cmg_cn_mapping_resolve(m, 0);
+    return 0;
 }
 
 void cmg_cn_config_free(struct cmg_cn_config *c)

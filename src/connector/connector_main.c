@@ -25,6 +25,33 @@ static const char usage[] =
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
+/* The connector's own certificate must be a connector's: gateways and the site
+ * refuse any other, so a device's shows at start, named, rather than as a refused
+ * handshake. It and the CAs it trusts are watched for their end. */
+static void check_certs(struct cmg_connector *cn)
+{
+    struct cmg_cn_config *c = &cn->cfg;
+    X509 *own = SSL_CTX_get0_certificate(cn->tunnel_ctx);
+    char err[PATH_MAX + 64], usages[256], subject[256];
+
+    if (own && !cmg_tls_has_eku(own, CMG_OID_EKU_CONNECTOR)) {
+        cmg_tls_usages(own, usages, sizeof(usages));
+        cmg_tls_subject(own, subject, sizeof(subject));
+        cmg_error("%s is not a connector certificate: expected the OpenCMG connector usage "
+                  "(made by 'cmg site connector add'), found %s (%s%s); gateways and the site "
+                  "will refuse it", c->cert, usages, subject,
+                  cmg_tls_has_eku(own, "1.3.6.1.5.5.7.3.2") ? ": a device certificate?" : "");
+    }
+
+    if (cmg_tls_watch_file(&cn->cert_watch, "connector certificate", c->cert, err,
+                           sizeof(err)) < 0 ||
+        cmg_tls_watch_file(&cn->cert_watch, "gateway CA", c->ca, err, sizeof(err)) < 0 ||
+        (c->site[0] && cmg_tls_watch_file(&cn->cert_watch, "site CA", c->site_ca, err,
+                                          sizeof(err)) < 0))
+        cmg_warn("%s", err);
+    cmg_tls_watch_start(&cn->cert_watch, cn->loop);
+}
+
 static int setup(struct cmg_connector *cn)
 {
     struct cmg_cn_config *c = &cn->cfg;
@@ -38,6 +65,7 @@ static int setup(struct cmg_connector *cn)
         return -1;
     }
     cmg_tls_tunnel_ciphers(cn->tunnel_ctx);
+    check_certs(cn);
     for (size_t i = 0; i < c->nmappings; i++) {
         struct cmg_cn_mapping *m = &c->mappings[i];
         struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,
@@ -117,6 +145,7 @@ int cmg_connector_main(int argc, char **argv)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);
     cmg_upstream_close_all(&cn);
     cmg_cn_routes_free(&cn);
+    cmg_tls_watch_free(&cn.cert_watch);
     free(cn.policy);
     SSL_CTX_free(cn.tunnel_ctx);
     cmg_cn_config_free(&cn.cfg);

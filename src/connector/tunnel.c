@@ -117,7 +117,7 @@ void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct c
     size_t k = 0;
 
     if (!nv) {
-        cmg_cn_stream_fail(st, 502, "out of memory");
+        cmg_cn_stream_fail(st, 502, CMG_CN_FAIL_OTHER, "out of memory");
         return;
     }
     snprintf(code, sizeof(code), "%d", status);
@@ -144,17 +144,35 @@ void cmg_cn_stream_body(struct cmg_cn_stream *st)
     }
 }
 
-void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, const char *why)
+/* The reason token of each cause, and the body that carries it to the device. */
+static const struct {
+    const char *token, *body;
+} failures[] = {
+#define FAILURE(t) {t, t "\r\n"}
+    [CMG_CN_FAIL_OTHER] = FAILURE("CMGService_Internal_Server_Error"),
+    [CMG_CN_FAIL_REFUSED] = FAILURE("CMGConnector_Upstream_Refused"),
+    [CMG_CN_FAIL_TLS] = FAILURE("CMGConnector_Upstream_TLS_Failed"),
+    [CMG_CN_FAIL_DNS] = FAILURE("CMGConnector_Upstream_DNS_Failed"),
+    [CMG_CN_FAIL_TIMEOUT] = FAILURE("CMGConnector_Upstream_Timeout"),
+#undef FAILURE
+};
+
+/* The answer names its cause twice: in the body for the device, and in
+ * CMG_REASON_HEADER for the gateway's access log (the gateway takes it off). */
+void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, enum cmg_cn_failure cause,
+                        const char *why)
 {
-    cmg_warn("request %s %s failed: %s", st->method, st->path ? st->path : "-", why);
+    cmg_warn("request %s %s failed: %s reason=%s", st->method, st->path ? st->path : "-", why,
+             failures[cause].token);
     st->up = NULL;
     if (st->resp_submitted) {
         nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-        cmg_cn_tunnel_kick(st->t);
     } else {
-        answer(st, status, status == 504 ? "CMGService_Internal_Timeout\r\n"
-                                         : "CMGService_Internal_Server_Error\r\n");
+        st->resp_submitted = true;
+        cmg_h2_submit_reason(st->t->h2, st->id, status, failures[cause].body,
+                             failures[cause].token, &st->text);
     }
+    cmg_cn_tunnel_kick(st->t);
 }
 
 /* Request bytes were written to the internal service: open the window again. */
@@ -279,8 +297,7 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         answer(st, 404, "CMGService_No_Mapping\r\n");
         return;
     }
-    if (cmg_upstream_start(t->cn, st) < 0)
-        answer(st, 502, "CMGService_Internal_Server_Error\r\n");
+    cmg_upstream_start(t->cn, st);
 }
 
 static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user)
@@ -442,11 +459,27 @@ static int start_session(struct cmg_cn_tunnel *t)
     return 0;
 }
 
+/* A peer that answers TLS but not with the tunnel protocol: most likely the device
+ * port of a gateway (it offers h2 and http/1.1 only). */
+static void wrong_protocol(struct cmg_cn_tunnel *t, SSL *ssl)
+{
+    const unsigned char *p = NULL;
+    unsigned int n = 0;
+    char why[300];
+
+    SSL_get0_alpn_selected(ssl, &p, &n);
+    snprintf(why, sizeof(why), "expected the tunnel protocol (ALPN %s), found %s%.*s%s: is this "
+             "the gateway's device port? Connectors dial tunnel_port + instance (10140 + i)",
+             TUNNEL_ALPN, n ? "ALPN " : "no ALPN agreed", (int)n, p ? (const char *)p : "",
+             n ? "" : " (the peer does not speak it)");
+    tunnel_down(t, why);
+}
+
 static void on_open(struct cmg_conn *c)
 {
     struct cmg_cn_tunnel *t = c->owner;
     if (!cmg_tls_alpn_is(c->ssl, TUNNEL_ALPN)) {
-        tunnel_down(t, "the gateway did not agree to the tunnel protocol");
+        wrong_protocol(t, c->ssl);
         return;
     }
     if (start_session(t) < 0) {
@@ -479,7 +512,61 @@ static void on_read(struct cmg_conn *c)
 
 static void on_drain(struct cmg_conn *c) { tunnel_send(c->owner); }
 
-static void on_error(struct cmg_conn *c, const char *why) { tunnel_down(c->owner, why); }
+static bool says(const char *why, const char *const *words)
+{
+    for (; *words; words++)
+        if (strstr(why, *words))
+            return true;
+    return false;
+}
+
+/* Why a dial failed, with what was expected and what was found when the cause is a
+ * setup mistake: a certificate the gateway refuses, a gateway certificate for another
+ * name, a port that does not speak TLS. */
+static void explain(struct cmg_cn_tunnel *t, struct cmg_conn *c, const char *why, char *out,
+                    size_t len)
+{
+    static const char *const cert_refused[] = {"alert unsupported certificate", "alert bad certificate",
+                                               "alert certificate required", "alert certificate unknown",
+                                               "alert certificate revoked", "alert certificate expired", NULL};
+    static const char *const not_tls[] = {"wrong version number", "packet length too long",
+                                          "record layer failure", "unexpected eof", NULL};
+    struct cmg_cn_config *cfg = &t->cn->cfg;
+    X509 *own = SSL_CTX_get0_certificate(t->cn->tunnel_ctx);
+    /* The chain the gateway sent is kept even when it failed verification; its first
+     * certificate is the gateway's own. */
+    STACK_OF(X509) *chain = c->ssl ? SSL_get_peer_cert_chain(c->ssl) : NULL;
+    X509 *peer = sk_X509_num(chain) > 0 ? sk_X509_value(chain, 0) : NULL;
+    char names[512] = "", usages[256] = "", subject[256] = "";
+
+    if (says(why, cert_refused) && own) {
+        cmg_tls_usages(own, usages, sizeof(usages));
+        cmg_tls_subject(own, subject, sizeof(subject));
+        snprintf(out, len, "the gateway refused this connector's certificate %.300s (%s; usages: "
+                 "%s): expected a connector certificate of the gateway's connector_ca, with the "
+                 "OpenCMG connector usage ('cmg site connector add'), not revoked (%s)",
+                 cfg->cert, subject, usages, why);
+    } else if (strstr(why, "hostname mismatch")) {
+        if (peer)
+            cmg_tls_cert_names(peer, names, sizeof(names));
+        snprintf(out, len, "the gateway's certificate does not name the server_name of %.300s: "
+                 "expected %s, found %s (%s)", cfg->file, cfg->server_name,
+                 names[0] ? names : "(its certificate was not kept)", why);
+    } else if (says(why, not_tls) && c->state == CMG_CONN_HANDSHAKE) {
+        snprintf(out, len, "expected TLS from a gateway's tunnel port, found a peer that does not "
+                 "speak TLS (plain HTTP?) (%s)", why);
+    } else {
+        snprintf(out, len, "%s", why);
+    }
+}
+
+static void on_error(struct cmg_conn *c, const char *why)
+{
+    char msg[1600];
+
+    explain(c->owner, c, why, msg, sizeof(msg));
+    tunnel_down(c->owner, msg);
+}
 
 static const struct cmg_conn_ops tunnel_ops = {on_open, on_read, on_drain, on_error};
 

@@ -63,7 +63,7 @@ static void destroy(struct cmg_upstream *u)
     cmg_loop_free_later(u->cn->loop, u, upstream_free);
 }
 
-static void fail(struct cmg_upstream *u, int status, const char *why)
+static void fail(struct cmg_upstream *u, int status, enum cmg_cn_failure cause, const char *why)
 {
     struct cmg_cn_stream *st = u->st;
     struct cmg_connector *cn = u->cn;
@@ -74,18 +74,18 @@ static void fail(struct cmg_upstream *u, int status, const char *why)
     destroy(u);
     if (retry) {
         cmg_debug("kept-alive connection to %s was stale; retrying", st->m->internal_url);
-        if (cmg_upstream_start(cn, st) == 0)
-            return;
+        cmg_upstream_start(cn, st);   /* which fails the stream if it cannot */
+        return;
     }
     if (st)
-        cmg_cn_stream_fail(st, status, why);
+        cmg_cn_stream_fail(st, status, cause, why);
 }
 
 static void on_timeout(struct cmg_timer *t)
 {
     struct cmg_upstream *u = (struct cmg_upstream *)((char *)t - offsetof(struct cmg_upstream, timer));
     if (u->st)
-        fail(u, 504, "internal service timed out");
+        fail(u, 504, CMG_CN_FAIL_TIMEOUT, "internal service timed out");
     else
         destroy(u);   /* idle too long */
 }
@@ -244,8 +244,9 @@ static void on_read(struct cmg_conn *c)
                 finished(u);   /* a body delimited by the end of the connection */
                 return;
             }
-            fail(u, 502, u->got_bytes ? "internal service closed the connection mid-response"
-                                      : "internal service closed the connection");
+            fail(u, 502, CMG_CN_FAIL_OTHER,
+                 u->got_bytes ? "internal service closed the connection mid-response"
+                              : "internal service closed the connection");
             return;
         }
         u->got_bytes = true;
@@ -259,7 +260,7 @@ static void on_read(struct cmg_conn *c)
             char why[200];
             snprintf(why, sizeof(why), "bad response from internal service: %s",
                      llhttp_get_error_reason(&u->parser));
-            fail(u, 502, why);
+            fail(u, 502, CMG_CN_FAIL_OTHER, why);
             return;
         }
     }
@@ -280,12 +281,26 @@ static void on_drain(struct cmg_conn *c)
         cmg_cn_stream_request_written(u->st);
 }
 
+/* What the connection was doing when it failed says why: dialling (refused, or
+ * another network error) or its TLS handshake. */
+static enum cmg_cn_failure cause_of(const struct cmg_conn *c, const char *why)
+{
+    char refused[64];
+
+    if (c->state == CMG_CONN_HANDSHAKE)
+        return CMG_CN_FAIL_TLS;
+    snprintf(refused, sizeof(refused), "connect: %s", strerror(ECONNREFUSED));
+    if (c->state == CMG_CONN_CONNECTING && !strcmp(why, refused))
+        return CMG_CN_FAIL_REFUSED;
+    return CMG_CN_FAIL_OTHER;
+}
+
 static void on_error(struct cmg_conn *c, const char *why)
 {
     struct cmg_upstream *u = c->owner;
     char msg[1400];
     snprintf(msg, sizeof(msg), "%s (%s)", why, u->m->internal_url);
-    fail(u, 502, msg);
+    fail(u, 502, cause_of(c, why), msg);
 }
 
 static const struct cmg_conn_ops upstream_ops = {on_open, on_read, on_drain, on_error};
@@ -321,19 +336,64 @@ static bool still_good(struct cmg_upstream *u)
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
-static struct cmg_upstream *connect_new(struct cmg_connector *cn, struct cmg_cn_mapping *m)
+void cmg_cn_mapping_resolve(struct cmg_cn_mapping *m, uint64_t now_ms)
 {
-    struct cmg_upstream *u = calloc(1, sizeof(*u));
+    char err[256];
+
+    m->resolved_ms = now_ms;
+    m->unresolved = cmg_addr_parse(m->authority, m->port, &m->addr, err, sizeof(err)) < 0;
+    if (m->unresolved) {
+        snprintf(m->resolve_error, sizeof(m->resolve_error), "cannot resolve %s: %s", m->host, err);
+        cmg_warn("role %s: %s (internal_url %s); its requests fail with 502 until it resolves",
+                 m->role, m->resolve_error, m->internal_url);
+    }
+}
+
+/* A host that did not resolve is looked up again, at most once per
+ * CMG_CN_RESOLVE_RETRY_MS (a lookup blocks the loop). */
+static bool resolved(struct cmg_connector *cn, struct cmg_cn_mapping *m)
+{
+    uint64_t now = cmg_loop_now(cn->loop);
+
+    if (m->unresolved && now - m->resolved_ms >= CMG_CN_RESOLVE_RETRY_MS) {
+        cmg_cn_mapping_resolve(m, now);
+        if (!m->unresolved)
+            cmg_info("role %s: %s resolves now", m->role, m->host);
+    }
+    return !m->unresolved;
+}
+
+/* Why no connection could be made: a cause, and words for the log. */
+struct no_connection {
+    enum cmg_cn_failure cause;
+    char why[1400];
+};
+
+/* NULL with *no filled when no connection can be made. */
+static struct cmg_upstream *connect_new(struct cmg_connector *cn, struct cmg_cn_mapping *m,
+                                        struct no_connection *no)
+{
+    struct cmg_upstream *u;
     SSL *ssl = NULL;
     int fd;
 
-    if (!u)
+    no->cause = CMG_CN_FAIL_OTHER;
+    snprintf(no->why, sizeof(no->why), "out of memory");
+    if (!resolved(cn, m)) {
+        no->cause = CMG_CN_FAIL_DNS;
+        snprintf(no->why, sizeof(no->why), "%s", m->resolve_error);
+        return NULL;
+    }
+    if (!(u = calloc(1, sizeof(*u))))
         return NULL;
     u->cn = cn;
     u->m = m;
     fd = cmg_net_connect(&m->addr);
     if (fd < 0) {
-        cmg_warn("cannot connect to %s: %s", m->internal_url, strerror(errno));
+        if (errno == ECONNREFUSED)
+            no->cause = CMG_CN_FAIL_REFUSED;
+        snprintf(no->why, sizeof(no->why), "cannot connect to %s: %s", m->internal_url,
+                 strerror(errno));
         free(u);
         return NULL;
     }
@@ -355,7 +415,8 @@ static struct cmg_upstream *connect_new(struct cmg_connector *cn, struct cmg_cn_
     return u;
 }
 
-static struct cmg_upstream *acquire(struct cmg_connector *cn, struct cmg_cn_mapping *m)
+static struct cmg_upstream *acquire(struct cmg_connector *cn, struct cmg_cn_mapping *m,
+                                    struct no_connection *no)
 {
     struct cmg_upstream *u;
     while ((u = m->idle)) {
@@ -370,7 +431,7 @@ static struct cmg_upstream *acquire(struct cmg_connector *cn, struct cmg_cn_mapp
         m->nidle++;
         destroy(u);
     }
-    return connect_new(cn, m);
+    return connect_new(cn, m, no);
 }
 
 static int write_head(struct cmg_upstream *u, struct cmg_cn_stream *st)
@@ -410,12 +471,15 @@ static int write_head(struct cmg_upstream *u, struct cmg_cn_stream *st)
     return rc ? -1 : 0;
 }
 
-int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
+void cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
 {
-    struct cmg_upstream *u = acquire(cn, st->m);
+    struct no_connection no;
+    struct cmg_upstream *u = acquire(cn, st->m, &no);
 
-    if (!u)
-        return -1;
+    if (!u) {
+        cmg_cn_stream_fail(st, 502, no.cause, no.why);
+        return;
+    }
     u->st = st;
     st->up = u;
     u->head = !strcmp(st->method, "HEAD");
@@ -424,13 +488,12 @@ int cmg_upstream_start(struct cmg_connector *cn, struct cmg_cn_stream *st)
     cmg_h1_head_init(&u->resp_head, &u->resp, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS);
     list_push(&cn->busy, u);
     if (write_head(u, st) < 0) {
-        fail(u, 502, "out of memory");
-        return 0;
+        fail(u, 502, CMG_CN_FAIL_OTHER, "out of memory");
+        return;
     }
     cmg_conn_flush(&u->conn);
     cmg_conn_want_read(&u->conn, true);
     arm(u);
-    return 0;
 }
 
 static void write_body(struct cmg_task *t)

@@ -201,13 +201,38 @@ out:
     return ex;
 }
 
+/* The reason token the connector gave for its own 502/504 (CMG_REASON_HEADER), or
+ * NULL. Only a token's characters are taken: it goes into the log as it is. */
+static const char *connector_reason(const struct cmg_exchange *ex, size_t *len)
+{
+    int i = ex->resp_headers && (ex->status == 502 || ex->status == 504)
+                ? cmg_headers_find(&ex->resp, CMG_REASON_HEADER)
+                : -1;
+    const char *v;
+
+    if (i < 0)
+        return NULL;
+    v = cmg_headers_value(&ex->resp, (uint32_t)i);
+    *len = ex->resp.v[i].value_len;
+    if (*len == 0 || *len > 64)
+        return NULL;
+    for (size_t k = 0; k < *len; k++)
+        if (!isalnum((unsigned char)v[k]) && v[k] != '_')
+            return NULL;
+    return v;
+}
+
 void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome)
 {
+    size_t rlen = 0;
+    const char *reason = connector_reason(ex, &rlen);
+
     cmg_info("request peer=%s method=%s path=%s status=%d in=%llu out=%llu ms=%llu "
-             "connector=%s client=%s%s%s",
+             "connector=%s client=%s%s%.*s%s%s",
              ex->peer, ex->method, ex->target ? ex->target : "-", ex->status,
              (unsigned long long)ex->req_bytes, (unsigned long long)ex->resp_bytes,
              (unsigned long long)(cmg_loop_now(ex->gw->loop) - ex->start_ms),
              ex->connector[0] ? ex->connector : "-", ex->identity,
+             reason ? " reason=" : "", (int)rlen, reason ? reason : "",
              outcome ? " outcome=" : "", outcome ? outcome : "");
 }

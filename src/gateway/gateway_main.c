@@ -33,6 +33,30 @@ static const char usage[] =
     "\n"
     "Exit status: 0 stopped by a signal, 1 failed to start or run, 2 bad usage.\n";
 
+/* The certificate devices see must be valid now and name service_name: a gateway
+ * that cannot serve says so and stops, rather than report ready. It and the CAs are
+ * watched for their end. */
+static int check_certs(struct cmg_gateway *gw)
+{
+    struct cmg_gw_config *c = &gw->cfg;
+    char err[1200];
+
+    if (cmg_tls_check_server_cert(gw->device_ctx, c->cert, c->service_name, err, sizeof(err)) < 0) {
+        cmg_error("%s", err);
+        return -1;
+    }
+    cmg_tls_watch_cert(&gw->cert_watch, "gateway certificate", c->cert,
+                       SSL_CTX_get0_certificate(gw->device_ctx));
+    if (c->client_ca[0] && cmg_tls_watch_file(&gw->cert_watch, "device CA", c->client_ca, err,
+                                              sizeof(err)) < 0)
+        cmg_warn("%s", err);
+    if (c->connector_ca[0] && cmg_tls_watch_file(&gw->cert_watch, "connector CA",
+                                                 c->connector_ca, err, sizeof(err)) < 0)
+        cmg_warn("%s", err);
+    cmg_tls_watch_start(&gw->cert_watch, gw->loop);
+    return 0;
+}
+
 static int setup(struct cmg_gateway *gw)
 {
     struct cmg_gw_config *c = &gw->cfg;
@@ -47,6 +71,8 @@ static int setup(struct cmg_gateway *gw)
         cmg_error("device TLS: %s", err);
         return -1;
     }
+    if (check_certs(gw) < 0)
+        return -1;
     tun.client_ca = c->connector_ca;
     tun.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
     tun.alpn = CMG_TUNNEL_ALPN;
@@ -98,6 +124,7 @@ static void teardown(struct cmg_gateway *gw)
     cmg_device_close_all(gw);
     cmg_tunnel_close_all(gw);
     cmg_gw_listen_close(gw);
+    cmg_tls_watch_free(&gw->cert_watch);
     SSL_CTX_free(gw->device_ctx);
     SSL_CTX_free(gw->tunnel_ctx);
     cmg_gw_policy_free(gw);

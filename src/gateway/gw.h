@@ -10,6 +10,7 @@
 #include "gateway/config.h"
 #include "http/headers.h"
 #include "http/path.h"
+#include "tls/tls.h"
 
 #include <llhttp.h>
 #include <nghttp2/nghttp2.h>
@@ -70,6 +71,7 @@ struct cmg_gateway {
     uint64_t budget_warned_ms;      /* at most one warning per BUDGET_WARN_MS ... */
     uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
     bool budget_logged;             /* this time was logged: so is its end */
+    struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */

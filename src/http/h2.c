@@ -1,4 +1,5 @@
 #include "http/h2.h"
+#include "http/headers.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -116,13 +117,14 @@ static ssize_t read_text(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
     return (ssize_t)n;
 }
 
-int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const char *type,
-                        const void *body, size_t len, long long max_age, bool no_body,
-                        struct cmg_h2_text *text)
+/* One answer made here: a type, a body (or none), an optional cache lifetime and reason. */
+static int submit(nghttp2_session *s, int32_t stream_id, int status, const char *type,
+                  const void *body, size_t len, long long max_age, bool no_body,
+                  const char *reason, struct cmg_h2_text *text)
 {
     char code[8], clen[24], cache[32];
     nghttp2_data_provider dp = {.source.ptr = text, .read_callback = read_text};
-    nghttp2_nv nv[4];
+    nghttp2_nv nv[5];
     size_t n = 0;
 
     snprintf(code, sizeof(code), "%d", status);
@@ -135,12 +137,27 @@ int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const
     nv[n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clen, 14, strlen(clen), 0};
     if (max_age >= 0)
         nv[n++] = (nghttp2_nv){(uint8_t *)"cache-control", (uint8_t *)cache, 13, strlen(cache), 0};
+    if (reason)
+        nv[n++] = (nghttp2_nv){(uint8_t *)CMG_REASON_HEADER, (uint8_t *)reason,
+                               sizeof(CMG_REASON_HEADER) - 1, strlen(reason), 0};
     return nghttp2_submit_response(s, stream_id, nv, n, no_body || !len ? NULL : &dp);
+}
+
+int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const char *type,
+                        const void *body, size_t len, long long max_age, bool no_body,
+                        struct cmg_h2_text *text)
+{
+    return submit(s, stream_id, status, type, body, len, max_age, no_body, NULL, text);
 }
 
 int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
                        struct cmg_h2_text *text)
 {
-    return cmg_h2_submit_local(s, stream_id, status, "text/plain", body, strlen(body), -1, false,
-                               text);
+    return submit(s, stream_id, status, "text/plain", body, strlen(body), -1, false, NULL, text);
+}
+
+int cmg_h2_submit_reason(nghttp2_session *s, int32_t stream_id, int status, const char *body,
+                         const char *reason, struct cmg_h2_text *text)
+{
+    return submit(s, stream_id, status, "text/plain", body, strlen(body), -1, false, reason, text);
 }

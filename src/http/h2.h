@@ -66,5 +66,9 @@ int cmg_h2_submit_local(nghttp2_session *s, int32_t stream_id, int status, const
 /* A text/plain answer: cmg_h2_submit_local() with body a NUL-terminated literal. */
 int cmg_h2_submit_text(nghttp2_session *s, int32_t stream_id, int status, const char *body,
                        struct cmg_h2_text *text);
+/* The same with a reason token (a literal, or NULL) in CMG_REASON_HEADER: how the
+ * connector tells the gateway why it failed a request. */
+int cmg_h2_submit_reason(nghttp2_session *s, int32_t stream_id, int status, const char *body,
+                         const char *reason, struct cmg_h2_text *text);
 
 #endif

@@ -119,7 +119,7 @@ bool cmg_header_not_forwarded(const char *name, size_t len)
     static const char *const names[] = {
         "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
         "te", "trailer", "proxy-authenticate", "proxy-authorization", "http2-settings",
-        "expect", "host", "content-length"};
+        "expect", "host", "content-length", CMG_REASON_HEADER};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strlen(names[i]) == len && strncasecmp(name, names[i], len) == 0)
             return true;

@@ -37,8 +37,11 @@ static inline const char *cmg_headers_value(const struct cmg_headers *h, uint32_
 /* Index of the first field with this name (case-insensitive), or -1. */
 int cmg_headers_find(const struct cmg_headers *h, const char *name);
 bool cmg_header_is(const struct cmg_headers *h, uint32_t i, const char *name);
+/* Why the connector failed a request (a reason token), on its own 502/504 only. */
+#define CMG_REASON_HEADER "cmg-reason"
 /* Fields never passed on as they came: those of one connection (RFC 9110 7.6.1),
- * and the framing and host fields that each hop sets for itself. */
+ * the framing and host fields that each hop sets for itself, and CMG_REASON_HEADER
+ * (between connector and gateway only: an internal service cannot forge it). */
 bool cmg_header_not_forwarded(const char *name, size_t len);
 /* Fields only the gateway may set, whatever a device sends: identity ("cmg-*") and
  * routing ("forwarded", "x-forwarded-*", "x-real-ip", "x-original-url",

@@ -7,6 +7,7 @@
 #include "client/fetch.h"
 #include "site/ops.h"
 #include "site/pki.h"
+#include "site/serve.h"
 
 #include <openssl/crypto.h>
 
@@ -36,7 +37,9 @@ static const char usage[] =
     "\n"
     "Administration of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
     "directory). Changes are published to every gateway within seconds when\n"
-    "'cmg site serve DIR' runs. Add --json to any command for JSON output.\n"
+    "'cmg site serve DIR' runs; one made while it does not run (no service holds\n"
+    "DIR/serve.lock) says 'recorded; published when the site service runs (it is not\n"
+    "running now)' instead of 'done'. Add --json to any command for JSON output.\n"
     "With --api https://HOST:PORT the command goes to the admin API of a running\n"
     "site instead (its certificate checked against DIR/ca.crt or --ca FILE),\n"
     "authenticated by DIR/admin.token or --admin-token FILE.\n"
@@ -70,8 +73,10 @@ static const char usage[] =
     "                                     (SERIAL as 'openssl x509 -serial' prints it)\n"
     "                                     put a certificate of this site into the CRL\n"
     "                                     (a connector's: that connector is revoked)\n"
-    "  cert list [--revoked]              certificates the site recorded ('cert issue',\n"
-    "                                     connectors, those revoked); --revoked: the CRL\n"
+    "  cert list [--revoked]              everything the site issued or holds, with\n"
+    "                                     its end: CA, site channel, gateway, each\n"
+    "                                     connector, devices, signing keys (--revoked:\n"
+    "                                     the revoked certificates)\n"
     "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
     "                                     (also: cert revocation [on|off])\n"
     "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
@@ -226,19 +231,55 @@ static int run(struct cli *c, const char *op, cJSON **result)
     return 0;
 }
 
-/* Runs op and prints its result: JSON with --json, else as show() says. */
+#define NOT_PUBLISHED "recorded; published when the site service runs (it is not running now)"
+
+static void show_done(const cJSON *r);
+
+/* "WORD: {result}", and the note the result may carry. */
+static void print_done(const cJSON *r, const char *word)
+{
+    char *s = cJSON_PrintUnformatted(r);
+    const char *note = cJSON_GetStringValue(cJSON_GetObjectItem(r, "note"));
+    printf("%s: %s\n", word, s ? s : "");
+    if (note)
+        printf("note: %s\n", note);
+    free(s);
+}
+
+/* Whether op may change the store (what is not a listing is taken to). */
+static bool changes_store(const struct cli *c, const char *op)
+{
+    size_t n = strlen(op);
+
+    if ((n > 5 && !strcmp(op + n - 5, ".list")) || !strcmp(op, "oidc.show"))
+        return false;
+    return strcmp(op, "cert.revocation") || cJSON_GetObjectItem(c->args, "check_revocation");
+}
+
+/* Runs op and prints its result: JSON with --json, else as show() says. A change
+ * made in the store while no 'site serve' runs on it (its lock is free) is said to
+ * be recorded, not done: nothing publishes it until the service starts. */
 static int run_print(struct cli *c, const char *op, void (*show)(const cJSON *r))
 {
     cJSON *r = NULL;
     int rc = run(c, op, &r);
+    bool unpublished = rc == 0 && !c->api && changes_store(c, op) &&
+                       !cmg_site_serve_running(c->dir);
 
     if (rc == 0) {
         if (c->json) {
             char *s = cJSON_Print(r);
             puts(s ? s : "null");
             free(s);
-        } else
+            if (unpublished)
+                fprintf(stderr, "%s\n", NOT_PUBLISHED);
+        } else if (unpublished && show == show_done) {
+            print_done(r, NOT_PUBLISHED);
+        } else {
+            if (unpublished)   /* first: what a script reads last stays where it was */
+                puts(NOT_PUBLISHED);
             show(r);
+        }
     }
     cJSON_Delete(r);
     return rc;
@@ -286,18 +327,13 @@ static void show_devices(const cJSON *r)
 
 static void show_certs(const cJSON *r)
 {
-    static const char *const cols[] = {"serial", "name", "issued", "expires", "revoked"};
-    print_table(r, cols, 5);
+    static const char *const cols[] = {"kind", "name", "serial", "issued", "expires", "revoked"};
+    print_table(r, cols, 6);
 }
 
 static void show_done(const cJSON *r)
 {
-    char *s = cJSON_PrintUnformatted(r);
-    const char *note = cJSON_GetStringValue(cJSON_GetObjectItem(r, "note"));
-    printf("done: %s\n", s ? s : "");
-    if (note)
-        printf("note: %s\n", note);
-    free(s);
+    print_done(r, "done");
 }
 
 static void show_cert(const cJSON *r)

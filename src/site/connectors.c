@@ -78,6 +78,24 @@ static void listen_host(const char *addr, char *out, size_t outlen)
     snprintf(out, outlen, "%.*s", end ? (int)(end - addr) : (int)strlen(addr), addr);
 }
 
+void cmg_site_reach(const char *listen, const char *address, char *out, size_t outlen)
+{
+    const char *port = strrchr(listen, ':');
+
+    if (!address || !address[0] || !port)
+        snprintf(out, outlen, "%s", listen);
+    else
+        snprintf(out, outlen, strchr(address, ':') ? "[%s]%s" : "%s%s", address, port);
+}
+
+bool cmg_site_listen_wildcard(const char *listen)
+{
+    char host[300];
+
+    listen_host(listen, host, sizeof(host));
+    return !host[0] || !strcmp(host, "0.0.0.0") || !strcmp(host, "::") || !strcmp(host, "*");
+}
+
 static void add_name(const char *host, const char **dns, size_t *ndns, const char **ips,
                      size_t *nips)
 {

@@ -6,6 +6,7 @@
 #ifndef CMG_SITE_CONNECTORS_H
 #define CMG_SITE_CONNECTORS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -32,6 +33,13 @@ int cmg_site_connector_issue(X509 *ca_cert, EVP_PKEY *ca_key, const char *crl_ur
                              char *err, size_t errlen);
 /* A connector name: letters, digits, '.', '_' and '-', at most 64. */
 int cmg_site_connector_name_ok(const char *name);
+/* The address connectors reach a site listener at: host:port with the host of
+ * 'connector_address' (site.conf, 'site init --site-address') and the listener's port;
+ * without one, the listen address itself. */
+void cmg_site_reach(const char *listen, const char *address, char *out, size_t outlen);
+/* The listen address takes every address of the host (0.0.0.0, [::]): no
+ * connector can dial it as it is. */
+bool cmg_site_listen_wildcard(const char *listen);
 /* Makes DIR/site.crt and DIR/site.key unless a valid pair of this CA is there. Its
  * names: localhost, 127.0.0.1, ::1 and the host of each listen address; its CRL
  * distribution point crl_url (none if NULL). */

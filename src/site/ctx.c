@@ -143,6 +143,8 @@ static int conf_entry(void *user, const char *section, const char *name, const c
     else if (!strcmp(name, "crl_url"))
         rc = strncmp(value, "https://", 8) && strncmp(value, "http://", 7)
                  ? -1 : cmg_conf_str(s->crl_url, sizeof(s->crl_url), value);
+    else if (!strcmp(name, "connector_address"))
+        rc = cmg_conf_str(s->connector_address, sizeof(s->connector_address), value);
     else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {

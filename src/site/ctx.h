@@ -29,6 +29,7 @@ struct cmg_site_ctx {
     char issuer[128];            /* "iss" of every site token */
     char admin_listen[300], service_listen[300], feed_listen[300];
     char crl_url[300];           /* the CRL distribution point certificates name, or "" */
+    char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */

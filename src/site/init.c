@@ -48,6 +48,7 @@ struct site_opts {
     const char *site_admin;
     const char *site_service;
     const char *site_feed;
+    const char *site_address;
     int force;
 };
 
@@ -111,6 +112,11 @@ void cmg_site_init_usage(FILE *out)
             "  --site-service ADDR   address of the site's registration service, published\n"
             "                        to devices under its own role id (default\n"
             "                        " CMG_SITE_DEFAULT_SERVICE ")\n"
+            "  --site-address HOST   the name or address connectors on other hosts reach\n"
+            "                        the site at: the feed and the registration service\n"
+            "                        are published as https://HOST:PORT (their listen\n"
+            "                        ports), and the site's certificate names HOST\n"
+            "                        (default: the listen addresses, loopback)\n"
             "  --force               replace an existing site in DIR (a new CA: certificates\n"
             "                        of the old site stop working)\n"
             "  -h, --help            print this help\n",
@@ -284,13 +290,13 @@ static int site_opt(int argc, char **argv, int *i, const char *opt, const char *
 static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
 {
     enum { OPT_NAME, OPT_MP, OPT_GATEWAY_PORT, OPT_TUNNEL_PORT, OPT_PFX, OPT_PFX_PASSWORD,
-           OPT_SITE_ADMIN, OPT_SITE_SERVICE, OPT_SITE_FEED };
+           OPT_SITE_ADMIN, OPT_SITE_SERVICE, OPT_SITE_FEED, OPT_SITE_ADDRESS };
     static const char *const value_opts[] = {
         [OPT_NAME] = "--service-name",         [OPT_MP] = "--mp",
         [OPT_GATEWAY_PORT] = "--gateway-port", [OPT_TUNNEL_PORT] = "--tunnel-port",
         [OPT_PFX] = "--gateway-pfx",           [OPT_PFX_PASSWORD] = "--pfx-password",
         [OPT_SITE_ADMIN] = "--site-admin",     [OPT_SITE_SERVICE] = "--site-service",
-        [OPT_SITE_FEED] = "--site-feed"};
+        [OPT_SITE_FEED] = "--site-feed",       [OPT_SITE_ADDRESS] = "--site-address"};
     int i, only_args = 0;
     size_t k;
 
@@ -353,6 +359,9 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
         case OPT_SITE_FEED:
             o->site_feed = val;
             break;
+        case OPT_SITE_ADDRESS:
+            o->site_address = val;
+            break;
         case OPT_PFX_PASSWORD:
         default:
             o->pfx_pass = val;
@@ -377,6 +386,15 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
             return 2;
         }
     }
+    if (o->site_address && (!o->site_address[0] || strpbrk(o->site_address, " \t/[]@")))
+        return site_usage_error("--site-address: '%s' is not a host name or IP address",
+                                o->site_address);
+    if (!o->site_address && (cmg_site_listen_wildcard(o->site_feed ? o->site_feed : "") ||
+                             cmg_site_listen_wildcard(o->site_service ? o->site_service : "")) &&
+        (o->site_feed || o->site_service))
+        return site_usage_error("%s", "--site-feed or --site-service listens on every address: "
+                                      "give --site-address HOST, the name or address "
+                                      "connectors reach the site at");
     if (o->gateway_port == o->tunnel_port)
         return site_usage_error("%s", "--gateway-port and --tunnel-port must differ");
     if (o->pfx_pass && !o->pfx_path)
@@ -655,7 +673,7 @@ static int site_write_gateway_conf(const struct site *s, const struct site_opts 
 
 static int site_write_connector_conf(const struct site *s, const struct site_opts *o)
 {
-    char *text = NULL;
+    char *text = NULL, feed[300];
     size_t len = 0, i;
     FILE *f = open_memstream(&text, &len);
     int ret;
@@ -680,8 +698,9 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
     site_conf(f, "longest pause between dial attempts, seconds", "reconnect_max = 30");
     site_conf(f, "seconds to wait for an internal server's response", "upstream_timeout = 60");
     site_conf(f, NULL, "log_level = info");
-    site_conf(f, "the site's policy feed (signed policy and routes)", "site = https://%s",
-              o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED);
+    cmg_site_reach(o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED, o->site_address, feed,
+                   sizeof(feed));
+    site_conf(f, "the site's policy feed (signed policy and routes)", "site = https://%s", feed);
     site_conf(f, "CA of the site's certificate", "site_ca = ca.crt");
     site_conf(f, "verifies what the site signs", "site_key = " CMG_SITE_SIGNING_PUB);
     fputs("; Used until the site answers, and for roles the site does not route:\n", f);
@@ -748,12 +767,14 @@ static int site_write(struct site *s, const struct site_opts *o)
             .service = o->site_service ? o->site_service : CMG_SITE_DEFAULT_SERVICE,
             .feed = o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED,
             .crl_url = s->crl_url,
+            .address = o->site_address,
             .connector_name = SITE_FIRST_CONNECTOR, .connector = &s->conn,
             .mp_urls = o->mp_urls, .role_ids = s->role_ids, .n_mp = o->n_mp, .force = o->force};
-        char err[512];
-        const char *listen[] = {st.admin, st.service, st.feed};
+        char err[512], reach[300];
+        const char *listen[] = {st.admin, st.service, st.feed, reach};
+        cmg_site_reach(st.feed, st.address, reach, sizeof(reach));
         if (cmg_site_init_store(&st, err, sizeof(err)) < 0 ||
-            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, s->crl_url, listen, 3, err,
+            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, s->crl_url, listen, 4, err,
                                   sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;

@@ -14,7 +14,7 @@
 
 static int write_site_conf(const struct cmg_init_store *o, char *err, size_t errlen)
 {
-    char path[PATH_MAX], text[2048];
+    char path[PATH_MAX], text[2400];
     int n = snprintf(text, sizeof(text),
                      "; OpenCMG site, written by 'cmg site init' (see docs/site.md).\n"
                      "[site]\n"
@@ -30,9 +30,13 @@ static int write_site_conf(const struct cmg_init_store *o, char *err, size_t err
                      "; CRL distribution point named by the certificates the site issues\n"
                      "; (the gateway serves the CRL there)\n"
                      "crl_url = %s\n"
+                     "%s%s%s"
                      "log_level = info\n",
                      o->service_name, o->site_role, o->admin, o->service, o->feed,
-                     o->crl_url);
+                     o->crl_url,
+                     o->address ? "; the host connectors reach the feed and the registration "
+                                  "service at\nconnector_address = " : "",
+                     o->address ? o->address : "", o->address ? "\n" : "");
 
     if (snprintf(path, sizeof(path), "%s/%s", o->dir, CMG_SITE_CONF) >= (int)sizeof(path) ||
         cmg_pki_write_file(path, text, (size_t)n, 0644) < 0) {
@@ -74,7 +78,7 @@ static int add_mapping(struct cmg_store *st, uint64_t role, const char *type, co
 int cmg_site_init_store(const struct cmg_init_store *o, char *err, size_t errlen)
 {
     struct cmg_store *st = NULL;
-    char url[512];
+    char url[512], reach[300];
     int rc = -1;
 
     if (o->force)
@@ -84,7 +88,8 @@ int cmg_site_init_store(const struct cmg_init_store *o, char *err, size_t errlen
         return -1;
     /* The registration service takes connectors only (mutual TLS): the thumbprint
      * headers it trusts come from a gateway through an authenticated connector. */
-    snprintf(url, sizeof(url), "https://%s", o->service);
+    cmg_site_reach(o->service, o->address, reach, sizeof(reach));
+    snprintf(url, sizeof(url), "https://%s", reach);
     if (cmg_store_begin(st) < 0 ||
         add_mapping(st, o->site_role, "site", url, CMG_MAP_AUTH_TOKEN) < 0)
         goto out;

@@ -15,6 +15,7 @@ struct cmg_init_store {
     uint64_t site_role;
     const char *admin, *service, *feed; /* listen addresses */
     const char *crl_url;                /* named by the certificates the site issues */
+    const char *address;                /* the host connectors reach the site at, or NULL */
     const char *connector_name;         /* the first connector's certificate */
     const struct cmg_connector_cert *connector;
     const char **mp_urls;

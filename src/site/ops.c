@@ -2,6 +2,7 @@
 #include "site/ops.h"
 
 #include "auth/jwk.h"
+#include "core/net.h"
 #include "http/path.h"
 #include "site/connectors.h"
 #include "site/pki.h"
@@ -10,6 +11,7 @@
 #include "tls/tls.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <openssl/bn.h>
@@ -132,6 +134,32 @@ static bool valid_url(const char *u)
     return true;
 }
 
+/* The host of an internal URL must be well formed and resolve here (the connectors
+ * are on this network): a route that no connector could dial is refused when it is
+ * added, not answered 503 or 502 to every device later. */
+static int check_url_host(const char *url, char *msg, size_t len)
+{
+    bool tls = !strncmp(url, "https://", 8);
+    const char *a = url + (tls ? 8 : 7);
+    size_t n = strcspn(a, "/?#");
+    char authority[300], err[400];
+    struct cmg_addr addr;
+
+    if (n == 0)
+        return fail(msg, len, 400, "url %s: no host", url);
+    if (n >= sizeof(authority))
+        return fail(msg, len, 400, "url %s: host too long", url);
+    memcpy(authority, a, n);
+    authority[n] = 0;
+    if (strchr(authority, '@'))
+        return fail(msg, len, 400, "url %s: expected host[:port], found user information "
+                                   "('@'), which is not supported", url);
+    if (cmg_addr_parse(authority, tls ? 443 : 80, &addr, err, sizeof(err)) < 0)
+        return fail(msg, len, 400, "url %s: expected a host (and port) that resolves on this "
+                                   "network, found %s: no connector could reach it", url, err);
+    return 0;
+}
+
 static int mapping_add_tx(struct cmg_site_ctx *s, struct cmg_site_mapping *m, char *msg,
                           size_t len)
 {
@@ -162,6 +190,8 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
         return fail(msg, len, 400, "type must be mp, sup or site");
     if (!url || !valid_url(url) || strlen(url) >= sizeof(m.url))
         return fail(msg, len, 400, "url must be an http:// or https:// URL");
+    if ((rc = check_url_host(url, msg, len)) != 0)
+        return rc;
     if (cmg_mapping_auth_parse(auth ? auth : !strcmp(type, "site") ? "token" : "cert,token,oidc",
                                &m.auth) < 0)
         return fail(msg, len, 400, "auth must list cert, token and/or oidc, e.g. cert,token");
@@ -744,11 +774,170 @@ static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     return rc;
 }
 
+/* ---- cert list: everything the site issued or holds ---- */
+
+static double epoch_of(const ASN1_TIME *t)
+{
+    struct tm tm;
+    return ASN1_TIME_to_tm(t, &tm) ? (double)timegm(&tm) : 0;
+}
+
+static cJSON *row_of(const cJSON *list, const char *serial)
+{
+    cJSON *row;
+    cJSON_ArrayForEach(row, list) {
+        const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(row, "serial"));
+        if (v && !strcasecmp(v, serial))
+            return row;
+    }
+    return NULL;
+}
+
+static void set_string(cJSON *row, const char *key, const char *value)
+{
+    cJSON_DeleteItemFromObjectCaseSensitive(row, key);
+    cJSON_AddStringToObject(row, key, value);
+}
+
+/* The certificate in DIR/rel, as a row of kind: or, when the store recorded it, its
+ * row told the kind and the file. */
+static void add_cert_file(struct cmg_site_ctx *s, cJSON *list, const char *kind, const char *name,
+                          const char *rel)
+{
+    char path[PATH_MAX], hex[80] = "", serial[80] = "", subject[512] = "";
+    X509 *x;
+    cJSON *row;
+
+    if (snprintf(path, sizeof(path), "%s/%s", s->dir, rel) >= (int)sizeof(path) ||
+        !(x = cmg_pki_load_cert(path)))
+        return;
+    if (serial_hex(x, hex, sizeof(hex)) == 0 && normal_serial(hex, serial, sizeof(serial)) == 0 &&
+        (row = row_of(list, serial))) {
+        /* the certificate says when it ends, not what was noted when it was made */
+        set_string(row, "kind", kind);
+        set_string(row, "file", path);
+        cJSON_DeleteItemFromObjectCaseSensitive(row, "expires");
+        cJSON_AddNumberToObject(row, "expires", epoch_of(X509_get0_notAfter(x)));
+        X509_free(x);
+        return;
+    }
+    X509_NAME_oneline(X509_get_subject_name(x), subject, sizeof(subject));
+    row = cJSON_CreateObject();
+    cJSON_AddStringToObject(row, "kind", kind);
+    cJSON_AddStringToObject(row, "name", name);
+    cJSON_AddStringToObject(row, "serial", serial);
+    cJSON_AddStringToObject(row, "subject", subject);
+    cJSON_AddNumberToObject(row, "issued", epoch_of(X509_get0_notBefore(x)));
+    cJSON_AddNumberToObject(row, "expires", epoch_of(X509_get0_notAfter(x)));
+    cJSON_AddNullToObject(row, "revoked");
+    cJSON_AddStringToObject(row, "file", path);
+    cJSON_AddItemToArray(list, row);
+    X509_free(x);
+}
+
+/* Every NAME.crt of DIR/sub, in name order, as rows of kind. */
+static void add_cert_dir(struct cmg_site_ctx *s, cJSON *list, const char *kind, const char *sub)
+{
+    char path[PATH_MAX];
+    struct dirent **names = NULL;
+    int n;
+
+    if (snprintf(path, sizeof(path), "%s/%s", s->dir, sub) >= (int)sizeof(path))
+        return;
+    n = scandir(path, &names, NULL, alphasort);
+    for (int i = 0; i < n; i++) {
+        char *name = names[i]->d_name, rel[NAME_MAX + 64];
+        size_t l = strlen(name);
+        if (l > 4 && !strcmp(name + l - 4, ".crt")) {
+            snprintf(rel, sizeof(rel), "%s/%s", sub, name);
+            name[l - 4] = 0;
+            if (valid_name(name))
+                add_cert_file(s, list, kind, name, rel);
+        }
+        free(names[i]);
+    }
+    free(names);
+}
+
+/* Rows of the store's list, all of one kind. */
+static void add_recorded(cJSON *list, cJSON *recorded, const char *kind)
+{
+    cJSON *row;
+    while (recorded && (row = cJSON_DetachItemFromArray(recorded, 0))) {
+        cJSON_AddStringToObject(row, "kind", kind);
+        cJSON_AddItemToArray(list, row);
+    }
+    cJSON_Delete(recorded);
+}
+
+/* The signing keys (DIR/site-signing*.pub): they have no end date of their own. */
+static void add_signing_keys(struct cmg_site_ctx *s, cJSON *list)
+{
+    struct dirent **names = NULL;
+    int n = scandir(s->dir, &names, NULL, alphasort);
+
+    for (int i = 0; i < n; i++) {
+        const char *name = names[i]->d_name;
+        size_t l = strlen(name);
+        char path[PATH_MAX];
+        if (!strncmp(name, "site-signing", 12) && l > 4 && !strcmp(name + l - 4, ".pub") &&
+            snprintf(path, sizeof(path), "%s/%s", s->dir, name) < (int)sizeof(path)) {
+            cJSON *row = cJSON_CreateObject();
+            cJSON_AddStringToObject(row, "kind", "signing key");
+            cJSON_AddStringToObject(row, "name", name);
+            cJSON_AddNullToObject(row, "expires");
+            cJSON_AddStringToObject(row, "file", path);
+            cJSON_AddItemToArray(list, row);
+        }
+        free(names[i]);
+    }
+    free(names);
+}
+
+/* "not_after" beside "expires": the date as people read it. */
+static void add_not_after(cJSON *list)
+{
+    cJSON *row;
+    cJSON_ArrayForEach(row, list) {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(row, "expires");
+        time_t t = cJSON_IsNumber(e) ? (time_t)e->valuedouble : 0;
+        struct tm tm;
+        char when[32];
+        if (t && gmtime_r(&t, &tm) && strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm))
+            cJSON_AddStringToObject(row, "not_after", when);
+        else
+            cJSON_AddNullToObject(row, "not_after");
+    }
+}
+
 static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                         size_t len)
 {
-    *result = cmg_store_certs_json(s->store, arg_bool(args, "revoked"));
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    cJSON *connectors, *devices;
+
+    if (arg_bool(args, "revoked")) {
+        *result = cmg_store_certs_json(s->store, true);
+        return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    }
+    connectors = cmg_store_connectors_json(s->store);
+    devices = cmg_store_certs_json(s->store, false);
+    if (!connectors || !devices) {
+        cJSON_Delete(connectors);
+        cJSON_Delete(devices);
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    }
+    *result = cJSON_CreateArray();
+    add_cert_file(s, *result, "CA", "site CA", "ca.crt");
+    add_cert_file(s, *result, "site", "site channel", "site.crt");
+    add_cert_file(s, *result, "gateway", "gateway", "gateway.crt");
+    add_recorded(*result, connectors, "connector");
+    add_cert_file(s, *result, "connector", "connector-1", "connector.crt");
+    add_cert_dir(s, *result, "connector", "connectors");
+    add_recorded(*result, devices, "device");
+    add_cert_dir(s, *result, "device", "devices");
+    add_signing_keys(s, *result);
+    add_not_after(*result);
+    return 0;
 }
 
 static int revocation_tx(struct cmg_site_ctx *s, bool on, char *msg, size_t len)

@@ -18,13 +18,17 @@
 #include "site/register.h"
 #include "tls/tls.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
+#include <unistd.h>
 
 #define POLL_MS 250
 #define FEED_WAIT_MS 25000
@@ -344,7 +348,12 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
     struct cmg_tls_server_opts o = {.cert = crt, .key = key};
 
-    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, ctx->crl_url, listen, 3, err,
+    char reach[300];
+    const char *names[] = {listen[0], listen[1], listen[2], reach};
+
+    /* Connectors on other hosts check the name they reach the site at. */
+    cmg_site_reach(listen[1], ctx->connector_address, reach, sizeof(reach));
+    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, ctx->crl_url, names, 4, err,
                               errlen) < 0)
         return -1;
     if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
@@ -361,6 +370,66 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     return (srv->channel_tls = cmg_tls_server_ctx(&o, err, errlen)) ? 0 : -1;
 }
 
+/* The site CA and the site's own certificate, watched for their end. */
+static void watch_certs(struct cmg_site_server *srv)
+{
+    char path[PATH_MAX];
+
+    snprintf(path, sizeof(path), "%.*s/ca.crt", (int)sizeof(path) - 8, srv->ctx->dir);
+    cmg_tls_watch_cert(&srv->cert_watch, "site CA", path, srv->ctx->ca_cert);
+    snprintf(path, sizeof(path), "%.*s/site.crt", (int)sizeof(path) - 10, srv->ctx->dir);
+    cmg_tls_watch_cert(&srv->cert_watch, "site certificate", path,
+                       SSL_CTX_get0_certificate(srv->channel_tls));
+    cmg_tls_watch_start(&srv->cert_watch, srv->loop);
+}
+
+bool cmg_site_serve_running(const char *dir)
+{
+    char path[PATH_MAX];
+    int fd;
+    bool held;
+
+    if (snprintf(path, sizeof(path), "%s/%s", dir, CMG_SITE_SERVE_LOCK) >= (int)sizeof(path))
+        return false;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;   /* no service ever ran here */
+    held = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+    close(fd);          /* drops the shared lock if we took it */
+    return held;
+}
+
+/* Takes the lock for the life of the process (the descriptor stays open); -1 if
+ * another service holds it. */
+static int hold_lock(const char *dir, char *err, size_t errlen)
+{
+    char path[PATH_MAX], pid[32];
+    int fd;
+
+    if (snprintf(path, sizeof(path), "%s/%s", dir, CMG_SITE_SERVE_LOCK) >= (int)sizeof(path)) {
+        snprintf(err, errlen, "%s: path too long", dir);
+        return -1;
+    }
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open %.400s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int n = (int)read(fd, pid, sizeof(pid) - 1);
+        pid[n > 0 ? n : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        snprintf(err, errlen, "another 'cmg site serve' runs on %.200s (pid %s; it holds %s)", dir,
+                 pid[0] ? pid : "unknown", CMG_SITE_SERVE_LOCK);
+        close(fd);
+        return -1;
+    }
+    snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 || write(fd, pid, strlen(pid)) < 0)
+        cmg_warn("cannot write the pid into %s: %s", path, strerror(errno));
+    return fd;
+}
+
 int cmg_site_serve_main(int argc, char **argv)
 {
     struct cmg_site_server srv;
@@ -368,7 +437,7 @@ int cmg_site_serve_main(int argc, char **argv)
     const char *dir = NULL, *admin = NULL, *service = NULL, *feed_addr = NULL;
     const char *listen[3];
     char err[600];
-    int rc;
+    int rc, lock = -1;
 
     memset(&srv, 0, sizeof(srv));
     if ((rc = parse_args(argc, argv, &dir, &admin, &service, &feed_addr)) >= 0)
@@ -379,6 +448,11 @@ int cmg_site_serve_main(int argc, char **argv)
         return 1;
     }
     cmg_log_set_level(ctx.log_level);
+    if ((lock = hold_lock(dir, err, sizeof(err))) < 0) {
+        fprintf(stderr, "cmg site serve: %s\n", err);
+        cmg_site_close(&ctx);
+        return 1;
+    }
     ctx.confined = true;
     listen[0] = admin ? admin : ctx.admin_listen;
     listen[1] = feed_addr ? feed_addr : ctx.feed_listen;
@@ -404,6 +478,7 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
+    watch_certs(&srv);
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
              listen[1], listen[2], (long long)srv.version);
@@ -415,6 +490,7 @@ out:
     cmg_httpd_free(srv.service);
     while (srv.waiters)
         waiter_free(srv.waiters);
+    cmg_tls_watch_free(&srv.cert_watch);
     if (srv.loop) {
         cmg_timer_stop(srv.loop, &srv.poll);
         cmg_loop_free(srv.loop);
@@ -424,5 +500,6 @@ out:
     free(srv.policy);
     free(srv.routes);
     cmg_site_close(&ctx);
+    close(lock);
     return rc;
 }

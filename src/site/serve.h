@@ -4,9 +4,11 @@
 
 #include "core/loop.h"
 #include "site/ctx.h"
+#include "tls/tls.h"
 
 #include <cjson/cJSON.h>
 #include <openssl/ssl.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -25,7 +27,15 @@ struct cmg_site_server {
     int64_t data_version;
     struct cmg_timer poll;
     struct feed_waiter *waiters;
+    struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
 };
+
+/* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the
+ * kernel lets go however the process ends); the admin commands test it to say whether
+ * a change is published now. */
+#define CMG_SITE_SERVE_LOCK "serve.lock"
+/* Whether a 'site serve' holds the lock of the site directory dir. */
+bool cmg_site_serve_running(const char *dir);
 
 /* argv[0] is "serve". Returns the exit status. */
 int cmg_site_serve_main(int argc, char **argv);

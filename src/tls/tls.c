@@ -1,5 +1,8 @@
 #include "tls/tls.h"
 
+#include "core/log.h"
+
+#include <arpa/inet.h>
 #include <openssl/bn.h>
 #include <openssl/err.h>
 #include <openssl/pkcs12.h>
@@ -9,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 static int verify_err_index = -1;
 static int alpn_index = -1;
@@ -432,4 +436,218 @@ void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen)
         return;
     memcpy(out, ASN1_STRING_get0_data(s), (size_t)len);
     out[len] = 0;
+}
+
+/* ---- certificate lifecycle: names and expiry ---- */
+
+#define WATCH_INTERVAL_MS (24ull * 3600 * 1000)
+
+void cmg_tls_not_after(X509 *x, char *out, size_t outlen)
+{
+    struct tm tm;
+
+    if (!ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm) ||
+        !strftime(out, outlen, "%Y-%m-%d %H:%M:%S UTC", &tm))
+        snprintf(out, outlen, "(unreadable date)");
+}
+
+void cmg_tls_cert_names(X509 *x, char *out, size_t outlen)
+{
+    GENERAL_NAMES *sans = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+    size_t used = 0;
+
+    out[0] = 0;
+    for (int i = 0; i < sk_GENERAL_NAME_num(sans); i++) {
+        const GENERAL_NAME *g = sk_GENERAL_NAME_value(sans, i);
+        char ip[INET6_ADDRSTRLEN] = "";
+        const char *name = NULL;
+        int n;
+        if (g->type == GEN_DNS) {
+            name = (const char *)ASN1_STRING_get0_data(g->d.dNSName);
+        } else if (g->type == GEN_IPADD) {
+            int len = ASN1_STRING_length(g->d.iPAddress);
+            const unsigned char *a = ASN1_STRING_get0_data(g->d.iPAddress);
+            if (len == 4 || len == 16)
+                inet_ntop(len == 4 ? AF_INET : AF_INET6, a, ip, sizeof(ip));
+            name = ip;
+        }
+        if (!name || !name[0])
+            continue;
+        n = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", name);
+        if (n < 0 || (size_t)n >= outlen - used)
+            break;
+        used += (size_t)n;
+    }
+    GENERAL_NAMES_free(sans);
+    if (!used) {
+        char cn[256] = "";
+        X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
+        snprintf(out, outlen, "%s%s", cn[0] ? "CN=" : "no name at all", cn);
+    }
+}
+
+static bool names_host(X509 *x, const char *name)
+{
+    unsigned char addr[16];
+
+    if (inet_pton(AF_INET, name, addr) == 1 || inet_pton(AF_INET6, name, addr) == 1)
+        return X509_check_ip_asc(x, name, 0) == 1;
+    return X509_check_host(x, name, 0, 0, NULL) == 1;
+}
+
+int cmg_tls_check_server_cert(SSL_CTX *ctx, const char *file, const char *service_name,
+                              char *err, size_t errlen)
+{
+    X509 *x = SSL_CTX_get0_certificate(ctx);
+    char when[64], names[512];
+
+    if (!x) {
+        snprintf(err, errlen, "%s: no certificate", file);
+        return -1;
+    }
+    cmg_tls_not_after(x, when, sizeof(when));
+    if (X509_cmp_current_time(X509_get0_notAfter(x)) <= 0) {
+        snprintf(err, errlen, "certificate %s expired on %s: expected a certificate valid now "
+                 "(renew it: cmg site cert renew gateway NAME, or your CA)", file, when);
+        return -1;
+    }
+    if (!names_host(x, service_name)) {
+        cmg_tls_cert_names(x, names, sizeof(names));
+        snprintf(err, errlen, "certificate %s does not name the service: expected %s "
+                 "(service_name), found %s", file, service_name, names);
+        return -1;
+    }
+    return 0;
+}
+
+/* The marks, in days before notAfter, and "passed". */
+static const int marks[] = {30, 14, 7, 3, 1, 0};
+#define NMARKS ((int)(sizeof(marks) / sizeof(marks[0])))
+
+/* The last mark the time left has reached (-1: more than 30 days left). */
+static int mark_of(X509 *x, int *days_left)
+{
+    int days = 0, secs = 0, m = -1;
+    int64_t left;
+
+    if (!ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(x)))
+        return -1;
+    left = (int64_t)days * 86400 + secs;
+    *days_left = left > 0 ? (int)((left + 86399) / 86400) : 0;   /* started days count */
+    for (int i = 0; i < NMARKS; i++)
+        if (left <= (int64_t)marks[i] * 86400)
+            m = i;
+    return m;
+}
+
+static void check_one(struct cmg_tls_watched *c)
+{
+    int days = 0, m = mark_of(c->cert, &days);
+    char when[64];
+
+    if (m < 0 || m == c->mark)
+        return;
+    c->mark = m;
+    cmg_tls_not_after(c->cert, when, sizeof(when));
+    if (marks[m] == 0)
+        cmg_error("%s %s expired on %s: renew it", c->what, c->file, when);
+    else
+        cmg_warn("%s %s expires on %s (%d day(s) left): renew it before then", c->what, c->file,
+                 when, days);
+}
+
+static void on_watch_timer(struct cmg_timer *t)
+{
+    struct cmg_tls_watch *w = (struct cmg_tls_watch *)((char *)t - offsetof(struct cmg_tls_watch, timer));
+
+    for (size_t i = 0; i < w->n; i++)
+        check_one(&w->certs[i]);
+    cmg_timer_start(w->loop, &w->timer, WATCH_INTERVAL_MS, on_watch_timer);
+}
+
+void cmg_tls_watch_cert(struct cmg_tls_watch *w, const char *what, const char *file, X509 *x)
+{
+    struct cmg_tls_watched *c;
+
+    if (!x || w->n >= CMG_TLS_WATCH_MAX)
+        return;
+    for (size_t i = 0; i < w->n; i++)
+        if (!strcmp(w->certs[i].file, file))
+            return;   /* one file, one line (the device and connector CAs are often one) */
+    c = &w->certs[w->n++];
+    snprintf(c->what, sizeof(c->what), "%s", what);
+    snprintf(c->file, sizeof(c->file), "%s", file);
+    X509_up_ref(x);
+    c->cert = x;
+    c->mark = -1;
+}
+
+int cmg_tls_watch_file(struct cmg_tls_watch *w, const char *what, const char *file, char *err,
+                       size_t errlen)
+{
+    BIO *b = BIO_new_file(file, "r");
+    X509 *x, *first = NULL;
+
+    while (b && (x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
+        if (!first || ASN1_TIME_compare(X509_get0_notAfter(x), X509_get0_notAfter(first)) < 0) {
+            X509_free(first);
+            first = x;
+        } else {
+            X509_free(x);
+        }
+    }
+    ERR_clear_error();
+    BIO_free(b);
+    if (!first) {
+        snprintf(err, errlen, "%s: no PEM certificate to watch", file);
+        return -1;
+    }
+    cmg_tls_watch_cert(w, what, file, first);
+    X509_free(first);
+    return 0;
+}
+
+void cmg_tls_watch_start(struct cmg_tls_watch *w, struct cmg_loop *loop)
+{
+    w->loop = loop;
+    on_watch_timer(&w->timer);
+}
+
+void cmg_tls_watch_free(struct cmg_tls_watch *w)
+{
+    if (w->loop)
+        cmg_timer_stop(w->loop, &w->timer);
+    for (size_t i = 0; i < w->n; i++)
+        X509_free(w->certs[i].cert);
+    w->n = 0;
+}
+
+void cmg_tls_usages(X509 *x, char *out, size_t outlen)
+{
+    EXTENDED_KEY_USAGE *eku = X509_get_ext_d2i(x, NID_ext_key_usage, NULL, NULL);
+    size_t used = 0;
+
+    out[0] = 0;
+    for (int i = 0; i < sk_ASN1_OBJECT_num(eku); i++) {
+        const ASN1_OBJECT *o = sk_ASN1_OBJECT_value(eku, i);
+        char name[80];
+        int n;
+        int nid = OBJ_obj2nid(o);
+        if (OBJ_obj2txt(name, sizeof(name), o, 1) <= 0)
+            snprintf(name, sizeof(name), "?");
+        if (!strcmp(name, CMG_OID_EKU_CONNECTOR))
+            snprintf(name, sizeof(name), "OpenCMG connector");
+        else if (!strcmp(name, CMG_OID_EKU_SITE))
+            snprintf(name, sizeof(name), "OpenCMG site");
+        else if (nid != NID_undef)
+            snprintf(name, sizeof(name), "%s", OBJ_nid2sn(nid));   /* clientAuth, ... */
+        n = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", name);
+        if (n < 0 || (size_t)n >= outlen - used)
+            break;
+        used += (size_t)n;
+    }
+    EXTENDED_KEY_USAGE_free(eku);
+    ERR_clear_error();
+    if (!used)
+        snprintf(out, outlen, "no extended key usage");
 }

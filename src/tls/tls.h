@@ -2,6 +2,9 @@
 #ifndef CMG_TLS_H
 #define CMG_TLS_H
 
+#include "core/loop.h"
+
+#include <limits.h>
 #include <openssl/ssl.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -69,5 +72,45 @@ void cmg_tls_serial(X509 *x, char *out, size_t outlen);
 void cmg_tls_subject(X509 *x, char *out, size_t outlen);
 /* The value of the first subject attribute with this NID, or "" */
 void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen);
+
+/* ---- certificate lifecycle: names and expiry ---- */
+
+/* A server certificate a role presents (the leaf of ctx, loaded from file) must be
+ * valid now and name service_name (a DNS name or an IP address). -1 with err naming
+ * the file and what was expected and found. */
+int cmg_tls_check_server_cert(SSL_CTX *ctx, const char *file, const char *service_name,
+                              char *err, size_t errlen);
+
+/* A role's own certificates and CAs, watched for their end: one warning line each
+ * time one comes within 30, 14, 7, 3 and 1 day(s) of its notAfter (and once it has
+ * passed), checked at start and daily, naming the file and the date. */
+#define CMG_TLS_WATCH_MAX 8
+struct cmg_tls_watched {
+    char what[48];
+    char file[PATH_MAX];
+    X509 *cert;              /* of the file's certificates, the one that ends first */
+    int mark;                /* the last mark warned of (index into the marks), -1: none */
+};
+struct cmg_tls_watch {
+    struct cmg_loop *loop;
+    struct cmg_timer timer;
+    size_t n;
+    struct cmg_tls_watched certs[CMG_TLS_WATCH_MAX];
+};
+/* Watches the certificates of a PEM file (a chain, or a bundle of CAs). -1 with err
+ * if the file holds none. */
+int cmg_tls_watch_file(struct cmg_tls_watch *w, const char *what, const char *file, char *err,
+                       size_t errlen);
+/* Watches x (a reference is taken), e.g. the leaf a context loaded from a PKCS#12 file. */
+void cmg_tls_watch_cert(struct cmg_tls_watch *w, const char *what, const char *file, X509 *x);
+/* Checks now, then every day. */
+void cmg_tls_watch_start(struct cmg_tls_watch *w, struct cmg_loop *loop);
+void cmg_tls_watch_free(struct cmg_tls_watch *w);
+/* The names a certificate answers to: its DNS and IP subjectAltNames, else its CN. */
+void cmg_tls_cert_names(X509 *x, char *out, size_t outlen);
+/* Its extended key usages, by name ("clientAuth", "OpenCMG connector", ...). */
+void cmg_tls_usages(X509 *x, char *out, size_t outlen);
+/* notAfter as "YYYY-MM-DD HH:MM:SS UTC". */
+void cmg_tls_not_after(X509 *x, char *out, size_t outlen);
 
 #endif

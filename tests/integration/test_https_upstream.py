@@ -144,7 +144,7 @@ def test_untrusted_internal_certificate_is_502_and_gateway_keeps_serving(procs, 
     gateways, connector = bring_up(procs, site)
     for http in ('1.1', '2', '1.1'):
         r = curl(site, site.path('policy.bin'), http=http)
-        assert (r.rc, r.status) == (0, 502) and b'CMGService_Internal_Server_Error' in r.body, r
+        assert (r.rc, r.status) == (0, 502) and b'CMGConnector_Upstream_TLS_Failed' in r.body, r
         r = curl(site, site.path('policy.xml', 1), http=http)
         assert (r.rc, r.status, r.body) == (0, 200, POLICY), r
     assert nginx.access() == [], 'a request reached nginx over an unverified connection'

@@ -629,10 +629,7 @@ cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only)
                                       "NULL AND serial NOT IN (SELECT serial FROM certs) "
                                       "ORDER BY revoked, serial"
                                     : "SELECT serial, name, subject, issued, expires, revoked "
-                                      "FROM certs UNION ALL "
-                                      "SELECT serial, name, " CONNECTOR_SUBJECT ", issued, "
-                                      "expires, revoked FROM connectors WHERE serial NOT IN "
-                                      "(SELECT serial FROM certs) ORDER BY issued, serial", ""));
+                                      "FROM certs ORDER BY issued, serial", ""));
 }
 
 /* ---- connector certificates ---- */

@@ -93,8 +93,9 @@ int cmg_store_cert_set_thumbprint(struct cmg_store *s, const char *serial, const
 int cmg_store_cert_thumbprint(struct cmg_store *s, const char *name, char *out, size_t len);
 /* Serial of the newest certificate issued for name; 0, or 1 if none. */
 int cmg_store_cert_by_name(struct cmg_store *s, const char *name, char *serial, size_t len);
-/* [{serial, name, subject, issued, expires, revoked}]: every certificate the site
- * recorded, connectors' included; revoked_only: what the CRL lists. */
+/* [{serial, name, subject, issued, expires, revoked}]: the certificates the site
+ * recorded ('cert issue', devices; connectors are cmg_store_connectors_json()'s);
+ * revoked_only: what the CRL lists, revoked connectors included. */
 cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only);
 /* Connector certificates ('cmg site connector'): add gives 1 if the name is taken;
  * revoke gives 1 if there is no such connector, 2 if it is revoked already. */

@@ -29,6 +29,8 @@ struct cmg_loop {
     struct later *later;
     struct cmg_task mark;    /* separates this round of tasks from the next */
     struct cmg_io sigio;
+    void (*on_hup)(void *);   /* SIGHUP: reload; NULL: the role cannot */
+    void *hup_arg;
 };
 
 static uint64_t clock_ms(void)
@@ -40,12 +42,27 @@ static uint64_t clock_ms(void)
 
 static void on_signal(struct cmg_io *io, uint32_t events)
 {
+    struct cmg_loop *loop = io->loop;
     struct signalfd_siginfo si;
     (void)events;
     while (read(io->fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-        cmg_info("signal %d received, stopping", (int)si.ssi_signo);
-        cmg_loop_stop(io->loop);
+        if (si.ssi_signo == SIGHUP && loop->on_hup) {
+            cmg_info("SIGHUP received: reloading");
+            loop->on_hup(loop->hup_arg);
+        } else if (si.ssi_signo == SIGHUP) {
+            cmg_warn("SIGHUP received: this role does not reload its configuration yet; "
+                     "nothing changed (restart it to apply changes)");
+        } else {
+            cmg_info("signal %d received, stopping", (int)si.ssi_signo);
+            cmg_loop_stop(loop);
+        }
     }
+}
+
+void cmg_loop_on_hup(struct cmg_loop *loop, void (*fn)(void *), void *arg)
+{
+    loop->on_hup = fn;
+    loop->hup_arg = arg;
 }
 
 struct cmg_loop *cmg_loop_new(void)
@@ -67,6 +84,7 @@ struct cmg_loop *cmg_loop_new(void)
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
     sigprocmask(SIG_BLOCK, &set, NULL);
     sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     loop->sigio.fd = -1;

@@ -42,6 +42,8 @@ void cmg_loop_free(struct cmg_loop *loop);
 /* Runs until cmg_loop_stop() or SIGINT/SIGTERM. Returns 0, or -1 on a loop failure. */
 int cmg_loop_run(struct cmg_loop *loop);
 void cmg_loop_stop(struct cmg_loop *loop);
+/* SIGHUP calls fn(arg) from the loop; without one it is logged and changes nothing. */
+void cmg_loop_on_hup(struct cmg_loop *loop, void (*fn)(void *), void *arg);
 bool cmg_loop_stopping(const struct cmg_loop *loop);
 /* Monotonic milliseconds, read once per loop iteration. */
 uint64_t cmg_loop_now(const struct cmg_loop *loop);

@@ -24,7 +24,8 @@ static const char usage[] =
     "host share the device port (SO_REUSEPORT), up to 16 of them.\n"
     "Started as root, it binds its listeners, then goes on as the unprivileged 'user'\n"
     "of FILE (it refuses to go on as root when that user does not exist).\n"
-    "It logs to stderr; SIGINT and SIGTERM stop it.\n"
+    "It logs to stderr; SIGINT and SIGTERM stop it; SIGHUP reloads FILE and the\n"
+    "certificates it names, all or nothing, without touching live connections.\n"
     "\n"
     "options:\n"
     "  -c, --config FILE   gateway.conf (keys: docs/configuration.md, the man page)\n"
@@ -34,17 +35,24 @@ static const char usage[] =
     "Exit status: 0 stopped by a signal, 1 failed to start or run, 2 bad usage.\n";
 
 /* The certificate devices see must be valid now and name service_name: a gateway
- * that cannot serve says so and stops, rather than report ready. It and the CAs are
- * watched for their end. */
-static int check_certs(struct cmg_gateway *gw)
+ * that cannot serve says so rather than report ready (or, on reload, keeps what it has). */
+static int check_cert(SSL_CTX *dev, const struct cmg_gw_config *c)
+{
+    char err[1200];
+
+    if (cmg_tls_check_server_cert(dev, c->cert, c->service_name, err, sizeof(err)) < 0) {
+        cmg_error("%s", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* The certificate and the CAs are watched for their end. */
+static void watch_certs(struct cmg_gateway *gw)
 {
     struct cmg_gw_config *c = &gw->cfg;
     char err[1200];
 
-    if (cmg_tls_check_server_cert(gw->device_ctx, c->cert, c->service_name, err, sizeof(err)) < 0) {
-        cmg_error("%s", err);
-        return -1;
-    }
     cmg_tls_watch_cert(&gw->cert_watch, "gateway certificate", c->cert,
                        SSL_CTX_get0_certificate(gw->device_ctx));
     if (c->client_ca[0] && cmg_tls_watch_file(&gw->cert_watch, "device CA", c->client_ca, err,
@@ -54,36 +62,116 @@ static int check_certs(struct cmg_gateway *gw)
                                                  c->connector_ca, err, sizeof(err)) < 0)
         cmg_warn("%s", err);
     cmg_tls_watch_start(&gw->cert_watch, gw->loop);
-    return 0;
 }
 
-static int setup(struct cmg_gateway *gw)
+/* The TLS contexts for devices and for connectors, from c: both, or neither. */
+static int make_contexts(const struct cmg_gw_config *c, SSL_CTX **dev_ctx, SSL_CTX **tun_ctx)
 {
-    struct cmg_gw_config *c = &gw->cfg;
     char err[512];
     struct cmg_tls_server_opts dev = {
         .cert = c->cert, .key = c->key[0] ? c->key : NULL, .password = c->cert_password,
         .client_ca = c->client_ca, .client_auth = CMG_TLS_ASK_CLIENT_CERT, .alpn = "h2,http/1.1"};
     struct cmg_tls_server_opts tun = dev;
 
-    gw->device_ctx = cmg_tls_server_ctx(&dev, err, sizeof(err));
-    if (!gw->device_ctx) {
+    *dev_ctx = *tun_ctx = NULL;
+    if (!(*dev_ctx = cmg_tls_server_ctx(&dev, err, sizeof(err)))) {
         cmg_error("device TLS: %s", err);
         return -1;
     }
-    if (check_certs(gw) < 0)
-        return -1;
+    if (check_cert(*dev_ctx, c) < 0)
+        goto fail;
     tun.client_ca = c->connector_ca;
     tun.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
     tun.alpn = CMG_TUNNEL_ALPN;
     tun.client_eku = CMG_OID_EKU_CONNECTOR;   /* a connector's certificate, no other */
-    gw->tunnel_ctx = cmg_tls_server_ctx(&tun, err, sizeof(err));
-    if (!gw->tunnel_ctx) {
+    if (!(*tun_ctx = cmg_tls_server_ctx(&tun, err, sizeof(err)))) {
         cmg_error("tunnel TLS: %s", err);
-        return -1;
+        goto fail;
     }
-    cmg_tls_tunnel_ciphers(gw->tunnel_ctx);
+    cmg_tls_tunnel_ciphers(*tun_ctx);
+    return 0;
+fail:
+    SSL_CTX_free(*dev_ctx);
+    *dev_ctx = NULL;
+    return -1;
+}
+
+static int setup(struct cmg_gateway *gw)
+{
+    if (make_contexts(&gw->cfg, &gw->device_ctx, &gw->tunnel_ctx) < 0)
+        return -1;
+    watch_certs(gw);
     return cmg_gw_listen(gw);
+}
+
+/* A key that only a restart applies keeps its running value; the log says so. */
+static void keep_str(const char *key, char *next, const char *now, size_t size)
+{
+    if (strcmp(next, now) != 0) {
+        cmg_warn("reload: %s changed (%s -> %s): it applies at the next start; kept %s", key,
+                 now, next, now);
+        snprintf(next, size, "%s", now);
+    }
+}
+
+static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_config *now)
+{
+    bool listen_same = next->nlisten == now->nlisten;
+
+    for (int i = 0; listen_same && i < now->nlisten; i++)
+        listen_same = !strcmp(next->listen[i], now->listen[i]);
+    if (!listen_same) {
+        cmg_warn("reload: listen changed: it applies at the next start; kept the listeners");
+        memcpy(next->listen, now->listen, sizeof(now->listen));
+        next->nlisten = now->nlisten;
+    }
+    if (next->tunnel_port != now->tunnel_port) {
+        cmg_warn("reload: tunnel_port changed (%u -> %u): it applies at the next start; kept %u",
+                 now->tunnel_port, next->tunnel_port, now->tunnel_port);
+        next->tunnel_port = now->tunnel_port;
+    }
+    next->instance = now->instance;   /* --instance, or what the start read */
+    keep_str("tunnel_listen", next->tunnel_listen, now->tunnel_listen, sizeof(next->tunnel_listen));
+    keep_str("user", next->user, now->user, sizeof(next->user));
+    keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
+    keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
+}
+
+/* SIGHUP: gateway.conf and every certificate and key it names are read again, and
+ * applied all together or not at all. Connections and tunnels keep going with what
+ * they started with; new ones get the new certificates and limits. */
+static void reload(void *arg)
+{
+    struct cmg_gateway *gw = arg;
+    struct cmg_gw_config next;
+    SSL_CTX *dev, *tun;
+    char err[600];
+
+    if (cmg_gw_config_load(&next, gw->cfg.file, err, sizeof(err)) < 0) {
+        cmg_error("reload failed, nothing changed: %s", err);
+        cmg_gw_config_free(&next);
+        return;
+    }
+    keep_restart_only(&next, &gw->cfg);
+    if (make_contexts(&next, &dev, &tun) < 0) {
+        cmg_error("reload failed, nothing changed: %s names certificates the gateway cannot use "
+                  "(the line above says why)", next.file);
+        cmg_gw_config_free(&next);
+        return;
+    }
+    SSL_CTX_free(gw->device_ctx);   /* connections made with them hold their own reference */
+    SSL_CTX_free(gw->tunnel_ctx);
+    gw->device_ctx = dev;
+    gw->tunnel_ctx = tun;
+    /* The local mappings were copied into the policy at start; the site's policy decides. */
+    cmg_gw_config_free(&gw->cfg);
+    gw->cfg = next;
+    cmg_log_set_level(gw->cfg.log_level);
+    cmg_gw_listen_refit(gw);
+    cmg_tls_watch_free(&gw->cert_watch);
+    watch_certs(gw);
+    cmg_info("reloaded %s: certificates, keys and limits in force for new connections; %u "
+             "device connection(s) and their requests go on", gw->cfg.file, gw->ndevices);
 }
 
 /* After the drop, what the gateway still opens must be open to its user: the policy cache's
@@ -185,6 +273,7 @@ int cmg_gateway_main(int argc, char **argv)
         goto out;
     if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0 || drop_root(&gw) < 0)
         goto out;
+    cmg_loop_on_hup(gw.loop, reload, &gw);
     cmg_info("gateway %s instance %u ready: policy version %lld, %zu mapping(s) published",
              gw.cfg.service_name, gw.cfg.instance, (long long)gw.policy->version,
              gw.policy->nmappings);

@@ -224,6 +224,10 @@ enum cmg_cert_state cmg_device_cert(struct cmg_device *d);
 /* Opens the device and tunnel listeners, within the descriptor limit. */
 int cmg_gw_listen(struct cmg_gateway *gw);
 void cmg_gw_listen_close(struct cmg_gateway *gw);
+/* Fits max_connections and the handshake limits into the descriptor limit. */
+int cmg_gw_fit_limits(struct cmg_gateway *gw);
+/* The same after a reload changed the limits; listeners follow the new ones. */
+void cmg_gw_listen_refit(struct cmg_gateway *gw);
 /* A device connection is gone: its source may connect again. */
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src);
 /* A tunnel's handshake is over (authenticated, or the tunnel is gone): frees its slot. */

@@ -164,7 +164,7 @@ void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t)
 
 /* Raises the soft descriptor limit to the hard one, and fits the connection limits
  * into it: an accept that fails for want of a descriptor helps nobody. */
-static int fit_descriptors(struct cmg_gateway *gw)
+int cmg_gw_fit_limits(struct cmg_gateway *gw)
 {
     struct cmg_gw_config *c = &gw->cfg;
     struct rlimit rl;
@@ -238,7 +238,7 @@ int cmg_gw_listen(struct cmg_gateway *gw)
     struct cmg_gw_config *c = &gw->cfg;
     char taddr[300];
 
-    if (fit_descriptors(gw) < 0)
+    if (cmg_gw_fit_limits(gw) < 0)
         return -1;
     for (int i = 0; i < c->nlisten; i++)
         if (add_listener(gw, c->listen[i], 443, false) < 0)
@@ -248,6 +248,13 @@ int cmg_gw_listen(struct cmg_gateway *gw)
     else
         snprintf(taddr, sizeof(taddr), "%s:%u", c->tunnel_listen, c->tunnel_port + c->instance);
     return add_listener(gw, taddr, 0, true);
+}
+
+void cmg_gw_listen_refit(struct cmg_gateway *gw)
+{
+    cmg_gw_fit_limits(gw);
+    if (!gw->accept_paused)
+        set_listening(gw, !devices_full(gw), true);
 }
 
 void cmg_gw_listen_close(struct cmg_gateway *gw)

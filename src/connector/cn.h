@@ -27,6 +27,7 @@
 struct cmg_connector;
 struct cmg_cn_stream;
 struct cmg_upstream;
+struct cmg_cn_lookup;
 
 struct cmg_cn_mapping {
     char role[CMG_ROLE_ID_MAX + 1];
@@ -40,10 +41,11 @@ struct cmg_cn_mapping {
     char ca[PATH_MAX], client_cert[PATH_MAX], client_key[PATH_MAX];
     SSL_CTX *ctx;
     /* a host name that did not resolve: its requests fail with the reason, and it
-     * is looked up again at most once per CMG_CN_RESOLVE_RETRY_MS */
+     * is looked up again, off the loop, at most once per CMG_CN_RESOLVE_RETRY_MS */
     bool unresolved;
     uint64_t resolved_ms;
     char resolve_error[600];
+    struct cmg_cn_lookup *lookup;   /* the lookup under way, or NULL */
     struct cmg_upstream *idle;   /* kept-alive connections, most recent first */
     unsigned nidle;
     /* routes from the site: kept until exit once made (streams may point here) */
@@ -78,6 +80,10 @@ int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err,
 /* Resolves the mapping's host (blocking); a failure is kept in the mapping, not fatal. */
 #define CMG_CN_RESOLVE_RETRY_MS 5000
 void cmg_cn_mapping_resolve(struct cmg_cn_mapping *m, uint64_t now_ms);
+/* lookup.c: the name of m again without blocking the loop (none if one is under way). */
+void cmg_cn_lookup_start(struct cmg_loop *loop, struct cmg_cn_mapping *m);
+/* Before m is freed. */
+void cmg_cn_lookup_cancel(struct cmg_cn_mapping *m);
 
 /* One tunnel per gateway instance, redialled whenever it falls. */
 struct cmg_cn_tunnel {

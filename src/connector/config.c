@@ -270,8 +270,10 @@ int cmg_cn_mapping_set_url(struct cmg_cn_mapping *m, const char *url, char *err,
 
 void cmg_cn_config_free(struct cmg_cn_config *c)
 {
-    for (size_t i = 0; i < c->nmappings; i++)
+    for (size_t i = 0; i < c->nmappings; i++) {
+        cmg_cn_lookup_cancel(&c->mappings[i]);
         SSL_CTX_free(c->mappings[i].ctx);
+    }
     free(c->mappings);
     c->mappings = NULL;
     c->nmappings = 0;

@@ -115,6 +115,7 @@ void cmg_cn_routes_free(struct cmg_connector *cn)
     while (cn->routes) {
         struct cmg_cn_mapping *m = cn->routes;
         cn->routes = m->next;
+        cmg_cn_lookup_cancel(m);
         SSL_CTX_free(m->ctx);
         free(m);
     }

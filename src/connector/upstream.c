@@ -349,17 +349,12 @@ void cmg_cn_mapping_resolve(struct cmg_cn_mapping *m, uint64_t now_ms)
     }
 }
 
-/* A host that did not resolve is looked up again, at most once per
- * CMG_CN_RESOLVE_RETRY_MS (a lookup blocks the loop). */
+/* A host that did not resolve is looked up again, off the loop, at most once per
+ * CMG_CN_RESOLVE_RETRY_MS; this request fails meanwhile. */
 static bool resolved(struct cmg_connector *cn, struct cmg_cn_mapping *m)
 {
-    uint64_t now = cmg_loop_now(cn->loop);
-
-    if (m->unresolved && now - m->resolved_ms >= CMG_CN_RESOLVE_RETRY_MS) {
-        cmg_cn_mapping_resolve(m, now);
-        if (!m->unresolved)
-            cmg_info("role %s: %s resolves now", m->role, m->host);
-    }
+    if (m->unresolved && cmg_loop_now(cn->loop) - m->resolved_ms >= CMG_CN_RESOLVE_RETRY_MS)
+        cmg_cn_lookup_start(cn->loop, m);
     return !m->unresolved;
 }
 

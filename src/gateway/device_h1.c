@@ -578,6 +578,7 @@ static void finish_request(struct cmg_device *d)
     h->error_status = 0;
     h->error_reason = NULL;
     h->paused = false;
+    h->head = false;   /* a refusal before the next request's line must not take it for HEAD */
     cmg_headers_reset(&h->hdrs);
     cmg_buf_reset(&h->url);
     llhttp_resume(&h->parser);

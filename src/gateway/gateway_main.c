@@ -135,6 +135,15 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
     keep_str("user", next->user, now->user, sizeof(next->user));
     keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
     keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
+    /* Policies are accepted for this name, and the local policy was made from this file's
+     * mappings and client_ca at start. */
+    keep_str("service_name", next->service_name, now->service_name, sizeof(next->service_name));
+    keep_str("client_ca", next->client_ca, now->client_ca, sizeof(next->client_ca));
+    if (next->nmappings != now->nmappings ||
+        (now->nmappings &&
+         memcmp(next->mappings, now->mappings, now->nmappings * sizeof(*now->mappings)) != 0))
+        cmg_warn("reload: the [mapping] sections changed: the local policy they make applies at "
+                 "the next start (the site's signed policy, once in force, decides anyway)");
 }
 
 /* SIGHUP: gateway.conf and every certificate and key it names are read again, and

@@ -389,9 +389,9 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
     if (o->site_address && (!o->site_address[0] || strpbrk(o->site_address, " \t/[]@")))
         return site_usage_error("--site-address: '%s' is not a host name or IP address",
                                 o->site_address);
-    if (!o->site_address && (cmg_site_listen_wildcard(o->site_feed ? o->site_feed : "") ||
-                             cmg_site_listen_wildcard(o->site_service ? o->site_service : "")) &&
-        (o->site_feed || o->site_service))
+    if (!o->site_address &&
+        (cmg_site_listen_wildcard(o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED) ||
+         cmg_site_listen_wildcard(o->site_service ? o->site_service : CMG_SITE_DEFAULT_SERVICE)))
         return site_usage_error("%s", "--site-feed or --site-service listens on every address: "
                                       "give --site-address HOST, the name or address "
                                       "connectors reach the site at");

@@ -415,6 +415,10 @@ static int hold_lock(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cannot open %.400s: %s", path, strerror(errno));
         return -1;
     }
+    /* An admin command testing the lock holds it shared for a moment: wait that out. */
+    for (int tries = 0; flock(fd, LOCK_EX | LOCK_NB) < 0 && errno == EWOULDBLOCK && tries < 50;
+         tries++)
+        usleep(10000);
     if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
         int n = (int)read(fd, pid, sizeof(pid) - 1);
         pid[n > 0 ? n : 0] = 0;

@@ -552,7 +552,8 @@ static int site_issue(struct site *s, const struct site_opts *o, int name_is_ip)
         gw.key = s->gw_key;
         gw.eku = CMG_PKI_EKU_SERVER;
         gw.days = SITE_SERVER_DAYS;
-        gw.crl_url = s->crl_url;
+        /* No CRL location on the gateway's own certificate: it would be fetched over TLS
+         * from the very server whose certificate is being checked (RFC 5280 4.2.1.13). */
         if (!(s->gw_cert = cmg_pki_issue(&gw, s->ca_cert, s->ca_key)))
             return -1;
     }
@@ -774,7 +775,7 @@ static int site_write(struct site *s, const struct site_opts *o)
         const char *listen[] = {st.admin, st.service, st.feed, reach};
         cmg_site_reach(st.feed, st.address, reach, sizeof(reach));
         if (cmg_site_init_store(&st, err, sizeof(err)) < 0 ||
-            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, s->crl_url, listen, 4, err,
+            cmg_site_channel_cert(s->dir, s->ca_cert, s->ca_key, NULL, listen, 4, err,
                                   sizeof(err)) < 0) {
             fprintf(stderr, "cmg site init: %s\n", err);
             return -1;

@@ -353,7 +353,7 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
 
     /* Connectors on other hosts check the name they reach the site at. */
     cmg_site_reach(listen[1], ctx->connector_address, reach, sizeof(reach));
-    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, ctx->crl_url, names, 4, err,
+    if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, NULL, names, 4, err,
                               errlen) < 0)
         return -1;
     if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||

@@ -147,17 +147,19 @@ def test_no_crl_in_the_policy_is_404(site, gateway, tmp_path):
 
 
 def test_certificates_name_the_crl_url(dep, tmp_path):
-    """Every certificate that 'site init' and later commands issue names the gateway's
-    CRL URL (its device port; the CA, the trust anchor, names none)."""
+    """Every client certificate that 'site init' and later commands issue names the
+    gateway's CRL URL (its device port). The CA (the trust anchor) names none, nor do the
+    server certificates: the gateway's and the site's would send a client checking them
+    to fetch the CRL over TLS from the server being checked."""
     d = dep.site.dir
     url = f'https://{dep.site.name}:{dep.site.port}{CRL_PATH}'
     dep.cmg_site('connector', 'add', 'c2')
     dep.cmg_site('cert', 'issue', '--device', 'lab2')
-    for crt in ('gateway.crt', 'connector.crt', 'site.crt', 'devices/device1.crt',
-                'connectors/c2.crt', 'devices/lab2.crt'):
+    for crt in ('connector.crt', 'devices/device1.crt', 'connectors/c2.crt', 'devices/lab2.crt'):
         text = cert_text(d / crt)
         assert 'X509v3 CRL Distribution Points' in text and f'URI:{url}\n' in text, (crt, text)
-    assert 'CRL Distribution Points' not in cert_text(d / 'ca.crt')
+    for crt in ('ca.crt', 'gateway.crt', 'site.crt'):
+        assert 'CRL Distribution Points' not in cert_text(d / crt), crt
     # the URL served is the one named
     r = subprocess.run(['curl', '-sS', '--resolve', f'{dep.site.name}:{dep.site.port}:127.0.0.1',
                         '--cacert', str(dep.site.ca), '-o', '/dev/null', '-w', '%{http_code}',

@@ -13,6 +13,7 @@
 #include "http/httpd.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
+#include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/policy_build.h"
 #include "site/register.h"
@@ -129,6 +130,11 @@ void cmg_site_server_changed(struct cmg_site_server *srv)
 
     if (v > srv->version)
         publish(srv);
+}
+
+static void on_oidc_keys_changed(void *srv)
+{
+    cmg_site_server_changed(srv);
 }
 
 static void bump_version(struct cmg_site_server *srv)
@@ -403,12 +409,15 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
+    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
+        goto out;
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
              listen[1], listen[2], (long long)srv.version);
     rc = cmg_loop_run(srv.loop) < 0 ? 1 : 0;
     cmg_info("site stopped");
 out:
+    cmg_oidc_refresher_free(srv.oidc);
     cmg_httpd_free(srv.admin);
     cmg_httpd_free(srv.feed);
     cmg_httpd_free(srv.service);

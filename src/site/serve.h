@@ -12,6 +12,7 @@
 
 struct cmg_httpd;
 struct feed_waiter;
+struct cmg_oidc_refresher;
 
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
@@ -25,6 +26,7 @@ struct cmg_site_server {
     int64_t data_version;
     struct cmg_timer poll;
     struct feed_waiter *waiters;
+    struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
 };
 
 /* argv[0] is "serve". Returns the exit status. */

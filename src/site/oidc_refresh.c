@@ -237,8 +237,8 @@ struct cmg_oidc_refresher {
     size_t answer_len;
     char *source;            /* discovery or JWKS URL + roots of the fetch under way */
     char *url;               /* the URL named in logs */
-    uint64_t started_ms;     /* the last fetch's start */
-    bool ever_started;
+    uint64_t kid_refresh_ms; /* when the last unknown-kid refresh was due */
+    bool kid_refreshed;
     bool failing;
     char last_error[768];
     uint64_t error_logged_ms;
@@ -529,8 +529,6 @@ static void on_next(struct cmg_timer *t)
     free(r->url);
     r->source = source_key(&o);
     r->url = strdup(o.discovery && *o.discovery ? o.discovery : o.jwks_uri);
-    r->started_ms = cmg_loop_now(r->loop);
-    r->ever_started = true;
     if (!r->source || !r->url || start_fetch(r, &o) < 0) {
         char why[128];
         snprintf(why, sizeof(why), "cannot start the fetch process: %s", strerror(errno));
@@ -557,19 +555,50 @@ struct cmg_oidc_refresher *cmg_oidc_refresher_new(struct cmg_loop *loop,
     return r;
 }
 
+/* Worth a refresh: a plain key id that the keys in force lack, of keys that can be
+ * refreshed. */
+static bool kid_worth_a_refresh(struct cmg_oidc_refresher *r, const char *kid)
+{
+    struct cmg_oidc_conf o;
+    size_t n = strlen(kid);
+    cJSON *doc = NULL;
+    const cJSON *k;
+    bool worth = false;
+
+    if (n == 0 || n > 128 || strspn(kid, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789-_.=+/:~") != n)
+        return false;
+    if (cmg_store_oidc_get(r->ctx->store, &o) != 0)
+        return false;
+    if (refreshable(&o) && (doc = cJSON_Parse(o.jwks ? o.jwks : "{}"))) {
+        worth = true;
+        cJSON_ArrayForEach(k, cJSON_GetObjectItemCaseSensitive(doc, "keys")) {
+            const char *have = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(k, "kid"));
+            worth = worth && !(have && !strcmp(have, kid));
+        }
+    }
+    cJSON_Delete(doc);
+    cmg_oidc_conf_free(&o);
+    return worth;
+}
+
 void cmg_oidc_refresher_unknown_kid(struct cmg_oidc_refresher *r, const char *kid)
 {
-    uint64_t now = cmg_loop_now(r->loop), at = 0;
-    uint64_t gap = (uint64_t)KID_REFRESH_GAP_S * 1000;
+    uint64_t now, at = 0, gap = (uint64_t)KID_REFRESH_GAP_S * 1000;
 
-    if (r->child > 0)
+    if (!r || r->child > 0)
         return;   /* a fetch is under way */
-    if (r->ever_started && now - r->started_ms < gap)
-        at = r->started_ms + gap - now;
+    now = cmg_loop_now(r->loop);
+    if (r->kid_refreshed && now - r->kid_refresh_ms < gap)
+        at = r->kid_refresh_ms + gap - now;
     if (cmg_timer_armed(&r->next) && r->next.when <= now + at)
         return;   /* due sooner anyway */
-    cmg_info("OIDC keys: a gateway saw a token signed with key id %s, which the policy "
-             "lacks: refreshing in %llu s", kid, (unsigned long long)(at / 1000));
+    if (!kid_worth_a_refresh(r, kid))
+        return;   /* a gateway behind on the policy, or no URL to refresh from */
+    cmg_info("OIDC keys: a gateway saw a token signed with key id %s, which the keys in "
+             "force lack: refreshing in %llu s", kid, (unsigned long long)(at / 1000));
+    r->kid_refresh_ms = now + at;
+    r->kid_refreshed = true;
     schedule(r, at);
 }
 

@@ -260,8 +260,11 @@ static void on_feed(void *user, struct cmg_httpd_req *req)
         cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N only");
         return;
     }
-    if (connector_allowed(srv, req, "policy feed"))
-        feed(srv, req);
+    if (!connector_allowed(srv, req, "policy feed"))
+        return;
+    if (cmg_httpd_header(req, "CMG-Unknown-Kid"))   /* a gateway's report, carried up */
+        cmg_oidc_refresher_unknown_kid(srv->oidc, cmg_httpd_header(req, "CMG-Unknown-Kid"));
+    feed(srv, req);
 }
 
 /* The registration service: its callers are connectors (mutual TLS), so the

@@ -246,3 +246,35 @@ def test_discovery_errors_are_clear(dep, provider, tmp_path):
     assert r.returncode != 0 and 'PEM' in r.stderr, r.stderr
     r = dep.cmg_site('oidc', 'set', '--audience', IdP.AUDIENCE, check=False)
     assert r.returncode == 2 and '--discovery' in r.stderr, r.stderr
+
+
+def test_an_unknown_kid_at_a_gateway_refreshes_at_once(procs, tmp_path, svc, provider):
+    """With an hourly schedule, the gateway's report of a token's unknown key id (up its
+    tunnel, on through the connector's mutual-TLS feed) makes the site refresh at once;
+    more unknown kids within the minute reach the provider no more."""
+    dep = deployment(procs, tmp_path, svc, refresh=3600)
+    v = dep.policy_version()
+    oidc_set(dep, provider)
+    dep.wait_policy(after=v)
+    assert status(dep, provider.token('key-A')) == 200
+    provider.rotate('key-B')
+    hits = provider.jwks_hits
+    token_b = provider.token('key-B')
+    start = time.monotonic()
+    assert status(dep, token_b) == 401       # not yet: the report goes up
+    poll(lambda: status(dep, token_b) == 200, 10 * SLOW, 'a token of key B accepted',
+         interval=0.2, check=dep.procs.check)
+    print(f'key B accepted {time.monotonic() - start:.1f} s after its first token')
+    assert 'reported to the site through 1 tunnel' in dep.gateway[0].log_text()
+    assert 'key id key-B' in dep.connector.log_text()
+    log = site_log(dep)
+    assert 'a gateway saw a token signed with key id key-B' in log, log
+    assert 'added kid key-B, removed kid key-A' in log, log
+    assert provider.jwks_hits == hits + 1
+    # Tokens with made-up key ids: refused, and the provider is not asked again.
+    for i in range(20):
+        forged = sign_jwt(provider.keys['key-B'], IdP.claims(IdP), kid=f'made-up-{i}')
+        assert status(dep, forged) == 401
+    time.sleep(2)
+    assert provider.jwks_hits == hits + 1
+    assert 'made-up' not in site_log(dep)

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -193,9 +194,9 @@ static void write_all(int fd, const char *p, size_t n)
 }
 
 /* The child: fetches, writes its answer (a JSON object: the keys, or "error") to fd,
- * exits. It holds none of the site's descriptors, and dies by itself if the site
- * forgot it. */
-static void child_main(const struct cmg_oidc_source *src, int fd)
+ * exits. It holds none of the site's descriptors, and dies with the site or by itself
+ * if the site forgot it. */
+static void child_main(const struct cmg_oidc_source *src, int fd, pid_t site)
 {
     struct cmg_oidc_fetched f;
     sigset_t none;
@@ -203,6 +204,9 @@ static void child_main(const struct cmg_oidc_source *src, int fd)
     cJSON *o = cJSON_CreateObject();
     char *text;
 
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != site)
+        _exit(1);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     signal(SIGALRM, SIG_DFL);
@@ -242,6 +246,7 @@ struct cmg_oidc_refresher {
     bool failing;
     char last_error[768];
     uint64_t error_logged_ms;
+    time_t last_ok;          /* the last fetch that worked; 0: none yet */
 };
 
 #define OF(type, member, p) ((type *)((char *)(p) - offsetof(type, member)))
@@ -421,6 +426,7 @@ static void apply(struct cmg_oidc_refresher *r)
         cmg_info("OIDC keys: refresh from %s works again", r->url);
     r->failing = false;
     r->last_error[0] = '\0';
+    r->last_ok = time(NULL);
     schedule(r, fresh * 1000);
     if (rc == 1 && r->changed)
         r->changed(r->arg);
@@ -490,8 +496,8 @@ static int start_fetch(struct cmg_oidc_refresher *r, const struct cmg_oidc_conf 
     struct cmg_oidc_source src = {
         .discovery = o->discovery, .jwks_uri = o->jwks_uri,
         .ca_pem = o->ca && *o->ca ? o->ca : NULL, .issuer = o->issuer};
+    pid_t pid, site = getpid();
     int p[2];
-    pid_t pid;
 
     if (pipe2(p, O_CLOEXEC) < 0)
         return -1;
@@ -501,7 +507,7 @@ static int start_fetch(struct cmg_oidc_refresher *r, const struct cmg_oidc_conf 
         return -1;
     }
     if (pid == 0)
-        child_main(&src, p[1]);
+        child_main(&src, p[1], site);
     close(p[1]);
     fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK);
     r->child = pid;
@@ -600,6 +606,19 @@ void cmg_oidc_refresher_unknown_kid(struct cmg_oidc_refresher *r, const char *ki
     r->kid_refresh_ms = now + at;
     r->kid_refreshed = true;
     schedule(r, at);
+}
+
+cJSON *cmg_oidc_refresher_status(const struct cmg_oidc_refresher *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    uint64_t now = cmg_loop_now(r->loop);
+    uint64_t next = cmg_timer_armed(&r->next) && r->next.when > now ? r->next.when - now : 0;
+
+    cJSON_AddBoolToObject(o, "fetching", r->child > 0);
+    cJSON_AddNumberToObject(o, "next_in", r->child > 0 ? 0 : (double)((next + 999) / 1000));
+    cJSON_AddNumberToObject(o, "last_ok", (double)r->last_ok);
+    cJSON_AddStringToObject(o, "last_error", r->failing ? r->last_error : "");
+    return o;
 }
 
 void cmg_oidc_refresher_free(struct cmg_oidc_refresher *r)

@@ -51,6 +51,9 @@ struct cmg_oidc_refresher *cmg_oidc_refresher_new(struct cmg_loop *loop,
                                                   void (*changed)(void *arg), void *arg);
 /* A gateway saw a token of the issuer signed with key id kid, which the policy lacks. */
 void cmg_oidc_refresher_unknown_kid(struct cmg_oidc_refresher *r, const char *kid);
+/* For the admin API's status: {"fetching", "next_in" (s), "last_ok" (Unix time, 0:
+ * never), "last_error" ("" unless the last fetch failed)}. */
+cJSON *cmg_oidc_refresher_status(const struct cmg_oidc_refresher *r);
 /* Stops a fetch in progress (its process is killed and reaped). */
 void cmg_oidc_refresher_free(struct cmg_oidc_refresher *r);
 

@@ -57,6 +57,10 @@ static const char usage[] =
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
     "'cert', 'oidc', 'connector') while it runs are signed into a new policy within\n"
     "a second and reach every gateway through the connectors.\n"
+    "The OIDC issuer's keys ('cmg site oidc set --discovery URL' or '--jwks URL') are\n"
+    "fetched again every oidc_refresh seconds of site.conf (default 3600; the\n"
+    "provider's cache headers within 5 min..24 h), and at once when a gateway reports\n"
+    "a token with an unknown key id; new keys are published at once.\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -298,6 +302,7 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
         for (struct feed_waiter *w = srv->waiters; w; w = w->next)
             n++;
         cJSON_AddNumberToObject(o, "connectors_waiting", n);
+        cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
         cmg_httpd_json(req, 200, o);
     } else if (post && !strncmp(req->target, "/v1/ops/", 8)) {
         run_op(srv, req, req->target + 8);

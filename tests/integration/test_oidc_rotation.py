@@ -149,22 +149,25 @@ def test_rotation_at_the_provider_needs_no_admin(dep, provider, svc):
 
     # The provider rotates: key A gone, key B in; its cache headers say 3 s.
     provider.headers = {'Cache-Control': 'public, max-age=3'}
+    key_a = provider.keys['key-A']
     provider.rotate('key-B')
-    token_b = provider.token('key-B')
     start = time.monotonic()
-    poll(lambda: status(dep, token_b) == 200, 70 * SLOW, 'a token of key B accepted',
-         interval=0.2, check=dep.procs.check)
+    # No token of key B is shown before the site has it: the schedule alone finds it.
+    poll(lambda: 'added kid key-B' in site_log(dep), 70 * SLOW, 'the site to fetch key B',
+         interval=0.1, check=dep.procs.check)
+    token_b = provider.token('key-B')
+    poll(lambda: status(dep, token_b) == 200, 10 * SLOW, 'a token of key B accepted',
+         interval=0.1, check=dep.procs.check)
     took = time.monotonic() - start
     print(f'key B accepted {took:.1f} s after the rotation')
     assert took < 70
     log = site_log(dep)
     assert 'added kid key-B, removed kid key-A' in log, log
     assert 'next refresh in 3 s' in log, log          # the provider's max-age, honoured
+    assert 'a gateway saw a token' not in log, log
     # Key A is no longer trusted: its tokens are refused, nothing forwarded.
     before = svc.count
-    old = sign_jwt(rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                   IdP.claims(IdP), kid='key-A')
-    assert status(dep, old) == 401
+    assert status(dep, sign_jwt(key_a, IdP.claims(IdP), kid='key-A')) == 401
     assert svc.count == before
     assert 'key-B' in dep.cmg_site('oidc', 'show').stdout
 
@@ -185,6 +188,7 @@ def test_a_failing_provider_leaves_the_last_good_keys(dep, provider, mode, why):
          interval=0.1, check=dep.procs.check)
     line = [ln for ln in site_log(dep).splitlines() if 'cannot refresh from' in ln][0]
     assert provider.discovery in line and 'the keys in force stay' in line, line
+    assert why in dep.api('GET', '/v1/status')['oidc_refresh']['last_error']
     # Retried (every 30 s, or the configured interval when shorter).
     poll(lambda: provider.jwks_hits >= hits + 3, 10 * REFRESH * SLOW, 'retries',
          interval=0.1, check=dep.procs.check)
@@ -195,6 +199,8 @@ def test_a_failing_provider_leaves_the_last_good_keys(dep, provider, mode, why):
     poll(lambda: status(dep, provider.token('key-C')) == 200, 10 * REFRESH * SLOW,
          'key C accepted', interval=0.2, check=dep.procs.check)
     assert 'works again' in site_log(dep)
+    state = dep.api('GET', '/v1/status')['oidc_refresh']
+    assert state['last_error'] == '' and state['last_ok'] > time.time() - 60, state
 
 
 def test_a_hanging_provider_does_not_stall_the_site(dep, provider):
@@ -253,6 +259,9 @@ def test_an_unknown_kid_at_a_gateway_refreshes_at_once(procs, tmp_path, svc, pro
     tunnel, on through the connector's mutual-TLS feed) makes the site refresh at once;
     more unknown kids within the minute reach the provider no more."""
     dep = deployment(procs, tmp_path, svc, refresh=3600)
+    # The refresh a second after start has found nothing to follow: the next is an hour away.
+    poll(lambda: dep.api('GET', '/v1/status')['oidc_refresh']['next_in'] > 60, 5 * SLOW,
+         'the first refresh', check=dep.procs.check)
     v = dep.policy_version()
     oidc_set(dep, provider)
     dep.wait_policy(after=v)

@@ -287,3 +287,36 @@ def test_an_unknown_kid_at_a_gateway_refreshes_at_once(procs, tmp_path, svc, pro
     time.sleep(2)
     assert provider.jwks_hits == hits + 1
     assert 'made-up' not in site_log(dep)
+
+
+def test_cache_headers_set_the_next_refresh_within_bounds(dep, provider):
+    """Cache-Control no-store: the lower bound (here oidc_refresh itself, 2 s); Expires
+    minus Date: as said; max-age over a day: a day."""
+    from email.utils import formatdate
+    v = dep.policy_version()
+    oidc_set(dep, provider)
+    dep.wait_policy(after=v)
+
+    def rotate_and_read(kid, headers):
+        provider.headers = headers
+        provider.rotate(kid)
+        line = poll(lambda: ([ln for ln in site_log(dep).splitlines()
+                              if f'added kid {kid}' in ln] or [None])[0],
+                    10 * REFRESH * SLOW, f'the site to fetch {kid}', interval=0.1,
+                    check=dep.procs.check)
+        return int(line.rsplit('next refresh in ', 1)[1].split()[0])
+
+    assert rotate_and_read('key-N', {'Cache-Control': 'no-store'}) == REFRESH
+    expires = rotate_and_read('key-E', {'Expires': formatdate(time.time() + 40, usegmt=True)})
+    assert 38 <= expires <= 41, expires
+    # Expires in 40 s holds the next scheduled refresh back ...
+    provider.headers = {'Cache-Control': 'max-age=999999'}
+    provider.rotate('key-M')
+    time.sleep(3 * REFRESH)
+    assert 'added kid key-M' not in site_log(dep)
+    # ... until a gateway reports key M; the provider's "999999 s" is held to a day.
+    status(dep, provider.token('key-M'))
+    line = poll(lambda: ([ln for ln in site_log(dep).splitlines() if 'added kid key-M' in ln]
+                         or [None])[0], 10 * SLOW, 'the site to fetch key M', interval=0.1,
+                check=dep.procs.check)
+    assert 'next refresh in 86400 s' in line, line

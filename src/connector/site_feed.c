@@ -9,6 +9,7 @@
  * disk, which a restart serves from while the site is down. A site that cannot be
  * reached is retried with back-off; the connector meanwhile serves with what it
  * has, and warns once the policy in force is older than max_policy_age. */
+#include "auth/jwk.h"
 #include "auth/jws.h"
 #include "auth/policy.h"
 #include "connector/cn.h"
@@ -376,13 +377,11 @@ void cmg_site_feed_unknown_kid(struct cmg_connector *cn, const char *kid)
 {
     struct cmg_site_feed *f = cn->feed;
     uint64_t now = cmg_loop_now(cn->loop);
-    size_t n = strlen(kid);
 
-    if (!f || n == 0 || n >= sizeof(f->unknown_kid) ||
-        strspn(kid, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.=+/:~") != n ||
+    if (!f || !cmg_jwk_kid_plain(kid) ||
         (f->kid_reported_ms && now - f->kid_reported_ms < KID_REPORT_GAP_MS))
         return;
-    memcpy(f->unknown_kid, kid, n + 1);
+    snprintf(f->unknown_kid, sizeof(f->unknown_kid), "%s", kid);
     f->kid_reported_ms = now;
     cmg_info("a gateway saw an OIDC token signed with key id %s, unknown to the policy: "
              "telling site %s", kid, f->authority);

@@ -172,20 +172,6 @@ static void on_control_data(struct cmg_tunnel *t, const uint8_t *data, size_t le
 
 /* ---- reports up the tunnel ---- */
 
-/* A key id fit to travel in a header and a log line: base64url, base64 and the like. */
-static bool plain_kid(const char *kid)
-{
-    size_t n = strlen(kid);
-
-    if (n == 0 || n > 128)
-        return false;
-    for (const char *c = kid; *c; c++)
-        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
-              strchr("-_.=+/:~", *c)))
-            return false;
-    return true;
-}
-
 void cmg_tunnel_report_unknown_kid(struct cmg_gateway *gw, const char *kid)
 {
     uint64_t now = cmg_loop_now(gw->loop);
@@ -199,7 +185,7 @@ void cmg_tunnel_report_unknown_kid(struct cmg_gateway *gw, const char *kid)
     };
     int n = 0;
 
-    if (!plain_kid(kid) || (gw->kid_reported_ms && now - gw->kid_reported_ms < CMG_UNKNOWN_KID_GAP_MS))
+    if (!cmg_jwk_kid_plain(kid) || (gw->kid_reported_ms && now - gw->kid_reported_ms < CMG_UNKNOWN_KID_GAP_MS))
         return;
     for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
         if (!t->ready || t->dead || !t->h2 ||

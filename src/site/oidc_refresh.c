@@ -566,13 +566,11 @@ struct cmg_oidc_refresher *cmg_oidc_refresher_new(struct cmg_loop *loop,
 static bool kid_worth_a_refresh(struct cmg_oidc_refresher *r, const char *kid)
 {
     struct cmg_oidc_conf o;
-    size_t n = strlen(kid);
     cJSON *doc = NULL;
     const cJSON *k;
     bool worth = false;
 
-    if (n == 0 || n > 128 || strspn(kid, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                         "0123456789-_.=+/:~") != n)
+    if (!cmg_jwk_kid_plain(kid))
         return false;
     if (cmg_store_oidc_get(r->ctx->store, &o) != 0)
         return false;

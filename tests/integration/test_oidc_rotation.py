@@ -20,11 +20,18 @@ from sitetest import Deployment, IdP, public_jwk, sign_jwt
 REFRESH = 2      # site.conf oidc_refresh in these tests, seconds
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass   # clients that the site killed mid-answer are expected here
+
+
 class Provider:
     """An OIDC provider on loopback over HTTPS (a certificate of its own CA): its discovery
     document names its issuer and jwks_uri; `keys` are what the JWKS URL serves, `mode`
-    makes it fail ('down': 503, 'garbage': not JSON, 'empty': no usable key, 'hang': the
-    answer never comes), `headers` are added to the JWKS answer."""
+    makes it fail ('down': 503, 'garbage': not JSON, 'empty': no usable key, 'huge': a
+    3 MiB key set, 'hang': the answer never comes), `headers` are added to the JWKS answer."""
 
     def __init__(self, tmp):
         ca_cert, ca_key, (self.ca, _) = make_cert(tmp / 'idp-ca', 'Test IdP CA', ca=True)
@@ -45,8 +52,7 @@ class Provider:
             def do_GET(self):
                 provider.serve(self)
 
-        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = QuietServer(('127.0.0.1', 0), Handler)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(crt, key)
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
@@ -83,6 +89,8 @@ class Provider:
             return self.answer(h, 200, b'<html>not a key set</html>')
         if self.mode == 'empty':
             return self.answer(h, 200, b'{"keys":[]}')
+        if self.mode == 'huge':
+            return self.answer(h, 200, b'{"keys":[' + b' ' * (3 << 20) + b']}')
         if self.mode == 'hang':
             self.hanging.set()
             self.release.wait(60)
@@ -174,7 +182,8 @@ def test_rotation_at_the_provider_needs_no_admin(dep, provider, svc):
 
 @pytest.mark.parametrize('mode,why', [('down', 'HTTP status 503, expected 200'),
                                       ('garbage', 'is not a JSON object'),
-                                      ('empty', 'no usable key')])
+                                      ('empty', 'no usable key'),
+                                      ('huge', 'response body larger than 1048576 bytes')])
 def test_a_failing_provider_leaves_the_last_good_keys(dep, provider, mode, why):
     v = dep.policy_version()
     oidc_set(dep, provider)

@@ -403,3 +403,12 @@ out:
     pub_parts_free(&p);
     return ret;
 }
+
+bool cmg_jwk_kid_plain(const char *kid)
+{
+    size_t n = strlen(kid);
+
+    return n > 0 && n <= 128 &&
+           strspn(kid, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                       "-_.=+/:~") == n;
+}

@@ -44,6 +44,9 @@ const struct cmg_jwk *cmg_jwks_find(const struct cmg_jwks *s, const char *kid);
 cJSON *cmg_jwk_public(EVP_PKEY *pkey, const char *kid);
 /* RFC 7638 thumbprint of the public key, base64url: a stable kid for a key. */
 int cmg_jwk_thumbprint(EVP_PKEY *pkey, char out[44]);
+/* A key id fit to travel in a header and a log line (1..128 of letters, digits and
+ * "-_.=+/:~", as base64url and base64 kids are). */
+bool cmg_jwk_kid_plain(const char *kid);
 /* An EC key on P-256, the only curve ES256 allows. */
 bool cmg_jwk_is_p256(EVP_PKEY *pk);
 

@@ -24,6 +24,7 @@
 
 #include <llhttp.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -389,6 +390,29 @@ static int readable(struct fetch *f, const char *what, const char *path)
     return fail(f, CMG_FETCH_ELOCAL, "cannot load the %s %s: %s", what, path, strerror(errno));
 }
 
+/* Adds the PEM certificates of pem (at least one) to the context's roots. */
+static int load_pem_roots(SSL_CTX *ctx, const char *pem)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    X509 *x;
+    int n = 0, rc = -1;
+
+    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        if (X509_STORE_add_cert(store, x) != 1) {
+            X509_free(x);
+            goto out;
+        }
+        X509_free(x);
+        n++;
+    }
+    rc = n > 0 ? 0 : -1;
+out:
+    ERR_clear_error();
+    BIO_free(bio);
+    return rc;
+}
+
 static int tls_context(struct fetch *f)
 {
     const struct cmg_fetch_req *req = f->req;
@@ -407,8 +431,12 @@ static int tls_context(struct fetch *f)
     /* A close without close_notify ends the stream; llhttp judges whether the response
      * was complete. */
     SSL_CTX_set_options(f->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
-    if (req->ca_file ? SSL_CTX_load_verify_locations(f->ctx, req->ca_file, NULL) != 1
-                     : SSL_CTX_set_default_verify_paths(f->ctx) != 1) {
+    if (req->ca_pem && !req->ca_file) {
+        if (load_pem_roots(f->ctx, req->ca_pem) < 0)
+            return fail(f, CMG_FETCH_ELOCAL, "the CA certificates given hold no PEM "
+                                              "certificate");
+    } else if (req->ca_file ? SSL_CTX_load_verify_locations(f->ctx, req->ca_file, NULL) != 1
+                            : SSL_CTX_set_default_verify_paths(f->ctx) != 1) {
         ssl_reasons(why, sizeof(why));
         return fail(f, CMG_FETCH_ELOCAL, "cannot load the CA file %s: %s",
                     req->ca_file ? req->ca_file : "(system default)", why);

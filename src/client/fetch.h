@@ -43,7 +43,9 @@ struct cmg_fetch_req {
     const char *method;       /* NULL: "GET" */
     const char *server_name;  /* TLS name to expect (SNI and certificate check) and the
                                  Host header; NULL: the host of the URL or address */
-    const char *ca_file;      /* roots for the server certificate; NULL: system defaults */
+    const char *ca_file;      /* roots for the server certificate; NULL: ca_pem, else the
+                                 system defaults */
+    const char *ca_pem;       /* the roots as PEM text, when ca_file is NULL */
     /* Optional client certificate: PEM files (cert_file may hold the chain; key_file NULL:
      * the key is in cert_file), or an in-memory pair (not taken over). */
     const char *cert_file, *key_file;

@@ -135,6 +135,9 @@ void cmg_cn_tunnel_announce(struct cmg_cn_tunnel *t);
 /* The site feed (site_feed.c): long-polls the site for the policy and routes. */
 int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen);
 void cmg_site_feed_stop(struct cmg_connector *cn);
+/* A gateway saw an OIDC token signed with a key id the policy lacks: tell the site (the
+ * feed asks again at once with the report; at most once a minute). */
+void cmg_site_feed_unknown_kid(struct cmg_connector *cn, const char *kid);
 
 /* A request that a gateway opened on a tunnel. */
 struct cmg_cn_stream {

@@ -9,6 +9,7 @@
  * disk, which a restart serves from while the site is down. A site that cannot be
  * reached is retried with back-off; the connector meanwhile serves with what it
  * has, and warns once the policy in force is older than max_policy_age. */
+#include "auth/jwk.h"
 #include "auth/jws.h"
 #include "auth/policy.h"
 #include "connector/cn.h"
@@ -29,6 +30,7 @@
 #define FEED_MAX_BODY (8u * 1024 * 1024)
 #define RETRY_MIN_MS 500
 #define RETRY_MAX_MS 15000
+#define KID_REPORT_GAP_MS 60000
 
 struct cmg_site_feed {
     struct cmg_connector *cn;
@@ -46,6 +48,8 @@ struct cmg_site_feed {
     bool failing;             /* logged once until it works again */
     uint32_t retry_ms;
     struct cmg_timer timer;
+    char unknown_kid[129];    /* a gateway's report, sent with the next feed request */
+    uint64_t kid_reported_ms;
 };
 
 static void request(struct cmg_site_feed *f);
@@ -327,11 +331,14 @@ static void on_open(struct cmg_conn *c)
 
     if (cmg_buf_printf(&c->out,
                        "GET %s/v1/connector/feed?after=%lld HTTP/1.1\r\nHost: %s\r\n"
-                       "Connection: close\r\n\r\n",
-                       f->path_prefix, (long long)f->cn->policy_version, f->authority) < 0) {
+                       "%s%s%sConnection: close\r\n\r\n",
+                       f->path_prefix, (long long)f->cn->policy_version, f->authority,
+                       f->unknown_kid[0] ? "CMG-Unknown-Kid: " : "", f->unknown_kid,
+                       f->unknown_kid[0] ? "\r\n" : "") < 0) {
         retry(f, "out of memory");
         return;
     }
+    f->unknown_kid[0] = '\0';
     cmg_conn_flush(c);
     cmg_conn_want_read(c, true);
 }
@@ -364,6 +371,24 @@ static void request(struct cmg_site_feed *f)
         return;
     }
     cmg_timer_start(f->cn->loop, &f->timer, FEED_TIMEOUT_MS, on_timeout);
+}
+
+void cmg_site_feed_unknown_kid(struct cmg_connector *cn, const char *kid)
+{
+    struct cmg_site_feed *f = cn->feed;
+    uint64_t now = cmg_loop_now(cn->loop);
+
+    if (!f || !cmg_jwk_kid_plain(kid) ||
+        (f->kid_reported_ms && now - f->kid_reported_ms < KID_REPORT_GAP_MS))
+        return;
+    snprintf(f->unknown_kid, sizeof(f->unknown_kid), "%s", kid);
+    f->kid_reported_ms = now;
+    cmg_info("a gateway saw an OIDC token signed with key id %s, unknown to the policy: "
+             "telling site %s", kid, f->authority);
+    if (f->busy && !f->failing) {   /* the long poll waits: ask again now, with the report */
+        finish(f);
+        request(f);
+    }
 }
 
 /* "host:port" or "[v6]:port" -> host, for SNI. */

@@ -16,6 +16,7 @@
 #define MAX_STREAMS 4096
 #define BACKOFF_MIN_MS 250
 #define CONTROL_PATH "/.cmg/control"
+#define UNKNOWN_KID_PATH "/.cmg/oidc-unknown-kid"   /* a gateway's report, for the site */
 #define TUNNEL_ALPN "cmg-tunnel/1"
 
 #define TUNNEL_OF(p, field) \
@@ -286,6 +287,13 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     }
     if (!strcmp(st->path, CONTROL_PATH)) {
         open_control(t, st);
+        return;
+    }
+    if (!strcmp(st->path, UNKNOWN_KID_PATH)) {
+        int i = cmg_headers_find(&st->hdrs, "cmg-kid");
+        if (i >= 0)
+            cmg_site_feed_unknown_kid(t->cn, cmg_headers_value(&st->hdrs, (uint32_t)i));
+        answer(st, 204, "");
         return;
     }
     /* The gateway checked the target; we check again rather than trust it. */

@@ -191,10 +191,12 @@ static bool blocked_as(const struct cmg_policy *p, const char *kind, const char 
            cmg_policy_device_blocked(p, key);
 }
 
-static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const struct cmg_jws *j,
-                      struct cmg_identity *id, const char **reason, int64_t now)
+static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_policy_mapping *m,
+                      const struct cmg_jws *j, struct cmg_identity *id, const char **reason,
+                      int64_t now)
 {
-    const struct cmg_jwk *key = cmg_jwks_find(&p->oidc_keys, cmg_jws_header_str(j, "kid"));
+    const char *kid = cmg_jws_header_str(j, "kid");
+    const struct cmg_jwk *key = cmg_jwks_find(&p->oidc_keys, kid);
     const char *tid = cmg_jwt_str(j->payload, "tid"), *name;
     const cJSON *aud = cJSON_GetObjectItemCaseSensitive(j->payload, "aud"), *a;
     bool aud_ok = false;
@@ -204,6 +206,8 @@ static int oidc_token(struct cmg_policy *p, struct cmg_policy_mapping *m, const 
         *reason = "CMGService_Auth_Mode_Not_Allowed";
         return 403;
     }
+    if (!key && kid)   /* the provider may have rotated its keys: the site refreshes them */
+        cmg_tunnel_report_unknown_kid(gw, kid);
     if (!key || cmg_jws_verify(j, key) < 0)
         return 401;
     if (p->oidc_tenant[0] && (!tid || strcmp(tid, p->oidc_tenant))) {
@@ -312,7 +316,7 @@ static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
         rc = site_token(d, p, m, path, &j, id, reason, now);
     else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
-        rc = oidc_token(p, m, &j, id, reason, now);
+        rc = oidc_token(d->gw, p, m, &j, id, reason, now);
     exp = cmg_jwt_time(j.payload, "exp");
     if (rc == 0 && exp > 0)
         remember(d, tok, len, m, reg, exp + p->clock_skew, id);

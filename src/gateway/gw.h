@@ -19,6 +19,11 @@
 
 #define CMG_TUNNEL_ALPN "cmg-tunnel/1"
 #define CMG_CONTROL_PATH "/.cmg/control"
+/* A report up the tunnels: a device showed an OIDC token of the policy's issuer signed
+ * with a key id the policy lacks (field cmg-kid); the connector passes it to the site,
+ * which then refreshes the issuer's keys at once. */
+#define CMG_UNKNOWN_KID_PATH "/.cmg/oidc-unknown-kid"
+#define CMG_UNKNOWN_KID_GAP_MS 60000   /* at most one report per gateway this often */
 #define CMG_TUNNEL_MAX_ROLES 4096
 /* Request bytes buffered per exchange before the device is paused. (A response's are
  * bounded by the tunnel's stream window, CMG_TUNNEL_STREAM_WINDOW.) */
@@ -72,6 +77,7 @@ struct cmg_gateway {
     uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
     bool budget_logged;             /* this time was logged: so is its end */
     struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
+    uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -178,6 +184,9 @@ struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_map
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
 void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
 void cmg_tunnel_close_all(struct cmg_gateway *gw);
+/* Reports an OIDC key id the policy lacks up every ready tunnel, at most once per
+ * CMG_UNKNOWN_KID_GAP_MS; kid must be a plain token (checked here). */
+void cmg_tunnel_report_unknown_kid(struct cmg_gateway *gw, const char *kid);
 /* Closes the tunnels of connectors that the policy in force revoked (from the loop). */
 void cmg_tunnel_close_revoked(struct cmg_gateway *gw);
 

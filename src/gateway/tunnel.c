@@ -170,6 +170,37 @@ static void on_control_data(struct cmg_tunnel *t, const uint8_t *data, size_t le
         fail_later(t, "control message too long");
 }
 
+/* ---- reports up the tunnel ---- */
+
+void cmg_tunnel_report_unknown_kid(struct cmg_gateway *gw, const char *kid)
+{
+    uint64_t now = cmg_loop_now(gw->loop);
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":method", (uint8_t *)"GET", 7, 3, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":scheme", (uint8_t *)"https", 7, 5, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":authority", (uint8_t *)"tunnel", 10, 6, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":path", (uint8_t *)CMG_UNKNOWN_KID_PATH, 5,
+         sizeof(CMG_UNKNOWN_KID_PATH) - 1, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"cmg-kid", (uint8_t *)kid, 7, strlen(kid), NGHTTP2_NV_FLAG_NONE},
+    };
+    int n = 0;
+
+    if (!cmg_jwk_kid_plain(kid) || (gw->kid_reported_ms && now - gw->kid_reported_ms < CMG_UNKNOWN_KID_GAP_MS))
+        return;
+    for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
+        if (!t->ready || t->dead || !t->h2 ||
+            nghttp2_submit_request(t->h2, NULL, nv, 5, NULL, NULL) < 0)
+            continue;
+        cmg_tunnel_kick(t);
+        n++;
+    }
+    if (n > 0) {
+        gw->kid_reported_ms = now;
+        cmg_info("OIDC token signed with key id %s, which the policy lacks: reported to the "
+                 "site through %d tunnel(s)", kid, n);
+    }
+}
+
 /* ---- nghttp2 callbacks ---- */
 
 static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,

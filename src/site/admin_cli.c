@@ -5,6 +5,7 @@
 #include "site/admin_cli.h"
 
 #include "client/fetch.h"
+#include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/pki.h"
 #include "site/serve.h"
@@ -19,7 +20,6 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define JWKS_MAX (1024 * 1024)
 
 struct cli {
     const char *prog;          /* "cmg site mapping add" */
@@ -79,8 +79,17 @@ static const char usage[] =
     "                                     the revoked certificates)\n"
     "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
     "                                     (also: cert revocation [on|off])\n"
-    "  oidc set --issuer URL --audience AUD [--audience AUD]... [--tenant ID]\n"
-    "           --jwks FILE|URL           accept Entra ID / OIDC tokens of this issuer\n"
+    "  oidc set --discovery URL | --issuer URL --jwks FILE|URL\n"
+    "           --audience AUD [--audience AUD]... [--tenant ID] [--ca FILE]\n"
+    "                                     accept Entra ID / OIDC tokens of this issuer:\n"
+    "                                     its keys from its discovery document\n"
+    "                                     (.../.well-known/openid-configuration, which\n"
+    "                                     names the issuer and jwks_uri) or a JWKS URL,\n"
+    "                                     refreshed by 'site serve' (site.conf\n"
+    "                                     oidc_refresh), or a JWKS file, never refreshed;\n"
+    "                                     --ca: the CA of a private provider's HTTPS\n"
+    "                                     (with --api, the site is checked against\n"
+    "                                     DIR/ca.crt then)\n"
     "  oidc show | oidc clear\n"
     "  connector add NAME [--out DIR]     a certificate for one more connector, for the\n"
     "                                     tunnels and the site feed only, written to\n"
@@ -369,13 +378,24 @@ static void show_revocation(const cJSON *r)
 static void show_oidc(const cJSON *r)
 {
     char *aud = cJSON_PrintUnformatted(cJSON_GetObjectItem(r, "audiences"));
+    char *kids = cJSON_PrintUnformatted(cJSON_GetObjectItem(r, "kids"));
+    const char *discovery = cJSON_GetStringValue(cJSON_GetObjectItem(r, "discovery"));
+    const char *uri = cJSON_GetStringValue(cJSON_GetObjectItem(r, "jwks_uri"));
+
     if (!cJSON_GetObjectItem(r, "issuer"))
         puts("OIDC tokens: not accepted (no issuer set)");
     else
         printf("issuer: %s\ntenant: %s\naudiences: %s\n",
                cJSON_GetStringValue(cJSON_GetObjectItem(r, "issuer")),
                cJSON_GetStringValue(cJSON_GetObjectItem(r, "tenant")), aud ? aud : "[]");
+    if (discovery && *discovery)
+        printf("discovery: %s\n", discovery);
+    if (uri)
+        printf("keys from: %s\n", *uri ? uri : "a file (not refreshed)");
+    if (kids)
+        printf("key ids: %s\n", kids);
     free(aud);
+    free(kids);
 }
 
 /* The serial of a PEM certificate file, in hex. */
@@ -394,31 +414,20 @@ static int serial_of(const char *file, char *out, size_t len)
     return rc;
 }
 
-/* The JWKS from a file or an http(s) URL, parsed. */
-static cJSON *load_jwks(const struct cli *c, const char *src)
+/* The JWKS of a file, parsed. */
+static cJSON *load_jwks_file(const struct cli *c, const char *src)
 {
-    char *body = NULL, err[512];
     unsigned char *data = NULL;
     size_t len = 0;
-    int status = 0;
     cJSON *doc;
 
-    if (!strncmp(src, "http://", 7) || !strncmp(src, "https://", 8)) {
-        if (cmg_fetch_url(src, NULL, JWKS_MAX, &body, &len, &status, err, sizeof(err)) < 0 ||
-            status != 200) {
-            fprintf(stderr, "%s: cannot fetch %s: %s\n", c->prog, src,
-                    status ? "not 200" : err);
-            free(body);
-            return NULL;
-        }
-        doc = cJSON_ParseWithLength(body, len);
-        free(body);
-    } else {
-        if (cmg_pki_read_file(src, JWKS_MAX, &data, &len) < 0)
-            return NULL;
-        doc = cJSON_ParseWithLength((const char *)data, len);
-        free(data);
+    if (cmg_pki_read_file(src, CMG_OIDC_DOC_MAX, &data, &len) < 0) {
+        fprintf(stderr, "%s: cannot read %s (at most %d bytes)\n", c->prog, src,
+                CMG_OIDC_DOC_MAX);
+        return NULL;
     }
+    doc = cJSON_ParseWithLength((const char *)data, len);
+    free(data);
     if (!cJSON_IsObject(doc)) {
         fprintf(stderr, "%s: %s is not a JSON Web Key Set\n", c->prog, src);
         cJSON_Delete(doc);
@@ -427,10 +436,62 @@ static cJSON *load_jwks(const struct cli *c, const char *src)
     return doc;
 }
 
+/* oidc set: the keys, from a file, a JWKS URL or a discovery document (then the issuer
+ * too), and where 'site serve' refreshes them from, into c->args. 0, or an exit status. */
+static int oidc_keys_args(struct cli *c, const char *jwks, const char *discovery)
+{
+    struct cmg_oidc_source src = {.discovery = discovery, .jwks_uri = jwks};
+    struct cmg_oidc_fetched f;
+    unsigned char *ca = NULL;
+    size_t ca_len = 0;
+    char err[768];
+    int rc = 1;
+
+    if (!jwks == !discovery)
+        return usage_error(c, "--discovery URL or --jwks FILE|URL is required (one of them)");
+    if (c->ca_file && cmg_pki_read_file(c->ca_file, 1 << 20, &ca, &ca_len) < 0) {
+        fprintf(stderr, "%s: --ca: cannot read %s\n", c->prog, c->ca_file);
+        return 1;
+    }
+    src.ca_pem = (const char *)ca;
+    src.issuer = cJSON_GetStringValue(cJSON_GetObjectItem(c->args, "issuer"));
+    if (jwks && strncmp(jwks, "http://", 7) && strncmp(jwks, "https://", 8)) {
+        cJSON *doc = ca ? NULL : load_jwks_file(c, jwks);
+        if (ca)
+            rc = usage_error(c, "--ca names the CA of a provider's HTTPS: --jwks is a file");
+        else if (doc) {
+            cJSON_AddItemToObject(c->args, "jwks", doc);
+            cJSON_AddStringToObject(c->args, "source", jwks);
+            rc = 0;
+        }
+        goto out;
+    }
+    if (cmg_oidc_fetch_keys(&src, &f, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s: %s\n", c->prog, err);
+        goto out;
+    }
+    if (f.issuer && !src.issuer)
+        cJSON_AddStringToObject(c->args, "issuer", f.issuer);
+    cJSON_AddItemToObject(c->args, "jwks", f.jwks);
+    f.jwks = NULL;
+    cJSON_AddStringToObject(c->args, "source", discovery ? discovery : jwks);
+    cJSON_AddStringToObject(c->args, "jwks_uri", f.jwks_uri);
+    if (discovery)
+        cJSON_AddStringToObject(c->args, "discovery", discovery);
+    if (ca)
+        cJSON_AddStringToObject(c->args, "ca", (const char *)ca);
+    cmg_oidc_fetched_free(&f);
+    rc = 0;
+out:
+    free(ca);
+    c->ca_file = NULL;   /* the provider's, not the site's for --api */
+    return rc;
+}
+
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
     O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
-    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH, O_CA
+    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH, O_CA, O_DISCOVERY
 };
 
 static const struct option long_opts[] = {
@@ -451,6 +512,7 @@ static const struct option long_opts[] = {
     {"tenant", required_argument, NULL, O_TENANT},
     {"audience", required_argument, NULL, O_AUDIENCE},
     {"jwks", required_argument, NULL, O_JWKS},       {"json", no_argument, NULL, O_JSON},
+    {"discovery", required_argument, NULL, O_DISCOVERY},
     {"site", required_argument, NULL, O_SITE},       {"dir", required_argument, NULL, O_SITE},
     {"api", required_argument, NULL, O_API},
     {"admin-token", required_argument, NULL, O_ADMIN_TOKEN},
@@ -460,7 +522,8 @@ static const struct option long_opts[] = {
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
-static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *help)
+static int parse(struct cli *c, int argc, char **argv, const char **jwks,
+                 const char **discovery, bool *help)
 {
     cJSON *aud = NULL;
     int ch;
@@ -502,6 +565,7 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks, bool *
             cJSON_AddItemToArray(aud, cJSON_CreateString(optarg));
             break;
         case O_JWKS: *jwks = optarg; break;
+        case O_DISCOVERY: *discovery = optarg; break;
         case O_JSON: c->json = true; break;
         case O_SITE: c->dir = optarg; break;
         case O_API: c->api = optarg; break;
@@ -558,7 +622,7 @@ static const struct command commands[] = {
 static int run_command(const struct command *cmd, int argc, char **argv)
 {
     struct cli c = {0};
-    const char *jwks = NULL;
+    const char *jwks = NULL, *discovery = NULL;
     char prog[128];
     bool help = false;
     int rc;
@@ -566,7 +630,7 @@ static int run_command(const struct command *cmd, int argc, char **argv)
     snprintf(prog, sizeof(prog), "cmg site %s %s", cmd->area, cmd->verb);
     c.prog = prog;
     c.args = cJSON_CreateObject();
-    rc = parse(&c, argc, argv, &jwks, &help);
+    rc = parse(&c, argc, argv, &jwks, &discovery, &help);
     if (rc != 0 || help) {
         fputs(usage, help && rc == 0 ? stdout : stderr);
         goto out;
@@ -588,19 +652,8 @@ static int run_command(const struct command *cmd, int argc, char **argv)
         cJSON_AddStringToObject(c.args, cmd->subject, c.subject);
     if (!strcmp(cmd->verb, "unblock"))
         cJSON_AddFalseToObject(c.args, "blocked");
-    if (!strcmp(cmd->op, "oidc.set")) {
-        cJSON *doc;
-        if (!jwks) {
-            rc = usage_error(&c, "--jwks FILE|URL is required");
-            goto out;
-        }
-        if (!(doc = load_jwks(&c, jwks))) {
-            rc = 1;
-            goto out;
-        }
-        cJSON_AddItemToObject(c.args, "jwks", doc);
-        cJSON_AddStringToObject(c.args, "source", jwks);
-    }
+    if (!strcmp(cmd->op, "oidc.set") && (rc = oidc_keys_args(&c, jwks, discovery)) != 0)
+        goto out;
     rc = run_print(&c, cmd->op, cmd->show);
 out:
     cJSON_Delete(c.args);

@@ -145,7 +145,11 @@ static int conf_entry(void *user, const char *section, const char *name, const c
                  ? -1 : cmg_conf_str(s->crl_url, sizeof(s->crl_url), value);
     else if (!strcmp(name, "connector_address"))
         rc = cmg_conf_str(s->connector_address, sizeof(s->connector_address), value);
-    else if (!strcmp(name, "log_level"))
+    else if (!strcmp(name, "oidc_refresh")) {
+        uint64_t v;
+        rc = cmg_conf_uint(value, 1, 86400, &v);
+        s->oidc_refresh_s = (uint32_t)v;
+    } else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {
         snprintf(cs->err, cs->errlen, "unknown key '%s'", name);
@@ -170,6 +174,7 @@ static int read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     snprintf(s->service_listen, sizeof(s->service_listen), "%s", CMG_SITE_DEFAULT_SERVICE);
     snprintf(s->feed_listen, sizeof(s->feed_listen), "%s", CMG_SITE_DEFAULT_FEED);
     s->log_level = CMG_LOG_INFO;
+    s->oidc_refresh_s = CMG_SITE_OIDC_REFRESH_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)
         return -1;
     cs.err = msg;

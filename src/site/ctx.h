@@ -17,6 +17,7 @@
 #define CMG_SITE_DEFAULT_ADMIN "127.0.0.1:8090"
 #define CMG_SITE_DEFAULT_SERVICE "127.0.0.1:8091"
 #define CMG_SITE_DEFAULT_FEED "127.0.0.1:8092"
+#define CMG_SITE_OIDC_REFRESH_S 3600     /* default site.conf oidc_refresh */
 #define CMG_BULK_DEFAULT_DAYS 3
 #define CMG_BULK_MAX_DAYS 7
 #define CMG_DEVICE_TOKEN_DAYS 90
@@ -31,6 +32,7 @@ struct cmg_site_ctx {
     char crl_url[300];           /* the CRL distribution point certificates name, or "" */
     char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;
+    uint32_t oidc_refresh_s;     /* OIDC key refresh interval (site.conf oidc_refresh) */
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */
     X509 *ca_cert;

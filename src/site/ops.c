@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <openssl/bn.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
@@ -972,6 +973,47 @@ static int oidc_set_tx(struct cmg_site_ctx *s, const struct cmg_oidc_conf *o, ch
                ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
+/* PEM text holding certificates only, at least one: the roots of a private provider. */
+static bool pem_certs_only(const char *pem)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    X509 *x;
+    int n = 0;
+
+    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        X509_free(x);
+        n++;
+    }
+    ERR_clear_error();
+    BIO_free(bio);
+    return n > 0;
+}
+
+static bool http_url(const char *u)
+{
+    return !strncmp(u, "https://", 8) || !strncmp(u, "http://", 7);
+}
+
+/* Where the keys are refreshed from: a discovery URL, else a JWKS URL (none when the
+ * keys came from a file), and the roots of a private provider. 0 or a 400. */
+static int oidc_refresh_args(const cJSON *args, struct cmg_oidc_conf *o, char *msg, size_t len)
+{
+    const char *discovery = arg_str(args, "discovery"), *uri = arg_str(args, "jwks_uri");
+    const char *ca = arg_str(args, "ca");
+
+    if ((discovery && !http_url(discovery)) || (uri && !http_url(uri)))
+        return fail(msg, len, 400, "the %s URL must be http(s)://, found %s",
+                    discovery && !http_url(discovery) ? "discovery" : "JWKS",
+                    discovery && !http_url(discovery) ? discovery : uri);
+    if (ca && *ca && !pem_certs_only(ca))
+        return fail(msg, len, 400, "ca: expected PEM certificates (the provider's CA), found "
+                                   "none");
+    o->discovery = (char *)(discovery ? discovery : "");
+    o->jwks_uri = (char *)(uri ? uri : "");
+    o->ca = (char *)(ca ? ca : "");
+    return 0;
+}
+
 static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                        size_t len)
 {
@@ -986,6 +1028,8 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
 
     if (!issuer)
         return fail(msg, len, 400, "--issuer is required");
+    if ((rc = oidc_refresh_args(args, &o, msg, len)) != 0)
+        return rc;
     if (cJSON_IsString(aud)) {
         auds = cJSON_CreateArray();
         cJSON_AddItemToArray(auds, cJSON_CreateString(aud->valuestring));
@@ -1008,6 +1052,8 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     cJSON_AddStringToObject(*result, "tenant", o.tenant);
     cJSON_AddItemToObject(*result, "audiences", auds);
     cJSON_AddNumberToObject(*result, "keys", (double)keys.n);
+    cJSON_AddStringToObject(*result, "discovery", o.discovery);
+    cJSON_AddStringToObject(*result, "jwks_uri", o.jwks_uri);
     cmg_jwks_free(&keys);
     if (cmg_store_begin(s->store) < 0)
         rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
@@ -1021,6 +1067,20 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     free(o.audiences);
     free(o.jwks);
     return rc;
+}
+
+/* The kids of a stored key set. */
+static cJSON *oidc_kids(const char *jwks)
+{
+    cJSON *doc = cJSON_Parse(jwks ? jwks : "{}"), *kids = cJSON_CreateArray();
+    const cJSON *k;
+
+    cJSON_ArrayForEach(k, cJSON_GetObjectItemCaseSensitive(doc, "keys")) {
+        const char *kid = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(k, "kid"));
+        cJSON_AddItemToArray(kids, cJSON_CreateString(kid ? kid : ""));
+    }
+    cJSON_Delete(doc);
+    return kids;
 }
 
 static int op_oidc_show(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -1037,6 +1097,10 @@ static int op_oidc_show(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
         cJSON_AddStringToObject(*result, "tenant", o.tenant ? o.tenant : "");
         cJSON_AddItemToObject(*result, "audiences", cJSON_Parse(o.audiences ? o.audiences : "[]"));
         cJSON_AddStringToObject(*result, "source", o.source ? o.source : "");
+        cJSON_AddStringToObject(*result, "discovery", o.discovery ? o.discovery : "");
+        cJSON_AddStringToObject(*result, "jwks_uri", o.jwks_uri ? o.jwks_uri : "");
+        cJSON_AddBoolToObject(*result, "private_ca", o.ca && *o.ca);
+        cJSON_AddItemToObject(*result, "kids", oidc_kids(o.jwks));
     }
     cmg_oidc_conf_free(&o);
     return 0;

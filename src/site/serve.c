@@ -13,6 +13,7 @@
 #include "http/httpd.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
+#include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/policy_build.h"
 #include "site/register.h"
@@ -60,6 +61,10 @@ static const char usage[] =
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
     "'cert', 'oidc', 'connector') while it runs are signed into a new policy within\n"
     "a second and reach every gateway through the connectors.\n"
+    "The OIDC issuer's keys ('cmg site oidc set --discovery URL' or '--jwks URL') are\n"
+    "fetched again every oidc_refresh seconds of site.conf (default 3600; the\n"
+    "provider's cache headers within 5 min..24 h), and at once when a gateway reports\n"
+    "a token with an unknown key id; new keys are published at once.\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -133,6 +138,11 @@ void cmg_site_server_changed(struct cmg_site_server *srv)
 
     if (v > srv->version)
         publish(srv);
+}
+
+static void on_oidc_keys_changed(void *srv)
+{
+    cmg_site_server_changed(srv);
 }
 
 static void bump_version(struct cmg_site_server *srv)
@@ -258,8 +268,11 @@ static void on_feed(void *user, struct cmg_httpd_req *req)
         cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N only");
         return;
     }
-    if (connector_allowed(srv, req, "policy feed"))
-        feed(srv, req);
+    if (!connector_allowed(srv, req, "policy feed"))
+        return;
+    if (cmg_httpd_header(req, "CMG-Unknown-Kid"))   /* a gateway's report, carried up */
+        cmg_oidc_refresher_unknown_kid(srv->oidc, cmg_httpd_header(req, "CMG-Unknown-Kid"));
+    feed(srv, req);
 }
 
 /* The registration service: its callers are connectors (mutual TLS), so the
@@ -293,6 +306,7 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
         for (struct feed_waiter *w = srv->waiters; w; w = w->next)
             n++;
         cJSON_AddNumberToObject(o, "connectors_waiting", n);
+        cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
         cmg_httpd_json(req, 200, o);
     } else if (post && !strncmp(req->target, "/v1/ops/", 8)) {
         run_op(srv, req, req->target + 8);
@@ -483,12 +497,15 @@ int cmg_site_serve_main(int argc, char **argv)
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
     watch_certs(&srv);
+    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
+        goto out;
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
              listen[1], listen[2], (long long)srv.version);
     rc = cmg_loop_run(srv.loop) < 0 ? 1 : 0;
     cmg_info("site stopped");
 out:
+    cmg_oidc_refresher_free(srv.oidc);
     cmg_httpd_free(srv.admin);
     cmg_httpd_free(srv.feed);
     cmg_httpd_free(srv.service);

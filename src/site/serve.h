@@ -14,6 +14,7 @@
 
 struct cmg_httpd;
 struct feed_waiter;
+struct cmg_oidc_refresher;
 
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
@@ -28,6 +29,7 @@ struct cmg_site_server {
     struct cmg_timer poll;
     struct feed_waiter *waiters;
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
+    struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the

@@ -48,6 +48,9 @@ static const struct {
      "ALTER TABLE mappings ADD COLUMN forward_authorization INTEGER NOT NULL DEFAULT 0;"
      "UPDATE mappings SET forward_authorization = 1 WHERE type = 'site';"},
     {"certs", "thumbprint", "ALTER TABLE certs ADD COLUMN thumbprint TEXT;"},
+    {"oidc", "jwks_uri",
+     "ALTER TABLE oidc ADD COLUMN discovery TEXT; ALTER TABLE oidc ADD COLUMN jwks_uri TEXT;"
+     "ALTER TABLE oidc ADD COLUMN ca TEXT;"},
 };
 
 const char *cmg_store_error(struct cmg_store *s)
@@ -693,8 +696,8 @@ static char *col_dup(sqlite3_stmt *st, int i)
 
 int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o)
 {
-    sqlite3_stmt *st = prep(s, "SELECT issuer, tenant, audiences, jwks, source FROM oidc "
-                               "WHERE id = 1", "");
+    sqlite3_stmt *st = prep(s, "SELECT issuer, tenant, audiences, jwks, source, discovery, "
+                               "jwks_uri, ca FROM oidc WHERE id = 1", "");
     int rc = 1;
 
     memset(o, 0, sizeof(*o));
@@ -706,6 +709,9 @@ int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o)
         o->audiences = col_dup(st, 2);
         o->jwks = col_dup(st, 3);
         o->source = col_dup(st, 4);
+        o->discovery = col_dup(st, 5);
+        o->jwks_uri = col_dup(st, 6);
+        o->ca = col_dup(st, 7);
         rc = 0;
     }
     sqlite3_finalize(st);
@@ -714,9 +720,19 @@ int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o)
 
 int cmg_store_oidc_set(struct cmg_store *s, const struct cmg_oidc_conf *o)
 {
-    if (run(prep(s, "INSERT OR REPLACE INTO oidc VALUES (1, ?, ?, ?, ?, ?)", "sssss", o->issuer,
-                 o->tenant ? o->tenant : "", o->audiences, o->jwks,
-                 o->source ? o->source : "")) < 0)
+    if (run(prep(s, "INSERT OR REPLACE INTO oidc (id, issuer, tenant, audiences, jwks, source,"
+                    " discovery, jwks_uri, ca) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)", "ssssssss",
+                 o->issuer, o->tenant ? o->tenant : "", o->audiences, o->jwks,
+                 o->source ? o->source : "", o->discovery ? o->discovery : "",
+                 o->jwks_uri ? o->jwks_uri : "", o->ca ? o->ca : "")) < 0)
+        return -1;
+    return cmg_store_bump(s);
+}
+
+int cmg_store_oidc_keys_set(struct cmg_store *s, const char *jwks, const char *jwks_uri)
+{
+    if (run(prep(s, "UPDATE oidc SET jwks = ?, jwks_uri = ? WHERE id = 1", "ss", jwks,
+                 jwks_uri)) < 0)
         return -1;
     return cmg_store_bump(s);
 }
@@ -734,6 +750,9 @@ void cmg_oidc_conf_free(struct cmg_oidc_conf *o)
     free(o->tenant);
     free(o->audiences);
     free(o->jwks);
+    free(o->discovery);
+    free(o->jwks_uri);
+    free(o->ca);
     free(o->source);
     memset(o, 0, sizeof(*o));
 }

@@ -108,13 +108,18 @@ cJSON *cmg_store_connectors_json(struct cmg_store *s);
 /* Serials of revoked connector certificates not yet expired, for the policy. */
 cJSON *cmg_store_revoked_connectors(struct cmg_store *s);
 
-/* What the policy carries for OIDC; NULL members when not set. */
+/* What the policy carries for OIDC, and where its keys are refreshed from (discovery
+ * URL, JWKS URL, PEM roots of a private provider: "" when none); NULL members when not
+ * set. */
 struct cmg_oidc_conf {
     char *issuer, *tenant, *audiences /* JSON array */, *jwks /* JSON */, *source;
+    char *discovery, *jwks_uri, *ca;
 };
 int cmg_store_oidc_get(struct cmg_store *s, struct cmg_oidc_conf *o);   /* 0 set, 1 unset */
 int cmg_store_oidc_set(struct cmg_store *s, const struct cmg_oidc_conf *o); /* bumps */
 int cmg_store_oidc_clear(struct cmg_store *s);                          /* bumps */
+/* New keys fetched from the provider, and the URL they came from. Bumps. */
+int cmg_store_oidc_keys_set(struct cmg_store *s, const char *jwks, const char *jwks_uri);
 void cmg_oidc_conf_free(struct cmg_oidc_conf *o);
 
 /* Identities blocked that are not registered devices: "cert:<thumbprint>" of a

@@ -81,6 +81,7 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     PATHKEY("policy_cache", policy_cache)
     MSKEY("ping_interval", ping_interval_ms)
     MSKEY("ping_timeout", ping_timeout_ms)
+    MSKEY("stall_timeout", stall_timeout_ms)
     MSKEY("handshake_timeout", handshake_timeout_ms)
     MSKEY("header_timeout", header_timeout_ms)
     MSKEY("idle_timeout", idle_timeout_ms)
@@ -168,6 +169,7 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     snprintf(c->tunnel_listen, sizeof(c->tunnel_listen), "0.0.0.0");
     c->ping_interval_ms = 60000;
     c->ping_timeout_ms = 15000;
+    c->stall_timeout_ms = 5000;
     c->handshake_timeout_ms = 10000;
     c->header_timeout_ms = 30000;
     c->idle_timeout_ms = 120000;

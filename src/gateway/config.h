@@ -26,6 +26,7 @@ struct cmg_gw_config {
     char site_key[PATH_MAX], policy_cache[PATH_MAX];
     char user[64];   /* started as root: the user to go on as once listening */
     uint32_t ping_interval_ms, ping_timeout_ms;
+    uint32_t stall_timeout_ms;   /* requests outstanding, nothing heard: PING; 0: off */
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
     uint32_t max_policy_age_ms;   /* warn when the policy in force is older */
     uint32_t max_header_size, max_connections;

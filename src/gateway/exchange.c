@@ -15,6 +15,7 @@
 #include "gateway/gw.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #define GW_OF_BUDGET(p) ((struct cmg_gateway *)((char *)(p) - offsetof(struct cmg_gateway, budget_task)))
 #define BUDGET_WARN_MS 10000
@@ -186,6 +187,45 @@ int cmg_exchange_start(struct cmg_exchange *ex)
     if (cmg_tunnel_submit(t, ex) < 0)
         return 502;
     return 0;
+}
+
+/* Whether a request whose tunnel failed may be sent again: nothing of the response
+ * came back, the whole body (if any) is still here, and sending it twice does no
+ * harm (an idempotent method: the first may have reached the upstream server). */
+static bool safe_to_retry(const struct cmg_exchange *ex)
+{
+    static const char *const idempotent[] = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"};
+    bool method_ok = false;
+
+    if (ex->retried || !ex->dev || ex->resp_headers || ex->resp_body.len)
+        return false;
+    if (ex->req_body_expected && !(ex->req_eof && ex->req_bytes == ex->req_body.len))
+        return false;
+    for (size_t i = 0; i < sizeof(idempotent) / sizeof(idempotent[0]); i++)
+        method_ok |= !strcmp(ex->method, idempotent[i]);
+    return method_ok;
+}
+
+bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed)
+{
+    struct cmg_tunnel *t;
+
+    if (!safe_to_retry(ex) || !(t = cmg_tunnel_pick(ex->gw, ex->mapping)))
+        return false;
+    /* What the dead tunnel left: a partial header block, credit owed to its session. */
+    ex->retried = true;
+    ex->tun = NULL;
+    ex->stream_id = -1;
+    ex->stream_closed = false;
+    ex->status = 0;
+    ex->resp_eof = false;
+    ex->credit_owed = 0;
+    cmg_headers_reset(&ex->resp);
+    if (cmg_tunnel_submit(t, ex) < 0)
+        return false;
+    cmg_info("%s %s retried on connector=%s after tunnel to %s failed", ex->method,
+             ex->target ? ex->target : "-", t->name, failed);
+    return true;
 }
 
 /* ---- the request: device → connector ---- */

@@ -124,6 +124,7 @@ struct cmg_exchange {
     struct cmg_tunnel *tun;
     int32_t stream_id;
     bool stream_closed;
+    bool retried;                   /* started again once after its tunnel failed */
     struct cmg_exchange *tun_prev, *tun_next;
     /* for the access log */
     uint64_t start_ms;
@@ -136,6 +137,9 @@ struct cmg_exchange *cmg_exchange_new(struct cmg_gateway *gw, const struct cmg_e
                                       void *dev);
 /* Picks a tunnel and opens the stream. 0, or an HTTP status (503) to answer. */
 int cmg_exchange_start(struct cmg_exchange *ex);
+/* Its tunnel (to connector `failed`) is lost: started once more on another tunnel if
+ * that is safe (see exchange.c). true if it was; else it is still to be failed. */
+bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed);
 /* Device side: request body bytes and end. */
 int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
 void cmg_exchange_req_end(struct cmg_exchange *ex);
@@ -169,6 +173,10 @@ struct cmg_tunnel {
     int32_t ctl_stream;
     struct cmg_buf ctl_in;
     struct cmg_timer hs_timer, ping_timer, pong_timer;
+    /* stall_timeout: loop time of the last frame received (or of the first request
+     * sent after a quiet spell); the timer runs while requests are outstanding */
+    uint64_t heard_ms;
+    struct cmg_timer stall_timer;
     struct cmg_addr_key src;
     bool handshaking;        /* counted in gw->nhandshakes until authenticated or gone */
     struct cmg_task send_task;

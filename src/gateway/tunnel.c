@@ -19,6 +19,7 @@
 #define TUNNEL_OF(p, field) ((struct cmg_tunnel *)((char *)(p) - offsetof(struct cmg_tunnel, field)))
 
 static void tunnel_fail(struct cmg_tunnel *t, const char *why);
+static void watch_stall(struct cmg_tunnel *t);
 
 /* Inside nghttp2's callbacks the session must not be deleted: note why the
  * tunnel must go, and let the callback fail the session call that runs it. */
@@ -231,6 +232,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     struct cmg_tunnel *t = user;
     struct cmg_exchange *ex;
 
+    t->heard_ms = cmg_loop_now(t->gw->loop);
     switch (frame->hd.type) {
     case NGHTTP2_PING:
         if (frame->hd.flags & NGHTTP2_FLAG_ACK)
@@ -278,6 +280,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
     struct cmg_tunnel *t = user;
     struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, stream_id);
 
+    t->heard_ms = cmg_loop_now(t->gw->loop);   /* a large frame is heard as it comes */
     if (stream_id == t->ctl_stream) {
         nghttp2_session_consume(s, stream_id, len);
         on_control_data(t, data, len);
@@ -373,6 +376,9 @@ int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex)
     ex->stream_id = id;
     ex->tun = t;
     snprintf(ex->connector, sizeof(ex->connector), "%s", t->name);
+    if (!t->exchanges)   /* after a quiet spell, silence counts from this request */
+        t->heard_ms = cmg_loop_now(t->gw->loop);
+    watch_stall(t);
     ex->tun_prev = NULL;
     ex->tun_next = t->exchanges;
     if (t->exchanges)
@@ -428,7 +434,7 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
         next = ex->tun_next;
         ex->tun = NULL;
         ex->stream_closed = true;
-        if (ex->resp_eof)
+        if (ex->resp_eof || cmg_exchange_retry(ex, t->name))
             continue;
         if (ex->dev)
             ex->dev_ops->on_fail(ex, 502, "tunnel lost");
@@ -439,6 +445,7 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
     cmg_timer_stop(gw->loop, &t->hs_timer);
     cmg_timer_stop(gw->loop, &t->ping_timer);
     cmg_timer_stop(gw->loop, &t->pong_timer);
+    cmg_timer_stop(gw->loop, &t->stall_timer);
     cmg_task_cancel(gw->loop, &t->send_task);
     if (t->h2)
         nghttp2_session_del(t->h2);
@@ -457,15 +464,60 @@ static void on_pong_timeout(struct cmg_timer *tm)
     tunnel_fail(TUNNEL_OF(tm, pong_timer), "no answer to the health ping");
 }
 
-static void on_ping_timer(struct cmg_timer *tm)
+/* A PING, answered within ping_timeout or the tunnel is dead. */
+static void send_ping(struct cmg_tunnel *t)
 {
-    struct cmg_tunnel *t = TUNNEL_OF(tm, ping_timer);
-    struct cmg_gw_config *c = &t->gw->cfg;
     nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, NULL);
     cmg_tunnel_kick(t);
     if (!cmg_timer_armed(&t->pong_timer))
-        cmg_timer_start(t->gw->loop, &t->pong_timer, c->ping_timeout_ms, on_pong_timeout);
-    cmg_timer_start(t->gw->loop, &t->ping_timer, c->ping_interval_ms, on_ping_timer);
+        cmg_timer_start(t->gw->loop, &t->pong_timer, t->gw->cfg.ping_timeout_ms, on_pong_timeout);
+}
+
+static void on_ping_timer(struct cmg_timer *tm)
+{
+    struct cmg_tunnel *t = TUNNEL_OF(tm, ping_timer);
+    send_ping(t);
+    cmg_timer_start(t->gw->loop, &t->ping_timer, t->gw->cfg.ping_interval_ms, on_ping_timer);
+}
+
+/* Requests still waiting for (more of) their response; one that is complete and
+ * only waits for its device to drain it expects nothing more from the connector. */
+static bool outstanding(const struct cmg_tunnel *t)
+{
+    for (const struct cmg_exchange *ex = t->exchanges; ex; ex = ex->tun_next)
+        if (!ex->resp_eof)
+            return true;
+    return false;
+}
+
+/* stall_timeout: a tunnel that goes silent while requests wait on it is asked at
+ * once, rather than at the next ping_interval, so a frozen connector is found dead
+ * in stall_timeout + ping_timeout and its requests go elsewhere. */
+static void on_stall_timer(struct cmg_timer *tm)
+{
+    struct cmg_tunnel *t = TUNNEL_OF(tm, stall_timer);
+    uint64_t limit = t->gw->cfg.stall_timeout_ms;
+    uint64_t quiet = cmg_loop_now(t->gw->loop) - t->heard_ms;
+
+    if (!limit || !outstanding(t))
+        return;   /* armed again by the next request */
+    if (quiet < limit) {
+        cmg_timer_start(t->gw->loop, &t->stall_timer, limit - quiet, on_stall_timer);
+        return;
+    }
+    if (!cmg_timer_armed(&t->pong_timer)) {
+        cmg_debug("tunnel %s: connector=%s silent for %llu ms with requests outstanding: ping",
+                  t->conn.peer, t->name, (unsigned long long)quiet);
+        send_ping(t);
+    }
+    cmg_timer_start(t->gw->loop, &t->stall_timer, limit, on_stall_timer);
+}
+
+static void watch_stall(struct cmg_tunnel *t)
+{
+    uint32_t limit = t->gw->cfg.stall_timeout_ms;
+    if (limit && !cmg_timer_armed(&t->stall_timer))
+        cmg_timer_start(t->gw->loop, &t->stall_timer, limit, on_stall_timer);
 }
 
 static int start_session(struct cmg_tunnel *t)

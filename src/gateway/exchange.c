@@ -197,7 +197,7 @@ static bool safe_to_retry(const struct cmg_exchange *ex)
     static const char *const idempotent[] = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"};
     bool method_ok = false;
 
-    if (ex->retried || !ex->dev || ex->resp_headers || ex->resp_body.len)
+    if (ex->retried || !ex->dev || ex->resp_told || ex->resp_body.len)
         return false;
     if (ex->req_body_expected && !(ex->req_eof && ex->req_bytes == ex->req_body.len))
         return false;
@@ -218,6 +218,7 @@ bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed)
     ex->stream_id = -1;
     ex->stream_closed = false;
     ex->status = 0;
+    ex->resp_headers = false;
     ex->resp_eof = false;
     ex->credit_owed = 0;
     cmg_headers_reset(&ex->resp);
@@ -291,8 +292,18 @@ int cmg_exchange_resp_data(struct cmg_exchange *ex, const uint8_t *data, size_t 
     else
         nghttp2_session_consume_connection(t->h2, len);
     watch_device(ex);
-    ex->dev_ops->on_response_body(ex);
+    cmg_exchange_resp_news(ex);
     return 0;
+}
+
+void cmg_exchange_resp_news(struct cmg_exchange *ex)
+{
+    if (ex->resp_told) {
+        ex->dev_ops->on_response_body(ex);
+        return;
+    }
+    ex->resp_told = true;
+    ex->dev_ops->on_response(ex);   /* takes what body there is, too */
 }
 
 void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n)

@@ -106,6 +106,9 @@ struct cmg_exchange {
     int status;
     struct cmg_headers resp;
     bool resp_headers;
+    /* The device side has the head: it is held back until the first body byte or the
+     * end, so that a tunnel lost in between leaves a request that can still be retried. */
+    bool resp_told;
     struct cmg_buf resp_body;
     bool resp_eof;
     uint64_t resp_bytes;
@@ -144,6 +147,8 @@ bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed);
 int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
 void cmg_exchange_req_end(struct cmg_exchange *ex);
 /* Device side: n response body bytes were passed on to the device. */
+/* Tunnel side: body arrived, or the end: the device side is told (the head first). */
+void cmg_exchange_resp_news(struct cmg_exchange *ex);
 void cmg_exchange_resp_consumed(struct cmg_exchange *ex, size_t n);
 /* Tunnel side: response body arrived. 0, or -1 if out of memory. */
 int cmg_exchange_resp_data(struct cmg_exchange *ex, const uint8_t *data, size_t len);

@@ -265,12 +265,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         ex->resp_eof = true;
     if (!ex->dev)
         return 0;
-    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers) {
+    if (frame->hd.type == NGHTTP2_HEADERS && !ex->resp_headers)
         ex->resp_headers = true;
-        ex->dev_ops->on_response(ex);
-    } else if (ex->resp_eof && ex->resp_headers) {
-        ex->dev_ops->on_response_body(ex);
-    }
+    if (ex->resp_eof && ex->resp_headers)
+        cmg_exchange_resp_news(ex);
     return 0;
 }
 

@@ -5,9 +5,10 @@ dead. Its requests that are safe to send again (an idempotent method, no respons
 body still whole) are retried once on the other connector; the others get 502.
 ping_interval is left long, so the stall ping is what finds the frozen connector.
 
-Until the freeze the load is slow requests only: a connector stopped between a response's
-headers and its body cuts that response, which no retry can mend (the device has the headers);
-slow requests make that instant rare, so that the test shows the retry, not the race."""
+The gateway holds a response's head back until its first body byte (or its end), so a
+connector stopped between a response's headers and its body leaves a request that is still
+retried. Until the freeze the load is slow requests, so that the freeze finds requests in
+flight on the frozen tunnel."""
 import os
 import re
 import signal

@@ -31,6 +31,9 @@ struct cmg_loop {
     struct cmg_io sigio;
     void (*on_hup)(void *);   /* SIGHUP: reload; NULL: the role cannot */
     void *hup_arg;
+    void (*on_drain)(void *); /* SIGTERM/SIGINT: drain; NULL: stop at once */
+    void *drain_arg;
+    bool draining;
 };
 
 static uint64_t clock_ms(void)
@@ -38,6 +41,21 @@ static uint64_t clock_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* SIGTERM (or SIGINT) asks a role that can drain to drain; a second one, or SIGQUIT,
+ * stops at once. */
+static void on_stop_signal(struct cmg_loop *loop, int signo)
+{
+    const char *name = signo == SIGTERM ? "SIGTERM" : signo == SIGINT ? "SIGINT" : "SIGQUIT";
+    if (signo != SIGQUIT && loop->on_drain && !loop->draining) {
+        cmg_info("%s received: draining (SIGQUIT, or %s again, stops at once)", name, name);
+        loop->draining = true;
+        loop->on_drain(loop->drain_arg);
+        return;
+    }
+    cmg_info("%s received, stopping%s", name, loop->draining ? " now: the drain is cut short" : "");
+    cmg_loop_stop(loop);
 }
 
 static void on_signal(struct cmg_io *io, uint32_t events)
@@ -53,8 +71,7 @@ static void on_signal(struct cmg_io *io, uint32_t events)
             cmg_warn("SIGHUP received: this role does not reload its configuration yet; "
                      "nothing changed (restart it to apply changes)");
         } else {
-            cmg_info("signal %d received, stopping", (int)si.ssi_signo);
-            cmg_loop_stop(loop);
+            on_stop_signal(loop, (int)si.ssi_signo);
         }
     }
 }
@@ -63,6 +80,17 @@ void cmg_loop_on_hup(struct cmg_loop *loop, void (*fn)(void *), void *arg)
 {
     loop->on_hup = fn;
     loop->hup_arg = arg;
+}
+
+void cmg_loop_on_drain(struct cmg_loop *loop, void (*fn)(void *), void *arg)
+{
+    loop->on_drain = fn;
+    loop->drain_arg = arg;
+}
+
+bool cmg_loop_draining(const struct cmg_loop *loop)
+{
+    return loop->draining;
 }
 
 struct cmg_loop *cmg_loop_new(void)
@@ -85,6 +113,7 @@ struct cmg_loop *cmg_loop_new(void)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGQUIT);
     sigprocmask(SIG_BLOCK, &set, NULL);
     sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     loop->sigio.fd = -1;

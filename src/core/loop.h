@@ -39,11 +39,16 @@ struct cmg_task {
 
 struct cmg_loop *cmg_loop_new(void);
 void cmg_loop_free(struct cmg_loop *loop);
-/* Runs until cmg_loop_stop() or SIGINT/SIGTERM. Returns 0, or -1 on a loop failure. */
+/* Runs until cmg_loop_stop(), SIGQUIT, or SIGINT/SIGTERM when the role has no drain.
+ * Returns 0, or -1 on a loop failure. */
 int cmg_loop_run(struct cmg_loop *loop);
 void cmg_loop_stop(struct cmg_loop *loop);
 /* SIGHUP calls fn(arg) from the loop; without one it is logged and changes nothing. */
 void cmg_loop_on_hup(struct cmg_loop *loop, void (*fn)(void *), void *arg);
+/* SIGTERM or SIGINT calls fn(arg) once, from the loop: the role drains, then calls
+ * cmg_loop_stop(). A second SIGTERM/SIGINT, or SIGQUIT, stops the loop at once. */
+void cmg_loop_on_drain(struct cmg_loop *loop, void (*fn)(void *), void *arg);
+bool cmg_loop_draining(const struct cmg_loop *loop);
 bool cmg_loop_stopping(const struct cmg_loop *loop);
 /* Monotonic milliseconds, read once per loop iteration. */
 uint64_t cmg_loop_now(const struct cmg_loop *loop);

@@ -132,6 +132,15 @@ static int site_usage_error(const char *fmt, const char *arg)
     return 2;
 }
 
+/* "host:port" (one colon, not an IPv6 address): the ports come from the listen options. */
+static bool site_address_has_port(const char *addr)
+{
+    struct in6_addr a6;
+    const char *colon = strchr(addr, ':');
+
+    return colon && !strchr(colon + 1, ':') && inet_pton(AF_INET6, addr, &a6) != 1;
+}
+
 static int site_parse_port(const char *s, unsigned *port)
 {
     char *end;
@@ -388,6 +397,10 @@ static int site_parse(int argc, char **argv, struct site_opts *o, int *done)
     }
     if (o->site_address && (!o->site_address[0] || strpbrk(o->site_address, " \t/[]@")))
         return site_usage_error("--site-address: '%s' is not a host name or IP address",
+                                o->site_address);
+    if (o->site_address && site_address_has_port(o->site_address))
+        return site_usage_error("--site-address: '%s' names a port; give the host only (the "
+                                "ports are those of --site-feed and --site-service)",
                                 o->site_address);
     if (!o->site_address &&
         (cmg_site_listen_wildcard(o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED) ||

@@ -349,3 +349,14 @@ def test_site_init_publishes_the_address_connectors_reach_the_site_at(tmp_path, 
                 '--site-feed', f'0.0.0.0:{feed}')
     assert r.returncode == 2 and 'give --site-address HOST' in r.stderr, r
     assert not (tmp_path / 'wild' / 'site.conf').exists()
+
+
+def test_site_address_with_a_port_is_refused(tmp_path):
+    """`--site-address` takes a host: a port in it would end up inside the feed URL and the
+    certificate's names. An IPv6 address is a host."""
+    r = run_cmg('site', 'init', tmp_path / 'hp', '--service-name', 'cmg.test', '--site-address', 'site.contoso.test:8092')
+    assert r.returncode == 2 and "'site.contoso.test:8092' names a port; give the host only" in r.stderr, r
+    assert not (tmp_path / 'hp' / 'site.conf').exists()
+    r = run_cmg('site', 'init', tmp_path / 'v6', '--service-name', 'cmg.test', '--site-address', 'fd00::5')
+    assert r.returncode == 0, r
+    assert ini_get(tmp_path / 'v6' / 'connector.conf', 'connector', 'site') == ['https://[fd00::5]:8092']

@@ -134,6 +134,18 @@ void cmg_cn_tunnel_announce(struct cmg_cn_tunnel *t);
 
 /* The site feed (site_feed.c): long-polls the site for the policy and routes. */
 int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen);
+/* The feed's TLS context for c (its certificate shown, the site's required); the feed
+ * takes a new one for its next request. */
+SSL_CTX *cmg_site_feed_tls(const struct cmg_cn_config *c, char *err, size_t errlen);
+void cmg_site_feed_set_tls(struct cmg_connector *cn, SSL_CTX *tls);
+
+/* reload.c: the TLS contexts of the tunnels and of a mapping's internal service; the
+ * connector's certificate checked and watched for its end (at start and after a
+ * reload); SIGHUP (a cmg_loop_on_hup hook, arg the connector). */
+SSL_CTX *cmg_cn_tunnel_ctx(const struct cmg_cn_config *c, char *err, size_t errlen);
+SSL_CTX *cmg_cn_mapping_ctx(const struct cmg_cn_mapping *m, char *err, size_t errlen);
+void cmg_cn_check_certs(struct cmg_connector *cn);
+void cmg_cn_reload(void *cn);
 void cmg_site_feed_stop(struct cmg_connector *cn);
 /* A gateway saw an OIDC token signed with a key id the policy lacks: tell the site (the
  * feed asks again at once with the report; at most once a minute). */

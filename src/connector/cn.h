@@ -50,6 +50,7 @@ struct cmg_cn_mapping {
     unsigned nidle;
     /* routes from the site: kept until exit once made (streams may point here) */
     bool retired;
+    bool site_service;       /* the site's registration service: this connector's certificate */
     struct cmg_cn_mapping *next;
 };
 
@@ -126,6 +127,9 @@ struct cmg_cn_mapping *cmg_cn_mapping_find(struct cmg_connector *cn, const char 
 /* Applies the site's routes (verified: signed by the site key); true if anything
  * changed. */
 bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes);
+/* The TLS context of a route from the site, with c's certificates. */
+SSL_CTX *cmg_cn_route_ctx(struct cmg_cn_config *c, const struct cmg_cn_mapping *m, char *err,
+                          size_t errlen);
 void cmg_cn_routes_free(struct cmg_connector *cn);
 /* The roles this connector serves, as a JSON array. */
 cJSON *cmg_cn_roles_json(struct cmg_connector *cn);

@@ -16,6 +16,8 @@ struct next_tls {
     SSL_CTX *tunnel;                       /* gateways */
     SSL_CTX *feed;                         /* the site (NULL without 'site =') */
     SSL_CTX **mapping;                     /* per mapping of the running config */
+    SSL_CTX **route;                       /* per route from the site, in list order */
+    size_t nroutes;
 };
 
 SSL_CTX *cmg_cn_tunnel_ctx(const struct cmg_cn_config *c, char *err, size_t errlen)
@@ -113,15 +115,46 @@ static void next_tls_free(struct next_tls *n, size_t nmappings)
     SSL_CTX_free(n->feed);
     for (size_t i = 0; n->mapping && i < nmappings; i++)
         SSL_CTX_free(n->mapping[i]);
+    for (size_t i = 0; n->route && i < n->nroutes; i++)
+        SSL_CTX_free(n->route[i]);
     free(n->mapping);
+    free(n->route);
     memset(n, 0, sizeof(*n));
+}
+
+/* The routes from the site in use take the new certificates too (the registration
+ * service's shows this connector's own); a retired one serves no new request. */
+static int build_routes(struct cmg_connector *cn, const struct cmg_cn_config *next,
+                        struct next_tls *n, char *err, size_t errlen)
+{
+    struct cmg_cn_config view = *next;   /* next's files, the mappings in force */
+    size_t i = 0;
+
+    view.mappings = cn->cfg.mappings;
+    view.nmappings = cn->cfg.nmappings;
+    for (struct cmg_cn_mapping *m = cn->routes; m; m = m->next)
+        n->nroutes++;
+    if (n->nroutes && !(n->route = calloc(n->nroutes, sizeof(*n->route)))) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (struct cmg_cn_mapping *m = cn->routes; m; m = m->next, i++) {
+        char why[512];
+        if (m->tls && !m->retired &&
+            !(n->route[i] = cmg_cn_route_ctx(&view, m, why, sizeof(why)))) {
+            snprintf(err, errlen, "route %s (%.300s): %.500s", m->role, m->internal_url, why);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* Every context the new configuration needs, each of its files checked: 0, or -1 with
  * err naming the file and what is wrong. */
-static int build(const struct cmg_cn_config *next, const struct cmg_cn_config *now,
+static int build(struct cmg_connector *cn, const struct cmg_cn_config *next,
                  struct next_tls *n, char *err, size_t errlen)
 {
+    const struct cmg_cn_config *now = &cn->cfg;
     const char *own_ca = next->site[0] ? next->site_ca : NULL;   /* the site CA, if known */
 
     if (!(n->tunnel = cmg_cn_tunnel_ctx(next, err, errlen)) ||
@@ -142,7 +175,7 @@ static int build(const struct cmg_cn_config *next, const struct cmg_cn_config *n
             return -1;
         }
     }
-    return 0;
+    return build_routes(cn, next, n, err, errlen);
 }
 
 /* Puts the new contexts and next in force; connections made with the old contexts hold
@@ -151,19 +184,26 @@ static int build(const struct cmg_cn_config *next, const struct cmg_cn_config *n
 static void apply(struct cmg_connector *cn, struct cmg_cn_config *next, struct next_tls *n)
 {
     struct cmg_cn_mapping *fresh = next->mappings;
-    size_t nfresh = next->nmappings;
+    size_t nfresh = next->nmappings, i = 0;
 
     SSL_CTX_free(cn->tunnel_ctx);
     cn->tunnel_ctx = n->tunnel;
     if (n->feed)
         cmg_site_feed_set_tls(cn, n->feed);
-    for (size_t i = 0; i < cn->cfg.nmappings; i++) {
-        if (!cn->cfg.mappings[i].tls)
+    for (size_t k = 0; k < cn->cfg.nmappings; k++) {
+        if (!cn->cfg.mappings[k].tls)
             continue;
-        SSL_CTX_free(cn->cfg.mappings[i].ctx);
-        cn->cfg.mappings[i].ctx = n->mapping[i];
+        SSL_CTX_free(cn->cfg.mappings[k].ctx);
+        cn->cfg.mappings[k].ctx = n->mapping[k];
+    }
+    for (struct cmg_cn_mapping *m = cn->routes; m; m = m->next, i++) {
+        if (!n->route[i])
+            continue;
+        SSL_CTX_free(m->ctx);
+        m->ctx = n->route[i];
     }
     free(n->mapping);
+    free(n->route);
     memset(n, 0, sizeof(*n));
     next->mappings = cn->cfg.mappings;
     next->nmappings = cn->cfg.nmappings;
@@ -187,7 +227,7 @@ void cmg_cn_reload(void *arg)
         return;
     }
     keep_restart_only(&next, &cn->cfg);
-    if (build(&next, &cn->cfg, &n, err, sizeof(err)) < 0) {
+    if (build(cn, &next, &n, err, sizeof(err)) < 0) {
         cmg_error("reload failed, nothing changed: %s", err);
         next_tls_free(&n, cn->cfg.nmappings);
         cmg_cn_config_free(&next);

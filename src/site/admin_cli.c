@@ -354,7 +354,13 @@ static void show_certs(const cJSON *r)
 {
     static const char *const cols[] = {"kind",    "name",    "serial",  "issued",
                                        "expires", "revoked", "replaced"};
-    print_table(r, cols, 7);
+    const cJSON *row;
+    size_t ncols = 6;
+
+    cJSON_ArrayForEach(row, r)   /* the 'replaced' column once a renewal replaced one */
+        if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(row, "replaced")))
+            ncols = 7;
+    print_table(r, cols, ncols);
 }
 
 static void show_done(const cJSON *r)

@@ -12,7 +12,7 @@ from cryptography import x509
 
 import cmgtest
 from cmgtest import SLOW, poll, request, tls_connect
-from sitetest import Deployment
+from sitetest import Deployment, Device
 from underload import Load
 
 
@@ -117,8 +117,11 @@ def test_renew_and_reload_every_role_under_load(procs, tmp_path, svc):
     d.wait_policy(after=version)
     poll(lambda: f'policy version {d.policy_version()} and its routes' in cn.log_text(),
          10 * SLOW, 'the connector to fetch the new policy', check=procs.check)
-    assert 'revoked' not in d.site_proc.log_text(), d.site_proc.log_text()
     assert request(site, 'GET', site.path('policy.xml')).status == 200
+    # the registration service (a site route) is reached with the new certificate too
+    _, bulk = d.bulk_token()
+    d.register(Device(tmp_path, 'after-renewal'), bulk)
+    assert 'revoked' not in d.site_proc.log_text(), d.site_proc.log_text()
 
 
 def test_reload_with_a_key_that_does_not_match_changes_nothing(procs, tmp_path, svc):

@@ -218,7 +218,7 @@ void cmg_cn_reload(void *arg)
     struct cmg_connector *cn = arg;
     struct cmg_cn_config next;
     struct next_tls n = {0};
-    char err[2048];
+    char err[2048], serial[80];
     int up = 0;
 
     if (cmg_cn_config_load(&next, cn->cfg.file, err, sizeof(err)) < 0) {
@@ -238,7 +238,8 @@ void cmg_cn_reload(void *arg)
     cmg_cn_check_certs(cn);
     for (int i = 0; i < cn->ntunnels; i++)
         up += cn->tunnels[i].up;
-    cmg_info("reloaded %s: certificate %s and its key, CAs and settings in force for new "
-             "tunnels, feed requests and internal connections; %d tunnel(s) up go on with "
-             "their requests", cn->cfg.file, cn->cfg.cert, up);
+    cmg_tls_serial(SSL_CTX_get0_certificate(cn->tunnel_ctx), serial, sizeof(serial));
+    cmg_info("reloaded %s: certificate %s (serial %s), its key, CAs and settings in force for "
+             "new tunnels, feed requests and internal connections; %d tunnel(s) up go on with "
+             "their requests", cn->cfg.file, cn->cfg.cert, serial, up);
 }

@@ -1049,9 +1049,9 @@ static int renewal_target(struct cmg_site_ctx *s, const cJSON *args, struct rene
                         "%s (service_name in site.conf)", name, s->service_name);
         r->kind = "gateway";
         snprintf(r->name, sizeof(r->name), "%s", s->service_name);
-        r->next = "send SIGHUP to every gateway instance: systemctl reload "
-                  "'opencmg-gateway@*' (or kill -HUP each one's pid); gateways on other hosts "
-                  "need the new pair copied there first";
+        r->next = "send SIGHUP to the gateway instances: systemctl reload "
+                  "'opencmg-gateway@*' on each host (or kill -HUP each gateway's pid); "
+                  "gateways on other hosts need the new pair copied there first";
         return renewal_files(r, s->dir, "gateway", msg, len);
     }
     if (!strcmp(kind, "connector")) {

@@ -475,7 +475,7 @@ static void reload(void *arg)
     struct cmg_site_server *srv = arg;
     struct cmg_site_ctx next;
     SSL_CTX *admin, *channel;
-    char err[1200];
+    char err[1200], serial[80];
 
     if (reload_conf(srv, &next, err, sizeof(err)) < 0 || same_ca(srv->ctx, err, sizeof(err)) < 0 ||
         server_contexts(srv->ctx->dir, &admin, &channel, err, sizeof(err)) < 0) {
@@ -493,8 +493,9 @@ static void reload(void *arg)
     srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
     cmg_log_set_level(next.log_level);
     watch_certs(srv);
-    cmg_info("reloaded %s/site.conf and site.crt: the certificate in force for new "
-             "connections; live ones and held feed requests go on", srv->ctx->dir);
+    cmg_tls_serial(SSL_CTX_get0_certificate(channel), serial, sizeof(serial));
+    cmg_info("reloaded %s/site.conf and site.crt: certificate serial %s in force for new "
+             "connections; live ones and held feed requests go on", srv->ctx->dir, serial);
 }
 
 bool cmg_site_serve_running(const char *dir)

@@ -84,11 +84,11 @@ def test_renew_and_reload_every_role_under_load(procs, tmp_path, svc):
         renew(d, 'connector', 'connector-1')
         new_cn = cert_of(site.dir / 'connector.crt')
         assert serial_hex(new_cn) != serial_hex(old_cn)
-        reload_and_wait(cn, 'reloaded')
+        assert serial_hex(new_cn) in reload_and_wait(cn, 'reloaded')
 
         renew(d, 'site')
         new_site = cert_of(site.dir / 'site.crt')
-        reload_and_wait(d.site_proc, 'reloaded')
+        assert serial_hex(new_site) in reload_and_wait(d.site_proc, 'reloaded')
         assert serial_hex(feed_cert(d)) == serial_hex(new_site) != serial_hex(old_site)
         time.sleep(1)
     load.assert_clean()

@@ -73,6 +73,9 @@ struct cmg_cn_config {
 };
 
 int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen);
+/* The same without looking the mappings' hosts up (a reload, on the loop, keeps the
+ * mappings in force). */
+int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, size_t errlen);
 void cmg_cn_config_free(struct cmg_cn_config *c);
 struct cmg_cn_mapping *cmg_cn_config_mapping(struct cmg_cn_config *c, const char *role,
                                              size_t len);

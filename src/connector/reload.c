@@ -221,7 +221,7 @@ void cmg_cn_reload(void *arg)
     char err[2048], serial[80];
     int up = 0;
 
-    if (cmg_cn_config_load(&next, cn->cfg.file, err, sizeof(err)) < 0) {
+    if (cmg_cn_config_read(&next, cn->cfg.file, err, sizeof(err)) < 0) {
         cmg_error("reload failed, nothing changed: %s", err);
         cmg_cn_config_free(&next);
         return;

@@ -408,8 +408,7 @@ static void watch_certs(struct cmg_site_server *srv)
 {
     char path[PATH_MAX];
 
-    cmg_tls_watch_free(&srv->cert_watch);
-
+    cmg_tls_watch_free(&srv->cert_watch);   /* a reload watches the new ones */
     snprintf(path, sizeof(path), "%.*s/ca.crt", (int)sizeof(path) - 8, srv->ctx->dir);
     cmg_tls_watch_cert(&srv->cert_watch, "site CA", path, srv->ctx->ca_cert);
     snprintf(path, sizeof(path), "%.*s/site.crt", (int)sizeof(path) - 10, srv->ctx->dir);

@@ -50,6 +50,7 @@ struct cmg_cn_mapping {
     unsigned nidle;
     /* routes from the site: kept until exit once made (streams may point here) */
     bool retired;
+    bool site_service;       /* the site's registration service: this connector's certificate */
     struct cmg_cn_mapping *next;
 };
 
@@ -72,6 +73,9 @@ struct cmg_cn_config {
 };
 
 int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen);
+/* The same without looking the mappings' hosts up (a reload, on the loop, keeps the
+ * mappings in force). */
+int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, size_t errlen);
 void cmg_cn_config_free(struct cmg_cn_config *c);
 struct cmg_cn_mapping *cmg_cn_config_mapping(struct cmg_cn_config *c, const char *role,
                                              size_t len);
@@ -126,6 +130,9 @@ struct cmg_cn_mapping *cmg_cn_mapping_find(struct cmg_connector *cn, const char 
 /* Applies the site's routes (verified: signed by the site key); true if anything
  * changed. */
 bool cmg_cn_routes_apply(struct cmg_connector *cn, const cJSON *routes);
+/* The TLS context of a route from the site, with c's certificates. */
+SSL_CTX *cmg_cn_route_ctx(struct cmg_cn_config *c, const struct cmg_cn_mapping *m, char *err,
+                          size_t errlen);
 void cmg_cn_routes_free(struct cmg_connector *cn);
 /* The roles this connector serves, as a JSON array. */
 cJSON *cmg_cn_roles_json(struct cmg_connector *cn);
@@ -134,6 +141,18 @@ void cmg_cn_tunnel_announce(struct cmg_cn_tunnel *t);
 
 /* The site feed (site_feed.c): long-polls the site for the policy and routes. */
 int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen);
+/* The feed's TLS context for c (its certificate shown, the site's required); the feed
+ * takes a new one for its next request. */
+SSL_CTX *cmg_site_feed_tls(const struct cmg_cn_config *c, char *err, size_t errlen);
+void cmg_site_feed_set_tls(struct cmg_connector *cn, SSL_CTX *tls);
+
+/* reload.c: the TLS contexts of the tunnels and of a mapping's internal service; the
+ * connector's certificate checked and watched for its end (at start and after a
+ * reload); SIGHUP (a cmg_loop_on_hup hook, arg the connector). */
+SSL_CTX *cmg_cn_tunnel_ctx(const struct cmg_cn_config *c, char *err, size_t errlen);
+SSL_CTX *cmg_cn_mapping_ctx(const struct cmg_cn_mapping *m, char *err, size_t errlen);
+void cmg_cn_check_certs(struct cmg_connector *cn);
+void cmg_cn_reload(void *cn);
 void cmg_site_feed_stop(struct cmg_connector *cn);
 /* A gateway saw an OIDC token signed with a key id the policy lacks: tell the site (the
  * feed asks again at once with the report; at most once a minute). */

@@ -204,7 +204,7 @@ static int default_cache(struct cmg_cn_config *c, const char *dir)
     return cmg_conf_path(c->policy_cache, sizeof(c->policy_cache), dir, name);
 }
 
-int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen)
+int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, size_t errlen)
 {
     struct load l;
     int line;
@@ -240,7 +240,6 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
             snprintf(err, errlen, "%s: [mapping %s] has no internal_url", file, m->role);
             return -1;
         }
-        cmg_cn_mapping_resolve(m, 0);
     }
     if (c->site[0] && !c->site_key[0]) {
         snprintf(err, errlen, "%s: site needs site_key (the site's site-signing.pub), which "
@@ -253,6 +252,15 @@ int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, siz
         snprintf(err, errlen, "%s: policy_cache: path too long", file);
         return -1;
     }
+    return 0;
+}
+
+int cmg_cn_config_load(struct cmg_cn_config *c, const char *file, char *err, size_t errlen)
+{
+    if (cmg_cn_config_read(c, file, err, errlen) < 0)
+        return -1;
+    for (size_t i = 0; i < c->nmappings; i++)
+        cmg_cn_mapping_resolve(&c->mappings[i], 0);
     return 0;
 }
 

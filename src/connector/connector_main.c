@@ -21,59 +21,29 @@ static const char usage[] =
     "the site's required), acts only on a policy and routes that verify with\n"
     "'site_key', keeps the last good ones in 'policy_cache' and serves from there\n"
     "after a restart while the site is down.\n"
+    "SIGHUP reloads FILE and the certificates, keys and CAs it names, all or nothing\n"
+    "(systemctl reload): new tunnels and requests use them, live ones go on; the\n"
+    "gateway lines, site, site_key and [mapping] sections apply at the next start.\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
-/* The connector's own certificate must be a connector's: gateways and the site
- * refuse any other, so a device's shows at start, named, rather than as a refused
- * handshake. It and the CAs it trusts are watched for their end. */
-static void check_certs(struct cmg_connector *cn)
-{
-    struct cmg_cn_config *c = &cn->cfg;
-    X509 *own = SSL_CTX_get0_certificate(cn->tunnel_ctx);
-    char err[PATH_MAX + 64], usages[256], subject[256];
-
-    if (own && !cmg_tls_has_eku(own, CMG_OID_EKU_CONNECTOR)) {
-        cmg_tls_usages(own, usages, sizeof(usages));
-        cmg_tls_subject(own, subject, sizeof(subject));
-        cmg_error("%s is not a connector certificate: expected the OpenCMG connector usage "
-                  "(made by 'cmg site connector add'), found %s (%s%s); gateways and the site "
-                  "will refuse it", c->cert, usages, subject,
-                  cmg_tls_has_eku(own, "1.3.6.1.5.5.7.3.2") ? ": a device certificate?" : "");
-    }
-
-    if (cmg_tls_watch_file(&cn->cert_watch, "connector certificate", c->cert, err,
-                           sizeof(err)) < 0 ||
-        cmg_tls_watch_file(&cn->cert_watch, "gateway CA", c->ca, err, sizeof(err)) < 0 ||
-        (c->site[0] && cmg_tls_watch_file(&cn->cert_watch, "site CA", c->site_ca, err,
-                                          sizeof(err)) < 0))
-        cmg_warn("%s", err);
-    cmg_tls_watch_start(&cn->cert_watch, cn->loop);
-}
-
 static int setup(struct cmg_connector *cn)
 {
     struct cmg_cn_config *c = &cn->cfg;
-    struct cmg_tls_client_opts tun = {.ca = c->ca, .cert = c->cert, .key = c->key,
-                                      .alpn = "cmg-tunnel/1"};
     char err[512];
 
-    cn->tunnel_ctx = cmg_tls_client_ctx(&tun, err, sizeof(err));
+    cn->tunnel_ctx = cmg_cn_tunnel_ctx(c, err, sizeof(err));
     if (!cn->tunnel_ctx) {
         cmg_error("tunnel TLS: %s", err);
         return -1;
     }
-    cmg_tls_tunnel_ciphers(cn->tunnel_ctx);
-    check_certs(cn);
+    cmg_cn_check_certs(cn);
     for (size_t i = 0; i < c->nmappings; i++) {
         struct cmg_cn_mapping *m = &c->mappings[i];
-        struct cmg_tls_client_opts up = {.ca = m->ca[0] ? m->ca : NULL,
-                                         .cert = m->client_cert[0] ? m->client_cert : NULL,
-                                         .key = m->client_key[0] ? m->client_key : NULL};
         if (!m->tls)
             continue;
-        m->ctx = cmg_tls_client_ctx(&up, err, sizeof(err));
+        m->ctx = cmg_cn_mapping_ctx(m, err, sizeof(err));
         if (!m->ctx) {
             cmg_error("mapping %s (%s): %s", m->role, m->internal_url, err);
             return -1;
@@ -135,6 +105,7 @@ int cmg_connector_main(int argc, char **argv)
     cmg_log_set_level(cn.cfg.log_level);
     cn.loop = cmg_loop_new();
     if (cn.loop && setup(&cn) == 0) {
+        cmg_loop_on_hup(cn.loop, cmg_cn_reload, &cn);
         cmg_info("connector %s started: %d gateway(s), %zu mapping(s)", cn.cfg.name, cn.ntunnels,
                  cn.cfg.nmappings);
         rc = cmg_loop_run(cn.loop) < 0 ? 1 : 0;

@@ -37,41 +37,47 @@ cJSON *cmg_cn_roles_json(struct cmg_connector *cn)
     return roles;
 }
 
+SSL_CTX *cmg_cn_route_ctx(struct cmg_cn_config *c, const struct cmg_cn_mapping *m, char *err,
+                          size_t errlen)
+{
+    struct cmg_cn_mapping *conf = cmg_cn_config_mapping(c, m->role, strlen(m->role));
+    struct cmg_tls_client_opts up = {0};
+
+    /* TLS settings of the same role in connector.conf apply; else system roots. */
+    if (m->site_service) {
+        /* The site's own service takes connectors only: this connector's certificate,
+         * and the site's certificate (not any of its CA). */
+        up.ca = c->site_ca;
+        up.cert = c->cert;
+        up.key = c->key;
+        up.server_eku = CMG_OID_EKU_SITE;
+    } else if (conf) {
+        up.ca = conf->ca[0] ? conf->ca : NULL;
+        up.cert = conf->client_cert[0] ? conf->client_cert : NULL;
+        up.key = conf->client_key[0] ? conf->client_key : NULL;
+    }
+    return cmg_tls_client_ctx(&up, err, errlen);
+}
+
 static struct cmg_cn_mapping *new_route(struct cmg_connector *cn, const char *role,
                                         const char *url, bool site)
 {
     struct cmg_cn_mapping *m = calloc(1, sizeof(*m));
-    struct cmg_cn_mapping *conf = cmg_cn_config_mapping(&cn->cfg, role, strlen(role));
     char err[512];
 
     if (!m)
         return NULL;
     snprintf(m->role, sizeof(m->role), "%s", role);
+    m->site_service = site;
     if (cmg_cn_mapping_set_url(m, url, err, sizeof(err)) < 0) {
         cmg_warn("site route %s -> %s ignored: %s", role, url, err);
         free(m);
         return NULL;
     }
-    if (m->tls) {
-        /* TLS settings of the same role in connector.conf apply; else system roots. */
-        struct cmg_tls_client_opts up = {0};
-        if (site) {
-            /* The site's own service takes connectors only: this connector's
-             * certificate, and the site's certificate (not any of its CA). */
-            up.ca = cn->cfg.site_ca;
-            up.cert = cn->cfg.cert;
-            up.key = cn->cfg.key;
-            up.server_eku = CMG_OID_EKU_SITE;
-        } else if (conf) {
-            up.ca = conf->ca[0] ? conf->ca : NULL;
-            up.cert = conf->client_cert[0] ? conf->client_cert : NULL;
-            up.key = conf->client_key[0] ? conf->client_key : NULL;
-        }
-        if (!(m->ctx = cmg_tls_client_ctx(&up, err, sizeof(err)))) {
-            cmg_warn("site route %s -> %s ignored: %s", role, url, err);
-            free(m);
-            return NULL;
-        }
+    if (m->tls && !(m->ctx = cmg_cn_route_ctx(&cn->cfg, m, err, sizeof(err)))) {
+        cmg_warn("site route %s -> %s ignored: %s", role, url, err);
+        free(m);
+        return NULL;
     }
     return m;
 }

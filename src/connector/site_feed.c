@@ -402,11 +402,27 @@ static void authority_host(const char *a, char *out, size_t outlen)
         snprintf(out, outlen, "%.*s", end ? (int)(end - a) : (int)strlen(a), a);
 }
 
+SSL_CTX *cmg_site_feed_tls(const struct cmg_cn_config *c, char *err, size_t errlen)
+{
+    struct cmg_tls_client_opts tls = {.ca = c->site_ca, .cert = c->cert, .key = c->key,
+                                      .server_eku = CMG_OID_EKU_SITE};
+
+    return cmg_tls_client_ctx(&tls, err, errlen);
+}
+
+void cmg_site_feed_set_tls(struct cmg_connector *cn, SSL_CTX *tls)
+{
+    if (!cn->feed) {
+        SSL_CTX_free(tls);
+        return;
+    }
+    SSL_CTX_free(cn->feed->tls);   /* the request under way holds its own reference */
+    cn->feed->tls = tls;
+}
+
 int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
 {
     const char *url = cn->cfg.site;
-    struct cmg_tls_client_opts tls = {.ca = cn->cfg.site_ca, .cert = cn->cfg.cert,
-                                      .key = cn->cfg.key, .server_eku = CMG_OID_EKU_SITE};
     struct cmg_site_feed *f;
     const char *host = url + 8, *slash;
 
@@ -431,7 +447,7 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
     }
     authority_host(f->authority, f->host, sizeof(f->host));
     if (cmg_addr_parse(f->authority, 443, &f->addr, err, errlen) < 0 ||
-        !(f->tls = cmg_tls_client_ctx(&tls, err, errlen))) {
+        !(f->tls = cmg_site_feed_tls(&cn->cfg, err, errlen))) {
         free(f);
         return -1;
     }

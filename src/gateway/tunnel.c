@@ -106,6 +106,19 @@ static int set_roles(struct cmg_tunnel *t, const cJSON *roles)
     return 0;
 }
 
+/* The certificate serial says which of a connector's certificates (after a renewal) it
+ * dialled with. */
+static void tunnel_up_log(struct cmg_tunnel *t)
+{
+    X509 *cert = t->conn.ssl ? SSL_get0_peer_certificate(t->conn.ssl) : NULL;
+    char serial[80] = "?";
+
+    if (cert)
+        cmg_tls_serial(cert, serial, sizeof(serial));
+    cmg_info("tunnel up: connector=%s peer=%s roles=%zu serial=%s", t->name, t->conn.peer,
+             t->nroles, serial);
+}
+
 static void on_hello(struct cmg_tunnel *t, cJSON *msg)
 {
     cJSON *name = cJSON_GetObjectItemCaseSensitive(msg, "name");
@@ -127,7 +140,7 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     }
     t->ready = true;
     cmg_timer_stop(t->gw->loop, &t->hs_timer);
-    cmg_info("tunnel up: connector=%s peer=%s roles=%zu", t->name, t->conn.peer, t->nroles);
+    tunnel_up_log(t);
 }
 
 static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)

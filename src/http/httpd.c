@@ -375,6 +375,11 @@ static void on_accept(struct cmg_io *io, uint32_t events)
     }
 }
 
+void cmg_httpd_set_tls(struct cmg_httpd *h, SSL_CTX *tls)
+{
+    h->tls = tls;
+}
+
 int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_httpd_handler fn,
                      void *user, struct cmg_httpd **out, char *err, size_t errlen)
 {

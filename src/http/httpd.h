@@ -36,6 +36,8 @@ typedef void (*cmg_httpd_handler)(void *user, struct cmg_httpd_req *req);
  * applies), or plain with NULL. -1 with a reason in err. */
 int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_httpd_handler fn,
                      void *user, struct cmg_httpd **out, char *err, size_t errlen);
+/* The context new connections take (the caller owns it; live ones keep theirs). */
+void cmg_httpd_set_tls(struct cmg_httpd *h, SSL_CTX *tls);
 /* Closes the listener and every connection (held requests see on_abort). */
 void cmg_httpd_free(struct cmg_httpd *h);
 /* Answers a request (now or later, once). extra: more header lines, "\r\n"-terminated,

@@ -28,6 +28,7 @@ struct cli {
     const char *token_file;
     const char *ca_file;       /* --ca: the site CA, for --api */
     const char *subject;       /* the positional argument that is not the site */
+    const char *subject2;      /* a second one ('cert renew connector NAME') */
     bool json;
     cJSON *args;
 };
@@ -75,8 +76,22 @@ static const char usage[] =
     "                                     (a connector's: that connector is revoked)\n"
     "  cert list [--revoked]              everything the site issued or holds, with\n"
     "                                     its end: CA, site channel, gateway, each\n"
-    "                                     connector, devices, signing keys (--revoked:\n"
-    "                                     the revoked certificates)\n"
+    "                                     connector, devices, signing keys, and when a\n"
+    "                                     renewal replaced one (--revoked: the revoked\n"
+    "                                     certificates)\n"
+    "  cert renew gateway [NAME] | connector NAME [--out DIR] | site\n"
+    "                                     a new pair from the site CA (same subject,\n"
+    "                                     names and usages, a new key and validity)\n"
+    "                                     written over the files the role reads:\n"
+    "                                     DIR/gateway.crt, .key (NAME, if given, is the\n"
+    "                                     service name), DIR/connectors/NAME.crt, .key\n"
+    "                                     (DIR/connector.crt for the first connector;\n"
+    "                                     --out DIR if 'connector add' had it),\n"
+    "                                     DIR/site.crt, .key; the previous pair is kept\n"
+    "                                     as *.crt.old, *.key.old and stays valid, shown\n"
+    "                                     replaced by 'cert list', until it expires or\n"
+    "                                     is revoked; the role takes the new pair on\n"
+    "                                     SIGHUP (systemctl reload), no connection lost\n"
     "  cert check-revocation [on|off]     show or set whether gateways check the CRL\n"
     "                                     (also: cert revocation [on|off])\n"
     "  oidc set --discovery URL | --issuer URL --jwks FILE|URL\n"
@@ -142,7 +157,7 @@ static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
             else if (cJSON_IsNumber(v) && v->valuedouble > 1e9 && v->valuedouble < 1e11 &&
                      (strstr(cols[i], "expires") || strstr(cols[i], "created") ||
                       strstr(cols[i], "registered") || strstr(cols[i], "issued") ||
-                      !strcmp(cols[i], "revoked"))) {
+                      !strcmp(cols[i], "revoked") || !strcmp(cols[i], "replaced"))) {
                 iso_time(v->valuedouble, t, sizeof(t));
                 fputs(t, stdout);
             } else if (cJSON_IsNumber(v))
@@ -260,7 +275,8 @@ static bool changes_store(const struct cli *c, const char *op)
 {
     size_t n = strlen(op);
 
-    if ((n > 5 && !strcmp(op + n - 5, ".list")) || !strcmp(op, "oidc.show"))
+    if ((n > 5 && !strcmp(op + n - 5, ".list")) || !strcmp(op, "oidc.show") ||
+        !strcmp(op, "cert.renew"))   /* files and a record: nothing to publish */
         return false;
     return strcmp(op, "cert.revocation") || cJSON_GetObjectItem(c->args, "check_revocation");
 }
@@ -336,8 +352,15 @@ static void show_devices(const cJSON *r)
 
 static void show_certs(const cJSON *r)
 {
-    static const char *const cols[] = {"kind", "name", "serial", "issued", "expires", "revoked"};
-    print_table(r, cols, 6);
+    static const char *const cols[] = {"kind",    "name",    "serial",  "issued",
+                                       "expires", "revoked", "replaced"};
+    const cJSON *row;
+    size_t ncols = 6;
+
+    cJSON_ArrayForEach(row, r)   /* the 'replaced' column once a renewal replaced one */
+        if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(row, "replaced")))
+            ncols = 7;
+    print_table(r, cols, ncols);
 }
 
 static void show_done(const cJSON *r)
@@ -351,6 +374,30 @@ static void show_cert(const cJSON *r)
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "serial")),
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "cert")),
            cJSON_GetStringValue(cJSON_GetObjectItem(r, "key")));
+}
+
+static void show_renewed(const cJSON *r)
+{
+    char was[64];
+
+    iso_time(cJSON_GetNumberValue(cJSON_GetObjectItem(r, "replaced_expires")), was, sizeof(was));
+    printf("renewed the %s certificate of %s: serial %s, not after %s\n"
+           "  certificate: %s\n  key:         %s\n"
+           "the previous pair (serial %s, not after %s) is kept as\n  %s\n  %s\n"
+           "and stays valid until it expires ('cmg site cert revoke %s' once every role "
+           "has reloaded)\n"
+           "next: %s\n",
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "kind")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "name")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "serial")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "not_after")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "cert")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "key")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "replaced_serial")), was,
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "previous_cert")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "previous_key")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "replaced_serial")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "next")));
 }
 
 static void show_connectors(const cJSON *r)
@@ -580,6 +627,8 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks,
             c->dir = argv[i];
         else if (!c->subject)
             c->subject = argv[i];
+        else if (!c->subject2)
+            c->subject2 = argv[i];
         else
             return usage_error(c, "too many arguments");
     }
@@ -593,6 +642,12 @@ struct command {
     const char *subject;       /* args key the positional argument fills, or NULL */
     void (*show)(const cJSON *r);
 };
+
+/* The args key of a second positional argument, or NULL: 'cert renew connector NAME'. */
+static const char *second_subject(const struct command *cmd)
+{
+    return strcmp(cmd->op, "cert.renew") ? NULL : "name";
+}
 
 static const struct command commands[] = {
     {"mapping", "add", "mapping.add", NULL, show_mapping},
@@ -608,6 +663,7 @@ static const struct command commands[] = {
     {"cert", "issue", "cert.issue", "device", show_cert},
     {"cert", "revoke", "cert.revoke", "serial", show_done},
     {"cert", "list", "cert.list", NULL, show_certs},
+    {"cert", "renew", "cert.renew", "kind", show_renewed},
     {"cert", "check-revocation", "cert.revocation", "check_revocation", show_revocation},
     {"cert", "revocation-check", "cert.revocation", "check_revocation", show_revocation},
     {"cert", "revocation", "cert.revocation", "check_revocation", show_revocation},
@@ -635,10 +691,13 @@ static int run_command(const struct command *cmd, int argc, char **argv)
         fputs(usage, help && rc == 0 ? stdout : stderr);
         goto out;
     }
-    if (c.subject && !cmd->subject) {
-        rc = usage_error(&c, "unexpected argument (is the site directory right?)");
+    if ((c.subject && !cmd->subject) || (c.subject2 && !second_subject(cmd))) {
+        rc = usage_error(&c, c.subject2 ? "too many arguments"
+                                        : "unexpected argument (is the site directory right?)");
         goto out;
     }
+    if (c.subject2)
+        cJSON_AddStringToObject(c.args, second_subject(cmd), c.subject2);
     if (c.subject && !strcmp(cmd->subject, "check_revocation")) {
         bool on = !strcmp(c.subject, "on") || !strcmp(c.subject, "true") ||
                   !strcmp(c.subject, "yes") || !strcmp(c.subject, "1");

@@ -164,7 +164,7 @@ static int conf_entry(void *user, const char *section, const char *name, const c
     return 1;
 }
 
-static int read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
+int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
 {
     struct conf_state cs = {s, err, errlen, 0};
     char path[PATH_MAX], msg[256] = "";
@@ -206,7 +206,7 @@ int cmg_site_open(const char *dir, struct cmg_site_ctx *s, char *err, size_t err
         snprintf(err, errlen, "%s: %s", dir, strerror(errno));
         return -1;
     }
-    if (read_conf(s, err, errlen) < 0 || cmg_site_ensure_secrets(s->dir, err, errlen) < 0)
+    if (cmg_site_read_conf(s, err, errlen) < 0 || cmg_site_ensure_secrets(s->dir, err, errlen) < 0)
         goto fail;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_SIGNING_KEY) < 0 ||
         !(s->sign_key = cmg_pki_load_key(path))) {

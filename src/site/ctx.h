@@ -47,6 +47,8 @@ struct cmg_site_ctx {
  * -1 with a reason in err. */
 int cmg_site_open(const char *dir, struct cmg_site_ctx *s, char *err, size_t errlen);
 void cmg_site_close(struct cmg_site_ctx *s);
+/* Reads s->dir/site.conf into s (its keys only: nothing is loaded or opened). */
+int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen);
 /* Makes what cmg_site_open needs beyond the CA if missing: signing key pair, admin
  * token. Used by 'site init' too. */
 int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen);

@@ -26,6 +26,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define ROLE_ID_BASE UINT64_C(72057594037927936) /* 2^56, as Configuration Manager */
 #define DEVICE_CERT_DAYS 365
@@ -860,15 +861,34 @@ static void add_cert_dir(struct cmg_site_ctx *s, cJSON *list, const char *kind, 
     free(names);
 }
 
-/* Rows of the store's list, all of one kind. */
+/* Rows of the store's list, of kind unless the store says what they are for. */
 static void add_recorded(cJSON *list, cJSON *recorded, const char *kind)
 {
     cJSON *row;
     while (recorded && (row = cJSON_DetachItemFromArray(recorded, 0))) {
-        cJSON_AddStringToObject(row, "kind", kind);
+        if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(row, "kind")))
+            set_string(row, "kind", kind);
         cJSON_AddItemToArray(list, row);
     }
     cJSON_Delete(recorded);
+}
+
+/* The rows by kind (CA first, signing keys last), each kind in the order it came. */
+static cJSON *by_kind(cJSON *list)
+{
+    static const char *const kinds[] = {"CA", "site", "gateway", "connector", "device", NULL};
+    cJSON *out = cJSON_CreateArray(), *row;
+
+    for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++)
+        for (int i = 0; (row = cJSON_GetArrayItem(list, i));) {
+            const char *kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(row, "kind"));
+            if (!kinds[k] || (kind && !strcmp(kind, kinds[k])))
+                cJSON_AddItemToArray(out, cJSON_DetachItemFromArray(list, i));
+            else
+                i++;
+        }
+    cJSON_Delete(list);
+    return out;
 }
 
 /* The signing keys (DIR/site-signing*.pub): they have no end date of their own. */
@@ -927,18 +947,278 @@ static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
         cJSON_Delete(devices);
         return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     }
+    /* the store's rows first: a file in the site directory then names its row's kind */
     *result = cJSON_CreateArray();
+    add_recorded(*result, connectors, "connector");
+    add_recorded(*result, devices, "device");
     add_cert_file(s, *result, "CA", "site CA", "ca.crt");
     add_cert_file(s, *result, "site", "site channel", "site.crt");
     add_cert_file(s, *result, "gateway", "gateway", "gateway.crt");
-    add_recorded(*result, connectors, "connector");
     add_cert_file(s, *result, "connector", "connector-1", "connector.crt");
     add_cert_dir(s, *result, "connector", "connectors");
-    add_recorded(*result, devices, "device");
     add_cert_dir(s, *result, "device", "devices");
+    *result = by_kind(*result);
     add_signing_keys(s, *result);
     add_not_after(*result);
     return 0;
+}
+
+/* ---- cert renew: a new pair for the gateway, a connector or the site's channel ---- */
+
+struct renewal {
+    const char *kind;             /* "gateway", "connector", "site" */
+    char name[256];
+    char crt[PATH_MAX], key[PATH_MAX];
+    char old_crt[PATH_MAX + 8], old_key[PATH_MAX + 8];
+    const char *next;             /* what the operator does next */
+};
+
+static int renewal_files(struct renewal *r, const char *dir, const char *base, char *msg,
+                         size_t len)
+{
+    if (snprintf(r->crt, sizeof(r->crt), "%s/%s.crt", dir, base) >= (int)sizeof(r->crt) ||
+        snprintf(r->key, sizeof(r->key), "%s/%s.key", dir, base) >= (int)sizeof(r->key))
+        return fail(msg, len, 400, "%s: path too long", dir);
+    snprintf(r->old_crt, sizeof(r->old_crt), "%s.old", r->crt);
+    snprintf(r->old_key, sizeof(r->old_key), "%s.old", r->key);
+    return 0;
+}
+
+/* The connectors' names, for a message; whether name is one of them and revoked. */
+static void connector_names(struct cmg_site_ctx *s, const char *name, char *out, size_t outlen,
+                            bool *known, bool *revoked)
+{
+    cJSON *list = cmg_store_connectors_json(s->store), *row;
+    size_t used = 0;
+
+    *known = *revoked = false;
+    out[0] = 0;
+    cJSON_ArrayForEach(row, list) {
+        const char *n = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(row, "name"));
+        int w;
+        if (!n)
+            continue;
+        if (name && !strcmp(n, name)) {
+            *known = true;
+            *revoked = cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(row, "revoked"));
+        }
+        w = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", n);
+        if (w < 0 || (size_t)w >= outlen - used)
+            break;
+        used += (size_t)w;
+    }
+    if (!used)
+        snprintf(out, outlen, "none ('cmg site connector add NAME' makes one)");
+    cJSON_Delete(list);
+}
+
+/* A connector's pair: --out DIR/NAME.crt, else DIR/connectors/NAME.crt ('connector add'),
+ * else DIR/connector.crt when it is NAME's ('site init' writes the first one there). */
+static int connector_files(struct cmg_site_ctx *s, const cJSON *args, struct renewal *r,
+                           char *msg, size_t len)
+{
+    char dir[PATH_MAX], first[PATH_MAX], cn[256] = "";
+    X509 *x;
+    int rc;
+
+    if ((rc = out_dir(s, args, CMG_SITE_CONNECTORS_DIR, dir, sizeof(dir), msg, len)) != 0 ||
+        (rc = renewal_files(r, dir, r->name, msg, len)) != 0)
+        return rc;
+    if (arg_str(args, "out") || access(r->crt, F_OK) == 0 ||
+        snprintf(first, sizeof(first), "%s/connector.crt", s->dir) >= (int)sizeof(first) ||
+        !(x = cmg_pki_load_cert(first)))
+        return 0;
+    X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
+    X509_free(x);
+    return strcmp(cn, r->name) ? 0 : renewal_files(r, s->dir, "connector", msg, len);
+}
+
+/* Which certificate args name, and its files. 0, or an HTTP status with msg. */
+static int renewal_target(struct cmg_site_ctx *s, const cJSON *args, struct renewal *r,
+                          char *msg, size_t len)
+{
+    const char *kind = arg_str(args, "kind"), *name = arg_str(args, "name");
+    char names[1024];
+    bool known, revoked;
+
+    if (!kind)
+        return fail(msg, len, 400, "renew what? 'gateway [NAME]', 'connector NAME' or 'site'");
+    if (!strcmp(kind, "gateway")) {
+        if (name && strcmp(name, s->service_name))
+            return fail(msg, len, 404, "no gateway certificate for %s: the site has one, for "
+                        "%s (service_name in site.conf)", name, s->service_name);
+        r->kind = "gateway";
+        snprintf(r->name, sizeof(r->name), "%s", s->service_name);
+        r->next = "send SIGHUP to the gateway instances: systemctl reload "
+                  "'opencmg-gateway@*' on each host (or kill -HUP each gateway's pid); "
+                  "gateways on other hosts need the new pair copied there first";
+        return renewal_files(r, s->dir, "gateway", msg, len);
+    }
+    if (!strcmp(kind, "connector")) {
+        connector_names(s, name, names, sizeof(names), &known, &revoked);
+        if (!name)
+            return fail(msg, len, 400, "which connector? its NAME: %s", names);
+        if (!known)
+            return fail(msg, len, 404, "no connector named %s; the connectors: %s", name,
+                        names);
+        if (revoked)
+            return fail(msg, len, 409, "connector %s is revoked: a revoked connector is not "
+                        "renewed ('cmg site connector add' makes a new one)", name);
+        r->kind = "connector";
+        snprintf(r->name, sizeof(r->name), "%s", name);
+        r->next = "send SIGHUP to the connector: systemctl reload opencmg-connector (or kill "
+                  "-HUP its pid); a connector on another host needs the new pair copied there "
+                  "first";
+        return connector_files(s, args, r, msg, len);
+    }
+    if (!strcmp(kind, "site")) {
+        if (name)
+            return fail(msg, len, 400, "the site has one channel certificate: no NAME");
+        r->kind = "site";
+        snprintf(r->name, sizeof(r->name), "site channel");
+        r->next = "send SIGHUP to the site service: systemctl reload opencmg-site (or kill "
+                  "-HUP the pid in serve.lock)";
+        return renewal_files(r, s->dir, "site", msg, len);
+    }
+    return fail(msg, len, 400, "renew gateway, connector or site: found '%s'", kind);
+}
+
+/* The certificate in force, if this site's CA issued it (and, a connector's, to NAME). */
+static int renewal_old(struct cmg_site_ctx *s, const struct renewal *r, X509 **out, char *msg,
+                       size_t len)
+{
+    char issuer[256] = "", cn[256] = "";
+    X509 *x;
+
+    if (access(r->crt, R_OK) != 0 || access(r->key, R_OK) != 0)
+        return fail(msg, len, 404, "the %s certificate is not where it is renewed: %s / %s: %s",
+                    r->kind, r->crt, r->key, strerror(errno));
+    if (!(x = cmg_pki_load_cert(r->crt)))
+        return fail(msg, len, 409, "%s: not a PEM certificate", r->crt);
+    X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
+    if (!issued_here(s, x)) {
+        X509_NAME_oneline(X509_get_issuer_name(x), issuer, sizeof(issuer));
+        X509_free(x);
+        return fail(msg, len, 409, "%s was not issued by the site CA (its issuer: %s): renew it "
+                    "where it came from", r->crt, issuer);
+    }
+    if (!strcmp(r->kind, "connector") && strcmp(cn, r->name)) {
+        X509_free(x);
+        return fail(msg, len, 409, "%s is connector %s's certificate, not %s's", r->crt, cn,
+                    r->name);
+    }
+    *out = x;
+    return 0;
+}
+
+static void renewal_record(const struct renewal *r, X509 *x, char *subject, size_t sublen,
+                           struct cmg_store_cert *c)
+{
+    char hex[80] = "0";
+
+    serial_hex(x, hex, sizeof(hex));
+    normal_serial(hex, c->serial, sizeof(c->serial));
+    X509_NAME_oneline(X509_get_subject_name(x), subject, (int)sublen);
+    c->kind = r->kind;
+    c->name = r->name;
+    c->subject = subject;
+    c->issued = (int64_t)epoch_of(X509_get0_notBefore(x));
+    c->expires = (int64_t)epoch_of(X509_get0_notAfter(x));
+}
+
+/* A copy of a file the renewal replaces, beside it. */
+static int keep_previous(const char *from, const char *to, unsigned mode)
+{
+    unsigned char *data = NULL;
+    size_t n = 0;
+    int rc = cmg_pki_read_file(from, 1 << 20, &data, &n) < 0 ||
+             cmg_pki_write_file(to, data, n, mode) < 0 ? -1 : 0;
+
+    if (data)
+        OPENSSL_cleanse(data, n);
+    free(data);
+    return rc;
+}
+
+static cJSON *renewal_result(const struct renewal *r, const struct cmg_store_cert *old,
+                             const struct cmg_store_cert *c, X509 *x)
+{
+    cJSON *o = cJSON_CreateObject();
+    char when[64];
+
+    cmg_tls_not_after(x, when, sizeof(when));
+    cJSON_AddStringToObject(o, "kind", r->kind);
+    cJSON_AddStringToObject(o, "name", r->name);
+    cJSON_AddStringToObject(o, "serial", c->serial);
+    cJSON_AddNumberToObject(o, "expires", (double)c->expires);
+    cJSON_AddStringToObject(o, "not_after", when);
+    cJSON_AddStringToObject(o, "cert", r->crt);
+    cJSON_AddStringToObject(o, "key", r->key);
+    cJSON_AddStringToObject(o, "replaced_serial", old->serial);
+    cJSON_AddNumberToObject(o, "replaced_expires", (double)old->expires);
+    cJSON_AddStringToObject(o, "previous_cert", r->old_crt);
+    cJSON_AddStringToObject(o, "previous_key", r->old_key);
+    cJSON_AddStringToObject(o, "next", r->next);
+    return o;
+}
+
+/* Records the renewal, keeps the previous pair as *.old, then writes the new one over
+ * the files the role reads (each file replaced atomically; the key first: a reload
+ * between the two sees a pair that does not match, refuses it and keeps what it has). */
+static int renew_tx(struct cmg_site_ctx *s, const struct renewal *r, X509 *old,
+                    cJSON **result, char *msg, size_t len)
+{
+    char old_subject[512], subject[512];
+    struct cmg_store_cert was, now;
+    EVP_PKEY *k = cmg_pki_new_key();
+    X509 *x = k ? cmg_pki_renew(old, k, s->ca_cert, s->ca_key) : NULL;
+    int rc = 500;
+
+    if (!x) {
+        fail(msg, len, 500, "cannot issue the new %s certificate", r->kind);
+        goto out;
+    }
+    renewal_record(r, old, old_subject, sizeof(old_subject), &was);
+    renewal_record(r, x, subject, sizeof(subject), &now);
+    if (cmg_store_cert_replaced(s->store, &was, (int64_t)time(NULL)) < 0 ||
+        cmg_store_cert_renewed(s->store, &now) < 0) {
+        fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        goto out;
+    }
+    if (keep_previous(r->crt, r->old_crt, 0644) < 0 || keep_previous(r->key, r->old_key, 0600) < 0 ||
+        cmg_pki_write_key(r->key, k) < 0 || cmg_pki_write_cert(r->crt, x) < 0) {
+        fail(msg, len, 500, "cannot write %s / %s (or their copies *.old)", r->crt, r->key);
+        goto out;
+    }
+    *result = renewal_result(r, &was, &now, x);
+    rc = 0;
+out:
+    X509_free(x);
+    EVP_PKEY_free(k);
+    return rc;
+}
+
+static int op_cert_renew(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    struct renewal r = {0};
+    X509 *old = NULL;
+    int rc;
+
+    if ((rc = renewal_target(s, args, &r, msg, len)) != 0 ||
+        (rc = renewal_old(s, &r, &old, msg, len)) != 0)
+        return rc;
+    if (cmg_store_begin(s->store) < 0) {
+        X509_free(old);
+        return fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+    }
+    rc = renew_tx(s, &r, old, result, msg, len);
+    if (rc == 0 && cmg_store_commit(s->store) < 0)
+        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (rc != 0)
+        cmg_store_rollback(s->store);
+    X509_free(old);
+    return rc;
 }
 
 static int revocation_tx(struct cmg_site_ctx *s, bool on, char *msg, size_t len)
@@ -1129,6 +1409,7 @@ static const struct cmg_site_op_def ops[] = {
     {"oidc.set", op_oidc_set},             {"oidc.show", op_oidc_show},
     {"oidc.clear", op_oidc_clear},         {"connector.add", op_connector_add},
     {"connector.list", op_connector_list}, {"connector.revoke", op_connector_revoke},
+    {"cert.renew", op_cert_renew},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

@@ -253,6 +253,67 @@ out:
     return ret;
 }
 
+/* The extensions of old that describe the subject (names, usages, CRL location...): all
+ * but the key identifiers, which are made again for the new key. */
+static int pki_copy_exts(X509 *cert, X509 *old)
+{
+    for (int i = 0; i < X509_get_ext_count(old); i++) {
+        X509_EXTENSION *ext = X509_get_ext(old, i);
+        int nid = OBJ_obj2nid(X509_EXTENSION_get_object(ext));
+        if (nid == NID_subject_key_identifier || nid == NID_authority_key_identifier)
+            continue;
+        if (!X509_add_ext(cert, ext, -1))
+            return -1;
+    }
+    return 0;
+}
+
+/* notBefore now (less the skew), notAfter as far after it as old's was after its own. */
+static int pki_renewed_validity(X509 *cert, X509 *old, X509 *ca_cert)
+{
+    int days = 0, secs = 0;
+
+    if (!ASN1_TIME_diff(&days, &secs, X509_get0_notBefore(old), X509_get0_notAfter(old)) ||
+        (days <= 0 && secs <= 0) ||
+        !X509_gmtime_adj(X509_getm_notBefore(cert), -CMG_PKI_SKEW_SECONDS) ||
+        !X509_time_adj_ex(X509_getm_notAfter(cert), days, secs - CMG_PKI_SKEW_SECONDS, NULL))
+        return -1;
+    if (ASN1_TIME_compare(X509_get0_notAfter(cert), X509_get0_notAfter(ca_cert)) > 0 &&
+        !X509_set1_notAfter(cert, X509_get0_notAfter(ca_cert)))
+        return -1;
+    return 0;
+}
+
+X509 *cmg_pki_renew(X509 *old, EVP_PKEY *key, X509 *ca_cert, EVP_PKEY *ca_key)
+{
+    X509 *cert = NULL;
+    X509V3_CTX ctx;
+    char who[256] = "(no name)";
+
+    X509_NAME_oneline(X509_get_subject_name(old), who, sizeof(who));
+    if (X509_check_private_key(ca_cert, ca_key) != 1) {
+        pki_error("cannot renew %s: the CA key does not match", who);
+        return NULL;
+    }
+    if (!(cert = X509_new()) || !X509_set_version(cert, X509_VERSION_3) ||
+        pki_set_serial(cert) < 0 ||
+        !X509_set_subject_name(cert, X509_get_subject_name(old)) ||
+        !X509_set_issuer_name(cert, X509_get_subject_name(ca_cert)) ||
+        pki_renewed_validity(cert, old, ca_cert) < 0 || !X509_set_pubkey(cert, key) ||
+        pki_copy_exts(cert, old) < 0)
+        goto fail;
+    X509V3_set_ctx(&ctx, ca_cert, cert, NULL, NULL, 0);
+    if (pki_add_ext(cert, &ctx, NID_subject_key_identifier, "hash") < 0 ||
+        pki_add_ext(cert, &ctx, NID_authority_key_identifier, "keyid:always") < 0 ||
+        X509_sign(cert, ca_key, EVP_sha256()) <= 0)
+        goto fail;
+    return cert;
+fail:
+    pki_error("cannot renew the certificate of %s", who);
+    X509_free(cert);
+    return NULL;
+}
+
 int cmg_pki_write_file(const char *path, const void *data, size_t len, unsigned mode)
 {
     static unsigned counter;

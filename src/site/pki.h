@@ -42,6 +42,11 @@ EVP_PKEY *cmg_pki_new_key(void);
  * req->key. Serial: 128 random bits, positive. Adds SKI and AKI. */
 X509 *cmg_pki_issue(const struct cmg_cert_req *req, X509 *ca_cert, EVP_PKEY *ca_key);
 
+/* A new certificate for old's subject from the CA: the same subject and extensions
+ * (names, usages, CRL location), key's public half, a new serial, and a validity as long
+ * as old's from now (never past the CA's end); new key identifiers. */
+X509 *cmg_pki_renew(X509 *old, EVP_PKEY *key, X509 *ca_cert, EVP_PKEY *ca_key);
+
 /* Writes a file atomically (temporary file in the same directory, then rename), creating
  * it with the given mode (less the umask); an existing file is replaced. */
 int cmg_pki_write_file(const char *path, const void *data, size_t len, unsigned mode);

@@ -15,6 +15,7 @@
 #include "site/ctx.h"
 #include "site/oidc_refresh.h"
 #include "site/ops.h"
+#include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/register.h"
 #include "tls/tls.h"
@@ -58,6 +59,9 @@ static const char usage[] =
     "    published to devices through the gateway as\n"
     "    /CCM_Proxy_ServerAuth/<site role>/register and .../renew.\n"
     "All should be internal addresses: nothing here is meant for the internet.\n"
+    "SIGHUP (systemctl reload) reads site.conf, the site CA and site.crt/site.key\n"
+    "again ('cmg site cert renew site'), all or nothing: new connections get the new\n"
+    "certificate, live ones go on; listen addresses and names apply at the next start.\n"
     "Changes made with the admin commands ('cmg site mapping ...', 'token', 'device',\n"
     "'cert', 'oidc', 'connector') while it runs are signed into a new policy within\n"
     "a second and reach every gateway through the connectors.\n"
@@ -353,15 +357,41 @@ static bool is_loopback(const char *addr)
            !strncmp(addr, "localhost:", 10);
 }
 
-/* The TLS contexts: the admin API's (no client certificate) and the connectors'
- * channel's (a connector certificate of the site CA required). */
+/* The TLS contexts from DIR/site.crt and .key: the admin API's (no client certificate)
+ * and the connectors' channel's (a connector certificate of the site CA required); both
+ * or neither. */
+static int server_contexts(const char *dir, SSL_CTX **admin, SSL_CTX **channel, char *err,
+                           size_t errlen)
+{
+    char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
+    struct cmg_tls_server_opts o = {.cert = crt, .key = key};
+
+    *admin = *channel = NULL;
+    if (snprintf(crt, sizeof(crt), "%s/%s", dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
+        snprintf(key, sizeof(key), "%s/%s", dir, CMG_SITE_CHANNEL_KEY) >= (int)sizeof(key) ||
+        snprintf(ca, sizeof(ca), "%s/ca.crt", dir) >= (int)sizeof(ca)) {
+        snprintf(err, errlen, "the site directory's path is too long");
+        return -1;
+    }
+    if (!(*admin = cmg_tls_server_ctx(&o, err, errlen)))
+        return -1;
+    o.client_ca = ca;
+    o.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
+    o.client_eku = CMG_OID_EKU_CONNECTOR;
+    if ((*channel = cmg_tls_server_ctx(&o, err, errlen)) &&
+        cmg_tls_check_own_cert(*channel, crt, ca, CMG_OID_EKU_SITE, err, errlen) == 0)
+        return 0;
+    SSL_CTX_free(*admin);
+    SSL_CTX_free(*channel);
+    *admin = *channel = NULL;
+    return -1;
+}
+
+/* The site's certificate (made if missing or unfit) and the TLS contexts. */
 static int channel_tls(struct cmg_site_server *srv, const char *const *listen, char *err,
                        size_t errlen)
 {
     struct cmg_site_ctx *ctx = srv->ctx;
-    char crt[PATH_MAX], key[PATH_MAX], ca[PATH_MAX];
-    struct cmg_tls_server_opts o = {.cert = crt, .key = key};
-
     char reach[300];
     const char *names[] = {listen[0], listen[1], listen[2], reach};
 
@@ -370,18 +400,7 @@ static int channel_tls(struct cmg_site_server *srv, const char *const *listen, c
     if (cmg_site_channel_cert(ctx->dir, ctx->ca_cert, ctx->ca_key, NULL, names, 4, err,
                               errlen) < 0)
         return -1;
-    if (snprintf(crt, sizeof(crt), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_CERT) >= (int)sizeof(crt) ||
-        snprintf(key, sizeof(key), "%s/%s", ctx->dir, CMG_SITE_CHANNEL_KEY) >= (int)sizeof(key) ||
-        snprintf(ca, sizeof(ca), "%s/ca.crt", ctx->dir) >= (int)sizeof(ca)) {
-        snprintf(err, errlen, "the site directory's path is too long");
-        return -1;
-    }
-    if (!(srv->admin_tls = cmg_tls_server_ctx(&o, err, errlen)))
-        return -1;
-    o.client_ca = ca;
-    o.client_auth = CMG_TLS_REQUIRE_CLIENT_CERT;
-    o.client_eku = CMG_OID_EKU_CONNECTOR;
-    return (srv->channel_tls = cmg_tls_server_ctx(&o, err, errlen)) ? 0 : -1;
+    return server_contexts(ctx->dir, &srv->admin_tls, &srv->channel_tls, err, errlen);
 }
 
 /* The site CA and the site's own certificate, watched for their end. */
@@ -389,12 +408,93 @@ static void watch_certs(struct cmg_site_server *srv)
 {
     char path[PATH_MAX];
 
+    cmg_tls_watch_free(&srv->cert_watch);   /* a reload watches the new ones */
     snprintf(path, sizeof(path), "%.*s/ca.crt", (int)sizeof(path) - 8, srv->ctx->dir);
     cmg_tls_watch_cert(&srv->cert_watch, "site CA", path, srv->ctx->ca_cert);
     snprintf(path, sizeof(path), "%.*s/site.crt", (int)sizeof(path) - 10, srv->ctx->dir);
     cmg_tls_watch_cert(&srv->cert_watch, "site certificate", path,
                        SSL_CTX_get0_certificate(srv->channel_tls));
     cmg_tls_watch_start(&srv->cert_watch, srv->loop);
+}
+
+/* ---- reload (SIGHUP) ---- */
+
+static void keep_conf_str(const char *key, const char *next, const char *now)
+{
+    if (strcmp(next, now) != 0)
+        cmg_warn("reload: %s changed (%s -> %s): it applies at the next start; kept %s", key,
+                 now, next, now);
+}
+
+/* site.conf read again: log_level and oidc_refresh apply now; the rest is named and kept. */
+static int reload_conf(struct cmg_site_server *srv, struct cmg_site_ctx *next, char *err,
+                       size_t errlen)
+{
+    struct cmg_site_ctx *now = srv->ctx;
+
+    memset(next, 0, sizeof(*next));
+    snprintf(next->dir, sizeof(next->dir), "%s", now->dir);
+    if (cmg_site_read_conf(next, err, errlen) < 0)
+        return -1;
+    keep_conf_str("admin_listen", next->admin_listen, now->admin_listen);
+    keep_conf_str("feed_listen", next->feed_listen, now->feed_listen);
+    keep_conf_str("service_listen", next->service_listen, now->service_listen);
+    keep_conf_str("service_name", next->service_name, now->service_name);
+    keep_conf_str("site_role", next->site_role, now->site_role);
+    keep_conf_str("crl_url", next->crl_url, now->crl_url);
+    keep_conf_str("connector_address", next->connector_address, now->connector_address);
+    return 0;
+}
+
+/* DIR/ca.crt must still be the CA in force: a new site CA means new certificates for every
+ * role, and a restart. */
+static int same_ca(const struct cmg_site_ctx *ctx, char *err, size_t errlen)
+{
+    char path[PATH_MAX];
+    X509 *ca;
+    int rc = -1;
+
+    snprintf(path, sizeof(path), "%.*s/ca.crt", (int)sizeof(path) - 8, ctx->dir);
+    if (!(ca = cmg_pki_load_cert(path)))
+        snprintf(err, errlen, "%.600s: cannot read the site CA", path);
+    else if (X509_cmp(ca, ctx->ca_cert) != 0)
+        snprintf(err, errlen, "%.600s is not the site CA in force: a new CA is taken at a restart "
+                 "only (with new certificates for every role)", path);
+    else
+        rc = 0;
+    X509_free(ca);
+    return rc;
+}
+
+/* SIGHUP: site.conf, the site CA and site.crt/site.key read again and checked (the key
+ * matches, valid now, from the site CA, the site usage), applied all or nothing. Live
+ * connections and held feed requests keep theirs; new handshakes use the new pair. */
+static void reload(void *arg)
+{
+    struct cmg_site_server *srv = arg;
+    struct cmg_site_ctx next;
+    SSL_CTX *admin, *channel;
+    char err[1200], serial[80];
+
+    if (reload_conf(srv, &next, err, sizeof(err)) < 0 || same_ca(srv->ctx, err, sizeof(err)) < 0 ||
+        server_contexts(srv->ctx->dir, &admin, &channel, err, sizeof(err)) < 0) {
+        cmg_error("reload failed, nothing changed: %s", err);
+        return;
+    }
+    cmg_httpd_set_tls(srv->admin, admin);
+    cmg_httpd_set_tls(srv->feed, channel);
+    cmg_httpd_set_tls(srv->service, channel);
+    SSL_CTX_free(srv->admin_tls);
+    SSL_CTX_free(srv->channel_tls);
+    srv->admin_tls = admin;
+    srv->channel_tls = channel;
+    srv->ctx->log_level = next.log_level;
+    srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
+    cmg_log_set_level(next.log_level);
+    watch_certs(srv);
+    cmg_tls_serial(SSL_CTX_get0_certificate(channel), serial, sizeof(serial));
+    cmg_info("reloaded %s/site.conf and site.crt: certificate serial %s in force for new "
+             "connections; live ones and held feed requests go on", srv->ctx->dir, serial);
 }
 
 bool cmg_site_serve_running(const char *dir)
@@ -497,6 +597,7 @@ int cmg_site_serve_main(int argc, char **argv)
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
     watch_certs(&srv);
+    cmg_loop_on_hup(srv.loop, reload, &srv);
     if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
         goto out;
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "

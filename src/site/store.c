@@ -51,6 +51,10 @@ static const struct {
     {"oidc", "jwks_uri",
      "ALTER TABLE oidc ADD COLUMN discovery TEXT; ALTER TABLE oidc ADD COLUMN jwks_uri TEXT;"
      "ALTER TABLE oidc ADD COLUMN ca TEXT;"},
+    /* 'cert renew': what a certificate is for when it is not a device's (gateway, site,
+     * a connector's earlier one), and when a renewal replaced it */
+    {"certs", "replaced",
+     "ALTER TABLE certs ADD COLUMN kind TEXT; ALTER TABLE certs ADD COLUMN replaced INTEGER;"},
 };
 
 const char *cmg_store_error(struct cmg_store *s)
@@ -631,8 +635,8 @@ cJSON *cmg_store_certs_json(struct cmg_store *s, bool revoked_only)
                                       "expires, revoked FROM connectors WHERE revoked IS NOT "
                                       "NULL AND serial NOT IN (SELECT serial FROM certs) "
                                       "ORDER BY revoked, serial"
-                                    : "SELECT serial, name, subject, issued, expires, revoked "
-                                      "FROM certs ORDER BY issued, serial", ""));
+                                    : "SELECT serial, name, subject, issued, expires, revoked, "
+                                      "kind, replaced FROM certs ORDER BY issued, serial", ""));
 }
 
 /* ---- connector certificates ---- */
@@ -655,7 +659,13 @@ int cmg_store_connector_add(struct cmg_store *s, const char *name, const char *s
 
 int cmg_store_connector_revoke(struct cmg_store *s, const char *name, int64_t when)
 {
-    return revoke_row(s, "connectors", "name = ?", name, when);
+    int rc = revoke_row(s, "connectors", "name = ?", name, when);
+
+    /* the certificates a renewal replaced go with it */
+    if (rc == 0 && run(prep(s, "UPDATE certs SET revoked = ? WHERE kind = 'connector' AND "
+                               "name = ? AND revoked IS NULL", "is", when, name)) < 0)
+        return -1;
+    return rc;
 }
 
 int cmg_store_connector_exists(struct cmg_store *s, const char *name)
@@ -673,7 +683,9 @@ int cmg_store_connector_exists(struct cmg_store *s, const char *name)
 bool cmg_store_connector_revoked(struct cmg_store *s, const char *serial)
 {
     sqlite3_stmt *st = prep(s, "SELECT 1 FROM connectors WHERE serial = ? COLLATE NOCASE "
-                               "AND revoked IS NOT NULL", "s", serial);
+                               "AND revoked IS NOT NULL UNION ALL SELECT 1 FROM certs WHERE "
+                               "serial = ? COLLATE NOCASE AND kind = 'connector' AND revoked "
+                               "IS NOT NULL", "ss", serial, serial);
     bool revoked = st && sqlite3_step(st) == SQLITE_ROW;
 
     sqlite3_finalize(st);
@@ -684,6 +696,32 @@ cJSON *cmg_store_connectors_json(struct cmg_store *s)
 {
     return rows_json(s, prep(s, "SELECT name, serial, issued, expires, revoked FROM connectors "
                                 "ORDER BY issued, name", ""));
+}
+
+/* ---- renewals ('cert renew') ---- */
+
+int cmg_store_cert_replaced(struct cmg_store *s, const struct cmg_store_cert *old,
+                            int64_t when)
+{
+    if (run(prep(s, "INSERT OR IGNORE INTO certs (serial, name, subject, issued, expires) "
+                    "VALUES (?, ?, ?, ?, ?)", "sssii", old->serial, old->name, old->subject,
+                 old->issued, old->expires)) < 0 ||
+        run(prep(s, "UPDATE certs SET kind = ?, replaced = ? WHERE serial = ? COLLATE NOCASE",
+                 "sis", old->kind, when, old->serial)) < 0)
+        return -1;
+    return 0;   /* nothing the policy holds changed */
+}
+
+int cmg_store_cert_renewed(struct cmg_store *s, const struct cmg_store_cert *c)
+{
+    if (!strcmp(c->kind, "connector"))
+        return changes(s, prep(s, "UPDATE connectors SET serial = ?, issued = ?, expires = ? "
+                                  "WHERE name = ?", "siis", c->serial, c->issued, c->expires,
+                               c->name)) == 1 ? 0 : -1;
+    if (cmg_store_cert_add(s, c->serial, c->name, c->subject, c->issued, c->expires) < 0)
+        return -1;
+    return run(prep(s, "UPDATE certs SET kind = ? WHERE serial = ?", "ss", c->kind,
+                    c->serial)) < 0 ? -1 : 0;
 }
 
 /* ---- OIDC ---- */
@@ -806,5 +844,7 @@ cJSON *cmg_store_blocked_tokens(struct cmg_store *s)
 cJSON *cmg_store_revoked_connectors(struct cmg_store *s)
 {
     return column_strings(s, "SELECT serial FROM connectors WHERE revoked IS NOT NULL "
-                             "AND expires > strftime('%s', 'now') ORDER BY serial");
+                             "AND expires > strftime('%s', 'now') UNION SELECT serial FROM "
+                             "certs WHERE kind = 'connector' AND revoked IS NOT NULL AND "
+                             "expires > strftime('%s', 'now') ORDER BY serial");
 }

@@ -105,6 +105,19 @@ int cmg_store_connector_revoke(struct cmg_store *s, const char *name, int64_t wh
 int cmg_store_connector_exists(struct cmg_store *s, const char *name);   /* 1, 0, -1 */
 bool cmg_store_connector_revoked(struct cmg_store *s, const char *serial);
 cJSON *cmg_store_connectors_json(struct cmg_store *s);
+/* A certificate 'cert renew' replaced or made: kind "gateway", "site" or "connector",
+ * name the service name, "site channel" or the connector's name. */
+struct cmg_store_cert {
+    const char *kind, *name, *subject;
+    char serial[80];
+    int64_t issued, expires;
+};
+/* The replaced one: recorded (if it was not) and marked replaced at when; it stays valid
+ * until it expires or is revoked (a connector's is revoked with its connector). */
+int cmg_store_cert_replaced(struct cmg_store *s, const struct cmg_store_cert *old,
+                            int64_t when);
+/* The new one: a connector's becomes its connector's certificate; another is recorded. */
+int cmg_store_cert_renewed(struct cmg_store *s, const struct cmg_store_cert *c);
 /* Serials of revoked connector certificates not yet expired, for the policy. */
 cJSON *cmg_store_revoked_connectors(struct cmg_store *s);
 

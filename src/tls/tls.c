@@ -440,6 +440,66 @@ void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen)
 
 /* ---- certificate lifecycle: names and expiry ---- */
 
+/* The chain of ctx (its leaf and extra certificates) verifies up to a root of ca_file now. */
+static int verify_chain(SSL_CTX *ctx, X509 *leaf, const char *ca_file, char *why, size_t whylen)
+{
+    X509_STORE *roots = X509_STORE_new();
+    X509_STORE_CTX *vc = X509_STORE_CTX_new();
+    STACK_OF(X509) *extra = NULL;
+    int rc = -1;
+
+    SSL_CTX_get0_chain_certs(ctx, &extra);
+    if (!roots || !vc || X509_STORE_load_file(roots, ca_file) != 1) {
+        snprintf(why, whylen, "cannot load the CA file %s", ca_file);
+    } else if (X509_STORE_CTX_init(vc, roots, leaf, extra) != 1) {
+        snprintf(why, whylen, "out of memory");
+    } else if (X509_verify_cert(vc) != 1) {
+        snprintf(why, whylen, "it is not from the CA of %s (%s)", ca_file,
+                 X509_verify_cert_error_string(X509_STORE_CTX_get_error(vc)));
+    } else {
+        rc = 0;
+    }
+    ERR_clear_error();
+    X509_STORE_CTX_free(vc);
+    X509_STORE_free(roots);
+    return rc;
+}
+
+int cmg_tls_check_own_cert(SSL_CTX *ctx, const char *file, const char *ca_file,
+                           const char *eku, char *err, size_t errlen)
+{
+    X509 *x = SSL_CTX_get0_certificate(ctx);
+    char when[64], why[400], usages[256];
+
+    if (!x) {
+        snprintf(err, errlen, "%s: no certificate", file);
+        return -1;
+    }
+    if (X509_cmp_current_time(X509_get0_notAfter(x)) <= 0) {
+        cmg_tls_not_after(x, when, sizeof(when));
+        snprintf(err, errlen, "certificate %s expired on %s: expected a certificate valid now",
+                 file, when);
+        return -1;
+    }
+    if (X509_cmp_current_time(X509_get0_notBefore(x)) > 0) {
+        snprintf(err, errlen, "certificate %s is not valid yet: expected a certificate valid "
+                 "now (is this host's clock right?)", file);
+        return -1;
+    }
+    if (eku && !cmg_tls_has_eku(x, eku)) {
+        cmg_tls_usages(x, usages, sizeof(usages));
+        snprintf(err, errlen, "certificate %s lacks the usage it needs: expected %s, found %s",
+                 file, eku, usages);
+        return -1;
+    }
+    if (ca_file && ca_file[0] && verify_chain(ctx, x, ca_file, why, sizeof(why)) < 0) {
+        snprintf(err, errlen, "certificate %s: %s", file, why);
+        return -1;
+    }
+    return 0;
+}
+
+
 #define WATCH_INTERVAL_MS (24ull * 3600 * 1000)
 
 void cmg_tls_not_after(X509 *x, char *out, size_t outlen)

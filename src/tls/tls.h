@@ -81,6 +81,12 @@ void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen);
 int cmg_tls_check_server_cert(SSL_CTX *ctx, const char *file, const char *service_name,
                               char *err, size_t errlen);
 
+/* A certificate a role shows (the leaf of ctx, loaded from file) must be valid now, carry
+ * the extended key usage eku (OID text; NULL: any) and chain to a root of ca_file (NULL or
+ * "": not checked). -1 with err naming the file and what was expected and found. */
+int cmg_tls_check_own_cert(SSL_CTX *ctx, const char *file, const char *ca_file,
+                           const char *eku, char *err, size_t errlen);
+
 /* A role's own certificates and CAs, watched for their end: one warning line each
  * time one comes within 30, 14, 7, 3 and 1 day(s) of its notAfter (and once it has
  * passed), checked at start and daily, naming the file and the date. */

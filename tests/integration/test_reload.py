@@ -1,6 +1,6 @@
 """SIGHUP: the gateway reads gateway.conf and its certificates again and applies all of it
-or none; live connections, tunnels and downloads go on. The connector and the site do not
-reload yet: SIGHUP no longer stops them, and they say so."""
+or none; live connections, tunnels and downloads go on. The connector does the same with
+connector.conf (test_cert_renew.py renews its certificate under load)."""
 import signal
 
 from cryptography import x509
@@ -93,10 +93,22 @@ def test_reload_is_all_or_nothing(procs, site, svc):
     assert request(site, 'GET', site.path('policy.xml')).status == 200
 
 
-def test_connector_keeps_running_on_sighup(procs, site, svc):
+def test_connector_reload_is_all_or_nothing(procs, site, svc):
+    """SIGHUP on the connector: a key that does not match its certificate changes nothing and
+    says which file; a good configuration is taken, the gateway lines kept and named."""
     _, connector = bring_up(procs, site)
-    connector.popen.send_signal(signal.SIGHUP)
-    poll(lambda: 'does not reload its configuration yet' in connector.log_text(), 5 * SLOW,
-         'the connector to say it does not reload')
+    conf = site.connector_conf.read_text()
+
+    ini_set(site.connector_conf, 'connector', 'key', 'devices/device1.key')
+    reload_and_wait(connector, 'reload failed, nothing changed')
+    tail = connector.log_text().split('SIGHUP received')[-1]
+    assert 'device1.key' in tail and 'key values mismatch' in tail, tail
     assert connector.alive()
+    assert request(site, 'GET', site.path('policy.xml')).status == 200
+
+    site.connector_conf.write_text(conf)
+    ini_set(site.connector_conf, 'connector', 'gateway', '127.0.0.1:1')
+    ini_set(site.connector_conf, 'connector', 'upstream_timeout', 30)
+    reload_and_wait(connector, 'reloaded')
+    assert 'the gateway lines changed: they apply at the next start' in connector.log_text()
     assert request(site, 'GET', site.path('policy.xml')).status == 200

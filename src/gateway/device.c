@@ -56,6 +56,8 @@ static void on_open(struct cmg_conn *c)
     rc = cmg_tls_alpn_is(c->ssl, "h2") ? cmg_h2dev_start(d) : cmg_h1_start(d);
     if (rc < 0)
         cmg_device_close(d, "out of memory");
+    else if (d->gw->state == CMG_GW_DRAINING)   /* accepted just before the drain */
+        cmg_device_drain(d);
 }
 
 static void on_read(struct cmg_conn *c)
@@ -116,6 +118,15 @@ void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key
         d->next->prev = d;
     gw->devices = d;
     cmg_timer_start(gw->loop, &d->timer, gw->cfg.handshake_timeout_ms, on_handshake_timeout);
+}
+
+void cmg_device_drain(struct cmg_device *d)
+{
+    if (d->h2)
+        cmg_h2dev_drain(d);
+    else if (d->h1)
+        cmg_h1_drain(d);
+    /* still in its TLS handshake: on_open drains it */
 }
 
 void cmg_device_close_all(struct cmg_gateway *gw)

@@ -63,6 +63,7 @@ struct cmg_h1 {
     bool msg_complete;
     bool paused;
     bool keep_alive;
+    bool served;               /* a response went out: between requests, it idles */
     bool head;
     bool resp_started, resp_chunked;
     int scan;                  /* where scan_head is in the request head */
@@ -315,7 +316,7 @@ static int on_headers_complete(llhttp_t *p)
         else if (cmg_header_is(&h->hdrs, i, "expect"))
             expect = (int)i;
     }
-    h->keep_alive = llhttp_should_keep_alive(p);
+    h->keep_alive = llhttp_should_keep_alive(p) && d->gw->state != CMG_GW_DRAINING;
     h->head = p->method == HTTP_HEAD;
     if (p->http_major != 1) {
         h->error_status = 400;
@@ -573,6 +574,7 @@ static void wait_request(struct cmg_device *d, uint32_t ms, const char *why)
 static void finish_request(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
+    h->served = true;
     h->msg_complete = false;
     h->resp_started = h->resp_chunked = false;
     h->error_status = 0;
@@ -823,6 +825,19 @@ int cmg_h1_start(struct cmg_device *d)
     wait_request(d, d->gw->cfg.header_timeout_ms, "no request");
     cmg_conn_want_read(&d->conn, true);
     return 0;
+}
+
+/* The gateway drains: the answer in progress, or the next one, is the last (Connection:
+ * close); a connection idle between requests is closed now (a client sends a request
+ * again on a new connection when a kept-alive one closed before any of its answer). A new
+ * connection gets its first request answered. */
+void cmg_h1_drain(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+
+    h->keep_alive = false;
+    if (h->phase == H1_WAIT && h->served && !h->held.len)
+        close_after_output(d);
 }
 
 void cmg_h1_free(struct cmg_device *d)

@@ -128,6 +128,7 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     t->ready = true;
     cmg_timer_stop(t->gw->loop, &t->hs_timer);
     cmg_info("tunnel up: connector=%s peer=%s roles=%zu", t->name, t->conn.peer, t->nroles);
+    cmg_gw_ready_news(t->gw);
 }
 
 static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)

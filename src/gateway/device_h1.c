@@ -23,9 +23,8 @@
 
 #define READ_CHUNK 16384
 #define MAX_HEADERS 100
-/* After the last answer: how long, and how much, the device's input is dropped. */
+/* After the last answer: how long the device's input is dropped. */
 #define LINGER_MS 2000
-#define LINGER_MAX_BYTES (4 * 1024 * 1024)
 /* Requests one connection may begin per loop round: a pipelined burst of requests
  * answered here (refusals) costs far more than its bytes, which cmg_conn_read counts. */
 #define REQUESTS_PER_ROUND 16
@@ -49,8 +48,6 @@ struct cmg_h1 {
     enum h1_phase phase;
     const char *timer_why;     /* what the armed deadline ends */
     size_t blank_bytes;        /* CR/LF before the request line */
-    size_t linger_bytes;       /* dropped while lingering */
-    bool close_notify_sent;
     bool out_blocked;          /* reading waits for answers the device has not taken */
     uint64_t round;            /* the loop round that round_requests counts */
     unsigned round_requests;
@@ -93,28 +90,15 @@ static void arm(struct cmg_device *d, uint32_t ms, const char *why)
     cmg_timer_start(d->gw->loop, &d->timer, ms, on_timeout);
 }
 
-/* The answer is written: say so over TLS (close_notify), end our side, and read what
- * the device still sends, so that its unread input does not reset the connection
- * (and the answer with it) at close, as nginx's lingering close does. */
+/* The answer is written: the device's input is dropped until it closes (device.c). */
 static void start_linger(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
 
     if (h->phase == H1_LINGER)
         return;
-    if (d->conn.ssl && !h->close_notify_sent) {
-        h->close_notify_sent = true;
-        ERR_clear_error();
-        SSL_shutdown(d->conn.ssl);   /* queued with the connection's output */
-        ERR_clear_error();
-        cmg_conn_flush(&d->conn);
-        if (cmg_conn_pending(&d->conn))
-            return;                  /* on_drain comes back here */
-    }
     h->phase = H1_LINGER;
-    shutdown(d->conn.io.fd, SHUT_WR);
-    arm(d, LINGER_MS, "closed after answer");
-    cmg_conn_want_read(&d->conn, true);
+    cmg_device_linger(d, LINGER_MS, "closed after answer");
 }
 
 /* Close once the queued output is written. */
@@ -129,33 +113,6 @@ static void close_after_output(struct cmg_device *d)
     cmg_conn_flush(&d->conn);
     if (cmg_conn_pending(&d->conn) == 0)
         start_linger(d);
-}
-
-/* Reads and drops the device's input, straight from the socket (nothing of it is
- * used, not even decrypted): until it closes, or the bounds are reached. */
-static void linger_read(struct cmg_device *d)
-{
-    struct cmg_h1 *h = d->h1;
-    char buf[READ_CHUNK];
-    size_t round = 0;
-
-    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
-        ssize_t n = recv(d->conn.io.fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0) {
-            cmg_device_close(d, "closed after answer");
-            return;
-        }
-        round += (size_t)n;
-        h->linger_bytes += (size_t)n;
-        if (h->linger_bytes > LINGER_MAX_BYTES) {
-            cmg_device_close(d, "closed after answer: the device kept sending");
-            return;
-        }
-    }
 }
 
 /* An answer made here: a refusal (its reason token as text) or the gateway's own
@@ -773,10 +730,8 @@ void cmg_h1_on_read(struct cmg_device *d)
     char buf[READ_CHUNK];
     ssize_t n;
 
-    if (d->h1 && d->h1->phase == H1_LINGER) {
-        linger_read(d);
-        return;
-    }
+    if (d->h1 && d->h1->phase == H1_LINGER)
+        return;   /* device.c reads and drops */
     parse_held(d);
     /* Each read is parsed before the next; cmg_conn_read bounds a round's input. */
     while (d->h1 && ready_for_input(d)) {

@@ -103,7 +103,14 @@ static void h2_send(struct cmg_device *d)
         cmg_device_close(d, nghttp2_strerror(rc));
         return;
     }
-    if (cmg_h2_finished(h->s, &d->conn))
+    if (!cmg_h2_finished(h->s, &d->conn))
+        return;
+    /* After the drain's GOAWAY, the last responses may still be in the socket's buffer, and
+     * the device sends WINDOW_UPDATEs as it reads them: a close now would reset them away.
+     * The device closes once it has read the GOAWAY; the drain's deadline bounds the wait. */
+    if (h->draining)
+        cmg_device_linger(d, d->gw->cfg.drain_timeout_ms, "HTTP/2 session ended (drain)");
+    else
         cmg_device_close(d, "HTTP/2 session ended");
 }
 

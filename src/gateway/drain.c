@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -85,7 +86,8 @@ static unsigned ready_tunnels(const struct cmg_gateway *gw)
     return n;
 }
 
-static void join(struct cmg_gateway *gw)
+/* Listens on the device port, then says why now (what a probe of the log may wait for). */
+static void join(struct cmg_gateway *gw, enum cmg_log_level level, const char *why)
 {
     cmg_timer_stop(gw->loop, &gw->ready_timer);
     cmg_task_cancel(gw->loop, &gw->join_task);
@@ -94,39 +96,42 @@ static void join(struct cmg_gateway *gw)
         cmg_error("the device port cannot be joined: stopping");
         gw->failed = true;
         cmg_loop_stop(gw->loop);
+        return;
     }
+    cmg_log(level, "joining the device port%s", why);
 }
 
 static void on_join_task(struct cmg_task *task)
 {
     struct cmg_gateway *gw = GW_OF(task, join_task);
     unsigned n = ready_tunnels(gw);
+    char why[120];
 
     if (gw->state != CMG_GW_STARTING || !gw->policy || n == 0)
         return;
-    cmg_info("joining the device port: policy version %lld, %u tunnel%s",
+    snprintf(why, sizeof(why), ": policy version %lld, %u tunnel%s",
              (long long)gw->policy->version, n, n == 1 ? "" : "s");
-    join(gw);
+    join(gw, CMG_LOG_INFO, why);
 }
 
 static void on_ready_timeout(struct cmg_timer *t)
 {
     struct cmg_gateway *gw = GW_OF(t, ready_timer);
+    char why[160];
 
     if (gw->state != CMG_GW_STARTING)
         return;
-    cmg_warn("joining the device port without a tunnel after ready_timeout %g s: devices get "
-             "503 CMGService_No_Connector until one is up", gw->cfg.ready_timeout_ms / 1000.0);
-    join(gw);
+    snprintf(why, sizeof(why), " without a tunnel after ready_timeout %g s: devices get 503 "
+             "CMGService_No_Connector until one is up", gw->cfg.ready_timeout_ms / 1000.0);
+    join(gw, CMG_LOG_WARN, why);
 }
 
 int cmg_gw_ready_start(struct cmg_gateway *gw)
 {
     gw->state = CMG_GW_STARTING;
     if (gw->cfg.ready_timeout_ms == 0) {
-        cmg_info("joining the device port at once (ready_timeout 0): devices get 503 "
-                 "CMGService_No_Connector until a tunnel is up");
-        join(gw);
+        join(gw, CMG_LOG_INFO, " at once (ready_timeout 0): devices get 503 "
+             "CMGService_No_Connector until a tunnel is up");
         return gw->failed ? -1 : 0;
     }
     cmg_info("the device port opens once a connector is up (or after ready_timeout %g s)",

@@ -245,6 +245,13 @@ struct cmg_device {
     struct cmg_h1 *h1;
     struct cmg_h2dev *h2;
     bool closing;
+    /* the lingering close (cmg_device_linger) */
+    bool close_notify_sent;
+    bool linger_due;         /* once the output is written */
+    bool lingering;          /* input is read and dropped until the device closes */
+    uint32_t linger_ms;
+    const char *linger_why;
+    size_t linger_bytes;     /* dropped so far */
     struct cmg_device *prev, *next;
 };
 
@@ -259,6 +266,12 @@ void cmg_device_close_all(struct cmg_gateway *gw);
 void cmg_device_drain(struct cmg_device *d);
 /* Closes the connection now and frees the device after this loop round. */
 void cmg_device_close(struct cmg_device *d, const char *why);
+/* The last answer is out (or queued): close_notify, the end of our side once the output
+ * is written, then what the device still sends is read and dropped until it closes, or
+ * for `ms` at most, so that its unread input does not reset the connection (and the
+ * answer with it, still in the socket's buffer) at close, as nginx's lingering close
+ * does. The protocol (h1, h2) is not called again. */
+void cmg_device_linger(struct cmg_device *d, uint32_t ms, const char *why);
 /* Judges the TLS client certificate against the policy in force (once per
  * connection and policy). */
 enum cmg_cert_state cmg_device_cert(struct cmg_device *d);

@@ -11,19 +11,23 @@ nothing is left. SIGQUIT (or a second SIGTERM) stops at once.
 Ready: the device port opens once a policy is in force and a tunnel is ready, or after
 ready_timeout; a rolling restart of two instances under the acceptance load (underload.Load)
 fails no request, breaks no download and answers no 503."""
+import os
 import re
+import shutil
 import signal
 import socket
 import ssl
-import threading
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 import h2.config
 import h2.connection
 import h2.events
 
-from cmgtest import (SLOW, CurlProcess, Site, bring_up, client_context, ini_set, poll, read_response,
+from cmgtest import (CMG, SLOW, CurlProcess, Site, bring_up, client_context, ini_set, poll, read_response,
                      request, start_connector, start_gateway, tls_connect)
 from underload import MiB, Load
 
@@ -318,3 +322,39 @@ def test_device_port_opens_after_ready_timeout_without_a_connector(procs, site, 
                     '503 CMGService_No_Connector until one is up'), line
     r = request(site, 'GET', site.path('policy.xml'))
     assert r.status == 503 and b'CMGService_No_Connector' in r.body, r
+
+
+# ---------------------------------------------------------------- net.ipv4.tcp_migrate_req
+
+@pytest.mark.parametrize('who', ['root', 'nobody'])
+def test_tcp_migrate_req_set_by_root_else_a_warning(procs, site, who):
+    """In a network namespace of its own (where the sysctl starts at 0): a gateway run as root
+    sets it and says so; one run as nobody cannot, and warns once, naming the cost."""
+    if os.geteuid() != 0:
+        pytest.skip('needs root (a network namespace, another user)')
+    work = Path(tempfile.mkdtemp(prefix='cmg-netns-'))
+    try:
+        shutil.copytree(site.dir, work / 'site')      # readable by nobody too
+        for root, dirs, files in os.walk(work):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        argv = ['unshare', '--net', 'sh', '-c', 'ip link set lo up && exec "$@"', 'sh']
+        if who == 'nobody':
+            argv += ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups']
+        gw = procs.start(f'gateway-{who}', argv + [CMG, 'gateway', '-c', work / 'site/gateway.conf'])
+        poll(lambda: 'listening for connectors on' in gw.log_text(), 10 * SLOW, 'the gateway to start',
+             check=procs.check)
+        log = gw.log_text()
+        if who == 'root':
+            assert 'set net.ipv4.tcp_migrate_req = 1 (it was 0): connections queued at this instance ' \
+                   'when it drains move to the other instances on the device port' in log, log
+        else:
+            assert log.count('tcp_migrate_req') == 1, log
+            assert re.search(r'warn: cannot set net\.ipv4\.tcp_migrate_req = 1 \(Permission denied; .*\): '
+                             r'connections queued at this instance when it drains may be reset', log), log
+        rc, took = stop_and_wait(gw, signal.SIGTERM, 10 * SLOW)     # nothing to drain: at once
+        assert rc == 0 and took < 1.0 * SLOW, (rc, took)
+        assert drain_end(gw).group(2, 3) == ('0', '0')
+    finally:
+        shutil.rmtree(work)

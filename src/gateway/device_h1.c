@@ -14,8 +14,6 @@
 #include "http/h1_head.h"
 #include "http/status.h"
 
-#include <errno.h>
-#include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>

@@ -91,6 +91,7 @@ def test_rolling_restart_of_two_instances_under_load(procs, tmp_path, svc):
     for gw in gws:                      # the restarted instances answered, and never 503
         assert access_lines(gw, 200), f'{gw.name} answered nothing after its restart'
         assert not access_lines(gw, 503), access_lines(gw, 503)[:3]
+        print(f'{gw.name} (restarted): {len(access_lines(gw, 200))} answers, peak RSS {gw.peak_rss_kib()} KiB')
     assert connector.alive()
 
 

@@ -86,7 +86,7 @@ void cmg_addr_str(const struct sockaddr *sa, char *out, size_t outlen)
     }
 }
 
-int cmg_net_listen(const struct cmg_addr *a, bool reuseport, int backlog)
+int cmg_net_bind(const struct cmg_addr *a, bool reuseport)
 {
     int one = 1, fd, saved;
 
@@ -98,10 +98,22 @@ int cmg_net_listen(const struct cmg_addr *a, bool reuseport, int backlog)
         goto fail;
     if (a->ss.ss_family == AF_INET6)   /* [::] and 0.0.0.0 are listed separately */
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, backlog) < 0)
+    if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0)
         goto fail;
     return fd;
 fail:
+    saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+int cmg_net_listen(const struct cmg_addr *a, bool reuseport, int backlog)
+{
+    int fd = cmg_net_bind(a, reuseport), saved;
+
+    if (fd < 0 || listen(fd, backlog) == 0)
+        return fd;
     saved = errno;
     close(fd);
     errno = saved;

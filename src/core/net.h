@@ -16,6 +16,9 @@ struct cmg_addr {
 int cmg_addr_parse(const char *s, int default_port, struct cmg_addr *a, char *err, size_t errlen);
 /* "1.2.3.4:5" or "[::1]:5" */
 void cmg_addr_str(const struct sockaddr *sa, char *out, size_t outlen);
+/* A non-blocking socket bound to a, not listening yet: with SO_REUSEPORT, it takes no
+ * connection from the others bound to the port until listen(). The fd, or -1 with errno. */
+int cmg_net_bind(const struct cmg_addr *a, bool reuseport);
 /* A non-blocking listening socket. Returns the fd, or -1 with errno set. */
 int cmg_net_listen(const struct cmg_addr *a, bool reuseport, int backlog);
 /* Starts a non-blocking connect. Returns the fd (connect may be in progress) or -1. */

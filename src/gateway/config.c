@@ -86,6 +86,8 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     MSKEY("header_timeout", header_timeout_ms)
     MSKEY("idle_timeout", idle_timeout_ms)
     MSKEY("max_policy_age", max_policy_age_ms)
+    MSKEY("drain_timeout", drain_timeout_ms)
+    MSKEY("ready_timeout", ready_timeout_ms)
 #undef PATHKEY
 #undef MSKEY
     if (!strcmp(key, "service_name"))
@@ -174,6 +176,8 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->header_timeout_ms = 30000;
     c->idle_timeout_ms = 120000;
     c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
+    c->drain_timeout_ms = 30000;
+    c->ready_timeout_ms = 30000;
     c->max_header_size = 16384;
     c->max_connections = 10000;
     c->max_connections_per_source = 2000;

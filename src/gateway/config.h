@@ -29,6 +29,10 @@ struct cmg_gw_config {
     uint32_t stall_timeout_ms;   /* requests outstanding, nothing heard: PING; 0: off */
     uint32_t handshake_timeout_ms, header_timeout_ms, idle_timeout_ms;
     uint32_t max_policy_age_ms;   /* warn when the policy in force is older */
+    /* SIGTERM: how long requests in flight may take to finish before they are cut */
+    uint32_t drain_timeout_ms;
+    /* at start: how long the device port waits for a tunnel (0: joined at once) */
+    uint32_t ready_timeout_ms;
     uint32_t max_header_size, max_connections;
     /* per source address (IPv4, or IPv6 /64); tunnel handshakes not yet authenticated */
     uint32_t max_connections_per_source, max_tunnel_handshakes, max_tunnel_handshakes_per_source;

@@ -4,6 +4,7 @@
 #include "tls/tls.h"
 
 #include <errno.h>
+#include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -40,6 +41,66 @@ void cmg_device_close(struct cmg_device *d, const char *why)
     cmg_loop_free_later(gw->loop, d, device_free);
 }
 
+/* ---- lingering close ---- */
+
+#define LINGER_READ_CHUNK 16384
+/* What a lingering connection may still send before it is closed outright. */
+#define LINGER_MAX_BYTES (4 * 1024 * 1024)
+
+static void on_linger_timeout(struct cmg_timer *t)
+{
+    struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
+    cmg_device_close(d, d->linger_why);
+}
+
+/* Reads and drops the device's input, straight from the socket (nothing of it is used,
+ * not even decrypted): until it closes, or the bounds are reached. */
+static void linger_read(struct cmg_device *d)
+{
+    char buf[LINGER_READ_CHUNK];
+    size_t round = 0;
+
+    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
+        ssize_t n = recv(d->conn.io.fd, buf, sizeof(buf), 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (n <= 0) {
+            cmg_device_close(d, d->linger_why);
+            return;
+        }
+        round += (size_t)n;
+        d->linger_bytes += (size_t)n;
+        if (d->linger_bytes > LINGER_MAX_BYTES) {
+            cmg_device_close(d, "closed while lingering: the device kept sending");
+            return;
+        }
+    }
+}
+
+void cmg_device_linger(struct cmg_device *d, uint32_t ms, const char *why)
+{
+    if (d->lingering)
+        return;
+    d->linger_ms = ms;
+    d->linger_why = why;
+    if (d->conn.ssl && !d->close_notify_sent) {
+        d->close_notify_sent = true;
+        ERR_clear_error();
+        SSL_shutdown(d->conn.ssl);   /* queued with the connection's output */
+        ERR_clear_error();
+        cmg_conn_flush(&d->conn);
+    }
+    d->linger_due = cmg_conn_pending(&d->conn) > 0;
+    if (d->linger_due)
+        return;                      /* on_drain comes back here */
+    d->lingering = true;
+    shutdown(d->conn.io.fd, SHUT_WR);
+    cmg_timer_start(d->gw->loop, &d->timer, ms, on_linger_timeout);
+    cmg_conn_want_read(&d->conn, true);
+}
+
 static void on_handshake_timeout(struct cmg_timer *t)
 {
     struct cmg_device *d = (struct cmg_device *)((char *)t - offsetof(struct cmg_device, timer));
@@ -56,12 +117,16 @@ static void on_open(struct cmg_conn *c)
     rc = cmg_tls_alpn_is(c->ssl, "h2") ? cmg_h2dev_start(d) : cmg_h1_start(d);
     if (rc < 0)
         cmg_device_close(d, "out of memory");
+    else if (d->gw->state == CMG_GW_DRAINING)   /* accepted just before the drain */
+        cmg_device_drain(d);
 }
 
 static void on_read(struct cmg_conn *c)
 {
     struct cmg_device *d = c->owner;
-    if (d->h2)
+    if (d->lingering)
+        linger_read(d);
+    else if (d->h2)
         cmg_h2dev_on_read(d);
     else if (d->h1)
         cmg_h1_on_read(d);
@@ -70,7 +135,11 @@ static void on_read(struct cmg_conn *c)
 static void on_drain(struct cmg_conn *c)
 {
     struct cmg_device *d = c->owner;
-    if (d->h2)
+    if (d->linger_due)
+        cmg_device_linger(d, d->linger_ms, d->linger_why);
+    else if (d->lingering)
+        return;
+    else if (d->h2)
         cmg_h2dev_on_drain(d);
     else if (d->h1)
         cmg_h1_on_drain(d);
@@ -116,6 +185,15 @@ void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key
         d->next->prev = d;
     gw->devices = d;
     cmg_timer_start(gw->loop, &d->timer, gw->cfg.handshake_timeout_ms, on_handshake_timeout);
+}
+
+void cmg_device_drain(struct cmg_device *d)
+{
+    if (d->h2)
+        cmg_h2dev_drain(d);
+    else if (d->h1)
+        cmg_h1_drain(d);
+    /* still in its TLS handshake: on_open drains it */
 }
 
 void cmg_device_close_all(struct cmg_gateway *gw)

@@ -14,8 +14,6 @@
 #include "http/h1_head.h"
 #include "http/status.h"
 
-#include <errno.h>
-#include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -23,9 +21,8 @@
 
 #define READ_CHUNK 16384
 #define MAX_HEADERS 100
-/* After the last answer: how long, and how much, the device's input is dropped. */
+/* After the last answer: how long the device's input is dropped. */
 #define LINGER_MS 2000
-#define LINGER_MAX_BYTES (4 * 1024 * 1024)
 /* Requests one connection may begin per loop round: a pipelined burst of requests
  * answered here (refusals) costs far more than its bytes, which cmg_conn_read counts. */
 #define REQUESTS_PER_ROUND 16
@@ -49,8 +46,6 @@ struct cmg_h1 {
     enum h1_phase phase;
     const char *timer_why;     /* what the armed deadline ends */
     size_t blank_bytes;        /* CR/LF before the request line */
-    size_t linger_bytes;       /* dropped while lingering */
-    bool close_notify_sent;
     bool out_blocked;          /* reading waits for answers the device has not taken */
     uint64_t round;            /* the loop round that round_requests counts */
     unsigned round_requests;
@@ -63,6 +58,7 @@ struct cmg_h1 {
     bool msg_complete;
     bool paused;
     bool keep_alive;
+    bool served;               /* a response went out: between requests, it idles */
     bool head;
     bool resp_started, resp_chunked;
     int scan;                  /* where scan_head is in the request head */
@@ -92,28 +88,15 @@ static void arm(struct cmg_device *d, uint32_t ms, const char *why)
     cmg_timer_start(d->gw->loop, &d->timer, ms, on_timeout);
 }
 
-/* The answer is written: say so over TLS (close_notify), end our side, and read what
- * the device still sends, so that its unread input does not reset the connection
- * (and the answer with it) at close, as nginx's lingering close does. */
+/* The answer is written: the device's input is dropped until it closes (device.c). */
 static void start_linger(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
 
     if (h->phase == H1_LINGER)
         return;
-    if (d->conn.ssl && !h->close_notify_sent) {
-        h->close_notify_sent = true;
-        ERR_clear_error();
-        SSL_shutdown(d->conn.ssl);   /* queued with the connection's output */
-        ERR_clear_error();
-        cmg_conn_flush(&d->conn);
-        if (cmg_conn_pending(&d->conn))
-            return;                  /* on_drain comes back here */
-    }
     h->phase = H1_LINGER;
-    shutdown(d->conn.io.fd, SHUT_WR);
-    arm(d, LINGER_MS, "closed after answer");
-    cmg_conn_want_read(&d->conn, true);
+    cmg_device_linger(d, LINGER_MS, "closed after answer");
 }
 
 /* Close once the queued output is written. */
@@ -128,33 +111,6 @@ static void close_after_output(struct cmg_device *d)
     cmg_conn_flush(&d->conn);
     if (cmg_conn_pending(&d->conn) == 0)
         start_linger(d);
-}
-
-/* Reads and drops the device's input, straight from the socket (nothing of it is
- * used, not even decrypted): until it closes, or the bounds are reached. */
-static void linger_read(struct cmg_device *d)
-{
-    struct cmg_h1 *h = d->h1;
-    char buf[READ_CHUNK];
-    size_t round = 0;
-
-    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
-        ssize_t n = recv(d->conn.io.fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0) {
-            cmg_device_close(d, "closed after answer");
-            return;
-        }
-        round += (size_t)n;
-        h->linger_bytes += (size_t)n;
-        if (h->linger_bytes > LINGER_MAX_BYTES) {
-            cmg_device_close(d, "closed after answer: the device kept sending");
-            return;
-        }
-    }
 }
 
 /* An answer made here: a refusal (its reason token as text) or the gateway's own
@@ -315,7 +271,7 @@ static int on_headers_complete(llhttp_t *p)
         else if (cmg_header_is(&h->hdrs, i, "expect"))
             expect = (int)i;
     }
-    h->keep_alive = llhttp_should_keep_alive(p);
+    h->keep_alive = llhttp_should_keep_alive(p) && d->gw->state != CMG_GW_DRAINING;
     h->head = p->method == HTTP_HEAD;
     if (p->http_major != 1) {
         h->error_status = 400;
@@ -573,6 +529,7 @@ static void wait_request(struct cmg_device *d, uint32_t ms, const char *why)
 static void finish_request(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
+    h->served = true;
     h->msg_complete = false;
     h->resp_started = h->resp_chunked = false;
     h->error_status = 0;
@@ -771,10 +728,8 @@ void cmg_h1_on_read(struct cmg_device *d)
     char buf[READ_CHUNK];
     ssize_t n;
 
-    if (d->h1 && d->h1->phase == H1_LINGER) {
-        linger_read(d);
-        return;
-    }
+    if (d->h1 && d->h1->phase == H1_LINGER)
+        return;   /* device.c reads and drops */
     parse_held(d);
     /* Each read is parsed before the next; cmg_conn_read bounds a round's input. */
     while (d->h1 && ready_for_input(d)) {
@@ -823,6 +778,19 @@ int cmg_h1_start(struct cmg_device *d)
     wait_request(d, d->gw->cfg.header_timeout_ms, "no request");
     cmg_conn_want_read(&d->conn, true);
     return 0;
+}
+
+/* The gateway drains: the answer in progress, or the next one, is the last (Connection:
+ * close); a connection idle between requests is closed now (a client sends a request
+ * again on a new connection when a kept-alive one closed before any of its answer). A new
+ * connection gets its first request answered. */
+void cmg_h1_drain(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+
+    h->keep_alive = false;
+    if (h->phase == H1_WAIT && h->served && !h->held.len)
+        close_after_output(d);
 }
 
 void cmg_h1_free(struct cmg_device *d)

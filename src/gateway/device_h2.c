@@ -22,6 +22,9 @@
 #define MAX_STREAMS 100
 /* Refused plus reset streams a connection may have in one second (rapid reset). */
 #define CMG_H2_MAX_RESETS 100
+/* The gateway drains: from the GOAWAY notice to the final GOAWAY, at most (the answer
+ * to a PING sent with the notice ends it sooner: the device has seen the notice). */
+#define NOTICE_MS 1000
 
 struct cmg_h2dev {
     struct cmg_device *d;
@@ -34,6 +37,8 @@ struct cmg_h2dev {
     bool block_open;            /* a HEADERS block is being received ... */
     uint64_t block_start;       /* ... since then */
     uint64_t ending_since;      /* the session wants no more input (GOAWAY); 0 if not */
+    bool draining;              /* the GOAWAY notice went out ... */
+    uint64_t notice_since;      /* ... the final GOAWAY is due (0: sent) */
     uint64_t reset_window;      /* start of the second that resets counts */
     uint32_t resets;
 };
@@ -63,6 +68,18 @@ static ssize_t read_body(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
 
 static void h2_send(struct cmg_device *d);
 static void schedule(struct cmg_device *d);
+static void kick(struct cmg_device *d);
+
+/* The final GOAWAY names the last stream taken: those finish, none is taken after. */
+static void final_goaway(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+
+    h->notice_since = 0;
+    nghttp2_submit_goaway(h->s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(h->s),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+    kick(d);
+}
 
 static void on_send_task(struct cmg_task *t)
 {
@@ -86,7 +103,14 @@ static void h2_send(struct cmg_device *d)
         cmg_device_close(d, nghttp2_strerror(rc));
         return;
     }
-    if (cmg_h2_finished(h->s, &d->conn))
+    if (!cmg_h2_finished(h->s, &d->conn))
+        return;
+    /* After the drain's GOAWAY, the last responses may still be in the socket's buffer, and
+     * the device sends WINDOW_UPDATEs as it reads them: a close now would reset them away.
+     * The device closes once it has read the GOAWAY; the drain's deadline bounds the wait. */
+    if (h->draining)
+        cmg_device_linger(d, d->gw->cfg.drain_timeout_ms, "HTTP/2 session ended (drain)");
+    else
         cmg_device_close(d, "HTTP/2 session ended");
 }
 
@@ -416,6 +440,9 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         d->h2->block_open = false;
     else if (frame->hd.type == NGHTTP2_RST_STREAM)
         count_reset(d);
+    else if (frame->hd.type == NGHTTP2_PING && (frame->hd.flags & NGHTTP2_FLAG_ACK) &&
+             d->h2->notice_since)
+        final_goaway(d);
     if (!st)
         return 0;
     if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
@@ -568,6 +595,8 @@ static void on_deadline(struct cmg_timer *t)
 
     if (!h || h->dead)
         return;
+    if (h->notice_since && now - h->notice_since >= NOTICE_MS)
+        final_goaway(d);
     end_stalled_bodies(d, now);
     if (h->ending_since && now - h->ending_since >= cfg->header_timeout_ms)
         cmg_device_close(d, "HTTP/2 GOAWAY not taken within header_timeout");
@@ -600,6 +629,8 @@ static void schedule(struct cmg_device *d)
         when = earlier(when, h->block_start + cfg->header_timeout_ms);
     if (h->ending_since)
         when = earlier(when, h->ending_since + cfg->header_timeout_ms);
+    if (h->notice_since)
+        when = earlier(when, h->notice_since + NOTICE_MS);
     if (when == UINT64_MAX)
         cmg_timer_stop(d->gw->loop, &d->timer);
     else
@@ -686,6 +717,26 @@ out:
     nghttp2_session_callbacks_del(cb);
     nghttp2_option_del(opt);
     return rc;
+}
+
+/* The gateway drains: a GOAWAY notice (streams the device opens meanwhile are still
+ * taken), then the final GOAWAY with the last stream taken; the streams in flight finish,
+ * then the session ends and the connection closes. */
+void cmg_h2dev_drain(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+
+    if (h->dead || h->draining)
+        return;
+    h->draining = true;
+    if (nghttp2_submit_shutdown_notice(h->s) != 0) {
+        kick(d);   /* a GOAWAY is out already (rapid reset) */
+        return;
+    }
+    nghttp2_submit_ping(h->s, NGHTTP2_FLAG_NONE, NULL);
+    h->notice_since = cmg_loop_now(d->gw->loop);
+    schedule(d);
+    kick(d);
 }
 
 void cmg_h2dev_free(struct cmg_device *d)

@@ -170,6 +170,10 @@ void cmg_exchange_free(struct cmg_exchange *ex)
         return;
     cmg_timer_stop(ex->gw->loop, &ex->send_timer);
     account(ex, 0);
+    if (ex->counted) {
+        ex->gw->nexchanges--;
+        ex->gw->drain_finished += ex->gw->state == CMG_GW_DRAINING;
+    }
     free(ex->target);
     cmg_policy_unref(ex->policy);
     cmg_headers_free(&ex->req);
@@ -186,6 +190,8 @@ int cmg_exchange_start(struct cmg_exchange *ex)
         return 503;
     if (cmg_tunnel_submit(t, ex) < 0)
         return 502;
+    ex->counted = true;
+    ex->gw->nexchanges++;
     return 0;
 }
 

@@ -24,8 +24,14 @@ static const char usage[] =
     "host share the device port (SO_REUSEPORT), up to 16 of them.\n"
     "Started as root, it binds its listeners, then goes on as the unprivileged 'user'\n"
     "of FILE (it refuses to go on as root when that user does not exist).\n"
-    "It logs to stderr; SIGINT and SIGTERM stop it; SIGHUP reloads FILE and the\n"
-    "certificates it names, all or nothing, without touching live connections.\n"
+    "The device port opens (listens) once a policy is in force and a connector's\n"
+    "tunnel is up, or after ready_timeout (0: at once); the tunnel port at once.\n"
+    "It logs to stderr. SIGTERM or SIGINT drains it: it leaves the device port to the\n"
+    "other instances, HTTP/2 devices get GOAWAY and HTTP/1.1 devices Connection: close,\n"
+    "requests in flight have drain_timeout to finish (then they are cut), and it exits\n"
+    "0 once no connection is left. SIGQUIT, or a second SIGTERM, stops it at once.\n"
+    "SIGHUP reloads FILE and the certificates it names, all or nothing, without\n"
+    "touching live connections (refused during a drain).\n"
     "\n"
     "options:\n"
     "  -c, --config FILE   gateway.conf (keys: docs/configuration.md, the man page)\n"
@@ -101,6 +107,7 @@ static int setup(struct cmg_gateway *gw)
     if (make_contexts(&gw->cfg, &gw->device_ctx, &gw->tunnel_ctx) < 0)
         return -1;
     watch_certs(gw);
+    cmg_gw_migrate_setup(gw);   /* before the drop from root */
     return cmg_gw_listen(gw);
 }
 
@@ -156,6 +163,11 @@ static void reload(void *arg)
     SSL_CTX *dev, *tun;
     char err[600];
 
+    if (gw->state == CMG_GW_DRAINING) {
+        cmg_warn("SIGHUP refused: the gateway is draining (SIGTERM), %u request(s) in flight; "
+                 "nothing reloaded", gw->nexchanges);
+        return;
+    }
     if (cmg_gw_config_load(&next, gw->cfg.file, err, sizeof(err)) < 0) {
         cmg_error("reload failed, nothing changed: %s", err);
         cmg_gw_config_free(&next);
@@ -283,10 +295,13 @@ int cmg_gateway_main(int argc, char **argv)
     if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0 || drop_root(&gw) < 0)
         goto out;
     cmg_loop_on_hup(gw.loop, reload, &gw);
-    cmg_info("gateway %s instance %u ready: policy version %lld, %zu mapping(s) published",
+    cmg_loop_on_drain(gw.loop, cmg_gw_drain, &gw);
+    cmg_info("gateway %s instance %u started: policy version %lld, %zu mapping(s) published",
              gw.cfg.service_name, gw.cfg.instance, (long long)gw.policy->version,
              gw.policy->nmappings);
-    rc = cmg_loop_run(gw.loop) < 0 ? 1 : 0;
+    if (cmg_gw_ready_start(&gw) < 0)
+        goto out;
+    rc = cmg_loop_run(gw.loop) < 0 || gw.failed ? 1 : 0;
     cmg_info("gateway stopped");
 out:
     if (gw.loop) {

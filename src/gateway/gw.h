@@ -42,14 +42,32 @@ struct cmg_tunnel;
 struct cmg_exchange;
 
 struct cmg_listener {
-    struct cmg_io io;
+    struct cmg_io io;       /* io.fd is -1 until the socket listens */
     struct cmg_gateway *gw;
+    int fd;                 /* the bound socket; -1 once closed */
     bool tunnel;            /* connectors, not devices */
     char addr[300];
 };
 
+/* Where an instance is in its life: what a readiness probe reports. */
+enum cmg_gw_state {
+    CMG_GW_STARTING,   /* the device port is bound, not joined: waiting for a tunnel */
+    CMG_GW_SERVING,    /* listening on the device port */
+    CMG_GW_DRAINING,   /* SIGTERM: the device port is left, requests in flight finish */
+};
+
 struct cmg_gateway {
     struct cmg_loop *loop;
+    enum cmg_gw_state state;
+    bool failed;                    /* a failure after start: the exit status says so */
+    struct cmg_timer ready_timer;   /* ready_timeout */
+    struct cmg_task join_task;      /* looks whether the instance can join the device port */
+    /* the drain (drain.c) */
+    struct cmg_timer drain_timer;   /* drain_timeout */
+    struct cmg_task drain_task;     /* looks whether anything is left */
+    uint64_t drain_start_ms;
+    uint32_t nexchanges;            /* requests relayed now (started, not yet ended) */
+    uint64_t drain_finished;        /* requests that ended during the drain */
     struct cmg_gw_config cfg;
     SSL_CTX *device_ctx, *tunnel_ctx;
     struct cmg_listener listeners[CMG_GW_MAX_LISTEN + 1];
@@ -128,6 +146,7 @@ struct cmg_exchange {
     int32_t stream_id;
     bool stream_closed;
     bool retried;                   /* started again once after its tunnel failed */
+    bool counted;                   /* in gw->nexchanges */
     struct cmg_exchange *tun_prev, *tun_next;
     /* for the access log */
     uint64_t start_ms;
@@ -226,6 +245,13 @@ struct cmg_device {
     struct cmg_h1 *h1;
     struct cmg_h2dev *h2;
     bool closing;
+    /* the lingering close (cmg_device_linger) */
+    bool close_notify_sent;
+    bool linger_due;         /* once the output is written */
+    bool lingering;          /* input is read and dropped until the device closes */
+    uint32_t linger_ms;
+    const char *linger_why;
+    size_t linger_bytes;     /* dropped so far */
     struct cmg_device *prev, *next;
 };
 
@@ -235,16 +261,30 @@ extern struct cmg_log_limit cmg_refused_requests;
 
 void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key *src);
 void cmg_device_close_all(struct cmg_gateway *gw);
+/* The gateway drains: HTTP/2 devices get GOAWAY, HTTP/1.1 ones Connection: close on
+ * their next answer, and those idle between requests are closed now. */
+void cmg_device_drain(struct cmg_device *d);
 /* Closes the connection now and frees the device after this loop round. */
 void cmg_device_close(struct cmg_device *d, const char *why);
+/* The last answer is out (or queued): close_notify, the end of our side once the output
+ * is written, then what the device still sends is read and dropped until it closes, or
+ * for `ms` at most, so that its unread input does not reset the connection (and the
+ * answer with it, still in the socket's buffer) at close, as nginx's lingering close
+ * does. The protocol (h1, h2) is not called again. */
+void cmg_device_linger(struct cmg_device *d, uint32_t ms, const char *why);
 /* Judges the TLS client certificate against the policy in force (once per
  * connection and policy). */
 enum cmg_cert_state cmg_device_cert(struct cmg_device *d);
 
 /* ---- listeners (listen.c) ---- */
 
-/* Opens the device and tunnel listeners, within the descriptor limit. */
+/* Binds the device port and opens the tunnel listener, within the descriptor limit. */
 int cmg_gw_listen(struct cmg_gateway *gw);
+/* Joins the device port: its bound sockets listen. 0, or -1 (logged). */
+int cmg_gw_listen_devices(struct cmg_gateway *gw);
+/* Leaves the device port: what its queues hold is accepted, then they close. Returns
+ * how many device connections that accepted. */
+unsigned cmg_gw_listen_leave_devices(struct cmg_gateway *gw);
 void cmg_gw_listen_close(struct cmg_gateway *gw);
 /* Fits max_connections and the handshake limits into the descriptor limit. */
 int cmg_gw_fit_limits(struct cmg_gateway *gw);
@@ -254,6 +294,24 @@ void cmg_gw_listen_refit(struct cmg_gateway *gw);
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src);
 /* A tunnel's handshake is over (authenticated, or the tunnel is gone): frees its slot. */
 void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t);
+
+/* ---- readiness and drain (drain.c) ---- */
+
+/* At start, before the drop from root: net.ipv4.tcp_migrate_req set to 1 if it can be
+ * (connections queued at an instance that closes its listener move to the others). */
+void cmg_gw_migrate_setup(struct cmg_gateway *gw);
+/* Joins the device port at once (ready_timeout 0), or once a policy is in force and a
+ * tunnel is ready, or after ready_timeout. 0, or -1 if it cannot listen. */
+int cmg_gw_ready_start(struct cmg_gateway *gw);
+/* A tunnel became ready, or a policy came into force: maybe time to join. */
+void cmg_gw_ready_news(struct cmg_gateway *gw);
+/* For a readiness probe: true if serving; else *why says what it waits for. */
+bool cmg_gw_ready(const struct cmg_gateway *gw, const char **why);
+/* SIGTERM / SIGINT (cmg_loop_on_drain): leave the device port, let what is in flight
+ * finish within drain_timeout, then stop the loop. */
+void cmg_gw_drain(void *gateway);
+/* A device connection or a request ended: during a drain, maybe the end of it. */
+void cmg_gw_drain_news(struct cmg_gateway *gw);
 
 /* ---- the policy (policy_gw.c) ---- */
 
@@ -319,11 +377,13 @@ void cmg_h1_on_read(struct cmg_device *d);
 void cmg_h1_input(struct cmg_device *d, const char *data, size_t len);
 void cmg_h1_on_drain(struct cmg_device *d);
 void cmg_h1_free(struct cmg_device *d);
+void cmg_h1_drain(struct cmg_device *d);
 int cmg_h2dev_start(struct cmg_device *d);
 void cmg_h2dev_on_read(struct cmg_device *d);
 /* Input from memory, as if read from the connection (the fuzz target's way in). */
 void cmg_h2dev_feed(struct cmg_device *d, const uint8_t *p, size_t n);
 void cmg_h2dev_on_drain(struct cmg_device *d);
 void cmg_h2dev_free(struct cmg_device *d);
+void cmg_h2dev_drain(struct cmg_device *d);
 
 #endif

@@ -1,7 +1,12 @@
 /* The gateway's listeners: devices and connectors are accepted within their limits
  * (in total, per source address, tunnel handshakes not yet authenticated), and when
  * descriptors run out every listener pauses rather than spin on a level-triggered
- * socket that stays readable. */
+ * socket that stays readable.
+ *
+ * The device port is shared by the instances (SO_REUSEPORT). Its sockets are bound at
+ * start (before the drop from root) but listen only once the instance can serve
+ * (cmg_gw_listen_devices): a socket that is bound and not listening takes none of the
+ * port's connections. At a drain they accept what is queued, then close. */
 #include "core/log.h"
 #include "gateway/gw.h"
 
@@ -28,7 +33,7 @@ static void set_listening(struct cmg_gateway *gw, bool devices, bool tunnels)
 {
     for (int i = 0; i < gw->nlisteners; i++) {
         struct cmg_listener *l = &gw->listeners[i];
-        cmg_io_set(&l->io, (l->tunnel ? tunnels : devices) ? EPOLLIN : 0);
+        cmg_io_set(&l->io, (l->tunnel ? tunnels : devices) ? EPOLLIN : 0);   /* if listening */
     }
 }
 
@@ -110,14 +115,14 @@ static void accept_tunnel(struct cmg_gateway *gw, int fd, const struct sockaddr 
     }
 }
 
-static void on_accept(struct cmg_io *io, uint32_t events)
+/* Accepts up to `batch` connections; false once the queue is empty, the devices are
+ * full or the descriptors ran out. */
+static bool accept_some(struct cmg_listener *l, int batch)
 {
-    struct cmg_listener *l = (struct cmg_listener *)io;
     struct cmg_gateway *gw = l->gw;
     int one = 1;
 
-    (void)events;
-    for (int i = 0; i < ACCEPT_BATCH; i++) {
+    for (int i = 0; i < batch; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd;
@@ -127,13 +132,13 @@ static void on_accept(struct cmg_io *io, uint32_t events)
             cmg_log_limited(&refusals, CMG_LOG_WARN,
                             "max_connections (%u) reached: new devices wait", gw->max_devices);
             set_listening(gw, false, !gw->accept_paused);
-            return;
+            return false;
         }
-        fd = accept4(io->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        fd = accept4(l->io.fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
                 pause_all(gw, errno);
-            return;
+            return false;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         if (l->tunnel)
@@ -141,6 +146,13 @@ static void on_accept(struct cmg_io *io, uint32_t events)
         else
             accept_device(gw, fd, (struct sockaddr *)&ss);
     }
+    return true;
+}
+
+static void on_accept(struct cmg_io *io, uint32_t events)
+{
+    (void)events;
+    accept_some((struct cmg_listener *)io, ACCEPT_BATCH);
 }
 
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
@@ -151,6 +163,7 @@ void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
     cmg_addrcount_del(&gw->dev_sources, src);
     if (was_full && !gw->accept_paused)
         set_listening(gw, true, true);
+    cmg_gw_drain_news(gw);
 }
 
 void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t)
@@ -201,6 +214,8 @@ int cmg_gw_fit_limits(struct cmg_gateway *gw)
     return 0;
 }
 
+/* Devices: the socket is bound, and listens at cmg_gw_listen_devices(). Connectors:
+ * it listens at once. */
 static int add_listener(struct cmg_gateway *gw, const char *addr, int default_port, bool tunnel)
 {
     struct cmg_listener *l = &gw->listeners[gw->nlisteners];
@@ -212,7 +227,7 @@ static int add_listener(struct cmg_gateway *gw, const char *addr, int default_po
         cmg_error("listen %s: %s", addr, err);
         return -1;
     }
-    fd = cmg_net_listen(&a, !tunnel, 4096);
+    fd = tunnel ? cmg_net_listen(&a, false, 4096) : cmg_net_bind(&a, true);
     if (fd < 0) {
         if (a.ss.ss_family == AF_INET6 && (errno == EAFNOSUPPORT || errno == EADDRNOTAVAIL)) {
             cmg_warn("listen %s: no IPv6 here (%s); skipped", addr, strerror(errno));
@@ -223,13 +238,15 @@ static int add_listener(struct cmg_gateway *gw, const char *addr, int default_po
     }
     l->gw = gw;
     l->tunnel = tunnel;
+    l->fd = fd;
+    l->io.fd = -1;
     cmg_addr_str((struct sockaddr *)&a.ss, l->addr, sizeof(l->addr));
-    if (cmg_io_start(gw->loop, &l->io, fd, EPOLLIN, on_accept) < 0) {
-        close(fd);
-        return -1;
-    }
     gw->nlisteners++;
-    cmg_info("listening for %s on %s", tunnel ? "connectors" : "devices", l->addr);
+    if (!tunnel)
+        return 0;
+    if (cmg_io_start(gw->loop, &l->io, fd, EPOLLIN, on_accept) < 0)
+        return -1;
+    cmg_info("listening for connectors on %s", l->addr);
     return 0;
 }
 
@@ -250,6 +267,49 @@ int cmg_gw_listen(struct cmg_gateway *gw)
     return add_listener(gw, taddr, 0, true);
 }
 
+int cmg_gw_listen_devices(struct cmg_gateway *gw)
+{
+    for (int i = 0; i < gw->nlisteners; i++) {
+        struct cmg_listener *l = &gw->listeners[i];
+
+        if (l->tunnel || l->fd < 0 || l->io.fd >= 0)
+            continue;
+        if (listen(l->fd, 4096) < 0 || cmg_io_start(gw->loop, &l->io, l->fd, EPOLLIN, on_accept) < 0) {
+            cmg_error("listen %s: %s", l->addr, strerror(errno));
+            return -1;
+        }
+        cmg_info("listening for devices on %s", l->addr);
+    }
+    if (gw->accept_paused || devices_full(gw))
+        set_listening(gw, false, !gw->accept_paused);
+    return 0;
+}
+
+static void close_listener(struct cmg_listener *l)
+{
+    cmg_io_stop(&l->io);
+    if (l->fd >= 0)
+        close(l->fd);
+    l->fd = -1;
+}
+
+unsigned cmg_gw_listen_leave_devices(struct cmg_gateway *gw)
+{
+    unsigned before = gw->ndevices;
+
+    for (int i = 0; i < gw->nlisteners; i++) {
+        struct cmg_listener *l = &gw->listeners[i];
+
+        if (l->tunnel || l->fd < 0)
+            continue;
+        if (l->io.fd >= 0)
+            while (accept_some(l, ACCEPT_BATCH))
+                ;
+        close_listener(l);
+    }
+    return gw->ndevices - before;
+}
+
 void cmg_gw_listen_refit(struct cmg_gateway *gw)
 {
     cmg_gw_fit_limits(gw);
@@ -260,11 +320,8 @@ void cmg_gw_listen_refit(struct cmg_gateway *gw)
 void cmg_gw_listen_close(struct cmg_gateway *gw)
 {
     cmg_timer_stop(gw->loop, &gw->accept_timer);
-    for (int i = 0; i < gw->nlisteners; i++) {
-        int fd = gw->listeners[i].io.fd;
-        cmg_io_stop(&gw->listeners[i].io);
-        close(fd);
-    }
+    for (int i = 0; i < gw->nlisteners; i++)
+        close_listener(&gw->listeners[i]);
     gw->nlisteners = 0;
     cmg_addrcount_free(&gw->dev_sources);
     cmg_addrcount_free(&gw->hs_sources);

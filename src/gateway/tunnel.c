@@ -141,6 +141,7 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     t->ready = true;
     cmg_timer_stop(t->gw->loop, &t->hs_timer);
     tunnel_up_log(t);
+    cmg_gw_ready_news(t->gw);
 }
 
 static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)

@@ -363,6 +363,8 @@ class Site:
         ini_set(g, 'gateway', 'tunnel_port', self.tunnel_port)
         ini_set(g, 'gateway', 'ping_interval', 2)
         ini_set(g, 'gateway', 'ping_timeout', 6)
+        # SIGTERM drains: a connection a test leaves open must not hold up its teardown.
+        ini_set(g, 'gateway', 'drain_timeout', 2)
         ini_set(c, 'connector', 'gateway', *[f'127.0.0.1:{self.tunnel_port + i}' for i in range(instances)])
         ini_set(c, 'connector', 'ping_interval', 2)
         ini_set(c, 'connector', 'ping_timeout', 6)
@@ -393,18 +395,33 @@ class Site:
         return hashlib.sha256(der).hexdigest()
 
 
+def joins_at_once(site):
+    """Whether the gateway opens its device port at start (ready_timeout = 0), not once a
+    connector's tunnel is up."""
+    return ini_get(site.gateway_conf, 'gateway', 'ready_timeout')[-1:] == ['0']
+
+
 def start_gateway(procs, site, instance=None):
-    """Start a gateway; return once it completes a TLS handshake on the device port."""
+    """Start a gateway; return once it listens for connectors (its log says so) and, if it
+    joins the device port at once (ready_timeout = 0), completes a TLS handshake there.
+    Otherwise the device port opens once a connector is up: wait_ready() waits for that."""
     argv = [CMG, 'gateway', '-c', site.gateway_conf]
     if instance is not None:
         argv += ['--instance', instance]
     proc = procs.start('gateway' if instance is None else f'gateway{instance}', argv)
-
-    def handshake():
-        tls_connect(site).close()
-        return True
-    poll(handshake, 10 * SLOW, 'the gateway to accept devices', check=procs.check)
+    poll(lambda: 'listening for connectors on' in proc.log_text(), 10 * SLOW,
+         'the gateway to listen for connectors', check=procs.check)
+    if joins_at_once(site):
+        def handshake():
+            tls_connect(site).close()
+            return True
+        poll(handshake, 10 * SLOW, 'the gateway to accept devices', check=procs.check)
     return proc
+
+
+def alone_gateway(site):
+    """A gateway that answers devices without a connector: it joins the device port at once."""
+    ini_set(site.gateway_conf, 'gateway', 'ready_timeout', 0)
 
 
 def start_connector(procs, conf, name='connector'):

@@ -3,7 +3,8 @@ all on loopback with kernel-chosen ports, all stopped at teardown.
 
     svc        the internal service "svc-a" (a Python HTTP server, see internal_service.py)
     site       `cmg site init` into tmp_path/site with one --mp: svc's URL; configs on loopback
-    gateway    `cmg gateway -c site/gateway.conf`, listening
+    gateway    `cmg gateway -c site/gateway.conf`, listening on the device port at once
+               (ready_timeout = 0: it answers devices alone, 503 until a connector is up)
     connector  `cmg connector -c site/connector.conf`, serving: a device request gets an answer
     procs      the process list, for starting more (a second service, connector, ...)
 
@@ -54,6 +55,7 @@ def site(tmp_path, procs, svc):
 
 @pytest.fixture
 def gateway(procs, site):
+    cmgtest.alone_gateway(site)
     return cmgtest.start_gateway(procs, site)
 
 

@@ -93,7 +93,7 @@ def test_tunnel_port_flood_under_low_descriptor_limit(site, procs, svc):
     ini_set(site.gateway_conf, 'gateway', 'handshake_timeout', 2)
     gw = procs.start('gateway', ['prlimit', '--nofile=128:128', cmgtest.CMG, 'gateway', '-c',
                                  site.gateway_conf])
-    poll(lambda: cmgtest.tls_connect(site).close() or True, 10 * SLOW, 'the gateway to start',
+    poll(lambda: 'listening for connectors on' in gw.log_text(), 10 * SLOW, 'the gateway to start',
          check=procs.check)
     connector = cmgtest.start_connector(procs, site.connector_conf)
     cmgtest.wait_ready(procs, site)

@@ -74,7 +74,7 @@ def unit_keys(path):
 
 def test_install_tree_holds_the_service_and_nothing_else(install_tree):
     files = sorted(str(p.relative_to(install_tree)) for p in install_tree.rglob('*') if p.is_file())
-    for f in ('bin/cmg', 'share/man/man1/cmg.1', 'lib/sysusers.d/opencmg.conf',
+    for f in ('bin/cmg', 'share/man/man1/cmg.1', 'lib/sysusers.d/opencmg.conf', 'lib/sysctl.d/60-opencmg.conf',
               'share/doc/opencmg/examples/gateway.conf', 'share/doc/opencmg/examples/connector.conf',
               'share/doc/opencmg/examples/site.conf', 'share/doc/opencmg/operations.md',
               'share/doc/opencmg/configuration.md', *[f'lib/systemd/system/{u}' for u in UNITS]):
@@ -99,6 +99,9 @@ def test_units_verify_and_are_hardened(install_tree):
     assert '--instance %i' in gateway['ExecStart'][0]
     # Every role reloads on SIGHUP: systemctl reload sends it.
     assert all(unit_keys(u)['ExecReload'] == ['/bin/kill -HUP $MAINPID'] for u in units)
+    # Stopping drains (SIGTERM, no ExecStop): SIGKILL only after more than drain_timeout (30 s).
+    assert gateway['KillSignal'] == ['SIGTERM'] and 'ExecStop' not in gateway
+    assert int(gateway['TimeoutStopSec'][0]) > 30
     for unit in units[1:]:                    # the others need no capability at all
         assert unit_keys(unit)['CapabilityBoundingSet'] == [''], unit
 
@@ -292,11 +295,18 @@ def test_package_declares_its_libraries(installed_package):
             assert re.search(rf'\b{re.escape(owner)}\b', depends), (path, owner, depends)
 
 
+def test_sysctl_file_sets_tcp_migrate_req(install_tree):
+    text = (install_tree / 'lib/sysctl.d/60-opencmg.conf').read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith('#')]
+    assert lines == ['net.ipv4.tcp_migrate_req = 1'], lines
+
+
 def test_package_installs_service_user_and_verified_units(installed_package):
     user = pwd.getpwnam('opencmg')
     assert user.pw_uid != 0 and user.pw_shell.endswith('nologin'), user
     assert Path('/var/lib/opencmg').stat().st_uid == user.pw_uid
     verify_units([f'/usr/lib/systemd/system/{u}' for u in UNITS])   # man cmg(1) found too
+    assert Path('/usr/lib/sysctl.d/60-opencmg.conf').exists()
     assert unit_keys('/usr/lib/systemd/system/opencmg-gateway@.service')['ExecStart'][0] \
         .startswith('/usr/bin/cmg gateway ')
     r = run('man', '-w', 'cmg')

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from cmgtest import CMG, SLOW, CurlProcess, curl, ini_set, poll, run_cmg, start_connector, start_gateway
+from cmgtest import (CMG, SLOW, CurlProcess, alone_gateway, curl, ini_set, poll, run_cmg, start_connector,
+                     start_gateway)
 from sitetest import Deployment
 
 
@@ -123,6 +124,7 @@ def test_gateway_restart_with_site_stopped_uses_cached_policy(dep, procs):
     dep.site_proc.signal(signal.SIGTERM)
     dep.connector.signal(signal.SIGTERM)
     dep.gateway[0].signal(signal.SIGTERM)
+    alone_gateway(dep.site)              # no connector: it answers devices from the cache alone
     gw = start_gateway(procs, dep.site)
     assert f'policy version {v} in force (from cache)' in gw.log_text()
     # The removed mapping stays removed (gateway.conf still lists it), before any connector.

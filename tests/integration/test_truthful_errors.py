@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import cmgtest
-from cmgtest import (Site, bring_up, curl, free_port, ini_get, ini_set, make_cert, poll, run_cmg,
-                     start_connector, start_gateway)
+from cmgtest import (Site, alone_gateway, bring_up, curl, free_port, ini_get, ini_set, make_cert, poll,
+                     run_cmg, start_connector, start_gateway)
 from sitetest import Deployment
 
 TOKENS = {
@@ -283,6 +283,7 @@ def test_connector_setup_mistakes_name_expected_and_found(procs, tmp_path, svc):
     connector's, the device port dialled, another server_name, a port that speaks plain HTTP.
     Each connector's log says what it expected and what it found; none of them gets a tunnel."""
     site = Site(tmp_path / 'site', [svc.url], procs)
+    alone_gateway(site)                  # no connector gets a tunnel: the device port opens at once
     gateway = start_gateway(procs, site)
     confs = {name: site.connector_copy(name, [svc.url])
              for name in ('devcert', 'devport', 'misnamed', 'plain')}

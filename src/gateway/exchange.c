@@ -79,8 +79,15 @@ static void account(struct cmg_exchange *ex, size_t now_held)
         cmg_task_post(gw->loop, &gw->budget_task, on_budget_task);
 }
 
+static void account_kept(struct cmg_exchange *ex, size_t now_kept)
+{
+    ex->gw->kept = ex->gw->kept - ex->kept + now_kept;
+    ex->kept = now_kept;
+}
+
 static void account_buffers(struct cmg_exchange *ex)
 {
+    account_kept(ex, ex->req_sent.len);
     account(ex, ex->req_body.len + ex->req_sent.len + ex->resp_body.len);
 }
 
@@ -170,6 +177,7 @@ void cmg_exchange_free(struct cmg_exchange *ex)
         return;
     cmg_timer_stop(ex->gw->loop, &ex->send_timer);
     account(ex, 0);
+    account_kept(ex, 0);
     free(ex->target);
     cmg_policy_unref(ex->policy);
     cmg_headers_free(&ex->req);
@@ -284,8 +292,8 @@ void cmg_exchange_req_keep(struct cmg_exchange *ex, const void *p, size_t n)
 {
     if (ex->req_body_lost || ex->retried)
         return;   /* a retried request is not retried again: nothing to keep */
-    if (ex->req_sent.len + n > CMG_EX_BUFFER || budget_spent(ex->gw) ||
-        cmg_buf_append(&ex->req_sent, p, n) < 0) {
+    if (ex->req_sent.len + n > CMG_EX_BUFFER || ex->gw->kept + n > ex->gw->cfg.max_buffer_memory / 8 ||
+        budget_spent(ex->gw) || cmg_buf_append(&ex->req_sent, p, n) < 0) {
         drop_kept(ex);
         return;
     }

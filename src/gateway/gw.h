@@ -76,6 +76,9 @@ struct cmg_gateway {
     uint64_t budget_warned_ms;      /* at most one warning per BUDGET_WARN_MS ... */
     uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
     bool budget_logged;             /* this time was logged: so is its end */
+    /* Of gw->buffered, the copies of request bodies kept for a retry (req_sent): at
+     * most an eighth of the budget, so that uploads to a slow service cannot spend it. */
+    uint64_t kept;
     struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
     uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
 };
@@ -107,6 +110,7 @@ struct cmg_exchange {
      * refused or whose tunnel was lost can be sent again whole; req_body_lost: some
      * were not kept. After a retry, what is kept goes first on the new stream. */
     struct cmg_buf req_sent;
+    size_t kept;                    /* req_sent.len as counted in gw->kept */
     bool req_body_lost;
     /* response, as it comes back */
     int status;

@@ -9,8 +9,8 @@
 #include <cjson/cJSON.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
-#include <stdio.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>

@@ -8,6 +8,7 @@ the device, never a short clean body. SIGQUIT stops at once.
 Two connectors serve one role: A (connector-a, svc-a) and B (connector-b, svc-b). The
 gateway picks their tunnels in turn, so downloads started one at a time with nothing else
 going on land on A and B alternately."""
+import json
 import os
 import re
 import signal
@@ -16,7 +17,9 @@ import threading
 import time
 from hashlib import sha256
 
-from cmgtest import (SLOW, CurlProcess, InternalService, bring_up, ini_set, poll, request,
+import pytest
+
+from cmgtest import (SLOW, CurlProcess, InternalService, bring_up, curl, ini_set, poll, request,
                      start_connector)
 from underload import Load
 
@@ -124,7 +127,8 @@ def unread_bytes(pid, remote_port):
     return total
 
 
-def test_post_racing_the_drain_is_retried_once(procs, site, svc):
+@pytest.mark.parametrize('http', ['1.1', '2'])
+def test_post_racing_the_drain_is_retried_once(procs, site, svc, http):
     """A POST the gateway sent to connector A just as A began to drain: A refuses it
     unstarted, the gateway sends it to B with its body whole, and only svc-b sees it.
     To make the race certain, A is frozen, told to drain (the signal waits), then sent
@@ -140,15 +144,17 @@ def test_post_racing_the_drain_is_retried_once(procs, site, svc):
     try:
         connector_a.signal(signal.SIGTERM, wait=False)
         post = threading.Thread(target=lambda: answers.append(
-            request(site, 'POST', site.path('upload'), body=body, timeout=30)))
+            curl(site, site.path('upload'), '--data-binary', '@-', '-H', 'Expect:', http=http,
+                 input=body)))
         post.start()
         poll(lambda: unread_bytes(connector_a.pid, site.tunnel_port) > len(body), 10 * SLOW,
              'the POST to reach the frozen connector A')
     finally:
         os.kill(connector_a.pid, signal.SIGCONT)
     post.join(30)
-    assert answers and answers[0].status == 200, answers
-    assert answers[0].json() == {'bytes': len(body), 'sha256': sha256(body).hexdigest()}
+    assert answers and answers[0].rc == 0 and answers[0].status == 200, answers
+    assert answers[0].version == http, answers
+    assert json.loads(answers[0].body) == {'bytes': len(body), 'sha256': sha256(body).hexdigest()}
     assert exit_status(connector_a, 10 * SLOW) == 0
     assert not [p for p in svc.stats()['paths'] if 'upload' in p], svc.stats()['paths']
     assert [p for p in svc_b.stats()['paths'] if 'upload' in p] == ['/upload']

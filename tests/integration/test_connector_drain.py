@@ -103,7 +103,6 @@ def test_rolling_restart_of_connectors(procs, site, svc):
     for name, other in (('a', 'b'), ('b', 'a')):
         connector, conf, my_svc = connectors[name]
         drain_one(procs, site, gateway, name, connector, my_svc, connectors[other][2])
-        assert f'drain over' in connector.log_text()
         connectors[name] = (start_connector(procs, conf, f'connector-{name}'), conf, my_svc)
         serving(procs, site, {'svc-a', 'svc-b'})
 

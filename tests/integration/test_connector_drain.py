@@ -209,3 +209,19 @@ def test_sigquit_stops_at_once(procs, site, svc):
     assert 'SIGQUIT received, stopping' in connector.log_text()
     assert 'draining' not in connector.log_text()
     assert took < 1 * SLOW, f'exited {took:.2f} s after SIGQUIT'
+
+
+def test_sigint_drains_an_idle_connector_at_once(procs, site, gateway, connector):
+    sent = time.monotonic()
+    connector.signal(signal.SIGINT, wait=False)
+    assert exit_status(connector, 5 * SLOW) == 0
+    took = time.monotonic() - sent
+    log = connector.log_text()
+    assert 'SIGINT received: draining' in log
+    assert re.search(r'draining: 1 of 1 tunnel\(s\) up, 0 request\(s\) in flight', log), log
+    assert re.search(r'drain over after [\d.]+ s: 0 request\(s\) finished, 0 cut', log), log
+    poll(lambda: re.search(r'tunnel down: connector=connector-1 .*\(it was draining: nothing cut\)',
+                           gateway.log_text()), 5 * SLOW, 'the gateway to see the tunnel closed')
+    assert 'connector=connector-1 draining: no new requests; 0 in flight' in gateway.log_text()
+    assert took < 1 * SLOW, f'an idle connector took {took:.2f} s to drain'
+    print(f'idle connector: SIGINT to exit {took:.3f} s')

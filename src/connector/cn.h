@@ -67,6 +67,7 @@ struct cmg_cn_config {
     char policy_cache[PATH_MAX];     /* last good signed policy and routes */
     uint32_t max_policy_age_ms;
     uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
+    uint32_t drain_timeout_ms;       /* SIGTERM: requests in flight get this long */
     int log_level;
     struct cmg_cn_mapping *mappings;
     size_t nmappings;
@@ -103,8 +104,23 @@ struct cmg_cn_tunnel {
     struct cmg_timer retry_timer, hs_timer, ping_timer, pong_timer;
     struct cmg_task send_task;
     struct cmg_cn_stream *streams;
+    bool drain_heard;        /* the gateway answered the drain's PING: it saw the GOAWAY */
+    /* The drain's end: the last GOAWAY, then close_notify and FIN, and the gateway's
+     * input dropped until it closes too (so that input left unread does not reset the
+     * connection, and the responses' last bytes with it). */
+    bool closing, close_notify_sent, half_closed;
     int32_t ctl_stream;
     struct cmg_buf ctl_out;
+};
+
+/* SIGTERM/SIGINT (drain.c): gateways are told, requests in flight finish, then exit. */
+struct cmg_cn_drain {
+    uint64_t started_ms;
+    unsigned finished, refused, reset;   /* request streams ended while draining */
+    bool closing;                        /* the end: the tunnels' last GOAWAYs are on their way */
+    struct cmg_timer timer;              /* drain_timeout */
+    struct cmg_timer close_timer;        /* how long those GOAWAYs get to leave */
+    struct cmg_task check_task;
 };
 
 struct cmg_connector {
@@ -122,7 +138,17 @@ struct cmg_connector {
     struct cmg_timer age_timer;  /* max_policy_age */
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
     struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */
+    struct cmg_cn_drain drain;
 };
+
+/* The loop's drain hook (cmg_loop_on_drain): arg is the connector. */
+void cmg_cn_drain(void *arg);
+bool cmg_cn_draining(const struct cmg_connector *cn);
+/* How a request stream ended while draining. */
+enum cmg_cn_drain_end { CMG_CN_DRAIN_FINISHED, CMG_CN_DRAIN_REFUSED, CMG_CN_DRAIN_RESET };
+void cmg_cn_drain_stream_ended(struct cmg_connector *cn, enum cmg_cn_drain_end how);
+/* A tunnel closed, or its gateway heard of the drain: the drain may be over. */
+void cmg_cn_drain_check(struct cmg_connector *cn);
 
 /* The mapping that serves a role: the site's route, else the configuration's. */
 struct cmg_cn_mapping *cmg_cn_mapping_find(struct cmg_connector *cn, const char *role,
@@ -172,6 +198,7 @@ struct cmg_cn_stream {
     struct cmg_cn_mapping *m;
     struct cmg_upstream *up;
     bool resp_submitted, resp_eof;
+    bool refused;             /* REFUSED_STREAM: the connector drains; never started */
     struct cmg_buf resp_body;
     struct cmg_h2_text text;   /* an answer made here */
     struct cmg_cn_stream *prev, *next;
@@ -180,6 +207,17 @@ struct cmg_cn_stream {
 void cmg_cn_tunnel_start(struct cmg_connector *cn, struct cmg_cn_tunnel *t);
 void cmg_cn_tunnel_stop(struct cmg_cn_tunnel *t);
 void cmg_cn_tunnel_kick(struct cmg_cn_tunnel *t);
+/* Draining: tells the gateway (a control message and HTTP/2's graceful GOAWAY); a
+ * tunnel not up is closed, and none is dialled again. */
+void cmg_cn_tunnel_drain(struct cmg_cn_tunnel *t);
+/* Request streams open on the tunnel (not its control stream). */
+unsigned cmg_cn_tunnel_requests(const struct cmg_cn_tunnel *t);
+/* Draining, nothing more to wait for: closed, or its gateway heard of the drain (any
+ * request it sent before is here, refused) and no request is open. */
+bool cmg_cn_tunnel_drained(const struct cmg_cn_tunnel *t);
+/* The drain's end: the last GOAWAY, and the tunnel closes once it is sent; requests
+ * still open are cut (each logged). Returns how many. */
+unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t);
 /* Stream side of the upstream: */
 void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct cmg_headers *h);
 void cmg_cn_stream_body(struct cmg_cn_stream *st);   /* more in resp_body, or resp_eof */

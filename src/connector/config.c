@@ -167,6 +167,8 @@ static int connector_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_seconds(value, &c->reconnect_max_ms);
     } else if (!strcmp(key, "upstream_timeout")) {
         rc = cmg_conf_seconds(value, &c->upstream_timeout_ms);
+    } else if (!strcmp(key, "drain_timeout")) {
+        rc = cmg_conf_seconds(value, &c->drain_timeout_ms);
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
@@ -216,6 +218,7 @@ int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, siz
     c->ping_timeout_ms = 15000;
     c->reconnect_max_ms = 30000;
     c->upstream_timeout_ms = 60000;
+    c->drain_timeout_ms = 30000;
     c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
     c->log_level = CMG_LOG_INFO;
     memset(&l, 0, sizeof(l));

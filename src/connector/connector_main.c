@@ -25,6 +25,10 @@ static const char usage[] =
     "(systemctl reload): new tunnels and requests use them, live ones go on; the\n"
     "gateway lines, site, site_key and [mapping] sections apply at the next start.\n"
     "\n"
+    "SIGTERM (or SIGINT) drains: every gateway is told to send no new requests,\n"
+    "those in flight finish, then it exits 0; what is left after 'drain_timeout'\n"
+    "(30 s) is cut. SIGQUIT, or a second SIGTERM, stops at once.\n"
+    "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
@@ -104,6 +108,8 @@ int cmg_connector_main(int argc, char **argv)
     }
     cmg_log_set_level(cn.cfg.log_level);
     cn.loop = cmg_loop_new();
+    if (cn.loop)
+        cmg_loop_on_drain(cn.loop, cmg_cn_drain, &cn);
     if (cn.loop && setup(&cn) == 0) {
         cmg_loop_on_hup(cn.loop, cmg_cn_reload, &cn);
         cmg_info("connector %s started: %d gateway(s), %zu mapping(s)", cn.cfg.name, cn.ntunnels,

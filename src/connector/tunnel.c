@@ -7,10 +7,13 @@
 #include "tls/tls.h"
 
 #include <cjson/cJSON.h>
+#include <openssl/err.h>
 #include <openssl/rand.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define MAX_STREAMS 4096
@@ -18,12 +21,15 @@
 #define CONTROL_PATH "/.cmg/control"
 #define UNKNOWN_KID_PATH "/.cmg/oidc-unknown-kid"   /* a gateway's report, for the site */
 #define TUNNEL_ALPN "cmg-tunnel/1"
+/* The PING sent with the drain's GOAWAY: its answer shows the gateway has seen it. */
+static const uint8_t drain_ping[8] = "drain!!";
 
 #define TUNNEL_OF(p, field) \
     ((struct cmg_cn_tunnel *)((char *)(p) - offsetof(struct cmg_cn_tunnel, field)))
 
 static void tunnel_down(struct cmg_cn_tunnel *t, const char *why);
 static void dial(struct cmg_cn_tunnel *t);
+static void half_close(struct cmg_cn_tunnel *t);
 
 /* ---- sending ---- */
 
@@ -36,7 +42,11 @@ static void tunnel_send(struct cmg_cn_tunnel *t)
         tunnel_down(t, nghttp2_strerror(rc));
         return;
     }
-    if (cmg_h2_finished(t->h2, &t->conn))
+    if (!cmg_h2_finished(t->h2, &t->conn))
+        return;
+    if (t->closing)
+        half_close(t);
+    else
         tunnel_down(t, "session ended");
 }
 
@@ -277,6 +287,19 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 
 /* ---- requests ---- */
 
+/* A request the gateway opened before it learned that we drain: REFUSED_STREAM tells
+ * it that nothing reached the internal service, so it sends it to another connector
+ * whatever its method (RFC 9113, 8.7). */
+static void refuse(struct cmg_cn_stream *st)
+{
+    cmg_debug("request %s %s refused: draining (gateway=%s)", st->method, st->path,
+              st->t->target);
+    st->refused = true;
+    st->resp_submitted = true;
+    nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_REFUSED_STREAM);
+    cmg_cn_tunnel_kick(st->t);
+}
+
 static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 {
     struct cmg_path p;
@@ -294,6 +317,10 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         if (i >= 0)
             cmg_site_feed_unknown_kid(t->cn, cmg_headers_value(&st->hdrs, (uint32_t)i));
         answer(st, 204, "");
+        return;
+    }
+    if (cmg_cn_draining(t->cn)) {
+        refuse(st);
         return;
     }
     /* The gateway checked the target; we check again rather than trust it. */
@@ -357,6 +384,11 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     if (frame->hd.type == NGHTTP2_PING) {
         if (frame->hd.flags & NGHTTP2_FLAG_ACK)
             cmg_timer_stop(t->cn->loop, &t->pong_timer);
+        if ((frame->hd.flags & NGHTTP2_FLAG_ACK) && cmg_cn_draining(t->cn) &&
+            !memcmp(frame->ping.opaque_data, drain_ping, sizeof(drain_ping))) {
+            t->drain_heard = true;
+            cmg_cn_drain_check(t->cn);
+        }
         return 0;
     }
     st = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
@@ -393,6 +425,10 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
     struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
     if (id == t->ctl_stream)
         t->ctl_stream = -1;
+    else if (st && cmg_cn_draining(t->cn))
+        cmg_cn_drain_stream_ended(t->cn, st->refused ? CMG_CN_DRAIN_REFUSED
+                                         : error_code == NGHTTP2_NO_ERROR ? CMG_CN_DRAIN_FINISHED
+                                                                          : CMG_CN_DRAIN_RESET);
     if (st) {
         if (st->unconsumed)
             nghttp2_session_consume_connection(s, st->unconsumed);
@@ -499,11 +535,35 @@ static void on_open(struct cmg_conn *c)
     tunnel_send(t);
 }
 
+/* After our FIN: the gateway's input is dropped, undecrypted, until it closes. */
+static void drop_input(struct cmg_cn_tunnel *t)
+{
+    char buf[16384];
+    size_t round = 0;
+
+    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
+        ssize_t n = recv(t->conn.io.fd, buf, sizeof(buf), 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (n <= 0) {
+            tunnel_down(t, n == 0 ? "closed by the gateway" : strerror(errno));
+            return;
+        }
+        round += (size_t)n;
+    }
+}
+
 static void on_read(struct cmg_conn *c)
 {
     struct cmg_cn_tunnel *t = c->owner;
     int rc;
 
+    if (t->half_closed) {
+        drop_input(t);
+        return;
+    }
     if (!t->h2)
         return;
     rc = cmg_h2_read(t->h2, c, NULL);
@@ -583,8 +643,11 @@ static void on_retry(struct cmg_timer *tm) { dial(TUNNEL_OF(tm, retry_timer)); }
 static void release(struct cmg_cn_tunnel *t)
 {
     struct cmg_loop *loop = t->cn->loop;
-    while (t->streams)
+    while (t->streams) {
+        if (t->streams->id != t->ctl_stream && cmg_cn_draining(t->cn))
+            cmg_cn_drain_stream_ended(t->cn, CMG_CN_DRAIN_RESET);   /* lost with the tunnel */
         stream_free(t->streams);
+    }
     cmg_timer_stop(loop, &t->hs_timer);
     cmg_timer_stop(loop, &t->ping_timer);
     cmg_timer_stop(loop, &t->pong_timer);
@@ -595,7 +658,8 @@ static void release(struct cmg_cn_tunnel *t)
     cmg_conn_close(&t->conn);
     cmg_buf_free(&t->ctl_out);
     t->ctl_stream = -1;
-    t->active = t->up = false;
+    t->active = t->up = t->drain_heard = false;
+    t->closing = t->close_notify_sent = t->half_closed = false;
 }
 
 static void tunnel_down(struct cmg_cn_tunnel *t, const char *why)
@@ -605,6 +669,13 @@ static void tunnel_down(struct cmg_cn_tunnel *t, const char *why)
 
     if (!t->active)
         return;
+    if (cmg_cn_draining(t->cn)) {   /* no tunnel is dialled again */
+        if (t->up)
+            cmg_info("tunnel closed: gateway=%s (draining: %s)", t->target, why);
+        release(t);
+        cmg_cn_drain_check(t->cn);
+        return;
+    }
     if (t->up)
         cmg_warn("tunnel down: gateway=%s reason=\"%s\"", t->target, why);
     else if (t->failures++ == 0)
@@ -660,6 +731,81 @@ void cmg_cn_tunnel_start(struct cmg_connector *cn, struct cmg_cn_tunnel *t)
     t->backoff_ms = BACKOFF_MIN_MS;
     t->conn.io.fd = -1;
     dial(t);
+}
+
+void cmg_cn_tunnel_drain(struct cmg_cn_tunnel *t)
+{
+    if (!t->up) {   /* being dialled, or waiting to be: the gateway has nothing on it */
+        cmg_cn_tunnel_stop(t);
+        return;
+    }
+    if (t->ctl_stream >= 0) {
+        queue_line(t, "{\"type\":\"draining\"}");
+        nghttp2_session_resume_data(t->h2, t->ctl_stream);
+    }
+    /* GOAWAY with the largest stream id (RFC 9113, 6.8), then a PING: once it is
+     * answered, every request the gateway sent before it saw the GOAWAY is here. */
+    nghttp2_submit_shutdown_notice(t->h2);
+    nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, drain_ping);
+    cmg_cn_tunnel_kick(t);
+}
+
+bool cmg_cn_tunnel_drained(const struct cmg_cn_tunnel *t)
+{
+    return !t->active || (t->drain_heard && cmg_cn_tunnel_requests(t) == 0);
+}
+
+unsigned cmg_cn_tunnel_requests(const struct cmg_cn_tunnel *t)
+{
+    unsigned n = 0;
+    for (const struct cmg_cn_stream *st = t->streams; st; st = st->next)
+        n += st->id != t->ctl_stream;
+    return n;
+}
+
+unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t)
+{
+    unsigned cut = 0;
+
+    if (!t->up || !t->h2) {
+        cmg_cn_tunnel_stop(t);
+        return 0;
+    }
+    for (const struct cmg_cn_stream *st = t->streams; st; st = st->next) {
+        if (st->id == t->ctl_stream || st->refused)
+            continue;
+        cut++;
+        cmg_warn("drain_timeout: cut %s %s (gateway=%s, response %s)", st->method,
+                 st->path ? st->path : "-", t->target,
+                 st->resp_submitted ? "under way" : "not begun");
+    }
+    /* The last GOAWAY names the last stream we took; the session ends once it is sent
+     * (what else was queued is dropped), and the gateway fails (or retries) what it
+     * still waited for when the connection closes. */
+    nghttp2_session_terminate_session(t->h2, NGHTTP2_NO_ERROR);
+    t->closing = true;
+    cmg_cn_tunnel_kick(t);
+    return cut;
+}
+
+/* The session is over and written: close_notify, then FIN, and wait for the gateway
+ * to close (the drain's close_timer bounds the wait). */
+static void half_close(struct cmg_cn_tunnel *t)
+{
+    if (t->half_closed)
+        return;
+    if (!t->close_notify_sent) {
+        t->close_notify_sent = true;
+        ERR_clear_error();
+        SSL_shutdown(t->conn.ssl);   /* queued with the connection's output */
+        ERR_clear_error();
+        cmg_conn_flush(&t->conn);
+        if (cmg_conn_pending(&t->conn))
+            return;                  /* on_drain comes back here */
+    }
+    t->half_closed = true;
+    shutdown(t->conn.io.fd, SHUT_WR);
+    cmg_conn_want_read(&t->conn, true);
 }
 
 void cmg_cn_tunnel_stop(struct cmg_cn_tunnel *t)

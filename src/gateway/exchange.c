@@ -79,9 +79,16 @@ static void account(struct cmg_exchange *ex, size_t now_held)
         cmg_task_post(gw->loop, &gw->budget_task, on_budget_task);
 }
 
+static void account_kept(struct cmg_exchange *ex, size_t now_kept)
+{
+    ex->gw->kept = ex->gw->kept - ex->kept + now_kept;
+    ex->kept = now_kept;
+}
+
 static void account_buffers(struct cmg_exchange *ex)
 {
-    account(ex, ex->req_body.len + ex->resp_body.len);
+    account_kept(ex, ex->req_sent.len);
+    account(ex, ex->req_body.len + ex->req_sent.len + ex->resp_body.len);
 }
 
 /* A budget at its edge may be spent many times a second: one warning per
@@ -174,11 +181,13 @@ void cmg_exchange_free(struct cmg_exchange *ex)
         ex->gw->nexchanges--;
         ex->gw->drain_finished += ex->gw->state == CMG_GW_DRAINING;
     }
+    account_kept(ex, 0);
     free(ex->target);
     cmg_policy_unref(ex->policy);
     cmg_headers_free(&ex->req);
     cmg_headers_free(&ex->resp);
     cmg_buf_free(&ex->req_body);
+    cmg_buf_free(&ex->req_sent);
     cmg_buf_free(&ex->resp_body);
     free(ex);
 }
@@ -195,28 +204,30 @@ int cmg_exchange_start(struct cmg_exchange *ex)
     return 0;
 }
 
-/* Whether a request whose tunnel failed may be sent again: nothing of the response
- * came back, the whole body (if any) is still here, and sending it twice does no
- * harm (an idempotent method: the first may have reached the upstream server). */
-static bool safe_to_retry(const struct cmg_exchange *ex)
+/* Whether a request whose tunnel failed, or whose stream the connector refused, may be
+ * sent again: nothing of the response came back, every body byte received so far is
+ * still here (not yet sent, or kept in req_sent), and sending it twice does no harm:
+ * the connector never started it upstream (a refused stream), or its method is
+ * idempotent (the first may have reached the internal service). */
+static bool safe_to_retry(const struct cmg_exchange *ex, bool never_started)
 {
     static const char *const idempotent[] = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"};
-    bool method_ok = false;
+    bool method_ok = never_started;
 
     if (ex->retried || !ex->dev || ex->resp_told || ex->resp_body.len)
         return false;
-    if (ex->req_body_expected && !(ex->req_eof && ex->req_bytes == ex->req_body.len))
+    if (ex->req_body_expected && ex->req_body_lost)
         return false;
     for (size_t i = 0; i < sizeof(idempotent) / sizeof(idempotent[0]); i++)
         method_ok |= !strcmp(ex->method, idempotent[i]);
     return method_ok;
 }
 
-bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed)
+bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed, bool never_started)
 {
     struct cmg_tunnel *t;
 
-    if (!safe_to_retry(ex) || !(t = cmg_tunnel_pick(ex->gw, ex->mapping)))
+    if (!safe_to_retry(ex, never_started) || !(t = cmg_tunnel_pick(ex->gw, ex->mapping)))
         return false;
     /* What the dead tunnel left: a partial header block, credit owed to its session. */
     ex->retried = true;
@@ -230,8 +241,12 @@ bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed)
     cmg_headers_reset(&ex->resp);
     if (cmg_tunnel_submit(t, ex) < 0)
         return false;
-    cmg_info("%s %s retried on connector=%s after tunnel to %s failed", ex->method,
-             ex->target ? ex->target : "-", t->name, failed);
+    if (never_started)
+        cmg_info("%s %s retried on connector=%s: connector=%s refused it unstarted (draining)",
+                 ex->method, ex->target ? ex->target : "-", t->name, failed);
+    else
+        cmg_info("%s %s retried on connector=%s after tunnel to %s failed", ex->method,
+                 ex->target ? ex->target : "-", t->name, failed);
     return true;
 }
 
@@ -269,6 +284,31 @@ bool cmg_exchange_req_full(struct cmg_exchange *ex)
         return false;
     ex->room_wanted = true;   /* on_request_room comes when the budget is paid back */
     return true;
+}
+
+/* No more is kept: what was is freed, and the body can no longer be sent again. */
+static void drop_kept(struct cmg_exchange *ex)
+{
+    ex->req_body_lost = true;
+    cmg_buf_free(&ex->req_sent);
+    account_buffers(ex);
+}
+
+void cmg_exchange_req_keep(struct cmg_exchange *ex, const void *p, size_t n)
+{
+    if (ex->req_body_lost || ex->retried)
+        return;   /* a retried request is not retried again: nothing to keep */
+    if (ex->req_sent.len + n > CMG_EX_BUFFER || ex->gw->kept + n > ex->gw->cfg.max_buffer_memory / 8 ||
+        budget_spent(ex->gw) || cmg_buf_append(&ex->req_sent, p, n) < 0) {
+        drop_kept(ex);
+        return;
+    }
+    account_buffers(ex);
+}
+
+void cmg_exchange_req_replayed(struct cmg_exchange *ex)
+{
+    account_buffers(ex);
 }
 
 void cmg_exchange_req_taken(struct cmg_exchange *ex, size_t n)
@@ -309,6 +349,8 @@ void cmg_exchange_resp_news(struct cmg_exchange *ex)
         return;
     }
     ex->resp_told = true;
+    if (!ex->retried)   /* no retry from here on; a retry's replay still goes out whole */
+        drop_kept(ex);
     ex->dev_ops->on_response(ex);   /* takes what body there is, too */
 }
 

@@ -94,6 +94,9 @@ struct cmg_gateway {
     uint64_t budget_warned_ms;      /* at most one warning per BUDGET_WARN_MS ... */
     uint32_t budget_unlogged;       /* ... and how many times it was spent in between */
     bool budget_logged;             /* this time was logged: so is its end */
+    /* Of gw->buffered, the copies of request bodies kept for a retry (req_sent): at
+     * most an eighth of the budget, so that uploads to a slow service cannot spend it. */
+    uint64_t kept;
     struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
     uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
 };
@@ -120,6 +123,13 @@ struct cmg_exchange {
     struct cmg_buf req_body;
     bool req_eof;
     uint64_t req_bytes;
+    /* Body bytes already sent on the stream, kept (at most CMG_EX_BUFFER, within the
+     * buffer budget) until the response begins, so that a request whose stream was
+     * refused or whose tunnel was lost can be sent again whole; req_body_lost: some
+     * were not kept. After a retry, what is kept goes first on the new stream. */
+    struct cmg_buf req_sent;
+    size_t kept;                    /* req_sent.len as counted in gw->kept */
+    bool req_body_lost;
     /* response, as it comes back */
     int status;
     struct cmg_headers resp;
@@ -159,9 +169,11 @@ struct cmg_exchange *cmg_exchange_new(struct cmg_gateway *gw, const struct cmg_e
                                       void *dev);
 /* Picks a tunnel and opens the stream. 0, or an HTTP status (503) to answer. */
 int cmg_exchange_start(struct cmg_exchange *ex);
-/* Its tunnel (to connector `failed`) is lost: started once more on another tunnel if
- * that is safe (see exchange.c). true if it was; else it is still to be failed. */
-bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed);
+/* Its tunnel (to connector `failed`) is lost, or that connector refused its stream
+ * (never_started: REFUSED_STREAM, nothing reached the internal service): started once
+ * more on another tunnel if that is safe (see exchange.c). true if it was; else it is
+ * still to be failed. */
+bool cmg_exchange_retry(struct cmg_exchange *ex, const char *failed, bool never_started);
 /* Device side: request body bytes and end. */
 int cmg_exchange_req_write(struct cmg_exchange *ex, const void *p, size_t n);
 void cmg_exchange_req_end(struct cmg_exchange *ex);
@@ -176,6 +188,11 @@ int cmg_exchange_resp_data(struct cmg_exchange *ex, const uint8_t *data, size_t 
 bool cmg_exchange_req_full(struct cmg_exchange *ex);
 /* Tunnel side: n request body bytes left for the connector. */
 void cmg_exchange_req_taken(struct cmg_exchange *ex, size_t n);
+/* Tunnel side: the n bytes at p are about to leave for the connector: a copy is kept
+ * while it can be (req_sent). */
+void cmg_exchange_req_keep(struct cmg_exchange *ex, const void *p, size_t n);
+/* Tunnel side: bytes of a retried request's replay (req_sent) left. */
+void cmg_exchange_req_replayed(struct cmg_exchange *ex);
 /* Takes the exchange off its tunnel (its stream is over or abandoned). */
 void cmg_exchange_unlink(struct cmg_exchange *ex);
 /* Device side is finished with the exchange (done or gone). */
@@ -193,6 +210,7 @@ struct cmg_tunnel {
     char **roles;
     size_t nroles;
     bool ready, dead;
+    bool draining;           /* the connector said so: no new requests, those in flight finish */
     const char *failure;     /* why, when a callback decided the tunnel must go */
     int32_t ctl_stream;
     struct cmg_buf ctl_in;

@@ -20,6 +20,7 @@
 
 static void tunnel_fail(struct cmg_tunnel *t, const char *why);
 static void watch_stall(struct cmg_tunnel *t);
+static bool outstanding(const struct cmg_tunnel *t);
 
 /* Inside nghttp2's callbacks the session must not be deleted: note why the
  * tunnel must go, and let the callback fail the session call that runs it. */
@@ -144,6 +145,22 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
     cmg_gw_ready_news(t->gw);
 }
 
+/* The connector drains (its control message, or HTTP/2's graceful GOAWAY, whichever
+ * comes first): it is picked for no new request from now on; those in flight finish. */
+static void connector_draining(struct cmg_tunnel *t)
+{
+    size_t n = 0;
+
+    if (t->draining)
+        return;
+    t->draining = true;
+    t->ready = false;
+    for (const struct cmg_exchange *ex = t->exchanges; ex; ex = ex->tun_next)
+        n++;
+    cmg_info("connector=%s draining: no new requests; %zu in flight",
+             t->name[0] ? t->name : t->conn.peer, n);
+}
+
 static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)
 {
     cJSON *msg = cJSON_ParseWithLength(line, len);
@@ -151,8 +168,10 @@ static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)
 
     if (!cJSON_IsString(type))
         cmg_warn("tunnel %s: unreadable control message", t->conn.peer);
-    else if (!strcmp(type->valuestring, "hello") && !t->ready)
+    else if (!strcmp(type->valuestring, "hello") && !t->ready && !t->draining)
         on_hello(t, msg);
+    else if (!strcmp(type->valuestring, "draining"))
+        connector_draining(t);
     else if (!strcmp(type->valuestring, "roles") && t->ready) {
         if (set_roles(t, cJSON_GetObjectItemCaseSensitive(msg, "roles")) < 0)
             fail_later(t, "out of memory");
@@ -253,6 +272,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
             cmg_timer_stop(t->gw->loop, &t->pong_timer);
         return 0;
     case NGHTTP2_GOAWAY:
+        if (frame->goaway.error_code == NGHTTP2_NO_ERROR) {
+            connector_draining(t);   /* no new streams; those in flight finish */
+            return 0;
+        }
         cmg_info("tunnel %s: connector is going away (%s%s%.*s)", t->name[0] ? t->name : t->conn.peer,
                  nghttp2_http2_strerror(frame->goaway.error_code),
                  frame->goaway.opaque_data_len ? ": " : "", (int)frame->goaway.opaque_data_len,
@@ -321,6 +344,10 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
     if (error_code == NGHTTP2_NO_ERROR && ex->resp_eof)
         return 0;   /* complete; stays attached while the device drains it */
     cmg_exchange_unlink(ex);
+    /* REFUSED_STREAM: the connector did not start it (it drains, or the stream was past
+     * its GOAWAY): nothing reached the internal service, so another tunnel may take it. */
+    if (error_code == NGHTTP2_REFUSED_STREAM && cmg_exchange_retry(ex, t->name, true))
+        return 0;
     if (ex->dev)
         ex->dev_ops->on_fail(ex, 502, error_code == NGHTTP2_NO_ERROR
                                           ? "response ended early"
@@ -328,6 +355,12 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
     else
         cmg_exchange_free(ex);
     return 0;
+}
+
+/* A retried request sends again first what its earlier stream took. */
+static bool replaying(const struct cmg_exchange *ex)
+{
+    return ex->retried && ex->req_sent.len;
 }
 
 static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t *buf,
@@ -340,6 +373,8 @@ static ssize_t read_request_body(nghttp2_session *s, int32_t stream_id, uint8_t 
 
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (replaying(ex))
+        return cmg_h2_offer(&ex->req_sent, ex->req_eof && !ex->req_body.len, length, flags);
     return cmg_h2_offer(&ex->req_body, ex->req_eof, length, flags);
 }
 
@@ -352,6 +387,14 @@ static int send_request_body(nghttp2_session *s, nghttp2_frame *frame, const uin
 
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (replaying(ex)) {   /* the device was given room for these bytes once already */
+        rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &ex->req_sent);
+        if (rc == 0)
+            cmg_exchange_req_replayed(ex);
+        return rc;
+    }
+    if (length <= ex->req_body.len)
+        cmg_exchange_req_keep(ex, cmg_buf_head(&ex->req_body), length);
     rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &ex->req_body);
     if (rc == 0)
         cmg_exchange_req_taken(ex, length);
@@ -430,7 +473,11 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
         return;
     t->dead = true;
     cmg_gw_handshake_over(gw, t);
-    if (t->ready || t->name[0])
+    if (t->draining)
+        cmg_log(outstanding(t) ? CMG_LOG_WARN : CMG_LOG_INFO,
+                "tunnel down: connector=%s peer=%s reason=\"%s\" (it was draining: %s)", t->name,
+                t->conn.peer, why, outstanding(t) ? "requests still in flight are cut" : "nothing cut");
+    else if (t->ready || t->name[0])
         cmg_warn("tunnel down: connector=%s peer=%s reason=\"%s\"", t->name, t->conn.peer, why);
     else   /* anyone can cause this line: rate-limited */
         cmg_log_limited(&failed_handshakes, CMG_LOG_INFO, "tunnel from %s refused or failed: %s",
@@ -446,7 +493,7 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
         next = ex->tun_next;
         ex->tun = NULL;
         ex->stream_closed = true;
-        if (ex->resp_eof || cmg_exchange_retry(ex, t->name))
+        if (ex->resp_eof || cmg_exchange_retry(ex, t->name, false))
             continue;
         if (ex->dev)
             ex->dev_ops->on_fail(ex, 502, "tunnel lost");

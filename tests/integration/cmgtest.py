@@ -369,6 +369,7 @@ class Site:
         ini_set(c, 'connector', 'ping_interval', 2)
         ini_set(c, 'connector', 'ping_timeout', 6)
         ini_set(c, 'connector', 'reconnect_max', 1)
+        ini_set(c, 'connector', 'drain_timeout', 2)
 
     def prefix(self, i=0):
         return f'/CCM_Proxy_MutualAuth/{self.role_ids[i]}'

@@ -35,6 +35,7 @@ def serving(procs, site, names):
 
 def two_connectors(procs, site, svc, **gateway_conf):
     ini_set(site.connector_conf, 'connector', 'name', 'connector-a')
+    ini_set(site.connector_conf, 'connector', 'drain_timeout', 60)     # longer than a download
     for key, value in gateway_conf.items():
         ini_set(site.gateway_conf, 'gateway', key, value)
     (gateway,), connector_a = bring_up(procs, site)

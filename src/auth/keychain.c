@@ -1,7 +1,10 @@
 /* The chain of site signing keys; see keychain.h and docs/policy.md. */
 #include "auth/keychain.h"
 
+#include "core/log.h"
 #include "site/pki.h"
+
+#include <limits.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,42 +179,64 @@ char *cmg_keychain_announce(EVP_PKEY *current, const char *current_kid, EVP_PKEY
     return jws;
 }
 
-void cmg_keychain_file(const char *policy_cache, char *out, size_t outlen)
+static void keys_file(const char *policy_cache, char *out, size_t outlen)
 {
-    if (snprintf(out, outlen, "%s.keys", policy_cache) >= (int)outlen)
+    if (!policy_cache[0] || snprintf(out, outlen, "%s.keys", policy_cache) >= (int)outlen)
         out[0] = 0;
 }
 
-int cmg_keychain_load(struct cmg_keychain *kc, const char *file, char *err, size_t errlen)
+static int load(struct cmg_keychain *kc, const char *file, char *err, size_t errlen)
 {
     unsigned char *data = NULL;
     size_t len = 0;
     cJSON *doc;
     int rc;
 
-    if (!file[0] || access(file, F_OK) != 0)
-        return 0;
     if (cmg_pki_read_file(file, KEYS_FILE_MAX, &data, &len) < 0) {
-        snprintf(err, errlen, "%s: cannot read it (or longer than %d bytes)", file,
-                 KEYS_FILE_MAX);
+        snprintf(err, errlen, "cannot read it (or longer than %d bytes)", KEYS_FILE_MAX);
         return -1;
     }
     doc = cJSON_ParseWithLength((const char *)data, len);
-    rc = cmg_keychain_follow(kc, doc, err, errlen);
+    rc = doc ? cmg_keychain_follow(kc, doc, err, errlen) : -1;
     if (!doc)
-        snprintf(err, errlen, "%s: not JSON", file);
+        snprintf(err, errlen, "not JSON");
     cJSON_Delete(doc);
     free(data);
-    return doc && rc >= 0 ? rc : -1;
+    return rc;
 }
 
-int cmg_keychain_save(const struct cmg_keychain *kc, const char *file)
+void cmg_keychain_restore(struct cmg_keychain *kc, const char *policy_cache)
 {
-    cJSON *links = cmg_keychain_links(kc);
-    char *text = links ? cJSON_PrintUnformatted(links) : NULL;
-    int rc = text && file[0] ? cmg_pki_write_file(file, text, strlen(text), 0644) : -1;
+    char file[PATH_MAX + 8], err[300];
+    size_t before = kc->n;
 
+    keys_file(policy_cache, file, sizeof(file));
+    if (!file[0] || access(file, F_OK) != 0)
+        return;
+    if (load(kc, file, err, sizeof(err)) < 0)
+        cmg_warn("site keys kept in %s ignored: %s", file, err);
+    for (size_t i = before; i < kc->n; i++)
+        cmg_info("site key id %s trusted (kept in %s; announced by site key id %s)",
+                 kc->keys[i].kid, file, kc->keys[i - 1].kid);
+}
+
+void cmg_keychain_remember(const struct cmg_keychain *kc, size_t before,
+                           const char *policy_cache)
+{
+    char file[PATH_MAX + 8], *text;
+    cJSON *links;
+
+    for (size_t i = before; i < kc->n; i++)
+        cmg_info("site key id %s learned: announced by site key id %s", kc->keys[i].kid,
+                 kc->keys[i - 1].kid);
+    keys_file(policy_cache, file, sizeof(file));
+    if (before == kc->n || !file[0])
+        return;
+    links = cmg_keychain_links(kc);
+    text = links ? cJSON_PrintUnformatted(links) : NULL;
+    if (!text || cmg_pki_write_file(file, text, strlen(text), 0644) < 0)
+        cmg_warn("cannot keep the site keys learned in %s: a restart follows the chain the "
+                 "policy carries", file);
     free(text);
     cJSON_Delete(links);
-    return rc;
 }

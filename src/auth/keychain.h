@@ -45,12 +45,13 @@ void cmg_keychain_kids(const struct cmg_keychain *kc, char *out, size_t outlen);
 
 /* The announcements a verifier learned are kept in "<policy cache>.keys" (a JSON
  * array), so that a restart reaches the newest key with no chain; read back, they
- * are followed from the pinned key like any others, never trusted as they lie. */
-void cmg_keychain_file(const char *policy_cache, char *out, size_t outlen);
-/* Follows the announcements kept in file (none if it is missing). -1 with err. */
-int cmg_keychain_load(struct cmg_keychain *kc, const char *file, char *err, size_t errlen);
-/* Keeps the announcements followed in file. -1 if it cannot be written. */
-int cmg_keychain_save(const struct cmg_keychain *kc, const char *file);
+ * are followed from the pinned key like any others, never trusted as they lie.
+ * Restores them (logging each key trusted so); a file that cannot be used is logged
+ * and ignored. */
+void cmg_keychain_restore(struct cmg_keychain *kc, const char *policy_cache);
+/* Logs the keys learned since the chain held `before` and keeps them. */
+void cmg_keychain_remember(const struct cmg_keychain *kc, size_t before,
+                           const char *policy_cache);
 
 /* The site's side: the announcement of next (kid next_kid) signed by current. */
 char *cmg_keychain_announce(EVP_PKEY *current, const char *current_kid, EVP_PKEY *next,

@@ -166,36 +166,6 @@ static cJSON *verified_routes(struct cmg_connector *cn, const char *jws, int64_t
     return out;
 }
 
-/* Logs the site keys learned since `before` were trusted and keeps them beside the
- * policy cache, so that a restart trusts them with no chain. */
-static void remember_keys(struct cmg_connector *cn, size_t before)
-{
-    char file[PATH_MAX + 8];
-
-    for (size_t i = before; i < cn->site_keys.n; i++)
-        cmg_info("site key id %s learned: announced by site key id %s", cn->site_keys.keys[i].kid,
-                 cn->site_keys.keys[i - 1].kid);
-    if (before == cn->site_keys.n)
-        return;
-    cmg_keychain_file(cn->cfg.policy_cache, file, sizeof(file));
-    if (cmg_keychain_save(&cn->site_keys, file) < 0)
-        cmg_warn("cannot keep the site keys learned in %s: a restart follows the chain the "
-                 "policy carries", file);
-}
-
-/* The site keys learned before the last stop, followed again from the pinned one. */
-static void load_keys(struct cmg_connector *cn)
-{
-    char file[PATH_MAX + 8], err[300];
-
-    cmg_keychain_file(cn->cfg.policy_cache, file, sizeof(file));
-    if (cmg_keychain_load(&cn->site_keys, file, err, sizeof(err)) < 0)
-        cmg_warn("site keys kept in %s ignored: %s", file, err);
-    for (size_t i = 1; i < cn->site_keys.n; i++)
-        cmg_info("site key id %s trusted (kept in %s; announced by site key id %s)",
-                 cn->site_keys.keys[i].kid, file, cn->site_keys.keys[i - 1].kid);
-}
-
 /* Takes a signed policy and its signed routes if both verify and the version is
  * newer than the one in force. 1 if taken, 0 if not newer, -1 if refused (logged). */
 static int take_signed(struct cmg_connector *cn, const char *policy, const char *routes_jws,
@@ -211,10 +181,10 @@ static int take_signed(struct cmg_connector *cn, const char *policy, const char 
         !(routes = verified_routes(cn, routes_jws, p->version, err, sizeof(err)))) {
         cmg_warn("policy and routes from %s refused: %s (version %lld stays in force)", from,
                  err, (long long)cn->policy_version);
-        remember_keys(cn, trusted);
+        cmg_keychain_remember(&cn->site_keys, trusted, cn->cfg.policy_cache);
         goto out;
     }
-    remember_keys(cn, trusted);
+    cmg_keychain_remember(&cn->site_keys, trusted, cn->cfg.policy_cache);
     rc = 0;
     if (p->version <= cn->policy_version) {
         if (p->version < cn->policy_version)
@@ -458,7 +428,7 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
         snprintf(err, errlen, "%s: its key id cannot be computed", cn->cfg.site_key);
         return -1;
     }
-    load_keys(cn);
+    cmg_keychain_restore(&cn->site_keys, cn->cfg.policy_cache);
     load_cache(cn);
     if (!(f = calloc(1, sizeof(*f)))) {
         snprintf(err, errlen, "out of memory");

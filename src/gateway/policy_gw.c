@@ -73,23 +73,6 @@ static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from
     cmg_tunnel_close_revoked(gw);
 }
 
-/* Logs the site keys learned since `before` were trusted and keeps them beside the
- * policy cache, so that a restart trusts them with no chain. */
-static void remember_keys(struct cmg_gateway *gw, size_t before)
-{
-    char file[PATH_MAX + 8];
-
-    for (size_t i = before; i < gw->site_keys.n; i++)
-        cmg_info("site key id %s learned: announced by site key id %s", gw->site_keys.keys[i].kid,
-                 gw->site_keys.keys[i - 1].kid);
-    if (before == gw->site_keys.n || !gw->policy_cache[0])
-        return;
-    cmg_keychain_file(gw->policy_cache, file, sizeof(file));
-    if (cmg_keychain_save(&gw->site_keys, file) < 0)
-        cmg_warn("cannot keep the site keys learned in %s: a restart follows the chain the "
-                 "policy carries", file);
-}
-
 /* Parses and checks a signed policy; NULL (with a log line) if it must be refused. */
 static struct cmg_policy *accept_signed(struct cmg_gateway *gw, const char *jws, size_t len,
                                         const char *from)
@@ -105,10 +88,10 @@ static struct cmg_policy *accept_signed(struct cmg_gateway *gw, const char *jws,
     if (cmg_policy_from_jws(jws, len, &gw->site_keys, &p, err, sizeof(err)) < 0) {
         cmg_warn("policy from %s refused: %s (version %lld stays in force)", from, err,
                  (long long)(gw->policy ? gw->policy->version : 0));
-        remember_keys(gw, trusted);
+        cmg_keychain_remember(&gw->site_keys, trusted, gw->policy_cache);
         return NULL;
     }
-    remember_keys(gw, trusted);
+    cmg_keychain_remember(&gw->site_keys, trusted, gw->policy_cache);
     if (strcmp(p->service_name, gw->cfg.service_name)) {
         cmg_warn("policy from %s refused: it is for service %s, this gateway is %s", from,
                  p->service_name, gw->cfg.service_name);
@@ -135,23 +118,6 @@ void cmg_gw_policy_offer(struct cmg_gateway *gw, const char *jws, size_t len, co
     if (gw->policy_cache[0] && cmg_pki_write_file(gw->policy_cache, jws, len, 0644) < 0)
         cmg_warn("cannot keep the policy in %s: a restart will wait for a connector",
                  gw->policy_cache);
-}
-
-/* The site keys learned before the last stop, followed again from the pinned one. */
-static void load_keys(struct cmg_gateway *gw)
-{
-    char file[PATH_MAX + 8], err[300];
-    size_t before = gw->site_keys.n;
-    int n;
-
-    if (!gw->policy_cache[0])
-        return;
-    cmg_keychain_file(gw->policy_cache, file, sizeof(file));
-    if ((n = cmg_keychain_load(&gw->site_keys, file, err, sizeof(err))) < 0)
-        cmg_warn("site keys kept in %s ignored: %s", file, err);
-    for (size_t i = before; i < gw->site_keys.n; i++)
-        cmg_info("site key id %s trusted (kept in %s; announced by site key id %s)",
-                 gw->site_keys.keys[i].kid, file, gw->site_keys.keys[i - 1].kid);
 }
 
 int cmg_gw_policy_init(struct cmg_gateway *gw)
@@ -185,7 +151,7 @@ int cmg_gw_policy_init(struct cmg_gateway *gw)
                           "policy-cache.jws") < 0)
             gw->policy_cache[0] = 0;
     }
-    load_keys(gw);
+    cmg_keychain_restore(&gw->site_keys, gw->policy_cache);
     if (!gw->policy_cache[0] ||
         access(gw->policy_cache, R_OK) != 0 ||
         cmg_pki_read_file(gw->policy_cache, CMG_POLICY_MAX, &data, &len) < 0)

@@ -693,9 +693,12 @@ cJSON *cmg_store_connectors_json(struct cmg_store *s)
 int cmg_store_signing_key_add(struct cmg_store *s, const char *kid, const char *jwk,
                               int64_t created, const char *announcement)
 {
-    return run(prep(s, "INSERT INTO signing_keys (kid, jwk, created, announcement) "
-                       "VALUES (?, ?, ?, ?)", announcement ? "ssis" : "ssin", kid, jwk, created,
-                    announcement));
+    /* The first key may be recorded by two commands at once: the same row twice. */
+    return run(prep(s, announcement ? "INSERT INTO signing_keys (kid, jwk, created, "
+                                      "announcement) VALUES (?, ?, ?, ?)"
+                                    : "INSERT OR IGNORE INTO signing_keys (kid, jwk, created, "
+                                      "announcement) VALUES (?, ?, ?, ?)",
+                    announcement ? "ssis" : "ssin", kid, jwk, created, announcement));
 }
 
 int cmg_store_signing_key_retire(struct cmg_store *s, const char *kid, int64_t when)

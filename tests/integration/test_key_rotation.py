@@ -201,6 +201,14 @@ def test_serve_rotates_a_key_older_than_key_rotation(procs, tmp_path, svc):
     site = dep.start_site()
     assert header(curl_policy(dep))['kid'] == new_kid
     assert 'rotat' not in site.log_text()
+    # Through the admin API of the running site: signed into the next policy at once.
+    r = run_cmg('site', 'key', 'rotate', '--site', site_dir, '--json',
+                '--api', f'https://127.0.0.1:{dep.admin_port}')
+    assert r.returncode == 0, r.stderr
+    third_kid = json.loads(r.stdout)['kid']
+    poll(lambda: header(curl_policy(dep))['kid'] == third_kid, 5 * SLOW,
+         'the policy signed by the key rotated through the API', check=procs.check)
+    assert len(header(curl_policy(dep))['cmg_key_chain']) == 2
     r = run_cmg('site', 'cert', 'list', '--site', site_dir, '--json')
     kids = [row['kid'] for row in json.loads(r.stdout) if row['kind'] == 'signing key']
-    assert kids == [old_kid, new_kid]
+    assert kids == [old_kid, new_kid, third_kid]

@@ -62,7 +62,7 @@ def test_rotation_under_load_then_a_restart_follows_the_chain(procs, tmp_path, s
     assert header(dev.token)['kid'] == old_kid
     v0 = dep.policy_version()
 
-    with Load(dep.site, download_size=6 * MiB, rate='2M') as load:
+    with Load(dep.site, download_size=16 * MiB, rate='3M') as load:
         time.sleep(0.5)
         r = dep.cmg_site('key', 'rotate', '--json')
         new_kid = json.loads(r.stdout)['kid']
@@ -72,9 +72,11 @@ def test_rotation_under_load_then_a_restart_follows_the_chain(procs, tmp_path, s
              'the gateway to run the policy signed by the new key', check=procs.check)
         poll(lambda: in_force(dep.connector, v, new_kid), 5 * SLOW,
              'the connector to run it too', check=procs.check)
+        assert all(dl.alive() for dl, _ in load.downloads), 'the downloads should span the rotation'
         time.sleep(1)
     load.assert_clean()
-    print(load.summary())
+    print(f'{load.summary()}; peak RSS gateway {dep.gateway[0].peak_rss_kib()} KiB, connector '
+          f'{dep.connector.peak_rss_kib()} KiB')
     for proc in (dep.gateway[0], dep.connector):
         log = proc.log_text()
         assert f'site key id {new_kid} learned: announced by site key id {old_kid}' in log, log

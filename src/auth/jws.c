@@ -218,14 +218,16 @@ static int sign_es256_raw(EVP_PKEY *key, const char *data, size_t len,
     return ok ? 0 : -1;
 }
 
-static char *header_json(const char *kid, const char *typ)
+static char *header_json(const char *kid, const char *typ, const char *extra_name,
+                         const cJSON *extra)
 {
     cJSON *h = cJSON_CreateObject();
     char *s = NULL;
 
     if (h && cJSON_AddStringToObject(h, "alg", "ES256") &&
         (!typ || cJSON_AddStringToObject(h, "typ", typ)) &&
-        (!kid || cJSON_AddStringToObject(h, "kid", kid)))
+        (!kid || cJSON_AddStringToObject(h, "kid", kid)) &&
+        (!extra || cJSON_AddItemToObject(h, extra_name, cJSON_Duplicate(extra, 1))))
         s = cJSON_PrintUnformatted(h);
     cJSON_Delete(h);
     return s;
@@ -243,6 +245,13 @@ static int is_json_object(const char *s)
 char *cmg_jws_sign_es256(EVP_PKEY *key, const char *kid, const char *typ,
                          const char *payload_json)
 {
+    return cmg_jws_sign_es256_with(key, kid, typ, NULL, NULL, payload_json);
+}
+
+char *cmg_jws_sign_es256_with(EVP_PKEY *key, const char *kid, const char *typ,
+                              const char *extra_name, const cJSON *extra,
+                              const char *payload_json)
+{
     char *hdr = NULL, *out = NULL;
     size_t hl, pl, cap, o;
     unsigned char raw[ES256_SIG];
@@ -250,7 +259,7 @@ char *cmg_jws_sign_es256(EVP_PKEY *key, const char *kid, const char *typ,
 
     /* Only sign what cmg_jws_parse would accept back. */
     if (!key || !payload_json || !cmg_jwk_is_p256(key) || !is_json_object(payload_json) ||
-        !(hdr = header_json(kid, typ)))
+        !(hdr = header_json(kid, typ, extra_name, extra)))
         goto out;
     hl = strlen(hdr);
     pl = strlen(payload_json);

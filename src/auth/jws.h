@@ -39,6 +39,10 @@ int cmg_jws_verify(const struct cmg_jws *j, const struct cmg_jwk *key);
  * (typ, kid omitted if NULL). Returns a new NUL-terminated compact JWS, or NULL. */
 char *cmg_jws_sign_es256(EVP_PKEY *key, const char *kid, const char *typ,
                          const char *payload_json);
+/* The same with one more header parameter, extra_name: extra (copied; none if NULL). */
+char *cmg_jws_sign_es256_with(EVP_PKEY *key, const char *kid, const char *typ,
+                              const char *extra_name, const cJSON *extra,
+                              const char *payload_json);
 
 /* Claims helpers. A string claim, or NULL. */
 const char *cmg_jwt_str(const cJSON *payload, const char *name);

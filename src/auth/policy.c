@@ -2,6 +2,7 @@
 #include "auth/policy.h"
 
 #include "auth/jws.h"
+#include "auth/keychain.h"
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -417,7 +418,7 @@ int cmg_policy_from_json(const char *json, size_t len, struct cmg_policy **out, 
     return rc;
 }
 
-int cmg_policy_from_jws(const char *jws, size_t len, const struct cmg_jwk *site_key,
+int cmg_policy_from_jws(const char *jws, size_t len, struct cmg_keychain *site_keys,
                         struct cmg_policy **out, char *err, size_t errlen)
 {
     struct cmg_policy *p = NULL;
@@ -435,10 +436,8 @@ int cmg_policy_from_jws(const char *jws, size_t len, const struct cmg_jwk *site_
         snprintf(err, errlen, "not a policy (typ is not %s)", CMG_POLICY_TYP);
         goto out;
     }
-    if (cmg_jws_verify(&j, site_key) < 0) {
-        snprintf(err, errlen, "signature does not verify with the site key");
+    if (cmg_keychain_verify(site_keys, &j, NULL, err, errlen) < 0)
         goto out;
-    }
     if (!(p = cmg_policy_new()) || parse_payload(p, j.payload, err, errlen) < 0)
         goto out;
     *out = p;

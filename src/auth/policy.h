@@ -69,8 +69,10 @@ struct cmg_policy {
 
 /* Loads the site's public key (PEM, EC P-256) as an ES256 JWK. NULL on failure. */
 int cmg_policy_load_site_key(const char *file, struct cmg_jwk *key, char *err, size_t errlen);
-/* Verifies and parses a signed policy. -1 with the reason in err. */
-int cmg_policy_from_jws(const char *jws, size_t len, const struct cmg_jwk *site_key,
+struct cmg_keychain;
+/* Verifies (with the site keys trusted, following the key announcements the policy
+ * carries: keychain.h) and parses a signed policy. -1 with the reason in err. */
+int cmg_policy_from_jws(const char *jws, size_t len, struct cmg_keychain *site_keys,
                         struct cmg_policy **out, char *err, size_t errlen);
 /* Parses a policy payload that was already verified (or, for tests and fuzzing, that
  * needs no verification). -1 with the reason in err. */

@@ -12,6 +12,7 @@
 #include "http/headers.h"
 #include "http/path.h"
 #include "auth/jwk.h"
+#include "auth/keychain.h"
 #include "tls/tls.h"
 
 #include <cjson/cJSON.h>
@@ -134,7 +135,7 @@ struct cmg_connector {
     char *policy;                /* the signed policy to carry to every gateway */
     int64_t policy_version;
     int64_t policy_iat;          /* when the site signed it */
-    struct cmg_jwk site_key;     /* verifies what the feed and the cache hold */
+    struct cmg_keychain site_keys;   /* verify what the feed and the cache hold */
     struct cmg_timer age_timer;  /* max_policy_age */
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
     struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */

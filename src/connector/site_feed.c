@@ -11,6 +11,7 @@
  * has, and warns once the policy in force is older than max_policy_age. */
 #include "auth/jwk.h"
 #include "auth/jws.h"
+#include "auth/keychain.h"
 #include "auth/policy.h"
 #include "connector/cn.h"
 #include "core/log.h"
@@ -142,6 +143,7 @@ static cJSON *verified_routes(struct cmg_connector *cn, const char *jws, int64_t
     const cJSON *v, *routes;
     const char *typ;
     cJSON *out = NULL;
+    char why[CMG_KEYCHAIN_MAX * 50 + 200];
 
     if (cmg_jws_parse_limit(jws, strlen(jws), CMG_POLICY_MAX, &j) < 0) {
         snprintf(err, errlen, "routes: not a signed document (malformed JWS)");
@@ -153,8 +155,8 @@ static cJSON *verified_routes(struct cmg_connector *cn, const char *jws, int64_t
     if (!typ || strcmp(typ, CMG_ROUTES_TYP))
         snprintf(err, errlen, "routes: typ %s expected, found %s", CMG_ROUTES_TYP,
                  typ ? typ : "none");
-    else if (cmg_jws_verify(&j, &cn->site_key) < 0)
-        snprintf(err, errlen, "routes: the signature does not verify with the site key");
+    else if (cmg_keychain_verify(&cn->site_keys, &j, NULL, why, sizeof(why)) < 0)
+        snprintf(err, errlen, "routes: %s", why);
     else if (!cJSON_IsNumber(v) || v->valuedouble != (double)version || !cJSON_IsObject(routes))
         snprintf(err, errlen, "routes: version %lld with an object of routes expected",
                  (long long)version);
@@ -171,15 +173,18 @@ static int take_signed(struct cmg_connector *cn, const char *policy, const char 
 {
     struct cmg_policy *p = NULL;
     cJSON *routes = NULL;
-    char err[300], *copy = NULL;
+    size_t trusted = cn->site_keys.n;
+    char err[CMG_KEYCHAIN_MAX * 50 + 300], *copy = NULL;
     int rc = -1;
 
-    if (cmg_policy_from_jws(policy, strlen(policy), &cn->site_key, &p, err, sizeof(err)) < 0 ||
+    if (cmg_policy_from_jws(policy, strlen(policy), &cn->site_keys, &p, err, sizeof(err)) < 0 ||
         !(routes = verified_routes(cn, routes_jws, p->version, err, sizeof(err)))) {
         cmg_warn("policy and routes from %s refused: %s (version %lld stays in force)", from,
                  err, (long long)cn->policy_version);
+        cmg_keychain_remember(&cn->site_keys, trusted, cn->cfg.policy_cache);
         goto out;
     }
+    cmg_keychain_remember(&cn->site_keys, trusted, cn->cfg.policy_cache);
     rc = 0;
     if (p->version <= cn->policy_version) {
         if (p->version < cn->policy_version)
@@ -197,7 +202,8 @@ static int take_signed(struct cmg_connector *cn, const char *policy, const char 
     cn->policy_iat = p->issued_at;
     cmg_cn_routes_apply(cn, routes);
     watch_age(cn);
-    cmg_info("policy version %lld and its routes from %s", (long long)cn->policy_version, from);
+    cmg_info("policy version %lld and its routes from %s (signed by site key id %s)",
+             (long long)cn->policy_version, from, cmg_keychain_newest(&cn->site_keys)->kid);
     rc = 1;
 out:
     cJSON_Delete(routes);
@@ -424,12 +430,21 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
 {
     const char *url = cn->cfg.site;
     struct cmg_site_feed *f;
+    struct cmg_jwk pinned;
     const char *host = url + 8, *slash;
+    int rc;
 
     if (!url[0])
         return 0;
-    if (cmg_policy_load_site_key(cn->cfg.site_key, &cn->site_key, err, errlen) < 0)
+    if (cmg_policy_load_site_key(cn->cfg.site_key, &pinned, err, errlen) < 0)
         return -1;
+    rc = cmg_keychain_init(&cn->site_keys, &pinned);
+    EVP_PKEY_free(pinned.pkey);
+    if (rc < 0) {
+        snprintf(err, errlen, "%s: its key id cannot be computed", cn->cfg.site_key);
+        return -1;
+    }
+    cmg_keychain_restore(&cn->site_keys, cn->cfg.policy_cache);
     load_cache(cn);
     if (!(f = calloc(1, sizeof(*f)))) {
         snprintf(err, errlen, "out of memory");
@@ -462,8 +477,7 @@ void cmg_site_feed_stop(struct cmg_connector *cn)
 
     if (cn->loop)
         cmg_timer_stop(cn->loop, &cn->age_timer);
-    EVP_PKEY_free(cn->site_key.pkey);
-    cn->site_key.pkey = NULL;
+    cmg_keychain_free(&cn->site_keys);
     if (!f)
         return;
     finish(f);

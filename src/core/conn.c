@@ -401,9 +401,20 @@ void cmg_conn_flush(struct cmg_conn *c)
         cmg_buf_consume(&c->out, (size_t)w);
     }
     if (!c->failed) {
+        c->drain_owed = cmg_conn_pending(c) > 0;
         release_if_idle(c);
         update_events(c);
     }
+}
+
+/* Flushes for the loop (an event, or the task), never from within an owner's call,
+ * and tells the owner when output that had to wait (owed) is all written. */
+static void flush_and_tell(struct cmg_conn *c, bool owed)
+{
+    cmg_conn_flush(c);
+    if (owed && !cmg_conn_pending(c) && c->state == CMG_CONN_OPEN && !c->failed &&
+        c->ops->on_drain)
+        c->ops->on_drain(c);
 }
 
 void cmg_conn_want_read(struct cmg_conn *c, bool on)
@@ -447,8 +458,10 @@ static void conn_task(struct cmg_task *t)
         return;
     }
     if (c->flush_later) {
+        /* The owner's own flush may have left output waiting meanwhile, with no
+         * EPOLLOUT while this flush was due: it is told as after EPOLLOUT. */
         c->flush_later = false;
-        cmg_conn_flush(c);
+        flush_and_tell(c, c->drain_owed);
         if (c->state == CMG_CONN_CLOSED || c->failed)
             return;
     }
@@ -486,12 +499,8 @@ static void conn_io(struct cmg_io *io, uint32_t events)
     }
     if (c->failed)
         return;
-    if ((events & EPOLLOUT) || err || (c->write_wants_read && (events & EPOLLIN))) {
-        bool had = cmg_conn_pending(c) > 0;
-        cmg_conn_flush(c);
-        if (had && !cmg_conn_pending(c) && c->state == CMG_CONN_OPEN && !c->failed && c->ops->on_drain)
-            c->ops->on_drain(c);
-    }
+    if ((events & EPOLLOUT) || err || (c->write_wants_read && (events & EPOLLIN)))
+        flush_and_tell(c, cmg_conn_pending(c) > 0);
     if (c->state != CMG_CONN_OPEN || c->failed)
         return;
     if (c->reading && ((events & EPOLLIN) || err))

@@ -40,6 +40,7 @@ struct cmg_conn {
     bool write_wants_read;   /* SSL_write needs the socket readable */
     bool kick_read;          /* deliver on_read from the task */
     bool flush_later;        /* write c->out from the task */
+    bool drain_owed;         /* a flush left output waiting: on_drain once it is written */
     bool pending_open;       /* deliver on_open from the task */
     bool release_idle;       /* free the buffers once all output is written */
     bool failed, reported;

@@ -3,6 +3,7 @@
 #ifndef CMG_GW_H
 #define CMG_GW_H
 
+#include "auth/keychain.h"
 #include "core/addrcount.h"
 #include "core/conn.h"
 #include "core/log.h"
@@ -83,7 +84,7 @@ struct cmg_gateway {
     struct cmg_device *devices;
     struct cmg_policy *policy;      /* in force for new requests */
     uint64_t policy_gen;            /* + 1 each time another policy takes over */
-    struct cmg_jwk site_key;        /* verifies signed policies; pkey NULL if none */
+    struct cmg_keychain site_keys;  /* verify signed policies; n == 0 if no site_key */
     char policy_cache[PATH_MAX];
     struct cmg_timer policy_age_timer;   /* max_policy_age */
     /* The buffer budget (max_buffer_memory): bytes the exchanges hold, and whether

@@ -65,9 +65,10 @@ static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from
     gw->policy = p;
     gw->policy_gen++;
     cmg_info("policy version %lld in force (from %s): %zu mapping(s), revocation check %s, "
-             "oidc %s, %zu blocked device(s)",
+             "oidc %s, %zu blocked device(s), signed by site key id %s",
              (long long)p->version, from, p->nmappings, p->check_revocation ? "on" : "off",
-             p->oidc ? "on" : "off", p->nblocked_devices);
+             p->oidc ? "on" : "off", p->nblocked_devices,
+             cmg_keychain_newest(&gw->site_keys)->kid);
     watch_age(gw);
     cmg_tunnel_close_revoked(gw);
 }
@@ -77,16 +78,20 @@ static struct cmg_policy *accept_signed(struct cmg_gateway *gw, const char *jws,
                                         const char *from)
 {
     struct cmg_policy *p;
-    char err[300];
+    size_t trusted = gw->site_keys.n;
+    char err[CMG_KEYCHAIN_MAX * 50 + 300];
 
-    if (!gw->site_key.pkey) {
+    if (!trusted) {
         cmg_warn("policy from %s refused: no site_key in the configuration to verify it", from);
         return NULL;
     }
-    if (cmg_policy_from_jws(jws, len, &gw->site_key, &p, err, sizeof(err)) < 0) {
-        cmg_warn("policy from %s refused: %s", from, err);
+    if (cmg_policy_from_jws(jws, len, &gw->site_keys, &p, err, sizeof(err)) < 0) {
+        cmg_warn("policy from %s refused: %s (version %lld stays in force)", from, err,
+                 (long long)(gw->policy ? gw->policy->version : 0));
+        cmg_keychain_remember(&gw->site_keys, trusted, gw->policy_cache);
         return NULL;
     }
+    cmg_keychain_remember(&gw->site_keys, trusted, gw->policy_cache);
     if (strcmp(p->service_name, gw->cfg.service_name)) {
         cmg_warn("policy from %s refused: it is for service %s, this gateway is %s", from,
                  p->service_name, gw->cfg.service_name);
@@ -118,6 +123,7 @@ void cmg_gw_policy_offer(struct cmg_gateway *gw, const char *jws, size_t len, co
 int cmg_gw_policy_init(struct cmg_gateway *gw)
 {
     struct cmg_gw_config *c = &gw->cfg;
+    struct cmg_jwk pinned = {0};
     unsigned char *data = NULL;
     size_t len = 0;
     char err[300];
@@ -129,10 +135,13 @@ int cmg_gw_policy_init(struct cmg_gateway *gw)
         cmg_info("no site_key: signed policies are refused, the mappings of %s apply", c->file);
         return 0;
     }
-    if (cmg_policy_load_site_key(c->site_key, &gw->site_key, err, sizeof(err)) < 0) {
-        cmg_error("site_key: %s", err);
+    if (cmg_policy_load_site_key(c->site_key, &pinned, err, sizeof(err)) < 0 ||
+        cmg_keychain_init(&gw->site_keys, &pinned) < 0) {
+        cmg_error("site_key: %s", pinned.pkey ? "its key id cannot be computed" : err);
+        EVP_PKEY_free(pinned.pkey);
         return -1;
     }
+    EVP_PKEY_free(pinned.pkey);
     if (c->policy_cache[0])
         snprintf(gw->policy_cache, sizeof(gw->policy_cache), "%s", c->policy_cache);
     else {
@@ -142,6 +151,7 @@ int cmg_gw_policy_init(struct cmg_gateway *gw)
                           "policy-cache.jws") < 0)
             gw->policy_cache[0] = 0;
     }
+    cmg_keychain_restore(&gw->site_keys, gw->policy_cache);
     if (!gw->policy_cache[0] ||
         access(gw->policy_cache, R_OK) != 0 ||
         cmg_pki_read_file(gw->policy_cache, CMG_POLICY_MAX, &data, &len) < 0)
@@ -160,6 +170,5 @@ void cmg_gw_policy_free(struct cmg_gateway *gw)
     cmg_timer_stop(gw->loop, &gw->policy_age_timer);
     cmg_policy_unref(gw->policy);
     gw->policy = NULL;
-    EVP_PKEY_free(gw->site_key.pkey);
-    gw->site_key.pkey = NULL;
+    cmg_keychain_free(&gw->site_keys);
 }

@@ -113,7 +113,15 @@ static const char usage[] =
     "  connector list                     connectors by name, serial, expiry, revocation\n"
     "  connector revoke NAME              refuse a connector: gateways close its tunnels\n"
     "                                     and refuse its handshakes once the policy\n"
-    "                                     arrives; the site refuses it at once\n";
+    "                                     arrives; the site refuses it at once\n"
+    "  key rotate                         a new signing key (with a new kid), announced\n"
+    "                                     by the current one in every policy: gateways\n"
+    "                                     and connectors pinning an older key follow\n"
+    "                                     the announcements; device tokens signed by\n"
+    "                                     the old key stay valid until they expire.\n"
+    "                                     'site serve' rotates by itself when the key\n"
+    "                                     is older than key_rotation (site.conf,\n"
+    "                                     default 180d; 0: never)\n";
 
 static int usage_error(const struct cli *c, const char *msg)
 {
@@ -348,6 +356,14 @@ static void show_devices(const cJSON *r)
     static const char *const cols[] = {"id", "name", "registered", "token_expires", "blocked",
                                        "thumbprint"};
     print_table(r, cols, 6);
+}
+
+static void show_key_rotated(const cJSON *r)
+{
+    printf("signing key rotated: key id %s, announced by key id %s (retired; tokens it "
+           "signed stay valid until they expire)\n",
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "kid")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(r, "previous")));
 }
 
 static void show_certs(const cJSON *r)
@@ -673,6 +689,7 @@ static const struct command commands[] = {
     {"connector", "add", "connector.add", "name", show_connector},
     {"connector", "list", "connector.list", NULL, show_connectors},
     {"connector", "revoke", "connector.revoke", "name", show_done},
+    {"key", "rotate", "key.rotate", NULL, show_key_rotated},
 };
 
 static int run_command(const struct command *cmd, int argc, char **argv)
@@ -743,5 +760,6 @@ int cmg_site_admin_main(int argc, char **argv)
 bool cmg_site_admin_area(const char *word)
 {
     return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
-           !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector");
+           !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector") ||
+           !strcmp(word, "key");
 }

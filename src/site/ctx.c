@@ -4,7 +4,9 @@
 #include "core/config.h"
 #include "auth/policy.h"
 #include "core/log.h"
+#include "site/ops.h"
 #include "site/pki.h"
+#include "site/signing.h"
 
 #include <errno.h>
 #include <ini.h>
@@ -57,14 +59,25 @@ static int ensure_secret(const char *dir, const char *name, char *err, size_t er
     return 0;
 }
 
+int cmg_site_write_signing_pub(const char *dir, EVP_PKEY *key)
+{
+    char path[PATH_MAX], *data;
+    BIO *bio = BIO_new(BIO_s_mem());
+    long len;
+    int rc = -1;
+
+    if (path_in(path, sizeof(path), dir, CMG_SITE_SIGNING_PUB) == 0 && bio &&
+        PEM_write_bio_PUBKEY(bio, key) == 1 && (len = BIO_get_mem_data(bio, &data)) > 0)
+        rc = cmg_pki_write_file(path, data, (size_t)len, 0644);
+    BIO_free(bio);
+    return rc;
+}
+
 int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen)
 {
     char key_path[PATH_MAX], pub_path[PATH_MAX];
     EVP_PKEY *key = NULL;
-    BIO *bio = NULL;
     struct stat st;
-    char *data;
-    long len;
     int rc = -1;
 
     if (path_in(key_path, sizeof(key_path), dir, CMG_SITE_SIGNING_KEY) < 0 ||
@@ -79,19 +92,14 @@ int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cannot read the signing key %s", key_path);
         goto out;
     }
-    if (stat(pub_path, &st) != 0) {
-        if (!(bio = BIO_new(BIO_s_mem())) || PEM_write_bio_PUBKEY(bio, key) != 1 ||
-            (len = BIO_get_mem_data(bio, &data)) <= 0 ||
-            cmg_pki_write_file(pub_path, data, (size_t)len, 0644) < 0) {
-            snprintf(err, errlen, "cannot write %s", pub_path);
-            goto out;
-        }
+    if (stat(pub_path, &st) != 0 && cmg_site_write_signing_pub(dir, key) < 0) {
+        snprintf(err, errlen, "cannot write %s", pub_path);
+        goto out;
     }
     if (ensure_secret(dir, CMG_SITE_ADMIN_TOKEN, err, errlen) < 0)
         goto out;
     rc = 0;
 out:
-    BIO_free(bio);
     EVP_PKEY_free(key);
     return rc;
 }
@@ -149,6 +157,9 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         uint64_t v;
         rc = cmg_conf_uint(value, 1, 86400, &v);
         s->oidc_refresh_s = (uint32_t)v;
+    } else if (!strcmp(name, "key_rotation")) {
+        s->key_rotation_s = strcmp(value, "0") ? cmg_parse_lifetime(value) : 0;
+        rc = s->key_rotation_s < 0 ? -1 : 0;
     } else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else {
@@ -175,6 +186,7 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     snprintf(s->feed_listen, sizeof(s->feed_listen), "%s", CMG_SITE_DEFAULT_FEED);
     s->log_level = CMG_LOG_INFO;
     s->oidc_refresh_s = CMG_SITE_OIDC_REFRESH_S;
+    s->key_rotation_s = CMG_SITE_KEY_ROTATION_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)
         return -1;
     cs.err = msg;
@@ -208,24 +220,14 @@ int cmg_site_open(const char *dir, struct cmg_site_ctx *s, char *err, size_t err
     }
     if (cmg_site_read_conf(s, err, errlen) < 0 || cmg_site_ensure_secrets(s->dir, err, errlen) < 0)
         goto fail;
-    if (path_in(path, sizeof(path), s->dir, CMG_SITE_SIGNING_KEY) < 0 ||
-        !(s->sign_key = cmg_pki_load_key(path))) {
-        snprintf(err, errlen, "cannot load %s", path);
-        goto fail;
-    }
-    s->sign_pub.pkey = s->sign_key;
-    s->sign_pub.alg = CMG_ALG_ES256;
-    if (cmg_jwk_thumbprint(s->sign_key, s->sign_pub.kid) < 0) {
-        snprintf(err, errlen, "the signing key in %s is not a P-256 key", path);
-        goto fail;
-    }
     if (path_in(path, sizeof(path), s->dir, "ca.crt") < 0 || !(s->ca_cert = cmg_pki_load_cert(path)) ||
         path_in(path, sizeof(path), s->dir, "ca.key") < 0 || !(s->ca_key = cmg_pki_load_key(path))) {
         snprintf(err, errlen, "cannot load the site CA from %s", s->dir);
         goto fail;
     }
     if (read_secret(s->dir, CMG_SITE_ADMIN_TOKEN, s->admin_token, err, errlen) < 0 ||
-        cmg_store_open(s->dir, &s->store, err, errlen) < 0)
+        cmg_store_open(s->dir, &s->store, err, errlen) < 0 ||
+        cmg_site_signing_load(s, err, errlen) < 0)
         goto fail;
     return 0;
 fail:

@@ -33,8 +33,10 @@ struct cmg_site_ctx {
     char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;
     uint32_t oidc_refresh_s;     /* OIDC key refresh interval (site.conf oidc_refresh) */
-    EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy */
+    EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy: the current key */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */
+    int64_t sign_created;        /* when it was made (signing.c) */
+    int64_t key_rotation_s;      /* site.conf key_rotation: its age at rotation; 0 never */
     X509 *ca_cert;
     EVP_PKEY *ca_key;
     char admin_token[65];
@@ -52,6 +54,8 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen);
 /* Makes what cmg_site_open needs beyond the CA if missing: signing key pair, admin
  * token. Used by 'site init' too. */
 int cmg_site_ensure_secrets(const char *dir, char *err, size_t errlen);
+/* Writes DIR/site-signing.pub, the public half of key. */
+int cmg_site_write_signing_pub(const char *dir, EVP_PKEY *key);
 /* The CRL distribution point of a site whose gateway devices reach at
  * service_name:port: https://NAME[:PORT]/CCM_CRL/site.crl (no ":443"). */
 void cmg_site_crl_url(const char *service_name, unsigned port, char *out, size_t outlen);

@@ -7,6 +7,7 @@
 #include "site/connectors.h"
 #include "site/pki.h"
 #include "site/policy_build.h"
+#include "site/signing.h"
 #include "site/tokens.h"
 #include "tls/tls.h"
 
@@ -891,30 +892,6 @@ static cJSON *by_kind(cJSON *list)
     return out;
 }
 
-/* The signing keys (DIR/site-signing*.pub): they have no end date of their own. */
-static void add_signing_keys(struct cmg_site_ctx *s, cJSON *list)
-{
-    struct dirent **names = NULL;
-    int n = scandir(s->dir, &names, NULL, alphasort);
-
-    for (int i = 0; i < n; i++) {
-        const char *name = names[i]->d_name;
-        size_t l = strlen(name);
-        char path[PATH_MAX];
-        if (!strncmp(name, "site-signing", 12) && l > 4 && !strcmp(name + l - 4, ".pub") &&
-            snprintf(path, sizeof(path), "%s/%s", s->dir, name) < (int)sizeof(path)) {
-            cJSON *row = cJSON_CreateObject();
-            cJSON_AddStringToObject(row, "kind", "signing key");
-            cJSON_AddStringToObject(row, "name", name);
-            cJSON_AddNullToObject(row, "expires");
-            cJSON_AddStringToObject(row, "file", path);
-            cJSON_AddItemToArray(list, row);
-        }
-        free(names[i]);
-    }
-    free(names);
-}
-
 /* "not_after" beside "expires": the date as people read it. */
 static void add_not_after(cJSON *list)
 {
@@ -958,7 +935,7 @@ static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
     add_cert_dir(s, *result, "connector", "connectors");
     add_cert_dir(s, *result, "device", "devices");
     *result = by_kind(*result);
-    add_signing_keys(s, *result);
+    cmg_site_signing_list(s, *result);
     add_not_after(*result);
     return 0;
 }
@@ -1399,6 +1376,15 @@ static int op_oidc_clear(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     IN_TX(s, msg, len, oidc_clear_tx(s, msg, len));
 }
 
+/* ---- signing keys ---- */
+
+static int op_key_rotate(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                         size_t len)
+{
+    (void)args;
+    return cmg_site_key_rotate(s, result, msg, len);
+}
+
 static const struct cmg_site_op_def ops[] = {
     {"mapping.add", op_mapping_add},       {"mapping.remove", op_mapping_remove},
     {"mapping.list", op_mapping_list},     {"bulk.create", op_bulk_create},
@@ -1410,6 +1396,7 @@ static const struct cmg_site_op_def ops[] = {
     {"oidc.clear", op_oidc_clear},         {"connector.add", op_connector_add},
     {"connector.list", op_connector_list}, {"connector.revoke", op_connector_revoke},
     {"cert.renew", op_cert_renew},
+    {"key.rotate", op_key_rotate},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

@@ -2,8 +2,10 @@
 #include "site/policy_build.h"
 
 #include "auth/jws.h"
+#include "auth/keychain.h"
 #include "core/log.h"
 #include "auth/policy.h"
+#include "site/signing.h"
 
 #include <openssl/bn.h>
 #include <openssl/pem.h>
@@ -193,6 +195,17 @@ static cJSON *routes_json(struct cmg_site_ctx *s)
     return o;
 }
 
+/* A document signed with the current key, carrying the announcements that lead to it. */
+static char *sign_doc(struct cmg_site_ctx *s, const char *typ, const char *json)
+{
+    cJSON *chain = cmg_site_signing_chain(s);
+    char *jws = cmg_jws_sign_es256_with(s->sign_key, s->sign_pub.kid, typ, CMG_KEYCHAIN_HEADER,
+                                        chain, json);
+
+    cJSON_Delete(chain);
+    return jws;
+}
+
 /* The routes of this version, signed. */
 static char *routes_build(struct cmg_site_ctx *s, int64_t version)
 {
@@ -204,7 +217,7 @@ static char *routes_build(struct cmg_site_ctx *s, int64_t version)
         cJSON_AddItemToObject(doc, "routes", routes)) {
         routes = NULL;
         if ((json = cJSON_PrintUnformatted(doc)))
-            jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, CMG_ROUTES_TYP, json);
+            jws = sign_doc(s, CMG_ROUTES_TYP, json);
     }
     cJSON_Delete(routes);
     cJSON_Delete(doc);
@@ -220,13 +233,19 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **rou
 
     *version = 0;
     *routes = NULL;
-    if (cmg_store_begin_read(s->store) < 0) {   /* one consistent snapshot */
+    /* One consistent snapshot, signed with the key that is current in it. */
+    if (cmg_store_begin_read(s->store) < 0) {
         snprintf(err, errlen, "store: %s", cmg_store_error(s->store));
         cJSON_Delete(p);
         return NULL;
     }
+    if (cmg_site_signing_reload(s, err, errlen) < 0) {
+        cmg_store_rollback(s->store);
+        cJSON_Delete(p);
+        return NULL;
+    }
     *version = cmg_store_policy_version(s->store);
-    keys = cJSON_CreateObject();
+    keys = cmg_site_token_keys(s, (int64_t)time(NULL));
     if (!p || !keys || !cJSON_AddNumberToObject(p, "version", (double)*version) ||
         !cJSON_AddNumberToObject(p, "iat", (double)time(NULL)) ||
         !cJSON_AddStringToObject(p, "iss", s->issuer) ||
@@ -237,9 +256,6 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **rou
         add_owned(p, "crl", cmg_site_crl_pem(s)) < 0 ||
         !cJSON_AddBoolToObject(p, "check_revocation", cmg_site_revocation_checked(s)) ||
         !cJSON_AddItemToObject(p, "site_keys", keys) ||
-        !cJSON_AddItemToObject(keys, "keys", cJSON_CreateArray()) ||
-        !cJSON_AddItemToArray(cJSON_GetObjectItem(keys, "keys"),
-                              cmg_jwk_public(s->sign_key, s->sign_pub.kid)) ||
         add_oidc(s, p) < 0 ||
         !cJSON_AddItemToObject(p, "blocked_devices", cmg_store_blocked_devices(s->store)) ||
         !cJSON_AddItemToObject(p, "revoked_tokens", cmg_store_blocked_tokens(s->store)) ||
@@ -260,7 +276,7 @@ char *cmg_site_policy_build(struct cmg_site_ctx *s, int64_t *version, char **rou
         }
     }
     if (!(json = cJSON_PrintUnformatted(p)) ||
-        !(jws = cmg_jws_sign_es256(s->sign_key, s->sign_pub.kid, CMG_POLICY_TYP, json)) ||
+        !(jws = sign_doc(s, CMG_POLICY_TYP, json)) ||
         !(*routes = routes_build(s, *version))) {
         snprintf(err, errlen, "cannot sign the policy and the routes");
         free(jws);

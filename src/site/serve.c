@@ -18,6 +18,7 @@
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/register.h"
+#include "site/signing.h"
 #include "tls/tls.h"
 
 #include <errno.h>
@@ -35,6 +36,7 @@
 #define POLL_MS 250
 #define FEED_WAIT_MS 25000
 #define REFRESH_S CMG_POLICY_RESIGN_S
+#define ROTATION_CHECK_MS (24u * 3600u * 1000u)
 
 struct feed_waiter {
     struct cmg_site_server *srv;
@@ -69,6 +71,8 @@ static const char usage[] =
     "fetched again every oidc_refresh seconds of site.conf (default 3600; the\n"
     "provider's cache headers within 5 min..24 h), and at once when a gateway reports\n"
     "a token with an unknown key id; new keys are published at once.\n"
+    "The signing key is rotated ('cmg site key rotate') when it is older than\n"
+    "key_rotation of site.conf (default 180d; 0: never), checked at start and daily.\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -130,7 +134,8 @@ static int publish(struct cmg_site_server *srv)
     srv->routes = routes;
     srv->version = version;
     srv->signed_at = time(NULL);
-    cmg_info("policy version %lld signed", (long long)version);
+    cmg_info("policy version %lld signed with site key id %s", (long long)version,
+             srv->ctx->sign_pub.kid);
     while (srv->waiters)
         waiter_answer(srv->waiters);
     return 0;
@@ -173,6 +178,41 @@ static void on_poll(struct cmg_timer *t)
         cmg_site_server_changed(srv);
     }
     cmg_timer_start(srv->loop, &srv->poll, POLL_MS, on_poll);
+}
+
+/* Rotates the signing key once it is older than key_rotation (the next policy
+ * announces it); true if it did. */
+static bool rotate_if_due(struct cmg_site_server *srv)
+{
+    struct cmg_site_ctx *s = srv->ctx;
+    int64_t now = (int64_t)time(NULL), age_days = (now - s->sign_created) / 86400;
+    char old_kid[128], msg[512];
+    cJSON *result = NULL;
+
+    if (!cmg_site_key_rotation_due(s, now))
+        return false;
+    snprintf(old_kid, sizeof(old_kid), "%s", s->sign_pub.kid);
+    cmg_info("signing key id %s is %lld day(s) old, key_rotation is %lld day(s): rotating",
+             old_kid, (long long)age_days, (long long)(s->key_rotation_s / 86400));
+    if (cmg_site_key_rotate(s, &result, msg, sizeof(msg)) != 0) {
+        cmg_error("cannot rotate the signing key: %s (key id %s signs on; retried in a day)",
+                  msg, old_kid);
+        return false;
+    }
+    cmg_info("signing key rotated: key id %s, announced by key id %s; device tokens signed "
+             "by %s stay valid until they expire", s->sign_pub.kid, old_kid, old_kid);
+    cJSON_Delete(result);
+    return true;
+}
+
+static void on_rotation_check(struct cmg_timer *t)
+{
+    struct cmg_site_server *srv =
+        (struct cmg_site_server *)((char *)t - offsetof(struct cmg_site_server, rotation));
+
+    if (rotate_if_due(srv))
+        cmg_site_server_changed(srv);
+    cmg_timer_start(srv->loop, &srv->rotation, ROTATION_CHECK_MS, on_rotation_check);
 }
 
 /* ---- the connectors' channel ---- */
@@ -579,6 +619,7 @@ int cmg_site_serve_main(int argc, char **argv)
     srv.ctx = &ctx;
     if (!(srv.loop = cmg_loop_new()))
         goto out;
+    rotate_if_due(&srv);
     srv.data_version = cmg_store_data_version(ctx.store);
     if (publish(&srv) < 0)
         goto out;
@@ -596,6 +637,7 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
                  "admin.token administers the site", listen[0]);
     cmg_timer_start(srv.loop, &srv.poll, POLL_MS, on_poll);
+    cmg_timer_start(srv.loop, &srv.rotation, ROTATION_CHECK_MS, on_rotation_check);
     watch_certs(&srv);
     cmg_loop_on_hup(srv.loop, reload, &srv);
     if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
@@ -615,6 +657,7 @@ out:
     cmg_tls_watch_free(&srv.cert_watch);
     if (srv.loop) {
         cmg_timer_stop(srv.loop, &srv.poll);
+        cmg_timer_stop(srv.loop, &srv.rotation);
         cmg_loop_free(srv.loop);
     }
     SSL_CTX_free(srv.admin_tls);

@@ -27,6 +27,7 @@ struct cmg_site_server {
     time_t signed_at;
     int64_t data_version;
     struct cmg_timer poll;
+    struct cmg_timer rotation;  /* daily: is the signing key older than key_rotation? */
     struct feed_waiter *waiters;
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */

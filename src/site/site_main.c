@@ -27,6 +27,7 @@ static void site_usage(FILE *out)
           "  cert issue|revoke|list|check-revocation   client certificates and the CRL\n"
           "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
           "  connector add|list|revoke        connector certificates, one per connector\n"
+          "  key rotate                       a new signing key, announced to gateways\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

@@ -36,7 +36,9 @@ static const char schema[] =
     " issued INTEGER NOT NULL, expires INTEGER NOT NULL, revoked INTEGER);"
     "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"
     " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);"
-    "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);";
+    "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS signing_keys (kid TEXT PRIMARY KEY, jwk TEXT NOT NULL,"
+    " created INTEGER NOT NULL, retired INTEGER, announcement TEXT);";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the
@@ -722,6 +724,54 @@ int cmg_store_cert_renewed(struct cmg_store *s, const struct cmg_store_cert *c)
         return -1;
     return run(prep(s, "UPDATE certs SET kind = ? WHERE serial = ?", "ss", c->kind,
                     c->serial)) < 0 ? -1 : 0;
+}
+
+/* ---- signing keys ---- */
+
+int cmg_store_signing_key_add(struct cmg_store *s, const char *kid, const char *jwk,
+                              int64_t created, const char *announcement)
+{
+    /* The first key may be recorded by two commands at once: the same row twice. */
+    return run(prep(s, announcement ? "INSERT INTO signing_keys (kid, jwk, created, "
+                                      "announcement) VALUES (?, ?, ?, ?)"
+                                    : "INSERT OR IGNORE INTO signing_keys (kid, jwk, created, "
+                                      "announcement) VALUES (?, ?, ?, ?)",
+                    announcement ? "ssis" : "ssin", kid, jwk, created, announcement));
+}
+
+int cmg_store_signing_key_retire(struct cmg_store *s, const char *kid, int64_t when)
+{
+    return changes(s, prep(s, "UPDATE signing_keys SET retired = ? WHERE kid = ? AND "
+                              "retired IS NULL", "is", when, kid)) == 1 ? 0 : -1;
+}
+
+int cmg_store_signing_key_current(struct cmg_store *s, char *kid, size_t kidlen,
+                                  int64_t *created)
+{
+    sqlite3_stmt *st = prep(s, "SELECT kid, created FROM signing_keys WHERE retired IS NULL "
+                               "ORDER BY rowid DESC LIMIT 1", "");
+    int rc = -1;
+
+    if (!st)
+        return -1;
+    switch (sqlite3_step(st)) {
+    case SQLITE_ROW:
+        snprintf(kid, kidlen, "%s", (const char *)sqlite3_column_text(st, 0));
+        *created = sqlite3_column_int64(st, 1);
+        rc = 1;
+        break;
+    case SQLITE_DONE:
+        rc = 0;
+        break;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+cJSON *cmg_store_signing_keys_json(struct cmg_store *s)
+{
+    return rows_json(s, prep(s, "SELECT kid, jwk, created, retired, announcement FROM "
+                                "signing_keys ORDER BY rowid", ""));
 }
 
 /* ---- OIDC ---- */

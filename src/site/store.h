@@ -144,4 +144,16 @@ cJSON *cmg_store_blocked_ids_json(struct cmg_store *s);
 cJSON *cmg_store_blocked_devices(struct cmg_store *s);
 cJSON *cmg_store_blocked_tokens(struct cmg_store *s);
 
+/* The site's signing keys (signing.c): the current one has no retired time; each
+ * later one carries its announcement, signed by the one before. */
+int cmg_store_signing_key_add(struct cmg_store *s, const char *kid, const char *jwk,
+                              int64_t created, const char *announcement);
+/* -1 unless kid was the current key. */
+int cmg_store_signing_key_retire(struct cmg_store *s, const char *kid, int64_t when);
+/* 1 with the current key's kid and created time; 0 if none is recorded; -1. */
+int cmg_store_signing_key_current(struct cmg_store *s, char *kid, size_t kidlen,
+                                  int64_t *created);
+/* [{kid, jwk (text), created, retired, announcement}], oldest first. */
+cJSON *cmg_store_signing_keys_json(struct cmg_store *s);
+
 #endif

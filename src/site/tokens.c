@@ -1,6 +1,8 @@
 /* Site tokens; see tokens.h. */
 #include "site/tokens.h"
 
+#include "site/signing.h"
+
 #include "auth/b64url.h"
 #include "auth/jws.h"
 
@@ -117,7 +119,7 @@ int cmg_site_token_check(struct cmg_site_ctx *s, const char *token, size_t len,
         return 401;
     iss = cmg_jwt_str(j.payload, "iss");
     u = cmg_jwt_str(j.payload, "cmg_use");
-    if (cmg_jws_verify(&j, &s->sign_pub) < 0 || !iss || strcmp(iss, s->issuer) ||
+    if (cmg_site_token_verify(s, &j, now) < 0 || !iss || strcmp(iss, s->issuer) ||
         !cmg_jwt_aud_has(j.payload, s->service_name))
         goto out;
     if (!u || strcmp(u, use)) {

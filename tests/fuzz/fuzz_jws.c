@@ -3,8 +3,10 @@
  * must survive the claims helpers and a verification. */
 #include "auth/jwk.h"
 #include "auth/jws.h"
+#include "auth/keychain.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +27,22 @@ static const struct cmg_jwk *verify_key(void)
     return loaded > 0 ? &ks.keys[0] : NULL;
 }
 
+/* The announcements a document carries, followed from the A.3 key as the pinned one. */
+static void key_chain(const struct cmg_jws *j)
+{
+    struct cmg_jwk pinned = *verify_key();
+    struct cmg_keychain kc;
+    char err[1024];
+
+    snprintf(pinned.kid, sizeof(pinned.kid), "a3");
+    if (cmg_keychain_init(&kc, &pinned) < 0)
+        return;
+    (void)cmg_keychain_verify(&kc, j, NULL, err, sizeof(err));
+    if (kc.n < 1 || kc.n > CMG_KEYCHAIN_MAX + 1)
+        abort();
+    cmg_keychain_free(&kc);
+}
+
 static void token(const char *p, size_t size)
 {
     struct cmg_jws j;
@@ -40,6 +58,7 @@ static void token(const char *p, size_t size)
     (void)cmg_jws_header_str(&j, "alg");
     (void)cmg_jws_header_str(&j, "kid");
     (void)cmg_jws_verify(&j, verify_key());
+    key_chain(&j);
     cmg_jws_free(&j);
 }
 

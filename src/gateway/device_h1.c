@@ -74,6 +74,9 @@ static bool ready_for_input(struct cmg_device *d);
 
 static struct cmg_h1 *h1_of(llhttp_t *p) { return (struct cmg_h1 *)p; }
 
+/* How long a connection with no request yet may still send one once a drain began. */
+#define DRAIN_FIRST_REQUEST_MS 1000
+
 /* ---- deadlines and closing ---- */
 
 static void on_timeout(struct cmg_timer *t)
@@ -783,7 +786,7 @@ int cmg_h1_start(struct cmg_device *d)
 /* The gateway drains: the answer in progress, or the next one, is the last (Connection:
  * close); a connection idle between requests is closed now (a client sends a request
  * again on a new connection when a kept-alive one closed before any of its answer). A new
- * connection gets its first request answered. */
+ * connection gets its first request answered if it comes within DRAIN_FIRST_REQUEST_MS. */
 void cmg_h1_drain(struct cmg_device *d)
 {
     struct cmg_h1 *h = d->h1;
@@ -791,6 +794,10 @@ void cmg_h1_drain(struct cmg_device *d)
     h->keep_alive = false;
     if (h->phase == H1_WAIT && h->served && !h->held.len)
         close_after_output(d);
+    else if (h->phase == H1_WAIT && !h->served)   /* a preconnect must not hold the drain */
+        arm(d, d->gw->cfg.header_timeout_ms < DRAIN_FIRST_REQUEST_MS ? d->gw->cfg.header_timeout_ms
+                                                                      : DRAIN_FIRST_REQUEST_MS,
+            "no request while draining");
 }
 
 void cmg_h1_free(struct cmg_device *d)

@@ -101,13 +101,20 @@ static void join(struct cmg_gateway *gw, enum cmg_log_level level, const char *w
     cmg_log(level, "joining the device port%s", why);
 }
 
+/* A signed policy (from a connector or the cache), or local mappings of gateway.conf: a
+ * gateway with neither (a new pod, an emptied cache) would answer every device 404. */
+static bool policy_in_force(const struct cmg_gateway *gw)
+{
+    return gw->policy && (gw->policy->issued_at > 0 || gw->policy->nmappings > 0);
+}
+
 static void on_join_task(struct cmg_task *task)
 {
     struct cmg_gateway *gw = GW_OF(task, join_task);
     unsigned n = ready_tunnels(gw);
     char why[120];
 
-    if (gw->state != CMG_GW_STARTING || !gw->policy || n == 0)
+    if (gw->state != CMG_GW_STARTING || !policy_in_force(gw) || n == 0)
         return;
     snprintf(why, sizeof(why), ": policy version %lld, %u tunnel%s",
              (long long)gw->policy->version, n, n == 1 ? "" : "s");
@@ -117,12 +124,18 @@ static void on_join_task(struct cmg_task *task)
 static void on_ready_timeout(struct cmg_timer *t)
 {
     struct cmg_gateway *gw = GW_OF(t, ready_timer);
-    char why[160];
+    char why[240];
 
     if (gw->state != CMG_GW_STARTING)
         return;
-    snprintf(why, sizeof(why), " without a tunnel after ready_timeout %g s: devices get 503 "
-             "CMGService_No_Connector until one is up", gw->cfg.ready_timeout_ms / 1000.0);
+    if (policy_in_force(gw))
+        snprintf(why, sizeof(why), " without a tunnel after ready_timeout %g s: devices get "
+                 "503 CMGService_No_Connector until one is up", gw->cfg.ready_timeout_ms / 1000.0);
+    else
+        snprintf(why, sizeof(why), " after ready_timeout %g s with no policy yet (no signed "
+                 "one, no mappings in gateway.conf; %u tunnel(s) up): devices get 404 until a "
+                 "connector brings one",
+                 gw->cfg.ready_timeout_ms / 1000.0, ready_tunnels(gw));
     join(gw, CMG_LOG_WARN, why);
 }
 
@@ -142,7 +155,7 @@ int cmg_gw_ready_start(struct cmg_gateway *gw)
 
 void cmg_gw_ready_news(struct cmg_gateway *gw)
 {
-    /* A task: the policy usually follows the hello in the same read. */
+    /* A task: a tunnel's hello and its policy often come in one read. */
     if (gw->state == CMG_GW_STARTING)
         cmg_task_post(gw->loop, &gw->join_task, on_join_task);
 }
@@ -154,7 +167,7 @@ bool cmg_gw_ready(const struct cmg_gateway *gw, const char **why)
         *why = NULL;
         return true;
     case CMG_GW_STARTING:
-        *why = "starting: waiting for a tunnel (ready_timeout)";
+        *why = "starting: waiting for a policy and a tunnel (ready_timeout)";
         return false;
     default:
         *why = "draining";

@@ -306,6 +306,11 @@ void cmg_exchange_req_keep(struct cmg_exchange *ex, const void *p, size_t n)
     account_buffers(ex);
 }
 
+void cmg_exchange_req_unkeep(struct cmg_exchange *ex)
+{
+    drop_kept(ex);
+}
+
 void cmg_exchange_req_replayed(struct cmg_exchange *ex)
 {
     account_buffers(ex);

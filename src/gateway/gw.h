@@ -192,6 +192,9 @@ void cmg_exchange_req_taken(struct cmg_exchange *ex, size_t n);
 /* Tunnel side: the n bytes at p are about to leave for the connector: a copy is kept
  * while it can be (req_sent). */
 void cmg_exchange_req_keep(struct cmg_exchange *ex, const void *p, size_t n);
+/* Tunnel side: the bytes just kept did not leave after all; nothing is kept from now on,
+ * so the request is no longer sent again. */
+void cmg_exchange_req_unkeep(struct cmg_exchange *ex);
 /* Tunnel side: bytes of a retried request's replay (req_sent) left. */
 void cmg_exchange_req_replayed(struct cmg_exchange *ex);
 /* Takes the exchange off its tunnel (its stream is over or abandoned). */

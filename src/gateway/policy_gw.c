@@ -71,6 +71,7 @@ static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from
              cmg_keychain_newest(&gw->site_keys)->kid);
     watch_age(gw);
     cmg_tunnel_close_revoked(gw);
+    cmg_gw_ready_news(gw);
 }
 
 /* Parses and checks a signed policy; NULL (with a log line) if it must be refused. */

@@ -398,6 +398,8 @@ static int send_request_body(nghttp2_session *s, nghttp2_frame *frame, const uin
     rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &ex->req_body);
     if (rc == 0)
         cmg_exchange_req_taken(ex, length);
+    else   /* the bytes are both kept and still to send: a replay would send them twice */
+        cmg_exchange_req_unkeep(ex);
     return rc;
 }
 

@@ -1139,61 +1139,66 @@ static cJSON *renewal_result(const struct renewal *r, const struct cmg_store_cer
     return o;
 }
 
-/* Records the renewal, keeps the previous pair as *.old, then writes the new one over
- * the files the role reads (each file replaced atomically; the key first: a reload
- * between the two sees a pair that does not match, refuses it and keeps what it has). */
-static int renew_tx(struct cmg_site_ctx *s, const struct renewal *r, X509 *old,
-                    cJSON **result, char *msg, size_t len)
+/* Records the renewal in the store (in the caller's transaction). */
+static int renew_record(struct cmg_site_ctx *s, const struct renewal *r, X509 *old, X509 *x,
+                        struct cmg_store_cert *was, struct cmg_store_cert *now,
+                        char *subjects, size_t sublen, char *msg, size_t len)
 {
-    char old_subject[512], subject[512];
-    struct cmg_store_cert was, now;
-    EVP_PKEY *k = cmg_pki_new_key();
-    X509 *x = k ? cmg_pki_renew(old, k, s->ca_cert, s->ca_key) : NULL;
-    int rc = 500;
-
-    if (!x) {
-        fail(msg, len, 500, "cannot issue the new %s certificate", r->kind);
-        goto out;
-    }
-    renewal_record(r, old, old_subject, sizeof(old_subject), &was);
-    renewal_record(r, x, subject, sizeof(subject), &now);
-    if (cmg_store_cert_replaced(s->store, &was, (int64_t)time(NULL)) < 0 ||
-        cmg_store_cert_renewed(s->store, &now) < 0) {
-        fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-        goto out;
-    }
-    if (keep_previous(r->crt, r->old_crt, 0644) < 0 || keep_previous(r->key, r->old_key, 0600) < 0 ||
-        cmg_pki_write_key(r->key, k) < 0 || cmg_pki_write_cert(r->crt, x) < 0) {
-        fail(msg, len, 500, "cannot write %s / %s (or their copies *.old)", r->crt, r->key);
-        goto out;
-    }
-    *result = renewal_result(r, &was, &now, x);
-    rc = 0;
-out:
-    X509_free(x);
-    EVP_PKEY_free(k);
-    return rc;
+    renewal_record(r, old, subjects, sublen / 2, was);
+    renewal_record(r, x, subjects + sublen / 2, sublen / 2, now);
+    if (cmg_store_cert_replaced(s->store, was, (int64_t)time(NULL)) < 0 ||
+        cmg_store_cert_renewed(s->store, now) < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return 0;
 }
 
+/* Keeps the previous pair as *.old, then writes the new one over the files the role reads
+ * (each file replaced atomically; the key first: a reload between the two sees a pair
+ * that does not match, refuses it and keeps what it has). */
+static int renew_write(const struct renewal *r, EVP_PKEY *k, X509 *x, char *msg, size_t len)
+{
+    if (keep_previous(r->crt, r->old_crt, 0644) < 0 || keep_previous(r->key, r->old_key, 0600) < 0 ||
+        cmg_pki_write_key(r->key, k) < 0 || cmg_pki_write_cert(r->crt, x) < 0)
+        return fail(msg, len, 500, "the renewal is recorded, but %s / %s (or their copies *.old) "
+                    "cannot be written: run 'cert renew' again", r->crt, r->key);
+    return 0;
+}
+
+/* The store first, the files once it committed: files written for a renewal the store
+ * rolled back would be a certificate that no revocation of the role names. */
 static int op_cert_renew(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                          size_t len)
 {
     struct renewal r = {0};
-    X509 *old = NULL;
+    struct cmg_store_cert was, now;
+    char subjects[1024];
+    X509 *old = NULL, *x = NULL;
+    EVP_PKEY *k = NULL;
     int rc;
 
     if ((rc = renewal_target(s, args, &r, msg, len)) != 0 ||
         (rc = renewal_old(s, &r, &old, msg, len)) != 0)
         return rc;
-    if (cmg_store_begin(s->store) < 0) {
-        X509_free(old);
-        return fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+    if (!(k = cmg_pki_new_key()) || !(x = cmg_pki_renew(old, k, s->ca_cert, s->ca_key))) {
+        rc = fail(msg, len, 500, "cannot issue the new %s certificate", r.kind);
+        goto out;
     }
-    rc = renew_tx(s, &r, old, result, msg, len);
+    if (cmg_store_begin(s->store) < 0) {
+        rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+        goto out;
+    }
+    rc = renew_record(s, &r, old, x, &was, &now, subjects, sizeof(subjects), msg, len);
     if (rc == 0 && cmg_store_commit(s->store) < 0)
         rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-    if (rc != 0)
+    if (rc != 0) {
         cmg_store_rollback(s->store);
+        goto out;
+    }
+    if ((rc = renew_write(&r, k, x, msg, len)) == 0)
+        *result = renewal_result(&r, &was, &now, x);
+out:
+    X509_free(x);
+    EVP_PKEY_free(k);
     X509_free(old);
     return rc;
 }

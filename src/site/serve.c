@@ -466,7 +466,7 @@ static void keep_conf_str(const char *key, const char *next, const char *now)
                  now, next, now);
 }
 
-/* site.conf read again: log_level and oidc_refresh apply now; the rest is named and kept. */
+/* site.conf read again: log_level, oidc_refresh and key_rotation apply now; the rest is named and kept. */
 static int reload_conf(struct cmg_site_server *srv, struct cmg_site_ctx *next, char *err,
                        size_t errlen)
 {
@@ -530,6 +530,7 @@ static void reload(void *arg)
     srv->channel_tls = channel;
     srv->ctx->log_level = next.log_level;
     srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
+    srv->ctx->key_rotation_s = next.key_rotation_s;   /* the daily check reads it */
     cmg_log_set_level(next.log_level);
     watch_certs(srv);
     cmg_tls_serial(SSL_CTX_get0_certificate(channel), serial, sizeof(serial));

@@ -325,6 +325,23 @@ def test_device_port_opens_after_ready_timeout_without_a_connector(procs, site, 
     assert r.status == 503 and b'CMGService_No_Connector' in r.body, r
 
 
+def test_a_tunnel_without_a_policy_is_not_enough(procs, site, svc):
+    """A gateway with no mapping of its own (a new pod, its cache empty) and a connector that
+    has no signed policy yet: the tunnel alone does not make it join (it would answer every
+    device 404); ready_timeout does, and says why."""
+    text = site.gateway_conf.read_text()
+    site.gateway_conf.write_text(text[:text.index('[mapping ')])
+    ini_set(site.gateway_conf, 'gateway', 'ready_timeout', 2)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    poll(lambda: 'tunnel up' in gw.log_text(), 10 * SLOW, 'the tunnel', check=procs.check)
+    time.sleep(0.5)
+    assert refused(site) and not joined(gw), 'joined with a tunnel but no policy'
+    line = poll(lambda: joined(gw), 5 * SLOW, 'the gateway to join after ready_timeout',
+                check=procs.check).group(0)
+    assert line.startswith('joining the device port after ready_timeout 2 s with no policy yet'), line
+
+
 # ---------------------------------------------------------------- net.ipv4.tcp_migrate_req
 
 @pytest.mark.parametrize('who', ['root', 'nobody'])

@@ -139,10 +139,13 @@ int cmg_keychain_verify(struct cmg_keychain *kc, const struct cmg_jws *j, int *l
     if (kid && strcmp(kid, newest->kid)) {
         if (known(kc, kid))
             snprintf(err, errlen, "the signature does not verify: it is by site key id %s, "
-                     "retired since key id %s was announced", kid, newest->kid);
+                     "retired since key id %s was announced (a site restored from an older "
+                     "backup? pin its current site-signing.pub as site_key and restart)",
+                     kid, newest->kid);
         else
             snprintf(err, errlen, "the signature does not verify: it is by site key id %s, "
-                     "which no trusted key announced (trusted key ids: %s)",
+                     "which no trusted key announced (trusted key ids: %s; if it is your "
+                     "site's, pin its current site-signing.pub as site_key and restart)",
                      cmg_jwk_kid_plain(kid) ? kid : "(not a plain key id)", kids);
         return -1;
     }

@@ -9,8 +9,10 @@
 
 #define DRAIN_OF(p, field) \
     ((struct cmg_connector *)((char *)(p) - offsetof(struct cmg_connector, drain.field)))
-/* The tunnels' last GOAWAYs get this long to leave (a gateway that reads nothing
- * must not hold the exit). */
+/* The tunnels' last bytes get what is left of drain_timeout, and at least this long, to
+ * reach the gateways (its close says it read them all: exiting before would reset the
+ * connection with the end of a response still in the socket's buffer); a gateway that
+ * reads nothing must not hold the exit for longer. */
 #define CLOSE_GRACE_MS 2000
 
 static unsigned requests_in_flight(const struct cmg_connector *cn)
@@ -48,9 +50,16 @@ static bool tunnels_closed(const struct cmg_connector *cn)
 static void on_close_grace(struct cmg_timer *tm)
 {
     struct cmg_connector *cn = DRAIN_OF(tm, close_timer);
-    cmg_warn("drain: a gateway did not take the tunnel's last GOAWAY within %d ms; exiting",
-             CLOSE_GRACE_MS);
+    cmg_warn("drain: a gateway did not confirm it read the tunnel's last bytes (it did not "
+             "close) in time; exiting: the end of a response still on its way may be lost");
     cmg_loop_stop(cn->loop);
+}
+
+static uint64_t close_grace_ms(const struct cmg_connector *cn)
+{
+    uint64_t spent = cmg_loop_now(cn->loop) - cn->drain.started_ms;
+    uint64_t left = cn->cfg.drain_timeout_ms > spent ? cn->cfg.drain_timeout_ms - spent : 0;
+    return left > CLOSE_GRACE_MS ? left : CLOSE_GRACE_MS;
 }
 
 /* The end, clean (nothing left) or at drain_timeout (what is left is cut). */
@@ -71,7 +80,7 @@ static void close_tunnels(struct cmg_connector *cn, bool timed_out)
             "drain over after %.1f s: %u request(s) finished, %u cut, %u refused unstarted "
             "(gateways send those to another connector), %u reset or lost with their tunnel",
             took / 1000.0, d->finished, cut, d->refused, d->reset);
-    cmg_timer_start(cn->loop, &d->close_timer, CLOSE_GRACE_MS, on_close_grace);
+    cmg_timer_start(cn->loop, &d->close_timer, close_grace_ms(cn), on_close_grace);
     cmg_cn_drain_check(cn);
 }
 

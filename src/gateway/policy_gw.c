@@ -30,7 +30,8 @@ static struct cmg_policy *local_policy(struct cmg_gateway *gw)
         cmg_policy_unref(p);
         return NULL;
     }
-    memcpy(p->mappings, c->mappings, c->nmappings * sizeof(*p->mappings));
+    if (c->nmappings)   /* none in gateway.conf: c->mappings is NULL */
+        memcpy(p->mappings, c->mappings, c->nmappings * sizeof(*p->mappings));
     p->nmappings = c->nmappings;
     return p;
 }

@@ -112,7 +112,7 @@ static void a_key_nobody_announced_is_refused(void **state)
     pin(&kc, 0);
     assert_int_equal(verify_doc(&kc, 5, chain(pairs, 1), "cmg-policy+jwt", err, sizeof(err)), -1);
     snprintf(want, sizeof(want), "site key id %s, which no trusted key announced (trusted key "
-             "ids: %s, %s)", kids[5], kids[0], kids[1]);
+             "ids: %s, %s;", kids[5], kids[0], kids[1]);
     assert_non_null(strstr(err, want));
     cmg_keychain_free(&kc);
 }

@@ -144,13 +144,8 @@ static void write_error(struct cmg_device *d, int status, const char *reason, bo
 static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool close)
 {
     struct cmg_h1 *h = d->h1;
-    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "%s peer=%s method=%s path=%.*s status=%d reason=%s",
-                    a->content_type ? "answered" : "refused", d->conn.peer,
-                    h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
-                    (int)(h->url.len > 200 ? 200 : h->url.len),
-                    h->url.len ? cmg_buf_head(&h->url) : "-", a->status,
-                    a->reason ? a->reason : a->content_type);
+    cmg_refusal_log(d, h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : NULL,
+                    h->url.len ? cmg_buf_head(&h->url) : NULL, h->url.len, a, NULL);
     write_answer(d, a, close);
     if (close)
         close_after_output(d);
@@ -650,8 +645,8 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     if (h->error_status)
         refuse(d, status, reason, true);
     else {
-        cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO, "refused peer=%s status=400 reason=\"%s\"",
-                        d->conn.peer, reason);
+        struct cmg_answer a = cmg_answer_refusal(400, "CMGService_Bad_Request");
+        cmg_refusal_log(d, NULL, NULL, 0, &a, reason);   /* reason: what the parser found */
         write_error(d, 400, "CMGService_Bad_Request", true);
         close_after_output(d);
     }

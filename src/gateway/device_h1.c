@@ -52,7 +52,9 @@ struct cmg_h1 {
     struct cmg_task next_round;   /* goes on reading after the other connections */
     int error_status;
     const char *error_reason;
-    struct cmg_answer local;   /* the gateway's own document to answer with (the CRL) */
+    /* the gateway's own document to answer with (the CRL); of a refusal, what failed
+     * in the credential (claim, cert) for its log line */
+    struct cmg_answer local;
     struct cmg_exchange *ex;
     bool in_message;           /* between message begin and complete */
     bool msg_complete;
@@ -153,9 +155,18 @@ static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool c
         cmg_conn_flush(&d->conn);
 }
 
-static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+/* The refusal chosen for this request, with what failed in its credential. */
+static struct cmg_answer chosen_refusal(const struct cmg_h1 *h, int status, const char *reason)
 {
     struct cmg_answer a = cmg_answer_refusal(status, reason);
+    a.claim = h->local.claim;
+    a.cert = h->local.cert;
+    return a;
+}
+
+static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_answer a = chosen_refusal(d->h1, status, reason);
     answer_here(d, &a, close);
 }
 
@@ -297,6 +308,8 @@ static int on_headers_complete(llhttp_t *p)
         } else {
             h->error_status = a.status;
             h->error_reason = a.reason;
+            h->local.claim = a.claim;
+            h->local.cert = a.cert;
         }
         /* Without a body the connection stays usable; with one, framing says
          * nothing we want to read: answer and close. */
@@ -618,8 +631,8 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
         if (!h->ex) {   /* answered here: refused, or from the policy (the CRL) */
             struct cmg_answer a = h->local.content_type
                 ? h->local
-                : cmg_answer_refusal(h->error_status ? h->error_status : 500,
-                                     h->error_reason ? h->error_reason : "CMGService_Error");
+                : chosen_refusal(h, h->error_status ? h->error_status : 500,
+                                 h->error_reason ? h->error_reason : "CMGService_Error");
             answer_here(d, &a, !h->keep_alive);
             cmg_answer_release(&h->local);
             h->local = (struct cmg_answer){0};

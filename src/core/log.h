@@ -75,6 +75,8 @@ static inline const char *cmg_log_or_dash(const char *s) { return s ? s : "-"; }
 /* A string, left out if s is NULL. */
 #define CMG_F_OPT(k, s) \
     {.key = (k), .type = cmg_log_opt_type(s), .str = (s), .len = cmg_log_strlen(s)}
+/* len bytes at s, left out if s is NULL. */
+#define CMG_F_OPTN(k, s, n) {.key = (k), .type = cmg_log_opt_type(s), .str = (s), .len = (n)}
 #define CMG_F_NUM(k, n) {.key = (k), .type = CMG_LOG_F_NUM, .num = (long long)(n)}
 
 /* One line: msg (a fixed text: what happened), then the fields. */

@@ -251,8 +251,7 @@ void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome)
         CMG_F_STR("role_id", ex->mapping ? ex->mapping->role : NULL),
         CMG_F_STR("auth", ex->auth),
         CMG_F_OPT("device_id", ex->device_id[0] ? ex->device_id : NULL),
-        {.key = "reason", .type = reason ? CMG_LOG_F_STR : CMG_LOG_F_NONE, .str = reason,
-         .len = rlen},
+        CMG_F_OPTN("reason", reason, rlen),
         CMG_F_OPT("outcome", outcome),
     };
 

@@ -151,6 +151,13 @@ def test_forwarded_and_refused_requests_in_json(dep, tmp_path, svc):
                                     f'Authorization: Bearer {idp.token(iat=now - 7200, nbf=now - 7200, exp=now - 3600)}',
                                     cert=False),
                      401, 'CMGService_Token_Expired'),
+        # the same over HTTP/2
+        'h2-revoked': (lambda p: curl(dep.site, dep.site.path(p), cert=lab, http='2'),
+                       403, 'CMGService_Client_Certificate_Revoked'),
+        'h2-oidc-aud': (lambda p: curl(dep.site, dep.token_path(p), '-H',
+                                       f'Authorization: Bearer {idp.token(aud="api://another")}',
+                                       cert=False, http='2'),
+                        401, 'CMGService_Wrong_Audience'),
     }
     # an OIDC token is accepted once the gateway has the provider's keys
     poll(lambda: curl(dep.site, dep.token_path('policy.xml?case=oidc-ok'), '-H',
@@ -168,6 +175,7 @@ def test_forwarded_and_refused_requests_in_json(dep, tmp_path, svc):
 
     assert lines['no-cert']['cert'] == 'none' and 'subject' not in lines['no-cert']
     for case, cert, error in (('revoked', lab_cert, 'certificate revoked'),
+                              ('h2-revoked', lab_cert, 'certificate revoked'),
                               ('expired-cert', expired_cert, 'certificate has expired')):
         o = lines[case]
         assert o['subject'] == cert.subject.rfc4514_string(), o
@@ -176,6 +184,7 @@ def test_forwarded_and_refused_requests_in_json(dep, tmp_path, svc):
         assert o['verify_error'] == error, o
         assert 'claim' not in o
     assert lines['site-aud']['claim'] == 'aud' and lines['oidc-aud']['claim'] == 'aud'
+    assert lines['h2-oidc-aud']['claim'] == 'aud'
     assert lines['site-exp']['claim'] == 'exp' and lines['oidc-exp']['claim'] == 'exp'
     for case in ('site-aud', 'site-exp', 'oidc-aud', 'oidc-exp'):
         assert 'verify_error' not in lines[case] and 'subject' not in lines[case], lines[case]

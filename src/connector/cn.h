@@ -70,6 +70,7 @@ struct cmg_cn_config {
     uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
     uint32_t drain_timeout_ms;       /* SIGTERM: requests in flight get this long */
     int log_level;
+    int log_format;                  /* enum cmg_log_format */
     struct cmg_cn_mapping *mappings;
     size_t nmappings;
 };

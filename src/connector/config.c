@@ -172,6 +172,9 @@ static int connector_key(struct load *l, const char *key, const char *value)
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
+    } else if (!strcmp(key, "log_format")) {
+        c->log_format = cmg_log_parse_format(value);
+        rc = c->log_format < 0 ? -1 : 0;
     } else {
         snprintf(l->err, sizeof(l->err), "unknown key '%s' in [connector]", key);
         return 0;
@@ -221,6 +224,7 @@ int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, siz
     c->drain_timeout_ms = 30000;
     c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
     c->log_level = CMG_LOG_INFO;
+    c->log_format = CMG_LOG_TEXT;
     memset(&l, 0, sizeof(l));
     l.c = c;
     cmg_conf_dir(file, l.dir, sizeof(l.dir));

@@ -107,6 +107,7 @@ int cmg_connector_main(int argc, char **argv)
         return 1;
     }
     cmg_log_set_level(cn.cfg.log_level);
+    cmg_log_set_format(cn.cfg.log_format);
     cn.loop = cmg_loop_new();
     if (cn.loop)
         cmg_loop_on_drain(cn.loop, cmg_cn_drain, &cn);

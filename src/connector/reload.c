@@ -235,6 +235,7 @@ void cmg_cn_reload(void *arg)
     }
     apply(cn, &next, &n);
     cmg_log_set_level(cn->cfg.log_level);
+    cmg_log_set_format(cn->cfg.log_format);
     cmg_cn_check_certs(cn);
     for (int i = 0; i < cn->ntunnels; i++)
         up += cn->tunnels[i].up;

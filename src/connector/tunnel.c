@@ -173,8 +173,11 @@ static const struct {
 void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, enum cmg_cn_failure cause,
                         const char *why)
 {
-    cmg_warn("request %s %s failed: %s reason=%s", st->method, st->path ? st->path : "-", why,
-             failures[cause].token);
+    const struct cmg_log_field f[] = {
+        CMG_F_STR("method", st->method), CMG_F_STR("path", st->path), CMG_F_NUM("status", status),
+        CMG_F_STR("reason", failures[cause].token), CMG_F_STR("error", why)};
+
+    cmg_log_kv(CMG_LOG_WARN, "request failed", f, CMG_LOG_NFIELDS(f));
     st->up = NULL;
     if (st->resp_submitted) {
         nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);

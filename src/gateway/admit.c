@@ -8,10 +8,14 @@
 #include "tls/tls.h"
 
 #include <ctype.h>
+#include <openssl/x509_vfy.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+/* The most of a refused request's target its log line shows. */
+#define REFUSED_PATH_MAX 256
 
 /* Longest a client may cache the CRL (Cache-Control: max-age), so that a revocation
  * reaches those that cache it this soon; never past the CRL's nextUpdate. */
@@ -144,7 +148,8 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     const char *why = NULL;   /* the device's refusal line says 400 and the reason token */
     size_t canon_len = 0;
     int status = 500, rc;
-    const char *reason = "CMGService_Out_Of_Memory";
+    const char *reason = "CMGService_Out_Of_Memory", *claim = NULL;
+    bool cert = false;
 
     *answer = cmg_answer_refusal(500, reason);
     if (!canon)
@@ -169,6 +174,8 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     }
     if ((rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, &reason)) != 0) {
         status = rc;
+        claim = id.failed_claim;
+        cert = id.failed_cert;
         goto out;
     }
     if (content_length >= 0 && (uint64_t)content_length > m->max_body) {
@@ -194,9 +201,14 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     snprintf(ex->peer, sizeof(ex->peer), "%s", d->conn.peer);
     snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
              id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
+    ex->auth = method_names[id.method];
+    snprintf(ex->device_id, sizeof(ex->device_id), "%s", id.device_id);
 out:
-    if (!ex && status)
+    if (!ex && status) {
         *answer = cmg_answer_refusal(status, reason);
+        answer->claim = claim;
+        answer->cert = cert;
+    }
     free(canon);
     return ex;
 }
@@ -226,13 +238,60 @@ void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome)
 {
     size_t rlen = 0;
     const char *reason = connector_reason(ex, &rlen);
+    const struct cmg_log_field f[] = {
+        CMG_F_STR("peer", ex->peer),
+        CMG_F_STR("method", ex->method),
+        CMG_F_STR("path", ex->target),
+        CMG_F_NUM("status", ex->status),
+        CMG_F_NUM("bytes_in", ex->req_bytes),
+        CMG_F_NUM("bytes_out", ex->resp_bytes),
+        CMG_F_NUM("duration_ms", cmg_loop_now(ex->gw->loop) - ex->start_ms),
+        CMG_F_STR("connector", ex->connector[0] ? ex->connector : NULL),
+        CMG_F_STR("client", ex->identity),
+        CMG_F_STR("role_id", ex->mapping ? ex->mapping->role : NULL),
+        CMG_F_STR("auth", ex->auth),
+        CMG_F_OPT("device_id", ex->device_id[0] ? ex->device_id : NULL),
+        CMG_F_OPTN("reason", reason, rlen),
+        CMG_F_OPT("outcome", outcome),
+    };
 
-    cmg_info("request peer=%s method=%s path=%s status=%d in=%llu out=%llu ms=%llu "
-             "connector=%s client=%s%s%.*s%s%s",
-             ex->peer, ex->method, ex->target ? ex->target : "-", ex->status,
-             (unsigned long long)ex->req_bytes, (unsigned long long)ex->resp_bytes,
-             (unsigned long long)(cmg_loop_now(ex->gw->loop) - ex->start_ms),
-             ex->connector[0] ? ex->connector : "-", ex->identity,
-             reason ? " reason=" : "", (int)rlen, reason ? reason : "",
-             outcome ? " outcome=" : "", outcome ? outcome : "");
+    cmg_log_kv(CMG_LOG_INFO, "request", f, CMG_LOG_NFIELDS(f));
+}
+
+/* What the refusal says of the certificate: "none" if none was presented; else its names
+ * and serial, and why it failed verification if it did. */
+static const char *cert_presented(const struct cmg_device *d, const struct cmg_answer *a)
+{
+    return a->cert && !d->has_cert ? "none" : NULL;
+}
+
+static const char *verify_error(const struct cmg_device *d, const struct cmg_answer *a)
+{
+    return a->cert && d->has_cert && d->cert == CMG_CERT_INVALID
+               ? X509_verify_cert_error_string(d->cert_error)
+               : NULL;
+}
+
+void cmg_refusal_log(struct cmg_device *d, const char *method, const char *target,
+                     size_t target_len, const struct cmg_answer *a, const char *error)
+{
+    bool named = a->cert && d->has_cert;
+    const struct cmg_log_field f[] = {
+        CMG_F_STR("peer", d->conn.peer),
+        CMG_F_STR("method", method),
+        CMG_F_STRN("path", target ? target : "-",
+                   !target ? 1 : target_len > REFUSED_PATH_MAX ? REFUSED_PATH_MAX : target_len),
+        CMG_F_NUM("status", a->status),
+        CMG_F_STR("reason", a->reason ? a->reason : a->content_type),
+        CMG_F_OPT("claim", a->claim),
+        CMG_F_OPT("cert", cert_presented(d, a)),
+        CMG_F_OPT("subject", named ? d->subject : NULL),
+        CMG_F_OPT("issuer", named ? d->issuer : NULL),
+        CMG_F_OPT("serial", named ? d->serial : NULL),
+        CMG_F_OPT("verify_error", verify_error(d, a)),
+        CMG_F_OPT("error", error),
+    };
+
+    cmg_log_kv_limited(&cmg_refused_requests, CMG_LOG_INFO,
+                       a->content_type ? "answered" : "refused", f, CMG_LOG_NFIELDS(f));
 }

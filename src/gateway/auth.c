@@ -34,6 +34,8 @@ enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
         d->has_cert = true;
         cmg_tls_thumbprint(x, d->thumbprint);
         cmg_tls_subject(x, d->subject, sizeof(d->subject));
+        cmg_tls_issuer(x, d->issuer, sizeof(d->issuer));
+        cmg_tls_serial(x, d->serial, sizeof(d->serial));
         for (int i = 0; i < 32; i++)
             sscanf(d->thumbprint + 2 * i, "%2hhx", &raw[i]);
         cmg_b64url_encode(raw, sizeof(raw), d->x5t, sizeof(d->x5t));
@@ -64,6 +66,20 @@ static void warn_crl(struct cmg_device *d)
     quiet = 0;
 }
 
+/* A refusal for the claim (or check) that failed: the status, with the claim noted for
+ * the log line. */
+static int refused(struct cmg_identity *id, const char *claim, int status)
+{
+    id->failed_claim = claim;
+    return status;
+}
+
+/* The time claim that cmg_jwt_check_time found wrong. */
+static const char *time_claim(int verdict)
+{
+    return verdict == CMG_JWT_NOT_YET ? "nbf" : "exp";
+}
+
 static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
                      struct cmg_identity *id, const char **reason)
 {
@@ -72,6 +88,7 @@ static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
         return 403;
     }
     if (cmg_device_cert(d) != CMG_CERT_OK) {
+        id->failed_cert = true;
         if (d->cert_error == X509_V_ERR_CERT_REVOKED) {
             *reason = "CMGService_Client_Certificate_Revoked";
             return 403;
@@ -131,28 +148,35 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     const cJSON *cnf = cJSON_GetObjectItemCaseSensitive(j->payload, "cnf");
     const char *x5t = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cnf, "x5t#S256"));
     const char *sub = cmg_jwt_str(j->payload, "sub");
+    int when;
 
     *reason = "CMGService_Invalid_Token";
-    if (!key || cmg_jws_verify(j, key) < 0 || !cmg_jwt_aud_has(j->payload, p->service_name) ||
-        !use || !jti)
-        return 401;
-    if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
+    if (!key)
+        return refused(id, "kid", 401);
+    if (cmg_jws_verify(j, key) < 0)
+        return refused(id, "signature", 401);
+    if (!cmg_jwt_aud_has(j->payload, p->service_name))
+        return refused(id, "aud", 401);
+    if (!use || !jti)
+        return refused(id, use ? "jti" : "cmg_use", 401);
+    if ((when = cmg_jwt_check_time(j->payload, now, p->clock_skew)) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
-        return 401;
+        return refused(id, time_claim(when), 401);
     }
     if (cmg_policy_token_revoked(p, jti)) {
         *reason = "CMGService_Token_Blocked";
-        return 403;
+        return refused(id, "jti", 403);
     }
     snprintf(id->jti, sizeof(id->jti), "%s", jti);
     cmg_device_cert(d);   /* for the thumbprint of whatever was presented */
     if (!strcmp(use, "bulk")) {
         if (strcmp(m->type, "site") || !is_register(path)) {
             *reason = "CMGService_Bulk_Token_Registration_Only";
-            return 403;
+            return refused(id, "cmg_use", 403);
         }
         if (!d->has_cert) {
             *reason = "CMGService_Client_Certificate_Required";
+            id->failed_cert = true;
             return 401;
         }
         id->method = CMG_ID_BULK_TOKEN;
@@ -160,7 +184,7 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
         return 0;
     }
     if (strcmp(use, "device") || !sub)
-        return 401;
+        return refused(id, sub ? "cmg_use" : "sub", 401);
     if (!(m->auth & CMG_AUTH_TOKEN)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
         return 403;
@@ -168,11 +192,12 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     /* RFC 8705: the token is good only on a connection holding its certificate. */
     if (!d->has_cert || !x5t || strcmp(x5t, d->x5t)) {
         *reason = "CMGService_Token_Certificate_Mismatch";
-        return 401;
+        id->failed_cert = true;
+        return refused(id, "cnf", 401);
     }
     if (cmg_policy_device_blocked(p, sub)) {
         *reason = "CMGService_Device_Blocked";
-        return 403;
+        return refused(id, "sub", 403);
     }
     id->method = CMG_ID_SITE_TOKEN;
     snprintf(id->device_id, sizeof(id->device_id), "%s", sub);
@@ -200,6 +225,7 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     const char *tid = cmg_jwt_str(j->payload, "tid"), *name;
     const cJSON *aud = cJSON_GetObjectItemCaseSensitive(j->payload, "aud"), *a;
     bool aud_ok = false;
+    int when;
 
     *reason = "CMGService_Invalid_Token";
     if (!(m->auth & CMG_AUTH_OIDC)) {
@@ -208,11 +234,13 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     }
     if (!key && kid)   /* the provider may have rotated its keys: the site refreshes them */
         cmg_tunnel_report_unknown_kid(gw, kid);
-    if (!key || cmg_jws_verify(j, key) < 0)
-        return 401;
+    if (!key)
+        return refused(id, "kid", 401);
+    if (cmg_jws_verify(j, key) < 0)
+        return refused(id, "signature", 401);
     if (p->oidc_tenant[0] && (!tid || strcmp(tid, p->oidc_tenant))) {
         *reason = "CMGService_Wrong_Tenant";
-        return 401;
+        return refused(id, "tid", 401);
     }
     if (cJSON_IsString(aud))
         aud_ok = cmg_policy_audience(p, aud->valuestring);
@@ -220,11 +248,11 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
         cJSON_ArrayForEach(a, aud) aud_ok |= cJSON_IsString(a) && cmg_policy_audience(p, a->valuestring);
     if (!aud_ok) {
         *reason = "CMGService_Wrong_Audience";
-        return 401;
+        return refused(id, "aud", 401);
     }
-    if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
+    if ((when = cmg_jwt_check_time(j->payload, now, p->clock_skew)) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
-        return 401;
+        return refused(id, time_claim(when), 401);
     }
     id->method = CMG_ID_OIDC;
     name = cmg_jwt_str(j->payload, "upn");
@@ -241,11 +269,11 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     name = cmg_jwt_str(j->payload, "jti");
     if (name && cmg_policy_token_revoked(p, name)) {
         *reason = "CMGService_Token_Blocked";
-        return 403;
+        return refused(id, "jti", 403);
     }
     if (blocked_as(p, "oidc:", id->device_id) || blocked_as(p, "oidc:", id->subject)) {
         *reason = "CMGService_Device_Blocked";
-        return 403;
+        return refused(id, blocked_as(p, "oidc:", id->device_id) ? "deviceid" : "upn", 403);
     }
     return 0;
 }
@@ -305,18 +333,20 @@ static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
 
     *reason = "CMGService_Invalid_Token";
     if (!tok || len > CMG_JWS_MAX)
-        return 401;
+        return refused(id, tok ? "format" : "bearer", 401);
     if (cached(d, tok, len, m, reg, now)) {
         *id = d->tok->id;
         return 0;
     }
     if (cmg_jws_parse(tok, len, &j) < 0)
-        return 401;
+        return refused(id, "format", 401);
     iss = cmg_jwt_str(j.payload, "iss");
     if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
         rc = site_token(d, p, m, path, &j, id, reason, now);
     else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
         rc = oidc_token(d->gw, p, m, &j, id, reason, now);
+    else
+        id->failed_claim = "iss";   /* no issuer this gateway knows */
     exp = cmg_jwt_time(j.payload, "exp");
     if (rc == 0 && exp > 0)
         remember(d, tok, len, m, reg, exp + p->clock_skew, id);
@@ -336,6 +366,7 @@ int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_poli
     /* A blocked certificate is refused whatever credential rides on its connection. */
     if (rc == 0 && d->has_cert && blocked_as(p, "cert:", d->thumbprint)) {
         *reason = "CMGService_Device_Blocked";
+        id->failed_cert = true;
         rc = 403;
     }
     return rc;

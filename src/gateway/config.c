@@ -140,6 +140,9 @@ static int gateway_key(struct load *l, const char *key, const char *value)
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
+    } else if (!strcmp(key, "log_format")) {
+        c->log_format = cmg_log_parse_format(value);
+        rc = c->log_format < 0 ? -1 : 0;
     } else {
         snprintf(l->err, sizeof(l->err), "unknown key '%s' in [gateway]", key);
         return 0;
@@ -186,6 +189,7 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->max_buffer_memory = 256ull << 20;
     c->send_timeout_ms = 60000;
     c->log_level = CMG_LOG_INFO;
+    c->log_format = CMG_LOG_TEXT;
     memset(&l, 0, sizeof(l));
     l.c = c;
     cmg_conf_dir(file, l.dir, sizeof(l.dir));

@@ -40,6 +40,7 @@ struct cmg_gw_config {
     uint64_t max_buffer_memory;
     uint32_t send_timeout_ms;
     int log_level;
+    int log_format;                 /* enum cmg_log_format */
     struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };

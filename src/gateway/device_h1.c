@@ -52,7 +52,9 @@ struct cmg_h1 {
     struct cmg_task next_round;   /* goes on reading after the other connections */
     int error_status;
     const char *error_reason;
-    struct cmg_answer local;   /* the gateway's own document to answer with (the CRL) */
+    /* the gateway's own document to answer with (the CRL); of a refusal, what failed
+     * in the credential (claim, cert) for its log line */
+    struct cmg_answer local;
     struct cmg_exchange *ex;
     bool in_message;           /* between message begin and complete */
     bool msg_complete;
@@ -147,13 +149,8 @@ static void write_error(struct cmg_device *d, int status, const char *reason, bo
 static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool close)
 {
     struct cmg_h1 *h = d->h1;
-    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "%s peer=%s method=%s path=%.*s status=%d reason=%s",
-                    a->content_type ? "answered" : "refused", d->conn.peer,
-                    h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : "-",
-                    (int)(h->url.len > 200 ? 200 : h->url.len),
-                    h->url.len ? cmg_buf_head(&h->url) : "-", a->status,
-                    a->reason ? a->reason : a->content_type);
+    cmg_refusal_log(d, h->in_message || h->url.len ? llhttp_method_name(h->parser.method) : NULL,
+                    h->url.len ? cmg_buf_head(&h->url) : NULL, h->url.len, a, NULL);
     write_answer(d, a, close);
     if (close)
         close_after_output(d);
@@ -161,9 +158,18 @@ static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool c
         cmg_conn_flush(&d->conn);
 }
 
-static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+/* The refusal chosen for this request, with what failed in its credential. */
+static struct cmg_answer chosen_refusal(const struct cmg_h1 *h, int status, const char *reason)
 {
     struct cmg_answer a = cmg_answer_refusal(status, reason);
+    a.claim = h->local.claim;
+    a.cert = h->local.cert;
+    return a;
+}
+
+static void refuse(struct cmg_device *d, int status, const char *reason, bool close)
+{
+    struct cmg_answer a = chosen_refusal(d->h1, status, reason);
     answer_here(d, &a, close);
 }
 
@@ -305,6 +311,8 @@ static int on_headers_complete(llhttp_t *p)
         } else {
             h->error_status = a.status;
             h->error_reason = a.reason;
+            h->local.claim = a.claim;
+            h->local.cert = a.cert;
         }
         /* Without a body the connection stays usable; with one, framing says
          * nothing we want to read: answer and close. */
@@ -626,8 +634,8 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
         if (!h->ex) {   /* answered here: refused, or from the policy (the CRL) */
             struct cmg_answer a = h->local.content_type
                 ? h->local
-                : cmg_answer_refusal(h->error_status ? h->error_status : 500,
-                                     h->error_reason ? h->error_reason : "CMGService_Error");
+                : chosen_refusal(h, h->error_status ? h->error_status : 500,
+                                 h->error_reason ? h->error_reason : "CMGService_Error");
             answer_here(d, &a, !h->keep_alive);
             cmg_answer_release(&h->local);
             h->local = (struct cmg_answer){0};
@@ -653,8 +661,8 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     if (h->error_status)
         refuse(d, status, reason, true);
     else {
-        cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO, "refused peer=%s status=400 reason=\"%s\"",
-                        d->conn.peer, reason);
+        struct cmg_answer a = cmg_answer_refusal(400, "CMGService_Bad_Request");
+        cmg_refusal_log(d, NULL, NULL, 0, &a, reason);   /* reason: what the parser found */
         write_error(d, 400, "CMGService_Bad_Request", true);
         close_after_output(d);
     }

@@ -172,11 +172,8 @@ static void forget_head(struct h2stream *st)
  * gateway's own document. */
 static void answer_here(struct h2stream *st, struct cmg_answer *a)
 {
-    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "%s peer=%s method=%s path=%s status=%d reason=%s",
-                    a->content_type ? "answered" : "refused", st->d->conn.peer,
-                    st->method[0] ? st->method : "-", st->path ? st->path : "-", a->status,
-                    a->reason ? a->reason : a->content_type);
+    cmg_refusal_log(st->d, st->method[0] ? st->method : NULL, st->path,
+                    st->path ? strlen(st->path) : 0, a, NULL);
     st->refused = true;
     /* A body the device announced may already be on its way: it is taken and dropped
      * rather than reset (most clients report a reset as an error, not the answer). */
@@ -333,10 +330,10 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
 static int header_too_large(nghttp2_session *s, struct h2stream *st)
 {
     nghttp2_nv status = {(uint8_t *)":status", (uint8_t *)"431", 7, 3, 0};
+    struct cmg_answer a = cmg_answer_refusal(431, "CMGService_Headers_Too_Large");
 
-    cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
-                    "refused peer=%s method=%s path=%s status=431 reason=CMGService_Headers_Too_Large",
-                    st->d->conn.peer, st->method[0] ? st->method : "-", st->path ? st->path : "-");
+    cmg_refusal_log(st->d, st->method[0] ? st->method : NULL, st->path,
+                    st->path ? strlen(st->path) : 0, &a, NULL);
     forget_head(st);
     if (!st->resp_submitted && !st->ex) {
         st->resp_submitted = true;

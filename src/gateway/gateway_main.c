@@ -188,6 +188,7 @@ static void reload(void *arg)
     cmg_gw_config_free(&gw->cfg);
     gw->cfg = next;
     cmg_log_set_level(gw->cfg.log_level);
+    cmg_log_set_format(gw->cfg.log_format);
     cmg_gw_listen_refit(gw);
     cmg_tls_watch_free(&gw->cert_watch);
     watch_certs(gw);
@@ -289,6 +290,7 @@ int cmg_gateway_main(int argc, char **argv)
     if (instance >= 0)
         gw.cfg.instance = (uint32_t)instance;
     cmg_log_set_level(gw.cfg.log_level);
+    cmg_log_set_format(gw.cfg.log_format);
     gw.loop = cmg_loop_new();
     if (!gw.loop)
         goto out;

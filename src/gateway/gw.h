@@ -164,6 +164,8 @@ struct cmg_exchange {
     char peer[64];
     char identity[160];
     char connector[64];
+    const char *auth;               /* the method: cert, site-token, bulk-token, oidc */
+    char device_id[128];
 };
 
 struct cmg_exchange *cmg_exchange_new(struct cmg_gateway *gw, const struct cmg_exchange_dev_ops *ops,
@@ -263,6 +265,8 @@ struct cmg_device {
     char thumbprint[65];     /* SHA-256 of the presented certificate, hex */
     char x5t[44];            /* the same, base64url (RFC 8705 cnf) */
     char subject[256];
+    char issuer[256];        /* of the presented certificate, and its serial: for the log */
+    char serial[80];
     struct cmg_token_cache *tok;   /* the last bearer token accepted here */
     struct cmg_h1 *h1;
     struct cmg_h2dev *h2;
@@ -353,6 +357,10 @@ struct cmg_identity {
     char subject[256];       /* certificate subject, or the token's sub / upn */
     char tenant[128];
     char jti[128];
+    /* A refusal's cause, for its log line: the token claim or check that failed ("aud",
+     * "exp", "signature", ...), or that the certificate was judged and failed. */
+    const char *failed_claim;
+    bool failed_cert;
 };
 
 /* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
@@ -372,6 +380,10 @@ struct cmg_answer {
     size_t body_len;
     int64_t max_age;               /* ... and Cache-Control: max-age if >= 0 */
     struct cmg_policy *hold;       /* a reference; cmg_answer_release drops it */
+    /* for the refusal's log line (cmg_identity): the claim that failed, or the
+     * certificate (its subject, issuer, serial and verification error are named) */
+    const char *claim;
+    bool cert;
 };
 
 /* A refusal: status and reason token. */
@@ -387,6 +399,12 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
                                int64_t content_length, bool has_body,
                                const struct cmg_exchange_dev_ops *ops, void *owner,
                                struct cmg_answer *answer);
+/* The line of a request answered at the gateway (refused, or its own document), at a
+ * bounded rate: method and target as the device sent them (NULL: "-"), the answer's
+ * status and reason token, what failed in the credential, and `error` (a parser's
+ * message, or NULL). */
+void cmg_refusal_log(struct cmg_device *d, const char *method, const char *target,
+                     size_t target_len, const struct cmg_answer *a, const char *error);
 /* The access-log line of a finished exchange. */
 void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
 

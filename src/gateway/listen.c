@@ -61,11 +61,16 @@ static void pause_all(struct cmg_gateway *gw, int err)
 static void refuse(int fd, const struct sockaddr *sa, const char *what, uint32_t n,
                    const char *key)
 {
-    char peer[64];
+    char peer[64], msg[64];
+
     cmg_addr_str(sa, peer, sizeof(peer));
     close(fd);
-    cmg_log_limited(&refusals, CMG_LOG_INFO, "refused %s from %s: %u already (%s)", what, peer, n,
-                    key);
+    snprintf(msg, sizeof(msg), "refused %s", what);
+    {
+        const struct cmg_log_field f[] = {
+            CMG_F_STR("peer", peer), CMG_F_STR("reason", key), CMG_F_NUM("count", n)};
+        cmg_log_kv_limited(&refusals, CMG_LOG_INFO, msg, f, CMG_LOG_NFIELDS(f));
+    }
 }
 
 static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr *sa)

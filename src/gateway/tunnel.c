@@ -683,12 +683,21 @@ static bool connector_revoked(const struct cmg_gateway *gw, X509 *x, char *name,
 static int check_connector(void *arg, X509 *leaf)
 {
     struct cmg_tunnel *t = arg;
-    char name[128], serial[80];
+    char name[128], serial[80], msg[400], subject[256], issuer[256];
 
     if (!connector_revoked(t->gw, leaf, name, sizeof(name), serial, sizeof(serial)))
         return X509_V_OK;
-    cmg_warn("tunnel handshake from %s refused: connector %s (certificate serial %s) is "
-             "revoked by the site", t->conn.peer, name[0] ? name : "?", serial);
+    snprintf(msg, sizeof(msg), "tunnel handshake from %s refused: connector %s (certificate "
+             "serial %s) is revoked by the site", t->conn.peer, name[0] ? name : "?", serial);
+    cmg_tls_subject(leaf, subject, sizeof(subject));
+    cmg_tls_issuer(leaf, issuer, sizeof(issuer));
+    {
+        const struct cmg_log_field f[] = {
+            CMG_F_STR("peer", t->conn.peer), CMG_F_STR("subject", subject),
+            CMG_F_STR("issuer", issuer), CMG_F_STR("serial", serial),
+            CMG_F_STR("verify_error", X509_verify_cert_error_string(X509_V_ERR_CERT_REVOKED))};
+        cmg_log_kv(CMG_LOG_WARN, msg, f, CMG_LOG_NFIELDS(f));
+    }
     return X509_V_ERR_CERT_REVOKED;
 }
 

@@ -162,6 +162,8 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         rc = s->key_rotation_s < 0 ? -1 : 0;
     } else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
+    else if (!strcmp(name, "log_format"))
+        rc = (s->log_format = cmg_log_parse_format(value)) < 0 ? -1 : 0;
     else {
         snprintf(cs->err, cs->errlen, "unknown key '%s'", name);
         cs->failed = 1;
@@ -185,6 +187,7 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     snprintf(s->service_listen, sizeof(s->service_listen), "%s", CMG_SITE_DEFAULT_SERVICE);
     snprintf(s->feed_listen, sizeof(s->feed_listen), "%s", CMG_SITE_DEFAULT_FEED);
     s->log_level = CMG_LOG_INFO;
+    s->log_format = CMG_LOG_TEXT;
     s->oidc_refresh_s = CMG_SITE_OIDC_REFRESH_S;
     s->key_rotation_s = CMG_SITE_KEY_ROTATION_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)

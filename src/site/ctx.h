@@ -32,6 +32,7 @@ struct cmg_site_ctx {
     char crl_url[300];           /* the CRL distribution point certificates name, or "" */
     char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;
+    int log_format;              /* enum cmg_log_format */
     uint32_t oidc_refresh_s;     /* OIDC key refresh interval (site.conf oidc_refresh) */
     EVP_PKEY *sign_key;          /* ES256, signs tokens and the policy: the current key */
     struct cmg_jwk sign_pub;     /* its public half, kid = RFC 7638 thumbprint */

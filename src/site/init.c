@@ -666,6 +666,7 @@ static int site_write_gateway_conf(const struct site *s, const struct site_opts 
     site_conf(f, "bytes of request line + headers", "max_header_size = 16384");
     site_conf(f, "device connections held at once", "max_connections = 10000");
     site_conf(f, "debug, info, warn, error", "log_level = info");
+    site_conf(f, "text, or json: one object a line", "log_format = text");
     site_conf(f, "verifies the policy the site signs", "site_key = " CMG_SITE_SIGNING_PUB);
     site_conf(f, "last good policy, served at once after a restart",
               "policy_cache = policy-cache.jws");
@@ -712,6 +713,7 @@ static int site_write_connector_conf(const struct site *s, const struct site_opt
     site_conf(f, "longest pause between dial attempts, seconds", "reconnect_max = 30");
     site_conf(f, "seconds to wait for an internal server's response", "upstream_timeout = 60");
     site_conf(f, NULL, "log_level = info");
+    site_conf(f, "text, or json: one object a line", "log_format = text");
     cmg_site_reach(o->site_feed ? o->site_feed : CMG_SITE_DEFAULT_FEED, o->site_address, feed,
                    sizeof(feed));
     site_conf(f, "the site's policy feed (signed policy and routes)", "site = https://%s", feed);

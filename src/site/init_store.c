@@ -31,7 +31,9 @@ static int write_site_conf(const struct cmg_init_store *o, char *err, size_t err
                      "; (the gateway serves the CRL there)\n"
                      "crl_url = %s\n"
                      "%s%s%s"
-                     "log_level = info\n",
+                     "log_level = info\n"
+                     "; text, or json: one object a line\n"
+                     "log_format = text\n",
                      o->service_name, o->site_role, o->admin, o->service, o->feed,
                      o->crl_url,
                      o->address ? "; the host connectors reach the feed and the registration "

@@ -75,7 +75,12 @@ static int issue(struct cmg_site_ctx *s, struct reg_result *r, const char *thumb
 
 static void refuse(struct cmg_httpd_req *req, int status, const char *reason, const char *what)
 {
-    cmg_warn("%s refused: %d %s peer=%s", what, status, reason, req->peer);
+    char msg[64];
+    const struct cmg_log_field f[] = {
+        CMG_F_NUM("status", status), CMG_F_STR("reason", reason), CMG_F_STR("peer", req->peer)};
+
+    snprintf(msg, sizeof(msg), "%s refused", what);
+    cmg_log_kv(CMG_LOG_WARN, msg, f, CMG_LOG_NFIELDS(f));
     cmg_httpd_error(req, status, reason);
 }
 

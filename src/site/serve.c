@@ -229,8 +229,12 @@ static bool connector_allowed(struct cmg_site_server *srv, struct cmg_httpd_req 
         cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
     }
     if (!req->peer_cert || cmg_store_connector_revoked(srv->ctx->store, serial)) {
-        cmg_warn("%s refused: connector %s (certificate serial %s) is revoked peer=%s", what,
-                 name[0] ? name : "?", serial, req->peer);
+        char msg[80];
+        const struct cmg_log_field f[] = {
+            CMG_F_STR("reason", "connector_revoked"), CMG_F_STR("connector", name[0] ? name : NULL),
+            CMG_F_STR("serial", serial), CMG_F_STR("peer", req->peer)};
+        snprintf(msg, sizeof(msg), "%s refused: the connector's certificate is revoked", what);
+        cmg_log_kv(CMG_LOG_WARN, msg, f, CMG_LOG_NFIELDS(f));
         cmg_httpd_error(req, 403, "this connector's certificate is revoked");
         return false;
     }
@@ -334,8 +338,11 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
     bool get = !strcmp(req->method, "GET"), post = !strcmp(req->method, "POST");
 
     if (!secret_is(bearer, srv->ctx->admin_token)) {
-        cmg_warn("admin request refused: no or wrong admin token peer=%s path=%s", req->peer,
-                 req->target);
+        const struct cmg_log_field f[] = {
+            CMG_F_STR("reason", "admin_token"), CMG_F_STR("peer", req->peer),
+            CMG_F_STR("method", req->method), CMG_F_STR("path", req->target)};
+        cmg_log_kv(CMG_LOG_WARN, "admin request refused: no or wrong admin token", f,
+                   CMG_LOG_NFIELDS(f));
         cmg_httpd_error(req, 401, "the admin token (DIR/admin.token) is required as bearer");
         return;
     }
@@ -466,7 +473,8 @@ static void keep_conf_str(const char *key, const char *next, const char *now)
                  now, next, now);
 }
 
-/* site.conf read again: log_level, oidc_refresh and key_rotation apply now; the rest is named and kept. */
+/* site.conf read again: log_level, log_format, oidc_refresh and key_rotation apply now;
+ * the rest is named and kept. */
 static int reload_conf(struct cmg_site_server *srv, struct cmg_site_ctx *next, char *err,
                        size_t errlen)
 {
@@ -529,9 +537,11 @@ static void reload(void *arg)
     srv->admin_tls = admin;
     srv->channel_tls = channel;
     srv->ctx->log_level = next.log_level;
+    srv->ctx->log_format = next.log_format;
     srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
     srv->ctx->key_rotation_s = next.key_rotation_s;   /* the daily check reads it */
     cmg_log_set_level(next.log_level);
+    cmg_log_set_format(next.log_format);
     watch_certs(srv);
     cmg_tls_serial(SSL_CTX_get0_certificate(channel), serial, sizeof(serial));
     cmg_info("reloaded %s/site.conf and site.crt: certificate serial %s in force for new "
@@ -607,6 +617,7 @@ int cmg_site_serve_main(int argc, char **argv)
         return 1;
     }
     cmg_log_set_level(ctx.log_level);
+    cmg_log_set_format(ctx.log_format);
     if ((lock = hold_lock(dir, err, sizeof(err))) < 0) {
         fprintf(stderr, "cmg site serve: %s\n", err);
         cmg_site_close(&ctx);

@@ -406,18 +406,27 @@ void cmg_tls_thumbprint(X509 *x, char out[65])
     out[64] = 0;
 }
 
-void cmg_tls_subject(X509 *x, char *out, size_t outlen)
+static void print_name(const X509_NAME *name, char *out, size_t outlen)
 {
     BIO *b = BIO_new(BIO_s_mem());
     int n = 0;
     out[0] = 0;
     if (!b)
         return;
-    if (X509_NAME_print_ex(b, X509_get_subject_name(x), 0,
-                           XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0)
+    if (X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0)
         n = BIO_read(b, out, (int)outlen - 1);
     out[n > 0 ? n : 0] = 0;
     BIO_free(b);
+}
+
+void cmg_tls_subject(X509 *x, char *out, size_t outlen)
+{
+    print_name(X509_get_subject_name(x), out, outlen);
+}
+
+void cmg_tls_issuer(X509 *x, char *out, size_t outlen)
+{
+    print_name(X509_get_issuer_name(x), out, outlen);
 }
 
 void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen)

@@ -70,6 +70,8 @@ bool cmg_tls_has_eku(X509 *x, const char *oid);
 void cmg_tls_serial(X509 *x, char *out, size_t outlen);
 /* RFC 2253 form of the subject name. */
 void cmg_tls_subject(X509 *x, char *out, size_t outlen);
+/* RFC 2253 form of the issuer name. */
+void cmg_tls_issuer(X509 *x, char *out, size_t outlen);
 /* The value of the first subject attribute with this NID, or "" */
 void cmg_tls_subject_entry(X509 *x, int nid, char *out, size_t outlen);
 

@@ -277,6 +277,14 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The trace enters stage; returns the time, to measure it. */
+static long long trace_stage(struct fetch *f, enum cmg_fetch_stage stage)
+{
+    if (f->req->trace)
+        f->req->trace->stage = stage;
+    return now_ms();
+}
+
 /* 1 when fd is ready for events, 0 on timeout, -1 on a poll error (errno). */
 static int wait_fd(int fd, short events, int timeout_ms)
 {
@@ -351,19 +359,30 @@ static int net_connect(struct fetch *f)
     char port[8];
     int rc, e = 0, ret;
 
+    struct cmg_fetch_trace *tr = f->req->trace;
+    long long t0 = trace_stage(f, CMG_FETCH_STAGE_RESOLVE);
+
     memset(&hints, 0, sizeof(hints));
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICSERV;
     snprintf(port, sizeof(port), "%d", f->port);
     rc = getaddrinfo(f->host, port, &hints, &res);
+    if (tr)
+        tr->resolve_ms = now_ms() - t0;
     if (rc != 0)
         return fail(f, CMG_FETCH_ENET, "resolve %s: %s", f->host,
                     rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+    t0 = trace_stage(f, CMG_FETCH_STAGE_CONNECT);
     for (ai = res; ai; ai = ai->ai_next) {
         e = connect_one(ai, f->timeout_ms, &f->fd);
+        if (tr)
+            getnameinfo(ai->ai_addr, ai->ai_addrlen, tr->address, sizeof(tr->address), NULL,
+                        0, NI_NUMERICHOST);
         if (e == 0)
             break;
     }
+    if (tr)
+        tr->connect_ms = now_ms() - t0;
     if (f->fd >= 0)
         ret = CMG_FETCH_OK;
     else if (e == ETIMEDOUT)
@@ -466,6 +485,8 @@ static int tls_context(struct fetch *f)
     return CMG_FETCH_OK;
 }
 
+static int tls_handshake(struct fetch *f);
+
 static int tls_handshake_error(struct fetch *f, int ret)
 {
     long v = SSL_get_verify_result(f->ssl);
@@ -490,13 +511,66 @@ static int tls_handshake_error(struct fetch *f, int ret)
                 f->addr);
 }
 
+/* What the handshake settled, for the trace. */
+static void trace_tls(struct fetch *f)
+{
+    struct cmg_fetch_trace *tr = f->req->trace;
+    const unsigned char *alpn = NULL;
+    unsigned int alpn_len = 0;
+    X509 *peer;
+
+    if (!tr)
+        return;
+    tr->verify_result = SSL_get_verify_result(f->ssl);
+    snprintf(tr->tls_version, sizeof(tr->tls_version), "%s", SSL_get_version(f->ssl));
+    SSL_get0_alpn_selected(f->ssl, &alpn, &alpn_len);
+    snprintf(tr->alpn, sizeof(tr->alpn), "%.*s", (int)alpn_len, alpn ? (const char *)alpn : "");
+    peer = SSL_get0_peer_certificate(f->ssl);
+    if (peer) {
+        struct tm tm;
+
+        X509_NAME_oneline(X509_get_subject_name(peer), tr->peer_subject,
+                          (int)sizeof(tr->peer_subject));
+        if (ASN1_TIME_to_tm(X509_get0_notAfter(peer), &tm) == 1)
+            tr->peer_not_after = (long long)timegm(&tm);
+    }
+}
+
+/* ALPN wants the protocol as <length><name>. */
+static int offer_alpn(struct fetch *f)
+{
+    unsigned char wire[64];
+    size_t n = f->req->alpn ? strlen(f->req->alpn) : 0;
+
+    if (n == 0)
+        return 0;
+    if (n >= sizeof(wire))
+        return -1;
+    wire[0] = (unsigned char)n;
+    memcpy(wire + 1, f->req->alpn, n);
+    return SSL_set_alpn_protos(f->ssl, wire, (unsigned int)n + 1) == 0 ? 0 : -1;
+}
+
 static int tls_connect(struct fetch *f)
+{
+    long long t0 = trace_stage(f, CMG_FETCH_STAGE_TLS);
+    int ret = tls_handshake(f);
+
+    if (f->req->trace) {
+        f->req->trace->tls_ms = now_ms() - t0;
+        if (f->ssl)
+            trace_tls(f);
+    }
+    return ret;
+}
+
+static int tls_handshake(struct fetch *f)
 {
     X509_VERIFY_PARAM *param;
     int r;
 
     f->ssl = SSL_new(f->ctx);
-    if (!f->ssl || SSL_set_fd(f->ssl, f->fd) != 1)
+    if (!f->ssl || SSL_set_fd(f->ssl, f->fd) != 1 || offer_alpn(f) < 0)
         goto openssl_error;
     param = SSL_get0_param(f->ssl);
     if (is_ip_literal(f->name)) {
@@ -973,6 +1047,10 @@ int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char
     f.fd = -1;
     f.timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : CMG_FETCH_TIMEOUT_MS;
     f.max_body = req->max_body ? req->max_body : CMG_FETCH_MAX_BODY;
+    if (req->trace) {
+        memset(req->trace, 0, sizeof(*req->trace));
+        req->trace->verify_result = X509_V_OK;
+    }
 
     /* OpenSSL writes with write(): a peer that is gone must be an error, not a signal. */
     memset(&ign, 0, sizeof(ign));
@@ -982,9 +1060,14 @@ int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char
 
     /* Local files (CA, certificate, key) are judged before the network. */
     if (fetch_where(&f) == CMG_FETCH_OK && (!f.tls || tls_context(&f) == CMG_FETCH_OK) &&
-        net_connect(&f) == CMG_FETCH_OK && (!f.tls || tls_connect(&f) == CMG_FETCH_OK) &&
-        send_request(&f) == CMG_FETCH_OK)
-        read_response(&f);
+        net_connect(&f) == CMG_FETCH_OK && (!f.tls || tls_connect(&f) == CMG_FETCH_OK)) {
+        long long t0 = trace_stage(&f, CMG_FETCH_STAGE_EXCHANGE);
+
+        if (send_request(&f) == CMG_FETCH_OK && read_response(&f) == CMG_FETCH_OK)
+            trace_stage(&f, CMG_FETCH_STAGE_DONE);
+        if (req->trace)
+            req->trace->exchange_ms = now_ms() - t0;
+    }
 
     if (f.ssl) {
         if (f.result == CMG_FETCH_OK)

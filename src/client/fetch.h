@@ -33,6 +33,28 @@ enum cmg_fetch_result {
 
 struct cmg_fetch_resp;
 
+/* How far a request got: the stage it failed in, when it failed. */
+enum cmg_fetch_stage {
+    CMG_FETCH_STAGE_SETUP,     /* URL, files, TLS context */
+    CMG_FETCH_STAGE_RESOLVE,
+    CMG_FETCH_STAGE_CONNECT,
+    CMG_FETCH_STAGE_TLS,
+    CMG_FETCH_STAGE_EXCHANGE,  /* request sent, response read */
+    CMG_FETCH_STAGE_DONE,
+};
+
+/* What the connection was like, step by step (for `cmg client analyze`). */
+struct cmg_fetch_trace {
+    enum cmg_fetch_stage stage;
+    long long resolve_ms, connect_ms, tls_ms, exchange_ms;
+    char address[64];          /* the address connected to, numeric */
+    char tls_version[16];      /* "TLSv1.3" */
+    char alpn[32];             /* the protocol the server chose; "" if none */
+    long verify_result;        /* X509_V_OK or the error verifying the server */
+    char peer_subject[256];    /* the server certificate's subject ... */
+    long long peer_not_after;  /* ... and its end, unix seconds (0: unknown) */
+};
+
 struct cmg_fetch_req {
     /* Where: a URL ("http://host[:port]/target", "https://[::1]:8443/x?y"), or, with url
      * NULL, addr ("host:port", "[v6]:port") + target ("/...") + tls. */
@@ -67,6 +89,8 @@ struct cmg_fetch_req {
     void *arg;
     size_t max_body;
     bool truncate_body;
+    const char *alpn;         /* a protocol to offer in ALPN ("http/1.1"); NULL: none */
+    struct cmg_fetch_trace *trace;   /* filled if not NULL */
 };
 
 struct cmg_fetch_resp {

@@ -69,9 +69,12 @@ static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
 {
     if (!(m->auth & CMG_AUTH_CERT)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow client certificates";
         return 403;
     }
     if (cmg_device_cert(d) != CMG_CERT_OK) {
+        id->check = d->cert == CMG_CERT_NONE ? "no client certificate presented"
+                                             : X509_verify_cert_error_string(d->cert_error);
         if (d->cert_error == X509_V_ERR_CERT_REVOKED) {
             *reason = "CMGService_Client_Certificate_Revoked";
             return 403;
@@ -133,45 +136,63 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     const char *sub = cmg_jwt_str(j->payload, "sub");
 
     *reason = "CMGService_Invalid_Token";
-    if (!key || cmg_jws_verify(j, key) < 0 || !cmg_jwt_aud_has(j->payload, p->service_name) ||
-        !use || !jti)
+    id->check = !key ? "signature: no site key of the policy has the token's key id"
+                     : "signature";
+    if (!key || cmg_jws_verify(j, key) < 0)
+        return 401;
+    id->check = "audience: not the gateway's service name";
+    if (!cmg_jwt_aud_has(j->payload, p->service_name))
+        return 401;
+    id->check = "claims: no cmg_use or jti";
+    if (!use || !jti)
         return 401;
     if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
+        id->check = "expiry: outside its validity (nbf/exp) with the clock skew allowed";
         return 401;
     }
     if (cmg_policy_token_revoked(p, jti)) {
         *reason = "CMGService_Token_Blocked";
+        id->check = "revocation: the token is blocked";
         return 403;
     }
+    id->check = NULL;
     snprintf(id->jti, sizeof(id->jti), "%s", jti);
     cmg_device_cert(d);   /* for the thumbprint of whatever was presented */
     if (!strcmp(use, "bulk")) {
         if (strcmp(m->type, "site") || !is_register(path)) {
             *reason = "CMGService_Bulk_Token_Registration_Only";
+            id->check = "use: a bulk token serves registration only";
             return 403;
         }
         if (!d->has_cert) {
             *reason = "CMGService_Client_Certificate_Required";
+            id->check = "binding: no client certificate presented";
             return 401;
         }
         id->method = CMG_ID_BULK_TOKEN;
         snprintf(id->subject, sizeof(id->subject), "bulk:%s", jti);
         return 0;
     }
-    if (strcmp(use, "device") || !sub)
+    if (strcmp(use, "device") || !sub) {
+        id->check = "claims: not a device token, or no sub";
         return 401;
+    }
     if (!(m->auth & CMG_AUTH_TOKEN)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow device tokens";
         return 403;
     }
     /* RFC 8705: the token is good only on a connection holding its certificate. */
     if (!d->has_cert || !x5t || strcmp(x5t, d->x5t)) {
         *reason = "CMGService_Token_Certificate_Mismatch";
+        id->check = !d->has_cert ? "binding: no client certificate presented"
+                                 : "binding: the token names another certificate (cnf)";
         return 401;
     }
     if (cmg_policy_device_blocked(p, sub)) {
         *reason = "CMGService_Device_Blocked";
+        id->check = "the device is blocked";
         return 403;
     }
     id->method = CMG_ID_SITE_TOKEN;
@@ -204,14 +225,17 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     *reason = "CMGService_Invalid_Token";
     if (!(m->auth & CMG_AUTH_OIDC)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow OIDC tokens";
         return 403;
     }
     if (!key && kid)   /* the provider may have rotated its keys: the site refreshes them */
         cmg_tunnel_report_unknown_kid(gw, kid);
+    id->check = !key ? "signature: no key of the issuer has the token's key id" : "signature";
     if (!key || cmg_jws_verify(j, key) < 0)
         return 401;
     if (p->oidc_tenant[0] && (!tid || strcmp(tid, p->oidc_tenant))) {
         *reason = "CMGService_Wrong_Tenant";
+        id->check = "tenant: tid is not the policy's tenant";
         return 401;
     }
     if (cJSON_IsString(aud))
@@ -220,12 +244,15 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
         cJSON_ArrayForEach(a, aud) aud_ok |= cJSON_IsString(a) && cmg_policy_audience(p, a->valuestring);
     if (!aud_ok) {
         *reason = "CMGService_Wrong_Audience";
+        id->check = "audience: none of the policy's audiences";
         return 401;
     }
     if (cmg_jwt_check_time(j->payload, now, p->clock_skew) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
+        id->check = "expiry: outside its validity (nbf/exp) with the clock skew allowed";
         return 401;
     }
+    id->check = NULL;
     id->method = CMG_ID_OIDC;
     name = cmg_jwt_str(j->payload, "upn");
     if (!name)
@@ -241,10 +268,12 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     name = cmg_jwt_str(j->payload, "jti");
     if (name && cmg_policy_token_revoked(p, name)) {
         *reason = "CMGService_Token_Blocked";
+        id->check = "revocation: the token is blocked";
         return 403;
     }
     if (blocked_as(p, "oidc:", id->device_id) || blocked_as(p, "oidc:", id->subject)) {
         *reason = "CMGService_Device_Blocked";
+        id->check = "the device is blocked";
         return 403;
     }
     return 0;
@@ -304,15 +333,18 @@ static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
     int rc = 401;
 
     *reason = "CMGService_Invalid_Token";
+    id->check = !tok ? "no bearer token" : "token longer than accepted";
     if (!tok || len > CMG_JWS_MAX)
         return 401;
     if (cached(d, tok, len, m, reg, now)) {
         *id = d->tok->id;
         return 0;
     }
+    id->check = "format: not a compact JWS";
     if (cmg_jws_parse(tok, len, &j) < 0)
         return 401;
     iss = cmg_jwt_str(j.payload, "iss");
+    id->check = "issuer: neither the site nor the policy's OIDC issuer";
     if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
         rc = site_token(d, p, m, path, &j, id, reason, now);
     else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
@@ -336,6 +368,7 @@ int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_poli
     /* A blocked certificate is refused whatever credential rides on its connection. */
     if (rc == 0 && d->has_cert && blocked_as(p, "cert:", d->thumbprint)) {
         *reason = "CMGService_Device_Blocked";
+        id->check = "the certificate is blocked";
         rc = 403;
     }
     return rc;

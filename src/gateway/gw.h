@@ -233,6 +233,8 @@ int cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key 
 /* A ready tunnel serving the role, round-robin; NULL if none. */
 struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m);
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
+/* How many ready tunnels serve the role (what cmg_tunnel_pick chooses among). */
+size_t cmg_tunnel_serving(struct cmg_gateway *gw, const struct cmg_policy_mapping *m);
 void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
 void cmg_tunnel_close_all(struct cmg_gateway *gw);
 /* Reports an OIDC key id the policy lacks up every ready tunnel, at most once per
@@ -350,6 +352,7 @@ struct cmg_identity {
     char subject[256];       /* certificate subject, or the token's sub / upn */
     char tenant[128];
     char jti[128];
+    const char *check;       /* on a refusal: the check that failed (a literal) */
 };
 
 /* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
@@ -369,6 +372,8 @@ struct cmg_answer {
     size_t body_len;
     int64_t max_age;               /* ... and Cache-Control: max-age if >= 0 */
     struct cmg_policy *hold;       /* a reference; cmg_answer_release drops it */
+    unsigned char *owned;          /* a body made for this answer alone (the analyser's);
+                                      cmg_answer_release frees it */
 };
 
 /* A refusal: status and reason token. */
@@ -384,6 +389,13 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
                                int64_t content_length, bool has_body,
                                const struct cmg_exchange_dev_ops *ops, void *owner,
                                struct cmg_answer *answer);
+/* The analyser's reserved path (analyze.c): what the gateway makes of the request's own
+ * credential and of the path in its query. Never forwarded. */
+#define CMG_ANALYZE_PATH "/CCM_Analyze"
+bool cmg_analyze_names(const char *canon, size_t len);
+struct cmg_answer cmg_analyze_answer(struct cmg_device *d, const char *method, const char *canon,
+                                     size_t len, const struct cmg_headers *in, bool has_body);
+
 /* The access-log line of a finished exchange. */
 void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
 

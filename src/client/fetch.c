@@ -1029,24 +1029,24 @@ static int read_response(struct fetch *f)
 
 /* ---- the whole exchange ---- */
 
-int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char *err,
-              size_t errlen)
+static void fetch_init(struct fetch *f, const struct cmg_fetch_req *req,
+                       struct cmg_fetch_resp *resp, char *err, size_t errlen,
+                       struct sigaction *old)
 {
-    struct fetch f;
-    struct sigaction ign, old;
+    struct sigaction ign;
 
-    memset(&f, 0, sizeof(f));
+    memset(f, 0, sizeof(*f));
     memset(resp, 0, sizeof(*resp));
     resp->content_length = -1;
     if (errlen)
         err[0] = 0;
-    f.req = req;
-    f.resp = resp;
-    f.err = err;
-    f.errlen = errlen;
-    f.fd = -1;
-    f.timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : CMG_FETCH_TIMEOUT_MS;
-    f.max_body = req->max_body ? req->max_body : CMG_FETCH_MAX_BODY;
+    f->req = req;
+    f->resp = resp;
+    f->err = err;
+    f->errlen = errlen;
+    f->fd = -1;
+    f->timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : CMG_FETCH_TIMEOUT_MS;
+    f->max_body = req->max_body ? req->max_body : CMG_FETCH_MAX_BODY;
     if (req->trace) {
         memset(req->trace, 0, sizeof(*req->trace));
         req->trace->verify_result = X509_V_OK;
@@ -1056,32 +1056,85 @@ int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char
     memset(&ign, 0, sizeof(ign));
     ign.sa_handler = SIG_IGN;
     sigemptyset(&ign.sa_mask);
-    sigaction(SIGPIPE, &ign, &old);
+    sigaction(SIGPIPE, &ign, old);
+}
 
-    /* Local files (CA, certificate, key) are judged before the network. */
-    if (fetch_where(&f) == CMG_FETCH_OK && (!f.tls || tls_context(&f) == CMG_FETCH_OK) &&
-        net_connect(&f) == CMG_FETCH_OK && (!f.tls || tls_connect(&f) == CMG_FETCH_OK)) {
-        long long t0 = trace_stage(&f, CMG_FETCH_STAGE_EXCHANGE);
+/* Local files (CA, certificate, key) are judged before the network. */
+static int fetch_connect(struct fetch *f)
+{
+    if (fetch_where(f) == CMG_FETCH_OK && (!f->tls || tls_context(f) == CMG_FETCH_OK) &&
+        net_connect(f) == CMG_FETCH_OK && (!f->tls || tls_connect(f) == CMG_FETCH_OK))
+        trace_stage(f, CMG_FETCH_STAGE_EXCHANGE);
+    return f->result;
+}
+
+static int fetch_end(struct fetch *f, const struct sigaction *old)
+{
+    if (f->ssl) {
+        if (f->result == CMG_FETCH_OK)
+            SSL_shutdown(f->ssl); /* one close_notify, not waiting for the peer's */
+        SSL_free(f->ssl);
+    }
+    SSL_CTX_free(f->ctx);
+    if (f->fd >= 0)
+        close(f->fd);
+    cmg_headers_free(&f->fields);
+    cmg_buf_free(&f->reason);
+    free(f->target);
+    ERR_clear_error();
+    sigaction(SIGPIPE, old, NULL);
+    return f->result;
+}
+
+int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char *err,
+              size_t errlen)
+{
+    struct fetch f;
+    struct sigaction old;
+
+    fetch_init(&f, req, resp, err, errlen, &old);
+    if (fetch_connect(&f) == CMG_FETCH_OK) {
+        long long t0 = now_ms();
 
         if (send_request(&f) == CMG_FETCH_OK && read_response(&f) == CMG_FETCH_OK)
             trace_stage(&f, CMG_FETCH_STAGE_DONE);
         if (req->trace)
             req->trace->exchange_ms = now_ms() - t0;
     }
+    return fetch_end(&f, &old);
+}
 
-    if (f.ssl) {
+int cmg_fetch_greeting(const struct cmg_fetch_req *req, char *buf, size_t want, size_t *got,
+                       char *err, size_t errlen)
+{
+    struct cmg_fetch_resp resp;
+    struct fetch f;
+    struct sigaction old;
+
+    *got = 0;
+    fetch_init(&f, req, &resp, err, errlen, &old);
+    if (fetch_connect(&f) == CMG_FETCH_OK) {
+        long long t0 = now_ms();
+
+        while (*got < want) {
+            long n = conn_read(&f, buf + *got, want - *got);
+
+            if (n < 0)
+                break;
+            if (n == 0) {
+                fail(&f, CMG_FETCH_ENET, "read from %s: connection closed after %zu byte(s)",
+                     f.addr, *got);
+                break;
+            }
+            *got += (size_t)n;
+        }
         if (f.result == CMG_FETCH_OK)
-            SSL_shutdown(f.ssl); /* one close_notify, not waiting for the peer's */
-        SSL_free(f.ssl);
+            trace_stage(&f, CMG_FETCH_STAGE_DONE);
+        if (req->trace)
+            req->trace->exchange_ms = now_ms() - t0;
     }
-    SSL_CTX_free(f.ctx);
-    if (f.fd >= 0)
-        close(f.fd);
-    cmg_headers_free(&f.fields);
-    cmg_buf_free(&f.reason);
-    free(f.target);
-    ERR_clear_error();
-    sigaction(SIGPIPE, &old, NULL);
+    fetch_end(&f, &old);
+    cmg_fetch_resp_free(&resp);
     return f.result;
 }
 

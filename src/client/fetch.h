@@ -113,6 +113,13 @@ int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char
               size_t errlen);
 void cmg_fetch_resp_free(struct cmg_fetch_resp *resp);
 
+/* Connects as cmg_fetch does (addr, tls, TLS names, CA, client certificate, ALPN, trace),
+ * sends nothing and reads what the server says first, until `want` bytes are in buf: for
+ * a protocol whose server speaks first (the gateway's tunnel, HTTP/2 from the gateway's
+ * side). CMG_FETCH_OK with *got == want, or an error as cmg_fetch's. */
+int cmg_fetch_greeting(const struct cmg_fetch_req *req, char *buf, size_t want, size_t *got,
+                       char *err, size_t errlen);
+
 /* GET url, collecting at most max bytes of body (more is an error). On 0, *status is the
  * response status and *body a NUL-terminated copy (the caller frees it) of *len bytes,
  * whatever the status. ca_file NULL: system roots. -1 with a message in err otherwise. */

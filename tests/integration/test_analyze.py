@@ -182,3 +182,42 @@ def test_internal_service_down_fails_the_service(dep, svc):
     rc, steps = analyze(*cert_args(dep, (site.device_cert, site.device_key)))
     assert rc == 1 and first_failure(steps) == 'service', steps
     assert '502' in steps['service'][1] and 'internal service' in steps['service'][2], steps
+
+
+# ---------------------------------------------------------------- cmg connector analyze
+
+def connector_analyze(dep):
+    """`cmg connector analyze --json -c connector.conf`: (exit status, {name: (result, detail, fix)})."""
+    r = run_cmg('connector', 'analyze', '-c', dep.site.connector_conf, '--json', '--timeout', 5)
+    steps = json.loads(r.stdout)
+    for s in steps:
+        assert set(s) == {'name', 'result', 'detail', 'fix', 'ms'}, s
+        assert (s['fix'] is not None) == (s['result'] == 'FAIL'), s
+    return r.returncode, {s['name']: (s['result'], s['detail'], s['fix']) for s in steps}
+
+
+def test_connector_analyze_passes_on_a_good_setup(dep):
+    gw = f'gateway 127.0.0.1:{dep.site.tunnel_port}'
+    route = f'route {dep.site.role_ids[0]}'
+    rc, steps = connector_analyze(dep)
+    assert rc == 0, steps
+    assert list(steps) == [f'{gw} dns', f'{gw} tcp', f'{gw} tls', f'{gw} tunnel', 'site dns',
+                           'site tcp', 'site tls', 'site feed', f'{route} dns', f'{route} tcp',
+                           f'{route} tls', f'{route} http'], steps
+    assert all(r == 'PASS' for name, (r, _, _) in steps.items() if name != f'{route} tls'), steps
+    assert steps[f'{route} tls'][0] == 'SKIP'     # the service is plain http
+    assert 'cmg-tunnel/1' in steps[f'{gw} tls'][1], steps
+
+
+def test_connector_analyze_names_a_gateway_down_and_a_service_down(dep, svc):
+    gw = f'gateway 127.0.0.1:{dep.site.tunnel_port}'
+    route = f'route {dep.site.role_ids[0]}'
+    svc.proc.signal(9)
+    rc, steps = connector_analyze(dep)
+    assert rc == 1, steps
+    assert [n for n, (r, _, _) in steps.items() if r == 'FAIL'] == [f'{route} tcp'], steps
+    assert 'internal service' in steps[f'{route} tcp'][2], steps
+    dep.gateway[0].signal(15)
+    rc, steps = connector_analyze(dep)
+    assert [n for n, (r, _, _) in steps.items() if r == 'FAIL'] == [f'{gw} tcp', f'{route} tcp'], steps
+    assert 'gateway runs' in steps[f'{gw} tcp'][2], steps

@@ -88,6 +88,8 @@ def test_reserved_path_is_answered_by_the_gateway(dep, svc):
     assert doc['credential']['result'] == 'fail', doc
     assert doc['credential']['reason'] == 'CMGService_Invalid_Client_Certificate', doc
     assert b'a.b.c' not in r.body
+    r2 = curl(site, '/CCM_Analyze?path=' + site.path('x'), http='2', cert=False)
+    assert r2.status == 200 and json.loads(r2.body)['mapping'] == doc['mapping'], r2
     assert curl(site, '/CCM_Analyze', '-X', 'POST', '-d', 'x', cert=False).status in (405, 413)
     assert curl(site, '/CCM_Analyze?path=%zz', cert=False).status == 400
     assert svc.count == before, 'the analyser path was forwarded'

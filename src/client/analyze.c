@@ -182,8 +182,8 @@ static int prepare(struct analyze_ctx *c)
             return -1;
         if (!c->conn.gateway)
             c->conn.gateway = c->s.gateway;
-        if (!c->conn.server_name && !c->o.gateway)
-            c->conn.server_name = c->s.server_name;
+        if (!c->conn.server_name)
+            c->conn.server_name = cmg_client_stored_server_name(c->o.gateway, &c->s);
         if (!c->conn.ca_file)
             c->conn.ca_file = c->ca;
         if (!token)
@@ -462,6 +462,14 @@ static bool judge_route(struct analyze_ctx *c, const cJSON *doc)
     return true;
 }
 
+static bool credential_passed(const struct cmg_analyze_steps *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (!strcmp(s->v[i].name, "credential"))
+            return s->v[i].result == CMG_STEP_PASS;
+    return false;
+}
+
 /* The internal service's answer to --path, through the gateway and a connector. */
 static void judge_service(struct analyze_ctx *c)
 {
@@ -488,7 +496,8 @@ static void judge_service(struct analyze_ctx *c)
                                "to it ('cmg connector analyze -c connector.conf' checks it)"
                              : "see the gateway's and the connector's logs for this request",
                          "GET %s: %d %s", c->path, resp.status, reason);
-    else if (!strncmp(reason, "CMGService_", 11))   /* the gateway's refusal, not the service's */
+    else if (!credential_passed(&c->steps) && !strncmp(reason, "CMGService_", 11))
+        /* the gateway refused a credential it was not asked about: not the service's answer */
         cmg_analyze_step(&c->steps, "service", CMG_STEP_FAIL, tr.exchange_ms,
                          credential_fix(reason), "GET %s: the gateway refused it: %d %s",
                          c->path, resp.status, reason);

@@ -161,3 +161,16 @@ void cmg_client_reason(const struct cmg_fetch_resp *resp, char *out, size_t outl
     if (!out[0])
         snprintf(out, outlen, "(no reason given)");
 }
+
+const char *cmg_client_stored_server_name(const char *gateway, const struct cmg_client_state *s)
+{
+    char host[256];
+    int port;
+
+    if (!s->server_name || !*s->server_name)
+        return NULL;
+    if (gateway && cmg_fetch_split_addr(s->gateway, 0, host, sizeof(host), &port) == 0 &&
+        !strcmp(host, s->server_name))
+        return NULL;
+    return s->server_name;
+}

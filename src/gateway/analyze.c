@@ -59,6 +59,8 @@ static int query_path(const char *q, size_t n, char *out, size_t cap)
                         return -1;
                     c = (char)(hi * 16 + lo);
                     i += 2;
+                    if (c == 0)
+                        return -1;
                 }
                 if (o + 1 >= cap)
                     return -1;

@@ -75,6 +75,26 @@ def test_good_setup_passes_every_step(dep, svc):
     assert [(w[0], w[1]) for w in lines] == [('PASS', s) for s in STEPS], r.stdout
 
 
+def test_registered_device_passes_with_its_state(dep, tmp_path, monkeypatch):
+    """--state: the state's certificate, token, CA, server name and prefix; with --gateway
+    an address, the registered server name still applies."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    _, bulk = dep.bulk_token()
+    state = tmp_path / 'state'
+    r = run_cmg('client', 'register', '--gateway', f'127.0.0.1:{dep.site.port}', '--server-name',
+                dep.site.name, '--ca', dep.site.ca, '--bulk-token', bulk, '--state', state)
+    assert r.returncode == 0, r
+    rc, steps = analyze('--gateway', f'127.0.0.1:{dep.site.port}', '--state', state)
+    assert rc == 0 and all(s[0] == 'PASS' for s in steps.values()), steps
+    assert 'site-token' in steps['credential'][1], steps
+    # A token of this device without its certificate: the binding fails.
+    token = json.loads((state / 'device.json').read_text())['token']
+    rc, steps = analyze(*gateway_args(dep.site), '--token', token, '--path',
+                        dep.token_path('policy.xml'))
+    assert rc == 1 and first_failure(steps) == 'credential', steps
+    assert 'CMGService_Token_Certificate_Mismatch' in steps['credential'][1], steps
+
+
 def test_reserved_path_is_answered_by_the_gateway(dep, svc):
     """Unauthenticated, with any path: the judgement, never forwarded, never a secret."""
     site = dep.site

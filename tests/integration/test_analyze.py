@@ -28,6 +28,7 @@ def analyze(*args, env=None):
     argv = [CMG, 'client', 'analyze', '--json', *map(str, args)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60 * SLOW,
                        stdin=subprocess.DEVNULL, env=env)
+    assert 'Sanitizer' not in r.stderr and 'runtime error' not in r.stderr, r.stderr
     steps = json.loads(r.stdout)
     assert [s['name'] for s in steps] == STEPS, r.stdout
     for s in steps:
@@ -211,6 +212,7 @@ def test_internal_service_down_fails_the_service(dep, svc):
 def connector_analyze(dep):
     """`cmg connector analyze --json -c connector.conf`: (exit status, {name: (result, detail, fix)})."""
     r = run_cmg('connector', 'analyze', '-c', dep.site.connector_conf, '--json', '--timeout', 5)
+    assert 'Sanitizer' not in r.stderr and 'runtime error' not in r.stderr, r.stderr
     steps = json.loads(r.stdout)
     for s in steps:
         assert set(s) == {'name', 'result', 'detail', 'fix', 'ms'}, s

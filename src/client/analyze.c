@@ -23,6 +23,9 @@
 #define ANALYZE_BODY_MAX (64 * 1024)     /* the gateway's answer, and what is kept of the
                                             internal service's */
 #define ANALYZE_DEFAULT_SKEW 60          /* s, when the gateway does not say its own */
+/* Farthest this machine's clock may be from the gateway's for the gateway's certificate to
+ * be judged at the gateway's time when it is not valid at ours. */
+#define ANALYZE_CLOCK_RETRY_MAX (24 * 3600)
 
 struct analyze_opts {
     const char *gateway, *ca, *cert, *key, *state, *token, *path, *server_name;
@@ -39,6 +42,10 @@ struct analyze_ctx {
     char *auth;                  /* "Authorization: Bearer ...", or NULL */
     const char *path;            /* --path, or the state's prefix + "/" */
     char state_path[600];
+    /* This machine's clock is off and the gateway's certificate is not valid at its time:
+     * the certificate is judged at the gateway's (its Date), and no token is sent. */
+    long long verify_time;
+    bool token_withheld;
     struct cmg_analyze_steps steps;
 };
 
@@ -219,8 +226,11 @@ static void request_for(const struct analyze_ctx *c, const char *target,
     req->key_file = c->conn.key_file;
     req->cert = c->conn.cert;
     req->key = c->conn.key;
-    req->headers = c->auth ? (const char *const *)&c->auth : NULL;
-    req->n_headers = c->auth ? 1 : 0;
+    if (c->auth && !c->token_withheld) {
+        req->headers = (const char *const *)&c->auth;
+        req->n_headers = 1;
+    }
+    req->verify_time = c->verify_time;
     req->timeout_ms = c->conn.timeout_ms;
     req->max_body = ANALYZE_BODY_MAX;
     req->truncate_body = true;
@@ -340,6 +350,12 @@ static void judge_credential(struct analyze_ctx *c, const cJSON *doc, long long 
     if (!has_credential(c)) {
         cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
                          "no credential given (--cert/--key, --state or --token)");
+        return;
+    }
+    if (c->token_withheld) {
+        cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
+                         "the token was not sent: the gateway's certificate is valid only by "
+                         "the gateway's clock (see clock)");
         return;
     }
     if (cred) {
@@ -543,12 +559,14 @@ static bool judge_network(struct analyze_ctx *c, const struct cmg_fetch_trace *t
         return false;
     }
     cmg_client_iso_time(tr->peer_not_after, until, sizeof(until));
-    expired = tr->peer_not_after && tr->peer_not_after < (long long)time(NULL);
+    expired = tr->peer_not_after &&
+              tr->peer_not_after < (c->verify_time ? c->verify_time : (long long)time(NULL));
     cmg_analyze_step(&c->steps, "tls", expired ? CMG_STEP_FAIL : CMG_STEP_PASS, tr->tls_ms,
                      expired ? tls_fix(X509_V_ERR_CERT_HAS_EXPIRED) : NULL,
-                     "%s, ALPN %s, certificate %s verified for %s, valid until %s",
+                     "%s, ALPN %s, certificate %s verified for %s, valid until %s%s",
                      tr->tls_version, tr->alpn[0] ? tr->alpn : "(none)", tr->peer_subject,
-                     c->conn.server_name ? c->conn.server_name : c->conn.gateway, until);
+                     c->conn.server_name ? c->conn.server_name : c->conn.gateway, until,
+                     c->verify_time ? " (by the gateway's clock: this machine's is off)" : "");
     if (rc != CMG_FETCH_OK) {
         cmg_analyze_step(&c->steps, "credential", CMG_STEP_FAIL, tr->exchange_ms,
                          has_credential(c) ? "the gateway closed the connection: check the "
@@ -571,6 +589,51 @@ static void skip_rest(struct analyze_ctx *c)
                              "an earlier step failed");
 }
 
+/* The gateway's clock: the Date of its answer to a request that carries nothing secret,
+ * on a connection whose certificate is not verified; -1 if none. */
+static long long gateway_time(const struct analyze_ctx *c)
+{
+    struct cmg_fetch_req req;
+    struct cmg_fetch_resp resp;
+    char err[768];
+    long long date = -1;
+
+    memset(&req, 0, sizeof(req));
+    req.addr = c->conn.gateway;
+    req.target = ANALYZE_PATH;
+    req.tls = true;
+    req.server_name = c->conn.server_name;
+    req.no_verify = true;
+    req.timeout_ms = c->conn.timeout_ms;
+    req.max_body = ANALYZE_BODY_MAX;
+    req.truncate_body = true;
+    if (cmg_fetch(&req, &resp, err, sizeof(err)) == CMG_FETCH_OK && resp.head)
+        date = head_date(resp.head);
+    cmg_fetch_resp_free(&resp);
+    return date;
+}
+
+/* The gateway's certificate failed only for its validity period: if this machine's clock is
+ * what is off, the certificate is judged again by the gateway's clock (and the clock step
+ * says so), so that the failing step is the clock, not TLS. true if it is worth a retry. */
+static bool clock_retry(struct analyze_ctx *c, const struct cmg_fetch_trace *tr)
+{
+    long long gw, skew;
+
+    if (tr->stage != CMG_FETCH_STAGE_TLS || c->verify_time ||
+        (tr->verify_result != X509_V_ERR_CERT_NOT_YET_VALID &&
+         tr->verify_result != X509_V_ERR_CERT_HAS_EXPIRED))
+        return false;
+    gw = gateway_time(c);
+    skew = (long long)time(NULL) - gw;
+    if (gw <= 0 || skew > ANALYZE_CLOCK_RETRY_MAX || skew < -ANALYZE_CLOCK_RETRY_MAX ||
+        (skew <= ANALYZE_DEFAULT_SKEW && skew >= -ANALYZE_DEFAULT_SKEW))
+        return false;
+    c->verify_time = gw;
+    c->token_withheld = c->auth != NULL;
+    return true;
+}
+
 static void analyze(struct analyze_ctx *c)
 {
     struct cmg_fetch_req req;
@@ -587,6 +650,12 @@ static void analyze(struct analyze_ctx *c)
     request_for(c, target, &req);
     req.trace = &tr;
     rc = cmg_fetch(&req, &resp, err, sizeof(err));
+    if (clock_retry(c, &tr)) {
+        cmg_fetch_resp_free(&resp);
+        request_for(c, target, &req);
+        req.trace = &tr;
+        rc = cmg_fetch(&req, &resp, err, sizeof(err));
+    }
     if (!judge_network(c, &tr, rc, err))
         goto out;
     if (resp.status != 200 ||

@@ -460,7 +460,7 @@ static int tls_context(struct fetch *f)
         return fail(f, CMG_FETCH_ELOCAL, "cannot load the CA file %s: %s",
                     req->ca_file ? req->ca_file : "(system default)", why);
     }
-    SSL_CTX_set_verify(f->ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_verify(f->ctx, req->no_verify ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
     if (req->cert_file) {
         const char *key = req->key_file ? req->key_file : req->cert_file;
 
@@ -573,6 +573,8 @@ static int tls_handshake(struct fetch *f)
     if (!f->ssl || SSL_set_fd(f->ssl, f->fd) != 1 || offer_alpn(f) < 0)
         goto openssl_error;
     param = SSL_get0_param(f->ssl);
+    if (f->req->verify_time > 0)
+        X509_VERIFY_PARAM_set_time(param, (time_t)f->req->verify_time);
     if (is_ip_literal(f->name)) {
         if (X509_VERIFY_PARAM_set1_ip_asc(param, f->name) != 1)
             goto openssl_error;

@@ -90,6 +90,11 @@ struct cmg_fetch_req {
     size_t max_body;
     bool truncate_body;
     const char *alpn;         /* a protocol to offer in ALPN ("http/1.1"); NULL: none */
+    /* For the analyser only: the server certificate judged at this time (unix seconds)
+     * rather than now, when this machine's clock is known to be off; or not verified at
+     * all (no_verify: send nothing secret on such a connection). */
+    long long verify_time;
+    bool no_verify;
     struct cmg_fetch_trace *trace;   /* filled if not NULL */
 };
 

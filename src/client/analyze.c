@@ -385,11 +385,9 @@ static void judge_credential(struct analyze_ctx *c, const cJSON *doc, long long 
                          "revocation)", json_str(cert, "subject"));
     else
         cmg_analyze_step(&c->steps, "credential", CMG_STEP_FAIL, ms,
-                         !strcmp(json_str(cert, "check"), "certificate revoked")
-                             ? credential_fix("CMGService_Client_Certificate_Revoked")
-                             : credential_fix("CMGService_Invalid_Client_Certificate"),
-                         "certificate %s refused: %s", json_str(cert, "subject"),
-                         json_str(cert, "check"));
+                         credential_fix(json_str(cert, "reason")),
+                         "certificate %s refused: %s (%s)", json_str(cert, "subject"),
+                         json_str(cert, "reason"), json_str(cert, "check"));
 }
 
 /* The Date field of a response head, as unix seconds; -1 if absent or unreadable. */

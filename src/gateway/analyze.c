@@ -83,16 +83,19 @@ static const char *const method_names[] = {
 static void add_certificate(cJSON *root, struct cmg_device *d)
 {
     cJSON *c = cJSON_AddObjectToObject(root, "certificate");
-    enum cmg_cert_state st = cmg_device_cert(d);
+    const char *reason = NULL, *check = NULL;
+    int rc = cmg_device_cert_verdict(d, &reason, &check);
 
     cJSON_AddBoolToObject(c, "presented", d->has_cert);
     if (!d->has_cert)
         return;
     cJSON_AddStringToObject(c, "subject", d->subject);
     cJSON_AddStringToObject(c, "thumbprint", d->thumbprint);
-    cJSON_AddStringToObject(c, "result", st == CMG_CERT_OK ? "pass" : "fail");
-    if (st != CMG_CERT_OK)
-        cJSON_AddStringToObject(c, "check", X509_verify_cert_error_string(d->cert_error));
+    cJSON_AddStringToObject(c, "result", rc == 0 ? "pass" : "fail");
+    if (rc != 0) {
+        cJSON_AddStringToObject(c, "reason", reason);
+        cJSON_AddStringToObject(c, "check", check);
+    }
 }
 
 /* The credential judged for target as admission judges it, and its mapping and

@@ -64,28 +64,36 @@ static void warn_crl(struct cmg_device *d)
     quiet = 0;
 }
 
+int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check)
+{
+    if (cmg_device_cert(d) == CMG_CERT_OK)
+        return 0;
+    *check = d->cert == CMG_CERT_NONE ? "no client certificate presented"
+                                      : X509_verify_cert_error_string(d->cert_error);
+    if (d->cert == CMG_CERT_INVALID && d->cert_error == X509_V_ERR_CERT_REVOKED) {
+        *reason = "CMGService_Client_Certificate_Revoked";
+        return 403;
+    }
+    if (d->cert == CMG_CERT_INVALID && cmg_policy_crl_error(d->cert_error)) {
+        warn_crl(d);
+        *reason = "CMGService_CRL_Unavailable";
+    } else
+        *reason = "CMGService_Invalid_Client_Certificate";
+    return 401;
+}
+
 static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
                      struct cmg_identity *id, const char **reason)
 {
+    int rc;
+
     if (!(m->auth & CMG_AUTH_CERT)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
         id->check = "the mapping does not allow client certificates";
         return 403;
     }
-    if (cmg_device_cert(d) != CMG_CERT_OK) {
-        id->check = d->cert == CMG_CERT_NONE ? "no client certificate presented"
-                                             : X509_verify_cert_error_string(d->cert_error);
-        if (d->cert_error == X509_V_ERR_CERT_REVOKED) {
-            *reason = "CMGService_Client_Certificate_Revoked";
-            return 403;
-        }
-        if (cmg_policy_crl_error(d->cert_error)) {
-            warn_crl(d);
-            *reason = "CMGService_CRL_Unavailable";
-        } else
-            *reason = "CMGService_Invalid_Client_Certificate";
-        return 401;
-    }
+    if ((rc = cmg_device_cert_verdict(d, reason, &id->check)) != 0)
+        return rc;
     id->method = CMG_ID_CERT;
     snprintf(id->subject, sizeof(id->subject), "%s", d->subject);
     snprintf(id->device_id, sizeof(id->device_id), "cert:%s", d->thumbprint);

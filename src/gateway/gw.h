@@ -355,6 +355,9 @@ struct cmg_identity {
     const char *check;       /* on a refusal: the check that failed (a literal) */
 };
 
+/* The client certificate of the connection as a certificate mapping judges it: 0, or the
+ * status to answer with *reason and the failed check in *check (literals). */
+int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check);
 /* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
  * with *reason. */
 int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,

@@ -137,6 +137,11 @@ def test_expired_and_revoked_certificates_fail_the_credential(dep, tmp_path):
     assert rc == 1 and first_failure(steps) == 'credential', steps
     assert 'CMGService_Invalid_Client_Certificate' in steps['credential'][1], steps
     assert 'expired' in steps['credential'][1], steps
+    # Without --path: the certificate judged against the trusted roots alone, as well.
+    rc, steps = analyze(*gateway_args(dep.site), '--cert', expired[0], '--key', expired[1])
+    assert rc == 1 and first_failure(steps) == 'credential', steps
+    assert 'CMGService_Invalid_Client_Certificate' in steps['credential'][1], steps
+    assert all(steps[s][0] == 'SKIP' for s in ('mapping', 'connector', 'service')), steps
 
     out = json.loads(dep.cmg_site('cert', 'issue', '--device', 'lab-1', '--json').stdout)
     lab = (out['cert'], out['key'])
@@ -151,6 +156,8 @@ def test_expired_and_revoked_certificates_fail_the_credential(dep, tmp_path):
     assert rc == 1 and first_failure(steps) == 'credential', steps
     assert 'CMGService_Client_Certificate_Revoked' in steps['credential'][1], steps
     assert 'revoked' in steps['credential'][2], steps
+    rc, steps = analyze(*gateway_args(dep.site), '--cert', lab[0], '--key', lab[1])
+    assert rc == 1 and 'CMGService_Client_Certificate_Revoked' in steps['credential'][1], steps
 
 
 def test_token_for_another_audience_fails_the_credential(dep, tmp_path):

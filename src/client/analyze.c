@@ -341,6 +341,23 @@ static bool has_credential(const struct analyze_ctx *c)
     return c->auth || c->conn.cert || c->conn.cert_file;
 }
 
+/* A token judged without a path (any mapping that takes tokens). */
+static void judge_token(struct analyze_ctx *c, const cJSON *tok, long long ms)
+{
+    const char *reason = json_str(tok, "reason");
+
+    if (!tok)
+        cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
+                         "a token is judged for a mapped path: give --path");
+    else if (!strcmp(json_str(tok, "result"), "pass"))
+        cmg_analyze_step(&c->steps, "credential", CMG_STEP_PASS, ms, NULL,
+                         "token accepted as %s", json_str(tok, "method"));
+    else
+        cmg_analyze_step(&c->steps, "credential", CMG_STEP_FAIL, ms, credential_fix(reason),
+                         "token refused: %s (%s)", reason,
+                         *json_str(tok, "check") ? json_str(tok, "check") : "no detail");
+}
+
 static void judge_credential(struct analyze_ctx *c, const cJSON *doc, long long ms)
 {
     const cJSON *cred = cJSON_GetObjectItemCaseSensitive(doc, "credential");
@@ -371,8 +388,7 @@ static void judge_credential(struct analyze_ctx *c, const cJSON *doc, long long 
         return;
     }
     if (c->auth) {
-        cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
-                         "a token is judged for a mapped path: give --path");
+        judge_token(c, cJSON_GetObjectItemCaseSensitive(doc, "token"), ms);
         return;
     }
     if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cert, "presented")))

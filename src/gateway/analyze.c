@@ -153,6 +153,28 @@ static void add_target(cJSON *root, struct cmg_device *d, const char *target,
     free(canon);
 }
 
+/* Without ?path=, a bearer token is judged as a mapping that takes every kind of token
+ * would judge it (signature, issuer, audience, tenant, expiry, binding, revocation). */
+static void add_token(cJSON *root, struct cmg_device *d, const struct cmg_headers *in)
+{
+    struct cmg_policy_mapping any = {.type = "mp", .auth = CMG_AUTH_TOKEN | CMG_AUTH_OIDC};
+    struct cmg_path path = {.kind = CMG_PATH_SERVER_AUTH, .role = "", .rest = ""};
+    const char *reason = NULL;
+    struct cmg_identity id;
+    cJSON *tok = cJSON_AddObjectToObject(root, "token");
+    int rc = cmg_authenticate(d, d->gw->policy, &any, &path, in, &id, &reason);
+
+    cJSON_AddStringToObject(tok, "result", rc == 0 ? "pass" : "fail");
+    if (rc == 0) {
+        cJSON_AddStringToObject(tok, "method", method_names[id.method]);
+    } else {
+        cJSON_AddNumberToObject(tok, "status", rc);
+        cJSON_AddStringToObject(tok, "reason", reason);
+        if (id.check)
+            cJSON_AddStringToObject(tok, "check", id.check);
+    }
+}
+
 static struct cmg_answer analyze_document(struct cmg_device *d, const char *canon,
                                           size_t len, const struct cmg_headers *in)
 {
@@ -178,6 +200,8 @@ static struct cmg_answer analyze_document(struct cmg_device *d, const char *cano
     add_certificate(root, d);
     if (has > 0)
         add_target(root, d, target, in);
+    else if (cmg_headers_find(in, "authorization") >= 0)
+        add_token(root, d, in);
     text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (!text)

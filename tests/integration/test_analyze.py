@@ -174,6 +174,12 @@ def test_token_for_another_audience_fails_the_credential(dep, tmp_path):
     assert 'CMGService_Wrong_Audience' in steps['credential'][1], steps
     assert 'audience' in steps['credential'][1], steps
     assert steps['service'][0] == 'SKIP', steps
+    # Without --path: the token judged as any mapping taking tokens would.
+    rc, steps = analyze(*gateway_args(dep.site), '--token', idp.token(aud='api://someone-else'))
+    assert rc == 1 and first_failure(steps) == 'credential', steps
+    assert 'CMGService_Wrong_Audience' in steps['credential'][1], steps
+    rc, steps = analyze(*gateway_args(dep.site), '--token', idp.token())
+    assert rc == 0 and 'oidc' in steps['credential'][1], steps
 
 
 @pytest.mark.parametrize('offset, word', [('+10m', 'ahead'), ('-10m', 'behind')])

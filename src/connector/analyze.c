@@ -186,7 +186,7 @@ static void check_site(struct cmg_analyze_steps *s, const struct cmg_cn_config *
 static void check_route(struct cmg_analyze_steps *s, const struct cmg_cn_mapping *m,
                         int timeout_ms)
 {
-    char prefix[128], name[160], err[768];
+    char prefix[128], name[160], why[768], err[2048];
     struct target t = {
         prefix, "check the internal URL's host name in the internal DNS",
         "start the internal service, or correct the route's internal_url",
@@ -207,7 +207,8 @@ static void check_route(struct cmg_analyze_steps *s, const struct cmg_cn_mapping
     req.truncate_body = true;
     req.max_body = ROUTE_BODY_MAX;
     req.trace = &tr;
-    rc = cmg_fetch(&req, &resp, err, sizeof(err));
+    rc = cmg_fetch(&req, &resp, why, sizeof(why));
+    snprintf(err, sizeof(err), "%s: %s", m->internal_url, why);
     if (network_steps(s, &t, m->tls, &tr, err)) {
         snprintf(name, sizeof(name), "%s http", prefix);
         if (rc != CMG_FETCH_OK)

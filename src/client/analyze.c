@@ -438,8 +438,10 @@ static void judge_clock(struct analyze_ctx *c, const struct cmg_fetch_resp *resp
                          "the gateway's answer has no Date");
         return;
     }
-    allowed = cJSON_IsNumber(cs) && cs->valuedouble > 0 ? (long long)cs->valuedouble
-                                                        : ANALYZE_DEFAULT_SKEW;
+    /* what the gateway says is bounded: it is a number from the network */
+    allowed = cJSON_IsNumber(cs) && cs->valuedouble > 0 && cs->valuedouble <= 86400
+                  ? (long long)cs->valuedouble
+                  : ANALYZE_DEFAULT_SKEW;
     skew = local - date;
     if (skew <= allowed && skew >= -allowed)
         cmg_analyze_step(&c->steps, "clock", CMG_STEP_PASS, 0, NULL,
@@ -480,7 +482,7 @@ static bool judge_route(struct analyze_ctx *c, const cJSON *doc)
     cmg_analyze_step(&c->steps, "mapping", CMG_STEP_PASS, 0, NULL,
                      "%s: role %s (%s, %s authentication)", c->path, role,
                      json_str(map, "type"), json_str(map, "auth"));
-    if (!cJSON_IsNumber(n) || n->valuedouble < 1) {
+    if (!cJSON_IsNumber(n) || !(n->valuedouble >= 1 && n->valuedouble < 1e6)) {
         cmg_analyze_step(&c->steps, "connector", CMG_STEP_FAIL, 0,
                          "start a connector serving this role with a tunnel to this gateway "
                          "instance ('cmg connector analyze -c connector.conf' checks it)",

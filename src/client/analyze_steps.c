@@ -74,6 +74,13 @@ static void print_json(const struct cmg_analyze_steps *s, FILE *out)
     cJSON_Delete(arr);
 }
 
+/* A detail as text: what a server said may hold control characters, never printed raw. */
+static void put_printable(const char *t, FILE *out)
+{
+    for (; t && *t; t++)
+        fputc((unsigned char)*t < 0x20 || *t == 0x7f ? '?' : *t, out);
+}
+
 void cmg_analyze_print(const struct cmg_analyze_steps *s, bool json, FILE *out)
 {
     size_t width = 0;
@@ -88,8 +95,9 @@ void cmg_analyze_print(const struct cmg_analyze_steps *s, bool json, FILE *out)
     for (size_t i = 0; i < s->n; i++) {
         const struct cmg_analyze_step *st = &s->v[i];
 
-        fprintf(out, "%s  %-*s  %s (%lld ms)\n", result_names[st->result], (int)width, st->name,
-                st->detail ? st->detail : "", st->ms);
+        fprintf(out, "%s  %-*s  ", result_names[st->result], (int)width, st->name);
+        put_printable(st->detail, out);
+        fprintf(out, " (%lld ms)\n", st->ms);
         if (st->fix)
             fprintf(out, "      %-*s  fix: %s\n", (int)width, "", st->fix);
     }

@@ -46,6 +46,10 @@ int cmg_client_renew(const struct cmg_client_conn *conn, struct cmg_client_state
 int cmg_client_opt(int argc, char **argv, int *i, const char *opt, const char **val);
 /* "--timeout SECONDS" as milliseconds: 0 or -1. */
 int cmg_client_parse_timeout(const char *s, int *ms);
+/* The server name to expect when --server-name is not given: the registered one, unless
+ * it was only the host of the registered gateway and `gateway` (--gateway) names another
+ * (NULL: the host of the gateway used). */
+const char *cmg_client_stored_server_name(const char *gateway, const struct cmg_client_state *s);
 /* The exit status for a cmg_fetch result. */
 int cmg_client_fetch_exit(int result);
 /* A printable one-line reason for a refusal: the "error" of a JSON body, else the first

@@ -1,4 +1,5 @@
 /* cmg client <command>: dispatch, and the small helpers the subcommands share. */
+#include "client/analyze.h"
 #include "client/client.h"
 
 #include <ctype.h>
@@ -31,6 +32,10 @@ static void client_usage(FILE *out)
           "            the same for a device with a PKI certificate, without registration\n"
           "  renew [--state DIR]\n"
           "            renew the device token now\n"
+          "  analyze --gateway HOST:PORT [--ca FILE] [--cert FILE --key FILE | --state DIR |\n"
+          "          --token TOKEN] [--path PATH] [--json]\n"
+          "            check each step from this device to the internal service (name,\n"
+          "            TCP, TLS, credential, clock, mapping, connector, service)\n"
           "\n"
           "The state directory is --state DIR if given; else $" CMG_CLIENT_STATE_ENV " if set;\n"
           "else the directory of the last successful register (recorded in\n"
@@ -59,6 +64,8 @@ int cmg_client_main(int argc, char **argv)
         return cmg_client_register_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "get"))
         return cmg_client_get_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "analyze"))
+        return cmg_client_analyze_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "renew"))
         return cmg_client_renew_main(argc - 1, argv + 1);
     fprintf(stderr, "cmg client: unknown command '%s'\n", cmd);
@@ -153,4 +160,17 @@ void cmg_client_reason(const struct cmg_fetch_resp *resp, char *out, size_t outl
         printable_line(line + 1, strcspn(line + 1, "\r\n"), out, outlen);
     if (!out[0])
         snprintf(out, outlen, "(no reason given)");
+}
+
+const char *cmg_client_stored_server_name(const char *gateway, const struct cmg_client_state *s)
+{
+    char host[256];
+    int port;
+
+    if (!s->server_name || !*s->server_name)
+        return NULL;
+    if (gateway && cmg_fetch_split_addr(s->gateway, 0, host, sizeof(host), &port) == 0 &&
+        !strcmp(host, s->server_name))
+        return NULL;
+    return s->server_name;
 }

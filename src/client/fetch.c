@@ -277,6 +277,14 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The trace enters stage; returns the time, to measure it. */
+static long long trace_stage(struct fetch *f, enum cmg_fetch_stage stage)
+{
+    if (f->req->trace)
+        f->req->trace->stage = stage;
+    return now_ms();
+}
+
 /* 1 when fd is ready for events, 0 on timeout, -1 on a poll error (errno). */
 static int wait_fd(int fd, short events, int timeout_ms)
 {
@@ -351,19 +359,30 @@ static int net_connect(struct fetch *f)
     char port[8];
     int rc, e = 0, ret;
 
+    struct cmg_fetch_trace *tr = f->req->trace;
+    long long t0 = trace_stage(f, CMG_FETCH_STAGE_RESOLVE);
+
     memset(&hints, 0, sizeof(hints));
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICSERV;
     snprintf(port, sizeof(port), "%d", f->port);
     rc = getaddrinfo(f->host, port, &hints, &res);
+    if (tr)
+        tr->resolve_ms = now_ms() - t0;
     if (rc != 0)
         return fail(f, CMG_FETCH_ENET, "resolve %s: %s", f->host,
                     rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+    t0 = trace_stage(f, CMG_FETCH_STAGE_CONNECT);
     for (ai = res; ai; ai = ai->ai_next) {
         e = connect_one(ai, f->timeout_ms, &f->fd);
+        if (tr)
+            getnameinfo(ai->ai_addr, ai->ai_addrlen, tr->address, sizeof(tr->address), NULL,
+                        0, NI_NUMERICHOST);
         if (e == 0)
             break;
     }
+    if (tr)
+        tr->connect_ms = now_ms() - t0;
     if (f->fd >= 0)
         ret = CMG_FETCH_OK;
     else if (e == ETIMEDOUT)
@@ -441,7 +460,7 @@ static int tls_context(struct fetch *f)
         return fail(f, CMG_FETCH_ELOCAL, "cannot load the CA file %s: %s",
                     req->ca_file ? req->ca_file : "(system default)", why);
     }
-    SSL_CTX_set_verify(f->ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_verify(f->ctx, req->no_verify ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
     if (req->cert_file) {
         const char *key = req->key_file ? req->key_file : req->cert_file;
 
@@ -465,6 +484,8 @@ static int tls_context(struct fetch *f)
     }
     return CMG_FETCH_OK;
 }
+
+static int tls_handshake(struct fetch *f);
 
 static int tls_handshake_error(struct fetch *f, int ret)
 {
@@ -490,15 +511,70 @@ static int tls_handshake_error(struct fetch *f, int ret)
                 f->addr);
 }
 
+/* What the handshake settled, for the trace. */
+static void trace_tls(struct fetch *f)
+{
+    struct cmg_fetch_trace *tr = f->req->trace;
+    const unsigned char *alpn = NULL;
+    unsigned int alpn_len = 0;
+    X509 *peer;
+
+    if (!tr)
+        return;
+    tr->verify_result = SSL_get_verify_result(f->ssl);
+    snprintf(tr->tls_version, sizeof(tr->tls_version), "%s", SSL_get_version(f->ssl));
+    SSL_get0_alpn_selected(f->ssl, &alpn, &alpn_len);
+    snprintf(tr->alpn, sizeof(tr->alpn), "%.*s", (int)alpn_len, alpn ? (const char *)alpn : "");
+    peer = SSL_get0_peer_certificate(f->ssl);
+    if (peer) {
+        struct tm tm;
+
+        X509_NAME_oneline(X509_get_subject_name(peer), tr->peer_subject,
+                          (int)sizeof(tr->peer_subject));
+        if (ASN1_TIME_to_tm(X509_get0_notAfter(peer), &tm) == 1)
+            tr->peer_not_after = (long long)timegm(&tm);
+    }
+}
+
+/* ALPN wants the protocol as <length><name>. */
+static int offer_alpn(struct fetch *f)
+{
+    unsigned char wire[64];
+    size_t n = f->req->alpn ? strlen(f->req->alpn) : 0;
+
+    if (n == 0)
+        return 0;
+    if (n >= sizeof(wire))
+        return -1;
+    wire[0] = (unsigned char)n;
+    memcpy(wire + 1, f->req->alpn, n);
+    return SSL_set_alpn_protos(f->ssl, wire, (unsigned int)n + 1) == 0 ? 0 : -1;
+}
+
 static int tls_connect(struct fetch *f)
+{
+    long long t0 = trace_stage(f, CMG_FETCH_STAGE_TLS);
+    int ret = tls_handshake(f);
+
+    if (f->req->trace) {
+        f->req->trace->tls_ms = now_ms() - t0;
+        if (f->ssl)
+            trace_tls(f);
+    }
+    return ret;
+}
+
+static int tls_handshake(struct fetch *f)
 {
     X509_VERIFY_PARAM *param;
     int r;
 
     f->ssl = SSL_new(f->ctx);
-    if (!f->ssl || SSL_set_fd(f->ssl, f->fd) != 1)
+    if (!f->ssl || SSL_set_fd(f->ssl, f->fd) != 1 || offer_alpn(f) < 0)
         goto openssl_error;
     param = SSL_get0_param(f->ssl);
+    if (f->req->verify_time > 0)
+        X509_VERIFY_PARAM_set_time(param, (time_t)f->req->verify_time);
     if (is_ip_literal(f->name)) {
         if (X509_VERIFY_PARAM_set1_ip_asc(param, f->name) != 1)
             goto openssl_error;
@@ -955,50 +1031,112 @@ static int read_response(struct fetch *f)
 
 /* ---- the whole exchange ---- */
 
-int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char *err,
-              size_t errlen)
+static void fetch_init(struct fetch *f, const struct cmg_fetch_req *req,
+                       struct cmg_fetch_resp *resp, char *err, size_t errlen,
+                       struct sigaction *old)
 {
-    struct fetch f;
-    struct sigaction ign, old;
+    struct sigaction ign;
 
-    memset(&f, 0, sizeof(f));
+    memset(f, 0, sizeof(*f));
     memset(resp, 0, sizeof(*resp));
     resp->content_length = -1;
     if (errlen)
         err[0] = 0;
-    f.req = req;
-    f.resp = resp;
-    f.err = err;
-    f.errlen = errlen;
-    f.fd = -1;
-    f.timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : CMG_FETCH_TIMEOUT_MS;
-    f.max_body = req->max_body ? req->max_body : CMG_FETCH_MAX_BODY;
+    f->req = req;
+    f->resp = resp;
+    f->err = err;
+    f->errlen = errlen;
+    f->fd = -1;
+    f->timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : CMG_FETCH_TIMEOUT_MS;
+    f->max_body = req->max_body ? req->max_body : CMG_FETCH_MAX_BODY;
+    if (req->trace) {
+        memset(req->trace, 0, sizeof(*req->trace));
+        req->trace->verify_result = X509_V_OK;
+    }
 
     /* OpenSSL writes with write(): a peer that is gone must be an error, not a signal. */
     memset(&ign, 0, sizeof(ign));
     ign.sa_handler = SIG_IGN;
     sigemptyset(&ign.sa_mask);
-    sigaction(SIGPIPE, &ign, &old);
+    sigaction(SIGPIPE, &ign, old);
+}
 
-    /* Local files (CA, certificate, key) are judged before the network. */
-    if (fetch_where(&f) == CMG_FETCH_OK && (!f.tls || tls_context(&f) == CMG_FETCH_OK) &&
-        net_connect(&f) == CMG_FETCH_OK && (!f.tls || tls_connect(&f) == CMG_FETCH_OK) &&
-        send_request(&f) == CMG_FETCH_OK)
-        read_response(&f);
+/* Local files (CA, certificate, key) are judged before the network. */
+static int fetch_connect(struct fetch *f)
+{
+    if (fetch_where(f) == CMG_FETCH_OK && (!f->tls || tls_context(f) == CMG_FETCH_OK) &&
+        net_connect(f) == CMG_FETCH_OK && (!f->tls || tls_connect(f) == CMG_FETCH_OK))
+        trace_stage(f, CMG_FETCH_STAGE_EXCHANGE);
+    return f->result;
+}
 
-    if (f.ssl) {
-        if (f.result == CMG_FETCH_OK)
-            SSL_shutdown(f.ssl); /* one close_notify, not waiting for the peer's */
-        SSL_free(f.ssl);
+static int fetch_end(struct fetch *f, const struct sigaction *old)
+{
+    if (f->ssl) {
+        if (f->result == CMG_FETCH_OK)
+            SSL_shutdown(f->ssl); /* one close_notify, not waiting for the peer's */
+        SSL_free(f->ssl);
     }
-    SSL_CTX_free(f.ctx);
-    if (f.fd >= 0)
-        close(f.fd);
-    cmg_headers_free(&f.fields);
-    cmg_buf_free(&f.reason);
-    free(f.target);
+    SSL_CTX_free(f->ctx);
+    if (f->fd >= 0)
+        close(f->fd);
+    cmg_headers_free(&f->fields);
+    cmg_buf_free(&f->reason);
+    free(f->target);
     ERR_clear_error();
-    sigaction(SIGPIPE, &old, NULL);
+    sigaction(SIGPIPE, old, NULL);
+    return f->result;
+}
+
+int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char *err,
+              size_t errlen)
+{
+    struct fetch f;
+    struct sigaction old;
+
+    fetch_init(&f, req, resp, err, errlen, &old);
+    if (fetch_connect(&f) == CMG_FETCH_OK) {
+        long long t0 = now_ms();
+
+        if (send_request(&f) == CMG_FETCH_OK && read_response(&f) == CMG_FETCH_OK)
+            trace_stage(&f, CMG_FETCH_STAGE_DONE);
+        if (req->trace)
+            req->trace->exchange_ms = now_ms() - t0;
+    }
+    return fetch_end(&f, &old);
+}
+
+int cmg_fetch_greeting(const struct cmg_fetch_req *req, char *buf, size_t want, size_t *got,
+                       char *err, size_t errlen)
+{
+    struct cmg_fetch_resp resp;
+    struct fetch f;
+    struct sigaction old;
+
+    *got = 0;
+    fetch_init(&f, req, &resp, err, errlen, &old);
+    if (fetch_connect(&f) == CMG_FETCH_OK) {
+        long long t0 = now_ms();
+
+        while (*got < want) {
+            long n = conn_read(&f, buf + *got, want - *got);
+
+            if (n < 0)
+                break;
+            if (n == 0) {
+                fail(&f, CMG_FETCH_ENET, "read from %s: connection closed after %zu byte(s)",
+                     f.addr, *got);
+                break;
+            }
+            *got += (size_t)n;
+        }
+        if (f.result == CMG_FETCH_OK)
+            trace_stage(&f, CMG_FETCH_STAGE_DONE);
+        if (req->trace)
+            req->trace->exchange_ms = now_ms() - t0;
+    }
+    fetch_end(&f, &old);
+    cmg_fetch_resp_free(&resp);
     return f.result;
 }
 

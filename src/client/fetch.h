@@ -33,6 +33,28 @@ enum cmg_fetch_result {
 
 struct cmg_fetch_resp;
 
+/* How far a request got: the stage it failed in, when it failed. */
+enum cmg_fetch_stage {
+    CMG_FETCH_STAGE_SETUP,     /* URL, files, TLS context */
+    CMG_FETCH_STAGE_RESOLVE,
+    CMG_FETCH_STAGE_CONNECT,
+    CMG_FETCH_STAGE_TLS,
+    CMG_FETCH_STAGE_EXCHANGE,  /* request sent, response read */
+    CMG_FETCH_STAGE_DONE,
+};
+
+/* What the connection was like, step by step (for `cmg client analyze`). */
+struct cmg_fetch_trace {
+    enum cmg_fetch_stage stage;
+    long long resolve_ms, connect_ms, tls_ms, exchange_ms;
+    char address[64];          /* the address connected to, numeric */
+    char tls_version[16];      /* "TLSv1.3" */
+    char alpn[32];             /* the protocol the server chose; "" if none */
+    long verify_result;        /* X509_V_OK or the error verifying the server */
+    char peer_subject[256];    /* the server certificate's subject ... */
+    long long peer_not_after;  /* ... and its end, unix seconds (0: unknown) */
+};
+
 struct cmg_fetch_req {
     /* Where: a URL ("http://host[:port]/target", "https://[::1]:8443/x?y"), or, with url
      * NULL, addr ("host:port", "[v6]:port") + target ("/...") + tls. */
@@ -67,6 +89,13 @@ struct cmg_fetch_req {
     void *arg;
     size_t max_body;
     bool truncate_body;
+    const char *alpn;         /* a protocol to offer in ALPN ("http/1.1"); NULL: none */
+    /* For the analyser only: the server certificate judged at this time (unix seconds)
+     * rather than now, when this machine's clock is known to be off; or not verified at
+     * all (no_verify: send nothing secret on such a connection). */
+    long long verify_time;
+    bool no_verify;
+    struct cmg_fetch_trace *trace;   /* filled if not NULL */
 };
 
 struct cmg_fetch_resp {
@@ -88,6 +117,13 @@ struct cmg_fetch_resp {
 int cmg_fetch(const struct cmg_fetch_req *req, struct cmg_fetch_resp *resp, char *err,
               size_t errlen);
 void cmg_fetch_resp_free(struct cmg_fetch_resp *resp);
+
+/* Connects as cmg_fetch does (addr, tls, TLS names, CA, client certificate, ALPN, trace),
+ * sends nothing and reads what the server says first, until `want` bytes are in buf: for
+ * a protocol whose server speaks first (the gateway's tunnel, HTTP/2 from the gateway's
+ * side). CMG_FETCH_OK with *got == want, or an error as cmg_fetch's. */
+int cmg_fetch_greeting(const struct cmg_fetch_req *req, char *buf, size_t want, size_t *got,
+                       char *err, size_t errlen);
 
 /* GET url, collecting at most max bytes of body (more is an error). On 0, *status is the
  * response status and *body a NUL-terminated copy (the caller frees it) of *len bytes,

@@ -249,22 +249,6 @@ static int finish_sink(struct get_sink *k, bool keep)
     return ret;
 }
 
-/* The server name to expect when --server-name is not given: the registered one, unless it
- * was only the host of the registered gateway and --gateway names another (NULL: the host
- * of the gateway used). */
-static const char *stored_server_name(const struct get_opts *o, const struct cmg_client_state *s)
-{
-    char host[256];
-    int port;
-
-    if (!s->server_name || !*s->server_name)
-        return NULL;
-    if (o->gateway && cmg_fetch_split_addr(s->gateway, 0, host, sizeof(host), &port) == 0 &&
-        !strcmp(host, s->server_name))
-        return NULL;
-    return s->server_name;
-}
-
 /* For a registered device: the state, identity and connection; renews when due. */
 static int prepare_state(const struct get_opts *o, struct cmg_client_state *s,
                          struct cmg_client_conn *conn, char *ca, size_t calen)
@@ -279,7 +263,8 @@ static int prepare_state(const struct get_opts *o, struct cmg_client_state *s,
         cmg_client_state_path(dir, "ca.crt", ca, calen) < 0)
         return CMG_CLIENT_EXIT_FAIL;
     conn->gateway = o->gateway ? o->gateway : s->gateway;
-    conn->server_name = o->server_name ? o->server_name : stored_server_name(o, s);
+    conn->server_name = o->server_name ? o->server_name
+                                       : cmg_client_stored_server_name(o->gateway, s);
     conn->ca_file = o->ca ? o->ca : ca;
     if (now < s->renew_after)
         return CMG_CLIENT_EXIT_OK;

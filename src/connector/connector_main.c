@@ -1,5 +1,6 @@
 /* cmg connector: dials every gateway instance and serves what comes down. */
 #include "connector/cn.h"
+#include "client/analyze.h"
 #include "connector/connector.h"
 #include "core/log.h"
 #include "tls/tls.h"
@@ -11,6 +12,7 @@
 
 static const char usage[] =
     "usage: cmg connector -c FILE\n"
+    "       cmg connector analyze -c FILE [--json]\n"
     "\n"
     "Runs a connector on the internal network. It dials out to every gateway\n"
     "instance named in FILE (one 'gateway =' line each), keeps those tunnels up,\n"
@@ -28,6 +30,10 @@ static const char usage[] =
     "SIGTERM (or SIGINT) drains: every gateway is told to send no new requests,\n"
     "those in flight finish, then it exits 0; what is left after 'drain_timeout'\n"
     "(30 s) is cut. SIGQUIT, or a second SIGTERM, stops at once.\n"
+    "\n"
+    "'cmg connector analyze -c FILE' checks each gateway instance (DNS, TCP, TLS,\n"
+    "the tunnel protocol), the site's feed and each route's internal URL, and says\n"
+    "what to fix ('cmg connector analyze --help').\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
@@ -81,6 +87,8 @@ int cmg_connector_main(int argc, char **argv)
     char err[600];
     int ch, rc = 1;
 
+    if (argc > 1 && !strcmp(argv[1], "analyze"))
+        return cmg_connector_analyze_main(argc - 1, argv + 1);
     memset(&cn, 0, sizeof(cn));
     cmg_log_init("connector");
     optind = 1;

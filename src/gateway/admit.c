@@ -101,6 +101,8 @@ void cmg_answer_release(struct cmg_answer *a)
 {
     cmg_policy_unref(a->hold);
     a->hold = NULL;
+    free(a->owned);
+    a->owned = NULL;
 }
 
 /* The canonical target names the CRL (a query, which caches add, is ignored). */
@@ -162,6 +164,11 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     }
     if (names_crl(canon, canon_len)) {
         *answer = crl_answer(gw, method, has_body);
+        status = 0;
+        goto out;
+    }
+    if (cmg_analyze_names(canon, canon_len)) {
+        *answer = cmg_analyze_answer(d, method, canon, canon_len, in, has_body);
         status = 0;
         goto out;
     }

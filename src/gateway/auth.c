@@ -66,13 +66,16 @@ static void warn_crl(struct cmg_device *d)
     quiet = 0;
 }
 
-/* A refusal for the claim (or check) that failed: the status, with the claim noted for
- * the log line. */
-static int refused(struct cmg_identity *id, const char *claim, int status)
+/* A refusal for the claim that failed: the status, with the claim (for the log line) and
+ * the check in words (for the analyser) noted. */
+static int refused(struct cmg_identity *id, const char *claim, const char *check, int status)
 {
     id->failed_claim = claim;
+    id->check = check;
     return status;
 }
+
+#define EXPIRY_CHECK "expiry: outside its validity (nbf/exp) with the clock skew allowed"
 
 /* The time claim that cmg_jwt_check_time found wrong. */
 static const char *time_claim(int verdict)
@@ -80,25 +83,37 @@ static const char *time_claim(int verdict)
     return verdict == CMG_JWT_NOT_YET ? "nbf" : "exp";
 }
 
+int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check)
+{
+    if (cmg_device_cert(d) == CMG_CERT_OK)
+        return 0;
+    *check = d->cert == CMG_CERT_NONE ? "no client certificate presented"
+                                      : X509_verify_cert_error_string(d->cert_error);
+    if (d->cert == CMG_CERT_INVALID && d->cert_error == X509_V_ERR_CERT_REVOKED) {
+        *reason = "CMGService_Client_Certificate_Revoked";
+        return 403;
+    }
+    if (d->cert == CMG_CERT_INVALID && cmg_policy_crl_error(d->cert_error)) {
+        warn_crl(d);
+        *reason = "CMGService_CRL_Unavailable";
+    } else
+        *reason = "CMGService_Invalid_Client_Certificate";
+    return 401;
+}
+
 static int cert_auth(struct cmg_device *d, struct cmg_policy_mapping *m,
                      struct cmg_identity *id, const char **reason)
 {
+    int rc;
+
     if (!(m->auth & CMG_AUTH_CERT)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow client certificates";
         return 403;
     }
-    if (cmg_device_cert(d) != CMG_CERT_OK) {
+    if ((rc = cmg_device_cert_verdict(d, reason, &id->check)) != 0) {
         id->failed_cert = true;
-        if (d->cert_error == X509_V_ERR_CERT_REVOKED) {
-            *reason = "CMGService_Client_Certificate_Revoked";
-            return 403;
-        }
-        if (cmg_policy_crl_error(d->cert_error)) {
-            warn_crl(d);
-            *reason = "CMGService_CRL_Unavailable";
-        } else
-            *reason = "CMGService_Invalid_Client_Certificate";
-        return 401;
+        return rc;
     }
     id->method = CMG_ID_CERT;
     snprintf(id->subject, sizeof(id->subject), "%s", d->subject);
@@ -152,31 +167,32 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
 
     *reason = "CMGService_Invalid_Token";
     if (!key)
-        return refused(id, "kid", 401);
+        return refused(id, "kid", "signature: no site key of the policy has the token's key id", 401);
     if (cmg_jws_verify(j, key) < 0)
-        return refused(id, "signature", 401);
+        return refused(id, "signature", "signature", 401);
     if (!cmg_jwt_aud_has(j->payload, p->service_name))
-        return refused(id, "aud", 401);
+        return refused(id, "aud", "audience: not the gateway's service name", 401);
     if (!use || !jti)
-        return refused(id, use ? "jti" : "cmg_use", 401);
+        return refused(id, use ? "jti" : "cmg_use", "claims: no cmg_use or jti", 401);
     if ((when = cmg_jwt_check_time(j->payload, now, p->clock_skew)) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
-        return refused(id, time_claim(when), 401);
+        return refused(id, time_claim(when), EXPIRY_CHECK, 401);
     }
     if (cmg_policy_token_revoked(p, jti)) {
         *reason = "CMGService_Token_Blocked";
-        return refused(id, "jti", 403);
+        return refused(id, "jti", "revocation: the token is blocked", 403);
     }
     snprintf(id->jti, sizeof(id->jti), "%s", jti);
     cmg_device_cert(d);   /* for the thumbprint of whatever was presented */
     if (!strcmp(use, "bulk")) {
         if (strcmp(m->type, "site") || !is_register(path)) {
             *reason = "CMGService_Bulk_Token_Registration_Only";
-            return refused(id, "cmg_use", 403);
+            return refused(id, "cmg_use", "use: a bulk token serves registration only", 403);
         }
         if (!d->has_cert) {
             *reason = "CMGService_Client_Certificate_Required";
             id->failed_cert = true;
+            id->check = "binding: no client certificate presented";
             return 401;
         }
         id->method = CMG_ID_BULK_TOKEN;
@@ -184,20 +200,23 @@ static int site_token(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
         return 0;
     }
     if (strcmp(use, "device") || !sub)
-        return refused(id, sub ? "cmg_use" : "sub", 401);
+        return refused(id, sub ? "cmg_use" : "sub", "claims: not a device token, or no sub", 401);
     if (!(m->auth & CMG_AUTH_TOKEN)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow device tokens";
         return 403;
     }
     /* RFC 8705: the token is good only on a connection holding its certificate. */
     if (!d->has_cert || !x5t || strcmp(x5t, d->x5t)) {
         *reason = "CMGService_Token_Certificate_Mismatch";
         id->failed_cert = true;
-        return refused(id, "cnf", 401);
+        return refused(id, "cnf", !d->has_cert ? "binding: no client certificate presented"
+                                               : "binding: the token names another certificate (cnf)",
+                       401);
     }
     if (cmg_policy_device_blocked(p, sub)) {
         *reason = "CMGService_Device_Blocked";
-        return refused(id, "sub", 403);
+        return refused(id, "sub", "the device is blocked", 403);
     }
     id->method = CMG_ID_SITE_TOKEN;
     snprintf(id->device_id, sizeof(id->device_id), "%s", sub);
@@ -230,17 +249,18 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     *reason = "CMGService_Invalid_Token";
     if (!(m->auth & CMG_AUTH_OIDC)) {
         *reason = "CMGService_Auth_Mode_Not_Allowed";
+        id->check = "the mapping does not allow OIDC tokens";
         return 403;
     }
     if (!key && kid)   /* the provider may have rotated its keys: the site refreshes them */
         cmg_tunnel_report_unknown_kid(gw, kid);
     if (!key)
-        return refused(id, "kid", 401);
+        return refused(id, "kid", "signature: no key of the issuer has the token's key id", 401);
     if (cmg_jws_verify(j, key) < 0)
-        return refused(id, "signature", 401);
+        return refused(id, "signature", "signature", 401);
     if (p->oidc_tenant[0] && (!tid || strcmp(tid, p->oidc_tenant))) {
         *reason = "CMGService_Wrong_Tenant";
-        return refused(id, "tid", 401);
+        return refused(id, "tid", "tenant: tid is not the policy's tenant", 401);
     }
     if (cJSON_IsString(aud))
         aud_ok = cmg_policy_audience(p, aud->valuestring);
@@ -248,11 +268,11 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
         cJSON_ArrayForEach(a, aud) aud_ok |= cJSON_IsString(a) && cmg_policy_audience(p, a->valuestring);
     if (!aud_ok) {
         *reason = "CMGService_Wrong_Audience";
-        return refused(id, "aud", 401);
+        return refused(id, "aud", "audience: none of the policy's audiences", 401);
     }
     if ((when = cmg_jwt_check_time(j->payload, now, p->clock_skew)) != CMG_JWT_TIME_OK) {
         *reason = "CMGService_Token_Expired";
-        return refused(id, time_claim(when), 401);
+        return refused(id, time_claim(when), EXPIRY_CHECK, 401);
     }
     id->method = CMG_ID_OIDC;
     name = cmg_jwt_str(j->payload, "upn");
@@ -269,11 +289,12 @@ static int oidc_token(struct cmg_gateway *gw, struct cmg_policy *p, struct cmg_p
     name = cmg_jwt_str(j->payload, "jti");
     if (name && cmg_policy_token_revoked(p, name)) {
         *reason = "CMGService_Token_Blocked";
-        return refused(id, "jti", 403);
+        return refused(id, "jti", "revocation: the token is blocked", 403);
     }
     if (blocked_as(p, "oidc:", id->device_id) || blocked_as(p, "oidc:", id->subject)) {
         *reason = "CMGService_Device_Blocked";
-        return refused(id, blocked_as(p, "oidc:", id->device_id) ? "deviceid" : "upn", 403);
+        return refused(id, blocked_as(p, "oidc:", id->device_id) ? "deviceid" : "upn",
+                       "the device is blocked", 403);
     }
     return 0;
 }
@@ -333,20 +354,21 @@ static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_pol
 
     *reason = "CMGService_Invalid_Token";
     if (!tok || len > CMG_JWS_MAX)
-        return refused(id, tok ? "format" : "bearer", 401);
+        return refused(id, tok ? "format" : "bearer",
+                       !tok ? "no bearer token" : "token longer than accepted", 401);
     if (cached(d, tok, len, m, reg, now)) {
         *id = d->tok->id;
         return 0;
     }
     if (cmg_jws_parse(tok, len, &j) < 0)
-        return refused(id, "format", 401);
+        return refused(id, "format", "format: not a compact JWS", 401);
     iss = cmg_jwt_str(j.payload, "iss");
     if (iss && p->issuer[0] && !strcmp(iss, p->issuer))
         rc = site_token(d, p, m, path, &j, id, reason, now);
     else if (iss && p->oidc && !strcmp(iss, p->oidc_issuer))
         rc = oidc_token(d->gw, p, m, &j, id, reason, now);
-    else
-        id->failed_claim = "iss";   /* no issuer this gateway knows */
+    else   /* no issuer this gateway knows */
+        rc = refused(id, "iss", "issuer: neither the site nor the policy's OIDC issuer", 401);
     exp = cmg_jwt_time(j.payload, "exp");
     if (rc == 0 && exp > 0)
         remember(d, tok, len, m, reg, exp + p->clock_skew, id);
@@ -367,6 +389,7 @@ int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_poli
     if (rc == 0 && d->has_cert && blocked_as(p, "cert:", d->thumbprint)) {
         *reason = "CMGService_Device_Blocked";
         id->failed_cert = true;
+        id->check = "the certificate is blocked";
         rc = 403;
     }
     return rc;

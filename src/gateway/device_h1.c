@@ -124,10 +124,12 @@ static void write_answer(struct cmg_device *d, const struct cmg_answer *a, bool 
 {
     struct cmg_buf *o = &d->conn.out;
     bool doc = a->content_type != NULL;
+    char date[64];
 
-    cmg_buf_printf(o, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n",
-                   a->status, cmg_reason_phrase(a->status), doc ? a->content_type : "text/plain",
-                   doc ? a->body_len : strlen(a->reason) + 2);
+    cmg_http_date(date, sizeof(date));
+    cmg_buf_printf(o, "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n",
+                   a->status, cmg_reason_phrase(a->status), date,
+                   doc ? a->content_type : "text/plain", doc ? a->body_len : strlen(a->reason) + 2);
     if (a->max_age >= 0)
         cmg_buf_printf(o, "Cache-Control: max-age=%lld\r\n", (long long)a->max_age);
     cmg_buf_printf(o, "Connection: %s\r\n\r\n", close ? "close" : "keep-alive");

@@ -60,6 +60,7 @@ struct h2stream {
     uint64_t body_since;       /* a request body is due: its last progress; 0 if none */
     struct cmg_h2_text text;   /* an answer made here: a refusal, or the CRL ... */
     struct cmg_policy *hold;   /* ... whose body this policy holds until the stream ends */
+    unsigned char *owned;      /* ... or that is its own (the analyser's answer) */
     struct h2stream *prev, *next;
 };
 
@@ -127,6 +128,9 @@ static void answer(struct h2stream *st, struct cmg_answer *a)
     cmg_policy_unref(st->hold);
     st->hold = a->hold;
     a->hold = NULL;
+    free(st->owned);
+    st->owned = a->owned;
+    a->owned = NULL;
     cmg_h2_submit_local(st->d->h2->s, st->id, a->status,
                         a->content_type ? a->content_type : "text/plain", body, len,
                         (long long)a->max_age, !strcmp(st->method, "HEAD"), &st->text);
@@ -527,6 +531,7 @@ static void stream_free(struct h2stream *st)
     }
     forget_head(st);
     cmg_policy_unref(st->hold);
+    free(st->owned);
     if (h && st->admitted)
         h->quiet_since = cmg_loop_now(st->d->gw->loop);
     if (h && !h->streams)

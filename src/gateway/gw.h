@@ -238,6 +238,8 @@ int cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key 
 /* A ready tunnel serving the role, round-robin; NULL if none. */
 struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_mapping *m);
 int cmg_tunnel_submit(struct cmg_tunnel *t, struct cmg_exchange *ex);
+/* How many ready tunnels serve the role (what cmg_tunnel_pick chooses among). */
+size_t cmg_tunnel_serving(struct cmg_gateway *gw, const struct cmg_policy_mapping *m);
 void cmg_tunnel_kick(struct cmg_tunnel *t);          /* send what nghttp2 has queued */
 void cmg_tunnel_close_all(struct cmg_gateway *gw);
 /* Reports an OIDC key id the policy lacks up every ready tunnel, at most once per
@@ -361,8 +363,12 @@ struct cmg_identity {
      * "exp", "signature", ...), or that the certificate was judged and failed. */
     const char *failed_claim;
     bool failed_cert;
+    const char *check;       /* on a refusal: the check that failed (a literal) */
 };
 
+/* The client certificate of the connection as a certificate mapping judges it: 0, or the
+ * status to answer with *reason and the failed check in *check (literals). */
+int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check);
 /* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
  * with *reason. */
 int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
@@ -384,6 +390,8 @@ struct cmg_answer {
      * certificate (its subject, issuer, serial and verification error are named) */
     const char *claim;
     bool cert;
+    unsigned char *owned;          /* a body made for this answer alone (the analyser's);
+                                      cmg_answer_release frees it */
 };
 
 /* A refusal: status and reason token. */
@@ -405,6 +413,13 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
  * message, or NULL). */
 void cmg_refusal_log(struct cmg_device *d, const char *method, const char *target,
                      size_t target_len, const struct cmg_answer *a, const char *error);
+/* The analyser's reserved path (analyze.c): what the gateway makes of the request's own
+ * credential and of the path in its query. Never forwarded. */
+#define CMG_ANALYZE_PATH "/CCM_Analyze"
+bool cmg_analyze_names(const char *canon, size_t len);
+struct cmg_answer cmg_analyze_answer(struct cmg_device *d, const char *method, const char *canon,
+                                     size_t len, const struct cmg_headers *in, bool has_body);
+
 /* The access-log line of a finished exchange. */
 void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome);
 

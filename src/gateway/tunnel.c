@@ -462,6 +462,16 @@ struct cmg_tunnel *cmg_tunnel_pick(struct cmg_gateway *gw, struct cmg_policy_map
     return NULL;
 }
 
+size_t cmg_tunnel_serving(struct cmg_gateway *gw, const struct cmg_policy_mapping *m)
+{
+    size_t n = 0;
+
+    for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next)
+        if (t->ready && !t->dead && serves(t, m->role))
+            n++;
+    return n;
+}
+
 /* ---- life and death ---- */
 
 static struct cmg_log_limit failed_handshakes = {.what = "failed tunnel handshakes"};

@@ -1,6 +1,8 @@
 /* Reason phrases of the statuses we send. */
 #include "http/status.h"
 
+#include <time.h>
+
 const char *cmg_reason_phrase(int status)
 {
     switch (status) {
@@ -30,4 +32,13 @@ const char *cmg_reason_phrase(int status)
     case 504: return "Gateway Timeout";
     default: return "Unknown";
     }
+}
+
+void cmg_http_date(char *out, size_t outlen)
+{
+    time_t now = time(NULL);
+    struct tm tm;
+
+    if (!gmtime_r(&now, &tm) || !strftime(out, outlen, "%a, %d %b %Y %H:%M:%S GMT", &tm))
+        out[0] = 0;
 }

@@ -123,7 +123,8 @@ def test_man_page_renders_and_names_every_option(install_tree):
         assert section in text
     options = set()
     for cmd in (['gateway'], ['connector'], ['site', 'init'], ['site', 'serve'], ['site', 'mapping'],
-                ['client', 'register'], ['client', 'get'], ['client', 'renew']):
+                ['client', 'register'], ['client', 'get'], ['client', 'renew'],
+                ['client', 'analyze'], ['connector', 'analyze']):
         options |= {(tuple(cmd), o) for o in help_options(*cmd)}
     missing = sorted(f'{" ".join(c)} {o}' for c, o in options
                      if o not in text and o not in ('--help', '--version'))

@@ -24,17 +24,6 @@ bool cmg_analyze_names(const char *canon, size_t len)
     return len >= n && !memcmp(canon, CMG_ANALYZE_PATH, n) && (len == n || canon[n] == '?');
 }
 
-static int hex_value(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* The percent-decoded value of "path=" in the query q (n bytes) into out (cap bytes).
  * 1 if found and decoded, 0 if absent, -1 if malformed or too long. */
 static int query_path(const char *q, size_t n, char *out, size_t cap)
@@ -53,8 +42,8 @@ static int query_path(const char *q, size_t n, char *out, size_t cap)
                 if (c == '%') {
                     if (i + 2 >= end)
                         return -1;
-                    hi = hex_value(q[i + 1]);
-                    lo = hex_value(q[i + 2]);
+                    hi = cmg_hex_digit(q[i + 1]);
+                    lo = cmg_hex_digit(q[i + 2]);
                     if (hi < 0 || lo < 0)
                         return -1;
                     c = (char)(hi * 16 + lo);

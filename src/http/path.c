@@ -7,7 +7,7 @@
 
 static const char hex_digits[] = "0123456789ABCDEF";
 
-static int hexval(char c)
+int cmg_hex_digit(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -23,7 +23,7 @@ static int escape_at(const char *p, size_t i, size_t end)
 {
     int hi, lo;
 
-    if (i + 2 >= end || (hi = hexval(p[i + 1])) < 0 || (lo = hexval(p[i + 2])) < 0)
+    if (i + 2 >= end || (hi = cmg_hex_digit(p[i + 1])) < 0 || (lo = cmg_hex_digit(p[i + 2])) < 0)
         return -1;
     return hi * 16 + lo;
 }
@@ -84,8 +84,8 @@ static bool dot_segment(const char *s, size_t n)
 static bool double_encoded(const char *s, size_t n)
 {
     for (size_t i = 0; i + 4 < n; i++)
-        if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5' && hexval(s[i + 3]) >= 0 &&
-            hexval(s[i + 4]) >= 0)
+        if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5' && cmg_hex_digit(s[i + 3]) >= 0 &&
+            cmg_hex_digit(s[i + 4]) >= 0)
             return true;
     return false;
 }

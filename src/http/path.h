@@ -32,6 +32,8 @@ int cmg_path_canonical(const char *p, size_t n, char *out, size_t *out_len, cons
 int cmg_path_check(const char *p, size_t n);
 /* Splits a checked target; kind is CMG_PATH_OTHER when no prefix matches. */
 void cmg_path_parse(const char *p, size_t n, struct cmg_path *out);
+/* The value of a hexadecimal digit, or -1. */
+int cmg_hex_digit(char c);
 /* Longest role id we accept. */
 #define CMG_ROLE_ID_MAX 64
 

@@ -191,6 +191,7 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     snprintf(ex->method, sizeof(ex->method), "%s", method);
     ex->policy = cmg_policy_ref(gw->policy);
     ex->req_body_expected = has_body;
+    ex->auth_method = (uint8_t)id.method;
     snprintf(ex->peer, sizeof(ex->peer), "%s", d->conn.peer);
     snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
              id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
@@ -227,6 +228,7 @@ void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome)
     size_t rlen = 0;
     const char *reason = connector_reason(ex, &rlen);
 
+    cmg_gw_metrics_exchange(ex->gw, ex);
     cmg_info("request peer=%s method=%s path=%s status=%d in=%llu out=%llu ms=%llu "
              "connector=%s client=%s%s%.*s%s%s",
              ex->peer, ex->method, ex->target ? ex->target : "-", ex->status,

@@ -151,6 +151,8 @@ static void answer_here(struct cmg_device *d, const struct cmg_answer *a, bool c
                     (int)(h->url.len > 200 ? 200 : h->url.len),
                     h->url.len ? cmg_buf_head(&h->url) : "-", a->status,
                     a->reason ? a->reason : a->content_type);
+    if (!a->content_type)
+        cmg_gw_metrics_refusal(d->gw, a->reason);
     write_answer(d, a, close);
     if (close)
         close_after_output(d);
@@ -652,6 +654,7 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     else {
         cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO, "refused peer=%s status=400 reason=\"%s\"",
                         d->conn.peer, reason);
+        cmg_gw_metrics_refusal(d->gw, "CMGService_Bad_Request");
         write_error(d, 400, "CMGService_Bad_Request", true);
         close_after_output(d);
     }

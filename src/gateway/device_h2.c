@@ -177,6 +177,8 @@ static void answer_here(struct h2stream *st, struct cmg_answer *a)
                     a->content_type ? "answered" : "refused", st->d->conn.peer,
                     st->method[0] ? st->method : "-", st->path ? st->path : "-", a->status,
                     a->reason ? a->reason : a->content_type);
+    if (!a->content_type)
+        cmg_gw_metrics_refusal(st->d->gw, a->reason);
     st->refused = true;
     /* A body the device announced may already be on its way: it is taken and dropped
      * rather than reset (most clients report a reset as an error, not the answer). */
@@ -337,6 +339,7 @@ static int header_too_large(nghttp2_session *s, struct h2stream *st)
     cmg_log_limited(&cmg_refused_requests, CMG_LOG_INFO,
                     "refused peer=%s method=%s path=%s status=431 reason=CMGService_Headers_Too_Large",
                     st->d->conn.peer, st->method[0] ? st->method : "-", st->path ? st->path : "-");
+    cmg_gw_metrics_refusal(st->d->gw, "CMGService_Headers_Too_Large");
     forget_head(st);
     if (!st->resp_submitted && !st->ex) {
         st->resp_submitted = true;

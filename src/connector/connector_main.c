@@ -29,6 +29,10 @@ static const char usage[] =
     "those in flight finish, then it exits 0; what is left after 'drain_timeout'\n"
     "(30 s) is cut. SIGQUIT, or a second SIGTERM, stops at once.\n"
     "\n"
+    "Metrics and health: plain HTTP on metrics_listen (127.0.0.1:10180 by default;\n"
+    "off disables): /metrics (Prometheus), /healthz, and /readyz (200 while a tunnel\n"
+    "is up; 503 without one or while draining).\n"
+    "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
 
@@ -62,6 +66,8 @@ static int setup(struct cmg_connector *cn)
         snprintf(t->target, sizeof(t->target), "%s", c->gateways[i]);
         cn->ntunnels++;
     }
+    if (cmg_cn_metrics_start(cn) < 0)
+        return -1;
     for (int i = 0; i < cn->ntunnels; i++)
         cmg_cn_tunnel_start(cn, &cn->tunnels[i]);
     if (cmg_site_feed_start(cn, err, sizeof(err)) < 0) {
@@ -121,6 +127,7 @@ int cmg_connector_main(int argc, char **argv)
     for (int i = 0; i < cn.ntunnels; i++)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);
     cmg_upstream_close_all(&cn);
+    cmg_cn_metrics_free(&cn);
     cmg_cn_routes_free(&cn);
     cmg_tls_watch_free(&cn.cert_watch);
     free(cn.policy);

@@ -370,7 +370,7 @@ int cmg_metrics_start(struct cmg_loop *loop, const struct cmg_metrics_conf *conf
         }
         goto out;
     }
-    cmg_info("metrics: /metrics, /healthz and /readyz on http://%s", addr);
+    cmg_info("metrics and health checks served on http://%s", addr);
     *out = m;
     m = NULL;
     rc = 0;

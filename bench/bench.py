@@ -441,8 +441,10 @@ LogLevel ERROR
         wait_port(self.p_fwd, self.procs, 'ssh')
 
     def start_gateway(self):
+        # The device port opens once the connector's tunnel is up (ready_timeout): the
+        # tunnel port at once. wait_served waits for the device port.
         self.procs.start('gateway', [self.cmg, 'gateway', '-c', self.site / 'gateway.conf'])
-        wait_port(self.p_gw, self.procs, 'gateway')
+        wait_port(self.p_tun, self.procs, 'gateway')
 
     def start_opencmg(self):
         self.start_gateway()

@@ -57,10 +57,11 @@ static void show_tunnels(struct cmg_connector *cn, struct cmg_buf *b)
                             !strcmp(tunnel_state(&cn->tunnels[i]), states[s]));
         }
     cmg_metrics_family(b, "cmg_connector_tunnel_rtt_seconds", "gauge",
-                       "Round trip of the last health ping answered on the tunnel, by gateway.");
+                       "Round trip of the last health ping answered on the tunnel, by gateway (absent "
+                       "until one is answered).");
     for (int i = 0; i < cn->ntunnels; i++) {
         const char *l[] = {"gateway", cn->tunnels[i].target, NULL};
-        if (cn->tunnels[i].up)
+        if (cn->tunnels[i].up && cn->tunnels[i].rtt_us)   /* a ping was answered */
             cmg_metrics_f64(b, "cmg_connector_tunnel_rtt_seconds", l,
                             (double)cn->tunnels[i].rtt_us / 1e6);
     }

@@ -677,7 +677,7 @@ static void release(struct cmg_cn_tunnel *t)
     cmg_conn_close(&t->conn);
     cmg_buf_free(&t->ctl_out);
     t->ctl_stream = -1;
-    t->ping_sent_us = 0;
+    t->ping_sent_us = t->rtt_us = 0;
     t->active = t->up = t->drain_heard = false;
     t->closing = t->close_notify_sent = t->half_closed = false;
 }

@@ -145,7 +145,7 @@ static void show_tunnels(struct cmg_gateway *gw, struct cmg_buf *b)
     }
     cmg_metrics_family(b, "cmg_gateway_tunnel_rtt_seconds", "gauge",
                        "Round trip of the last health ping answered, by connector (the longest "
-                       "of its tunnels).");
+                       "of its tunnels; absent until one is answered).");
     for (const struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
         const char *l[] = {"connector", tunnel_name(t), NULL};
         uint64_t us = 0;
@@ -154,7 +154,8 @@ static void show_tunnels(struct cmg_gateway *gw, struct cmg_buf *b)
         for (const struct cmg_tunnel *u = t; u; u = u->next)
             if (u->ready && !strcmp(u->name, t->name) && u->rtt_us > us)
                 us = u->rtt_us;
-        cmg_metrics_f64(b, "cmg_gateway_tunnel_rtt_seconds", l, (double)us / 1e6);
+        if (us)   /* none answered a ping yet */
+            cmg_metrics_f64(b, "cmg_gateway_tunnel_rtt_seconds", l, (double)us / 1e6);
     }
     cmg_metrics_family(b, "cmg_gateway_tunnels_up_total", "counter",
                        "Tunnels that came up (a connector's hello); more than its connectors "

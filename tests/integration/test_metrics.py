@@ -267,4 +267,5 @@ def test_prometheus_scrapes_the_request_counters(procs, tmp_path, svc):
     # Tunnels and their round trip, per connector and per gateway instance.
     assert prom.value('cmg_gateway_tunnels{connector="connector-1",state="ready"}') == 1
     assert prom.value(f'cmg_connector_tunnels{{state="up"}}') == 1
-    prom.wait_for('count(cmg_gateway_tunnel_rtt_seconds > 0)', 1, 'a tunnel round trip')
+    prom.wait_for('count(cmg_gateway_tunnel_rtt_seconds > 0)', 1, 'a round trip at the gateway')
+    prom.wait_for('count(cmg_connector_tunnel_rtt_seconds > 0)', 1, 'a round trip at the connector')

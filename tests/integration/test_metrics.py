@@ -10,6 +10,7 @@ API shows the request counters of both up by exactly N, and the gateway's respon
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -137,6 +138,22 @@ def test_health_readiness_and_promtool(procs, tmp_path, svc):
     assert samples(c, 'cmg_connector_requests_total') == {f'{{role="{role}",code="2xx"}}': 2}
     # No device id in any label: only role ids, connector names, reason tokens.
     assert d.site.device_thumbprint() not in g and 'device1' not in g
+
+    # Hostile clients of the listener: garbage is answered 400 and closed; an oversized head
+    # is closed (with a 400, unless the reset of the unread rest overtakes it). The listener
+    # serves on.
+    for junk, whole in ((b'\x16\x03\x01junk\r\n\r\n', True),
+                        (b'GET /metrics HTTP/1.1\r\nX: ' + b'a' * 20000 + b'\r\n\r\n', False)):
+        answer = b''
+        with socket.create_connection(('127.0.0.1', ports.gateway), timeout=5) as sock:
+            try:
+                sock.sendall(junk)
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except (ConnectionResetError, BrokenPipeError):
+                assert not whole, 'reset instead of a 400'
+        assert answer.startswith(b'HTTP/1.1 400 ') or (not whole and not answer), answer
+    assert http_get(ports.gateway, '/healthz') == (200, 'ok\n')
 
     # Only GET of the three paths.
     assert http_get(ports.gateway, '/other')[0] == 404

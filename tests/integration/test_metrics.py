@@ -164,16 +164,18 @@ def test_health_readiness_and_promtool(procs, tmp_path, svc):
 
 
 def in_flight(procs, d, port, what):
-    """A device request held by the internal service (3 s) in a thread, seen in flight
-    by the gateway's metrics. Returns the thread and where its status lands."""
+    """A device request held by the internal service (3 s) in a thread: once the service
+    has it (so a drain cannot refuse it unstarted) and the gateway's metrics count it in
+    flight. Returns the thread and where its status lands."""
     result = {}
+    seen = d.svc.count
 
     def run():
         result['status'] = request(d.site, 'GET', d.site.path('delay?ms=3000')).status
     t = threading.Thread(target=run)
     t.start()
-    poll(lambda: total(port, 'cmg_gateway_requests_in_flight') == 1, 5 * SLOW,
-         f'the request in flight ({what})', check=procs.check)
+    poll(lambda: d.svc.count > seen and total(port, 'cmg_gateway_requests_in_flight') == 1,
+         5 * SLOW, f'the request in flight ({what})', check=procs.check)
     return t, result
 
 

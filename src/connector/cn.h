@@ -6,6 +6,7 @@
 
 #include "core/conn.h"
 #include "core/loop.h"
+#include "core/metrics.h"
 #include "core/net.h"
 #include "http/h2.h"
 #include "http/h1_head.h"
@@ -71,6 +72,7 @@ struct cmg_cn_config {
     uint32_t drain_timeout_ms;       /* SIGTERM: requests in flight get this long */
     int log_level;
     int log_format;                  /* enum cmg_log_format */
+    struct cmg_metrics_conf metrics; /* metrics_listen */
     struct cmg_cn_mapping *mappings;
     size_t nmappings;
 };
@@ -113,6 +115,10 @@ struct cmg_cn_tunnel {
     bool closing, close_notify_sent, half_closed;
     int32_t ctl_stream;
     struct cmg_buf ctl_out;
+    /* for the metrics */
+    uint64_t ups;            /* times it came up: more than once is a reconnect */
+    uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
+    uint64_t rtt_us;         /* its last round trip */
 };
 
 /* SIGTERM/SIGINT (drain.c): gateways are told, requests in flight finish, then exit. */
@@ -123,6 +129,12 @@ struct cmg_cn_drain {
     struct cmg_timer timer;              /* drain_timeout */
     struct cmg_timer close_timer;        /* how long those GOAWAYs get to leave */
     struct cmg_task check_task;
+};
+
+/* The connector's metrics (metrics_cn.c): plain counters on the loop. */
+struct cmg_cn_metrics {
+    struct cmg_metrics_roles roles;   /* requests by role and status class ([class][0]) */
+    struct cmg_metrics_server *server;
 };
 
 struct cmg_connector {
@@ -141,7 +153,15 @@ struct cmg_connector {
     struct cmg_cn_mapping *routes;   /* from the site, newest first */
     struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */
     struct cmg_cn_drain drain;
+    struct cmg_cn_metrics metrics;
 };
+
+/* metrics_cn.c: serves metrics_listen; 0, or -1 (logged). */
+int cmg_cn_metrics_start(struct cmg_connector *cn);
+void cmg_cn_metrics_free(struct cmg_connector *cn);
+struct cmg_cn_stream;
+/* A request stream is over. */
+void cmg_cn_metrics_stream(struct cmg_connector *cn, const struct cmg_cn_stream *st);
 
 /* The loop's drain hook (cmg_loop_on_drain): arg is the connector. */
 void cmg_cn_drain(void *arg);
@@ -203,6 +223,10 @@ struct cmg_cn_stream {
     bool refused;             /* REFUSED_STREAM: the connector drains; never started */
     struct cmg_buf resp_body;
     struct cmg_h2_text text;   /* an answer made here */
+    /* for the metrics */
+    int status;               /* the answer's, 0: none sent */
+    uint64_t start_ms;
+    uint64_t req_bytes, resp_bytes;
     struct cmg_cn_stream *prev, *next;
 };
 

@@ -169,6 +169,8 @@ static int connector_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_seconds(value, &c->upstream_timeout_ms);
     } else if (!strcmp(key, "drain_timeout")) {
         rc = cmg_conf_seconds(value, &c->drain_timeout_ms);
+    } else if (!strcmp(key, "metrics_listen")) {
+        rc = cmg_metrics_conf_set(&c->metrics, value);
     } else if (!strcmp(key, "log_level")) {
         c->log_level = cmg_log_parse_level(value);
         rc = c->log_level < 0 ? -1 : 0;
@@ -225,6 +227,7 @@ int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, siz
     c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;
+    cmg_metrics_conf_default(&c->metrics, CMG_METRICS_CONNECTOR_DEFAULT);
     memset(&l, 0, sizeof(l));
     l.c = c;
     cmg_conf_dir(file, l.dir, sizeof(l.dir));

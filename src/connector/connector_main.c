@@ -34,6 +34,9 @@ static const char usage[] =
     "'cmg connector analyze -c FILE' checks each gateway instance (DNS, TCP, TLS,\n"
     "the tunnel protocol), the site's feed and each route's internal URL, and says\n"
     "what to fix ('cmg connector analyze --help').\n"
+    "Metrics and health: plain HTTP on metrics_listen (127.0.0.1:10180 by default;\n"
+    "off disables): /metrics (Prometheus), /healthz, and /readyz (200 while a tunnel\n"
+    "is up; 503 without one or while draining).\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
@@ -68,6 +71,8 @@ static int setup(struct cmg_connector *cn)
         snprintf(t->target, sizeof(t->target), "%s", c->gateways[i]);
         cn->ntunnels++;
     }
+    if (cmg_cn_metrics_start(cn) < 0)
+        return -1;
     for (int i = 0; i < cn->ntunnels; i++)
         cmg_cn_tunnel_start(cn, &cn->tunnels[i]);
     if (cmg_site_feed_start(cn, err, sizeof(err)) < 0) {
@@ -130,6 +135,7 @@ int cmg_connector_main(int argc, char **argv)
     for (int i = 0; i < cn.ntunnels; i++)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);
     cmg_upstream_close_all(&cn);
+    cmg_cn_metrics_free(&cn);
     cmg_cn_routes_free(&cn);
     cmg_tls_watch_free(&cn.cert_watch);
     free(cn.policy);

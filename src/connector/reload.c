@@ -100,6 +100,8 @@ static void keep_restart_only(struct cmg_cn_config *next, const struct cmg_cn_co
         next->ngateways = now->ngateways;
     }
     keep_str("site", next->site, now->site, sizeof(next->site));
+    keep_str("metrics_listen", next->metrics.listen, now->metrics.listen,
+             sizeof(next->metrics.listen));
     keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
     same = next->nmappings == now->nmappings;
     for (size_t i = 0; same && i < now->nmappings; i++)

@@ -68,6 +68,7 @@ static struct cmg_cn_stream *stream_new(struct cmg_cn_tunnel *t, int32_t id)
     st->t = t;
     st->id = id;
     st->content_length = -1;
+    st->start_ms = cmg_loop_now(t->cn->loop);
     st->next = t->streams;
     if (st->next)
         st->next->prev = st;
@@ -97,6 +98,7 @@ static void stream_free(struct cmg_cn_stream *st)
 static void answer(struct cmg_cn_stream *st, int status, const char *body)
 {
     st->resp_submitted = true;
+    st->status = status;
     cmg_h2_submit_text(st->t->h2, st->id, status, body, &st->text);
     cmg_cn_tunnel_kick(st->t);
 }
@@ -115,6 +117,8 @@ static int send_response_body(nghttp2_session *s, nghttp2_frame *frame, const ui
     struct cmg_cn_stream *st = src->ptr;
     int rc = cmg_h2_put_data(&t->conn, frame, framehd, length, &st->resp_body);
 
+    if (rc == 0)
+        st->resp_bytes += length;
     if (rc == 0 && st->up)
         cmg_upstream_resume(st->up);
     return rc;
@@ -132,6 +136,7 @@ void cmg_cn_stream_response(struct cmg_cn_stream *st, int status, const struct c
         return;
     }
     snprintf(code, sizeof(code), "%d", status);
+    st->status = status;
     nv[k++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)code, 7, strlen(code), 0};
     for (uint32_t i = 0; i < h->n; i++) {
         const char *name = cmg_headers_name(h, i);
@@ -183,6 +188,7 @@ void cmg_cn_stream_fail(struct cmg_cn_stream *st, int status, enum cmg_cn_failur
         nghttp2_submit_rst_stream(st->t->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
     } else {
         st->resp_submitted = true;
+        st->status = status;
         cmg_h2_submit_reason(st->t->h2, st->id, status, failures[cause].body,
                              failures[cause].token, &st->text);
     }
@@ -282,6 +288,7 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     nghttp2_submit_response(t->h2, st->id, nv, 2, &dp);
     if (!t->up) {
         t->up = true;
+        t->ups++;
         t->failures = 0;
         t->backoff_ms = BACKOFF_MIN_MS;
         cmg_info("tunnel up: gateway=%s peer=%s roles=%d", t->target, t->conn.peer, nroles);
@@ -385,8 +392,12 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     bool end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
 
     if (frame->hd.type == NGHTTP2_PING) {
-        if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK) {
             cmg_timer_stop(t->cn->loop, &t->pong_timer);
+            if (t->ping_sent_us)   /* the round trip, for the metrics */
+                t->rtt_us = cmg_metrics_now_us() - t->ping_sent_us;
+            t->ping_sent_us = 0;
+        }
         if ((frame->hd.flags & NGHTTP2_FLAG_ACK) && cmg_cn_draining(t->cn) &&
             !memcmp(frame->ping.opaque_data, drain_ping, sizeof(drain_ping))) {
             t->drain_heard = true;
@@ -413,6 +424,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
                          size_t len, void *user)
 {
     struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
+    if (st)
+        st->req_bytes += len;
     if (!st || !st->up) {
         nghttp2_session_consume(s, id, len);
         return 0;
@@ -426,13 +439,17 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
 {
     struct cmg_cn_tunnel *t = user;
     struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
-    if (id == t->ctl_stream)
+    bool ctl = id == t->ctl_stream;
+
+    if (ctl)
         t->ctl_stream = -1;
     else if (st && cmg_cn_draining(t->cn))
         cmg_cn_drain_stream_ended(t->cn, st->refused ? CMG_CN_DRAIN_REFUSED
                                          : error_code == NGHTTP2_NO_ERROR ? CMG_CN_DRAIN_FINISHED
                                                                           : CMG_CN_DRAIN_RESET);
     if (st) {
+        if (!ctl && st->m)   /* a request, not the control stream */
+            cmg_cn_metrics_stream(t->cn, st);
         if (st->unconsumed)
             nghttp2_session_consume_connection(s, st->unconsumed);
         stream_free(st);
@@ -452,6 +469,8 @@ static void on_ping_timer(struct cmg_timer *tm)
     struct cmg_cn_tunnel *t = TUNNEL_OF(tm, ping_timer);
     struct cmg_cn_config *c = &t->cn->cfg;
     nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, NULL);
+    if (!t->ping_sent_us)
+        t->ping_sent_us = cmg_metrics_now_us();
     cmg_cn_tunnel_kick(t);
     if (!cmg_timer_armed(&t->pong_timer))
         cmg_timer_start(t->cn->loop, &t->pong_timer, c->ping_timeout_ms, on_pong_timeout);
@@ -661,6 +680,7 @@ static void release(struct cmg_cn_tunnel *t)
     cmg_conn_close(&t->conn);
     cmg_buf_free(&t->ctl_out);
     t->ctl_stream = -1;
+    t->ping_sent_us = t->rtt_us = 0;
     t->active = t->up = t->drain_heard = false;
     t->closing = t->close_notify_sent = t->half_closed = false;
 }

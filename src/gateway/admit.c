@@ -33,10 +33,6 @@ static int add_lower(struct cmg_headers *h, const char *name, size_t nlen, const
     return cmg_headers_add(h, lower, nlen, value, vlen);
 }
 
-static const char *const method_names[] = {
-    [CMG_ID_CERT] = "cert", [CMG_ID_SITE_TOKEN] = "site-token",
-    [CMG_ID_BULK_TOKEN] = "bulk-token", [CMG_ID_OIDC] = "oidc"};
-
 static int add_str(struct cmg_headers *h, const char *name, const char *value)
 {
     return value[0] ? cmg_headers_add(h, name, strlen(name), value, strlen(value)) : 0;
@@ -72,7 +68,7 @@ static int build_headers(struct cmg_device *d, struct cmg_exchange *ex,
         rc |= cmg_headers_add(&ex->req, "content-length", 14, num, strlen(num));
     }
     /* Who the gateway established the device to be: only ever set here. */
-    rc |= add_str(&ex->req, "cmg-client-auth", method_names[id->method]);
+    rc |= add_str(&ex->req, "cmg-client-auth", cmg_auth_method_name(id->method));
     rc |= add_str(&ex->req, "cmg-client-device-id", id->device_id);
     if (d->has_cert && id->method != CMG_ID_OIDC)
         rc |= cmg_headers_add(&ex->req, "cmg-client-cert-thumbprint", 26, d->thumbprint, 64);
@@ -205,10 +201,10 @@ struct cmg_exchange *cmg_admit(struct cmg_device *d, const char *method, const c
     snprintf(ex->method, sizeof(ex->method), "%s", method);
     ex->policy = cmg_policy_ref(gw->policy);
     ex->req_body_expected = has_body;
+    ex->auth_method = (uint8_t)id.method;
     snprintf(ex->peer, sizeof(ex->peer), "%s", d->conn.peer);
-    snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", method_names[id.method],
+    snprintf(ex->identity, sizeof(ex->identity), "%s:%.100s", cmg_auth_method_name(id.method),
              id.method == CMG_ID_CERT ? d->thumbprint : id.device_id[0] ? id.device_id : id.subject);
-    ex->auth = method_names[id.method];
     snprintf(ex->device_id, sizeof(ex->device_id), "%s", id.device_id);
 out:
     if (!ex && status) {
@@ -256,12 +252,13 @@ void cmg_exchange_log(struct cmg_exchange *ex, const char *outcome)
         CMG_F_STR("connector", ex->connector[0] ? ex->connector : NULL),
         CMG_F_STR("client", ex->identity),
         CMG_F_STR("role_id", ex->mapping ? ex->mapping->role : NULL),
-        CMG_F_STR("auth", ex->auth),
+        CMG_F_STR("auth", cmg_auth_method_name(ex->auth_method)),
         CMG_F_OPT("device_id", ex->device_id[0] ? ex->device_id : NULL),
         CMG_F_OPTN("reason", reason, rlen),
         CMG_F_OPT("outcome", outcome),
     };
 
+    cmg_gw_metrics_exchange(ex->gw, ex);
     cmg_log_kv(CMG_LOG_INFO, "request", f, CMG_LOG_NFIELDS(f));
 }
 
@@ -301,4 +298,6 @@ void cmg_refusal_log(struct cmg_device *d, const char *method, const char *targe
 
     cmg_log_kv_limited(&cmg_refused_requests, CMG_LOG_INFO,
                        a->content_type ? "answered" : "refused", f, CMG_LOG_NFIELDS(f));
+    if (!a->content_type)
+        cmg_gw_metrics_refusal(d->gw, a->reason);
 }

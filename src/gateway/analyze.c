@@ -63,10 +63,6 @@ static int query_path(const char *q, size_t n, char *out, size_t cap)
     return 0;
 }
 
-static const char *const method_names[] = {
-    [CMG_ID_CERT] = "cert", [CMG_ID_SITE_TOKEN] = "site-token",
-    [CMG_ID_BULK_TOKEN] = "bulk-token", [CMG_ID_OIDC] = "oidc"};
-
 /* The client certificate, judged against the policy's trust (chain to the CTL, EKU,
  * validity, revocation), whatever path it is for. */
 static void add_certificate(cJSON *root, struct cmg_device *d)
@@ -132,7 +128,7 @@ static void add_target(cJSON *root, struct cmg_device *d, const char *target,
     rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, &reason);
     cJSON_AddStringToObject(cred, "result", rc == 0 ? "pass" : "fail");
     if (rc == 0) {
-        cJSON_AddStringToObject(cred, "method", method_names[id.method]);
+        cJSON_AddStringToObject(cred, "method", cmg_auth_method_name(id.method));
     } else {
         cJSON_AddNumberToObject(cred, "status", rc);
         cJSON_AddStringToObject(cred, "reason", reason);
@@ -155,7 +151,7 @@ static void add_token(cJSON *root, struct cmg_device *d, const struct cmg_header
 
     cJSON_AddStringToObject(tok, "result", rc == 0 ? "pass" : "fail");
     if (rc == 0) {
-        cJSON_AddStringToObject(tok, "method", method_names[id.method]);
+        cJSON_AddStringToObject(tok, "method", cmg_auth_method_name(id.method));
     } else {
         cJSON_AddNumberToObject(tok, "status", rc);
         cJSON_AddStringToObject(tok, "reason", reason);

@@ -83,6 +83,14 @@ static const char *time_claim(int verdict)
     return verdict == CMG_JWT_NOT_YET ? "nbf" : "exp";
 }
 
+const char *cmg_auth_method_name(enum cmg_auth_method m)
+{
+    static const char *const names[] = {
+        [CMG_ID_CERT] = "cert", [CMG_ID_SITE_TOKEN] = "site-token",
+        [CMG_ID_BULK_TOKEN] = "bulk-token", [CMG_ID_OIDC] = "oidc"};
+    return (unsigned)m < sizeof(names) / sizeof(names[0]) ? names[m] : "-";
+}
+
 int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check)
 {
     if (cmg_device_cert(d) == CMG_CERT_OK)

@@ -96,6 +96,8 @@ static int gateway_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_str(c->cert_password, sizeof(c->cert_password), value);
     else if (!strcmp(key, "user"))
         rc = cmg_conf_str(c->user, sizeof(c->user), value);
+    else if (!strcmp(key, "metrics_listen"))
+        rc = cmg_metrics_conf_set(&c->metrics, value);
     else if (!strcmp(key, "tunnel_listen"))
         rc = cmg_conf_str(c->tunnel_listen, sizeof(c->tunnel_listen), value);
     else if (!strcmp(key, "listen")) {
@@ -190,6 +192,7 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->send_timeout_ms = 60000;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;
+    cmg_metrics_conf_default(&c->metrics, CMG_METRICS_GATEWAY_DEFAULT);
     memset(&l, 0, sizeof(l));
     l.c = c;
     cmg_conf_dir(file, l.dir, sizeof(l.dir));

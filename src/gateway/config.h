@@ -3,6 +3,7 @@
 #define CMG_GW_CONFIG_H
 
 #include "auth/policy.h"
+#include "core/metrics.h"
 #include "http/path.h"
 
 #include <limits.h>
@@ -41,6 +42,7 @@ struct cmg_gw_config {
     uint32_t send_timeout_ms;
     int log_level;
     int log_format;                 /* enum cmg_log_format */
+    struct cmg_metrics_conf metrics;   /* metrics_listen; its port + instance */
     struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };

@@ -111,10 +111,13 @@ static void on_handshake_timeout(struct cmg_timer *t)
 static void on_open(struct cmg_conn *c)
 {
     struct cmg_device *d = c->owner;
+    bool h2;
     int rc;
 
     cmg_timer_stop(d->gw->loop, &d->timer);
-    rc = cmg_tls_alpn_is(c->ssl, "h2") ? cmg_h2dev_start(d) : cmg_h1_start(d);
+    h2 = cmg_tls_alpn_is(c->ssl, "h2");
+    cmg_gw_metrics_device(d->gw, h2);
+    rc = h2 ? cmg_h2dev_start(d) : cmg_h1_start(d);
     if (rc < 0)
         cmg_device_close(d, "out of memory");
     else if (d->gw->state == CMG_GW_DRAINING)   /* accepted just before the drain */

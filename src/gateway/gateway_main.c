@@ -32,6 +32,9 @@ static const char usage[] =
     "0 once no connection is left. SIGQUIT, or a second SIGTERM, stops it at once.\n"
     "SIGHUP reloads FILE and the certificates it names, all or nothing, without\n"
     "touching live connections (refused during a drain).\n"
+    "Metrics and health: plain HTTP on metrics_listen, port + I (127.0.0.1:10160 + I by\n"
+    "default; off disables): /metrics (Prometheus), /healthz, and /readyz (200 once\n"
+    "serving with a policy in force and a tunnel up; 503 while starting or draining).\n"
     "\n"
     "options:\n"
     "  -c, --config FILE   gateway.conf (keys: docs/configuration.md, the man page)\n"
@@ -108,7 +111,7 @@ static int setup(struct cmg_gateway *gw)
         return -1;
     watch_certs(gw);
     cmg_gw_migrate_setup(gw);   /* before the drop from root */
-    return cmg_gw_listen(gw);
+    return cmg_gw_listen(gw) < 0 ? -1 : cmg_gw_metrics_start(gw);
 }
 
 /* A key that only a restart applies keeps its running value; the log says so. */
@@ -138,6 +141,8 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
         next->tunnel_port = now->tunnel_port;
     }
     next->instance = now->instance;   /* --instance, or what the start read */
+    keep_str("metrics_listen", next->metrics.listen, now->metrics.listen,
+             sizeof(next->metrics.listen));
     keep_str("tunnel_listen", next->tunnel_listen, now->tunnel_listen, sizeof(next->tunnel_listen));
     keep_str("user", next->user, now->user, sizeof(next->user));
     keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
@@ -234,6 +239,7 @@ static void teardown(struct cmg_gateway *gw)
     cmg_device_close_all(gw);
     cmg_tunnel_close_all(gw);
     cmg_gw_listen_close(gw);
+    cmg_gw_metrics_free(gw);
     cmg_tls_watch_free(&gw->cert_watch);
     SSL_CTX_free(gw->device_ctx);
     SSL_CTX_free(gw->tunnel_ctx);

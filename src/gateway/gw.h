@@ -8,6 +8,7 @@
 #include "core/conn.h"
 #include "core/log.h"
 #include "core/loop.h"
+#include "core/metrics.h"
 #include "gateway/config.h"
 #include "http/headers.h"
 #include "http/path.h"
@@ -57,6 +58,24 @@ enum cmg_gw_state {
     CMG_GW_DRAINING,   /* SIGTERM: the device port is left, requests in flight finish */
 };
 
+/* ---- metrics (metrics_gw.c): plain counters on the loop, shown on metrics_listen ---- */
+
+#define CMG_GW_AUTH_METHODS CMG_METRICS_AUTHS   /* enum cmg_auth_method */
+#define CMG_GW_MAX_REASONS 64        /* refusal reason tokens counted apart (then "other") */
+
+struct cmg_gw_metrics {
+    uint64_t device_connections[2];  /* TLS set up, by protocol: HTTP/1.1, HTTP/2 */
+    struct cmg_metrics_roles roles;  /* relayed requests (auth: enum cmg_auth_method) */
+    struct {
+        const char *reason;          /* the token (a string of the code, never of a peer) */
+        uint64_t n;
+    } refusals[CMG_GW_MAX_REASONS];
+    size_t nrefusals;
+    uint64_t refusals_other;
+    uint64_t tunnels_up;             /* tunnels that came up (connectors' hellos) */
+    struct cmg_metrics_server *server;
+};
+
 struct cmg_gateway {
     struct cmg_loop *loop;
     enum cmg_gw_state state;
@@ -100,6 +119,7 @@ struct cmg_gateway {
     uint64_t kept;
     struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
     uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
+    struct cmg_gw_metrics metrics;
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -158,13 +178,13 @@ struct cmg_exchange {
     bool stream_closed;
     bool retried;                   /* started again once after its tunnel failed */
     bool counted;                   /* in gw->nexchanges */
+    uint8_t auth_method;            /* enum cmg_auth_method, for the metrics */
     struct cmg_exchange *tun_prev, *tun_next;
     /* for the access log */
     uint64_t start_ms;
     char peer[64];
     char identity[160];
     char connector[64];
-    const char *auth;               /* the method: cert, site-token, bulk-token, oidc */
     char device_id[128];
 };
 
@@ -230,6 +250,8 @@ struct cmg_tunnel {
     struct cmg_task send_task;
     struct cmg_exchange *exchanges;
     uint64_t credit_owed;    /* connection-window credit held back: the budget was spent */
+    uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
+    uint64_t rtt_us;         /* its last round trip */
     struct cmg_tunnel *prev, *next;
 };
 
@@ -341,6 +363,21 @@ void cmg_gw_drain(void *gateway);
 /* A device connection or a request ended: during a drain, maybe the end of it. */
 void cmg_gw_drain_news(struct cmg_gateway *gw);
 
+/* ---- metrics (metrics_gw.c) ---- */
+
+/* Serves metrics_listen (port + instance). 0, or -1 (logged). */
+int cmg_gw_metrics_start(struct cmg_gateway *gw);
+void cmg_gw_metrics_free(struct cmg_gateway *gw);
+/* A device connection set up its protocol. */
+static inline void cmg_gw_metrics_device(struct cmg_gateway *gw, bool h2)
+{
+    gw->metrics.device_connections[h2]++;
+}
+/* A request answered here with a reason token (a string of the code). */
+void cmg_gw_metrics_refusal(struct cmg_gateway *gw, const char *reason);
+/* A relayed request is over (its access-log line). */
+void cmg_gw_metrics_exchange(struct cmg_gateway *gw, const struct cmg_exchange *ex);
+
 /* ---- the policy (policy_gw.c) ---- */
 
 /* The local policy from gateway.conf, then the cached signed one if there is one. */
@@ -352,6 +389,8 @@ void cmg_gw_policy_offer(struct cmg_gateway *gw, const char *jws, size_t len, co
 /* ---- credentials (auth.c) ---- */
 
 enum cmg_auth_method { CMG_ID_CERT, CMG_ID_SITE_TOKEN, CMG_ID_BULK_TOKEN, CMG_ID_OIDC };
+/* "cert", "site-token", "bulk-token", "oidc": as devices' requests name it. */
+const char *cmg_auth_method_name(enum cmg_auth_method m);
 
 struct cmg_identity {
     enum cmg_auth_method method;

@@ -118,6 +118,7 @@ static void tunnel_up_log(struct cmg_tunnel *t)
         cmg_tls_serial(cert, serial, sizeof(serial));
     cmg_info("tunnel up: connector=%s peer=%s roles=%zu serial=%s", t->name, t->conn.peer,
              t->nroles, serial);
+    t->gw->metrics.tunnels_up++;
 }
 
 static void on_hello(struct cmg_tunnel *t, cJSON *msg)
@@ -268,8 +269,12 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     t->heard_ms = cmg_loop_now(t->gw->loop);
     switch (frame->hd.type) {
     case NGHTTP2_PING:
-        if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK) {
             cmg_timer_stop(t->gw->loop, &t->pong_timer);
+            if (t->ping_sent_us)   /* the round trip, for the metrics */
+                t->rtt_us = cmg_metrics_now_us() - t->ping_sent_us;
+            t->ping_sent_us = 0;
+        }
         return 0;
     case NGHTTP2_GOAWAY:
         if (frame->goaway.error_code == NGHTTP2_NO_ERROR) {
@@ -539,6 +544,8 @@ static void on_pong_timeout(struct cmg_timer *tm)
 static void send_ping(struct cmg_tunnel *t)
 {
     nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, NULL);
+    if (!t->ping_sent_us)
+        t->ping_sent_us = cmg_metrics_now_us();
     cmg_tunnel_kick(t);
     if (!cmg_timer_armed(&t->pong_timer))
         cmg_timer_start(t->gw->loop, &t->pong_timer, t->gw->cfg.ping_timeout_ms, on_pong_timeout);

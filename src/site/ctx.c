@@ -146,6 +146,8 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         rc = cmg_conf_str(s->admin_listen, sizeof(s->admin_listen), value);
     else if (!strcmp(name, "service_listen"))
         rc = cmg_conf_str(s->service_listen, sizeof(s->service_listen), value);
+    else if (!strcmp(name, "metrics_listen"))
+        rc = cmg_metrics_conf_set(&s->metrics, value);
     else if (!strcmp(name, "feed_listen"))
         rc = cmg_conf_str(s->feed_listen, sizeof(s->feed_listen), value);
     else if (!strcmp(name, "crl_url"))
@@ -188,6 +190,7 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     snprintf(s->feed_listen, sizeof(s->feed_listen), "%s", CMG_SITE_DEFAULT_FEED);
     s->log_level = CMG_LOG_INFO;
     s->log_format = CMG_LOG_TEXT;
+    cmg_metrics_conf_default(&s->metrics, CMG_METRICS_SITE_DEFAULT);
     s->oidc_refresh_s = CMG_SITE_OIDC_REFRESH_S;
     s->key_rotation_s = CMG_SITE_KEY_ROTATION_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)

@@ -4,6 +4,7 @@
 #define CMG_SITE_CTX_H
 
 #include "auth/jwk.h"
+#include "core/metrics.h"
 #include "site/store.h"
 
 #include <limits.h>
@@ -29,6 +30,7 @@ struct cmg_site_ctx {
     char site_role[65];
     char issuer[128];            /* "iss" of every site token */
     char admin_listen[300], service_listen[300], feed_listen[300];
+    struct cmg_metrics_conf metrics;   /* metrics_listen */
     char crl_url[300];           /* the CRL distribution point certificates name, or "" */
     char connector_address[256];   /* the host connectors reach the site at, or "" */
     int log_level;

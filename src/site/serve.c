@@ -73,6 +73,9 @@ static const char usage[] =
     "a token with an unknown key id; new keys are published at once.\n"
     "The signing key is rotated ('cmg site key rotate') when it is older than\n"
     "key_rotation of site.conf (default 180d; 0: never), checked at start and daily.\n"
+    "Metrics and health: plain HTTP on metrics_listen of site.conf (default\n"
+    "127.0.0.1:10181; off disables): /metrics (Prometheus), /healthz, and /readyz\n"
+    "(200 while the store is open and the listeners serve).\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -104,6 +107,7 @@ static void waiter_free(struct feed_waiter *w)
         srv->waiters = w->next;
     if (w->next)
         w->next->prev = w->prev;
+    srv->nwaiters--;
     free(w);
 }
 
@@ -278,6 +282,7 @@ static void feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     if (srv->waiters)
         srv->waiters->prev = w;
     srv->waiters = w;
+    srv->nwaiters++;
     req->hold = w;
     req->on_abort = on_waiter_abort;
     cmg_timer_start(srv->loop, &w->timer, FEED_WAIT_MS, on_waiter_timeout);
@@ -486,6 +491,7 @@ static int reload_conf(struct cmg_site_server *srv, struct cmg_site_ctx *next, c
         return -1;
     keep_conf_str("admin_listen", next->admin_listen, now->admin_listen);
     keep_conf_str("feed_listen", next->feed_listen, now->feed_listen);
+    keep_conf_str("metrics_listen", next->metrics.listen, now->metrics.listen);
     keep_conf_str("service_listen", next->service_listen, now->service_listen);
     keep_conf_str("service_name", next->service_name, now->service_name);
     keep_conf_str("site_role", next->site_role, now->site_role);
@@ -645,6 +651,8 @@ int cmg_site_serve_main(int argc, char **argv)
         cmg_error("%s", err);
         goto out;
     }
+    if (cmg_site_metrics_start(&srv) < 0)
+        goto out;
     if (!is_loopback(listen[0]))
         cmg_warn("the admin API listens on %s, not on loopback: whoever reaches it with "
                  "admin.token administers the site", listen[0]);
@@ -661,6 +669,7 @@ int cmg_site_serve_main(int argc, char **argv)
     cmg_info("site stopped");
 out:
     cmg_oidc_refresher_free(srv.oidc);
+    cmg_metrics_free(srv.metrics);
     cmg_httpd_free(srv.admin);
     cmg_httpd_free(srv.feed);
     cmg_httpd_free(srv.service);

@@ -29,8 +29,10 @@ struct cmg_site_server {
     struct cmg_timer poll;
     struct cmg_timer rotation;  /* daily: is the signing key older than key_rotation? */
     struct feed_waiter *waiters;
+    unsigned nwaiters;          /* in waiters: connectors waiting on the feed */
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
+    struct cmg_metrics_server *metrics;   /* metrics_listen */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the
@@ -39,6 +41,9 @@ struct cmg_site_server {
 #define CMG_SITE_SERVE_LOCK "serve.lock"
 /* Whether a 'site serve' holds the lock of the site directory dir. */
 bool cmg_site_serve_running(const char *dir);
+
+/* metrics_site.c: serves metrics_listen; 0, or -1 (logged). */
+int cmg_site_metrics_start(struct cmg_site_server *srv);
 
 /* argv[0] is "serve". Returns the exit status. */
 int cmg_site_serve_main(int argc, char **argv);

@@ -356,7 +356,7 @@ class Site:
         self.loopback(instances)
 
     def loopback(self, instances):
-        """Devices and connectors on 127.0.0.1 only, quick health pings."""
+        """Devices and connectors on 127.0.0.1 only, quick health pings, no metrics listener."""
         g, c = self.gateway_conf, self.connector_conf
         ini_set(g, 'gateway', 'listen', f'127.0.0.1:{self.port}')
         ini_set(g, 'gateway', 'tunnel_listen', '127.0.0.1')
@@ -370,6 +370,11 @@ class Site:
         ini_set(c, 'connector', 'ping_timeout', 6)
         ini_set(c, 'connector', 'reconnect_max', 1)
         ini_set(c, 'connector', 'drain_timeout', 2)
+        # The default metrics ports are one per host: a test that wants metrics sets its own
+        # (test_metrics.py), so that tests running side by side never contend for them.
+        ini_set(g, 'gateway', 'metrics_listen', 'off')
+        ini_set(c, 'connector', 'metrics_listen', 'off')
+        ini_set(self.dir / 'site.conf', 'site', 'metrics_listen', 'off')
 
     def prefix(self, i=0):
         return f'/CCM_Proxy_MutualAuth/{self.role_ids[i]}'

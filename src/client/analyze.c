@@ -482,6 +482,11 @@ static bool judge_route(struct analyze_ctx *c, const cJSON *doc)
     cmg_analyze_step(&c->steps, "mapping", CMG_STEP_PASS, 0, NULL,
                      "%s: role %s (%s, %s authentication)", c->path, role,
                      json_str(map, "type"), json_str(map, "auth"));
+    if (!n) {   /* told only to a credential the mapping takes */
+        cmg_analyze_step(&c->steps, "connector", CMG_STEP_SKIP, 0, NULL,
+                         "the gateway tells connectors only to a credential it accepts");
+        return false;
+    }
     if (!cJSON_IsNumber(n) || !(n->valuedouble >= 1 && n->valuedouble < 1e6)) {
         cmg_analyze_step(&c->steps, "connector", CMG_STEP_FAIL, 0,
                          "start a connector serving this role with a tunnel to this gateway "

@@ -122,7 +122,7 @@ struct line {
 /* Appends all of s or, if it does not fit, nothing (and the line is full). */
 static bool put(struct line *l, const char *s, size_t len)
 {
-    if (l->full || len > l->limit - l->n) {
+    if (l->full || l->n > l->limit || len > l->limit - l->n) {
         l->full = true;
         return false;
     }
@@ -208,7 +208,9 @@ static void put_json_str(struct line *l, const char *key, const char *s, size_t 
     if (!put(l, head, k + 5))
         return;
     l->n += cmg_log_json_escape(l->b + l->n, l->limit - l->n, s, len, &used);
-    l->full = used < len;
+    /* A value that fills the line to its limit ends it too: the quote below takes one
+     * byte of JSON_RESERVE, which has room for it and the closing text, not for more. */
+    l->full = used < len || l->n >= l->limit;
     l->b[l->n++] = '"';   /* within JSON_RESERVE */
 }
 

@@ -16,7 +16,7 @@
 
 #include <openssl/x509_vfy.h>
 
-#define ANALYZE_PATH_MAX 2048   /* longest ?path= value judged */
+#define ANALYZE_PATH_MAX 512    /* longest ?path= value judged (it is echoed) */
 
 bool cmg_analyze_names(const char *canon, size_t len)
 {
@@ -25,7 +25,8 @@ bool cmg_analyze_names(const char *canon, size_t len)
 }
 
 /* The percent-decoded value of "path=" in the query q (n bytes) into out (cap bytes).
- * 1 if found and decoded, 0 if absent, -1 if malformed or too long. */
+ * 1 if found and decoded, 0 if absent, -1 if malformed, too long, or holding a byte no
+ * request-target has (controls, space, non-ASCII). */
 static int query_path(const char *q, size_t n, char *out, size_t cap)
 {
     size_t i = 0, o = 0;
@@ -48,9 +49,9 @@ static int query_path(const char *q, size_t n, char *out, size_t cap)
                         return -1;
                     c = (char)(hi * 16 + lo);
                     i += 2;
-                    if (c == 0)
-                        return -1;
                 }
+                if ((unsigned char)c <= 0x20 || (unsigned char)c >= 0x7F)
+                    return -1;   /* a request-target is printable ASCII */
                 if (o + 1 >= cap)
                     return -1;
                 out[o++] = c;
@@ -123,12 +124,12 @@ static void add_target(cJSON *root, struct cmg_device *d, const char *target,
     cJSON_AddStringToObject(map, "type", m->type);
     cJSON_AddStringToObject(map, "auth", p.kind == CMG_PATH_MUTUAL_AUTH ? "certificate"
                                                                         : "token");
-    cJSON_AddNumberToObject(root, "connectors", (double)cmg_tunnel_serving(gw, m));
     cred = cJSON_AddObjectToObject(root, "credential");
     rc = cmg_authenticate(d, gw->policy, m, &p, in, &id, &reason);
     cJSON_AddStringToObject(cred, "result", rc == 0 ? "pass" : "fail");
-    if (rc == 0) {
+    if (rc == 0) {   /* connectors only to a credential the mapping takes, as a 503 does */
         cJSON_AddStringToObject(cred, "method", cmg_auth_method_name(id.method));
+        cJSON_AddNumberToObject(root, "connectors", (double)cmg_tunnel_serving(gw, m));
     } else {
         cJSON_AddNumberToObject(cred, "status", rc);
         cJSON_AddStringToObject(cred, "reason", reason);

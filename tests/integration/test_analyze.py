@@ -105,7 +105,8 @@ def test_reserved_path_is_answered_by_the_gateway(dep, svc):
     assert r.status == 200, r
     doc = json.loads(r.body)
     assert doc['certificate'] == {'presented': False}
-    assert doc['mapping']['found'] is True and doc['connectors'] == 1, doc
+    assert doc['mapping']['found'] is True, doc
+    assert 'connectors' not in doc, 'connectors told to a credential the mapping refuses'
     assert doc['credential']['result'] == 'fail', doc
     assert doc['credential']['reason'] == 'CMGService_Invalid_Client_Certificate', doc
     assert b'a.b.c' not in r.body
@@ -113,6 +114,11 @@ def test_reserved_path_is_answered_by_the_gateway(dep, svc):
     assert r2.status == 200 and json.loads(r2.body)['mapping'] == doc['mapping'], r2
     assert curl(site, '/CCM_Analyze', '-X', 'POST', '-d', 'x', cert=False).status in (405, 413)
     assert curl(site, '/CCM_Analyze?path=%zz', cert=False).status == 400
+    # only a printable request-target, at most 512 bytes, is judged (and echoed)
+    for bad in ('/a%0Ab', '/a%20b', '/a%C3%A9', '/a%7Fb', '/' + 'a' * 512):
+        assert curl(site, '/CCM_Analyze?path=' + bad, cert=False).status == 400, bad
+    ok = json.loads(curl(site, '/CCM_Analyze?path=' + site.path('x'), cert=True).body)
+    assert ok['credential']['result'] == 'pass' and ok['connectors'] == 1, ok
     assert svc.count == before, 'the analyser path was forwarded'
 
 

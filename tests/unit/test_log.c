@@ -173,6 +173,36 @@ static void long_lines_are_cut_and_stay_valid(void **state)
     free(text);
 }
 
+static size_t sweep_len;
+
+static void log_sized(void)
+{
+    static char value[CMG_LOG_LINE_MAX + 64];
+    memset(value, 'A', sizeof(value));
+    const struct cmg_log_field f[] = {CMG_F_STRN("path", value, sweep_len),
+                                      CMG_F_NUM("status", 200), CMG_F_STR("reason", "after")};
+    cmg_log_kv(CMG_LOG_WARN, "request", f, CMG_LOG_NFIELDS(f));
+}
+
+/* A value that ends the line exactly at its limit, or one byte either side, with fields
+ * after it: never more than CMG_LOG_LINE_MAX bytes, always one valid JSON object. */
+static void values_at_the_line_limit_stay_within_it(void **state)
+{
+    cmg_log_set_format(CMG_LOG_JSON);
+    for (sweep_len = CMG_LOG_LINE_MAX - 200; sweep_len <= CMG_LOG_LINE_MAX + 40; sweep_len++) {
+        char *text = captured(log_sized);
+        cJSON *o;
+
+        assert_true(strlen(text) <= CMG_LOG_LINE_MAX);
+        assert_int_equal(strchr(text, '\n') - text, strlen(text) - 1);
+        o = cJSON_Parse(text);
+        assert_non_null(o);
+        cJSON_Delete(o);
+        free(text);
+    }
+    cmg_log_set_format(CMG_LOG_TEXT);
+}
+
 static void formats_by_name(void **state)
 {
     assert_int_equal(cmg_log_parse_format("text"), CMG_LOG_TEXT);
@@ -190,6 +220,7 @@ int main(void)
         cmocka_unit_test(json_lines_parse_with_their_fields),
         cmocka_unit_test(text_lines_quote_and_escape_values),
         cmocka_unit_test(long_lines_are_cut_and_stay_valid),
+        cmocka_unit_test(values_at_the_line_limit_stay_within_it),
         cmocka_unit_test(formats_by_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

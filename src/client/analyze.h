@@ -13,7 +13,7 @@
 enum cmg_step_result { CMG_STEP_PASS, CMG_STEP_FAIL, CMG_STEP_SKIP };
 
 struct cmg_analyze_step {
-    char name[64];
+    char name[160];
     enum cmg_step_result result;
     char *detail;
     const char *fix;      /* a literal; NULL unless it failed */
@@ -23,9 +23,11 @@ struct cmg_analyze_step {
 struct cmg_analyze_steps {
     struct cmg_analyze_step v[CMG_ANALYZE_MAX_STEPS];
     size_t n;
+    size_t dropped, dropped_failed;   /* steps past CMG_ANALYZE_MAX_STEPS: counted only */
 };
 
-/* Adds a step (beyond CMG_ANALYZE_MAX_STEPS, or out of memory, the detail is lost). */
+/* Adds a step (out of memory, the detail is lost; beyond CMG_ANALYZE_MAX_STEPS, it is
+ * only counted, and a failure still fails the run). */
 void cmg_analyze_step(struct cmg_analyze_steps *s, const char *name, enum cmg_step_result r,
                       long long ms, const char *fix, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));

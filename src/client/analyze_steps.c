@@ -17,8 +17,11 @@ void cmg_analyze_step(struct cmg_analyze_steps *s, const char *name, enum cmg_st
     va_list ap;
     char *detail = NULL;
 
-    if (s->n >= CMG_ANALYZE_MAX_STEPS)
+    if (s->n >= CMG_ANALYZE_MAX_STEPS) {
+        s->dropped++;
+        s->dropped_failed += r == CMG_STEP_FAIL;
         return;
+    }
     st = &s->v[s->n++];
     snprintf(st->name, sizeof(st->name), "%s", name);
     st->result = r;
@@ -44,7 +47,7 @@ bool cmg_analyze_failed(const struct cmg_analyze_steps *s)
     for (size_t i = 0; i < s->n; i++)
         if (s->v[i].result == CMG_STEP_FAIL)
             return true;
-    return false;
+    return s->dropped_failed > 0;
 }
 
 static void print_json(const struct cmg_analyze_steps *s, FILE *out)
@@ -101,6 +104,9 @@ void cmg_analyze_print(const struct cmg_analyze_steps *s, bool json, FILE *out)
         if (st->fix)
             fprintf(out, "      %-*s  fix: %s\n", (int)width, "", st->fix);
     }
+    if (s->dropped)
+        fprintf(out, "... and %zu more step(s) not shown, %zu of them failed\n", s->dropped,
+                s->dropped_failed);
     fflush(out);
 }
 

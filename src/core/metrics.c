@@ -14,6 +14,8 @@
 #include <string.h>
 #include <time.h>
 
+#define METRICS_MAX_CONNS 64   /* scrapers and probes at once */
+
 const char *const cmg_metrics_class_names[CMG_METRICS_CLASSES] = {"1xx", "2xx", "3xx",
                                                                   "4xx", "5xx", "other"};
 
@@ -370,6 +372,8 @@ int cmg_metrics_start(struct cmg_loop *loop, const struct cmg_metrics_conf *conf
         }
         goto out;
     }
+    /* Scrapers and probes send no body and need few connections at once. */
+    cmg_httpd_set_limits(m->httpd, METRICS_MAX_CONNS, 0);
     cmg_info("metrics and health checks served on http://%s", addr);
     *out = m;
     m = NULL;

@@ -649,16 +649,19 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
     status = h->error_status ? h->error_status : 400;
     reason = h->error_reason ? h->error_reason : llhttp_get_error_reason(&h->parser);
     cmg_conn_want_read(&d->conn, false);
-    if (h->ex) {
+    if (h->ex) {   /* its access line logs and counts it: no refusal line as well */
         struct cmg_exchange *ex = h->ex;
         ex->status = status;
         cmg_exchange_log(ex, reason);
         h->ex = NULL;
         cmg_exchange_dev_done(ex);
-        if (h->resp_started) {
+        if (h->resp_started)
             cmg_device_close(d, reason);
-            return;
+        else {
+            write_error(d, status, h->error_status ? reason : "CMGService_Bad_Request", true);
+            close_after_output(d);
         }
+        return;
     }
     if (h->error_status)
         refuse(d, status, reason, true);

@@ -30,7 +30,8 @@ struct cmg_httpd {
     void *user;
     SSL_CTX *tls;
     struct cmg_httpd_conn *conns;
-    unsigned nconns;
+    unsigned nconns, max_conns;
+    size_t max_body;
 };
 
 struct cmg_httpd_conn {
@@ -43,6 +44,7 @@ struct cmg_httpd_conn {
     size_t body_cap;
     char *body;
     bool complete, busy, keep_alive, closing, gone;
+    bool too_large;            /* the body went over max_body */
     struct cmg_httpd_conn *prev, *next;
 };
 
@@ -150,8 +152,10 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
 {
     struct cmg_httpd_conn *c = of(p);
 
-    if (c->req.body_len + n > CMG_HTTPD_MAX_BODY)
+    if (c->req.body_len + n > c->h->max_body) {
+        c->too_large = true;
         return -1;
+    }
     if (c->req.body_len + n + 1 > c->body_cap) {
         size_t cap = (c->req.body_len + n + 1) * 2;
         char *b = realloc(c->body, cap);
@@ -207,7 +211,7 @@ void cmg_httpd_respond(struct cmg_httpd_req *req, int status, const char *conten
                  status, cmg_reason_phrase(status), content_type ? content_type : "text/plain",
                  len, c->keep_alive ? "" : "Connection: close\r\n", extra ? extra : "");
     if (cmg_buf_append(&c->conn.out, head, (size_t)n) < 0 ||
-        (len && cmg_buf_append(&c->conn.out, body, len) < 0)) {
+        (len && strcmp(req->method, "HEAD") && cmg_buf_append(&c->conn.out, body, len) < 0)) {
         conn_close(c);
         return;
     }
@@ -303,7 +307,12 @@ static void on_read(struct cmg_conn *conn)
         if (e != HPE_OK) {
             static const char bad[] = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
                                       "Connection: close\r\n\r\n";
-            cmg_buf_append(&conn->out, bad, sizeof(bad) - 1);
+            static const char large[] = "HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n"
+                                        "Connection: close\r\n\r\n";
+            if (c->too_large)
+                cmg_buf_append(&conn->out, large, sizeof(large) - 1);
+            else
+                cmg_buf_append(&conn->out, bad, sizeof(bad) - 1);
             cmg_conn_flush(conn);
             c->closing = true;
             if (cmg_conn_pending(conn) == 0)
@@ -346,7 +355,7 @@ static void on_accept(struct cmg_io *io, uint32_t events)
         SSL *ssl = NULL;
         if (fd < 0)
             return;
-        if (h->nconns >= MAX_CONNS || !(c = calloc(1, sizeof(*c))) ||
+        if (h->nconns >= h->max_conns || !(c = calloc(1, sizeof(*c))) ||
             (h->tls && !(ssl = SSL_new(h->tls)))) {
             free(c);
             close(fd);
@@ -380,6 +389,12 @@ void cmg_httpd_set_tls(struct cmg_httpd *h, SSL_CTX *tls)
     h->tls = tls;
 }
 
+void cmg_httpd_set_limits(struct cmg_httpd *h, unsigned max_conns, size_t max_body)
+{
+    h->max_conns = max_conns;
+    h->max_body = max_body;
+}
+
 int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_httpd_handler fn,
                      void *user, struct cmg_httpd **out, char *err, size_t errlen)
 {
@@ -403,6 +418,8 @@ int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_
     }
     h->loop = loop;
     h->fn = fn;
+    h->max_conns = MAX_CONNS;
+    h->max_body = CMG_HTTPD_MAX_BODY;
     h->user = user;
     h->tls = tls;
     if (cmg_io_start(loop, &h->io, fd, EPOLLIN, on_accept) < 0) {

@@ -38,6 +38,9 @@ int cmg_httpd_listen(struct cmg_loop *loop, const char *addr, SSL_CTX *tls, cmg_
                      void *user, struct cmg_httpd **out, char *err, size_t errlen);
 /* The context new connections take (the caller owns it; live ones keep theirs). */
 void cmg_httpd_set_tls(struct cmg_httpd *h, SSL_CTX *tls);
+/* Connections held at once (default 1,024) and the largest request body (default
+ * CMG_HTTPD_MAX_BODY; 0: a request with a body is refused). */
+void cmg_httpd_set_limits(struct cmg_httpd *h, unsigned max_conns, size_t max_body);
 /* Closes the listener and every connection (held requests see on_abort). */
 void cmg_httpd_free(struct cmg_httpd *h);
 /* Answers a request (now or later, once). extra: more header lines, "\r\n"-terminated,

@@ -7,6 +7,7 @@ is 503 while it drains; the site is 200 once it serves. A real Prometheus server
 gateway and the connector every second while the test makes N device requests: its query
 API shows the request counters of both up by exactly N, and the gateway's response bytes
 (egress) up by exactly what the devices downloaded."""
+import http.client
 import json
 import re
 import signal
@@ -157,10 +158,23 @@ def test_health_readiness_and_promtool(procs, tmp_path, svc):
 
     # Only GET of the three paths.
     assert http_get(ports.gateway, '/other')[0] == 404
-    req = urllib.request.Request(f'http://127.0.0.1:{ports.gateway}/metrics', method='POST', data=b'x')
+    req = urllib.request.Request(f'http://127.0.0.1:{ports.gateway}/metrics', method='POST')
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 405
+    # no request to it has a body: one is refused before it is buffered
+    req = urllib.request.Request(f'http://127.0.0.1:{ports.gateway}/metrics', method='POST', data=b'x')
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 413
+    # HEAD: the headers alone, so a kept-alive connection stays framed
+    conn = http.client.HTTPConnection('127.0.0.1', ports.gateway, timeout=5)
+    conn.request('HEAD', '/healthz')
+    r = conn.getresponse()
+    assert r.status == 200 and r.read() == b''
+    conn.request('GET', '/healthz')
+    assert conn.getresponse().read() == b'ok\n'
+    conn.close()
 
 
 def in_flight(procs, d, port, what):

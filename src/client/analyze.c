@@ -346,7 +346,10 @@ static void judge_token(struct analyze_ctx *c, const cJSON *tok, long long ms)
 {
     const char *reason = json_str(tok, "reason");
 
-    if (!tok)
+    if (!tok && c->path)
+        cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
+                         "a token is judged for a mapped path: %s is not (see mapping)", c->path);
+    else if (!tok)
         cmg_analyze_step(&c->steps, "credential", CMG_STEP_SKIP, ms, NULL,
                          "a token is judged for a mapped path: give --path");
     else if (!strcmp(json_str(tok, "result"), "pass"))

@@ -22,7 +22,7 @@ static bool ready(void *user, const char **why)
     struct cmg_site_server *srv = user;
 
     if (!srv->ctx->store || !srv->policy) {
-        *why = "the store is not open";
+        *why = !srv->ctx->store ? "the store is not open" : "no signed policy built yet";
         return false;
     }
     if (!srv->admin || !srv->feed || !srv->service) {

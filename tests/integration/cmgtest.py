@@ -657,6 +657,17 @@ def read_response(sock):
     return status, head, body
 
 
+
+def pipelined_404s(site, n=300):
+    """n pipelined requests for an unpublished path on one connection, each answered 404."""
+    with tls_connect(site) as s:
+        s.sendall(f'GET /not-published HTTP/1.1\r\nHost: {site.name}\r\n\r\n'.encode() * n)
+        got = b''
+        while got.count(b'HTTP/1.1 404') < n:
+            data = s.recv(65536)
+            assert data, f'closed after {got.count(b"HTTP/1.1 404")} answers'
+            got += data
+
 def peer_closed(sock, wait=2.0):
     """True if the peer closes the connection within `wait` seconds (nothing else arrives)."""
     sock.settimeout(wait * SLOW)

@@ -165,13 +165,7 @@ def test_tunnel_port_flood_under_low_descriptor_limit(site, procs, svc):
 def test_refusal_lines_are_rate_limited(site, procs, svc):
     (gw,), _ = cmgtest.bring_up(procs, site)
     before = svc.count
-    with cmgtest.tls_connect(site) as s:
-        s.sendall(f'GET /not-published HTTP/1.1\r\nHost: {site.name}\r\n\r\n'.encode() * 300)
-        got = b''
-        while got.count(b'HTTP/1.1 404') < 300:
-            data = s.recv(65536)
-            assert data, f'closed after {got.count(b"HTTP/1.1 404")} answers'
-            got += data
+    cmgtest.pipelined_404s(site)
     # The count of what was held back is written once the second is over, without
     # waiting for another refusal (the next log flush: the loop wakes at least for pings).
     def counted():

@@ -242,13 +242,7 @@ def test_hostile_targets_give_valid_json(dep, svc, tmp_path):
 def test_refusal_lines_stay_rate_limited_in_json(dep, svc):
     gw = dep.gateway[0]
     before = svc.count
-    with cmgtest.tls_connect(dep.site) as s:
-        s.sendall(f'GET /not-published HTTP/1.1\r\nHost: {dep.site.name}\r\n\r\n'.encode() * 300)
-        got = b''
-        while got.count(b'HTTP/1.1 404') < 300:
-            data = s.recv(65536)
-            assert data, f'closed after {got.count(b"HTTP/1.1 404")} answers'
-            got += data
+    cmgtest.pipelined_404s(dep.site)
 
     def counted():
         lines = json_lines(gw, 'gateway')

@@ -560,21 +560,10 @@ static void on_open(struct cmg_conn *c)
 /* After our FIN: the gateway's input is dropped, undecrypted, until it closes. */
 static void drop_input(struct cmg_cn_tunnel *t)
 {
-    char buf[16384];
-    size_t round = 0;
+    size_t dropped = 0;
 
-    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
-        ssize_t n = recv(t->conn.io.fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0) {
-            tunnel_down(t, n == 0 ? "closed by the gateway" : strerror(errno));
-            return;
-        }
-        round += (size_t)n;
-    }
+    if (cmg_conn_discard_input(&t->conn, &dropped) < 0)
+        tunnel_down(t, errno ? strerror(errno) : "closed by the gateway");
 }
 
 static void on_read(struct cmg_conn *c)

@@ -543,3 +543,25 @@ void cmg_conn_idle(struct cmg_conn *c)
     c->release_idle = true;
     release_if_idle(c);
 }
+
+int cmg_conn_discard_input(struct cmg_conn *c, size_t *dropped)
+{
+    char buf[16384];
+    size_t round = 0;
+
+    while (round < CMG_CONN_READ_BUDGET) {
+        ssize_t n = recv(c->io.fd, buf, sizeof(buf), 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (n <= 0) {
+            if (n == 0)
+                errno = 0;
+            return -1;
+        }
+        round += (size_t)n;
+        *dropped += (size_t)n;
+    }
+    return 0;
+}

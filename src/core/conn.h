@@ -80,6 +80,11 @@ void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...) __attribute__((form
 void cmg_conn_close(struct cmg_conn *c);
 /* The connection idles: its buffers are freed as soon as all output is written. */
 void cmg_conn_idle(struct cmg_conn *c);
+/* After our side ended: reads and drops the peer's input straight from the socket (not
+ * decrypted), at most CMG_CONN_READ_BUDGET bytes this round (level-triggered: the rest
+ * next round). 0: nothing more for now; -1: the peer closed (errno 0) or failed (errno).
+ * *dropped grows by what was read. */
+int cmg_conn_discard_input(struct cmg_conn *c, size_t *dropped);
 static inline bool cmg_conn_open(const struct cmg_conn *c) { return c->state == CMG_CONN_OPEN && !c->failed; }
 
 #endif

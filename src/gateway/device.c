@@ -43,7 +43,6 @@ void cmg_device_close(struct cmg_device *d, const char *why)
 
 /* ---- lingering close ---- */
 
-#define LINGER_READ_CHUNK 16384
 /* What a lingering connection may still send before it is closed outright. */
 #define LINGER_MAX_BYTES (4 * 1024 * 1024)
 
@@ -57,26 +56,10 @@ static void on_linger_timeout(struct cmg_timer *t)
  * not even decrypted): until it closes, or the bounds are reached. */
 static void linger_read(struct cmg_device *d)
 {
-    char buf[LINGER_READ_CHUNK];
-    size_t round = 0;
-
-    while (round < CMG_CONN_READ_BUDGET) {   /* level-triggered: the rest next round */
-        ssize_t n = recv(d->conn.io.fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0) {
-            cmg_device_close(d, d->linger_why);
-            return;
-        }
-        round += (size_t)n;
-        d->linger_bytes += (size_t)n;
-        if (d->linger_bytes > LINGER_MAX_BYTES) {
-            cmg_device_close(d, "closed while lingering: the device kept sending");
-            return;
-        }
-    }
+    if (cmg_conn_discard_input(&d->conn, &d->linger_bytes) < 0)
+        cmg_device_close(d, d->linger_why);
+    else if (d->linger_bytes > LINGER_MAX_BYTES)
+        cmg_device_close(d, "closed while lingering: the device kept sending");
 }
 
 void cmg_device_linger(struct cmg_device *d, uint32_t ms, const char *why)

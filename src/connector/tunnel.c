@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_STREAMS 4096
@@ -90,6 +91,7 @@ static void stream_free(struct cmg_cn_stream *st)
         st->next->prev = st->prev;
     cmg_headers_free(&st->hdrs);
     cmg_buf_free(&st->resp_body);
+    cmg_buf_free(&st->report_in);
     free(st->path);
     free(st);
 }
@@ -288,6 +290,7 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     nghttp2_submit_response(t->h2, st->id, nv, 2, &dp);
     if (!t->up) {
         t->up = true;
+        t->since = (int64_t)time(NULL);
         t->ups++;
         t->failures = 0;
         t->backoff_ms = BACKOFF_MIN_MS;
@@ -310,6 +313,44 @@ static void refuse(struct cmg_cn_stream *st)
     cmg_cn_tunnel_kick(st->t);
 }
 
+/* A gateway's report, answered here and never forwarded: 204 once kept, 400 if it is
+ * not one. */
+static void report_end(struct cmg_cn_stream *st)
+{
+    const char *why = "no body";
+
+    if (st->resp_submitted)
+        return;   /* answered already: too large */
+    if (strcmp(st->method, "POST"))
+        why = "POST expected";
+    else if (st->report_in.len &&
+             cmg_site_report_gateway(st->t, cmg_buf_head(&st->report_in), st->report_in.len,
+                                     &why) == 0) {
+        answer(st, 204, "");
+        return;
+    }
+    cmg_warn("report from gateway %s refused: %s", st->t->target, why);
+    answer(st, 400, "CMGService_Bad_Request\r\n");
+}
+
+/* Its body, kept up to CMG_REPORT_MAX_BODY; past that the report is refused at once. */
+static void report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t len)
+{
+    if (st->resp_submitted)
+        return;
+    if (st->report_in.len + len > CMG_REPORT_MAX_BODY) {
+        cmg_warn("report from gateway %s refused: over %u bytes", st->t->target,
+                 CMG_REPORT_MAX_BODY);
+        cmg_buf_free(&st->report_in);
+        answer(st, 400, "CMGService_Bad_Request\r\n");
+        return;
+    }
+    if (cmg_buf_append(&st->report_in, data, len) < 0) {
+        cmg_buf_free(&st->report_in);
+        answer(st, 503, "CMGService_Internal_Server_Error\r\n");
+    }
+}
+
 static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 {
     struct cmg_path p;
@@ -327,6 +368,12 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         if (i >= 0)
             cmg_site_feed_unknown_kid(t->cn, cmg_headers_value(&st->hdrs, (uint32_t)i));
         answer(st, 204, "");
+        return;
+    }
+    if (!strcmp(st->path, CMG_REPORT_PATH)) {   /* answered when its body is all here */
+        st->report = true;
+        if (st->req_end)
+            report_end(st);
         return;
     }
     if (cmg_cn_draining(t->cn)) {
@@ -414,6 +461,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         start_request(t, st);
     } else if (frame->hd.type == NGHTTP2_DATA && end) {
         st->req_end = true;
+        if (st->report)
+            report_end(st);
         if (st->up)
             cmg_upstream_body_end(st->up);
     }
@@ -426,6 +475,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
     struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
     if (st)
         st->req_bytes += len;
+    if (st && st->report)
+        report_data(st, data, len);
     if (!st || !st->up) {
         nghttp2_session_consume(s, id, len);
         return 0;
@@ -688,8 +739,10 @@ static void tunnel_down(struct cmg_cn_tunnel *t, const char *why)
         cmg_cn_drain_check(t->cn);
         return;
     }
-    if (t->up)
+    if (t->up) {
         cmg_warn("tunnel down: gateway=%s reason=\"%s\"", t->target, why);
+        t->since = (int64_t)time(NULL);
+    }
     else if (t->failures++ == 0)
         cmg_warn("cannot reach gateway %s: %s (retrying)", t->target, why);
     else

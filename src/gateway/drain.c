@@ -227,6 +227,7 @@ void cmg_gw_drain(void *gateway)
     cmg_task_cancel(gw->loop, &gw->join_task);
     gw->drain_start_ms = cmg_loop_now(gw->loop);
     gw->state = CMG_GW_DRAINING;
+    cmg_gw_report_drain(gw);
     queued = cmg_gw_listen_leave_devices(gw);
     cmg_info("draining: the device port is left to the other instances (%u queued connection(s) "
              "taken); %u device connection(s) and %u request(s) in flight have drain_timeout "

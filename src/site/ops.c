@@ -127,6 +127,8 @@ static bool valid_role(const char *r)
     return true;
 }
 
+bool cmg_site_role_valid(const char *role) { return valid_role(role); }
+
 static bool valid_url(const char *u)
 {
     if (strncmp(u, "http://", 7) && strncmp(u, "https://", 8))

@@ -27,5 +27,7 @@ int cmg_site_op_run(struct cmg_site_ctx *s, const char *name, const cJSON *args,
 
 /* "3d", "72h", "90m", "3600s" or a bare number of days, in seconds; -1 if malformed. */
 int64_t cmg_parse_lifetime(const char *s);
+/* A role id as mappings have them: letters, digits, '_' and '-', 1 to 64. */
+bool cmg_site_role_valid(const char *role);
 
 #endif

@@ -18,6 +18,7 @@
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/register.h"
+#include "site/reports.h"
 #include "site/signing.h"
 #include "tls/tls.h"
 
@@ -76,6 +77,9 @@ static const char usage[] =
     "Metrics and health: plain HTTP on metrics_listen of site.conf (default\n"
     "127.0.0.1:10181; off disables): /metrics (Prometheus), /healthz, and /readyz\n"
     "(200 while the store is open and the listeners serve).\n"
+    "Reports: connectors POST /v1/connector/report to the feed listener (their own and\n"
+    "the gateways' reports); traffic is kept in 5-minute buckets for report_retention\n"
+    "of site.conf (default 31d), by day for 400 days and by month (docs/site.md).\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -168,6 +172,19 @@ static void bump_version(struct cmg_site_server *srv)
     }
 }
 
+/* Hourly: reports past report_retention go. */
+static void prune_reports(struct cmg_site_server *srv)
+{
+    time_t now = time(NULL);
+
+    if (now - srv->reports_pruned < CMG_REPORT_PRUNE_S)
+        return;
+    srv->reports_pruned = now;
+    if (cmg_report_prune(srv->ctx->store, (int64_t)now, srv->ctx->report_retention_s) < 0)
+        cmg_warn("cannot prune old reports: %s (retried in an hour)",
+                 cmg_store_error(srv->ctx->store));
+}
+
 static void on_poll(struct cmg_timer *t)
 {
     struct cmg_site_server *srv =
@@ -177,6 +194,7 @@ static void on_poll(struct cmg_timer *t)
     if (time(NULL) - srv->signed_at >= REFRESH_S)
         bump_version(srv);
     cmg_site_crl_freshness(srv->signed_at, time(NULL));
+    prune_reports(srv);
     if (dv != srv->data_version || time(NULL) - srv->signed_at >= REFRESH_S) {
         srv->data_version = dv;
         cmg_site_server_changed(srv);
@@ -312,13 +330,45 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
     cmg_httpd_json(req, 200, result);
 }
 
+/* POST /v1/connector/report: a connector's report (reports.c), named by its
+ * certificate, not by what it says. */
+static void connector_report(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    char name[128] = "", err[300];
+    cJSON *doc;
+
+    if (!connector_allowed(srv, req, "connector report"))
+        return;
+    cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    if (!(doc = cmg_report_parse(req->body ? req->body : "", req->body_len, err, sizeof(err)))) {
+        const struct cmg_log_field f[] = {CMG_F_STR("connector", name), CMG_F_STR("error", err),
+                                          CMG_F_STR("peer", req->peer)};
+        cmg_log_kv(CMG_LOG_WARN, "connector report refused", f, CMG_LOG_NFIELDS(f));
+        cmg_httpd_error(req, 400, err);
+        return;
+    }
+    if (cmg_report_ingest(srv->ctx->store, name, doc, (int64_t)time(NULL), err, sizeof(err)) < 0) {
+        cmg_error("connector %s's report not kept: %s", name, err);
+        cmg_httpd_error(req, 500, "the report could not be kept");
+    } else {
+        cmg_debug("report of connector %s kept", name);
+        cmg_httpd_respond(req, 204, NULL, NULL, 0, NULL);
+    }
+    cJSON_Delete(doc);
+}
+
 /* The feed listener: every caller showed a connector certificate of the site CA. */
 static void on_feed(void *user, struct cmg_httpd_req *req)
 {
     struct cmg_site_server *srv = user;
 
+    if (!strcmp(req->target, "/v1/connector/report") && !strcmp(req->method, "POST")) {
+        connector_report(srv, req);
+        return;
+    }
     if (strncmp(req->target, "/v1/connector/feed", 18) || strcmp(req->method, "GET")) {
-        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N only");
+        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N and POST "
+                        "/v1/connector/report only");
         return;
     }
     if (!connector_allowed(srv, req, "policy feed"))
@@ -546,6 +596,8 @@ static void reload(void *arg)
     srv->ctx->log_format = next.log_format;
     srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
     srv->ctx->key_rotation_s = next.key_rotation_s;   /* the daily check reads it */
+    srv->ctx->report_interval_s = next.report_interval_s;
+    srv->ctx->report_retention_s = next.report_retention_s;
     cmg_log_set_level(next.log_level);
     cmg_log_set_format(next.log_format);
     watch_certs(srv);

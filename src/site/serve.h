@@ -33,6 +33,7 @@ struct cmg_site_server {
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
+    time_t reports_pruned;      /* when reports past report_retention were last dropped */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the

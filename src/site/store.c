@@ -38,7 +38,44 @@ static const char schema[] =
     " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);"
     "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS signing_keys (kid TEXT PRIMARY KEY, jwk TEXT NOT NULL,"
-    " created INTEGER NOT NULL, retired INTEGER, announcement TEXT);";
+    " created INTEGER NOT NULL, retired INTEGER, announcement TEXT);"
+    /* reports (reports.c): the gateways' counters as the connectors carry them, kept
+     * once per (instance, boot, seq); traffic by role, role '' the whole gateway */
+    "CREATE TABLE IF NOT EXISTS report_boots (instance TEXT NOT NULL, boot TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, counters TEXT NOT NULL, received INTEGER NOT NULL,"
+    " PRIMARY KEY (instance, boot));"
+    "CREATE TABLE IF NOT EXISTS gateways (instance TEXT PRIMARY KEY, boot TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, state TEXT NOT NULL, policy_version INTEGER NOT NULL,"
+    " started INTEGER NOT NULL, report_time INTEGER NOT NULL, received INTEGER NOT NULL,"
+    " interval INTEGER NOT NULL, devices_now INTEGER NOT NULL, via TEXT NOT NULL,"
+    " tunnels TEXT NOT NULL, certificates TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS connector_reports (connector TEXT PRIMARY KEY,"
+    " received INTEGER NOT NULL, report_time INTEGER NOT NULL, interval INTEGER NOT NULL,"
+    " draining INTEGER NOT NULL, policy_version INTEGER NOT NULL, tunnels TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS traffic_5m (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " bucket INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
+    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
+    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, bucket));"
+    "CREATE TABLE IF NOT EXISTS traffic_day (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
+    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
+    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, day));"
+    "CREATE TABLE IF NOT EXISTS traffic_month (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " month TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
+    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
+    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, month));";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the
@@ -151,6 +188,8 @@ static int exec(struct cmg_store *s, const char *sql)
 {
     return sqlite3_exec(s->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -1;
 }
+
+sqlite3 *cmg_store_db(struct cmg_store *s) { return s->db; }
 
 int cmg_store_begin(struct cmg_store *s) { return exec(s, "BEGIN IMMEDIATE"); }
 int cmg_store_begin_read(struct cmg_store *s) { return exec(s, "BEGIN"); }

@@ -31,6 +31,10 @@ int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t er
 void cmg_store_close(struct cmg_store *s);
 const char *cmg_store_error(struct cmg_store *s);
 
+/* The database itself, for the modules that keep their own tables (reports.c). */
+typedef struct sqlite3 sqlite3;
+sqlite3 *cmg_store_db(struct cmg_store *s);
+
 int cmg_store_begin(struct cmg_store *s);        /* BEGIN IMMEDIATE: for writing */
 int cmg_store_begin_read(struct cmg_store *s);   /* BEGIN: a consistent snapshot */
 int cmg_store_commit(struct cmg_store *s);

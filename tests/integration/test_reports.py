@@ -1,0 +1,263 @@
+"""Reports to the site, kept (issue 13, item 2). Two gateway instances and two connectors,
+report_interval = 1 s everywhere: every gateway report goes up both connectors, and the site
+keeps it once. The test sends a known number of requests with known body sizes (uploads and
+downloads), then reads site.db: per role, the request and byte counts summed over traffic_5m,
+traffic_day and traffic_month each equal what was sent, exactly. A gateway restarted (a new
+boot) keeps the totals exact; a connector killed leaves the gateways' tunnel lists within two
+intervals. Hostile reports from a connector-certificate holder are refused and move nothing;
+a revoked connector is refused."""
+import json
+import signal
+import sqlite3
+import ssl
+import time
+import http.client
+
+import pytest
+
+from cmgtest import (SLOW, free_port_range, ini_set, poll, request, start_connector,
+                     start_gateway, wait_ready)
+from sitetest import Deployment
+
+INTERVAL = 1
+UPLOADS = [1000, 70000, 3]            # request body sizes
+DOWNLOADS = [5000, 123457, 1]         # response body sizes
+TABLES = ('traffic_5m', 'traffic_day', 'traffic_month')
+
+
+@pytest.fixture
+def dep(procs, tmp_path, svc):
+    d = Deployment(procs, tmp_path, svc, start=False)
+    site = d.site
+    site.tunnel_port = free_port_range(2)
+    site.loopback(2)
+    ini_set(site.gateway_conf, 'gateway', 'report_interval', INTERVAL)
+    ini_set(site.connector_conf, 'connector', 'report_interval', f'{INTERVAL}s')
+    ini_set(site.dir / 'site.conf', 'site', 'report_interval', INTERVAL)
+    d.cmg_site('connector', 'add', 'c2')
+    conf_b = site.connector_copy('connector-b', [svc.url])
+    ini_set(conf_b, 'connector', 'cert', 'connectors/c2.crt')
+    ini_set(conf_b, 'connector', 'key', 'connectors/c2.key')
+    ini_set(conf_b, 'connector', 'name', 'c2')   # as its certificate
+    d.start_site()
+    d.gateways = [start_gateway(procs, site, i) for i in range(2)]
+    d.connectors = [start_connector(procs, site.connector_conf, 'connector-a'),
+                    start_connector(procs, conf_b, 'connector-b')]
+    wait_ready(procs, site)
+    return d
+
+
+def db(dep):
+    return sqlite3.connect(f'file:{dep.site.dir / "site.db"}?mode=ro', uri=True, timeout=10)
+
+
+def rows(dep, sql, *args):
+    with db(dep) as c:
+        return c.execute(sql, args).fetchall()
+
+
+def totals(dep, table, role):
+    """requests, 2xx, request_bytes, response_bytes of role in table, over every instance."""
+    return rows(dep, f'SELECT coalesce(sum(requests), 0), coalesce(sum(r2xx), 0), '
+                     f'coalesce(sum(request_bytes), 0), coalesce(sum(response_bytes), 0) '
+                     f'FROM {table} WHERE role = ?', role)[0]
+
+
+def all_totals(dep):
+    return {t: totals(dep, t, dep.site.role_ids[0]) for t in TABLES}
+
+
+def settled(dep, procs):
+    """The totals once every gateway reported after now (all that came before is in them)."""
+    after = int(time.time()) + 1
+    poll(lambda: rows(dep, 'SELECT count(*) FROM gateways WHERE report_time > ?', after)[0][0] == 2,
+         6 * INTERVAL * SLOW, 'a report of both instances made after the traffic',
+         check=procs.check)
+    first = all_totals(dep)
+    time.sleep(2 * INTERVAL)
+    assert all_totals(dep) == first, 'totals still moving with no traffic'
+    return first
+
+
+def traffic(dep, n_rounds):
+    """n_rounds × (uploads and downloads), each on a new connection (so the kernel spreads
+    them over both instances). Returns (requests, request_bytes, response_bytes)."""
+    site = dep.site
+    reqs = req_bytes = resp_bytes = 0
+    for _ in range(n_rounds):
+        for size in UPLOADS:
+            r = request(site, 'POST', site.path('upload'), body=b'u' * size)
+            assert r.status == 200, r
+            reqs, req_bytes, resp_bytes = reqs + 1, req_bytes + size, resp_bytes + len(r.body)
+        for size in DOWNLOADS:
+            r = request(site, 'GET', site.path(f'download?size={size}'))
+            assert r.status == 200 and len(r.body) == size, r
+            reqs, resp_bytes = reqs + 1, resp_bytes + size
+    return reqs, req_bytes, resp_bytes
+
+
+def add(base, sent):
+    reqs, req_bytes, resp_bytes = sent
+    return {t: (v[0] + reqs, v[1] + reqs, v[2] + req_bytes, v[3] + resp_bytes)
+            for t, v in base.items()}
+
+
+def wait_totals(dep, procs, want):
+    poll(lambda: all_totals(dep) == want, 8 * INTERVAL * SLOW, f'the site totals to reach {want}',
+         check=procs.check)
+    time.sleep(2 * INTERVAL)   # both connectors carried every report since: nothing more counted
+    assert all_totals(dep) == want
+
+
+def tunnels_of(dep):
+    return {inst: sorted((t['connector'], t['state']) for t in json.loads(tun))
+            for inst, tun in rows(dep, 'SELECT instance, tunnels FROM gateways')}
+
+
+def connector_views(dep):
+    return {name: json.loads(tun) for name, tun in
+            rows(dep, 'SELECT connector, tunnels FROM connector_reports')}
+
+
+def test_counts_exact_once_through_two_connectors(dep, procs):
+    base = settled(dep, procs)
+    sent = traffic(dep, 4)
+    want = add(base, sent)
+    wait_totals(dep, procs, want)
+    # both instances carried some of it
+    per_instance = rows(dep, 'SELECT instance, sum(requests) FROM traffic_month WHERE role = ? '
+                             'GROUP BY instance', dep.site.role_ids[0])
+    assert len(per_instance) == 2 and all(n > 0 for _, n in per_instance), per_instance
+    # egress and ingress on the whole-gateway rows: at least the bodies (TLS adds more)
+    egress, ingress, conns = rows(dep, "SELECT sum(egress_bytes), sum(ingress_bytes), "
+                                       "sum(device_connections) FROM traffic_month WHERE role = ''")[0]
+    assert egress >= sent[2] and ingress >= sent[1] and conns >= sent[0], (egress, ingress, conns)
+
+    # the gateways and the connectors' views: 2 instances × 2 connectors, all up
+    gws = rows(dep, 'SELECT instance, state, via, seq FROM gateways ORDER BY instance')
+    assert len(gws) == 2 and all(g[1] == 'serving' and g[2] in ('connector-1', 'c2') for g in gws), gws
+    assert all(v == [('c2', 'up'), ('connector-1', 'up')] for v in tunnels_of(dep).values()), \
+        tunnels_of(dep)
+    views = connector_views(dep)
+    assert sorted(views) == ['c2', 'connector-1'], views
+    instances = {g[0] for g in gws}
+    for name, view in views.items():
+        assert len(view) == 2 and all(t['state'] == 'up' for t in view), (name, view)
+        assert {t['instance'] for t in view} == instances, (name, view)
+        assert all(t['since'] > 0 and t['reconnects'] == 0 for t in view), (name, view)
+    boots = rows(dep, 'SELECT count(*) FROM report_boots')[0][0]
+    assert boots == 2, boots
+
+    # a new boot of instance 0: its counters start again, the totals stay exact
+    dep.gateways[0].signal(signal.SIGTERM)
+    dep.gateways[0] = start_gateway(procs, dep.site, 0)
+    poll(lambda: rows(dep, 'SELECT count(*) FROM report_boots')[0][0] == 3, 6 * INTERVAL * SLOW,
+         'the new boot to report', check=procs.check)
+    poll(lambda: all(len(v) == 2 for v in tunnels_of(dep).values()), 6 * INTERVAL * SLOW,
+         'both connectors back on the new boot', check=procs.check)
+    sent2 = traffic(dep, 2)
+    want2 = add(want, sent2)
+    wait_totals(dep, procs, want2)
+
+    # a connector killed: both gateways' tunnel lists lose it within 2 intervals
+    dep.connectors[1].signal(signal.SIGKILL)
+    killed = time.monotonic()
+    poll(lambda: all(v == [('connector-1', 'up')] for v in tunnels_of(dep).values()),
+         2 * INTERVAL * SLOW + 0.5, 'the gateways to report connector c2 gone', check=procs.check)
+    gone_after = time.monotonic() - killed
+    print(f'{sent[0] + sent2[0]} requests, {sent[1] + sent2[1]} request bytes, '
+          f'{sent[2] + sent2[2]} response bytes: exact in {", ".join(TABLES)}; '
+          f'connector gone from the reports after {gone_after:.2f} s')
+
+
+# ---------------------------------------------------------------- hostile reports
+
+def feed_post(dep, body, cert='connector.crt', key='connector.key', raw=False):
+    """POST /v1/connector/report to the feed listener with a connector's certificate."""
+    ctx = ssl.create_default_context(cafile=str(dep.site.ca))
+    ctx.load_cert_chain(str(dep.site.dir / cert), str(dep.site.dir / key))
+    conn = http.client.HTTPSConnection('127.0.0.1', dep.feed_port, context=ctx, timeout=10)
+    try:
+        data = body if raw else json.dumps(body).encode()
+        conn.request('POST', '/v1/connector/report', body=data,
+                     headers={'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        return r.status, r.read()
+    except (ConnectionError, ssl.SSLError) as e:
+        return None, repr(e).encode()
+    finally:
+        conn.close()
+
+
+def gateway_report(instance, boot, seq, role, requests):
+    return {'instance': instance, 'boot': boot, 'seq': seq, 'started': 1790000000,
+            'time': int(time.time()), 'interval': 1, 'state': 'serving', 'policy_version': 1,
+            'device_connections': 1, 'devices_now': 0, 'egress_bytes': 10, 'ingress_bytes': 10,
+            'roles': [{'role': role, 'requests': {'1xx': 0, '2xx': requests, '3xx': 0, '4xx': 0,
+                                                  '5xx': 0, 'other': 0},
+                       'request_bytes': 0, 'response_bytes': 0}],
+            'refusals': {}, 'tunnels': [], 'certificates': []}
+
+
+def connector_report(*reports):
+    return {'connector': 'x', 'time': int(time.time()), 'interval': 1, 'draining': False,
+            'policy_version': 1, 'tunnels': [], 'gateway_reports': list(reports)}
+
+
+def test_hostile_reports_move_nothing(dep, procs):
+    role = dep.site.role_ids[0]
+    base = settled(dep, procs)
+    good = gateway_report('forged/0', '0123456789abcdef', 5, role, 7)
+    # replayed: the first is counted once, the replays not
+    assert feed_post(dep, connector_report(good))[0] == 204
+    counted = add(base, (7, 0, 0))
+    assert all_totals(dep) == counted
+    for seq in (5, 4, 1):
+        assert feed_post(dep, connector_report(dict(good, seq=seq)))[0] == 204
+    assert all_totals(dep) == counted
+
+    def bad_role(**over):
+        r = gateway_report('forged/0', '0123456789abcdef', 9, role, 1000)
+        r['roles'][0].update(over)
+        return connector_report(r)
+
+    hostile = {
+        'not JSON': b'{"gateway_reports": [',
+        'not an object': b'[1, 2, 3]',
+        'negative': bad_role(request_bytes=-5),
+        'huge': bad_role(response_bytes=1e30),
+        'fraction': bad_role(request_bytes=1.5),
+        'string count': bad_role(request_bytes='12'),
+        'bad role id': bad_role(role='../etc'),
+        'negative seq': connector_report(dict(good, seq=-1)),
+        'zero seq': connector_report(dict(good, seq=0)),
+        'bad boot': connector_report(dict(good, seq=9, boot='xyz')),
+        'long instance': connector_report(dict(good, seq=9, instance='i' * 300)),
+        'too many tunnels': dict(connector_report(), tunnels=[{}] * 65),
+        'no draining': {k: v for k, v in connector_report().items() if k != 'draining'},
+        'role twice': connector_report(dict(good, seq=9, roles=good['roles'] * 2)),
+        'bad state': connector_report(dict(good, seq=9, state='x' * 10)),
+    }
+    for what, body in hostile.items():
+        status, answer = feed_post(dep, body, raw=isinstance(body, bytes))
+        assert status == 400, (what, status, answer)
+    # a good report with a bad one in the same document: nothing of it is kept
+    status, _ = feed_post(dep, connector_report(dict(good, seq=10), bad_role(request_bytes=-1)['gateway_reports'][0]))
+    assert status == 400
+    # oversized: refused before it is read whole
+    status, answer = feed_post(dep, b'{"x": "' + b'a' * (2 << 20) + b'"}', raw=True)
+    assert status in (400, 413, None), (status, answer)
+    assert all_totals(dep) == counted
+    assert rows(dep, "SELECT seq FROM report_boots WHERE instance = 'forged/0'") == [(5,)]
+
+    # a revoked connector is refused
+    dep.cmg_site('connector', 'add', 'c3')
+    ok = feed_post(dep, connector_report(), 'connectors/c3.crt', 'connectors/c3.key')
+    assert ok[0] == 204, ok
+    dep.cmg_site('connector', 'revoke', 'c3')
+    refused = feed_post(dep, connector_report(dict(good, seq=20)), 'connectors/c3.crt',
+                        'connectors/c3.key')
+    assert refused[0] == 403, refused
+    assert all_totals(dep) == counted
+    assert 'connector report refused' in dep.site_proc.log_text()
+

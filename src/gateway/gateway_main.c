@@ -149,6 +149,8 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
              sizeof(next->metrics.listen));
     keep_str("tunnel_listen", next->tunnel_listen, now->tunnel_listen, sizeof(next->tunnel_listen));
     keep_str("user", next->user, now->user, sizeof(next->user));
+    /* the name the instance's reports carry, chosen at start */
+    keep_str("instance_name", next->instance_name, now->instance_name, sizeof(next->instance_name));
     keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
     keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
     /* Policies are accepted for this name, and the local policy was made from this file's

@@ -119,7 +119,7 @@ def connector_views(dep):
             rows(dep, 'SELECT connector, tunnels FROM connector_reports')}
 
 
-def test_counts_exact_once_through_two_connectors(dep, procs):
+def test_counts_exact_once_through_two_connectors(dep, procs, svc):
     base = settled(dep, procs)
     sent = traffic(dep, 4)
     want = add(base, sent)
@@ -147,6 +147,9 @@ def test_counts_exact_once_through_two_connectors(dep, procs):
         assert all(t['since'] > 0 and t['reconnects'] == 0 for t in view), (name, view)
     boots = rows(dep, 'SELECT count(*) FROM report_boots')[0][0]
     assert boots == 2, boots
+    # the connectors answered every report themselves: none reached the internal service
+    reported = rows(dep, 'SELECT sum(seq) FROM gateways')[0][0]
+    assert reported >= 4 and not [p for p in svc.stats()['paths'] if '.cmg' in p]
 
     # a new boot of instance 0: its counters start again, the totals stay exact
     dep.gateways[0].signal(signal.SIGTERM)

@@ -5,18 +5,23 @@ downloads), then reads site.db: per role, the request and byte counts summed ove
 traffic_day and traffic_month each equal what was sent, exactly. A gateway restarted (a new
 boot) keeps the totals exact; a connector killed leaves the gateways' tunnel lists within two
 intervals. Hostile reports from a connector-certificate holder are refused and move nothing;
-a revoked connector is refused."""
+a revoked connector is refused. A connector answers a gateway's report itself (a fake gateway
+sends malformed and oversized ones)."""
+import http.client
 import json
 import signal
+import socket
 import sqlite3
 import ssl
 import time
-import http.client
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
-from cmgtest import (SLOW, free_port_range, ini_set, poll, request, start_connector,
-                     start_gateway, wait_ready)
+from cmgtest import (SLOW, Site, free_port, free_port_range, ini_set, poll, request,
+                     start_connector, start_gateway, wait_ready)
 from sitetest import Deployment
 
 INTERVAL = 1
@@ -264,3 +269,85 @@ def test_hostile_reports_move_nothing(dep, procs):
     assert all_totals(dep) == counted
     assert 'connector report refused' in dep.site_proc.log_text()
 
+
+
+# ---------------------------------------------------------------- a gateway's report at the connector
+
+class FakeGateway:
+    """A tunnel port that takes one connector (mutual TLS, ALPN cmg-tunnel/1) and speaks
+    HTTP/2 as the gateway does: the control stream, then what the test sends."""
+
+    def __init__(self, site, port):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(site.dir / 'gateway.crt'), str(site.dir / 'gateway.key'))
+        self.ctx.verify_mode = ssl.CERT_NONE   # (Python would want clientAuth on the connector's)
+        self.ctx.set_alpn_protocols(['cmg-tunnel/1'])
+        self.sock = socket.create_server(('127.0.0.1', port))
+        self.sock.settimeout(10 * SLOW)
+
+    def accept(self):
+        raw, _ = self.sock.accept()
+        self.tls = self.ctx.wrap_socket(raw, server_side=True)
+        self.tls.settimeout(10 * SLOW)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(1 << 24)
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, [(':method', 'GET'), (':scheme', 'https'),
+                                   (':authority', 'tunnel'), (':path', '/.cmg/control')])
+        self.flush()
+
+    def flush(self):
+        data = self.h2.data_to_send()
+        if data:
+            self.tls.sendall(data)
+
+    def post(self, path, body):
+        """POST body on a new stream; the answer's status."""
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, [(':method', 'POST'), (':scheme', 'https'),
+                                   (':authority', 'tunnel'), (':path', path),
+                                   ('content-type', 'application/json')])
+        sent, status, ended = 0, None, False
+        while status is None or not ended:
+            while sent < len(body) and not ended:
+                room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size,
+                           len(body) - sent)
+                if room <= 0:
+                    break
+                self.h2.send_data(sid, body[sent:sent + room], end_stream=sent + room == len(body))
+                sent += room
+            if not body and sent == 0:
+                self.h2.end_stream(sid)
+                sent = -1
+            self.flush()
+            data = self.tls.recv(65536)
+            assert data, 'the connector closed the tunnel'
+            for ev in self.h2.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    status = int(dict(ev.headers)[b':status'])
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and \
+                        ev.stream_id == sid:
+                    ended = True
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        return status
+
+
+def test_connector_answers_gateway_reports_itself(procs, tmp_path, svc):
+    """POST /.cmg/report on a tunnel: 204 for a report, 400 for a body that is not one or is
+    over 1 MiB; the tunnel stays up, nothing reaches the internal service."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    port = free_port()
+    ini_set(site.connector_conf, 'connector', 'gateway', f'127.0.0.1:{port}')
+    fake = FakeGateway(site, port)
+    connector = start_connector(procs, site.connector_conf)
+    fake.accept()
+    good = json.dumps(gateway_report('gw/0', '00112233445566aa', 1, site.role_ids[0], 1)).encode()
+    assert fake.post('/.cmg/report', good) == 204
+    for what, body in {'not JSON': b'{"instance"', 'no boot': json.dumps({'instance': 'x', 'seq': 1}).encode(),
+                       'empty': b'', 'over 1 MiB': b' ' * ((1 << 20) + 1000)}.items():
+        assert fake.post('/.cmg/report', body) == 400, what
+    assert fake.post('/.cmg/report', good) == 204   # the tunnel is still up
+    assert 'report from gateway' in connector.log_text()
+    assert not [p for p in svc.stats()['paths'] if '.cmg' in p]

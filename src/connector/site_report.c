@@ -8,6 +8,7 @@
  * only; a failure is logged once until it works again, and retried at the next tick. */
 #include "connector/cn.h"
 #include "core/log.h"
+#include "site/reports.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -46,16 +47,6 @@ static void post(struct cmg_site_report *r);
 
 /* ---- a gateway's report ---- */
 
-static bool hex16(const char *s)
-{
-    size_t n = 0;
-
-    for (; s[n]; n++)
-        if (!((s[n] >= '0' && s[n] <= '9') || (s[n] >= 'a' && s[n] <= 'f')))
-            return false;
-    return n == 16;
-}
-
 static void on_soon(struct cmg_timer *tm) { post(REPORT_OF(tm, soon)); }
 
 static void post_soon(struct cmg_site_report *r)
@@ -69,7 +60,8 @@ static void post_soon(struct cmg_site_report *r)
 int cmg_site_report_gateway(struct cmg_cn_tunnel *t, const char *body, size_t len,
                             const char **why)
 {
-    cJSON *doc = cJSON_ParseWithLength(body, len);
+    static char reason[300];
+    cJSON *doc = cmg_report_json(body, len);
     const cJSON *inst = cJSON_GetObjectItemCaseSensitive(doc, "instance");
     const cJSON *boot = cJSON_GetObjectItemCaseSensitive(doc, "boot");
     const cJSON *seq = cJSON_GetObjectItemCaseSensitive(doc, "seq");
@@ -78,14 +70,8 @@ int cmg_site_report_gateway(struct cmg_cn_tunnel *t, const char *body, size_t le
 
     if (!cJSON_IsObject(doc))
         *why = "not a JSON object";
-    else if (!cJSON_IsString(inst) || !inst->valuestring[0] ||
-             strlen(inst->valuestring) > CMG_REPORT_MAX_STR)
-        *why = "instance: a string of 1 to 256 bytes expected";
-    else if (!cJSON_IsString(boot) || !hex16(boot->valuestring))
-        *why = "boot: 16 hex digits expected";
-    else if (!cJSON_IsNumber(seq) || seq->valuedouble < 1 || seq->valuedouble > 9007199254740992.0 ||
-             seq->valuedouble != (double)(uint64_t)seq->valuedouble)
-        *why = "seq: a whole number from 1 expected";
+    else if (cmg_report_check_gateway(doc, reason, sizeof(reason)) < 0)
+        *why = reason;   /* the site would refuse it, and the others sent with it */
     else if (!strcmp(t->gw_boot, boot->valuestring) && (uint64_t)seq->valuedouble <= t->gw_seq)
         rc = 0;   /* an older one than kept: nothing new */
     else if (!(copy = malloc(len + 1)))

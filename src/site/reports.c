@@ -112,7 +112,7 @@ static int check_role(const cJSON *r, const cJSON *seen_before_end, const cJSON 
     return 0;
 }
 
-static int check_gateway_report(const cJSON *g, char *err, size_t errlen)
+int cmg_report_check_gateway(const cJSON *g, char *err, size_t errlen)
 {
     static const char *const counts[] = {"seq", "started", "time", "interval", "policy_version",
                                          "device_connections", "devices_now", "egress_bytes",
@@ -172,10 +172,24 @@ static int check_connector_tunnel(const cJSON *t, char *err, size_t errlen)
     return 0;
 }
 
+cJSON *cmg_report_json(const char *body, size_t len)
+{
+    const char *end = NULL;
+    cJSON *doc = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+
+    while (doc && end < body + len && (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n'))
+        end++;
+    if (doc && end != body + len) {   /* something after the document */
+        cJSON_Delete(doc);
+        doc = NULL;
+    }
+    return doc;
+}
+
 cJSON *cmg_report_parse(const char *body, size_t len, char *err, size_t errlen)
 {
     static const char *const counts[] = {"time", "interval", "policy_version"};
-    cJSON *doc = len <= CMG_REPORT_MAX_BODY ? cJSON_ParseWithLength(body, len) : NULL;
+    cJSON *doc = len <= CMG_REPORT_MAX_BODY ? cmg_report_json(body, len) : NULL;
     const cJSON *e, *name;
     const char *bad;
     int rc = -1;
@@ -209,7 +223,7 @@ cJSON *cmg_report_parse(const char *body, size_t len, char *err, size_t errlen)
                  CMG_REPORT_MAX_GATEWAYS);
         goto out;
     }
-    cJSON_ArrayForEach(e, get(doc, "gateway_reports")) if (check_gateway_report(e, err, errlen) < 0)
+    cJSON_ArrayForEach(e, get(doc, "gateway_reports")) if (cmg_report_check_gateway(e, err, errlen) < 0)
         goto out;
     rc = 0;
 out:

@@ -21,8 +21,15 @@
 #define CMG_REPORT_DAY_KEEP_S (400 * 86400)
 #define CMG_REPORT_PRUNE_S 3600
 
+/* body as one JSON document with nothing after it (whitespace aside), or NULL. */
+cJSON *cmg_report_json(const char *body, size_t len);
+
 /* A connector's report, checked: the document (owned), or NULL with the reason in err. */
 cJSON *cmg_report_parse(const char *body, size_t len, char *err, size_t errlen);
+
+/* One gateway's report, checked as the site checks it (connectors refuse what the site
+ * would: one bad report must not hold up the others). 0, or -1 with the reason in err. */
+int cmg_report_check_gateway(const cJSON *g, char *err, size_t errlen);
 
 /* The counters' growth: delta[i] = now[i] - before[i]; a counter that went down is a
  * new baseline (delta 0). Returns how many went down. */

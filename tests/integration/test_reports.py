@@ -346,7 +346,10 @@ def test_connector_answers_gateway_reports_itself(procs, tmp_path, svc):
     good = json.dumps(gateway_report('gw/0', '00112233445566aa', 1, site.role_ids[0], 1)).encode()
     assert fake.post('/.cmg/report', good) == 204
     for what, body in {'not JSON': b'{"instance"', 'no boot': json.dumps({'instance': 'x', 'seq': 1}).encode(),
-                       'empty': b'', 'over 1 MiB': b' ' * ((1 << 20) + 1000)}.items():
+                       'empty': b'', 'over 1 MiB': b' ' * ((1 << 20) + 1000),
+                       'trailing bytes': good + b' ]',
+                       'negative count': good.replace(b'"egress_bytes": 10', b'"egress_bytes": -10'),
+                       }.items():
         assert fake.post('/.cmg/report', body) == 400, what
     assert fake.post('/.cmg/report', good) == 204   # the tunnel is still up
     assert 'report from gateway' in connector.log_text()

@@ -78,6 +78,7 @@ static void bad_shapes_are_refused(void **state)
     assert_false(accepted("{\"time\":1}"));
     assert_false(accepted(CN("1")));
     assert_false(accepted(CN("{}")));
+    assert_false(accepted(CN(GW("8")) " x"));   /* something after the document */
     assert_false(accepted("{\"connector\":\"c1\",\"time\":1,\"interval\":300,\"draining\":0,"
                           "\"policy_version\":3,\"tunnels\":[],\"gateway_reports\":[]}"));
 }

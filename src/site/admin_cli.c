@@ -744,6 +744,10 @@ static int run_command(const struct command *cmd, int argc, char **argv)
         fputs(cmd == &status_command ? status_usage : usage, help && rc == 0 ? stdout : stderr);
         goto out;
     }
+    if (cmd == &status_command && c.subject && !c.dir && !c.subject2) {
+        c.dir = c.subject;   /* not a site directory: opening it says why */
+        c.subject = NULL;
+    }
     if ((c.subject && !cmd->subject) || (c.subject2 && !second_subject(cmd))) {
         rc = usage_error(&c, c.subject2 ? "too many arguments"
                                         : "unexpected argument (is the site directory right?)");

@@ -92,6 +92,24 @@ static void add_null_or_number(cJSON *o, const char *key, const cJSON *v)
 
 /* ---- gateways and connectors ---- */
 
+/* The array's items in cmp's order. */
+static cJSON *sorted(cJSON *arr, int (*cmp)(const void *, const void *))
+{
+    int n = cJSON_GetArraySize(arr);
+    cJSON **v = n > 1 ? calloc((size_t)n, sizeof(*v)) : NULL;
+
+    if (!v)
+        return arr;
+    for (int i = 0; i < n; i++)
+        v[i] = cJSON_DetachItemFromArray(arr, 0);
+    qsort(v, (size_t)n, sizeof(*v), cmp);
+    for (int i = 0; i < n; i++)
+        cJSON_AddItemToArray(arr, v[i]);
+    free(v);
+    return arr;
+}
+
+
 static cJSON *gateways(struct build *b)
 {
     cJSON *out = cJSON_CreateArray(), *row;
@@ -178,6 +196,11 @@ static cJSON *connector_doc(struct build *b, cJSON *row)
     return c;
 }
 
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(str(*(const cJSON *const *)a, "name"), str(*(const cJSON *const *)b, "name"));
+}
+
 /* Every connector registered here or reporting, reports joined; never-reported ones are
  * stale (no word from them). */
 static cJSON *connectors(struct build *b)
@@ -193,6 +216,7 @@ static cJSON *connectors(struct build *b)
         "FROM connector_reports WHERE connector NOT IN (SELECT name FROM connectors) "
         "ORDER BY name", ""));
     add_listed_connectors(b);
+    sorted(b->connector_rows, by_name);
     cJSON_ArrayForEach(row, b->connector_rows)
         cJSON_AddItemToArray(out, connector_doc(b, row));
     return out;
@@ -520,23 +544,6 @@ static void reported_certs(struct build *b, cJSON *list, double horizon)
                                     "instance", str(g, "instance"));
         }
     }
-}
-
-/* The array's items in cmp's order. */
-static cJSON *sorted(cJSON *arr, int (*cmp)(const void *, const void *))
-{
-    int n = cJSON_GetArraySize(arr);
-    cJSON **v = n > 1 ? calloc((size_t)n, sizeof(*v)) : NULL;
-
-    if (!v)
-        return arr;
-    for (int i = 0; i < n; i++)
-        v[i] = cJSON_DetachItemFromArray(arr, 0);
-    qsort(v, (size_t)n, sizeof(*v), cmp);
-    for (int i = 0; i < n; i++)
-        cJSON_AddItemToArray(arr, v[i]);
-    free(v);
-    return arr;
 }
 
 static int by_not_after(const void *a, const void *b)

@@ -88,8 +88,11 @@ static void print_matrix(const cJSON *doc, FILE *f)
     cJSON_ArrayForEach(t, item(doc, "tunnels")) {
         char since[32], rtt[32] = "-";
         age_since(doc, item(t, "since"), since, sizeof(since));
-        if (cJSON_IsNumber(item(t, "rtt_ms")))
-            snprintf(rtt, sizeof(rtt), "%.1f ms", num(t, "rtt_ms", 0));
+        /* a round-trip time is the connector's: not shown from a report gone stale */
+        if (cJSON_IsNumber(item(t, "rtt_ms")) && strcmp(str(t, "connector_view"), "stale") &&
+            strcmp(str(t, "connector_view"), "none"))
+            snprintf(rtt, sizeof(rtt), num(t, "rtt_ms", 0) < 10 ? "%.2f ms" : "%.0f ms",
+                     num(t, "rtt_ms", 0));
         fprintf(f, "%-24s %-16s %-10s %-9s %-9s %s/%s\n", str(t, "gateway"),
                 str(t, "connector"), str(t, "state"), since, rtt, str(t, "gateway_view"),
                 str(t, "connector_view"));
@@ -115,7 +118,7 @@ static void print_connectors(const cJSON *doc, FILE *f)
 {
     const cJSON *c;
 
-    fprintf(f, "\n%-24s %-18s %-7s %s\n", "CONNECTOR", "LAST REPORT", "POLICY", "NOTE");
+    fprintf(f, "\n%-24s %-18s %s\n", "CONNECTOR", "LAST REPORT", "POLICY");
     cJSON_ArrayForEach(c, item(doc, "connectors")) {
         char age[32], last[48], policy[24] = "-";
         if (cJSON_IsNumber(item(c, "last_report"))) {
@@ -125,8 +128,9 @@ static void print_connectors(const cJSON *doc, FILE *f)
             snprintf(last, sizeof(last), "never reported");
         if (cJSON_IsNumber(item(c, "policy_version")))
             snprintf(policy, sizeof(policy), "%.0f", num(c, "policy_version", 0));
-        fprintf(f, "%-24s %-18s %-7s %s\n", str(c, "name"), last, policy,
-                is_true(c, "revoked") ? "revoked" : is_true(c, "draining") ? "draining" : "");
+        const char *note = is_true(c, "revoked") ? " revoked"
+                           : is_true(c, "draining") ? " draining" : "";
+        fprintf(f, "%-24s %-18s %s%s\n", str(c, "name"), last, policy, note);
     }
 }
 
@@ -182,19 +186,27 @@ static void print_certificates(const cJSON *doc, FILE *f)
     const cJSON *list = item(doc, "certificates"), *c;
     int n = cJSON_GetArraySize(list), shown = 0;
 
-    fprintf(f, "\nCERTIFICATES ending within %.0f days: %s\n",
-            num(doc, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT), n ? "" : "none");
+    fprintf(f, "\nCERTIFICATES ending within %.0f days:%s\n",
+            num(doc, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT), n ? "" : " none");
     cJSON_ArrayForEach(c, list) {
         char when[40];
         double days = num(c, "days_left", 0);
+
         if (shown++ == MAX_CERT_LINES) {
             fprintf(f, "  ... and %d more (--json lists them all)\n", n - MAX_CERT_LINES);
             break;
         }
+        char left[48];
         iso(num(c, "not_after", 0), when, sizeof(when));
-        fprintf(f, "  %-9s %-28s serial %-20s %s (%s %.0f day%s)\n", str(c, "kind"),
-                str(c, "name"), str(c, "serial"), when, days < 0 ? "EXPIRED" : "in",
-                fabs(days), fabs(days) == 1 ? "" : "s");
+        if (days < 0) {
+            char age[32];
+            cmg_format_age((int64_t)(num(doc, "time", 0) - num(c, "not_after", 0)), age,
+                           sizeof(age));
+            snprintf(left, sizeof(left), "EXPIRED %s ago", age);
+        } else
+            snprintf(left, sizeof(left), "in %.0f day%s", days, days == 1 ? "" : "s");
+        fprintf(f, "  %-9s %-28s serial %-20s %s (%s)\n", str(c, "kind"), str(c, "name"),
+                str(c, "serial"), when, left);
     }
 }
 
@@ -202,7 +214,7 @@ static void print_alerts(const cJSON *doc, FILE *f)
 {
     const cJSON *list = item(doc, "alerts"), *a;
 
-    fprintf(f, "\nALERTS open: %s\n", cJSON_GetArraySize(list) ? "" : "none");
+    fprintf(f, "\nALERTS open:%s\n", cJSON_GetArraySize(list) ? "" : " none");
     cJSON_ArrayForEach(a, list) {
         char age[32];
         age_since(doc, item(a, "opened"), age, sizeof(age));

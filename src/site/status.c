@@ -58,7 +58,8 @@ static void parse_column(cJSON *row, const char *key)
         cJSON_Delete(v);
         v = cJSON_CreateArray();
     }
-    cJSON_ReplaceItemInObjectCaseSensitive(row, key, v);
+    if (!cJSON_ReplaceItemInObjectCaseSensitive(row, key, v))
+        cJSON_AddItemToObject(row, key, v);   /* a row made here has no such column */
 }
 
 /* A number of alert_settings; def when absent or not a number. */

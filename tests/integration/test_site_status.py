@@ -286,6 +286,25 @@ def test_no_report_yet(site):
     assert all(c['last_report'] is None for c in doc['connectors'])
 
 
+def test_odd_rows(site):
+    """Rows the store holds but that do not parse as reported (a column that is not JSON,
+    entries of the wrong type) make a document all the same: what is missing is left out."""
+    now = int(time.time())
+    db = sqlite3.connect(site.dir / 'site.db')
+    db.execute('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+               ('odd', 'b', 1, 'serving', 1, now, now, now, 0, 0, '', 'not json', '{}'))
+    db.execute('INSERT INTO connector_reports VALUES (?, ?, ?, ?, ?, ?, ?)',
+               ('c1', now, now, 0, 0, 1, json.dumps([1, 'a', None, {'state': 7},
+                                                     {'instance': 'odd', 'state': 'up'}])))
+    db.commit()
+    db.close()
+    doc = status_json(site.dir)
+    assert [g['instance'] for g in doc['gateways']] == ['odd']
+    assert [(t['gateway'], t['connector'], t['state']) for t in doc['tunnels']] == \
+        [('odd', 'c1', 'up')]
+    assert run_cmg('site', 'status', site.dir).returncode == 0
+
+
 def test_errors_and_help(tmp_path):
     r = run_cmg('site', 'status', tmp_path / 'nowhere')
     assert r.returncode == 1 and 'nowhere' in r.stderr, r

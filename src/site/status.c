@@ -5,11 +5,9 @@
 
 #include <ctype.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
 
 #define DAY_S 86400
@@ -109,7 +107,6 @@ static cJSON *sorted(cJSON *arr, int (*cmp)(const void *, const void *))
     free(v);
     return arr;
 }
-
 
 static cJSON *gateways(struct build *b)
 {
@@ -379,7 +376,7 @@ static cJSON *role_doc(const cJSON *row)
 }
 
 /* {requests, request_bytes, response_bytes, roles} of one day or month. */
-static cJSON *period_traffic(struct build *b, cJSON *sums)
+static cJSON *period_traffic(cJSON *sums)
 {
     cJSON *p = cJSON_CreateObject(), *roles = cJSON_CreateArray();
     double requests = 0, up = 0, down = 0;
@@ -396,7 +393,6 @@ static cJSON *period_traffic(struct build *b, cJSON *sums)
     cJSON_AddNumberToObject(p, "request_bytes", up);
     cJSON_AddNumberToObject(p, "response_bytes", down);
     cJSON_AddItemToObject(p, "roles", roles);
-    (void)b;
     return p;
 }
 
@@ -405,9 +401,9 @@ static cJSON *traffic(struct build *b)
     cJSON *t = cJSON_CreateObject();
     struct cmg_store *st = b->s->store;
 
-    cJSON_AddItemToObject(t, "today", period_traffic(b, rows(b, cmg_store_query_json(st,
+    cJSON_AddItemToObject(t, "today", period_traffic(rows(b, cmg_store_query_json(st,
                           ROLE_SUMS("traffic_day", "day"), "s", b->day))));
-    cJSON_AddItemToObject(t, "month", period_traffic(b, rows(b, cmg_store_query_json(st,
+    cJSON_AddItemToObject(t, "month", period_traffic(rows(b, cmg_store_query_json(st,
                           ROLE_SUMS("traffic_month", "month"), "s", b->month))));
     return t;
 }

@@ -2,6 +2,7 @@
 #include "site/status.h"
 
 #include "site/ops.h"
+#include "site/serve.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -593,6 +594,7 @@ static cJSON *status_doc(struct build *b)
     cJSON_AddNumberToObject(d, "policy_version", (double)cmg_store_policy_version(s->store));
     cJSON_AddStringToObject(d, "service_name", s->service_name);
     cJSON_AddStringToObject(d, "site_role", s->site_role);
+    cJSON_AddBoolToObject(d, "site_serving", cmg_site_serve_running(s->dir));
     cJSON_AddItemToObject(d, "gateways", gateways(b));
     cJSON_AddItemToObject(d, "connectors", connectors(b));
     cJSON_AddItemToObject(d, "tunnels", tunnels(b));

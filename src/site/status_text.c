@@ -230,9 +230,12 @@ static void print_no_report(const cJSON *doc, FILE *f)
             "through their connectors' tunnels, and connectors pass the reports to "
             "'cmg site serve' on its feed listener.\n"
             "Are the connectors running and connected to the site and the gateways? %d "
-            "connector(s) registered here ('cmg site connector list').\n\n",
+            "connector(s) registered here ('cmg site connector list').\n",
             num(doc, "report_interval", CMG_REPORT_INTERVAL_DEFAULT),
             cJSON_GetArraySize(item(doc, "connectors")));
+    if (cJSON_IsFalse(item(doc, "site_serving")))
+        fprintf(f, "'cmg site serve' is not running on this site: reports have nowhere to "
+                "go.\n");
 }
 
 void cmg_site_status_print(const cJSON *doc, FILE *f)

@@ -280,8 +280,10 @@ def test_no_report_yet(site):
     assert 'no report yet' in r.stdout
     assert 'report_interval' in r.stdout and 'connectors running' in r.stdout
     assert '0 B this month (no monthly limit set)' in r.stdout
+    assert "'cmg site serve' is not running on this site" in r.stdout
     doc = status_json(site.dir)
     assert doc['gateways'] == [] and doc['tunnels'] == [] and doc['alerts'] == []
+    assert doc['site_serving'] is False
     assert doc['egress']['monthly_limit'] is None and doc['egress']['month_pct'] is None
     assert all(c['last_report'] is None for c in doc['connectors'])
 
@@ -395,6 +397,8 @@ def test_real_deployment(procs, tmp_path, svc):
     assert re.search(r'^connector-1 ', r.stdout, re.M)
     if not reported(after):
         assert 'no report yet' in r.stdout and 'report_interval' in r.stdout
+    assert "'cmg site serve' is not running" not in r.stdout
+    assert before['site_serving'] and after['site_serving']
     if reported(before):
         assert 'no report yet' not in r.stdout
         assert re.search(r'^GATEWAY +CONNECTOR +STATE', r.stdout, re.M)

@@ -9,6 +9,7 @@
 #include "site/ops.h"
 #include "site/pki.h"
 #include "site/serve.h"
+#include "site/status.h"
 
 #include <openssl/crypto.h>
 
@@ -122,6 +123,32 @@ static const char usage[] =
     "                                     'site serve' rotates by itself when the key\n"
     "                                     is older than key_rotation (site.conf,\n"
     "                                     default 180d; 0: never)\n";
+
+static const char status_usage[] =
+    "usage: cmg site status [DIR] [--json] [--api https://HOST:PORT [--admin-token FILE]\n"
+    "                       [--ca FILE]]\n"
+    "\n"
+    "What the deployment of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
+    "directory) is doing, from the reports gateways send through their connectors to\n"
+    "'cmg site serve' every report_interval (300 s by default), on one screen:\n"
+    "  - the tunnels: each gateway instance x each connector, its state (the\n"
+    "    connector's view; the gateway's when the connector's report is stale;\n"
+    "    unknown when neither reports), since when, and the round-trip time;\n"
+    "  - each gateway instance's state, policy version, last report's age (STALE when\n"
+    "    older than 2 of its report intervals), devices connected, and each\n"
+    "    connector's last report;\n"
+    "  - requests and bytes today and this month (UTC), and egress (bytes sent to\n"
+    "    devices) against the limits of 'cmg site alert' (\"no monthly limit set\"\n"
+    "    when none);\n"
+    "  - certificates ending within cert_expiry_days (30 by default; expired ones too);\n"
+    "  - open alerts.\n"
+    "\"no report yet\" says that nothing has reported, and what to check.\n"
+    "--json prints the same as a JSON document (docs/site.md names its fields).\n"
+    "With --api the document comes from the admin API of a running site (its\n"
+    "certificate checked against DIR/ca.crt or --ca FILE, authenticated by\n"
+    "DIR/admin.token or --admin-token FILE).\n"
+    "Exit status: 0 when the document was made, whatever it says; 1 on an error (the\n"
+    "reason on stderr); 2 on a usage error.\n";
 
 static int usage_error(const struct cli *c, const char *msg)
 {
@@ -284,6 +311,7 @@ static bool changes_store(const struct cli *c, const char *op)
     size_t n = strlen(op);
 
     if ((n > 5 && !strcmp(op + n - 5, ".list")) || !strcmp(op, "oidc.show") ||
+        !strcmp(op, "status") || !strcmp(op, "traffic") ||
         !strcmp(op, "cert.renew"))   /* files and a record: nothing to publish */
         return false;
     return strcmp(op, "cert.revocation") || cJSON_GetObjectItem(c->args, "check_revocation");
@@ -420,6 +448,11 @@ static void show_connectors(const cJSON *r)
 {
     static const char *const cols[] = {"name", "serial", "issued", "expires", "revoked"};
     print_table(r, cols, 5);
+}
+
+static void show_status(const cJSON *r)
+{
+    cmg_site_status_print(r, stdout);
 }
 
 static void show_connector(const cJSON *r)
@@ -692,6 +725,8 @@ static const struct command commands[] = {
     {"key", "rotate", "key.rotate", NULL, show_key_rotated},
 };
 
+static const struct command status_command = {"status", "", "status", NULL, show_status};
+
 static int run_command(const struct command *cmd, int argc, char **argv)
 {
     struct cli c = {0};
@@ -700,13 +735,18 @@ static int run_command(const struct command *cmd, int argc, char **argv)
     bool help = false;
     int rc;
 
-    snprintf(prog, sizeof(prog), "cmg site %s %s", cmd->area, cmd->verb);
+    snprintf(prog, sizeof(prog), "cmg site %s%s%s", cmd->area, *cmd->verb ? " " : "",
+             cmd->verb);
     c.prog = prog;
     c.args = cJSON_CreateObject();
     rc = parse(&c, argc, argv, &jwks, &discovery, &help);
     if (rc != 0 || help) {
-        fputs(usage, help && rc == 0 ? stdout : stderr);
+        fputs(cmd == &status_command ? status_usage : usage, help && rc == 0 ? stdout : stderr);
         goto out;
+    }
+    if (cmd == &status_command && c.subject && !c.dir && !c.subject2) {
+        c.dir = c.subject;   /* not a site directory: opening it says why */
+        c.subject = NULL;
     }
     if ((c.subject && !cmd->subject) || (c.subject2 && !second_subject(cmd))) {
         rc = usage_error(&c, c.subject2 ? "too many arguments"
@@ -742,6 +782,8 @@ int cmg_site_admin_main(int argc, char **argv)
     const char *area = token ? "token bulk" : argv[0];
     int skip = token ? 2 : 1;
 
+    if (!strcmp(argv[0], "status"))   /* one word: no verb */
+        return run_command(&status_command, argc, argv);
     if (token && strcmp(argv[1], "bulk")) {
         fprintf(stderr, "cmg site token: only 'bulk' tokens are made by hand\n\n%s", usage);
         return 2;
@@ -761,5 +803,5 @@ bool cmg_site_admin_area(const char *word)
 {
     return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
            !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector") ||
-           !strcmp(word, "key");
+           !strcmp(word, "key") || !strcmp(word, "status");
 }

@@ -8,6 +8,7 @@
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/signing.h"
+#include "site/status.h"
 #include "site/tokens.h"
 #include "tls/tls.h"
 
@@ -1392,6 +1393,27 @@ static int op_key_rotate(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     return cmg_site_key_rotate(s, result, msg, len);
 }
 
+/* ---- what the deployment is doing (status.c) ---- */
+
+static int op_status(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                     size_t len)
+{
+    (void)args;
+    return cmg_site_status(s, (int64_t)time(NULL), result, msg, len);
+}
+
+static int op_traffic(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                      size_t len)
+{
+    const cJSON *range = cJSON_GetObjectItemCaseSensitive(args, "range");
+    const cJSON *instance = cJSON_GetObjectItemCaseSensitive(args, "instance");
+
+    if ((range && !cJSON_IsString(range)) || (instance && !cJSON_IsString(instance)))
+        return fail(msg, len, 400, "range and instance must be strings");
+    return cmg_site_traffic(s, (int64_t)time(NULL), range ? range->valuestring : "day",
+                            instance ? instance->valuestring : NULL, result, msg, len);
+}
+
 static const struct cmg_site_op_def ops[] = {
     {"mapping.add", op_mapping_add},       {"mapping.remove", op_mapping_remove},
     {"mapping.list", op_mapping_list},     {"bulk.create", op_bulk_create},
@@ -1404,6 +1426,7 @@ static const struct cmg_site_op_def ops[] = {
     {"connector.list", op_connector_list}, {"connector.revoke", op_connector_revoke},
     {"cert.renew", op_cert_renew},
     {"key.rotate", op_key_rotate},
+    {"status", op_status},                 {"traffic", op_traffic},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

@@ -11,6 +11,7 @@
 #include "auth/policy.h"
 #include "core/log.h"
 #include "http/httpd.h"
+#include "http/path.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/oidc_refresh.h"
@@ -20,6 +21,7 @@
 #include "site/register.h"
 #include "site/reports.h"
 #include "site/signing.h"
+#include "site/status.h"
 #include "tls/tls.h"
 
 #include <errno.h>
@@ -386,6 +388,52 @@ static void on_service(void *user, struct cmg_httpd_req *req)
         cmg_site_on_register(user, req);
 }
 
+/* GET /v1/status: the status document (status.c), with what only the running service
+ * knows: the policy version it publishes, the connectors waiting on its feed, the OIDC
+ * key refresh. */
+static void status(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    cJSON *o;
+    char msg[512];
+    int n = 0;
+
+    if (cmg_site_status(srv->ctx, (int64_t)time(NULL), &o, msg, sizeof(msg)) != 0) {
+        cmg_error("admin status: %s", msg);
+        cmg_httpd_error(req, 500, msg);
+        return;
+    }
+    for (struct feed_waiter *w = srv->waiters; w; w = w->next)
+        n++;
+    cJSON_ReplaceItemInObjectCaseSensitive(o, "policy_version",
+                                           cJSON_CreateNumber((double)srv->version));
+    cJSON_AddNumberToObject(o, "connectors_waiting", n);
+    cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
+    cmg_httpd_json(req, 200, o);
+}
+
+/* GET /v1/traffic?range=day|month[&instance=I]: the traffic series (status.c). */
+static void traffic(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    const char *q = strchr(req->target, '?');
+    size_t qn = q ? strlen(++q) : 0;
+    char range[16] = "", instance[300] = "", msg[512];
+    cJSON *o;
+    int rc;
+
+    if (q && (cmg_query_param(q, qn, "range", range, sizeof(range)) < 0 ||
+              cmg_query_param(q, qn, "instance", instance, sizeof(instance)) < 0)) {
+        cmg_httpd_error(req, 400, "expected ?range=day or ?range=month, and optionally "
+                                  "&instance=NAME (at most 256 bytes, percent-encoded)");
+        return;
+    }
+    rc = cmg_site_traffic(srv->ctx, (int64_t)time(NULL), range, instance, &o, msg, sizeof(msg));
+    if (rc != 0) {
+        cmg_httpd_error(req, rc, msg);
+        return;
+    }
+    cmg_httpd_json(req, 200, o);
+}
+
 static void on_admin(void *user, struct cmg_httpd_req *req)
 {
     struct cmg_site_server *srv = user;
@@ -404,16 +452,10 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
     if (get && !strcmp(req->target, "/v1/policy")) {
         cmg_httpd_respond(req, 200, "application/jose", srv->policy, strlen(srv->policy), NULL);
     } else if (get && !strcmp(req->target, "/v1/status")) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddNumberToObject(o, "policy_version", (double)srv->version);
-        cJSON_AddStringToObject(o, "site_role", srv->ctx->site_role);
-        cJSON_AddStringToObject(o, "service_name", srv->ctx->service_name);
-        int n = 0;
-        for (struct feed_waiter *w = srv->waiters; w; w = w->next)
-            n++;
-        cJSON_AddNumberToObject(o, "connectors_waiting", n);
-        cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
-        cmg_httpd_json(req, 200, o);
+        status(srv, req);
+    } else if (get && (!strcmp(req->target, "/v1/traffic") ||
+                       !strncmp(req->target, "/v1/traffic?", 12))) {
+        traffic(srv, req);
     } else if (post && !strncmp(req->target, "/v1/ops/", 8)) {
         run_op(srv, req, req->target + 8);
     } else {

@@ -53,29 +53,34 @@ static const char schema[] =
     " received INTEGER NOT NULL, report_time INTEGER NOT NULL, interval INTEGER NOT NULL,"
     " draining INTEGER NOT NULL, policy_version INTEGER NOT NULL, tunnels TEXT NOT NULL);"
     "CREATE TABLE IF NOT EXISTS traffic_5m (instance TEXT NOT NULL, role TEXT NOT NULL,"
-    " bucket INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
-    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
-    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " bucket INTEGER NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
     " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
     " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
     " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
     " PRIMARY KEY (instance, role, bucket));"
     "CREATE TABLE IF NOT EXISTS traffic_day (instance TEXT NOT NULL, role TEXT NOT NULL,"
-    " day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
-    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
-    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " day TEXT NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
     " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
     " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
     " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
     " PRIMARY KEY (instance, role, day));"
     "CREATE TABLE IF NOT EXISTS traffic_month (instance TEXT NOT NULL, role TEXT NOT NULL,"
-    " month TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0,"
-    " r2xx INTEGER NOT NULL DEFAULT 0, r3xx INTEGER NOT NULL DEFAULT 0,"
-    " r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " month TEXT NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
     " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
     " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
     " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
-    " PRIMARY KEY (instance, role, month));";
+    " PRIMARY KEY (instance, role, month));"
+    "CREATE TABLE IF NOT EXISTS alert_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
+    " subject TEXT NOT NULL, level TEXT NOT NULL CHECK (level IN ('warning','critical')),"
+    " message TEXT NOT NULL, value REAL, threshold REAL, opened INTEGER NOT NULL,"
+    " updated INTEGER NOT NULL, resolved INTEGER, notified TEXT);";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the
@@ -202,15 +207,13 @@ void cmg_store_rollback(struct cmg_store *s)
 }
 
 /* Prepares sql and binds the arguments described by fmt: 's' text, 'i' int64, 'n' null. */
-static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+static sqlite3_stmt *vprep(struct cmg_store *s, const char *sql, const char *fmt, va_list ap)
 {
     sqlite3_stmt *st = NULL;
-    va_list ap;
     int i = 1, rc = SQLITE_OK;
 
     if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK)
         return NULL;
-    va_start(ap, fmt);
     for (const char *f = fmt; *f && rc == SQLITE_OK; f++, i++) {
         if (*f == 's')
             rc = sqlite3_bind_text(st, i, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
@@ -219,11 +222,21 @@ static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt,
         else
             rc = sqlite3_bind_null(st, i);
     }
-    va_end(ap);
     if (rc != SQLITE_OK) {
         sqlite3_finalize(st);
         return NULL;
     }
+    return st;
+}
+
+static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+
+    va_start(ap, fmt);
+    st = vprep(s, sql, fmt, ap);
+    va_end(ap);
     return st;
 }
 
@@ -414,6 +427,9 @@ static cJSON *rows_json(struct cmg_store *s, sqlite3_stmt *st)
             case SQLITE_INTEGER:
                 cJSON_AddNumberToObject(o, name, (double)sqlite3_column_int64(st, i));
                 break;
+            case SQLITE_FLOAT:
+                cJSON_AddNumberToObject(o, name, sqlite3_column_double(st, i));
+                break;
             case SQLITE_NULL:
                 cJSON_AddNullToObject(o, name);
                 break;
@@ -429,6 +445,17 @@ static cJSON *rows_json(struct cmg_store *s, sqlite3_stmt *st)
     }
     (void)s;
     return arr;
+}
+
+cJSON *cmg_store_query_json(struct cmg_store *s, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+
+    va_start(ap, fmt);
+    st = vprep(s, sql, fmt, ap);
+    va_end(ap);
+    return rows_json(s, st);
 }
 
 cJSON *cmg_store_mappings_json(struct cmg_store *s)

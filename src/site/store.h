@@ -45,6 +45,11 @@ int64_t cmg_store_policy_version(struct cmg_store *s);
 /* SQLite's data_version: changes when another connection committed. */
 int64_t cmg_store_data_version(struct cmg_store *s);
 
+/* The rows of a read-only query as [{column: value}] (integers and reals as numbers,
+ * NULL as null), its parameters bound as fmt says ('s' text, 'i' int64_t, 'n' null);
+ * NULL on an error (cmg_store_error). For readers of the report tables (status.c). */
+cJSON *cmg_store_query_json(struct cmg_store *s, const char *sql, const char *fmt, ...);
+
 /* Settings (meta table). */
 int cmg_store_get_setting(struct cmg_store *s, const char *key, char *out, size_t outlen);
 int cmg_store_set_setting(struct cmg_store *s, const char *key, const char *value);

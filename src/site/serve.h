@@ -15,6 +15,7 @@
 struct cmg_httpd;
 struct feed_waiter;
 struct cmg_oidc_refresher;
+struct cmg_site_alerts;
 
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
@@ -33,6 +34,7 @@ struct cmg_site_server {
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
+    struct cmg_site_alerts *alerts;       /* thresholds evaluated (alerts.h) */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the

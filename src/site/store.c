@@ -1,5 +1,6 @@
 /* The site's SQLite store; see store.h. */
 #include "site/store.h"
+#include "site/store_sql.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -62,6 +63,11 @@ static const struct {
 const char *cmg_store_error(struct cmg_store *s)
 {
     return sqlite3_errmsg(s->db);
+}
+
+sqlite3 *cmg_store_db(struct cmg_store *s)
+{
+    return s->db;
 }
 
 static bool has_column(sqlite3 *db, const char *table, const char *column)
@@ -162,8 +168,10 @@ void cmg_store_rollback(struct cmg_store *s)
         exec(s, "ROLLBACK");
 }
 
-/* Prepares sql and binds the arguments described by fmt: 's' text, 'i' int64, 'n' null. */
-static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+/* Prepares sql and binds the arguments described by fmt: 's' text, 'i' int64, 'n' null.
+ * store_sql.h shares it with the store's other files. */
+#define prep cmg_store_prepare
+sqlite3_stmt *cmg_store_prepare(struct cmg_store *s, const char *sql, const char *fmt, ...)
 {
     sqlite3_stmt *st = NULL;
     va_list ap;

@@ -14,7 +14,7 @@
 #include <time.h>
 
 #define FIRST_CHECK_MS 1000
-#define MAX_CONDITIONS 10000      /* what one pass considers: bounded whatever the tables hold */
+#define MAX_CONDITIONS 4096       /* what one pass considers: bounded whatever the tables hold */
 #define MAX_WATCHED 4096          /* subjects remembered without a tunnel */
 
 enum kind { K_EGRESS_MONTHLY, K_EGRESS_DAILY, K_CERT, K_NO_TUNNEL, K_CONNECTOR_SILENT,
@@ -61,6 +61,7 @@ struct pass {
     size_t n, cap;
     unsigned evaluated;       /* bit per kind: its open alerts may be resolved */
     int64_t next_due;         /* wall clock second a condition may start to hold, 0: none */
+    bool full;                /* MAX_CONDITIONS reached: nothing is resolved this pass */
 };
 
 #define OF(type, member, p) ((type *)((char *)(p) - offsetof(type, member)))
@@ -76,15 +77,22 @@ static void due_at(struct pass *p, int64_t when)
         p->next_due = when;
 }
 
+/* A new condition; NULL if (kind, subject) holds already (the first one found stays: one
+ * alert per key) or there are too many. */
 static struct condition *add(struct pass *p, enum kind k, enum level l, const char *subject,
                              double value, double threshold)
 {
     struct condition *c;
 
+    for (size_t i = 0; i < p->n; i++)
+        if (p->c[i].kind == k && !strncmp(p->c[i].subject, subject, sizeof(c->subject) - 1))
+            return NULL;
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 16;
-        if (cap > MAX_CONDITIONS || !(c = realloc(p->c, cap * sizeof(*c))))
+        if (cap > MAX_CONDITIONS || !(c = realloc(p->c, cap * sizeof(*c)))) {
+            p->full = true;
             return NULL;
+        }
         p->c = c;
         p->cap = cap;
     }
@@ -613,7 +621,7 @@ static size_t plan(struct pass *p, struct open_alert *open, size_t nopen, struct
             out[n++] = (struct change){c->level > o->level ? E_RAISED : E_LOWERED, c, o, o->id};
     }
     for (size_t j = 0; j < nopen; j++)
-        if (!open[j].matched && (p->evaluated & (1u << open[j].kind)))
+        if (!open[j].matched && !p->full && (p->evaluated & (1u << open[j].kind)))
             out[n++] = (struct change){E_RESOLVED, NULL, &open[j], open[j].id};
     return n;
 }

@@ -28,6 +28,7 @@ static void site_usage(FILE *out)
           "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
           "  connector add|list|revoke        connector certificates, one per connector\n"
           "  key rotate                       a new signing key, announced to gateways\n"
+          "  alert list|set|unset|webhook     egress, certificate and tunnel alerts\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

@@ -12,16 +12,20 @@ not have them yet), and watch what the site makes of them. A new month cannot be
 for: the test puts the open critical alert of last month in place before the site starts,
 as a site that ran last month leaves it, and sees it resolved and this month's allowance
 alerting anew from its own warning."""
+import base64
 import json
 import socket
 import sqlite3
+import ssl
 import threading
 import time
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import SLOW, ini_set, poll, run_cmg
+from cmgtest import SLOW, ini_set, make_cert, poll, run_cmg
 from sitetest import Deployment
 
 MB = 1000 * 1000
@@ -51,7 +55,7 @@ class Receiver:
     """A webhook receiver on loopback: records each POST's JSON body; `hang` keeps every
     request open without an answer (a receiver that accepts and never answers)."""
 
-    def __init__(self, hang=False):
+    def __init__(self, hang=False, tls=None):
         self.posts, self.lock, self.hang = [], threading.Lock(), hang
         self.release = threading.Event()
         outer = self
@@ -77,12 +81,21 @@ class Receiver:
                 pass
 
         self.server = Server(('127.0.0.1', 0), Handler)
-        self.url = f'http://127.0.0.1:{self.server.server_address[1]}/hooks/alerts'
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        scheme = 'https' if tls else 'http'
+        self.url = f'{scheme}://127.0.0.1:{self.server.server_address[1]}/hooks/alerts'
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def docs(self, kind=None):
         with self.lock:
             return [p['doc'] for p in self.posts if kind is None or p['doc']['alert']['kind'] == kind]
+
+    def headers(self):
+        with self.lock:
+            return [p['headers'] for p in self.posts]
 
     def close(self):
         self.release.set()
@@ -370,6 +383,53 @@ def test_webhook_down_and_hanging(asite):
         assert len(asite.alerts('cert-expiry')) == 130
     finally:
         hang.close()
+
+
+def test_webhook_https_checked_against_its_ca(asite, tmp_path):
+    ca_cert, ca_key, (ca, _) = make_cert(tmp_path / 'hook-ca', 'Webhook CA', ca=True)
+    _, _, (crt, key) = make_cert(tmp_path / 'hook', '127.0.0.1', ca_cert, ca_key,
+                                 eku=(ExtendedKeyUsageOID.SERVER_AUTH,), san=('127.0.0.1',))
+    receiver = Receiver(tls=(crt, key))
+    try:
+        url = receiver.url.replace('https://', 'https://ops:pa55word@')
+        assert asite.cli('webhook', url).returncode == 0
+        assert asite.cli('set', 'egress-daily', '1000').returncode == 0
+        asite.start()
+        # Not a root of the system: refused, logged, nothing POSTed.
+        asite.egress(('gw/0', 'day', today(), 600))
+        failed = asite.wait(lambda: asite.log_events('alert webhook failed after 2 tries: the '
+                                                     'alert stays recorded and logged; this '
+                                                     'notification is dropped'), 'the failure')
+        assert 'certificate' in failed[0]['error'], failed[0]
+        assert not receiver.docs() and 'pa55word' not in asite.dep.site_proc.log_text()
+
+        # With --ca FILE (through the admin API this time, as the PEM text): delivered, with
+        # the URL's user information as Basic authentication.
+        asite.dep.api('POST', '/v1/ops/alert.webhook', {'url': url, 'ca': ca.read_text()})
+        asite.egress(('gw/0', 'day', today(), 2000))
+        [doc] = asite.wait(receiver.docs, 'the critical alert POSTed over https')
+        assert (doc['event'], doc['alert']['level']) == ('raised', 'critical')
+        assert receiver.headers()[0]['Authorization'] == 'Basic ' + base64.b64encode(
+            b'ops:pa55word').decode()
+        assert receiver.headers()[0]['Content-Type'] == 'application/json'
+    finally:
+        receiver.close()
+
+
+def test_admin_api_errors(asite):
+    asite.start()
+    for op, body, expected in (
+            ('alert.set', {'name': 'egress-monthly', 'value': 'lots'}, 'expected a size'),
+            ('alert.set', {'name': 'egress-monthly', 'value': '1GB', 'warning': 95},
+             'found warning 95 % and critical 90 %'),
+            ('alert.unset', {'name': 'nope'}, "unknown threshold 'nope'"),
+            ('alert.webhook', {'url': 'https://x.test/', 'ca': 'not PEM'}, 'expected PEM')):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            asite.dep.api('POST', f'/v1/ops/{op}', body)
+        assert e.value.code == 400 and expected in json.loads(e.value.read())['error'], op
+    ok = asite.dep.api('POST', '/v1/ops/alert.set', {'name': 'egress-monthly', 'value': 5000,
+                                                     'warning': 60, 'critical': 80})
+    assert (ok['settings']['egress_monthly'], ok['settings']['warning_pct']) == (5000, 60)
 
 
 @pytest.mark.parametrize('args,expected', [

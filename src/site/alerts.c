@@ -4,6 +4,7 @@
 #include "core/log.h"
 #include "site/serve.h"
 #include "site/store_sql.h"
+#include "tls/tls.h"
 
 #include <math.h>
 #include <openssl/asn1.h>
@@ -262,12 +263,16 @@ static int reported_certs(struct pass *p, int64_t horizon)
 
 static void site_ca(struct pass *p, int64_t horizon)
 {
-    const ASN1_TIME *end = X509_get0_notAfter(p->a->srv->ctx->ca_cert);
+    X509 *ca = p->a->srv->ctx->ca_cert;
+    const ASN1_TIME *end = X509_get0_notAfter(ca);
+    char serial[80] = "?";
     struct tm tm;
 
-    if (end && ASN1_TIME_to_tm(end, &tm) == 1 && (int64_t)timegm(&tm) < horizon)
-        cert_condition(p, "the site CA", "(ca.crt)", (int64_t)timegm(&tm),
-                       "a new site CA means new certificates for every role");
+    if (!end || ASN1_TIME_to_tm(end, &tm) != 1 || (int64_t)timegm(&tm) >= horizon)
+        return;
+    cmg_tls_serial(ca, serial, sizeof(serial));
+    cert_condition(p, "the site CA (ca.crt)", serial, (int64_t)timegm(&tm),
+                   "a new site CA means new certificates for every role");
 }
 
 static void certificates(struct pass *p)

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmgtest import SLOW, ini_set, make_cert, poll, run_cmg
+from cmgtest import SANITIZED, SLOW, ini_set, make_cert, poll, run_cmg
 from sitetest import Deployment
 
 MB = 1000 * 1000
@@ -289,6 +289,7 @@ def test_silent_connector_and_gateway_and_no_tunnel(asite, receiver):
     assert silent[0]['alert']['subject'] == 'c1' and silent[0]['alert']['level'] == 'critical'
     assert silent[0]['alert']['threshold'] == 2
     elapsed = time.time() - now
+    print(f'connector-silent POSTed {elapsed:.2f} s after its last report (interval 1 s)')
     assert elapsed < 2 + 5, f'connector-silent after {elapsed:.1f} s'
     asite.wait(lambda: receiver.docs('gateway-silent'), 'gateway-silent POSTed')
     assert [r['subject'] for r in asite.alerts('connector-silent')] == ['c1']
@@ -374,13 +375,18 @@ def test_webhook_down_and_hanging(asite):
         t0 = time.monotonic()
         for _ in range(5):
             assert asite.dep.api('GET', '/v1/status')['service_name'] == asite.dep.site.name
-        assert time.monotonic() - t0 < 2 * SLOW
+        took = time.monotonic() - t0
+        print(f'5 admin API requests while the webhook hangs: {took:.3f} s')
+        assert took < 2 * SLOW
         def drops():
             return asite.log_events('alert webhook queue full: the oldest waiting notification '
                                     'is dropped (the alert stays recorded)')
         asite.wait(lambda: len(drops()) >= 130 - 100, 'drops logged')
         assert len(drops()) == 130 - 100 and drops()[0]['queue'] == 100
         assert len(asite.alerts('cert-expiry')) == 130
+        rss = asite.dep.site_proc.peak_rss_kib()
+        print(f'site peak RSS with 100 notifications waiting: {rss} KiB')
+        assert SANITIZED or rss < 64 * 1024, f'site peak RSS {rss} KiB'
     finally:
         hang.close()
 

@@ -67,6 +67,13 @@ struct pass {
 
 #define OF(type, member, p) ((type *)((char *)(p) - offsetof(type, member)))
 
+/* The statement failed because a report table is not there (a store older than the
+ * reports): nothing reported, rather than nothing known. */
+static bool no_table(struct pass *p)
+{
+    return !strncmp(cmg_store_error(p->st), "no such table", 13);
+}
+
 static const char *level_name(enum level l)
 {
     return l == L_CRITICAL ? "critical" : "warning";
@@ -130,8 +137,10 @@ static int sum_egress(struct pass *p, const char *table, const char *col, const 
 
     snprintf(sql, sizeof(sql), "SELECT COALESCE(SUM(egress_bytes), 0) FROM %s WHERE role = '' "
              "AND %s = ?", table, col);
-    if (!(q = cmg_store_prepare(p->st, sql, "s", period)))
-        return -1;
+    if (!(q = cmg_store_prepare(p->st, sql, "s", period))) {
+        *out = 0;
+        return no_table(p) ? 0 : -1;
+    }
     if (sqlite3_step(q) == SQLITE_ROW) {
         *out = sqlite3_column_double(q, 0);
         rc = 0;
@@ -238,7 +247,7 @@ static int reported_certs(struct pass *p, int64_t horizon)
     int step;
 
     if (!q)
-        return -1;
+        return no_table(p) ? 0 : -1;
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
         const char *instance = (const char *)sqlite3_column_text(q, 0);
         cJSON *list = cJSON_Parse((const char *)sqlite3_column_text(q, 1)), *x;
@@ -395,8 +404,10 @@ static void connectors(struct pass *p)
                "k.name = r.connector AND k.revoked IS NOT NULL)", "");
     int step;
 
-    if (!q)
+    if (!q) {
+        p->evaluated |= no_table(p) ? 1u << K_CONNECTOR_SILENT : 0;
         return;
+    }
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(q, 0);
         if (sqlite3_column_int64(q, 3))
@@ -416,8 +427,10 @@ static void gateways(struct pass *p)
         p->st, "SELECT instance, received, interval, state, tunnels FROM gateways", "");
     int step;
 
-    if (!q)
+    if (!q) {
+        p->evaluated |= no_table(p) ? 1u << K_GATEWAY_SILENT : 0;
         return;
+    }
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(q, 0);
         if (!strcmp((const char *)sqlite3_column_text(q, 3), "draining"))

@@ -107,11 +107,13 @@ class AlertSite:
     """A site directory with `cmg site serve` (json logs), site.db written as reports
     would, and the alerts read back from the store, the log and the webhook."""
 
-    def __init__(self, procs, tmp, svc):
+    def __init__(self, procs, tmp, svc, report_tables=True):
         self.dep = Deployment(procs, tmp, svc, start=False)
         self.dir = self.dep.site.dir
         ini_set(self.dir / 'site.conf', 'site', 'log_format', 'json')
         self.db_path = self.dir / 'site.db'
+        if not report_tables:
+            return
         with self.db() as db:
             db.executescript(REPORT_TABLES)
             db.execute('CREATE TABLE IF NOT EXISTS traffic_day ' +
@@ -336,6 +338,21 @@ def test_cert_expiry(asite, receiver):
     asite.wait(lambda: len(receiver.docs('cert-expiry')) == 4, 'both resolutions POSTed')
     assert sorted(d['event'] for d in receiver.docs('cert-expiry')) == [
         'opened', 'opened', 'resolved', 'resolved']
+
+
+def test_cert_expiry_of_the_store_without_reports(procs, tmp_path, svc):
+    # A store without the report tables: the certificates the site issued are watched all
+    # the same (connector certificates live 730 days, the site's devices 365).
+    asite = AlertSite(procs, tmp_path, svc, report_tables=False)
+    assert asite.cli('set', 'cert-expiry', '800d').returncode == 0
+    asite.start()
+    subjects = asite.wait(lambda: [a['subject'] for a in asite.alerts('cert-expiry')],
+                          'store certificates alerting')
+    assert any(s.startswith('connector ') for s in subjects), subjects
+    assert all(a['level'] == 'warning' for a in asite.alerts('cert-expiry'))
+    assert asite.cli('set', 'cert-expiry', '30').returncode == 0
+    asite.wait(lambda: not asite.alerts('cert-expiry'), 'resolved under a 30-day threshold')
+    assert not asite.log_events('alerts: cannot read the open alerts')
 
 
 def closed_port():

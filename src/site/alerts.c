@@ -114,16 +114,20 @@ static struct condition *add(struct pass *p, enum kind k, enum level l, const ch
     return c;
 }
 
-static void human_bytes(double v, char *out, size_t len)
+/* v in the units the allowance was likely given in: powers of 1024 (KiB, MiB, ...) when it
+ * is a multiple of 1024, else of 1000 (KB, MB, ...). */
+static void human_bytes(double v, bool binary, char *out, size_t len)
 {
-    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    static const char *const bin[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    static const char *const dec[] = {"B", "KB", "MB", "GB", "TB", "PB"};
+    double base = binary ? 1024 : 1000;
     size_t u = 0;
 
-    while (v >= 1024 && u + 1 < sizeof(units) / sizeof(units[0])) {
-        v /= 1024;
+    while (v >= base && u + 1 < sizeof(bin) / sizeof(bin[0])) {
+        v /= base;
         u++;
     }
-    snprintf(out, len, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+    snprintf(out, len, u ? "%.1f %s" : "%.0f %s", v, binary ? bin[u] : dec[u]);
 }
 
 /* ---- egress ---- */
@@ -177,8 +181,8 @@ static void egress(struct pass *p, enum kind k, uint64_t limit)
                   (double)limit * (l == L_CRITICAL ? p->set->critical_pct : p->set->warning_pct) /
                       100.0)))
         return;
-    human_bytes(bytes, used, sizeof(used));
-    human_bytes((double)limit, allowed, sizeof(allowed));
+    human_bytes(bytes, limit % 1024 == 0, used, sizeof(used));
+    human_bytes((double)limit, limit % 1024 == 0, allowed, sizeof(allowed));
     snprintf(c->message, sizeof(c->message), "egress %s %s is %s, %.0f %% of the %s allowance "
              "of %s (%s at %u %%)", monthly ? "in" : "on", period, used, floor(pct),
              monthly ? "monthly" : "daily", allowed, level_name(l),

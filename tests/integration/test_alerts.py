@@ -267,6 +267,8 @@ def test_egress_warning_then_critical_and_a_new_month(asite, receiver):
     assert listed['settings']['egress_monthly'] == MB
     api = asite.dep.api('POST', '/v1/ops/alert.list', {})
     assert [x['id'] for x in api['alerts']] == [x['id'] for x in listed['alerts']]
+    r = asite.cli('list', '--api', f'https://127.0.0.1:{asite.dep.admin_port}')
+    assert r.returncode == 0 and 'egress-monthly' in r.stdout and 'critical' in r.stdout, r
     time.sleep(1)   # two more evaluations at least: nothing more to say
     assert len(receiver.docs('egress-monthly')) == 3
     assert len(asite.log_events('alert opened', 'egress-monthly')) == 1

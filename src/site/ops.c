@@ -4,6 +4,7 @@
 #include "auth/jwk.h"
 #include "core/net.h"
 #include "http/path.h"
+#include "site/alerts.h"
 #include "site/connectors.h"
 #include "site/pki.h"
 #include "site/policy_build.h"
@@ -1427,6 +1428,8 @@ static const struct cmg_site_op_def ops[] = {
     {"cert.renew", op_cert_renew},
     {"key.rotate", op_key_rotate},
     {"status", op_status},                 {"traffic", op_traffic},
+    {"alert.set", cmg_alerts_op_set},      {"alert.unset", cmg_alerts_op_unset},
+    {"alert.list", cmg_alerts_op_list},    {"alert.webhook", cmg_alerts_op_webhook},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

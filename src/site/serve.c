@@ -12,6 +12,7 @@
 #include "core/log.h"
 #include "http/httpd.h"
 #include "http/path.h"
+#include "site/alerts.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/oidc_refresh.h"
@@ -197,6 +198,8 @@ static void on_poll(struct cmg_timer *t)
         bump_version(srv);
     cmg_site_crl_freshness(srv->signed_at, time(NULL));
     prune_reports(srv);
+    if (dv != srv->data_version)
+        cmg_site_alerts_check(srv);   /* an admin command or a report changed the store */
     if (dv != srv->data_version || time(NULL) - srv->signed_at >= REFRESH_S) {
         srv->data_version = dv;
         cmg_site_server_changed(srv);
@@ -329,6 +332,8 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
     }
     cmg_info("admin %s from %s", name, req->peer);
     cmg_site_server_changed(srv);
+    if (!strncmp(name, "alert.", 6))
+        cmg_site_alerts_check(srv);   /* new thresholds apply now */
     cmg_httpd_json(req, 200, result);
 }
 
@@ -354,6 +359,7 @@ static void connector_report(struct cmg_site_server *srv, struct cmg_httpd_req *
         cmg_httpd_error(req, 500, "the report could not be kept");
     } else {
         cmg_debug("report of connector %s kept", name);
+        cmg_site_alerts_check(srv);   /* a write of our own: the change poll does not see it */
         cmg_httpd_respond(req, 204, NULL, NULL, 0, NULL);
     }
     cJSON_Delete(doc);
@@ -754,7 +760,8 @@ int cmg_site_serve_main(int argc, char **argv)
     cmg_timer_start(srv.loop, &srv.rotation, ROTATION_CHECK_MS, on_rotation_check);
     watch_certs(&srv);
     cmg_loop_on_hup(srv.loop, reload, &srv);
-    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
+    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)) ||
+        !(srv.alerts = cmg_site_alerts_new(&srv)))
         goto out;
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
@@ -762,6 +769,7 @@ int cmg_site_serve_main(int argc, char **argv)
     rc = cmg_loop_run(srv.loop) < 0 ? 1 : 0;
     cmg_info("site stopped");
 out:
+    cmg_site_alerts_free(srv.alerts);
     cmg_oidc_refresher_free(srv.oidc);
     cmg_metrics_free(srv.metrics);
     cmg_httpd_free(srv.admin);

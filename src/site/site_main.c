@@ -31,6 +31,7 @@ static void site_usage(FILE *out)
           "  status [DIR] [--json]            what the deployment is doing: tunnels,\n"
           "                                   reports, traffic, egress, certificates\n"
           "                                   ending, open alerts\n"
+          "  alert list|set|unset|webhook     egress, certificate and tunnel alerts\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

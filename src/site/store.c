@@ -1,5 +1,6 @@
 /* The site's SQLite store; see store.h. */
 #include "site/store.h"
+#include "site/store_sql.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -106,6 +107,11 @@ const char *cmg_store_error(struct cmg_store *s)
     return sqlite3_errmsg(s->db);
 }
 
+sqlite3 *cmg_store_db(struct cmg_store *s)
+{
+    return s->db;
+}
+
 static bool has_column(sqlite3 *db, const char *table, const char *column)
 {
     sqlite3_stmt *st = NULL;
@@ -194,8 +200,6 @@ static int exec(struct cmg_store *s, const char *sql)
     return sqlite3_exec(s->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -1;
 }
 
-sqlite3 *cmg_store_db(struct cmg_store *s) { return s->db; }
-
 int cmg_store_begin(struct cmg_store *s) { return exec(s, "BEGIN IMMEDIATE"); }
 int cmg_store_begin_read(struct cmg_store *s) { return exec(s, "BEGIN"); }
 int cmg_store_commit(struct cmg_store *s) { return exec(s, "COMMIT"); }
@@ -229,7 +233,9 @@ static sqlite3_stmt *vprep(struct cmg_store *s, const char *sql, const char *fmt
     return st;
 }
 
-static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+/* store_sql.h shares it with the store's other files. */
+#define prep cmg_store_prepare
+sqlite3_stmt *cmg_store_prepare(struct cmg_store *s, const char *sql, const char *fmt, ...)
 {
     sqlite3_stmt *st;
     va_list ap;

@@ -370,7 +370,11 @@ def test_admin_api(procs, tmp_path, svc):
     assert month['egress'] == [[midnight, 5 * GIB]]
     assert dep.api('POST', '/v1/ops/traffic', {'range': 'month'})['series'] == month['series']
 
-    for bad in ('/v1/traffic?range=week', '/v1/traffic', '/v1/traffic?range=',
+    # no range: the day, as the op gives it without one
+    status, plain = get(dep, '/v1/traffic')
+    assert status == 200 and plain['range'] == 'day' and plain['series'] == day['series']
+    assert dep.api('POST', '/v1/ops/traffic', {})['series'] == day['series']
+    for bad in ('/v1/traffic?range=week', '/v1/traffic?range=',
                 '/v1/traffic?range=day&instance=%zz'):
         status, err = get(dep, bad)
         assert status == 400, bad

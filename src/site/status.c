@@ -1,6 +1,7 @@
 /* The status document and the traffic series; see status.h. */
 #include "site/status.h"
 
+#include "core/log.h"
 #include "core/metrics.h"
 #include "site/ops.h"
 #include "site/serve.h"
@@ -98,6 +99,11 @@ static double setting(const struct build *b, const char *name, double def)
 static bool stale(int64_t age, double interval)
 {
     return (double)age > 2 * (interval > 0 ? interval : CMG_REPORT_INTERVAL_DEFAULT);
+}
+
+static cJSON *number_or_null(const cJSON *v)
+{
+    return cJSON_IsNumber(v) ? cJSON_CreateNumber(v->valuedouble) : cJSON_CreateNull();
 }
 
 static void add_null_or_number(cJSON *o, const char *key, const cJSON *v)
@@ -421,21 +427,22 @@ static cJSON *matrix_row(struct build *b, const struct pair *p)
         state = strcmp(gv, "none") ? gv : "down";
         since = cJSON_GetObjectItemCaseSensitive(p->from_gateway, "since");
     }
-    cJSON_AddStringToObject(row, "gateway", p->gateway);
-    cJSON_AddStringToObject(row, "address", str(p->from_connector, "gateway"));
-    cJSON_AddStringToObject(row, "connector", p->connector);
-    cJSON_AddStringToObject(row, "state", state);
+    /* rows by the ten thousand: keys are not copied */
+    cJSON_AddItemToObjectCS(row, "gateway", cJSON_CreateString(p->gateway));
+    cJSON_AddItemToObjectCS(row, "address",
+                            cJSON_CreateString(str(p->from_connector, "gateway")));
+    cJSON_AddItemToObjectCS(row, "connector", cJSON_CreateString(p->connector));
+    cJSON_AddItemToObjectCS(row, "state", cJSON_CreateString(state));
     /* 0 (or less) is no time of this deployment: not known */
-    if (cJSON_IsNumber(since) && since->valuedouble > 0)
-        cJSON_AddNumberToObject(row, "since", since->valuedouble);
-    else
-        cJSON_AddNullToObject(row, "since");
-    add_null_or_number(row, "rtt_ms", cJSON_GetObjectItemCaseSensitive(p->from_connector,
-                                                                       "rtt_ms"));
-    add_null_or_number(row, "reconnects",
-                       cJSON_GetObjectItemCaseSensitive(p->from_connector, "reconnects"));
-    cJSON_AddStringToObject(row, "gateway_view", gv);
-    cJSON_AddStringToObject(row, "connector_view", cv);
+    cJSON_AddItemToObjectCS(row, "since", cJSON_IsNumber(since) && since->valuedouble > 0
+                                              ? cJSON_CreateNumber(since->valuedouble)
+                                              : cJSON_CreateNull());
+    cJSON_AddItemToObjectCS(row, "rtt_ms", number_or_null(
+        cJSON_GetObjectItemCaseSensitive(p->from_connector, "rtt_ms")));
+    cJSON_AddItemToObjectCS(row, "reconnects", number_or_null(
+        cJSON_GetObjectItemCaseSensitive(p->from_connector, "reconnects")));
+    cJSON_AddItemToObjectCS(row, "gateway_view", cJSON_CreateString(gv));
+    cJSON_AddItemToObjectCS(row, "connector_view", cJSON_CreateString(cv));
     return row;
 }
 
@@ -756,6 +763,38 @@ static cJSON *open_alerts(struct build *b)
 
 /* ---- the document ---- */
 
+/* The string of item with each byte that is no part of a UTF-8 character as U+FFFD. */
+static void replace_invalid_utf8(cJSON *item)
+{
+    const unsigned char *p = (const unsigned char *)item->valuestring;
+    size_t n = strlen(item->valuestring), bad = 0, o = 0;
+    char *fixed;
+
+    for (size_t i = 0, k; i < n; i += k ? k : 1)
+        bad += (k = cmg_utf8_char(p + i, n - i)) == 0;
+    if (!bad || !(fixed = malloc(n + 2 * bad + 1)))
+        return;
+    for (size_t i = 0, k; i < n; i += k ? k : 1) {
+        k = cmg_utf8_char(p + i, n - i);
+        memcpy(fixed + o, k ? (const char *)p + i : "\xEF\xBF\xBD", k ? k : 3);
+        o += k ? k : 3;
+    }
+    fixed[o] = 0;
+    cJSON_SetValuestring(item, fixed);
+    free(fixed);
+}
+
+/* Every string of a document as valid UTF-8 (the store keeps what was reported): a JSON
+ * client cannot read a document that is not, nor should a terminal get raw bytes. */
+static void valid_utf8(cJSON *item)
+{
+    for (; item; item = item->next) {
+        if (cJSON_IsString(item) && item->valuestring)
+            replace_invalid_utf8(item);
+        valid_utf8(item->child);
+    }
+}
+
 static void utc_names(int64_t now, char day[16], char month[16])
 {
     time_t t = (time_t)now;
@@ -821,6 +860,7 @@ int cmg_site_status(struct cmg_site_ctx *s, int64_t now, cJSON **out, char *msg,
         cJSON_Delete(doc);
         return 500;
     }
+    valid_utf8(doc);
     *out = doc;
     return 0;
 }
@@ -945,6 +985,7 @@ int cmg_site_traffic(struct cmg_site_ctx *s, int64_t now, const char *range,
         cJSON_Delete(doc);
         return 500;
     }
+    valid_utf8(doc);
     *out = doc;
     return 0;
 }

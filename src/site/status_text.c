@@ -160,6 +160,9 @@ static void print_gateways(const cJSON *doc, FILE *f)
                 text(g, "state").s, num(g, "policy_version", 0), last, num(g, "devices_now", 0),
                 text(g, "via").s);
     }
+    if (num(doc, "gateways_more", 0) > 0)
+        fprintf(f, "... and %.0f more instances that reported longer ago (not shown)\n",
+                num(doc, "gateways_more", 0));
 }
 
 static void print_connectors(const cJSON *doc, FILE *f)
@@ -241,7 +244,9 @@ static void print_certificates(const cJSON *doc, FILE *f)
         double days = num(c, "days_left", 0);
 
         if (shown++ == MAX_CERT_LINES) {
-            fprintf(f, "  ... and %d more (--json lists them all)\n", n - MAX_CERT_LINES);
+            fprintf(f, "  ... and %.0f more (--json lists %s)\n",
+                    n - MAX_CERT_LINES + num(doc, "certificates_more", 0),
+                    num(doc, "certificates_more", 0) > 0 ? "the soonest of them" : "them all");
             break;
         }
         char left[48];

@@ -222,8 +222,10 @@ static const char **listed_names(struct build *b, size_t *n)
     *n = 0;
     cJSON_ArrayForEach(g, b->gateway_rows)
         cap += (size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(g, "tunnels"));
-    if (!cap || !(v = calloc(cap, sizeof(*v)))) {
-        b->failed = b->out_of_memory = cap > 0;
+    if (!cap)
+        return NULL;
+    if (!(v = calloc(cap, sizeof(*v)))) {
+        b->failed = b->out_of_memory = true;
         return NULL;
     }
     cJSON_ArrayForEach(g, b->gateway_rows)
@@ -471,9 +473,10 @@ static cJSON *tunnels(struct build *b)
  * overflow"), and one row that large would keep every document from being made. */
 
 #define ROLE_SUMS(table, period)                                                           \
-    "SELECT role, TOTAL(requests) AS requests, TOTAL(r1xx) AS r1xx, TOTAL(r2xx) AS r2xx, "       \
-    "TOTAL(r3xx) AS r3xx, TOTAL(r4xx) AS r4xx, TOTAL(r5xx) AS r5xx, TOTAL(rother) AS rother, "     \
-    "TOTAL(request_bytes) AS request_bytes, TOTAL(response_bytes) AS response_bytes FROM "     \
+    "SELECT role, TOTAL(requests) AS requests, TOTAL(r1xx) AS r1xx, TOTAL(r2xx) AS r2xx, "   \
+    "TOTAL(r3xx) AS r3xx, TOTAL(r4xx) AS r4xx, TOTAL(r5xx) AS r5xx, "                        \
+    "TOTAL(rother) AS rother, TOTAL(request_bytes) AS request_bytes, "                       \
+    "TOTAL(response_bytes) AS response_bytes FROM "                                          \
     table " WHERE " period " = ? AND role != '' GROUP BY role ORDER BY role"
 
 static cJSON *role_doc(const cJSON *row)
@@ -695,17 +698,16 @@ static int by_serial_then_rank(const void *a, const void *b)
 }
 
 /* Each serial once (the first that came: the site's own before the reported ones);
- * certificates without a serial all kept. Returns how many went. */
-static double dedupe(struct build *b, cJSON *list)
+ * certificates without a serial all kept. */
+static void dedupe(struct build *b, cJSON *list)
 {
     size_t n = (size_t)cJSON_GetArraySize(list), i = 0;
     struct cert_key *k = n ? calloc(n, sizeof(*k)) : NULL;
     cJSON *c;
-    double gone = 0;
 
     if (n && !k) {
         b->failed = b->out_of_memory = true;
-        return 0;
+        return;
     }
     cJSON_ArrayForEach(c, list) {
         serial_key(str(c, "serial"), k[i].serial, sizeof(k[i].serial));
@@ -715,12 +717,9 @@ static double dedupe(struct build *b, cJSON *list)
     if (n > 1)
         qsort(k, n, sizeof(*k), by_serial_then_rank);
     for (i = 1; i < n; i++)
-        if (*k[i].serial && !strcmp(k[i].serial, k[i - 1].serial)) {
+        if (*k[i].serial && !strcmp(k[i].serial, k[i - 1].serial))
             cJSON_Delete(cJSON_DetachItemViaPointer(list, k[i].item));
-            gone++;
-        }
     free(k);
-    return gone;
 }
 
 static int by_not_after(const void *a, const void *b)
@@ -903,14 +902,14 @@ static cJSON *egress_points(cJSON *sums)
 }
 
 #define SERIES_SQL(t, table, where)                                                        \
-    "SELECT role, " t " AS t, TOTAL(requests) AS requests, TOTAL(request_bytes) AS "           \
-    "request_bytes, TOTAL(response_bytes) AS response_bytes FROM " table " WHERE " where     \
+    "SELECT role, " t " AS t, TOTAL(requests) AS requests, TOTAL(request_bytes) AS "       \
+    "request_bytes, TOTAL(response_bytes) AS response_bytes FROM " table " WHERE " where  \
     " AND role != '' AND (?3 = '' OR instance = ?3) GROUP BY role, t HAVING "              \
     "TOTAL(requests) + TOTAL(request_bytes) + TOTAL(response_bytes) > 0 ORDER BY role, t"
 #define EGRESS_SQL(t, table, where)                                                        \
-    "SELECT " t " AS t, TOTAL(egress_bytes) AS egress_bytes FROM " table " WHERE " where     \
-    " AND role = '' AND (?3 = '' OR instance = ?3) GROUP BY t HAVING TOTAL(egress_bytes) > 0 " \
-    "ORDER BY t"
+    "SELECT " t " AS t, TOTAL(egress_bytes) AS egress_bytes FROM " table " WHERE " where  \
+    " AND role = '' AND (?3 = '' OR instance = ?3) GROUP BY t "                            \
+    "HAVING TOTAL(egress_bytes) > 0 ORDER BY t"
 #define DAY_T "CAST(strftime('%s', day) AS INTEGER)"
 #define DAY_WHERE "day >= ?1 AND day <= ?2"
 

@@ -311,6 +311,15 @@ static void feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     cmg_timer_start(srv->loop, &w->timer, FEED_WAIT_MS, on_waiter_timeout);
 }
 
+/* An operation that changes nothing: status, traffic, and the *.list and *.show ones. */
+static bool reads_only(const char *name)
+{
+    size_t n = strlen(name);
+
+    return !strcmp(name, "status") || !strcmp(name, "traffic") ||
+           (n > 5 && (!strcmp(name + n - 5, ".list") || !strcmp(name + n - 5, ".show")));
+}
+
 static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const char *name)
 {
     cJSON *args = req->body_len ? cJSON_ParseWithLength(req->body, req->body_len)
@@ -330,7 +339,11 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
         cmg_httpd_error(req, rc, msg);
         return;
     }
-    cmg_info("admin %s from %s", name, req->peer);
+    /* a dashboard or 'site status --api' polls: what only reads is no news */
+    if (reads_only(name))
+        cmg_debug("admin %s from %s", name, req->peer);
+    else
+        cmg_info("admin %s from %s", name, req->peer);
     cmg_site_server_changed(srv);
     if (!strncmp(name, "alert.", 6))
         cmg_site_alerts_check(srv);   /* new thresholds apply now */
@@ -432,7 +445,8 @@ static void traffic(struct cmg_site_server *srv, struct cmg_httpd_req *req)
                                   "&instance=NAME (at most 256 bytes, percent-encoded)");
         return;
     }
-    rc = cmg_site_traffic(srv->ctx, (int64_t)time(NULL), range, instance, &o, msg, sizeof(msg));
+    rc = cmg_site_traffic(srv->ctx, (int64_t)time(NULL), *range ? range : NULL, instance, &o,
+                          msg, sizeof(msg));
     if (rc != 0) {
         cmg_httpd_error(req, rc, msg);
         return;

@@ -1,6 +1,7 @@
 /* The status document and the traffic series; see status.h. */
 #include "site/status.h"
 
+#include "core/log.h"
 #include "core/metrics.h"
 #include "site/ops.h"
 #include "site/serve.h"
@@ -15,6 +16,21 @@
 #define DAY_S 86400
 #define BUCKET_S 300
 #define DAY_BUCKETS 288   /* 24 h of 5-minute buckets */
+/* What one document holds at most: the most recent gateways, the soonest certificates
+ * (the document says how many more there are). */
+#define GATEWAYS_MAX 1024
+#define CERTIFICATES_MAX 200
+
+/* Rows of a JSON array by the string at one key, for lookups in O(log n). */
+struct named {
+    const char *name;
+    const cJSON *row;
+};
+
+struct index {
+    struct named *v;
+    size_t n;
+};
 
 /* One document in the making: what the read transaction gave so far. */
 struct build {
@@ -24,7 +40,9 @@ struct build {
     cJSON *settings;           /* alert_settings rows */
     cJSON *gateway_rows;       /* gateways rows, tunnels and certificates parsed */
     cJSON *connector_rows;     /* every connector known, reports joined */
+    struct index gateway_index, connector_index;   /* of those, by instance, by name */
     bool failed;
+    bool out_of_memory;        /* failed without the store's word */
 };
 
 /* A query's rows; an empty array (and the build failed) on a store error. */
@@ -83,12 +101,59 @@ static bool stale(int64_t age, double interval)
     return (double)age > 2 * (interval > 0 ? interval : CMG_REPORT_INTERVAL_DEFAULT);
 }
 
+static cJSON *number_or_null(const cJSON *v)
+{
+    return cJSON_IsNumber(v) ? cJSON_CreateNumber(v->valuedouble) : cJSON_CreateNull();
+}
+
 static void add_null_or_number(cJSON *o, const char *key, const cJSON *v)
 {
     if (cJSON_IsNumber(v))
         cJSON_AddNumberToObject(o, key, v->valuedouble);
     else
         cJSON_AddNullToObject(o, key);
+}
+
+static int by_named(const void *a, const void *b)
+{
+    return strcmp(((const struct named *)a)->name, ((const struct named *)b)->name);
+}
+
+/* The index of list by the string at key (the build failed without memory for it). */
+static struct index index_of(struct build *b, const cJSON *list, const char *key)
+{
+    struct index ix = {0};
+    size_t n = (size_t)cJSON_GetArraySize(list);
+    const cJSON *row;
+
+    if (n && !(ix.v = calloc(n, sizeof(*ix.v)))) {
+        b->failed = b->out_of_memory = true;
+        return ix;
+    }
+    cJSON_ArrayForEach(row, list)
+        ix.v[ix.n++] = (struct named){.name = str(row, key), .row = row};
+    if (ix.n > 1)
+        qsort(ix.v, ix.n, sizeof(*ix.v), by_named);
+    return ix;
+}
+
+static const cJSON *lookup(const struct index *ix, const char *name)
+{
+    struct named want = {.name = name}, *hit;
+
+    hit = ix->n ? bsearch(&want, ix->v, ix->n, sizeof(*ix->v), by_named) : NULL;
+    return hit ? hit->row : NULL;
+}
+
+/* A count of rows (the query names it n); 0 on a store error (and the build failed). */
+static double count(struct build *b, cJSON *r)
+{
+    double n;
+
+    r = rows(b, r);
+    n = num(cJSON_GetArrayItem(r, 0), "n", 0);
+    cJSON_Delete(r);
+    return n;
 }
 
 /* ---- gateways and connectors ---- */
@@ -110,13 +175,16 @@ static cJSON *sorted(cJSON *arr, int (*cmp)(const void *, const void *))
     return arr;
 }
 
+/* The GATEWAYS_MAX instances that reported last, by name. */
 static cJSON *gateways(struct build *b)
 {
     cJSON *out = cJSON_CreateArray(), *row;
 
     b->gateway_rows = rows(b, cmg_store_query_json(b->s->store,
-        "SELECT instance, state, policy_version, received, interval, devices_now, via, "
-        "tunnels, certificates FROM gateways ORDER BY instance", ""));
+        "SELECT * FROM (SELECT instance, state, policy_version, received, interval, "
+        "devices_now, via, tunnels, certificates FROM gateways "
+        "ORDER BY received DESC, instance LIMIT ?1) ORDER BY instance", "i",
+        (int64_t)GATEWAYS_MAX));
     cJSON_ArrayForEach(row, b->gateway_rows) {
         cJSON *g = cJSON_CreateObject();
         int64_t age = b->now - (int64_t)num(row, "received", 0);
@@ -139,35 +207,56 @@ static cJSON *gateways(struct build *b)
     return out;
 }
 
-static cJSON *row_named(cJSON *list, const char *key, const char *name)
+static int by_string(const void *a, const void *b)
 {
-    cJSON *row;
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
 
-    cJSON_ArrayForEach(row, list)
-        if (!strcmp(str(row, key), name))
-            return row;
-    return NULL;
+/* The connector names the gateways' tunnels list, sorted (duplicates included). */
+static const char **listed_names(struct build *b, size_t *n)
+{
+    const cJSON *g, *t;
+    const char **v;
+    size_t cap = 0;
+
+    *n = 0;
+    cJSON_ArrayForEach(g, b->gateway_rows)
+        cap += (size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(g, "tunnels"));
+    if (!cap)
+        return NULL;
+    if (!(v = calloc(cap, sizeof(*v)))) {
+        b->failed = b->out_of_memory = true;
+        return NULL;
+    }
+    cJSON_ArrayForEach(g, b->gateway_rows)
+        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(g, "tunnels"))
+            if (*str(t, "connector"))
+                v[(*n)++] = str(t, "connector");
+    if (*n > 1)
+        qsort(v, *n, sizeof(*v), by_string);
+    return v;
 }
 
 /* Connectors the gateways list that the store has no row of (never registered here, or
  * named otherwise): known all the same, never reported. */
 static void add_listed_connectors(struct build *b)
 {
-    const cJSON *g, *t;
+    size_t n;
+    const char **names = listed_names(b, &n);
+    struct index known = index_of(b, b->connector_rows, "name");
 
-    cJSON_ArrayForEach(g, b->gateway_rows) {
-        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(g, "tunnels")) {
-            const char *name = str(t, "connector");
-            cJSON *c;
-            if (!*name || row_named(b->connector_rows, "name", name))
-                continue;
-            c = cJSON_CreateObject();
-            cJSON_AddStringToObject(c, "name", name);
-            cJSON_AddNullToObject(c, "revoked");
-            cJSON_AddNullToObject(c, "received");
-            cJSON_AddItemToArray(b->connector_rows, c);
-        }
+    for (size_t i = 0; i < n && !b->failed; i++) {
+        cJSON *c;
+        if ((i && !strcmp(names[i], names[i - 1])) || lookup(&known, names[i]))
+            continue;
+        c = cJSON_CreateObject();
+        cJSON_AddStringToObject(c, "name", names[i]);
+        cJSON_AddNullToObject(c, "revoked");
+        cJSON_AddNullToObject(c, "received");
+        cJSON_AddItemToArray(b->connector_rows, c);
     }
+    free(known.v);
+    free(names);
 }
 
 static cJSON *connector_doc(struct build *b, cJSON *row)
@@ -219,6 +308,7 @@ static cJSON *connectors(struct build *b)
     sorted(b->connector_rows, by_name);
     cJSON_ArrayForEach(row, b->connector_rows)
         cJSON_AddItemToArray(out, connector_doc(b, row));
+    b->connector_index = index_of(b, b->connector_rows, "name");
     return out;
 }
 
@@ -230,56 +320,79 @@ struct pair {
     const cJSON *from_gateway;     /* the gateway's tunnel entry, or NULL */
 };
 
-struct pairs {
-    struct pair *v;
+/* One tunnel entry of a report, keyed by its pair; sorted by pair, then in the order
+ * read, so that the entries of one pair are neighbours. */
+struct view {
+    const char *gateway, *connector;
+    const cJSON *tunnel;
+    bool from_gateway;
+    size_t seq;
+};
+
+struct views {
+    struct view *v;
     size_t n, cap;
 };
 
-static struct pair *pair_of(struct pairs *ps, const char *gateway, const char *connector)
+static void add_view(struct build *b, struct views *vs, const char *gateway,
+                     const char *connector, const cJSON *tunnel, bool from_gateway)
 {
-    for (size_t i = 0; i < ps->n; i++)
-        if (!strcmp(ps->v[i].gateway, gateway) && !strcmp(ps->v[i].connector, connector))
-            return &ps->v[i];
-    if (ps->n == ps->cap) {
-        size_t cap = ps->cap ? ps->cap * 2 : 16;
-        struct pair *v = realloc(ps->v, cap * sizeof(*v));
-        if (!v)
-            return NULL;
-        ps->v = v;
-        ps->cap = cap;
+    if (!*gateway || !*connector || b->failed)
+        return;
+    if (vs->n == vs->cap) {
+        size_t cap = vs->cap ? vs->cap * 2 : 64;
+        struct view *v = realloc(vs->v, cap * sizeof(*v));
+        if (!v) {
+            b->failed = b->out_of_memory = true;
+            return;
+        }
+        vs->v = v;
+        vs->cap = cap;
     }
-    ps->v[ps->n] = (struct pair){.gateway = gateway, .connector = connector};
-    return &ps->v[ps->n++];
+    vs->v[vs->n] = (struct view){gateway, connector, tunnel, from_gateway, vs->n};
+    vs->n++;
 }
 
-static void collect_connector_views(struct build *b, struct pairs *ps)
+static void collect_views(struct build *b, struct views *vs)
 {
-    const cJSON *c, *t;
+    const cJSON *r, *t;
 
-    cJSON_ArrayForEach(c, b->connector_rows) {
-        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(c, "tunnels")) {
+    cJSON_ArrayForEach(r, b->connector_rows)
+        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(r, "tunnels"))
             /* the instance is learned from the tunnel's first report: the address until then */
-            const char *gw = *str(t, "instance") ? str(t, "instance") : str(t, "gateway");
-            struct pair *p = *gw ? pair_of(ps, gw, str(c, "name")) : NULL;
-            if (p)
-                p->from_connector = t;
-        }
-    }
+            add_view(b, vs, *str(t, "instance") ? str(t, "instance") : str(t, "gateway"),
+                     str(r, "name"), t, false);
+    cJSON_ArrayForEach(r, b->gateway_rows)
+        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(r, "tunnels"))
+            add_view(b, vs, str(r, "instance"), str(t, "connector"), t, true);
 }
 
-static void collect_gateway_views(struct build *b, struct pairs *ps)
+static int by_pair_then_seq(const void *a, const void *b)
 {
-    const cJSON *g, *t;
+    const struct view *x = a, *y = b;
+    int c = strcmp(x->gateway, y->gateway);
 
-    cJSON_ArrayForEach(g, b->gateway_rows) {
-        cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(g, "tunnels")) {
-            struct pair *p = *str(t, "connector")
-                                 ? pair_of(ps, str(g, "instance"), str(t, "connector")) : NULL;
-            /* two tunnels of one connector: the one up tells */
-            if (p && (!p->from_gateway || strcmp(str(p->from_gateway, "state"), "up")))
-                p->from_gateway = t;
-        }
+    if (!c)
+        c = strcmp(x->connector, y->connector);
+    return c ? c : (x->seq > y->seq) - (x->seq < y->seq);
+}
+
+/* The pair of the views from v[0] on that share its key; *used: how many they are. The
+ * connector's last entry tells; of two tunnels a gateway lists, the one up. */
+static struct pair pair_of(const struct view *v, size_t left, size_t *used)
+{
+    struct pair p = {.gateway = v[0].gateway, .connector = v[0].connector};
+    size_t i = 0;
+
+    for (; i < left && !strcmp(v[i].gateway, p.gateway) &&
+           !strcmp(v[i].connector, p.connector); i++) {
+        if (!v[i].from_gateway)
+            p.from_connector = v[i].tunnel;
+        else if (!p.from_gateway || strcmp(str(p.from_gateway, "state"), "up"))
+            p.from_gateway = v[i].tunnel;
     }
+    *used = i;
+    return p;
 }
 
 /* The connector's view of a pair: its tunnel's state; "stale" when its report is too old,
@@ -299,8 +412,8 @@ static const char *connector_view(const cJSON *connector, const struct pair *p)
 static cJSON *matrix_row(struct build *b, const struct pair *p)
 {
     cJSON *row = cJSON_CreateObject();
-    const cJSON *c = row_named(b->connector_rows, "name", p->connector);
-    const cJSON *g = row_named(b->gateway_rows, "instance", p->gateway);
+    const cJSON *c = lookup(&b->connector_index, p->connector);
+    const cJSON *g = lookup(&b->gateway_index, p->gateway);
     const char *cv = connector_view(c, p);
     const char *gv = p->from_gateway && *str(p->from_gateway, "state")
                          ? str(p->from_gateway, "state") : "none";
@@ -316,48 +429,54 @@ static cJSON *matrix_row(struct build *b, const struct pair *p)
         state = strcmp(gv, "none") ? gv : "down";
         since = cJSON_GetObjectItemCaseSensitive(p->from_gateway, "since");
     }
-    cJSON_AddStringToObject(row, "gateway", p->gateway);
-    cJSON_AddStringToObject(row, "address", str(p->from_connector, "gateway"));
-    cJSON_AddStringToObject(row, "connector", p->connector);
-    cJSON_AddStringToObject(row, "state", state);
-    add_null_or_number(row, "since", since);
-    add_null_or_number(row, "rtt_ms", cJSON_GetObjectItemCaseSensitive(p->from_connector,
-                                                                       "rtt_ms"));
-    add_null_or_number(row, "reconnects",
-                       cJSON_GetObjectItemCaseSensitive(p->from_connector, "reconnects"));
-    cJSON_AddStringToObject(row, "gateway_view", gv);
-    cJSON_AddStringToObject(row, "connector_view", cv);
+    /* rows by the ten thousand: keys are not copied */
+    cJSON_AddItemToObjectCS(row, "gateway", cJSON_CreateString(p->gateway));
+    cJSON_AddItemToObjectCS(row, "address",
+                            cJSON_CreateString(str(p->from_connector, "gateway")));
+    cJSON_AddItemToObjectCS(row, "connector", cJSON_CreateString(p->connector));
+    cJSON_AddItemToObjectCS(row, "state", cJSON_CreateString(state));
+    /* 0 (or less) is no time of this deployment: not known */
+    cJSON_AddItemToObjectCS(row, "since", cJSON_IsNumber(since) && since->valuedouble > 0
+                                              ? cJSON_CreateNumber(since->valuedouble)
+                                              : cJSON_CreateNull());
+    cJSON_AddItemToObjectCS(row, "rtt_ms", number_or_null(
+        cJSON_GetObjectItemCaseSensitive(p->from_connector, "rtt_ms")));
+    cJSON_AddItemToObjectCS(row, "reconnects", number_or_null(
+        cJSON_GetObjectItemCaseSensitive(p->from_connector, "reconnects")));
+    cJSON_AddItemToObjectCS(row, "gateway_view", cJSON_CreateString(gv));
+    cJSON_AddItemToObjectCS(row, "connector_view", cJSON_CreateString(cv));
     return row;
 }
 
-static int by_gateway_then_connector(const void *a, const void *b)
-{
-    const struct pair *x = a, *y = b;
-    int c = strcmp(x->gateway, y->gateway);
-    return c ? c : strcmp(x->connector, y->connector);
-}
-
+/* The matrix, by instance then connector: O(n log n) in the tunnel entries reported. */
 static cJSON *tunnels(struct build *b)
 {
-    struct pairs ps = {0};
+    struct views vs = {0};
     cJSON *matrix = cJSON_CreateArray();
+    size_t used;
 
-    collect_connector_views(b, &ps);
-    collect_gateway_views(b, &ps);
-    if (ps.n)
-        qsort(ps.v, ps.n, sizeof(*ps.v), by_gateway_then_connector);
-    for (size_t i = 0; i < ps.n; i++)
-        cJSON_AddItemToArray(matrix, matrix_row(b, &ps.v[i]));
-    free(ps.v);
+    b->gateway_index = index_of(b, b->gateway_rows, "instance");
+    collect_views(b, &vs);
+    if (vs.n > 1)
+        qsort(vs.v, vs.n, sizeof(*vs.v), by_pair_then_seq);
+    for (size_t i = 0; i < vs.n && !b->failed; i += used) {
+        struct pair p = pair_of(vs.v + i, vs.n - i, &used);
+        cJSON_AddItemToArray(matrix, matrix_row(b, &p));
+    }
+    free(vs.v);
     return matrix;
 }
 
 /* ---- traffic and egress ---- */
 
+/* Sums are TOTAL()s, floating point: SUM() of integers fails past 2^63 ("integer
+ * overflow"), and one row that large would keep every document from being made. */
+
 #define ROLE_SUMS(table, period)                                                           \
-    "SELECT role, SUM(requests) AS requests, SUM(r1xx) AS r1xx, SUM(r2xx) AS r2xx, "       \
-    "SUM(r3xx) AS r3xx, SUM(r4xx) AS r4xx, SUM(r5xx) AS r5xx, SUM(rother) AS rother, "     \
-    "SUM(request_bytes) AS request_bytes, SUM(response_bytes) AS response_bytes FROM "     \
+    "SELECT role, TOTAL(requests) AS requests, TOTAL(r1xx) AS r1xx, TOTAL(r2xx) AS r2xx, "   \
+    "TOTAL(r3xx) AS r3xx, TOTAL(r4xx) AS r4xx, TOTAL(r5xx) AS r5xx, "                        \
+    "TOTAL(rother) AS rother, TOTAL(request_bytes) AS request_bytes, "                       \
+    "TOTAL(response_bytes) AS response_bytes FROM "                                          \
     table " WHERE " period " = ? AND role != '' GROUP BY role ORDER BY role"
 
 static cJSON *role_doc(const cJSON *row)
@@ -432,8 +551,8 @@ static cJSON *egress(struct build *b)
 {
     cJSON *e = cJSON_CreateObject();
     cJSON *per = rows(b, cmg_store_query_json(b->s->store,
-        "SELECT instance, SUM(CASE WHEN p = 'd' THEN bytes ELSE 0 END) AS today, "
-        "SUM(CASE WHEN p = 'm' THEN bytes ELSE 0 END) AS month FROM ("
+        "SELECT instance, TOTAL(CASE WHEN p = 'd' THEN bytes ELSE 0 END) AS today, "
+        "TOTAL(CASE WHEN p = 'm' THEN bytes ELSE 0 END) AS month FROM ("
         "SELECT instance, 'd' AS p, egress_bytes AS bytes FROM traffic_day "
         "WHERE role = '' AND day = ? UNION ALL "
         "SELECT instance, 'm', egress_bytes FROM traffic_month WHERE role = '' AND month = ?) "
@@ -473,22 +592,8 @@ static void serial_key(const char *in, char *out, size_t len)
     out[n] = 0;
 }
 
-static bool listed(const cJSON *list, const char *serial)
-{
-    char want[128], have[128];
-    const cJSON *c;
-
-    serial_key(serial, want, sizeof(want));
-    cJSON_ArrayForEach(c, list) {
-        serial_key(str(c, "serial"), have, sizeof(have));
-        if (*want && !strcmp(want, have))
-            return true;
-    }
-    return false;
-}
-
-static void add_cert(struct build *b, cJSON *list, const char *kind, const char *name,
-                     const char *serial, double not_after)
+static cJSON *cert_doc(struct build *b, const char *kind, const char *name,
+                       const char *serial, double not_after)
 {
     cJSON *c = cJSON_CreateObject();
 
@@ -497,52 +602,124 @@ static void add_cert(struct build *b, cJSON *list, const char *kind, const char 
     cJSON_AddStringToObject(c, "serial", serial);
     cJSON_AddNumberToObject(c, "not_after", not_after);
     cJSON_AddNumberToObject(c, "days_left", floor((not_after - (double)b->now) / DAY_S));
-    cJSON_AddItemToArray(list, c);
+    return c;
 }
 
-/* What 'cert list' shows (the store's rows, the site directory's files), in force: not
- * revoked, not replaced by a renewal; the kinds it names in lower case. */
-static void site_certs(struct build *b, cJSON *list, double horizon)
+/* What the store holds in force (not revoked, not replaced by a renewal) and ending by
+ * ?1, as 'cert list' names the kinds, in lower case. */
+#define STORE_CERTS                                                                        \
+    "SELECT CASE WHEN kind IS NULL THEN 'device' WHEN kind = 'CA' THEN 'ca' ELSE kind END " \
+    "AS kind, name, serial, expires FROM certs WHERE revoked IS NULL AND replaced IS NULL "  \
+    "AND expires > 0 AND expires <= ?1 AND (kind IS NULL OR kind IN ('CA', 'site', "        \
+    "'gateway', 'connector', 'device')) UNION ALL SELECT 'connector', name, serial, "        \
+    "expires FROM connectors WHERE revoked IS NULL AND expires > 0 AND expires <= ?1"
+
+/* The certificate files of the site directory ('cert list' reads them the same way),
+ * unless the store says they were revoked or replaced. */
+static void file_certs(struct build *b, cJSON *list, int64_t horizon)
 {
-    static const char *const kinds[][2] = {{"CA", "ca"}, {"site", "site"},
-                                           {"gateway", "gateway"}, {"connector", "connector"},
-                                           {"device", "device"}};
-    cJSON *all = NULL, *empty = cJSON_CreateObject();
+    cJSON *files = cJSON_CreateArray();
     const cJSON *c;
-    char msg[256];
+    char kind[16];
 
-    if (cmg_site_op_run(b->s, "cert.list", empty, &all, msg, sizeof(msg)) != 0)
-        b->failed = true;
-    cJSON_Delete(empty);
-    cJSON_ArrayForEach(c, all) {
+    cmg_site_cert_files(b->s, files);
+    cJSON_ArrayForEach(c, files) {
         double end = num(c, "expires", 0);
-        if (!end || end > horizon ||
-            !cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(c, "revoked")) ||
-            cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(c, "replaced")) ||
-            listed(list, str(c, "serial")))
+        if (end <= 0 || end > (double)horizon ||
+            count(b, cmg_store_query_json(b->s->store,
+                "SELECT (SELECT count(*) FROM certs WHERE serial = ?1 AND (revoked IS NOT NULL "
+                "OR replaced IS NOT NULL)) + (SELECT count(*) FROM connectors WHERE "
+                "serial = ?1 AND revoked IS NOT NULL) AS n", "s", str(c, "serial"))) > 0)
             continue;
-        for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++)
-            if (!strcmp(str(c, "kind"), kinds[k][0]))
-                add_cert(b, list, kinds[k][1], str(c, "name"), str(c, "serial"), end);
+        snprintf(kind, sizeof(kind), "%s", !strcmp(str(c, "kind"), "CA") ? "ca" : str(c, "kind"));
+        cJSON_AddItemToArray(list, cert_doc(b, kind, str(c, "name"), str(c, "serial"), end));
     }
-    cJSON_Delete(all);
+    cJSON_Delete(files);
 }
 
-/* The certificates the gateways reported (their own, the CAs they trust), once each. */
-static void reported_certs(struct build *b, cJSON *list, double horizon)
+/* The store's certificates ending by horizon: the CERTIFICATES_MAX soonest, read with
+ * an ORDER BY and a LIMIT. Returns how many more there are. */
+static double store_certs(struct build *b, cJSON *list, int64_t horizon)
+{
+    cJSON *r = rows(b, cmg_store_query_json(b->s->store,
+        "SELECT * FROM (" STORE_CERTS ") ORDER BY expires, serial LIMIT ?2", "ii", horizon,
+        (int64_t)CERTIFICATES_MAX));
+    double all = count(b, cmg_store_query_json(b->s->store,
+        "SELECT count(*) AS n FROM (" STORE_CERTS ")", "i", horizon));
+    const cJSON *c;
+
+    cJSON_ArrayForEach(c, r)
+        cJSON_AddItemToArray(list, cert_doc(b, str(c, "kind"), str(c, "name"), str(c, "serial"),
+                                            num(c, "expires", 0)));
+    all -= cJSON_GetArraySize(r);
+    cJSON_Delete(r);
+    return all > 0 ? all : 0;
+}
+
+/* The certificates the gateways reported (their own, the CAs they trust), at most
+ * CERTIFICATES_MAX of each. Returns how many more there are. */
+static double reported_certs(struct build *b, cJSON *list, int64_t horizon)
 {
     const cJSON *g, *c;
+    double more = 0;
 
     cJSON_ArrayForEach(g, b->gateway_rows) {
+        int n = 0;
         cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(g, "certificates")) {
             double end = num(c, "not_after", 0);
-            if (!end || end > horizon || listed(list, str(c, "serial")))
+            cJSON *d;
+            if (end <= 0 || end > (double)horizon)
                 continue;
-            add_cert(b, list, "reported", str(c, "name"), str(c, "serial"), end);
-            cJSON_AddStringToObject(cJSON_GetArrayItem(list, cJSON_GetArraySize(list) - 1),
-                                    "instance", str(g, "instance"));
+            if (n++ == CERTIFICATES_MAX) {
+                more++;
+                continue;
+            }
+            d = cert_doc(b, "reported", str(c, "name"), str(c, "serial"), end);
+            cJSON_AddStringToObject(d, "instance", str(g, "instance"));
+            cJSON_AddItemToArray(list, d);
         }
     }
+    return more;
+}
+
+/* A certificate of list by its serial, as one spelling; rank: the order it came in. */
+struct cert_key {
+    char serial[80];
+    size_t rank;
+    cJSON *item;
+};
+
+static int by_serial_then_rank(const void *a, const void *b)
+{
+    const struct cert_key *x = a, *y = b;
+    int c = strcmp(x->serial, y->serial);
+
+    return c ? c : (x->rank > y->rank) - (x->rank < y->rank);
+}
+
+/* Each serial once (the first that came: the site's own before the reported ones);
+ * certificates without a serial all kept. */
+static void dedupe(struct build *b, cJSON *list)
+{
+    size_t n = (size_t)cJSON_GetArraySize(list), i = 0;
+    struct cert_key *k = n ? calloc(n, sizeof(*k)) : NULL;
+    cJSON *c;
+
+    if (n && !k) {
+        b->failed = b->out_of_memory = true;
+        return;
+    }
+    cJSON_ArrayForEach(c, list) {
+        serial_key(str(c, "serial"), k[i].serial, sizeof(k[i].serial));
+        k[i].rank = i;
+        k[i++].item = c;
+    }
+    if (n > 1)
+        qsort(k, n, sizeof(*k), by_serial_then_rank);
+    for (i = 1; i < n; i++)
+        if (*k[i].serial && !strcmp(k[i].serial, k[i - 1].serial))
+            cJSON_Delete(cJSON_DetachItemViaPointer(list, k[i].item));
+    free(k);
 }
 
 static int by_not_after(const void *a, const void *b)
@@ -552,15 +729,27 @@ static int by_not_after(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static cJSON *certificates(struct build *b)
+/* Those ending within cert_expiry_days, soonest first, at most CERTIFICATES_MAX; *more:
+ * how many more there are. Nothing here reads all the certificates the site issued. */
+static cJSON *certificates(struct build *b, double *more)
 {
-    cJSON *list = cJSON_CreateArray();
+    cJSON *list = cJSON_CreateArray(), *extra;
     double days = setting(b, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT);
-    double horizon = (double)b->now + days * DAY_S;
+    double end = (double)b->now + days * DAY_S;
+    int64_t horizon = end < 4e18 ? (int64_t)end : INT64_MAX / 2;
 
-    site_certs(b, list, horizon);
-    reported_certs(b, list, horizon);
-    return sorted(list, by_not_after);
+    file_certs(b, list, horizon);
+    *more = store_certs(b, list, horizon);
+    *more += reported_certs(b, list, horizon);
+    dedupe(b, list);
+    sorted(list, by_not_after);
+    for (extra = cJSON_GetArrayItem(list, CERTIFICATES_MAX); extra;) {
+        cJSON *next = extra->next;
+        cJSON_Delete(cJSON_DetachItemViaPointer(list, extra));
+        (*more)++;
+        extra = next;
+    }
+    return list;
 }
 
 static cJSON *open_alerts(struct build *b)
@@ -572,6 +761,38 @@ static cJSON *open_alerts(struct build *b)
 }
 
 /* ---- the document ---- */
+
+/* The string of item with each byte that is no part of a UTF-8 character as U+FFFD. */
+static void replace_invalid_utf8(cJSON *item)
+{
+    const unsigned char *p = (const unsigned char *)item->valuestring;
+    size_t n = strlen(item->valuestring), bad = 0, o = 0;
+    char *fixed;
+
+    for (size_t i = 0, k; i < n; i += k ? k : 1)
+        bad += (k = cmg_utf8_char(p + i, n - i)) == 0;
+    if (!bad || !(fixed = malloc(n + 2 * bad + 1)))
+        return;
+    for (size_t i = 0, k; i < n; i += k ? k : 1) {
+        k = cmg_utf8_char(p + i, n - i);
+        memcpy(fixed + o, k ? (const char *)p + i : "\xEF\xBF\xBD", k ? k : 3);
+        o += k ? k : 3;
+    }
+    fixed[o] = 0;
+    cJSON_SetValuestring(item, fixed);
+    free(fixed);
+}
+
+/* Every string of a document as valid UTF-8 (the store keeps what was reported): a JSON
+ * client cannot read a document that is not, nor should a terminal get raw bytes. */
+static void valid_utf8(cJSON *item)
+{
+    for (; item; item = item->next) {
+        if (cJSON_IsString(item) && item->valuestring)
+            replace_invalid_utf8(item);
+        valid_utf8(item->child);
+    }
+}
 
 static void utc_names(int64_t now, char day[16], char month[16])
 {
@@ -587,6 +808,7 @@ static cJSON *status_doc(struct build *b)
 {
     struct cmg_site_ctx *s = b->s;
     cJSON *d = cJSON_CreateObject();
+    double more;
 
     b->settings = rows(b, cmg_store_query_json(s->store,
                                                "SELECT name, value FROM alert_settings", ""));
@@ -597,13 +819,16 @@ static cJSON *status_doc(struct build *b)
     cJSON_AddStringToObject(d, "site_role", s->site_role);
     cJSON_AddBoolToObject(d, "site_serving", cmg_site_serve_running(s->dir));
     cJSON_AddItemToObject(d, "gateways", gateways(b));
+    more = count(b, cmg_store_query_json(s->store, "SELECT count(*) AS n FROM gateways", ""));
+    cJSON_AddNumberToObject(d, "gateways_more", more > GATEWAYS_MAX ? more - GATEWAYS_MAX : 0);
     cJSON_AddItemToObject(d, "connectors", connectors(b));
     cJSON_AddItemToObject(d, "tunnels", tunnels(b));
     cJSON_AddItemToObject(d, "traffic", traffic(b));
     cJSON_AddItemToObject(d, "egress", egress(b));
     cJSON_AddNumberToObject(d, "cert_expiry_days",
                             setting(b, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT));
-    cJSON_AddItemToObject(d, "certificates", certificates(b));
+    cJSON_AddItemToObject(d, "certificates", certificates(b, &more));
+    cJSON_AddNumberToObject(d, "certificates_more", more);
     cJSON_AddItemToObject(d, "alerts", open_alerts(b));
     return d;
 }
@@ -620,16 +845,21 @@ int cmg_site_status(struct cmg_site_ctx *s, int64_t now, cJSON **out, char *msg,
         return 500;
     }
     doc = status_doc(&b);
-    if (b.failed)
+    if (b.out_of_memory)
+        snprintf(msg, len, "out of memory making the status document");
+    else if (b.failed)
         snprintf(msg, len, "store: %s", cmg_store_error(s->store));
     cmg_store_rollback(s->store);   /* read only: nothing to keep */
     cJSON_Delete(b.settings);
     cJSON_Delete(b.gateway_rows);
     cJSON_Delete(b.connector_rows);
+    free(b.gateway_index.v);
+    free(b.connector_index.v);
     if (b.failed || !doc) {
         cJSON_Delete(doc);
         return 500;
     }
+    valid_utf8(doc);
     *out = doc;
     return 0;
 }
@@ -672,14 +902,14 @@ static cJSON *egress_points(cJSON *sums)
 }
 
 #define SERIES_SQL(t, table, where)                                                        \
-    "SELECT role, " t " AS t, SUM(requests) AS requests, SUM(request_bytes) AS "           \
-    "request_bytes, SUM(response_bytes) AS response_bytes FROM " table " WHERE " where     \
+    "SELECT role, " t " AS t, TOTAL(requests) AS requests, TOTAL(request_bytes) AS "       \
+    "request_bytes, TOTAL(response_bytes) AS response_bytes FROM " table " WHERE " where  \
     " AND role != '' AND (?3 = '' OR instance = ?3) GROUP BY role, t HAVING "              \
-    "SUM(requests) + SUM(request_bytes) + SUM(response_bytes) > 0 ORDER BY role, t"
+    "TOTAL(requests) + TOTAL(request_bytes) + TOTAL(response_bytes) > 0 ORDER BY role, t"
 #define EGRESS_SQL(t, table, where)                                                        \
-    "SELECT " t " AS t, SUM(egress_bytes) AS egress_bytes FROM " table " WHERE " where     \
-    " AND role = '' AND (?3 = '' OR instance = ?3) GROUP BY t HAVING SUM(egress_bytes) > 0 " \
-    "ORDER BY t"
+    "SELECT " t " AS t, TOTAL(egress_bytes) AS egress_bytes FROM " table " WHERE " where  \
+    " AND role = '' AND (?3 = '' OR instance = ?3) GROUP BY t "                            \
+    "HAVING TOTAL(egress_bytes) > 0 ORDER BY t"
 #define DAY_T "CAST(strftime('%s', day) AS INTEGER)"
 #define DAY_WHERE "day >= ?1 AND day <= ?2"
 
@@ -718,13 +948,15 @@ int cmg_site_traffic(struct cmg_site_ctx *s, int64_t now, const char *range,
                      const char *instance, cJSON **out, char *msg, size_t len)
 {
     struct build b = {.s = s, .now = now};
-    bool month = range && !strcmp(range, "month");
+    bool month;
     int64_t from;
     cJSON *doc;
 
     *out = NULL;
-    if (!range || (strcmp(range, "day") && !month)) {
-        snprintf(msg, len, "range: expected day or month, found '%.64s'", range ? range : "");
+    range = range ? range : "day";
+    month = !strcmp(range, "month");
+    if (strcmp(range, "day") && !month) {
+        snprintf(msg, len, "range: expected day or month, found '%.64s'", range);
         return 400;
     }
     if (instance && strlen(instance) > 256) {
@@ -752,6 +984,7 @@ int cmg_site_traffic(struct cmg_site_ctx *s, int64_t now, const char *range,
         cJSON_Delete(doc);
         return 500;
     }
+    valid_utf8(doc);
     *out = doc;
     return 0;
 }

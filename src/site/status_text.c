@@ -1,12 +1,15 @@
 /* The status document as one screen of text, the matrix first; see status.h. */
 #include "site/status.h"
 
+#include "core/log.h"
+
 #include <inttypes.h>
 #include <math.h>
 #include <string.h>
 #include <time.h>
 
 #define MAX_CERT_LINES 10
+#define SHOWN_MAX 1024   /* bytes of one string as shown, "..." past it */
 
 static double num(const cJSON *o, const char *key, double def)
 {
@@ -18,6 +21,50 @@ static const char *str(const cJSON *o, const char *key)
 {
     const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, key));
     return v ? v : "";
+}
+
+/* A string from the network or the store as the terminal shows it, never as what it
+ * would do: control characters (C0, DEL, and C1, U+0080..U+009F) and bytes that are no
+ * part of valid UTF-8 written as \xNN, so that a name cannot move the cursor, retitle
+ * the window or hide what follows it. A value of the function lives until the end of
+ * the statement that called it: shown(x).s is an argument of printf as it is. */
+struct shown {
+    char s[SHOWN_MAX];
+};
+
+static struct shown shown(const char *in)
+{
+    struct shown out;
+    const unsigned char *p = (const unsigned char *)in;
+    size_t n = strlen(in), i = 0, o = 0;
+
+    while (i < n) {
+        size_t take = cmg_utf8_char(p + i, n - i);
+        bool control = take == 0 || p[i] < 0x20 || p[i] == 0x7F ||
+                       (take == 2 && p[i] == 0xC2 && p[i + 1] < 0xA0);
+        size_t len = take ? take : 1;
+
+        if (o + (control ? 4 * len : len) + 4 > sizeof(out.s)) {
+            memcpy(out.s + o, "...", 3);
+            o += 3;
+            break;
+        }
+        for (size_t k = 0; control && k < len; k++)
+            o += (size_t)snprintf(out.s + o, 5, "\\x%02x", p[i + k]);
+        if (!control) {
+            memcpy(out.s + o, p + i, len);
+            o += len;
+        }
+        i += len;
+    }
+    out.s[o] = 0;
+    return out;
+}
+
+/* The string at key, shown. */
+static struct shown text(const cJSON *o, const char *key)
+{
+    return shown(str(o, key));
 }
 
 static bool is_true(const cJSON *o, const char *key)
@@ -46,7 +93,7 @@ void cmg_format_age(int64_t s, char *out, size_t len)
 
 void cmg_format_bytes(double b, char *out, size_t len)
 {
-    static const char *const units[] = {"KiB", "MiB", "GiB", "TiB", "PiB"};
+    static const char *const units[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
     size_t u = 0;
 
     if (b < 1024) {
@@ -70,10 +117,10 @@ static void iso(double t, char *out, size_t len)
     strftime(out, len, "%Y-%m-%d %H:%M:%SZ", &tm);
 }
 
-/* "3m12s" since t, or "-". */
+/* "3m12s" since t, or "-" when t is unknown (null, 0: never a time of this deployment). */
 static void age_since(const cJSON *doc, const cJSON *t, char *out, size_t len)
 {
-    if (cJSON_IsNumber(t))
+    if (cJSON_IsNumber(t) && t->valuedouble > 0)
         cmg_format_age((int64_t)(num(doc, "time", 0) - t->valuedouble), out, len);
     else
         snprintf(out, len, "-");
@@ -93,9 +140,9 @@ static void print_matrix(const cJSON *doc, FILE *f)
             strcmp(str(t, "connector_view"), "none"))
             snprintf(rtt, sizeof(rtt), num(t, "rtt_ms", 0) < 10 ? "%.2f ms" : "%.0f ms",
                      num(t, "rtt_ms", 0));
-        fprintf(f, "%-24s %-16s %-10s %-9s %-9s %s/%s\n", str(t, "gateway"),
-                str(t, "connector"), str(t, "state"), since, rtt, str(t, "gateway_view"),
-                str(t, "connector_view"));
+        fprintf(f, "%-24s %-16s %-10s %-9s %-9s %s/%s\n", text(t, "gateway").s,
+                text(t, "connector").s, text(t, "state").s, since, rtt,
+                text(t, "gateway_view").s, text(t, "connector_view").s);
     }
 }
 
@@ -109,9 +156,13 @@ static void print_gateways(const cJSON *doc, FILE *f)
         char age[32], last[48];
         cmg_format_age((int64_t)num(g, "last_report_age", 0), age, sizeof(age));
         snprintf(last, sizeof(last), "%s ago%s", age, is_true(g, "stale") ? " STALE" : "");
-        fprintf(f, "%-24s %-10s %-7.0f %-18s %-8.0f %s\n", str(g, "instance"), str(g, "state"),
-                num(g, "policy_version", 0), last, num(g, "devices_now", 0), str(g, "via"));
+        fprintf(f, "%-24s %-10s %-7.0f %-18s %-8.0f %s\n", text(g, "instance").s,
+                text(g, "state").s, num(g, "policy_version", 0), last, num(g, "devices_now", 0),
+                text(g, "via").s);
     }
+    if (num(doc, "gateways_more", 0) > 0)
+        fprintf(f, "... and %.0f more instances that reported longer ago (not shown)\n",
+                num(doc, "gateways_more", 0));
 }
 
 static void print_connectors(const cJSON *doc, FILE *f)
@@ -130,7 +181,7 @@ static void print_connectors(const cJSON *doc, FILE *f)
             snprintf(policy, sizeof(policy), "%.0f", num(c, "policy_version", 0));
         const char *note = is_true(c, "revoked") ? " revoked"
                            : is_true(c, "draining") ? " draining" : "";
-        fprintf(f, "%-24s %-18s %s%s\n", str(c, "name"), last, policy, note);
+        fprintf(f, "%-24s %-18s %s%s\n", text(c, "name").s, last, policy, note);
     }
 }
 
@@ -177,7 +228,7 @@ static void print_egress(const cJSON *doc, FILE *f)
         char today[32], month[32];
         cmg_format_bytes(num(g, "today", 0), today, sizeof(today));
         cmg_format_bytes(num(g, "month", 0), month, sizeof(month));
-        fprintf(f, "  %-24s %s today, %s this month\n", str(g, "instance"), today, month);
+        fprintf(f, "  %-24s %s today, %s this month\n", text(g, "instance").s, today, month);
     }
 }
 
@@ -193,7 +244,9 @@ static void print_certificates(const cJSON *doc, FILE *f)
         double days = num(c, "days_left", 0);
 
         if (shown++ == MAX_CERT_LINES) {
-            fprintf(f, "  ... and %d more (--json lists them all)\n", n - MAX_CERT_LINES);
+            fprintf(f, "  ... and %.0f more (--json lists %s)\n",
+                    n - MAX_CERT_LINES + num(doc, "certificates_more", 0),
+                    num(doc, "certificates_more", 0) > 0 ? "the soonest of them" : "them all");
             break;
         }
         char left[48];
@@ -205,8 +258,8 @@ static void print_certificates(const cJSON *doc, FILE *f)
             snprintf(left, sizeof(left), "EXPIRED %s ago", age);
         } else
             snprintf(left, sizeof(left), "in %.0f day%s", days, days == 1 ? "" : "s");
-        fprintf(f, "  %-9s %-28s serial %-20s %s (%s)\n", str(c, "kind"), str(c, "name"),
-                str(c, "serial"), when, left);
+        fprintf(f, "  %-9s %-28s serial %-20s %s (%s)\n", text(c, "kind").s, text(c, "name").s,
+                text(c, "serial").s, when, left);
     }
 }
 
@@ -218,8 +271,8 @@ static void print_alerts(const cJSON *doc, FILE *f)
     cJSON_ArrayForEach(a, list) {
         char age[32];
         age_since(doc, item(a, "opened"), age, sizeof(age));
-        fprintf(f, "  %-8s %-16s %s: %s (for %s)\n", str(a, "level"), str(a, "kind"),
-                str(a, "subject"), str(a, "message"), age);
+        fprintf(f, "  %-8s %-16s %s: %s (for %s)\n", text(a, "level").s, text(a, "kind").s,
+                text(a, "subject").s, text(a, "message").s, age);
     }
 }
 
@@ -247,8 +300,8 @@ void cmg_site_status_print(const cJSON *doc, FILE *f)
     cJSON_ArrayForEach(c, item(doc, "connectors"))
         reports |= cJSON_IsNumber(item(c, "last_report"));
     iso(num(doc, "time", 0), now, sizeof(now));
-    fprintf(f, "site %s (role %s), policy version %.0f, at %s\n\n", str(doc, "service_name"),
-            str(doc, "site_role"), num(doc, "policy_version", 0), now);
+    fprintf(f, "site %s (role %s), policy version %.0f, at %s\n\n", text(doc, "service_name").s,
+            text(doc, "site_role").s, num(doc, "policy_version", 0), now);
     if (!reports) {
         print_no_report(doc, f);
     } else {

@@ -33,6 +33,8 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, name TEXT NOT NULL,"
     " subject TEXT NOT NULL, issued INTEGER NOT NULL, expires INTEGER NOT NULL,"
     " revoked INTEGER);"
+    /* the status document reads those that end soon, never all of them */
+    "CREATE INDEX IF NOT EXISTS certs_expires ON certs (expires);"
     "CREATE TABLE IF NOT EXISTS connectors (name TEXT PRIMARY KEY, serial TEXT NOT NULL,"
     " issued INTEGER NOT NULL, expires INTEGER NOT NULL, revoked INTEGER);"
     "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"

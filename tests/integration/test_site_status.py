@@ -12,13 +12,14 @@ import json
 import re
 import sqlite3
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from cmgtest import Site, run_cmg
+from cmgtest import CMG, SLOW, Site, poll, run_cmg
 from sitetest import Deployment
 
 GIB = 1 << 30
@@ -369,8 +370,21 @@ def test_admin_api(procs, tmp_path, svc):
     assert series == {ROLE_A: [[midnight, 15, 150, 7500]], ROLE_B: [[midnight, 1, 0, 30]]}
     assert month['egress'] == [[midnight, 5 * GIB]]
     assert dep.api('POST', '/v1/ops/traffic', {'range': 'month'})['series'] == month['series']
+    # what only reads is not logged at info, every poll; what changes is (the log is
+    # written after the answer: once the change's line is there, so would be the others)
+    dep.api('POST', '/v1/ops/mapping.list', {})
+    dep.api('POST', '/v1/ops/bulk.create', {'lifetime': '1d'})
+    poll(lambda: 'admin bulk.create from' in dep.site_proc.log_text(), 5 * SLOW,
+         'the site to log the change', check=dep.procs.check)
+    log = dep.site_proc.log_text()
+    for op in ('status', 'traffic', 'mapping.list'):
+        assert f'admin {op} from' not in log, log
 
-    for bad in ('/v1/traffic?range=week', '/v1/traffic', '/v1/traffic?range=',
+    # no range: the day, as the op gives it without one
+    status, plain = get(dep, '/v1/traffic')
+    assert status == 200 and plain['range'] == 'day' and plain['series'] == day['series']
+    assert dep.api('POST', '/v1/ops/traffic', {})['series'] == day['series']
+    for bad in ('/v1/traffic?range=week', '/v1/traffic?range=',
                 '/v1/traffic?range=day&instance=%zz'):
         status, err = get(dep, bad)
         assert status == 400, bad
@@ -406,3 +420,199 @@ def test_real_deployment(procs, tmp_path, svc):
     assert dep.api('GET', '/v1/status')['connectors_waiting'] >= 0
     for p in (dep.gateway[0], dep.connector):
         assert p.alive()
+
+
+HOSTILE = {
+    'instance': 'evil\x1b]0;owned\x07/0',
+    'via': 'c\x1b[2J',
+    'state': 'serving\u009b31m',
+    'connector': 'c\x1b[31mred',
+    'tunnel_state': 'up\r\nHOST/9                   c9               up',
+    'cert_name': '\x1b[8mhidden',
+    'serial': 'AB\x7f\x08',
+    'subject': 'c\x1bP+q\x1b\\',
+}
+
+
+def status_text_bytes(site_dir):
+    """`cmg site status` as the terminal would receive it: bytes, undecoded."""
+    r = subprocess.run([CMG, 'site', 'status', str(site_dir)], capture_output=True,
+                       timeout=60 * SLOW, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_hostile_strings_escaped(site):
+    """Names and messages from reports reach the terminal as text, never as control
+    sequences: C0, DEL and C1 (U+0080..U+009F) are written as \\xNN, bytes that are not
+    UTF-8 as U+FFFD (the document's strings are valid UTF-8); non-ASCII text stays as it
+    is. --json gives the strings back as they were stored."""
+    now = int(time.time())
+    h = HOSTILE
+    db = sqlite3.connect(site.dir / 'site.db')
+    db.execute('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+               (h['instance'], 'b' * 16, 1, h['state'], 3, now - 60, now - 5, now - 5, INTERVAL,
+                1, h['via'],
+                json.dumps([{'connector': h['connector'], 'state': h['tunnel_state'],
+                             'since': now - 50}]),
+                json.dumps([{'name': h['cert_name'], 'serial': h['serial'],
+                             'not_after': now + 86400 * 3}])))
+    db.execute('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+               ('Zürich-ā/0', 'b' * 16, 1, 'serving', 3, now - 60, now - 5, now - 5, INTERVAL,
+                1, 'c1', '[]', '[]'))
+    # raw bytes in a text column: a lone 0x9b (8-bit CSI) and a truncated UTF-8 sequence
+    db.execute('INSERT INTO alerts (kind, subject, level, message, opened, updated) '
+               'VALUES (?, ?, ?, CAST(? AS TEXT), ?, ?)',
+               ('no-tunnel', h['subject'], 'warning', b'gone \x9b2J and \xe2\x82', now - 9,
+                now - 9))
+    db.commit()
+    db.close()
+
+    out = status_text_bytes(site.dir)
+    text = out.decode('utf-8')                      # strict: every byte is UTF-8
+    controls = [c for c in text if c != '\n' and (ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f)]
+    assert controls == [], controls
+    for shown in (r'evil\x1b]0;owned\x07/0', r'c\x1b[2J', r'serving\xc2\x9b31m',
+                  r'c\x1b[31mred', r'up\x0d\x0aHOST/9', r'\x1b[8mhidden', r'AB\x7f\x08',
+                  r'c\x1bP+q\x1b\: ',
+                  'gone \ufffd2J and \ufffd\ufffd'):
+        assert shown in text, (shown, text)
+    assert 'Zürich-ā/0' in text                     # text is not mangled
+    assert 'HOST/9' not in [line.split()[0] for line in text.splitlines() if line.split()]
+
+    doc = status_json(site.dir)                    # strict UTF-8 too: bad bytes as U+FFFD
+    assert h['instance'] in [g['instance'] for g in doc['gateways']]
+    assert doc['alerts'][0]['message'] == 'gone \ufffd2J and \ufffd\ufffd'
+    assert by(doc['gateways'], instance='Zürich-ā/0')['via'] == 'c1'
+    row = by(doc['tunnels'], gateway=h['instance'])
+    assert (row['connector'], row['gateway_view']) == (h['connector'], h['tunnel_state'])
+    assert by(doc['certificates'], kind='reported')['name'] == h['cert_name']
+
+
+def test_unknown_since(site):
+    """A tunnel whose since is 0 or missing has no age: null in the document, '-' in the
+    text (not 20000 days)."""
+    now = int(time.time())
+    db = sqlite3.connect(site.dir / 'site.db')
+    db.execute('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+               ('HOST/0', 'b' * 16, 1, 'serving', 3, now - 60, now - 5, now - 5, INTERVAL, 1,
+                'c1', json.dumps([{'connector': 'c2', 'state': 'up', 'since': 0},
+                                  {'connector': 'c3', 'state': 'up'}]), '[]'))
+    db.execute('INSERT INTO connector_reports VALUES (?, ?, ?, ?, ?, ?, ?)',
+               ('c1', now, now, INTERVAL, 0, 3, json.dumps([
+                   {'gateway': '127.0.0.1:1', 'instance': 'HOST/0', 'state': 'up', 'since': 0,
+                    'rtt_ms': 0.5, 'reconnects': 0}])))
+    db.commit()
+    db.close()
+    doc = status_json(site.dir)
+    assert [(t['connector'], t['since']) for t in doc['tunnels']] == \
+        [('c1', None), ('c2', None), ('c3', None)]
+    lines = status_text_bytes(site.dir).decode().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('GATEWAY'))
+    for line in lines[header + 1:header + 4]:
+        assert line.split()[3] == '-', line
+
+
+def test_huge_counts(procs, tmp_path, svc):
+    """Counters whose sum passes 2^63 (SUM() fails there with "integer overflow"): the
+    document, the text and the traffic series are made all the same, the bytes shown in
+    EiB."""
+    dep = Deployment(procs, tmp_path, svc, start=False)
+    now = away_from_midnight()
+    big = (1 << 63) - 1
+    db = sqlite3.connect(dep.site.dir / 'site.db')
+    bucket = now - now % 300
+    for instance in ('HOST/0', 'HOST/1'):
+        for table, period, when in (('traffic_day', 'day', utc_day(now)),
+                                    ('traffic_month', 'month', utc_month(now)),
+                                    ('traffic_5m', 'bucket', bucket)):
+            traffic_row(db, table, period, instance, ROLE_A, when, requests=big, r2xx=big,
+                        request_bytes=big, response_bytes=big)
+            traffic_row(db, table, period, instance, '', when, egress_bytes=big)
+    db.commit()
+    db.close()
+    dep.start_site()
+
+    doc = status_json(dep.site.dir)
+    assert doc['traffic']['today']['response_bytes'] == pytest.approx(2.0 * big)
+    assert doc['egress']['month'] == pytest.approx(2.0 * big)
+    assert by(doc['traffic']['month']['roles'], role=ROLE_A)['status']['2xx'] == \
+        pytest.approx(2.0 * big)
+    text = status_text_bytes(dep.site.dir).decode()
+    assert re.search(r'^today +1\d{19} +16 EiB +16 EiB$', text, re.M), text
+    assert '16 EiB today (no daily limit set)' in text
+    status, api_doc = get(dep, '/v1/status')
+    assert status == 200 and api_doc['egress']['today'] == pytest.approx(2.0 * big)
+    for range_ in ('day', 'month'):
+        status, series = get(dep, f'/v1/traffic?range={range_}')
+        assert status == 200, series
+        assert series['series'][0]['points'][0][1] == pytest.approx(2.0 * big)
+        assert series['egress'][0][1] == pytest.approx(2.0 * big)
+
+
+def fill_large_site(site_dir, now, instances, connectors, certs, soon):
+    """instances gateway instances, each with a tunnel from every one of connectors
+    connectors (both sides report it), and certs device certificates of which soon end
+    within 30 days; one more of those is revoked, one replaced."""
+    db = sqlite3.connect(site_dir / 'site.db')
+    db.executemany('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', [
+        (f'gw{i:04d}/0', 'b' * 16, 2, 'serving', 1, now - 100, now - i, now - i, 600, 3, 'c00',
+         json.dumps([{'connector': f'c{k:02d}', 'peer': f'127.0.0.1:{40000 + k}', 'state': 'up',
+                      'since': now - 100} for k in range(connectors)]),
+         json.dumps([{'name': 'gateway.crt', 'subject': 'CN=gw', 'serial': 'AA0001',
+                      'not_after': now + 86400 * 40}]))
+        for i in range(instances)])
+    db.executemany('INSERT INTO connector_reports VALUES (?, ?, ?, ?, ?, ?, ?)', [
+        (f'c{k:02d}', now, now, 600, 0, 1, json.dumps([
+            {'gateway': f'10.0.{i // 250}.{i % 250}:443', 'instance': f'gw{i:04d}/0',
+             'state': 'up', 'since': now - 90, 'rtt_ms': 0.5, 'reconnects': 0}
+            for i in range(instances)]))
+        for k in range(connectors)])
+    db.executemany('INSERT INTO certs (serial, name, subject, issued, expires) '
+                   'VALUES (?, ?, ?, ?, ?)',
+                   [(f'{0x100000 + j:X}', f'd{j}', f'CN=d{j}', now - 86400,
+                     now + 3600 + (j * 7 % 29) * 86400 if j < soon else now + 86400 * 365)
+                    for j in range(certs)])
+    db.executemany('INSERT INTO certs (serial, name, subject, issued, expires, revoked, kind, '
+                   'replaced) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+                   [('EE01', 'revoked', 'CN=r', now, now + 60, now, None, None),
+                    ('EE02', 'replaced', 'CN=r', now, now + 60, None, 'gateway', now)])
+    db.commit()
+    db.close()
+
+
+def test_large_site(procs, tmp_path, svc):
+    """1030 gateway instances x 64 connectors and 100k device certificates (10k ending
+    within 30 days): the document is made in linear time (a quadratic one took seconds at
+    200 instances), holds the 1024 instances that reported last and the 200 certificates
+    that end first, and says how many more there are."""
+    dep = Deployment(procs, tmp_path, svc, start=False)
+    now = int(time.time())
+    fill_large_site(dep.site.dir, now, instances=1030, connectors=64, certs=100_000,
+                    soon=10_000)
+    dep.start_site()
+
+    started = time.monotonic()
+    status, doc = get(dep, '/v1/status')
+    took = time.monotonic() - started
+    assert status == 200
+    print(f'GET /v1/status: {took * 1000:.0f} ms, {len(doc["tunnels"])} tunnel rows, '
+          f'site peak RSS {dep.site_proc.peak_rss_kib()} KiB')
+    assert took < 10 * SLOW, took
+    names = [g['instance'] for g in doc['gateways']]
+    assert names == [f'gw{i:04d}/0' for i in range(1024)] and doc['gateways_more'] == 6
+    assert len(doc['tunnels']) == 1030 * 64
+    row = by(doc['tunnels'], gateway='gw1029/0', connector='c63')
+    assert (row['state'], row['gateway_view'], row['connector_view']) == ('up', 'none', 'up')
+    certs = doc['certificates']
+    assert len(certs) == 200 and doc['certificates_more'] == 10_000 - 200
+    assert [c['not_after'] for c in certs] == sorted(c['not_after'] for c in certs)
+    assert all(c['kind'] == 'device' and c['days_left'] == 0 for c in certs)
+    assert not {'revoked', 'replaced'} & {c['name'] for c in certs}
+
+    started = time.monotonic()
+    text = run_cmg('site', 'status', dep.site.dir)
+    print(f'cmg site status: {(time.monotonic() - started) * 1000:.0f} ms')
+    assert text.returncode == 0, text.stderr
+    assert '... and 9990 more (--json lists the soonest of them)' in text.stdout
+    assert '... and 6 more instances that reported longer ago' in text.stdout

@@ -333,14 +333,15 @@ static void report_end(struct cmg_cn_stream *st)
     answer(st, 400, "CMGService_Bad_Request\r\n");
 }
 
-/* Its body, kept up to CMG_REPORT_MAX_BODY; past that the report is refused at once. */
+/* Its body, kept up to what a POST to the site can carry with the connector's own part
+ * (the gateway sends no more); past that the report is refused at once. */
 static void report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t len)
 {
     if (st->resp_submitted)
         return;
-    if (st->report_in.len + len > CMG_REPORT_MAX_BODY) {
+    if (st->report_in.len + len > CMG_REPORT_MAX_GATEWAY_BODY) {
         cmg_warn("report from gateway %s refused: over %u bytes", st->t->target,
-                 CMG_REPORT_MAX_BODY);
+                 CMG_REPORT_MAX_GATEWAY_BODY);
         cmg_buf_free(&st->report_in);
         answer(st, 400, "CMGService_Bad_Request\r\n");
         return;

@@ -89,13 +89,21 @@ static cJSON *refusals_json(const struct cmg_gw_metrics *m)
 static cJSON *tunnels_json(const struct cmg_gateway *gw)
 {
     cJSON *a = cJSON_CreateArray();
+    int n = 0;
 
     for (const struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
+        X509 *cert = t->conn.ssl ? SSL_get0_peer_certificate(t->conn.ssl) : NULL;
+        char cn[CMG_REPORT_MAX_STR] = "";
         cJSON *o;
-        if (t->dead || !(t->ready || t->draining))
+        if (t->dead || !(t->ready || t->draining) || n >= CMG_REPORT_MAX_TUNNELS)
             continue;
+        n++;
+        /* the certificate's name: the one the site knows the connector by */
+        if (cert)
+            cmg_tls_subject_entry(cert, NID_commonName, cn, sizeof(cn));
         o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "connector", t->name);
+        cJSON_AddStringToObject(o, "connector", cn);
+        cJSON_AddStringToObject(o, "name", t->name);
         cJSON_AddStringToObject(o, "peer", t->conn.peer);
         cJSON_AddStringToObject(o, "state", t->draining ? "draining" : "up");
         cJSON_AddNumberToObject(o, "since", (double)t->since);
@@ -231,9 +239,9 @@ static void send_report(struct cmg_gateway *gw, const char *why)
         cmg_warn("report: out of memory; the next one carries the same counters");
         return;
     }
-    if (strlen(text) > CMG_REPORT_MAX_BODY)
-        cmg_warn("report of %zu bytes is over the %u bytes a connector takes: not sent",
-                 strlen(text), CMG_REPORT_MAX_BODY);
+    if (strlen(text) > CMG_REPORT_MAX_GATEWAY_BODY)
+        cmg_warn("report of %zu bytes is over the %u bytes a connector can pass on: not sent",
+                 strlen(text), CMG_REPORT_MAX_GATEWAY_BODY);
     else
         for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next)
             n += send_on(t, text, strlen(text));

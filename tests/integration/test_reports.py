@@ -197,14 +197,17 @@ def feed_post(dep, body, cert='connector.crt', key='connector.key', raw=False):
         conn.close()
 
 
-def gateway_report(instance, boot, seq, role, requests):
+def gateway_report(instance, boot, seq, role, requests, via='connector-1'):
+    """A gateway's report as carried by connector via (listed with a tunnel up)."""
     return {'instance': instance, 'boot': boot, 'seq': seq, 'started': 1790000000,
             'time': int(time.time()), 'interval': 1, 'state': 'serving', 'policy_version': 1,
             'device_connections': 1, 'devices_now': 0, 'egress_bytes': 10, 'ingress_bytes': 10,
             'roles': [{'role': role, 'requests': {'1xx': 0, '2xx': requests, '3xx': 0, '4xx': 0,
                                                   '5xx': 0, 'other': 0},
                        'request_bytes': 0, 'response_bytes': 0}],
-            'refusals': {}, 'tunnels': [], 'certificates': []}
+            'refusals': {},
+            'tunnels': [{'connector': via, 'peer': '127.0.0.1:1', 'state': 'up', 'since': 1}],
+            'certificates': []}
 
 
 def connector_report(*reports):

@@ -862,7 +862,7 @@ unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t)
         return 0;
     }
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next) {
-        if (st->id == t->ctl_stream || st->refused)
+        if (st->id == t->ctl_stream || st->refused || st->report)   /* requests only */
             continue;
         cut++;
         cmg_warn("drain_timeout: cut %s %s (gateway=%s, response %s)", st->method,

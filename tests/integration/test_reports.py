@@ -9,6 +9,7 @@ a revoked connector is refused. A connector answers a gateway's report itself (a
 sends malformed and oversized ones)."""
 import http.client
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -472,3 +473,43 @@ def test_connector_takes_one_report_at_a_time(procs, tmp_path, svc):
     assert fake.post('/.cmg/report', good) == 204          # the tunnel is still up
     assert not [p for p in svc.stats()['paths'] if '.cmg' in p]
     procs.check()
+
+
+def test_a_stalled_report_holds_no_drain(procs, tmp_path, svc):
+    """A report whose body never ends neither holds the connector's drain until
+    drain_timeout nor counts as a request in its drain statistics."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    port = free_port()
+    ini_set(site.connector_conf, 'connector', 'gateway', f'127.0.0.1:{port}')
+    ini_set(site.connector_conf, 'connector', 'drain_timeout', 20)
+    fake = FakeGateway(site, port)
+    connector = start_connector(procs, site.connector_conf)
+    fake.accept()
+    good = json.dumps(gateway_report('gw/0', '00112233445566aa', 1, site.role_ids[0], 1)).encode()
+    assert fake.post('/.cmg/report', good) == 204          # the tunnel is up
+    fake.begin('/.cmg/report', good[:100])                 # and never the rest
+    start = time.monotonic()
+    connector.signal(signal.SIGTERM, wait=False)
+    fake.tls.settimeout(0.2)
+    pending = b''
+    while connector.alive() and time.monotonic() - start < 15 * SLOW:
+        try:   # answer the drain's PING by hand (h2 takes nothing after a GOAWAY)
+            data = fake.tls.recv(65536)
+        except socket.timeout:
+            data = None
+        except OSError:
+            data = b''
+        if data == b'':   # the connector closed: so does the gateway
+            fake.tls.close()
+            break
+        pending += data or b''
+        while len(pending) >= 9 and len(pending) >= 9 + int.from_bytes(pending[:3], 'big'):
+            n, kind, flags = int.from_bytes(pending[:3], 'big'), pending[3], pending[4]
+            if kind == 6 and not flags & 1:   # PING: its ACK
+                fake.tls.sendall(b'\x00\x00\x08\x06\x01\x00\x00\x00\x00' + pending[9:9 + n])
+            pending = pending[9 + n:]
+    assert connector.popen.wait(timeout=15 * SLOW) == 0
+    took = time.monotonic() - start
+    assert took < 10, f'the drain took {took:.1f} s (drain_timeout 20 s)'
+    assert re.search(r'drain over after [0-9.]+ s: 0 request\(s\) finished, 0 cut', connector.log_text()), \
+        connector.log_text()[-2000:]

@@ -127,6 +127,7 @@ struct cmg_cn_tunnel {
     char gw_boot[17];
     uint64_t gw_seq;
     bool gw_report_sent;     /* the site took it */
+    uint64_t report_ms;      /* loop time the next report is due by the rate (tunnel.c) */
 };
 
 /* SIGTERM/SIGINT (drain.c): gateways are told, requests in flight finish, then exit. */

@@ -119,7 +119,10 @@ static cJSON *own_part(struct cmg_connector *cn)
         cJSON_AddStringToObject(e, "gateway", t->target);
         cJSON_AddStringToObject(e, "instance", t->instance);
         cJSON_AddStringToObject(e, "state", tunnel_state(t));
-        cJSON_AddNumberToObject(e, "since", (double)t->since);
+        if (t->since > 0)
+            cJSON_AddNumberToObject(e, "since", (double)t->since);
+        else
+            cJSON_AddNullToObject(e, "since");   /* never came up */
         if (t->up && t->rtt_us)
             cJSON_AddNumberToObject(e, "rtt_ms", (double)t->rtt_us / 1000.0);
         else

@@ -333,14 +333,15 @@ static void report_end(struct cmg_cn_stream *st)
     answer(st, 400, "CMGService_Bad_Request\r\n");
 }
 
-/* Its body, kept up to CMG_REPORT_MAX_BODY; past that the report is refused at once. */
+/* Its body, kept up to what a POST to the site can carry with the connector's own part
+ * (the gateway sends no more); past that the report is refused at once. */
 static void report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t len)
 {
     if (st->resp_submitted)
         return;
-    if (st->report_in.len + len > CMG_REPORT_MAX_BODY) {
+    if (st->report_in.len + len > CMG_REPORT_MAX_GATEWAY_BODY) {
         cmg_warn("report from gateway %s refused: over %u bytes", st->t->target,
-                 CMG_REPORT_MAX_BODY);
+                 CMG_REPORT_MAX_GATEWAY_BODY);
         cmg_buf_free(&st->report_in);
         answer(st, 400, "CMGService_Bad_Request\r\n");
         return;
@@ -349,6 +350,32 @@ static void report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t le
         cmg_buf_free(&st->report_in);
         answer(st, 503, "CMGService_Internal_Server_Error\r\n");
     }
+}
+
+/* One report on its way per tunnel, and one a second (a burst of REPORT_BURST, as when
+ * a drain starts and ends at once): a gateway cannot make the connector hold more than
+ * one report's bytes per tunnel, nor spend its time parsing them. */
+#define REPORT_EVERY_MS 1000
+#define REPORT_BURST 3
+
+static void report_start(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
+{
+    uint64_t now = cmg_loop_now(t->cn->loop);
+    uint64_t due = t->report_ms > now ? t->report_ms : now;   /* the rate's schedule */
+    bool busy = false;
+
+    for (const struct cmg_cn_stream *o = t->streams; o; o = o->next)
+        busy = busy || (o != st && o->report);
+    if (busy || due > now + (REPORT_BURST - 1) * REPORT_EVERY_MS) {
+        cmg_debug("report from gateway %s refused: %s", t->target,
+                  busy ? "its previous one is still coming" : "more than one a second");
+        answer(st, 429, "CMGService_Too_Many_Requests\r\n");
+        return;
+    }
+    t->report_ms = due + REPORT_EVERY_MS;
+    st->report = true;
+    if (st->req_end)
+        report_end(st);
 }
 
 static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
@@ -371,9 +398,7 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         return;
     }
     if (!strcmp(st->path, CMG_REPORT_PATH)) {   /* answered when its body is all here */
-        st->report = true;
-        if (st->req_end)
-            report_end(st);
+        report_start(t, st);
         return;
     }
     if (cmg_cn_draining(t->cn)) {
@@ -494,7 +519,7 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
 
     if (ctl)
         t->ctl_stream = -1;
-    else if (st && cmg_cn_draining(t->cn))
+    else if (st && !st->report && cmg_cn_draining(t->cn))   /* requests only */
         cmg_cn_drain_stream_ended(t->cn, st->refused ? CMG_CN_DRAIN_REFUSED
                                          : error_code == NGHTTP2_NO_ERROR ? CMG_CN_DRAIN_FINISHED
                                                                           : CMG_CN_DRAIN_RESET);
@@ -824,7 +849,7 @@ unsigned cmg_cn_tunnel_requests(const struct cmg_cn_tunnel *t)
 {
     unsigned n = 0;
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next)
-        n += st->id != t->ctl_stream;
+        n += st->id != t->ctl_stream && !st->report;   /* a report holds no drain up */
     return n;
 }
 
@@ -837,7 +862,7 @@ unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t)
         return 0;
     }
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next) {
-        if (st->id == t->ctl_stream || st->refused)
+        if (st->id == t->ctl_stream || st->refused || st->report)   /* requests only */
             continue;
         cut++;
         cmg_warn("drain_timeout: cut %s %s (gateway=%s, response %s)", st->method,

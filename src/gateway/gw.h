@@ -87,6 +87,8 @@ struct cmg_gw_report {
     struct cmg_timer timer;         /* every report_interval */
     struct cmg_timer soon_timer;    /* a tunnel changed */
     uint64_t soon_ms;               /* loop time of the last unscheduled report */
+    struct cmg_timer last_timer;    /* the drain is over: the last report's time to go up */
+    uint64_t last_deadline_ms;
     /* bytes of device connections that are gone (live ones are read from their BIOs) */
     uint64_t closed_ingress, closed_egress;
 };
@@ -271,6 +273,7 @@ struct cmg_tunnel {
     int64_t since;           /* unix seconds: when it came up or began to drain */
     int32_t report_stream;   /* the report on its way up (report_body), if any */
     struct cmg_gw_report_body *report_body;
+    bool report_owed;        /* a report was due while report_body was on its way */
     struct cmg_tunnel *prev, *next;
 };
 
@@ -404,8 +407,11 @@ int cmg_gw_report_start(struct cmg_gateway *gw);
 void cmg_gw_report_stop(struct cmg_gateway *gw);
 /* A tunnel came up, went down or drains: a report within a second (rate-limited). */
 void cmg_gw_report_news(struct cmg_gateway *gw);
-/* The instance starts draining: its final report, now. */
+/* The instance starts draining: a report, now. */
 void cmg_gw_report_drain(struct cmg_gateway *gw);
+/* The drain is over: the last report (what finished during the drain) goes up, then the
+ * loop stops, at most wait_ms later. */
+void cmg_gw_report_last(struct cmg_gateway *gw, uint64_t wait_ms);
 /* A device connection closes: its bytes stay counted. */
 void cmg_gw_report_device_gone(struct cmg_gateway *gw, const struct cmg_device *d);
 /* A stream of t closed: true if it was t's report (then forgotten). */

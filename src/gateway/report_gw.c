@@ -89,13 +89,21 @@ static cJSON *refusals_json(const struct cmg_gw_metrics *m)
 static cJSON *tunnels_json(const struct cmg_gateway *gw)
 {
     cJSON *a = cJSON_CreateArray();
+    int n = 0;
 
     for (const struct cmg_tunnel *t = gw->tunnels; t; t = t->next) {
+        X509 *cert = t->conn.ssl ? SSL_get0_peer_certificate(t->conn.ssl) : NULL;
+        char cn[CMG_REPORT_MAX_STR] = "";
         cJSON *o;
-        if (t->dead || !(t->ready || t->draining))
+        if (t->dead || !(t->ready || t->draining) || n >= CMG_REPORT_MAX_TUNNELS)
             continue;
+        n++;
+        /* the certificate's name: the one the site knows the connector by */
+        if (cert)
+            cmg_tls_subject_entry(cert, NID_commonName, cn, sizeof(cn));
         o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "connector", t->name);
+        cJSON_AddStringToObject(o, "connector", cn);
+        cJSON_AddStringToObject(o, "name", t->name);
         cJSON_AddStringToObject(o, "peer", t->conn.peer);
         cJSON_AddStringToObject(o, "state", t->draining ? "draining" : "up");
         cJSON_AddNumberToObject(o, "since", (double)t->since);
@@ -183,8 +191,8 @@ static ssize_t read_report(nghttp2_session *s, int32_t stream_id, uint8_t *buf, 
     return (ssize_t)n;
 }
 
-/* Sends text up t, unless its previous report is still on its way (the next one
- * carries the same counters, and more). true if sent. */
+/* Sends text up t, unless its previous report is still on its way: then a fresh one
+ * goes as soon as that one is gone. true if sent. */
 static bool send_on(struct cmg_tunnel *t, const char *text, size_t len)
 {
     char clen[24];
@@ -201,8 +209,12 @@ static bool send_on(struct cmg_tunnel *t, const char *text, size_t len)
     nghttp2_data_provider dp = {.read_callback = read_report};
     int32_t id;
 
-    if (!t->ready || t->dead || !t->h2 || t->report_body)
+    if (!t->ready || t->dead || !t->h2)
         return false;
+    if (t->report_body) {   /* sent once that one is gone (the counters then, not now) */
+        t->report_owed = true;
+        return false;
+    }
     if (!(b = calloc(1, sizeof(*b))) || !(b->data = malloc(len))) {
         body_free(b);
         return false;
@@ -231,14 +243,25 @@ static void send_report(struct cmg_gateway *gw, const char *why)
         cmg_warn("report: out of memory; the next one carries the same counters");
         return;
     }
-    if (strlen(text) > CMG_REPORT_MAX_BODY)
-        cmg_warn("report of %zu bytes is over the %u bytes a connector takes: not sent",
-                 strlen(text), CMG_REPORT_MAX_BODY);
+    if (strlen(text) > CMG_REPORT_MAX_GATEWAY_BODY)
+        cmg_warn("report of %zu bytes is over the %u bytes a connector can pass on: not sent",
+                 strlen(text), CMG_REPORT_MAX_GATEWAY_BODY);
     else
         for (struct cmg_tunnel *t = gw->tunnels; t; t = t->next)
             n += send_on(t, text, strlen(text));
     cmg_debug("report seq %llu (%s) sent up %u tunnel(s)", (unsigned long long)gw->report.seq,
               why, n);
+    free(text);
+}
+
+/* A report up t alone (one that was owed to it). */
+static void send_owed(struct cmg_tunnel *t)
+{
+    char *text = make_report(t->gw);
+
+    t->report_owed = false;
+    if (text && strlen(text) <= CMG_REPORT_MAX_GATEWAY_BODY)
+        send_on(t, text, strlen(text));
     free(text);
 }
 
@@ -249,6 +272,8 @@ bool cmg_gw_report_stream_closed(struct cmg_tunnel *t, int32_t stream_id)
     body_free(t->report_body);
     t->report_body = NULL;
     t->report_stream = -1;
+    if (t->report_owed)
+        send_owed(t);
     return true;
 }
 
@@ -297,6 +322,43 @@ void cmg_gw_report_drain(struct cmg_gateway *gw)
     send_report(gw, "draining");
 }
 
+static bool reports_in_flight(const struct cmg_gateway *gw)
+{
+    for (const struct cmg_tunnel *t = gw->tunnels; t; t = t->next)
+        if (t->report_body && !t->dead)
+            return true;
+    return false;
+}
+
+static void on_last_check(struct cmg_timer *tm)
+{
+    struct cmg_gateway *gw = GW_OF(tm, report.last_timer);
+    uint64_t now = cmg_loop_now(gw->loop);
+
+    if (reports_in_flight(gw) && now < gw->report.last_deadline_ms) {
+        cmg_timer_start(gw->loop, tm, 10, on_last_check);
+        return;
+    }
+    if (reports_in_flight(gw))
+        cmg_warn("the last report was not taken within its time: the site misses what "
+                 "finished during the drain");
+    cmg_loop_stop(gw->loop);
+}
+
+void cmg_gw_report_last(struct cmg_gateway *gw, uint64_t wait_ms)
+{
+    if (cmg_timer_armed(&gw->report.last_timer))   /* on its way already */
+        return;
+    if (!gw->report.boot[0] || !wait_ms) {
+        cmg_loop_stop(gw->loop);
+        return;
+    }
+    cmg_gw_report_stop(gw);
+    send_report(gw, "drain over");
+    gw->report.last_deadline_ms = cmg_loop_now(gw->loop) + wait_ms;
+    on_last_check(&gw->report.last_timer);
+}
+
 /* instance_name, else the host's name and the instance number. */
 static void instance_name(const struct cmg_gw_config *c, char *out, size_t outlen)
 {
@@ -334,4 +396,5 @@ void cmg_gw_report_stop(struct cmg_gateway *gw)
 {
     cmg_timer_stop(gw->loop, &gw->report.timer);
     cmg_timer_stop(gw->loop, &gw->report.soon_timer);
+    cmg_timer_stop(gw->loop, &gw->report.last_timer);
 }

@@ -6,13 +6,13 @@
 #ifndef CMG_SITE_REPORTS_H
 #define CMG_SITE_REPORTS_H
 
+#include "core/metrics.h"
 #include "site/store.h"
 
 #include <cjson/cJSON.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#define CMG_REPORT_MAX_TUNNELS 64        /* in one connector's or one gateway's report */
 #define CMG_REPORT_MAX_GATEWAYS 64       /* gateway reports in one connector's report */
 #define CMG_REPORT_MAX_ROLES 4097        /* the metrics' 4096 and "other" */
 #define CMG_REPORT_MAX_REFUSALS 65

@@ -22,15 +22,29 @@ static struct cmg_store *store(void)
     return st;
 }
 
+/* The connector the first gateway report lists first: the site takes a gateway's report
+ * only from a connector it holds a tunnel to. */
+static const char *carrier(const cJSON *doc)
+{
+    const cJSON *g = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(doc, "gateway_reports"), 0);
+    const cJSON *t = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(g, "tunnels"), 0);
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "connector");
+
+    return cJSON_IsString(name) ? name->valuestring : "fuzz";
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    static int64_t now = 1790000000;
     char err[300];
     cJSON *doc = cmg_report_parse((const char *)data, size, err, sizeof(err));
 
     if (!doc)
         return 0;
-    if (cmg_report_ingest(store(), "fuzz", doc, 1790000000, err, sizeof(err)) < 0) {
-        fprintf(stderr, "fuzz_report: a checked report was not kept: %s\n", err);
+    now += 600;   /* a new hour's quota now and then; traffic past retention pruned */
+    if (cmg_report_ingest(store(), carrier(doc), doc, now, err, sizeof(err)) < 0 ||
+        (now % 86400 < 600 && cmg_report_prune(store(), now, 7 * 86400) < 0)) {
+        fprintf(stderr, "fuzz_report: a checked report was not kept or pruned: %s\n", err);
         abort();
     }
     cJSON_Delete(doc);

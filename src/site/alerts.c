@@ -400,6 +400,44 @@ static bool silent(struct pass *p, enum kind k, const char *who, const char *nam
     return true;
 }
 
+/* A connector whose last report showed a tunnel up, while every gateway instance that
+ * has reported since (fresh, not draining, in the same run as before it) lists no tunnel
+ * from it: it died or lost its network. The gateways say so within a second; its own
+ * silence shows only after two intervals. 1 if so, 0 if not or unknown, -1 on an error. */
+static int gateways_lost(struct pass *p, const char *name, int64_t received, const char *tunnels)
+{
+    sqlite3_stmt *q;
+    int verdict = 0;
+
+    if (!tunnels || !strstr(tunnels, "\"state\":\"up\""))
+        return 0;   /* no tunnel up by its own word: no-tunnel's matter */
+    q = cmg_store_prepare(
+        p->st, "SELECT count(*), coalesce(sum(EXISTS (SELECT 1 FROM json_each(g.tunnels) t "
+               "WHERE json_extract(t.value, '$.connector') = ?1 AND "
+               "json_extract(t.value, '$.state') IN ('up', 'draining'))), 0) FROM gateways g "
+               "WHERE g.received >= ?2 AND g.started < ?2 AND g.state != 'draining' AND "
+               "g.received >= ?3 - 2 * max(g.interval, 1)", "sii", name, received, p->now);
+    if (!q)
+        return -1;
+    if (sqlite3_step(q) == SQLITE_ROW)
+        verdict = sqlite3_column_int64(q, 0) > 0 && sqlite3_column_int64(q, 1) == 0;
+    else
+        verdict = -1;
+    sqlite3_finalize(q);
+    return verdict;
+}
+
+static void connector_lost(struct pass *p, const char *name, int64_t received)
+{
+    struct condition *c = add(p, K_CONNECTOR_SILENT, L_CRITICAL, name,
+                              (double)(p->now - received), 0);
+
+    if (c)
+        snprintf(c->message, sizeof(c->message), "connector %s: every gateway instance that "
+                 "reported since its last report (%lld s ago) has no tunnel from it: is it "
+                 "running, can it reach the gateways?", name, (long long)(p->now - received));
+}
+
 static void connectors(struct pass *p)
 {
     sqlite3_stmt *q = cmg_store_prepare(
@@ -416,9 +454,14 @@ static void connectors(struct pass *p)
         const char *name = (const char *)sqlite3_column_text(q, 0);
         if (sqlite3_column_int64(q, 3))
             continue;   /* draining: going away on purpose */
-        if (!silent(p, K_CONNECTOR_SILENT, "connector", name, sqlite3_column_int64(q, 1),
-                    sqlite3_column_int64(q, 2)))
-            no_tunnel(p, "connector", name, (const char *)sqlite3_column_text(q, 4));
+        int64_t received = sqlite3_column_int64(q, 1);
+        const char *tunnels = (const char *)sqlite3_column_text(q, 4);
+        if (silent(p, K_CONNECTOR_SILENT, "connector", name, received, sqlite3_column_int64(q, 2)))
+            continue;
+        if (gateways_lost(p, name, received, tunnels) == 1)
+            connector_lost(p, name, received);
+        else
+            no_tunnel(p, "connector", name, tunnels);
     }
     sqlite3_finalize(q);
     if (step == SQLITE_DONE)

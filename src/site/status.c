@@ -407,7 +407,19 @@ static const char *connector_view(const cJSON *connector, const struct pair *p)
                ? str(p->from_connector, "state") : "none";
 }
 
-/* The row of a pair: the connector's view while it reports, else the gateway's while that
+static bool is_up(const char *view) { return !strcmp(view, "up") || !strcmp(view, "draining"); }
+
+/* Whether the gateway's report came in no earlier than the connector's: a connector that
+ * died still reads "up" in its last report, while the gateways say at once that its
+ * tunnels are gone (within a second), long before the connector counts as stale. */
+static bool gateway_newer(const cJSON *gateway, const cJSON *connector)
+{
+    return cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(gateway, "tunnels")) &&
+           num(gateway, "received", 0) >= num(connector, "received", 0);
+}
+
+/* The row of a pair: the connector's view while it reports (unless a gateway's newer
+ * report says otherwise of the tunnel's being up), else the gateway's while that
  * reports, else unknown. */
 static cJSON *matrix_row(struct build *b, const struct pair *p)
 {
@@ -421,7 +433,8 @@ static cJSON *matrix_row(struct build *b, const struct pair *p)
     const cJSON *since = NULL;
     const char *state = "unknown";
 
-    if (strcmp(cv, "none") && strcmp(cv, "stale")) {
+    if (strcmp(cv, "none") && strcmp(cv, "stale") &&
+        !(gateway_fresh && gateway_newer(g, c) && is_up(gv) != is_up(cv))) {
         state = cv;
         since = cJSON_GetObjectItemCaseSensitive(p->from_connector, "since");
     } else if (gateway_fresh) {

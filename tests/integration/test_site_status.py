@@ -295,13 +295,13 @@ def test_odd_rows(site):
     now = int(time.time())
     db = sqlite3.connect(site.dir / 'site.db')
     db.execute('INSERT INTO gateways VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-               ('odd', 'b', 1, 'serving', 1, now, now, now, 0, 0, '', 'not json', '{}'))
+               ('odd', 'b', 1, 'serving', 1, now, now - 1, now - 1, 0, 0, '', 'not json', '{}'))
     db.execute('INSERT INTO connector_reports VALUES (?, ?, ?, ?, ?, ?, ?)',
                ('c1', now, now, 0, 0, 1, json.dumps([1, 'a', None, {'state': 7},
                                                      {'instance': 'odd', 'state': 'up'}])))
     db.commit()
     db.close()
-    doc = status_json(site.dir)
+    doc = status_json(site.dir)   # the connector's report is the newer: its view tells
     assert [g['instance'] for g in doc['gateways']] == ['odd']
     assert [(t['gateway'], t['connector'], t['state']) for t in doc['tunnels']] == \
         [('odd', 'c1', 'up')]

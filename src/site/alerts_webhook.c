@@ -172,9 +172,9 @@ static void item_free(struct item *it)
 static void kill_child(struct cmg_webhook *w)
 {
     if (w->io.fd >= 0) {
+        int fd = w->io.fd;   /* cmg_io_stop() forgets it */
         cmg_io_stop(&w->io);
-        close(w->io.fd);
-        w->io.fd = -1;
+        close(fd);
     }
     cmg_timer_stop(w->loop, &w->deadline);
     if (w->child > 0) {

@@ -287,9 +287,9 @@ static bool refreshable(const struct cmg_oidc_conf *o)
 static void kill_child(struct cmg_oidc_refresher *r)
 {
     if (r->io.fd >= 0) {
+        int fd = r->io.fd;   /* cmg_io_stop() forgets it */
         cmg_io_stop(&r->io);
-        close(r->io.fd);
-        r->io.fd = -1;
+        close(fd);
     }
     cmg_timer_stop(r->loop, &r->deadline);
     if (r->child > 0) {

@@ -496,3 +496,27 @@ def test_cli_sizes_and_help(asite):
     for args in (('--help',), ('set', '--help')):
         r = asite.cli(*args)
         assert r.returncode == 0 and 'alert set egress-monthly SIZE' in r.stdout
+
+
+def open_fds(proc):
+    return len(list((__import__('pathlib').Path(f'/proc/{proc.pid}/fd')).iterdir()))
+
+
+def test_webhook_deliveries_leak_no_descriptor(asite, receiver):
+    # Each delivery runs a child that answers through a pipe: the site closes its end.
+    assert asite.cli('set', 'egress-daily', '1000').returncode == 0
+    assert asite.cli('webhook', receiver.url).returncode == 0
+    asite.start()
+    day = today()
+    asite.egress(('gw/0', 'day', day, 600))
+    asite.wait(lambda: len(receiver.docs('egress-daily')) == 1, 'the first delivery')
+    asite.wait(lambda: asite.log_events('alert webhook delivered'), 'the first delivery logged')
+    before = open_fds(asite.dep.site_proc)
+    for i in range(10):   # resolved, opened, ...: 10 more deliveries
+        asite.egress(('gw/0', 'day', day, 0 if i % 2 == 0 else 600))
+        asite.wait(lambda: len(receiver.docs('egress-daily')) == i + 2, f'delivery {i + 2}')
+    asite.wait(lambda: len(asite.log_events('alert webhook delivered')) == 11,
+               'every delivery logged')
+    after = open_fds(asite.dep.site_proc)
+    print(f'site descriptors: {before} after 1 delivery, {after} after 11')
+    assert after <= before, f'{after - before} descriptor(s) leaked over 10 deliveries'

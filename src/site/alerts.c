@@ -400,31 +400,149 @@ static bool silent(struct pass *p, enum kind k, const char *who, const char *nam
     return true;
 }
 
-/* A connector whose last report showed a tunnel up, while every gateway instance that
- * has reported since (fresh, not draining, in the same run as before it) lists no tunnel
- * from it: it died or lost its network. The gateways say so within a second; its own
- * silence shows only after two intervals. 1 if so, 0 if not or unknown, -1 on an error. */
-static int gateways_lost(struct pass *p, const char *name, int64_t received, const char *tunnels)
-{
-    sqlite3_stmt *q;
-    int verdict = 0;
+/* ---- what the gateways say of the connectors, read once per pass ---- */
 
-    if (!tunnels || !strstr(tunnels, "\"state\":\"up\""))
-        return 0;   /* no tunnel up by its own word: no-tunnel's matter */
-    q = cmg_store_prepare(
-        p->st, "SELECT count(*), coalesce(sum(EXISTS (SELECT 1 FROM json_each(g.tunnels) t "
-               "WHERE json_extract(t.value, '$.connector') = ?1 AND "
-               "json_extract(t.value, '$.state') IN ('up', 'draining'))), 0) FROM gateways g "
-               "WHERE g.received >= ?2 AND g.started < ?2 AND g.state != 'draining' AND "
-               "g.received >= ?3 - 2 * max(g.interval, 1)", "sii", name, received, p->now);
-    if (!q)
+#define MAX_GATEWAYS 4096         /* instances read for the verdicts; past that, none is made */
+
+/* A gateway instance's word on which connectors it has a tunnel up from. */
+struct gw_word {
+    char instance[128];
+    int64_t received, started;
+    bool fresh;                   /* reported within two intervals, not draining */
+    char **up;                    /* certificate names of its tunnels up or draining, sorted */
+    size_t nup;
+};
+
+struct gw_words {
+    struct gw_word *v;            /* sorted by instance */
+    size_t n;
+    bool complete;                /* every row read: a missing instance is truly missing */
+};
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int cmp_word(const void *a, const void *b)
+{
+    return strcmp(((const struct gw_word *)a)->instance, ((const struct gw_word *)b)->instance);
+}
+
+static void gw_words_free(struct gw_words *w)
+{
+    for (size_t i = 0; i < w->n; i++) {
+        for (size_t j = 0; j < w->v[i].nup; j++)
+            free(w->v[i].up[j]);
+        free(w->v[i].up);
+    }
+    free(w->v);
+    memset(w, 0, sizeof(*w));
+}
+
+/* The connectors a gateway lists with a tunnel up (or draining), sorted; -1 on memory. */
+static int listed_up(struct gw_word *g, const char *json)
+{
+    cJSON *list = cJSON_Parse(json ? json : "[]"), *t;
+    int n = cJSON_GetArraySize(list), rc = 0;
+
+    if (n > 0 && !(g->up = calloc((size_t)n, sizeof(*g->up)))) {
+        cJSON_Delete(list);
         return -1;
-    if (sqlite3_step(q) == SQLITE_ROW)
-        verdict = sqlite3_column_int64(q, 0) > 0 && sqlite3_column_int64(q, 1) == 0;
-    else
-        verdict = -1;
+    }
+    cJSON_ArrayForEach(t, list) {
+        const char *c = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "connector"));
+        const char *st = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "state"));
+        if (!c || !st || (strcmp(st, "up") && strcmp(st, "draining")))
+            continue;
+        if (!(g->up[g->nup] = strdup(c))) {
+            rc = -1;
+            break;
+        }
+        g->nup++;
+    }
+    cJSON_Delete(list);
+    if (g->nup > 1)
+        qsort(g->up, g->nup, sizeof(*g->up), cmp_str);
+    return rc;
+}
+
+/* One query over the gateways: each instance's word. -1 if it cannot be read. */
+static int gw_words_load(struct pass *p, struct gw_words *w)
+{
+    sqlite3_stmt *q = cmg_store_prepare(p->st, "SELECT instance, received, started, state, "
+                                               "interval, tunnels FROM gateways", "");
+    int step;
+
+    memset(w, 0, sizeof(*w));
+    if (!q)
+        return no_table(p) ? 0 : -1;
+    while ((step = sqlite3_step(q)) == SQLITE_ROW) {
+        struct gw_word *g;
+        int64_t interval = sqlite3_column_int64(q, 4);
+        if (w->n == MAX_GATEWAYS)
+            break;
+        if (!(w->n % 64)) {
+            if (!(g = realloc(w->v, (w->n + 64) * sizeof(*g))))
+                break;
+            w->v = g;
+        }
+        g = &w->v[w->n++];
+        memset(g, 0, sizeof(*g));
+        snprintf(g->instance, sizeof(g->instance), "%s", sqlite3_column_text(q, 0));
+        g->received = sqlite3_column_int64(q, 1);
+        g->started = sqlite3_column_int64(q, 2);
+        g->fresh = strcmp((const char *)sqlite3_column_text(q, 3), "draining") &&
+                   g->received >= p->now - 2 * (interval > 0 ? interval : 1);
+        if (listed_up(g, (const char *)sqlite3_column_text(q, 5)) < 0)
+            break;
+    }
     sqlite3_finalize(q);
-    return verdict;
+    w->complete = step == SQLITE_DONE;
+    if (w->n > 1)
+        qsort(w->v, w->n, sizeof(*w->v), cmp_word);
+    return 0;
+}
+
+/* Whether gateway g's word, given after the connector's report of `received` and in the
+ * same run of the gateway, is that it has no tunnel from connector name. */
+static bool says_gone(const struct gw_word *g, const char *name, int64_t received)
+{
+    const char *key = name;
+
+    if (!g || !g->fresh || g->received <= received || g->started >= received)
+        return false;
+    return !bsearch(&key, g->up, g->nup, sizeof(*g->up), cmp_str);
+}
+
+/* A connector whose last report showed tunnels up, while EVERY gateway instance of those
+ * tunnels has reported since (fresh, not draining, not restarted) and lists no tunnel from
+ * it: it died or lost its network. The gateways say so within a second; its own silence
+ * shows only after two intervals. Any of them not reporting since: no verdict. */
+static bool gateways_lost(const struct gw_words *w, const char *name, int64_t received,
+                          const char *tunnels)
+{
+    cJSON *list = cJSON_Parse(tunnels ? tunnels : "[]"), *t;
+    bool lost = false, any = false;
+
+    cJSON_ArrayForEach(t, list) {
+        const char *st = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "state"));
+        const char *inst = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "instance"));
+        struct gw_word key, *g;
+        if (!st || strcmp(st, "up"))
+            continue;
+        if (!inst || !*inst || strlen(inst) >= sizeof(key.instance))
+            goto out;   /* a tunnel up to an instance not known yet: no verdict */
+        snprintf(key.instance, sizeof(key.instance), "%s", inst);
+        g = w->n ? bsearch(&key, w->v, w->n, sizeof(*w->v), cmp_word) : NULL;
+        if (!says_gone(g, name, received))
+            goto out;
+        any = true;
+    }
+    lost = any;
+out:
+    cJSON_Delete(list);
+    return lost;
 }
 
 static void connector_lost(struct pass *p, const char *name, int64_t received)
@@ -433,13 +551,16 @@ static void connector_lost(struct pass *p, const char *name, int64_t received)
                               (double)(p->now - received), 0);
 
     if (c)
-        snprintf(c->message, sizeof(c->message), "connector %s: every gateway instance that "
-                 "reported since its last report (%lld s ago) has no tunnel from it: is it "
+        snprintf(c->message, sizeof(c->message), "connector %s: every gateway instance it had a "
+                 "tunnel up to has reported since its last report (%lld s ago) with no tunnel "
+                 "from it: is it "
                  "running, can it reach the gateways?", name, (long long)(p->now - received));
 }
 
 static void connectors(struct pass *p)
 {
+    struct gw_words words;
+    bool judged = gw_words_load(p, &words) == 0;
     sqlite3_stmt *q = cmg_store_prepare(
         p->st, "SELECT r.connector, r.received, r.interval, r.draining, r.tunnels FROM "
                "connector_reports r WHERE NOT EXISTS (SELECT 1 FROM connectors k WHERE "
@@ -448,6 +569,7 @@ static void connectors(struct pass *p)
 
     if (!q) {
         p->evaluated |= no_table(p) ? 1u << K_CONNECTOR_SILENT : 0;
+        gw_words_free(&words);
         return;
     }
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
@@ -458,12 +580,13 @@ static void connectors(struct pass *p)
         const char *tunnels = (const char *)sqlite3_column_text(q, 4);
         if (silent(p, K_CONNECTOR_SILENT, "connector", name, received, sqlite3_column_int64(q, 2)))
             continue;
-        if (gateways_lost(p, name, received, tunnels) == 1)
+        if (judged && gateways_lost(&words, name, received, tunnels))
             connector_lost(p, name, received);
         else
             no_tunnel(p, "connector", name, tunnels);
     }
     sqlite3_finalize(q);
+    gw_words_free(&words);
     if (step == SQLITE_DONE)
         p->evaluated |= 1u << K_CONNECTOR_SILENT;
 }

@@ -520,3 +520,37 @@ def test_webhook_deliveries_leak_no_descriptor(asite, receiver):
     after = open_fds(asite.dep.site_proc)
     print(f'site descriptors: {before} after 1 delivery, {after} after 11')
     assert after <= before, f'{after - before} descriptor(s) leaked over 10 deliveries'
+
+
+def test_connector_lost_only_by_the_gateways_it_had_tunnels_to(asite):
+    # A connector is judged lost before its silence shows only when EVERY gateway instance
+    # its last report had a tunnel up to has reported since, in the same run, without it.
+    now = int(time.time())
+
+    def up(*instances):
+        return [{'gateway': f'127.0.0.1:{10140 + i}', 'instance': inst, 'state': 'up',
+                 'since': now - 100, 'rtt_ms': 0.4, 'reconnects': 0}
+                for i, inst in enumerate(instances)]
+    asite.gateway_report('gw/0', now - 8, 300, [])            # before the connectors' reports
+    asite.gateway_report('gw/1', now - 2, 300, [])            # a gateway c1 does not dial
+    asite.gateway_report('gw/2', now - 2, 300, [])            # since c3's report: no c3
+    asite.gateway_report('gw/3', now - 2, 300, [])            # restarted since c2's report
+    asite.gateway_report('gw/5', now - 5, 300, [])            # the same second as c5's
+    with asite.db() as db:
+        db.execute("UPDATE gateways SET started = ? WHERE instance = 'gw/3'", (now - 3,))
+    asite.connector_report('c1', now - 5, 300, up('gw/0'))
+    asite.connector_report('c2', now - 5, 300, up('gw/3'))
+    asite.connector_report('c3', now - 5, 300, up('gw/2'))
+    asite.connector_report('c4', now - 5, 300, up('gw/2', 'gw/0'))
+    asite.connector_report('c5', now - 5, 300, up('gw/5'))
+    asite.connector_report('c6', now - 5, 300, up('gw/9'))   # an instance never reported
+    asite.start()
+    [lost] = asite.wait(lambda: asite.alerts('connector-silent'), 'c3 judged lost')
+    assert lost['subject'] == 'c3' and lost['level'] == 'critical', lost
+    time.sleep(1.5)   # more passes: still only c3, never anyone else
+    assert [a['subject'] for a in asite.alerts('connector-silent', open_only=False)] == ['c3']
+    # gw/0 now reports, without c1 or c4: every instance they had a tunnel to says so
+    asite.gateway_report('gw/0', now, 300, [])
+    asite.wait(lambda: len(asite.alerts('connector-silent')) == 3, 'c1 and c4 judged lost')
+    assert sorted(a['subject'] for a in asite.alerts('connector-silent', open_only=False)) == [
+        'c1', 'c3', 'c4']

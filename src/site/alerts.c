@@ -15,7 +15,9 @@
 #include <time.h>
 
 #define FIRST_CHECK_MS 1000
-#define MAX_CONDITIONS 4096       /* what one pass considers: bounded whatever the tables hold */
+#define MAX_PER_KIND 1024         /* what one pass considers of a kind: bounded whatever the
+                                   * tables hold, and one kind cannot crowd out another */
+#define MAX_OPEN (MAX_PER_KIND * K_COUNT)   /* open alerts read per pass */
 #define MAX_WATCHED 4096          /* subjects remembered without a tunnel */
 
 enum kind { K_EGRESS_MONTHLY, K_EGRESS_DAILY, K_CERT, K_NO_TUNNEL, K_CONNECTOR_SILENT,
@@ -32,6 +34,7 @@ struct condition {
     char subject[256];
     char message[512];
     double value, threshold;
+    size_t seq;                   /* order found: of two on one key the first stays */
 };
 
 /* A subject seen without a tunnel up, and since when (wall clock). */
@@ -60,9 +63,10 @@ struct pass {
     int64_t now;
     struct condition *c;
     size_t n, cap;
+    size_t per_kind[K_COUNT];
     unsigned evaluated;       /* bit per kind: its open alerts may be resolved */
+    unsigned full;            /* bit per kind: MAX_PER_KIND reached, none of it resolved */
     int64_t next_due;         /* wall clock second a condition may start to hold, 0: none */
-    bool full;                /* MAX_CONDITIONS reached: nothing is resolved this pass */
 };
 
 #define OF(type, member, p) ((type *)((char *)(p) - offsetof(type, member)))
@@ -85,27 +89,30 @@ static void due_at(struct pass *p, int64_t when)
         p->next_due = when;
 }
 
-/* A new condition; NULL if (kind, subject) holds already (the first one found stays: one
- * alert per key) or there are too many. */
+/* A new condition; NULL if there are too many of its kind. Two on one (kind, subject)
+ * are made one after the pass (dedupe()). */
 static struct condition *add(struct pass *p, enum kind k, enum level l, const char *subject,
                              double value, double threshold)
 {
     struct condition *c;
 
-    for (size_t i = 0; i < p->n; i++)
-        if (p->c[i].kind == k && !strncmp(p->c[i].subject, subject, sizeof(c->subject) - 1))
-            return NULL;
+    if (p->per_kind[k] == MAX_PER_KIND) {
+        p->full |= 1u << k;
+        return NULL;
+    }
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 16;
-        if (cap > MAX_CONDITIONS || !(c = realloc(p->c, cap * sizeof(*c)))) {
-            p->full = true;
+        if (!(c = realloc(p->c, cap * sizeof(*c)))) {
+            p->full |= 1u << k;
             return NULL;
         }
         p->c = c;
         p->cap = cap;
     }
-    c = &p->c[p->n++];
+    c = &p->c[p->n];
     memset(c, 0, sizeof(*c));
+    c->seq = p->n++;
+    p->per_kind[k]++;
     c->kind = k;
     c->level = l;
     snprintf(c->subject, sizeof(c->subject), "%s", subject);
@@ -215,13 +222,17 @@ static void cert_condition(struct pass *p, const char *what, const char *serial,
                  "%s", what, serial, floor(days), when, fix);
 }
 
-static int store_certs(struct pass *p, int64_t horizon)
+/* The certificates the site issued to its roles (not the devices' ones), in force, ending
+ * before horizon and not longer than cert_expiry_days ago; each its own alert. The site
+ * CA is site_ca()'s. */
+static int role_certs(struct pass *p, int64_t since, int64_t horizon)
 {
     sqlite3_stmt *q = cmg_store_prepare(
-        p->st, "SELECT name, serial, COALESCE(kind, ''), expires FROM certs WHERE revoked IS "
-               "NULL AND replaced IS NULL AND expires < ? UNION ALL SELECT name, serial, "
-               "'connector', expires FROM connectors WHERE revoked IS NULL AND expires < ?",
-        "ii", horizon, horizon);
+        p->st, "SELECT name, serial, kind, expires FROM certs WHERE revoked IS NULL AND "
+               "replaced IS NULL AND expires > 0 AND expires > ?1 AND expires < ?2 AND kind "
+               "IS NOT NULL AND kind NOT IN ('device', 'CA') UNION ALL SELECT name, serial, "
+               "'connector', expires FROM connectors WHERE revoked IS NULL AND expires > 0 "
+               "AND expires > ?1 AND expires < ?2", "ii", since, horizon);
     int step;
 
     if (!q)
@@ -229,13 +240,11 @@ static int store_certs(struct pass *p, int64_t horizon)
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(q, 0);
         const char *kind = (const char *)sqlite3_column_text(q, 2);
+        bool site = !strcmp(kind, "site");
         char what[200], fix[200];
-        snprintf(what, sizeof(what), "%s %s's certificate", *kind ? kind : "device", name);
-        if (!strcmp(kind, "connector") || !strcmp(kind, "gateway") || !strcmp(kind, "site"))
-            snprintf(fix, sizeof(fix), "renew it: cmg site cert renew %s%s%s", kind,
-                     strcmp(kind, "site") ? " " : "", strcmp(kind, "site") ? name : "");
-        else
-            snprintf(fix, sizeof(fix), "issue a new one and revoke this one");
+        snprintf(what, sizeof(what), "%s %s's certificate", kind, name);
+        snprintf(fix, sizeof(fix), "renew it: cmg site cert renew %s%s%s", kind,
+                 site ? "" : " ", site ? "" : name);
         cert_condition(p, what, (const char *)sqlite3_column_text(q, 1), sqlite3_column_int64(q, 3),
                        fix);
     }
@@ -243,8 +252,49 @@ static int store_certs(struct pass *p, int64_t horizon)
     return step == SQLITE_DONE ? 0 : -1;
 }
 
+/* The devices' certificates as one alert: a site issues many (and a re-registered device
+ * leaves its old one), so one each would drown the rest. Those revoked, replaced, issued
+ * again to the same name since, or expired longer than cert_expiry_days ago are not
+ * counted. */
+static int device_certs(struct pass *p, int64_t since, int64_t horizon)
+{
+    sqlite3_stmt *q = cmg_store_prepare(
+        p->st, "SELECT count(*) OVER (), name, serial, expires FROM certs c WHERE revoked IS "
+               "NULL AND replaced IS NULL AND expires > 0 AND expires > ?1 AND expires < ?2 "
+               "AND (kind IS NULL OR kind = 'device') AND NOT EXISTS (SELECT 1 FROM certs n "
+               "WHERE n.name = c.name AND n.issued > c.issued AND (n.kind IS NULL OR n.kind = "
+               "'device')) ORDER BY expires LIMIT 1", "ii", since, horizon);
+    int step;
+
+    if (!q)
+        return -1;
+    if ((step = sqlite3_step(q)) == SQLITE_ROW) {
+        int64_t n = sqlite3_column_int64(q, 0), end = sqlite3_column_int64(q, 3);
+        double days = (double)(end - p->now) / 86400.0;
+        enum level l = days < CMG_ALERTS_CERT_CRITICAL_DAYS ? L_CRITICAL : L_WARNING;
+        char when[32];
+        time_t t = (time_t)end;
+        struct tm tm;
+        struct condition *c = add(p, K_CERT, l, "device certificates", floor(days),
+                                  l == L_CRITICAL ? CMG_ALERTS_CERT_CRITICAL_DAYS
+                                                  : p->set->cert_expiry_days);
+        gmtime_r(&t, &tm);
+        strftime(when, sizeof(when), "%Y-%m-%d %H:%M UTC", &tm);
+        if (c)
+            snprintf(c->message, sizeof(c->message), "%lld device certificate(s) end within "
+                     "%u days; the first: device %.100s's (serial %.80s) %s on %s: the "
+                     "devices register again, or revoke those no longer used (cmg site "
+                     "cert list)", (long long)n, p->set->cert_expiry_days,
+                     sqlite3_column_text(q, 1), sqlite3_column_text(q, 2),
+                     end <= p->now ? "ended" : "ends", when);
+        step = sqlite3_step(q);
+    }
+    sqlite3_finalize(q);
+    return step == SQLITE_DONE ? 0 : -1;
+}
+
 /* The certificates each gateway instance reported (gateways.certificates). */
-static int reported_certs(struct pass *p, int64_t horizon)
+static int reported_certs(struct pass *p, int64_t since, int64_t horizon, const char *ca)
 {
     sqlite3_stmt *q = cmg_store_prepare(p->st, "SELECT instance, certificates FROM gateways",
                                         "");
@@ -261,8 +311,9 @@ static int reported_certs(struct pass *p, int64_t horizon)
                 cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(x, "serial"));
             const cJSON *end = cJSON_GetObjectItemCaseSensitive(x, "not_after");
             char what[300];
-            if (!cJSON_IsNumber(end) || end->valuedouble >= (double)horizon)
-                continue;
+            if (!cJSON_IsNumber(end) || end->valuedouble >= (double)horizon ||
+                end->valuedouble <= (double)since || (serial && !strcmp(serial, ca)))
+                continue;   /* the site CA is site_ca()'s, once */
             snprintf(what, sizeof(what), "gateway %.100s's %.100s", instance,
                      name ? name : "certificate");
             cert_condition(p, what, serial ? serial : "?", (int64_t)end->valuedouble,
@@ -274,30 +325,33 @@ static int reported_certs(struct pass *p, int64_t horizon)
     return step == SQLITE_DONE ? 0 : -1;
 }
 
-static void site_ca(struct pass *p, int64_t horizon)
+static void site_ca(struct pass *p, int64_t horizon, char *serial, size_t len)
 {
     X509 *ca = p->a->srv->ctx->ca_cert;
     const ASN1_TIME *end = X509_get0_notAfter(ca);
-    char serial[80] = "?";
     struct tm tm;
 
+    snprintf(serial, len, "?");
+    cmg_tls_serial(ca, serial, len);
     if (!end || ASN1_TIME_to_tm(end, &tm) != 1 || (int64_t)timegm(&tm) >= horizon)
         return;
-    cmg_tls_serial(ca, serial, sizeof(serial));
     cert_condition(p, "the site CA (ca.crt)", serial, (int64_t)timegm(&tm),
                    "a new site CA means new certificates for every role");
 }
 
 static void certificates(struct pass *p)
 {
-    int64_t horizon = p->now + (int64_t)p->set->cert_expiry_days * 86400;
+    int64_t window = (int64_t)p->set->cert_expiry_days * 86400;
+    int64_t horizon = p->now + window, since = p->now - window;
+    char ca[80];
 
     if (p->set->cert_expiry_days == 0) {
         p->evaluated |= 1u << K_CERT;
         return;
     }
-    site_ca(p, horizon);
-    if (store_certs(p, horizon) == 0 && reported_certs(p, horizon) == 0)
+    site_ca(p, horizon, ca, sizeof(ca));
+    if (role_certs(p, since, horizon) == 0 && device_certs(p, since, horizon) == 0 &&
+        reported_certs(p, since, horizon, ca) == 0)
         p->evaluated |= 1u << K_CERT;
 }
 
@@ -616,11 +670,12 @@ static void gateways(struct pass *p)
 
 static void evaluate(struct pass *p)
 {
+    /* the infrastructure first: certificates cannot crowd it out */
+    connectors(p);
+    gateways(p);
     egress(p, K_EGRESS_MONTHLY, p->set->egress_monthly);
     egress(p, K_EGRESS_DAILY, p->set->egress_daily);
     certificates(p);
-    connectors(p);
-    gateways(p);
     /* no-tunnel is read with the two above */
     if ((p->evaluated & (1u << K_CONNECTOR_SILENT)) && (p->evaluated & (1u << K_GATEWAY_SILENT)))
         p->evaluated |= 1u << K_NO_TUNNEL;
@@ -658,20 +713,59 @@ static int kind_of(const char *name)
     return -1;
 }
 
-static int load_open(struct cmg_store *st, struct open_alert **out, size_t *n)
+static int cmp_key(enum kind ka, const char *sa, enum kind kb, const char *sb)
+{
+    return ka != kb ? (ka < kb ? -1 : 1) : strcmp(sa, sb);
+}
+
+static int cmp_condition(const void *a, const void *b)
+{
+    const struct condition *x = a, *y = b;
+    int c = cmp_key(x->kind, x->subject, y->kind, y->subject);
+
+    return c ? c : x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+static int cmp_open(const void *a, const void *b)
+{
+    const struct open_alert *x = a, *y = b;
+    int c = cmp_key(x->kind, x->subject, y->kind, y->subject);
+
+    return c ? c : x->id > y->id ? -1 : x->id < y->id;
+}
+
+/* The conditions sorted by key, one per key (the first found stays). */
+static void dedupe(struct pass *p)
+{
+    size_t kept = 0;
+
+    if (p->n > 1)
+        qsort(p->c, p->n, sizeof(*p->c), cmp_condition);
+    for (size_t i = 0; i < p->n; i++)
+        if (!kept || cmp_key(p->c[kept - 1].kind, p->c[kept - 1].subject, p->c[i].kind,
+                             p->c[i].subject))
+            p->c[kept++] = p->c[i];
+    p->n = kept;
+}
+
+/* The open alerts, the newest MAX_OPEN, sorted by key; *complete: all of them. */
+static int load_open(struct cmg_store *st, struct open_alert **out, size_t *n, bool *complete)
 {
     sqlite3_stmt *q = cmg_store_prepare(st, "SELECT id, kind, subject, level, message, value, "
                                             "threshold, opened FROM alerts WHERE resolved IS "
-                                            "NULL LIMIT ?", "i", (int64_t)MAX_CONDITIONS);
+                                            "NULL ORDER BY id DESC LIMIT ?", "i",
+                                        (int64_t)MAX_OPEN);
     struct open_alert *v = NULL, *grown;
-    size_t cap = 0;
+    size_t cap = 0, rows = 0;
     int step;
 
     *n = 0;
+    *complete = false;
     if (!q)
         return -1;
     while ((step = sqlite3_step(q)) == SQLITE_ROW) {
         int k = kind_of((const char *)sqlite3_column_text(q, 1));
+        rows++;
         if (k < 0)
             continue;
         if (*n == cap) {
@@ -695,7 +789,10 @@ static int load_open(struct cmg_store *st, struct open_alert **out, size_t *n)
         o->opened = sqlite3_column_int64(q, 7);
     }
     sqlite3_finalize(q);
+    if (*n > 1)
+        qsort(v, *n, sizeof(*v), cmp_open);
     *out = v;
+    *complete = rows < MAX_OPEN;
     return step == SQLITE_DONE ? 0 : -1;
 }
 
@@ -790,26 +887,32 @@ static void log_change(const struct change *ch)
     cmg_log_kv(lv, what[ch->ev], f, CMG_LOG_NFIELDS(f));
 }
 
-/* The changes that make the alerts table say what holds now. */
-static size_t plan(struct pass *p, struct open_alert *open, size_t nopen, struct change *out)
+/* The changes that make the alerts table say what holds now: both lists sorted by key,
+ * merged. None opened unless every open alert was read (one may be among the rest). */
+static size_t plan(struct pass *p, struct open_alert *open, size_t nopen, bool complete,
+                   struct change *out)
 {
-    size_t n = 0;
+    size_t n = 0, j = 0;
 
     for (size_t i = 0; i < p->n; i++) {
         struct condition *c = &p->c[i];
         struct open_alert *o = NULL;
-        for (size_t j = 0; j < nopen && !o; j++)
-            if (!open[j].matched && open[j].kind == c->kind && !strcmp(open[j].subject, c->subject))
-                o = &open[j];
-        if (o)
+        int cmp = 1;
+        while (j < nopen && (cmp = cmp_key(open[j].kind, open[j].subject, c->kind,
+                                           c->subject)) < 0)
+            j++;
+        if (j < nopen && cmp == 0) {
+            o = &open[j++];
             o->matched = true;
-        if (!o)
+        }
+        if (!o && complete)
             out[n++] = (struct change){E_OPENED, c, NULL, 0};
-        else if (c->level != o->level)
+        else if (o && c->level != o->level)
             out[n++] = (struct change){c->level > o->level ? E_RAISED : E_LOWERED, c, o, o->id};
     }
-    for (size_t j = 0; j < nopen; j++)
-        if (!open[j].matched && !p->full && (p->evaluated & (1u << open[j].kind)))
+    for (j = 0; j < nopen; j++)
+        if (!open[j].matched && !(p->full & (1u << open[j].kind)) &&
+            (p->evaluated & (1u << open[j].kind)))
             out[n++] = (struct change){E_RESOLVED, NULL, &open[j], open[j].id};
     return n;
 }
@@ -857,6 +960,7 @@ static uint64_t run_check(struct cmg_site_alerts *a)
     struct open_alert *open = NULL;
     struct change *ch = NULL;
     size_t nopen = 0;
+    bool complete;
     uint64_t next = CMG_ALERTS_CHECK_MS;
 
     if (cmg_alert_settings_load(p.st, &set) < 0) {
@@ -864,10 +968,11 @@ static uint64_t run_check(struct cmg_site_alerts *a)
         return next;
     }
     evaluate(&p);
-    if (load_open(p.st, &open, &nopen) < 0)
+    dedupe(&p);
+    if (load_open(p.st, &open, &nopen, &complete) < 0)
         cmg_warn("alerts: cannot read the open alerts: %s", cmg_store_error(p.st));
     else if ((ch = calloc(p.n + nopen + 1, sizeof(*ch))))
-        apply(&p, ch, plan(&p, open, nopen, ch));
+        apply(&p, ch, plan(&p, open, nopen, complete, ch));
     if (p.next_due && (uint64_t)(p.next_due - p.now) * 1000 < next)
         next = (uint64_t)(p.next_due - p.now) * 1000;
     free(ch);

@@ -83,7 +83,16 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
     " subject TEXT NOT NULL, level TEXT NOT NULL CHECK (level IN ('warning','critical')),"
     " message TEXT NOT NULL, value REAL, threshold REAL, opened INTEGER NOT NULL,"
-    " updated INTEGER NOT NULL, resolved INTEGER, notified TEXT);";
+    " updated INTEGER NOT NULL, resolved INTEGER, notified TEXT);"
+    /* the alerts pass reads these on the site's loop: indexes, not scans */
+    "CREATE INDEX IF NOT EXISTS traffic_day_role ON traffic_day (role, day);"
+    "CREATE INDEX IF NOT EXISTS traffic_month_role ON traffic_month (role, month);"
+    "CREATE INDEX IF NOT EXISTS certs_name ON certs (name);"
+    /* one open alert per (kind, subject): duplicates an older build left are resolved */
+    "UPDATE alerts SET resolved = updated WHERE resolved IS NULL AND id NOT IN (SELECT"
+    " max(id) FROM alerts WHERE resolved IS NULL GROUP BY kind, subject);"
+    "CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (kind, subject)"
+    " WHERE resolved IS NULL;";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the

@@ -554,3 +554,35 @@ def test_connector_lost_only_by_the_gateways_it_had_tunnels_to(asite):
     asite.wait(lambda: len(asite.alerts('connector-silent')) == 3, 'c1 and c4 judged lost')
     assert sorted(a['subject'] for a in asite.alerts('connector-silent', open_only=False)) == [
         'c1', 'c3', 'c4']
+
+
+def test_many_certificates_neither_mask_nor_duplicate(asite):
+    # The devices' certificates are one alert, counting only those in force, not issued
+    # again since and not ended long ago; 1500 certificates reported by a gateway fill
+    # their kind's bound but the infrastructure alerts open all the same, and nothing is
+    # inserted twice.
+    now, day = int(time.time()), 86400
+    rows = [(f'E{i:05X}', f'old{i}', now - 500 * day, now - 100 * day) for i in range(3000)]
+    rows += [(f'A{i:05X}', f'dev{i}', now - 355 * day, now + 10 * day + i) for i in range(2000)]
+    rows += [(f'B{i:05X}', f'dev{i}', now - 5 * day, now + 360 * day) for i in range(5, 2000)]
+    with asite.db() as db:
+        db.executemany('INSERT INTO certs (serial, name, subject, issued, expires) VALUES '
+                       "(?, ?, 'CN=x', ?, ?)", rows)
+        db.execute("UPDATE certs SET revoked = ? WHERE serial = 'A00003'", (now,))
+    certs = [{'name': f'c{i}.crt', 'subject': 'CN=x', 'serial': f'C{i:04X}',
+              'not_after': now + day} for i in range(1500)]
+    asite.gateway_report('gw/0', now - 1000, 300, [], certificates=certs)
+    asite.connector_report('c1', now - 100, 1, [])
+    asite.start()
+    asite.wait(lambda: asite.alerts('connector-silent') and asite.alerts('gateway-silent'),
+               'the infrastructure alerts')
+    [dev] = asite.wait(lambda: [a for a in asite.alerts('cert-expiry')
+                                if a['subject'] == 'device certificates'], 'the devices alert')
+    assert dev['message'].startswith('4 device certificate(s) end within 30 days; the first: '
+                                     "device dev0's (serial A00000) ends on "), dev['message']
+    assert dev['level'] == 'warning' and dev['value'] == 9   # 10 days less the seconds since
+    time.sleep(1.5)   # more passes
+    every = asite.alerts('cert-expiry', open_only=False)
+    print(f'{len(every)} cert-expiry alerts for 1500 reported and 5000 device certificates')
+    assert len(every) == 1024 and all(a['resolved'] is None for a in every)
+    assert len({a['subject'] for a in every}) == 1024

@@ -15,6 +15,10 @@
 #include <time.h>
 
 #define FIRST_CHECK_MS 1000
+#define PASS_BUSY_MS 200          /* the loop waits no longer for a CLI's write lock */
+#define STORE_BUSY_MS 10000       /* the store's own wait (store.c), restored after a pass */
+#define RESOLVED_KEPT_S (400 * 86400LL)   /* resolved alerts are deleted after this */
+#define PRUNE_EVERY_S 3600
 #define MAX_PER_KIND 1024         /* what one pass considers of a kind: bounded whatever the
                                    * tables hold, and one kind cannot crowd out another */
 #define MAX_OPEN (MAX_PER_KIND * K_COUNT)   /* open alerts read per pass */
@@ -53,6 +57,19 @@ struct cmg_site_alerts {
     struct cmg_webhook *webhook;
     struct watched *watched;
     size_t nwatched;
+    int64_t started;          /* wall clock: a reporter's silence counts from here at most */
+    int64_t pruned;           /* the last deletion of old resolved alerts */
+    bool busy_logged;         /* the store was busy: said once until it is not */
+};
+
+struct open_alert {
+    int64_t id, opened;
+    enum kind kind;
+    enum level level;
+    char subject[256];
+    char message[512];
+    double value, threshold;
+    bool matched;
 };
 
 /* One pass: what holds, which kinds were read in full, when to look again. */
@@ -67,6 +84,8 @@ struct pass {
     unsigned evaluated;       /* bit per kind: its open alerts may be resolved */
     unsigned full;            /* bit per kind: MAX_PER_KIND reached, none of it resolved */
     int64_t next_due;         /* wall clock second a condition may start to hold, 0: none */
+    struct open_alert *open;  /* the open alerts, sorted by key (load_open()) */
+    size_t nopen;
 };
 
 #define OF(type, member, p) ((type *)((char *)(p) - offsetof(type, member)))
@@ -87,6 +106,29 @@ static void due_at(struct pass *p, int64_t when)
 {
     if (when > p->now && (!p->next_due || when < p->next_due))
         p->next_due = when;
+}
+
+static int cmp_key(enum kind ka, const char *sa, enum kind kb, const char *sb)
+{
+    return ka != kb ? (ka < kb ? -1 : 1) : strcmp(sa, sb);
+}
+
+/* The open alert on (k, subject), or NULL. */
+static struct open_alert *find_open(struct pass *p, enum kind k, const char *subject)
+{
+    size_t lo = 0, hi = p->nopen;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = cmp_key(p->open[mid].kind, p->open[mid].subject, k, subject);
+        if (!c)
+            return &p->open[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
 }
 
 /* A new condition; NULL if there are too many of its kind. Two on one (kind, subject)
@@ -416,17 +458,21 @@ static void no_tunnel(struct pass *p, const char *who, const char *name, const c
     int64_t latest, since;
     struct condition *c;
 
+    struct open_alert *o;
+
     if (!p->set->no_tunnel_s || any_up(tunnels, &latest))
         return;
     snprintf(key, sizeof(key), "%s %s", who, name);
     since = watched_since(p->a, key, p->now);
     if (latest && latest < since)
         since = latest;   /* the report knows better than this process's memory */
+    if ((o = find_open(p, K_NO_TUNNEL, key)) && o->opened - p->set->no_tunnel_s < since)
+        since = o->opened - p->set->no_tunnel_s;   /* as the open alert knew (a restart) */
     if (p->now - since <= p->set->no_tunnel_s) {
         due_at(p, since + p->set->no_tunnel_s + 1);
         return;
     }
-    if ((c = add(p, K_NO_TUNNEL, L_CRITICAL, name, (double)(p->now - since),
+    if ((c = add(p, K_NO_TUNNEL, L_CRITICAL, key, (double)(p->now - since),
                  (double)p->set->no_tunnel_s)))
         snprintf(c->message, sizeof(c->message), "%s %s has had no tunnel up for %lld s "
                  "(no_tunnel is %lld s): %s", who, name, (long long)(p->now - since),
@@ -435,15 +481,30 @@ static void no_tunnel(struct pass *p, const char *who, const char *name, const c
                                            : "is a connector dialling it?");
 }
 
-/* Silent: no report for longer than two of its intervals. true if so. */
+/* A silent reporter says nothing of its tunnels: an open no-tunnel alert stays as it is. */
+static void no_tunnel_kept(struct pass *p, const char *who, const char *name)
+{
+    char key[300];
+    struct open_alert *o;
+    struct condition *c;
+
+    snprintf(key, sizeof(key), "%s %s", who, name);
+    if ((o = find_open(p, K_NO_TUNNEL, key)) &&
+        (c = add(p, K_NO_TUNNEL, o->level, key, o->value, o->threshold)))
+        snprintf(c->message, sizeof(c->message), "%s", o->message);
+}
+
+/* Silent: no report for longer than two of its intervals, counted from this process's
+ * start at the earliest (a site that was down gives each its intervals first). */
 static bool silent(struct pass *p, enum kind k, const char *who, const char *name,
                    int64_t received, int64_t interval)
 {
     int64_t limit = 2 * (interval > 0 ? interval : 1), age = p->now - received;
+    int64_t from = received > p->a->started ? received : p->a->started;
     struct condition *c;
 
-    if (age <= limit) {
-        due_at(p, received + limit + 1);
+    if (p->now - from <= limit) {
+        due_at(p, from + limit + 1);
         return false;
     }
     if ((c = add(p, k, L_CRITICAL, name, (double)age, (double)limit)))
@@ -632,8 +693,11 @@ static void connectors(struct pass *p)
             continue;   /* draining: going away on purpose */
         int64_t received = sqlite3_column_int64(q, 1);
         const char *tunnels = (const char *)sqlite3_column_text(q, 4);
-        if (silent(p, K_CONNECTOR_SILENT, "connector", name, received, sqlite3_column_int64(q, 2)))
+        if (silent(p, K_CONNECTOR_SILENT, "connector", name, received,
+                   sqlite3_column_int64(q, 2))) {
+            no_tunnel_kept(p, "connector", name);
             continue;
+        }
         if (judged && gateways_lost(&words, name, received, tunnels))
             connector_lost(p, name, received);
         else
@@ -659,8 +723,10 @@ static void gateways(struct pass *p)
         const char *name = (const char *)sqlite3_column_text(q, 0);
         if (!strcmp((const char *)sqlite3_column_text(q, 3), "draining"))
             continue;
-        if (!silent(p, K_GATEWAY_SILENT, "gateway instance", name, sqlite3_column_int64(q, 1),
-                    sqlite3_column_int64(q, 2)))
+        if (silent(p, K_GATEWAY_SILENT, "gateway instance", name, sqlite3_column_int64(q, 1),
+                   sqlite3_column_int64(q, 2)))
+            no_tunnel_kept(p, "gateway instance", name);
+        else
             no_tunnel(p, "gateway instance", name, (const char *)sqlite3_column_text(q, 4));
     }
     sqlite3_finalize(q);
@@ -687,15 +753,6 @@ static void evaluate(struct pass *p)
 enum event { E_OPENED, E_RAISED, E_LOWERED, E_RESOLVED };
 static const char *const event_names[] = {"opened", "raised", "lowered", "resolved"};
 
-struct open_alert {
-    int64_t id, opened;
-    enum kind kind;
-    enum level level;
-    char subject[256];
-    char message[512];
-    double value, threshold;
-    bool matched;
-};
 
 /* A change to make, then log and notify. */
 struct change {
@@ -703,6 +760,7 @@ struct change {
     const struct condition *c;   /* NULL when resolved */
     struct open_alert *o;        /* NULL when opened */
     int64_t id;
+    bool quiet;                  /* the value or message only: recorded, not said */
 };
 
 static int kind_of(const char *name)
@@ -711,11 +769,6 @@ static int kind_of(const char *name)
         if (!strcmp(kind_names[k], name))
             return k;
     return -1;
-}
-
-static int cmp_key(enum kind ka, const char *sa, enum kind kb, const char *sb)
-{
-    return ka != kb ? (ka < kb ? -1 : 1) : strcmp(sa, sb);
 }
 
 static int cmp_condition(const void *a, const void *b)
@@ -906,14 +959,18 @@ static size_t plan(struct pass *p, struct open_alert *open, size_t nopen, bool c
             o->matched = true;
         }
         if (!o && complete)
-            out[n++] = (struct change){E_OPENED, c, NULL, 0};
+            out[n++] = (struct change){.ev = E_OPENED, .c = c};
         else if (o && c->level != o->level)
-            out[n++] = (struct change){c->level > o->level ? E_RAISED : E_LOWERED, c, o, o->id};
+            out[n++] = (struct change){.ev = c->level > o->level ? E_RAISED : E_LOWERED,
+                                       .c = c, .o = o, .id = o->id};
+        else if (o && (c->value != o->value || c->threshold != o->threshold ||
+                       strcmp(c->message, o->message)))
+            out[n++] = (struct change){.ev = E_LOWERED, .c = c, .o = o, .id = o->id, .quiet = true};
     }
     for (j = 0; j < nopen; j++)
         if (!open[j].matched && !(p->full & (1u << open[j].kind)) &&
             (p->evaluated & (1u << open[j].kind)))
-            out[n++] = (struct change){E_RESOLVED, NULL, &open[j], open[j].id};
+            out[n++] = (struct change){.ev = E_RESOLVED, .o = &open[j], .id = open[j].id};
     return n;
 }
 
@@ -927,8 +984,10 @@ static void apply(struct pass *p, struct change *ch, size_t n)
     if (!n)
         return;
     if (cmg_store_begin(st) < 0) {
-        cmg_warn("alerts: the store is busy (%s): %zu change(s) wait for the next check",
-                 cmg_store_error(st), n);
+        if (!p->a->busy_logged)
+            cmg_warn("alerts: the store is busy (%s): %zu change(s) wait for the next check "
+                     "(said once until they are recorded)", cmg_store_error(st), n);
+        p->a->busy_logged = true;
         return;
     }
     while (done < n && write_change(st, &ch[done], p->now, notify) == 0)
@@ -939,7 +998,10 @@ static void apply(struct pass *p, struct change *ch, size_t n)
         cmg_store_rollback(st);
         return;
     }
+    p->a->busy_logged = false;
     for (size_t i = 0; i < n; i++) {
+        if (ch[i].quiet)
+            continue;
         log_change(&ch[i]);
         if (notify && ch[i].ev != E_LOWERED) {
             cJSON *doc = alert_doc(p->a->srv->ctx->service_name, &ch[i], p->now);
@@ -951,6 +1013,24 @@ static void apply(struct pass *p, struct change *ch, size_t n)
                                  ch[i].c ? ch[i].c->subject : ch[i].o->subject);
         }
     }
+}
+
+/* Resolved alerts are history: kept RESOLVED_KEPT_S, looked at hourly. */
+static void prune(struct pass *p)
+{
+    sqlite3_stmt *q;
+
+    if (p->now - p->a->pruned < PRUNE_EVERY_S)
+        return;
+    q = cmg_store_prepare(p->st, "DELETE FROM alerts WHERE resolved IS NOT NULL AND "
+                                 "resolved < ?", "i", p->now - RESOLVED_KEPT_S);
+    if (q && sqlite3_step(q) == SQLITE_DONE) {
+        p->a->pruned = p->now;
+        if (sqlite3_changes(cmg_store_db(p->st)))
+            cmg_info("alerts: %d alert(s) resolved more than %lld days ago deleted",
+                     sqlite3_changes(cmg_store_db(p->st)), RESOLVED_KEPT_S / 86400);
+    }
+    sqlite3_finalize(q);
 }
 
 static uint64_t run_check(struct cmg_site_alerts *a)
@@ -967,12 +1047,19 @@ static uint64_t run_check(struct cmg_site_alerts *a)
         cmg_warn("alerts: cannot read the thresholds: %s", cmg_store_error(p.st));
         return next;
     }
-    evaluate(&p);
-    dedupe(&p);
-    if (load_open(p.st, &open, &nopen, &complete) < 0)
+    sqlite3_busy_timeout(cmg_store_db(p.st), PASS_BUSY_MS);
+    if (load_open(p.st, &open, &nopen, &complete) < 0) {
         cmg_warn("alerts: cannot read the open alerts: %s", cmg_store_error(p.st));
-    else if ((ch = calloc(p.n + nopen + 1, sizeof(*ch))))
-        apply(&p, ch, plan(&p, open, nopen, complete, ch));
+    } else {
+        p.open = open;
+        p.nopen = nopen;
+        evaluate(&p);
+        dedupe(&p);
+        if ((ch = calloc(p.n + nopen + 1, sizeof(*ch))))
+            apply(&p, ch, plan(&p, open, nopen, complete, ch));
+    }
+    prune(&p);
+    sqlite3_busy_timeout(cmg_store_db(p.st), STORE_BUSY_MS);
     if (p.next_due && (uint64_t)(p.next_due - p.now) * 1000 < next)
         next = (uint64_t)(p.next_due - p.now) * 1000;
     free(ch);
@@ -1000,6 +1087,7 @@ struct cmg_site_alerts *cmg_site_alerts_new(struct cmg_site_server *srv)
         return NULL;
     a->srv = srv;
     a->loop = srv->loop;
+    a->started = (int64_t)time(NULL);
     if (!(a->webhook = cmg_webhook_new(srv->loop, srv->ctx->store))) {
         free(a);
         return NULL;

@@ -79,7 +79,9 @@ void cmg_site_alerts_free(struct cmg_site_alerts *a);
 #define CMG_WEBHOOK_QUEUE_MAX 100
 #define CMG_WEBHOOK_TIMEOUT_MS 5000      /* connect, handshake, each read and write */
 #define CMG_WEBHOOK_RETRY_MS 1000        /* before the one retry */
-#define CMG_WEBHOOK_DEADLINE_S 15        /* a delivery (both tries) is killed after this */
+/* a delivery is killed after this: room for both tries, each up to a connect, a write and
+ * a read of CMG_WEBHOOK_TIMEOUT_MS, and the pause between them */
+#define CMG_WEBHOOK_DEADLINE_S (2 * 3 * CMG_WEBHOOK_TIMEOUT_MS / 1000 + CMG_WEBHOOK_RETRY_MS / 1000 + 1)
 
 struct cmg_webhook;
 struct cmg_webhook *cmg_webhook_new(struct cmg_loop *loop, struct cmg_store *st);

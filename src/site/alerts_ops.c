@@ -1,10 +1,12 @@
 /* Alert thresholds in the store, and the admin operations that set them; see alerts.h. */
 #include "site/alerts.h"
 
+#include "client/fetch.h"
 #include "site/store_sql.h"
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <stdarg.h>
@@ -15,6 +17,7 @@
 
 #define WEBHOOK_URL_MAX 2048
 #define WEBHOOK_CA_MAX (256 * 1024)
+#define NO_TUNNEL_MAX_S (3650 * 86400LL)   /* ten years: since + it cannot overflow */
 
 static int fail(char *msg, size_t len, int status, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -186,8 +189,8 @@ void cmg_alerts_url_origin(const char *url, char *out, size_t outlen)
     }
     host = p + 3;
     n = strcspn(host, "/?#");
-    at = memchr(host, '@', n);
-    if (at) {   /* user:password@ stays out */
+    at = memrchr(host, '@', n);
+    if (at) {   /* user:password@ stays out (the password may hold an '@') */
         n -= (size_t)(at + 1 - host);
         host = at + 1;
     }
@@ -229,8 +232,11 @@ static const char *value_text(const cJSON *args, char *buf, size_t len)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(args, "value");
 
-    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 9e18) {
-        snprintf(buf, len, "%.0f", v->valuedouble);
+    if (cJSON_IsNumber(v)) {
+        /* a whole number as digits; any other as itself, which no parser takes */
+        bool whole = v->valuedouble >= 0 && v->valuedouble < 9e18 &&
+                     v->valuedouble == floor(v->valuedouble);
+        snprintf(buf, len, whole ? "%.0f" : "%.17g", v->valuedouble);
         return buf;
     }
     return cJSON_GetStringValue(v);
@@ -255,9 +261,9 @@ static int threshold_value(const char *name, const char *text, int64_t *out, cha
         if (*out < 0 || *end || *out > 3650)
             return fail(msg, len, 400, "cert-expiry: expected a number of days such as 30 or "
                         "30d (0: off), found '%s'", text);
-    } else if ((*out = cmg_alerts_parse_duration(text)) < 0) {
+    } else if ((*out = cmg_alerts_parse_duration(text)) < 0 || *out > NO_TUNNEL_MAX_S) {
         return fail(msg, len, 400, "no-tunnel: expected a duration such as 30s, 10m or 1h (a "
-                    "bare number: minutes; 0: off), found '%s'", text);
+                    "bare number: minutes; 0: off; at most 3650d), found '%s'", text);
     }
     return 0;
 }
@@ -313,6 +319,10 @@ int cmg_alerts_op_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
     if ((rc = known_name(name, msg, len)) != 0 ||
         (rc = threshold_value(name, value_text(args, buf, sizeof(buf)), &value, msg, len)) != 0)
         return rc;
+    if (strncmp(name, "egress-", 7) && (cJSON_GetObjectItemCaseSensitive(args, "warning") ||
+                                        cJSON_GetObjectItemCaseSensitive(args, "critical")))
+        return fail(msg, len, 400, "%s: --warning and --critical are percentages of an egress "
+                    "allowance, found them given for %s", name, name);
     if (cmg_alert_settings_load(s->store, &cur) < 0)
         return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     cmg_alert_settings_free(&cur);
@@ -364,8 +374,30 @@ static bool plain_url(const char *u)
     return true;
 }
 
+/* The host and port as the delivery will read them (client/fetch.c's own parser). */
+static int webhook_host_check(const char *url, char *msg, size_t len)
+{
+    const char *p = strstr(url, "://") + 3, *at;
+    size_t n = strcspn(p, "/?#");
+    char authority[300], host[256];
+    int port;
+
+    if ((at = memrchr(p, '@', n))) {
+        n -= (size_t)(at + 1 - p);
+        p = at + 1;
+    }
+    if (n >= sizeof(authority) ||
+        (memcpy(authority, p, n), authority[n] = '\0',
+         cmg_fetch_split_addr(authority, 443, host, sizeof(host), &port) < 0))
+        return fail(msg, len, 400, "webhook: expected a host and port such as "
+                    "hooks.example.com:443, found '%.*s'", (int)(n < 200 ? n : 200), p);
+    return 0;
+}
+
 static int webhook_check(const char *url, const char *ca, char *msg, size_t len)
 {
+    int rc;
+
     if (strncmp(url, "https://", 8) && strncmp(url, "http://", 7))
         return fail(msg, len, 400, "webhook: expected an http:// or https:// URL (or --off), "
                     "found '%.200s'", url);
@@ -373,6 +405,8 @@ static int webhook_check(const char *url, const char *ca, char *msg, size_t len)
         strchr("/?#", url[strcspn(url, ":") + 3]))
         return fail(msg, len, 400, "webhook: expected a URL with a host, at most %d characters, "
                     "no spaces or control characters", WEBHOOK_URL_MAX);
+    if ((rc = webhook_host_check(url, msg, len)) != 0)
+        return rc;
     if (ca && (strlen(ca) > WEBHOOK_CA_MAX || !pem_certs_only(ca)))
         return fail(msg, len, 400, "webhook --ca: expected PEM certificates (the roots of the "
                     "webhook's HTTPS), found none");
@@ -419,8 +453,12 @@ static int list_result(struct cmg_site_ctx *s, cJSON **result, char *msg, size_t
     struct cmg_alert_settings a;
     cJSON *set, *open;
 
-    if (cmg_alert_settings_load(s->store, &a) < 0 || !(open = cmg_alerts_open_json(s->store)))
+    if (cmg_alert_settings_load(s->store, &a) < 0)
         return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    if (!(open = cmg_alerts_open_json(s->store))) {
+        cmg_alert_settings_free(&a);
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    }
     *result = cJSON_CreateObject();
     set = cJSON_AddObjectToObject(*result, "settings");
     add_bytes_or_null(set, "egress_monthly", a.egress_monthly);

@@ -345,7 +345,7 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
     else
         cmg_info("admin %s from %s", name, req->peer);
     cmg_site_server_changed(srv);
-    if (!strncmp(name, "alert.", 6))
+    if (!strncmp(name, "alert.", 6) && !reads_only(name))
         cmg_site_alerts_check(srv);   /* new thresholds apply now */
     cmg_httpd_json(req, 200, result);
 }

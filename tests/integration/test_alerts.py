@@ -302,7 +302,7 @@ def test_silent_connector_and_gateway_and_no_tunnel(asite, receiver):
 
     # c2 has been without a tunnel for longer than no-tunnel (2 s).
     nt = asite.wait(lambda: receiver.docs('no-tunnel'), 'no-tunnel POSTed')
-    assert nt[0]['alert']['subject'] == 'c2'
+    assert nt[0]['alert']['subject'] == 'connector c2'
 
     # c1 reports again: resolved, and said so.
     asite.connector_report('c1', int(time.time()), 300, up)
@@ -448,7 +448,11 @@ def test_admin_api_errors(asite):
             ('alert.set', {'name': 'egress-monthly', 'value': '1GB', 'warning': 95},
              'found warning 95 % and critical 90 %'),
             ('alert.unset', {'name': 'nope'}, "unknown threshold 'nope'"),
-            ('alert.webhook', {'url': 'https://x.test/', 'ca': 'not PEM'}, 'expected PEM')):
+            ('alert.webhook', {'url': 'https://x.test/', 'ca': 'not PEM'}, 'expected PEM'),
+            ('alert.set', {'name': 'no-tunnel', 'value': -5}, "found '-5'"),
+            ('alert.set', {'name': 'egress-daily', 'value': 1.5}, "found '1.5'"),
+            ('alert.set', {'name': 'egress-daily', 'value': 1e30}, "found '1e+30'"),
+            ('alert.set', {'name': 'cert-expiry', 'value': 1e30}, "found '1e+30'")):
         with pytest.raises(urllib.error.HTTPError) as e:
             asite.dep.api('POST', f'/v1/ops/{op}', body)
         assert e.value.code == 400 and expected in json.loads(e.value.read())['error'], op
@@ -471,6 +475,12 @@ def test_admin_api_errors(asite):
     (('set', 'cert-expiry', 'soon'), 'expected a number of days'),
     (('webhook', 'ftp://example.test/x'), 'expected an http:// or https:// URL'),
     (('webhook',), 'expected a URL or --off'),
+    (('webhook', 'http://u:p@127.0.0.1:99999/x'), "expected a host and port such as "
+     "hooks.example.com:443, found '127.0.0.1:99999'"),
+    (('set', 'no-tunnel', '3651d'), "at most 3650d), found '3651d'"),
+    (('set', 'cert-expiry', '30', '--warning', '40'),
+     '--warning and --critical are percentages of an egress allowance'),
+    (('set', 'no-tunnel', '10m', '--critical', '95'), 'found them given for no-tunnel'),
 ])
 def test_cli_errors(asite, args, expected):
     r = asite.cli(*args)
@@ -571,7 +581,7 @@ def test_many_certificates_neither_mask_nor_duplicate(asite):
         db.execute("UPDATE certs SET revoked = ? WHERE serial = 'A00003'", (now,))
     certs = [{'name': f'c{i}.crt', 'subject': 'CN=x', 'serial': f'C{i:04X}',
               'not_after': now + day} for i in range(1500)]
-    asite.gateway_report('gw/0', now - 1000, 300, [], certificates=certs)
+    asite.gateway_report('gw/0', now - 1000, 1, [], certificates=certs)
     asite.connector_report('c1', now - 100, 1, [])
     asite.start()
     asite.wait(lambda: asite.alerts('connector-silent') and asite.alerts('gateway-silent'),
@@ -586,3 +596,32 @@ def test_many_certificates_neither_mask_nor_duplicate(asite):
     print(f'{len(every)} cert-expiry alerts for 1500 reported and 5000 device certificates')
     assert len(every) == 1024 and all(a['resolved'] is None for a in every)
     assert len({a['subject'] for a in every}) == 1024
+
+
+def test_a_site_restart_keeps_no_tunnel_and_gives_reporters_their_intervals(asite, receiver):
+    # The site was down: a connector's last report is 100 s old, yet it gets its two
+    # intervals from the site's start before it is called silent; the no-tunnel alert a
+    # connector had before the restart stays open (not resolved and opened again), its
+    # value refreshed without a notification.
+    assert asite.cli('set', 'no-tunnel', '30s').returncode == 0
+    assert asite.cli('webhook', receiver.url).returncode == 0
+    now = int(time.time())
+    down = [{'gateway': '127.0.0.1:10140', 'instance': 'gw/0', 'state': 'connecting',
+             'since': now - 5, 'rtt_ms': 0, 'reconnects': 3}]
+    asite.connector_report('c1', now - 100, 1, [])
+    asite.connector_report('c2', now, 300, down)
+    with asite.db() as db:
+        db.execute("INSERT INTO alerts (kind, subject, level, message, value, threshold, opened,"
+                   " updated) VALUES ('no-tunnel', 'connector c2', 'critical', 'before', 30, 30,"
+                   ' ?, ?)', (now - 50, now - 50))
+    t0 = int(time.time())
+    asite.start()
+    [silent] = asite.wait(lambda: asite.alerts('connector-silent'), 'c1 silent')
+    print(f"c1 called silent {silent['opened'] - t0} s after the site's start")
+    assert silent['subject'] == 'c1' and silent['opened'] - t0 >= 2
+    assert silent['value'] >= 100, 'the value is its true silence'
+    [nt] = asite.wait(lambda: [a for a in asite.alerts('no-tunnel') if a['value'] > 30],
+                      'the no-tunnel alert refreshed')
+    assert nt['message'].startswith('connector c2 has had no tunnel up for'), nt['message']
+    assert len(asite.alerts('no-tunnel', open_only=False)) == 1
+    assert not receiver.docs('no-tunnel') and not asite.log_events(kind='no-tunnel')

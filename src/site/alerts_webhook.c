@@ -3,7 +3,8 @@
  * dead receiver never holds up the site's loop. At most CMG_WEBHOOK_QUEUE_MAX wait (the
  * oldest is dropped, logged); each delivery is tried twice; the child is killed after
  * CMG_WEBHOOK_DEADLINE_S. Logs name the webhook by its origin only: a URL's path, query
- * and user information often are its credentials. */
+ * and user information often are its credentials (the child gives the fetch the host and
+ * port apart from the path, so its errors cannot quote them). */
 #include "site/alerts.h"
 
 #include "client/fetch.h"
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -49,53 +51,85 @@ struct cmg_webhook {
 
 /* ---- the child ---- */
 
-/* The URL without its user information, and "Authorization: Basic ..." for it. */
-static int split_credentials(const char *url, char *bare, size_t barelen, char *auth,
-                             size_t authlen)
-{
-    const char *p = strstr(url, "://"), *host = p ? p + 3 : url;
-    size_t n = strcspn(host, "/?#");
-    const char *at = memchr(host, '@', n);
-    unsigned char b64[1400];
-    size_t ulen;
+/* Where a delivery goes: the URL's parts as client/fetch.c takes them apart, so that
+ * its errors name the host and port only (never the path or query, often a secret). */
+struct target {
+    bool tls;
+    char addr[300];           /* "host:port" or "[v6]:port" */
+    char path[4096];
+    char auth[2048];          /* "Authorization: Basic ..." from the user information, or "" */
+};
 
-    auth[0] = '\0';
-    if (!at) {
-        snprintf(bare, barelen, "%s", url);
-        return 0;
+static int hex_digit(int c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* "Authorization: Basic ..." for user information (percent-encoded, as in a URL). */
+static int basic_auth(const char *info, size_t n, char *out, size_t outlen)
+{
+    char plain[1024];
+    unsigned char b64[1400];
+    size_t len = 0;
+
+    for (size_t i = 0; i < n; i++, len++) {
+        if (len == sizeof(plain))
+            return -1;
+        if (info[i] == '%' && i + 2 < n && hex_digit(info[i + 1]) >= 0 &&
+            hex_digit(info[i + 2]) >= 0) {
+            plain[len] = (char)(hex_digit(info[i + 1]) * 16 + hex_digit(info[i + 2]));
+            i += 2;
+        } else {
+            plain[len] = info[i];
+        }
     }
-    ulen = (size_t)(at - host);
-    if (ulen * 4 / 3 + 4 >= sizeof(b64))
-        return -1;
-    EVP_EncodeBlock(b64, (const unsigned char *)host, (int)ulen);
-    snprintf(auth, authlen, "Authorization: Basic %s", b64);
-    snprintf(bare, barelen, "%.*s%s", (int)(host - url), url, at + 1);
+    EVP_EncodeBlock(b64, (const unsigned char *)plain, (int)len);
+    snprintf(out, outlen, "Authorization: Basic %s", b64);
     return 0;
 }
 
-/* why, with the URL (if it is in there) replaced by its origin. */
-static void scrub(char *why, size_t len, const char *url, const char *bare, const char *origin)
+/* 0, or -1 with why (naming no part of the URL but its origin). */
+static int split_url(const char *url, struct target *t, char *why, size_t len)
 {
-    const char *const urls[] = {url, bare};
-    char *hit, out[700] = "";
+    const char *p = strstr(url, "://"), *host, *at;
+    char authority[300], name[256];
+    size_t n;
+    int port;
 
-    for (size_t i = 0; i < 2; i++)
-        if (*urls[i] && (hit = strstr(why, urls[i]))) {
-            snprintf(out, sizeof(out), "%.*s%s%s", (int)(hit - why), why, origin,
-                     hit + strlen(urls[i]));
-            size_t n = strlen(out) < len - 1 ? strlen(out) : len - 1;
-            memcpy(why, out, n);
-            why[n] = '\0';
-        }
+    memset(t, 0, sizeof(*t));
+    if (!p)
+        return snprintf(why, len, "not a URL"), -1;
+    t->tls = !strncasecmp(url, "https", 5);
+    host = p + 3;
+    n = strcspn(host, "/?#");
+    if ((at = memrchr(host, '@', n))) {   /* the password may hold an '@' */
+        if (basic_auth(host, (size_t)(at - host), t->auth, sizeof(t->auth)) < 0)
+            return snprintf(why, len, "the user information of the URL is too long"), -1;
+        n -= (size_t)(at + 1 - host);
+        host = at + 1;
+    }
+    if (n >= sizeof(authority))
+        return snprintf(why, len, "the host of the URL is too long"), -1;
+    memcpy(authority, host, n);
+    authority[n] = '\0';
+    if (cmg_fetch_split_addr(authority, t->tls ? 443 : 80, name, sizeof(name), &port) < 0)
+        return snprintf(why, len, "bad host or port"), -1;
+    snprintf(t->addr, sizeof(t->addr), strchr(name, ':') ? "[%s]:%d" : "%s:%d", name, port);
+    if (snprintf(t->path, sizeof(t->path), "%s%.*s", host[n] == '/' ? "" : "/",
+                 (int)strcspn(host + n, "#"), host + n) >= (int)sizeof(t->path))
+        return snprintf(why, len, "the URL is too long"), -1;
+    return 0;
 }
 
 /* One POST; 0 if answered 2xx, else -1 with why. */
-static int attempt(const char *url, const char *auth, const char *ca, const char *body,
-                   char *why, size_t len)
+static int attempt(const struct target *t, const char *ca, const char *body, char *why,
+                   size_t len)
 {
-    const char *headers[] = {"Content-Type: application/json", auth};
-    struct cmg_fetch_req req = {.url = url, .method = "POST", .ca_pem = ca,
-                                .headers = headers, .n_headers = *auth ? 2 : 1,
+    const char *headers[] = {"Content-Type: application/json", t->auth};
+    struct cmg_fetch_req req = {.addr = t->addr, .target = t->path, .tls = t->tls,
+                                .method = "POST", .ca_pem = ca,
+                                .headers = headers, .n_headers = *t->auth ? 2 : 1,
                                 .body = body, .body_len = strlen(body),
                                 .timeout_ms = CMG_WEBHOOK_TIMEOUT_MS,
                                 .max_body = RESPONSE_MAX, .truncate_body = true};
@@ -129,14 +163,15 @@ static void write_all(int fd, const char *p, size_t n)
 
 /* Tries twice; writes "ok STATUS" or "fail WHY" to fd and exits. It holds none of the
  * site's descriptors, and dies with the site, or by itself past its deadline. */
-static void child_main(const char *url, const char *ca, const char *body, const char *origin,
-                       int fd, pid_t site)
+static void child_main(const char *url, const char *ca, const char *body, int fd, pid_t site)
 {
-    char bare[4096], auth[2048], why[600], line[700];
+    static struct target t;
+    char why[600], line[700];
     sigset_t none;
     int rc = -1;
 
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    prctl(PR_SET_DUMPABLE, 0);   /* it holds the URL's secrets: no core, no ptrace */
     if (getppid() != site)
         _exit(1);
     sigemptyset(&none);
@@ -146,16 +181,13 @@ static void child_main(const char *url, const char *ca, const char *body, const 
     if (fd > 3)
         close_range(3, (unsigned)fd - 1, 0);
     close_range((unsigned)fd + 1, ~0U, 0);
-    if (split_credentials(url, bare, sizeof(bare), auth, sizeof(auth)) < 0) {
-        snprintf(why, sizeof(why), "the user information of the URL is too long");
-    } else {
+    if (split_url(url, &t, why, sizeof(why)) == 0) {
         for (int i = 0; i < 2 && rc < 0; i++) {
             if (i)
                 usleep(CMG_WEBHOOK_RETRY_MS * 1000);
-            rc = attempt(bare, auth, ca, body, why, sizeof(why));
+            rc = attempt(&t, ca, body, why, sizeof(why));
         }
     }
-    scrub(why, sizeof(why), url, bare, origin);
     snprintf(line, sizeof(line), "%s %s", rc == 0 ? "ok" : "fail", why);
     write_all(fd, line, strlen(line));
     _exit(0);
@@ -257,8 +289,7 @@ static int start_child(struct cmg_webhook *w, const struct cmg_alert_settings *s
         return -1;
     }
     if (pid == 0)
-        child_main(set->webhook, set->webhook_ca, w->queue[w->head].body, w->origin, p[1],
-                   site);
+        child_main(set->webhook, set->webhook_ca, w->queue[w->head].body, p[1], site);
     close(p[1]);
     fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK);
     w->child = pid;
@@ -350,6 +381,9 @@ void cmg_webhook_free(struct cmg_webhook *w)
     if (!w)
         return;
     kill_child(w);
+    if (w->count)
+        cmg_info("alert webhook: %zu notification(s) not delivered at shutdown (the alerts "
+                 "stay recorded)", w->count);
     drop_all(w);
     free(w);
 }

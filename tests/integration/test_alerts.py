@@ -416,7 +416,7 @@ def test_webhook_https_checked_against_its_ca(asite, tmp_path):
                                  eku=(ExtendedKeyUsageOID.SERVER_AUTH,), san=('127.0.0.1',))
     receiver = Receiver(tls=(crt, key))
     try:
-        url = receiver.url.replace('https://', 'https://ops:pa55word@')
+        url = receiver.url.replace('https://', 'https://ops:pa55%40w@rd@')
         assert asite.cli('webhook', url).returncode == 0
         assert asite.cli('set', 'egress-daily', '1000').returncode == 0
         asite.start()
@@ -426,7 +426,7 @@ def test_webhook_https_checked_against_its_ca(asite, tmp_path):
                                                      'alert stays recorded and logged; this '
                                                      'notification is dropped'), 'the failure')
         assert 'certificate' in failed[0]['error'], failed[0]
-        assert not receiver.docs() and 'pa55word' not in asite.dep.site_proc.log_text()
+        assert not receiver.docs() and 'pa55' not in asite.dep.site_proc.log_text()
 
         # With --ca FILE (through the admin API this time, as the PEM text): delivered, with
         # the URL's user information as Basic authentication.
@@ -435,7 +435,7 @@ def test_webhook_https_checked_against_its_ca(asite, tmp_path):
         [doc] = asite.wait(receiver.docs, 'the critical alert POSTed over https')
         assert (doc['event'], doc['alert']['level']) == ('raised', 'critical')
         assert receiver.headers()[0]['Authorization'] == 'Basic ' + base64.b64encode(
-            b'ops:pa55word').decode()
+            b'ops:pa55@w@rd').decode()   # percent-decoded, split at the last '@'
         assert receiver.headers()[0]['Content-Type'] == 'application/json'
     finally:
         receiver.close()

@@ -529,9 +529,8 @@ struct gw_word {
 };
 
 struct gw_words {
-    struct gw_word *v;            /* sorted by instance */
+    struct gw_word *v;            /* sorted by instance; one missing gives no verdict */
     size_t n;
-    bool complete;                /* every row read: a missing instance is truly missing */
 };
 
 static int cmp_str(const void *a, const void *b)
@@ -609,11 +608,15 @@ static int gw_words_load(struct pass *p, struct gw_words *w)
         g->started = sqlite3_column_int64(q, 2);
         g->fresh = strcmp((const char *)sqlite3_column_text(q, 3), "draining") &&
                    g->received >= p->now - 2 * (interval > 0 ? interval : 1);
-        if (listed_up(g, (const char *)sqlite3_column_text(q, 5)) < 0)
+        if (listed_up(g, (const char *)sqlite3_column_text(q, 5)) < 0) {
+            for (size_t j = 0; j < g->nup; j++)   /* a partial list would say "gone" */
+                free(g->up[j]);
+            free(g->up);
+            w->n--;
             break;
+        }
     }
     sqlite3_finalize(q);
-    w->complete = step == SQLITE_DONE;
     if (w->n > 1)
         qsort(w->v, w->n, sizeof(*w->v), cmp_word);
     return 0;

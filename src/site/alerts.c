@@ -630,7 +630,7 @@ static bool says_gone(const struct gw_word *g, const char *name, int64_t receive
 
     if (!g || !g->fresh || g->received <= received || g->started >= received)
         return false;
-    return !bsearch(&key, g->up, g->nup, sizeof(*g->up), cmp_str);
+    return !g->nup || !bsearch(&key, g->up, g->nup, sizeof(*g->up), cmp_str);
 }
 
 /* A connector whose last report showed tunnels up, while EVERY gateway instance of those

@@ -1,5 +1,5 @@
 /* The alerts' webhook: each notification is POSTed by a child process (the blocking
- * client of client/fetch.c, as the OIDC key refresh does), one at a time, so a slow or
+ * client of client/fetch.c, in site/child.c as the OIDC key refresh), one at a time, so a slow or
  * dead receiver never holds up the site's loop. At most CMG_WEBHOOK_QUEUE_MAX wait (the
  * oldest is dropped, logged); each delivery is tried twice; the child is killed after
  * CMG_WEBHOOK_DEADLINE_S. Logs name the webhook by its origin only: a URL's path, query
@@ -9,19 +9,15 @@
 
 #include "client/fetch.h"
 #include "core/log.h"
+#include "site/child.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <openssl/evp.h>
-#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/epoll.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,11 +35,7 @@ struct cmg_webhook {
     struct cmg_store *store;
     struct item queue[CMG_WEBHOOK_QUEUE_MAX];
     size_t head, count;
-    pid_t child;
-    struct cmg_io io;
-    struct cmg_timer deadline;
-    char answer[ANSWER_MAX];
-    size_t answer_len;
+    struct cmg_child delivery;  /* the process POSTing the head of the queue */
     char origin[300];          /* of the delivery under way */
 };
 
@@ -148,49 +140,27 @@ static int attempt(const struct target *t, const char *ca, const char *body, cha
     return rc;
 }
 
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
+struct job {
+    const char *url, *ca, *body;
+};
 
-/* Tries twice; writes "ok STATUS" or "fail WHY" to fd and exits. It holds none of the
- * site's descriptors, and dies with the site, or by itself past its deadline. */
-static void child_main(const char *url, const char *ca, const char *body, int fd, pid_t site)
+/* The child's job: tries twice; writes "ok STATUS" or "fail WHY". */
+static void delivery_job(void *arg, int fd)
 {
+    const struct job *j = arg;
     static struct target t;
     char why[600], line[700];
-    sigset_t none;
     int rc = -1;
 
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    prctl(PR_SET_DUMPABLE, 0);   /* it holds the URL's secrets: no core, no ptrace */
-    if (getppid() != site)
-        _exit(1);
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGALRM, SIG_DFL);
-    alarm(CMG_WEBHOOK_DEADLINE_S + 5);
-    if (fd > 3)
-        close_range(3, (unsigned)fd - 1, 0);
-    close_range((unsigned)fd + 1, ~0U, 0);
-    if (split_url(url, &t, why, sizeof(why)) == 0) {
+    if (split_url(j->url, &t, why, sizeof(why)) == 0) {
         for (int i = 0; i < 2 && rc < 0; i++) {
             if (i)
                 usleep(CMG_WEBHOOK_RETRY_MS * 1000);
-            rc = attempt(&t, ca, body, why, sizeof(why));
+            rc = attempt(&t, j->ca, j->body, why, sizeof(why));
         }
     }
     snprintf(line, sizeof(line), "%s %s", rc == 0 ? "ok" : "fail", why);
-    write_all(fd, line, strlen(line));
-    _exit(0);
+    cmg_child_write(fd, line, strlen(line));
 }
 
 /* ---- the queue (on the site's loop) ---- */
@@ -201,37 +171,21 @@ static void item_free(struct item *it)
     memset(it, 0, sizeof(*it));
 }
 
-static void kill_child(struct cmg_webhook *w)
-{
-    if (w->io.fd >= 0) {
-        int fd = w->io.fd;   /* cmg_io_stop() forgets it */
-        cmg_io_stop(&w->io);
-        close(fd);
-    }
-    cmg_timer_stop(w->loop, &w->deadline);
-    if (w->child > 0) {
-        kill(w->child, SIGKILL);
-        while (waitpid(w->child, NULL, 0) < 0 && errno == EINTR)
-            ;
-        w->child = 0;
-    }
-}
-
 static void kick(struct cmg_webhook *w);
 
 /* The delivery at the head ended: logged, dropped from the queue, the next one started. */
 static void finish(struct cmg_webhook *w, const char *failure)
 {
     struct item *it = &w->queue[w->head];
-    bool ok = !failure && !strncmp(w->answer, "ok ", 3);
+    const char *answer = w->delivery.answer ? w->delivery.answer : "";
+    bool ok = !failure && !strncmp(answer, "ok ", 3);
     const char *why = failure ? failure
-                    : !strncmp(w->answer, "fail ", 5) ? w->answer + 5
-                                                      : "the delivery process gave no answer";
+                    : !strncmp(answer, "fail ", 5) ? answer + 5
+                                                   : "the delivery process gave no answer";
     const struct cmg_log_field f[] = {
         CMG_F_STR("kind", it->kind), CMG_F_STR("subject", it->subject),
-        CMG_F_STR("webhook", w->origin), CMG_F_STR(ok ? "status" : "error", ok ? w->answer + 3 : why)};
+        CMG_F_STR("webhook", w->origin), CMG_F_STR(ok ? "status" : "error", ok ? answer + 3 : why)};
 
-    kill_child(w);
     if (ok)
         cmg_log_kv(CMG_LOG_INFO, "alert webhook delivered", f, CMG_LOG_NFIELDS(f));
     else
@@ -240,66 +194,20 @@ static void finish(struct cmg_webhook *w, const char *failure)
     item_free(it);
     w->head = (w->head + 1) % CMG_WEBHOOK_QUEUE_MAX;
     w->count--;
-    w->answer_len = 0;
-    w->answer[0] = '\0';
+    cmg_child_stop(&w->delivery);
     kick(w);
 }
 
-static void on_answer(struct cmg_io *io, uint32_t events)
+static void delivered(struct cmg_child *c, const char *failure)
 {
-    struct cmg_webhook *w = OF(struct cmg_webhook, io, io);
-    ssize_t n;
-
-    (void)events;
-    for (;;) {
-        n = read(io->fd, w->answer + w->answer_len, sizeof(w->answer) - 1 - w->answer_len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0 || w->answer_len + (size_t)n >= sizeof(w->answer) - 1) {
-            w->answer_len += n > 0 ? (size_t)n : 0;
-            break;
-        }
-        w->answer_len += (size_t)n;
-    }
-    w->answer[w->answer_len] = '\0';
-    finish(w, NULL);
-}
-
-static void on_deadline(struct cmg_timer *t)
-{
-    struct cmg_webhook *w = OF(struct cmg_webhook, deadline, t);
-    char why[96];
-
-    snprintf(why, sizeof(why), "no answer within %d s", CMG_WEBHOOK_DEADLINE_S);
-    finish(w, why);
+    finish(OF(struct cmg_webhook, delivery, c), failure);
 }
 
 static int start_child(struct cmg_webhook *w, const struct cmg_alert_settings *set)
 {
-    pid_t pid, site = getpid();
-    int p[2];
+    struct job j = {set->webhook, set->webhook_ca, w->queue[w->head].body};
 
-    if (pipe2(p, O_CLOEXEC) < 0)
-        return -1;
-    if ((pid = fork()) < 0) {
-        close(p[0]);
-        close(p[1]);
-        return -1;
-    }
-    if (pid == 0)
-        child_main(set->webhook, set->webhook_ca, w->queue[w->head].body, p[1], site);
-    close(p[1]);
-    fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK);
-    w->child = pid;
-    if (cmg_io_start(w->loop, &w->io, p[0], EPOLLIN, on_answer) < 0) {
-        close(p[0]);
-        kill_child(w);
-        return -1;
-    }
-    cmg_timer_start(w->loop, &w->deadline, CMG_WEBHOOK_DEADLINE_S * 1000, on_deadline);
-    return 0;
+    return cmg_child_start(&w->delivery, delivery_job, &j);
 }
 
 static void drop_all(struct cmg_webhook *w)
@@ -316,7 +224,7 @@ static void kick(struct cmg_webhook *w)
 {
     struct cmg_alert_settings set;
 
-    if (w->child > 0 || !w->count)
+    if (cmg_child_running(&w->delivery) || !w->count)
         return;
     if (cmg_alert_settings_load(w->store, &set) < 0) {
         cmg_warn("alert webhook: cannot read its settings (%s): %zu notification(s) dropped",
@@ -344,7 +252,7 @@ void cmg_webhook_post(struct cmg_webhook *w, char *body, const char *kind, const
 
     if (w->count == CMG_WEBHOOK_QUEUE_MAX) {
         /* the head may be under way: the oldest waiting one goes */
-        size_t victim = (w->head + (w->child > 0 ? 1 : 0)) % CMG_WEBHOOK_QUEUE_MAX;
+        size_t victim = (w->head + (cmg_child_running(&w->delivery) ? 1 : 0)) % CMG_WEBHOOK_QUEUE_MAX;
         const struct cmg_log_field f[] = {CMG_F_STR("kind", w->queue[victim].kind),
                                           CMG_F_STR("subject", w->queue[victim].subject),
                                           CMG_F_NUM("queue", CMG_WEBHOOK_QUEUE_MAX)};
@@ -372,7 +280,7 @@ struct cmg_webhook *cmg_webhook_new(struct cmg_loop *loop, struct cmg_store *st)
         return NULL;
     w->loop = loop;
     w->store = st;
-    w->io.fd = -1;
+    cmg_child_init(&w->delivery, loop, CMG_WEBHOOK_DEADLINE_S, ANSWER_MAX, delivered);
     return w;
 }
 
@@ -380,7 +288,7 @@ void cmg_webhook_free(struct cmg_webhook *w)
 {
     if (!w)
         return;
-    kill_child(w);
+    cmg_child_stop(&w->delivery);
     if (w->count)
         cmg_info("alert webhook: %zu notification(s) not delivered at shutdown (the alerts "
                  "stay recorded)", w->count);

@@ -4,18 +4,14 @@
 #include "auth/jwk.h"
 #include "client/fetch.h"
 #include "core/log.h"
+#include "site/child.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/epoll.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -180,40 +176,15 @@ void cmg_oidc_fetched_free(struct cmg_oidc_fetched *f)
 
 /* ---- the fetch process ---- */
 
-static void write_all(int fd, const char *p, size_t n)
+/* The child's job: fetches, writes its answer (a JSON object: the keys, or "error"). */
+static void fetch_job(void *arg, int fd)
 {
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-/* The child: fetches, writes its answer (a JSON object: the keys, or "error") to fd,
- * exits. It holds none of the site's descriptors, and dies with the site or by itself
- * if the site forgot it. */
-static void child_main(const struct cmg_oidc_source *src, int fd, pid_t site)
-{
+    const struct cmg_oidc_source *src = arg;
     struct cmg_oidc_fetched f;
-    sigset_t none;
     char err[768];
     cJSON *o = cJSON_CreateObject();
     char *text;
 
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != site)
-        _exit(1);
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGALRM, SIG_DFL);
-    alarm(CMG_OIDC_FETCH_DEADLINE_S + 5);
-    if (fd > 3)
-        close_range(3, (unsigned)fd - 1, 0);
-    close_range((unsigned)fd + 1, ~0U, 0);
     if (cmg_oidc_fetch_keys(src, &f, err, sizeof(err)) < 0) {
         cJSON_AddStringToObject(o, "error", err);
     } else {
@@ -223,8 +194,7 @@ static void child_main(const struct cmg_oidc_source *src, int fd, pid_t site)
         f.jwks = NULL;
     }
     if ((text = cJSON_PrintUnformatted(o)))
-        write_all(fd, text, strlen(text));
-    _exit(text ? 0 : 1);
+        cmg_child_write(fd, text, strlen(text));
 }
 
 /* ---- the refresher (on the site's event loop) ---- */
@@ -234,11 +204,8 @@ struct cmg_oidc_refresher {
     struct cmg_site_ctx *ctx;
     void (*changed)(void *arg);
     void *arg;
-    struct cmg_timer next, deadline;
-    struct cmg_io io;
-    pid_t child;
-    char *answer;
-    size_t answer_len;
+    struct cmg_timer next;
+    struct cmg_child fetch;  /* the fetch process */
     char *source;            /* discovery or JWKS URL + roots of the fetch under way */
     char *url;               /* the URL named in logs */
     uint64_t kid_refresh_ms; /* when the last unknown-kid refresh was due */
@@ -282,22 +249,6 @@ static char *source_key(const struct cmg_oidc_conf *o)
 static bool refreshable(const struct cmg_oidc_conf *o)
 {
     return (o->discovery && *o->discovery) || (o->jwks_uri && *o->jwks_uri);
-}
-
-static void kill_child(struct cmg_oidc_refresher *r)
-{
-    if (r->io.fd >= 0) {
-        int fd = r->io.fd;   /* cmg_io_stop() forgets it */
-        cmg_io_stop(&r->io);
-        close(fd);
-    }
-    cmg_timer_stop(r->loop, &r->deadline);
-    if (r->child > 0) {
-        kill(r->child, SIGKILL);
-        while (waitpid(r->child, NULL, 0) < 0 && errno == EINTR)
-            ;
-        r->child = 0;
-    }
 }
 
 /* The kids of a key set, comma-separated, that are not in other. */
@@ -392,7 +343,7 @@ out:
 /* The child's answer, checked here again: it is what the provider sent. */
 static void apply(struct cmg_oidc_refresher *r)
 {
-    cJSON *doc = cJSON_ParseWithLength(r->answer ? r->answer : "", r->answer_len);
+    cJSON *doc = cJSON_ParseWithLength(r->fetch.answer ? r->fetch.answer : "", r->fetch.len);
     const cJSON *jwks = cJSON_GetObjectItemCaseSensitive(doc, "jwks");
     const char *uri = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "jwks_uri"));
     const char *error = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "error"));
@@ -437,57 +388,15 @@ out:
     cJSON_Delete(doc);
 }
 
-static void finish(struct cmg_oidc_refresher *r, const char *failure)
+static void fetched(struct cmg_child *c, const char *failure)
 {
-    kill_child(r);
+    struct cmg_oidc_refresher *r = OF(struct cmg_oidc_refresher, fetch, c);
+
     if (failure)
         failed(r, failure);
     else
         apply(r);
-    free(r->answer);
-    r->answer = NULL;
-    r->answer_len = 0;
-}
-
-static void on_answer(struct cmg_io *io, uint32_t events)
-{
-    struct cmg_oidc_refresher *r = OF(struct cmg_oidc_refresher, io, io);
-    char buf[16384];
-    ssize_t n;
-
-    (void)events;
-    for (;;) {
-        n = read(io->fd, buf, sizeof(buf));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        if (n <= 0)
-            break;
-        if (r->answer_len + (size_t)n > ANSWER_MAX) {
-            finish(r, "the fetch process's answer is too large");
-            return;
-        }
-        char *p = realloc(r->answer, r->answer_len + (size_t)n + 1);
-        if (!p) {
-            finish(r, "out of memory");
-            return;
-        }
-        r->answer = p;
-        memcpy(r->answer + r->answer_len, buf, (size_t)n);
-        r->answer_len += (size_t)n;
-        r->answer[r->answer_len] = '\0';
-    }
-    finish(r, NULL);
-}
-
-static void on_deadline(struct cmg_timer *t)
-{
-    struct cmg_oidc_refresher *r = OF(struct cmg_oidc_refresher, deadline, t);
-    char why[96];
-
-    snprintf(why, sizeof(why), "no answer within %d s", CMG_OIDC_FETCH_DEADLINE_S);
-    finish(r, why);
+    cmg_child_stop(c);
 }
 
 /* Starts the fetch process for o. */
@@ -496,28 +405,8 @@ static int start_fetch(struct cmg_oidc_refresher *r, const struct cmg_oidc_conf 
     struct cmg_oidc_source src = {
         .discovery = o->discovery, .jwks_uri = o->jwks_uri,
         .ca_pem = o->ca && *o->ca ? o->ca : NULL, .issuer = o->issuer};
-    pid_t pid, site = getpid();
-    int p[2];
 
-    if (pipe2(p, O_CLOEXEC) < 0)
-        return -1;
-    if ((pid = fork()) < 0) {
-        close(p[0]);
-        close(p[1]);
-        return -1;
-    }
-    if (pid == 0)
-        child_main(&src, p[1], site);
-    close(p[1]);
-    fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK);
-    r->child = pid;
-    if (cmg_io_start(r->loop, &r->io, p[0], EPOLLIN, on_answer) < 0) {
-        close(p[0]);
-        kill_child(r);
-        return -1;
-    }
-    cmg_timer_start(r->loop, &r->deadline, CMG_OIDC_FETCH_DEADLINE_S * 1000, on_deadline);
-    return 0;
+    return cmg_child_start(&r->fetch, fetch_job, &src);
 }
 
 static void on_next(struct cmg_timer *t)
@@ -556,7 +445,7 @@ struct cmg_oidc_refresher *cmg_oidc_refresher_new(struct cmg_loop *loop,
     r->ctx = ctx;
     r->changed = changed;
     r->arg = arg;
-    r->io.fd = -1;
+    cmg_child_init(&r->fetch, loop, CMG_OIDC_FETCH_DEADLINE_S, ANSWER_MAX, fetched);
     schedule(r, FIRST_REFRESH_MS);
     return r;
 }
@@ -590,7 +479,7 @@ void cmg_oidc_refresher_unknown_kid(struct cmg_oidc_refresher *r, const char *ki
 {
     uint64_t now, at = 0, gap = (uint64_t)KID_REFRESH_GAP_S * 1000;
 
-    if (!r || r->child > 0)
+    if (!r || cmg_child_running(&r->fetch))
         return;   /* a fetch is under way */
     now = cmg_loop_now(r->loop);
     if (r->kid_refreshed && now - r->kid_refresh_ms < gap)
@@ -612,8 +501,8 @@ cJSON *cmg_oidc_refresher_status(const struct cmg_oidc_refresher *r)
     uint64_t now = cmg_loop_now(r->loop);
     uint64_t next = cmg_timer_armed(&r->next) && r->next.when > now ? r->next.when - now : 0;
 
-    cJSON_AddBoolToObject(o, "fetching", r->child > 0);
-    cJSON_AddNumberToObject(o, "next_in", r->child > 0 ? 0 : (double)((next + 999) / 1000));
+    cJSON_AddBoolToObject(o, "fetching", cmg_child_running(&r->fetch));
+    cJSON_AddNumberToObject(o, "next_in", cmg_child_running(&r->fetch) ? 0 : (double)((next + 999) / 1000));
     cJSON_AddNumberToObject(o, "last_ok", (double)r->last_ok);
     cJSON_AddStringToObject(o, "last_error", r->failing ? r->last_error : "");
     return o;
@@ -623,9 +512,8 @@ void cmg_oidc_refresher_free(struct cmg_oidc_refresher *r)
 {
     if (!r)
         return;
-    kill_child(r);
+    cmg_child_stop(&r->fetch);
     cmg_timer_stop(r->loop, &r->next);
-    free(r->answer);
     free(r->source);
     free(r->url);
     free(r);

@@ -15,6 +15,7 @@
 struct cmg_httpd;
 struct feed_waiter;
 struct cmg_oidc_refresher;
+struct cmg_dashboard;
 
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
@@ -33,6 +34,7 @@ struct cmg_site_server {
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
+    struct cmg_dashboard *dashboard;      /* the web dashboard on the admin listener */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the
@@ -41,6 +43,9 @@ struct cmg_site_server {
 #define CMG_SITE_SERVE_LOCK "serve.lock"
 /* Whether a 'site serve' holds the lock of the site directory dir. */
 bool cmg_site_serve_running(const char *dir);
+
+/* Whether given is the secret (compared in constant time); false for NULL. */
+bool cmg_site_secret_is(const char *given, const char *secret);
 
 /* metrics_site.c: serves metrics_listen; 0, or -1 (logged). */
 int cmg_site_metrics_start(struct cmg_site_server *srv);

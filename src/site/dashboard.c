@@ -55,7 +55,7 @@ struct cmg_dashboard {
     struct cmg_site_server *srv;
     struct session sessions[SESSIONS_MAX];
     struct login_peer peers[LOGIN_PEERS];
-    struct cmg_log_limit refusals;
+    struct cmg_log_limit refused, limited;   /* wrong tokens; addresses held back */
 };
 
 /* The read-only admin operations the pages list. */
@@ -68,7 +68,8 @@ struct cmg_dashboard *cmg_dashboard_new(struct cmg_site_server *srv)
 
     if (d) {
         d->srv = srv;
-        d->refusals.what = "refused dashboard sign-ins";
+        d->refused.what = "refused dashboard sign-ins";
+        d->limited.what = "dashboard sign-ins held back (rate_limited)";
     }
     return d;
 }
@@ -344,13 +345,13 @@ static bool form_value(const char *body, size_t len, const char *name, char *out
     return o > 0;
 }
 
-static void log_refusal(struct cmg_dashboard *d, struct cmg_httpd_req *req, const char *reason,
-                        const char *msg)
+static void log_refusal(struct cmg_log_limit *limit, struct cmg_httpd_req *req,
+                        const char *reason, const char *msg)
 {
     const struct cmg_log_field f[] = {
         CMG_F_STR("reason", reason), CMG_F_STR("peer", req->peer),
         CMG_F_STR("method", req->method), CMG_F_STR("path", req->target)};
-    cmg_log_kv_limited(&d->refusals, CMG_LOG_WARN, msg, f, CMG_LOG_NFIELDS(f));
+    cmg_log_kv_limited(limit, CMG_LOG_WARN, msg, f, CMG_LOG_NFIELDS(f));
 }
 
 /* POST /ui/login with the form field `token`: the admin token gives a session. */
@@ -363,7 +364,7 @@ static void login(struct cmg_dashboard *d, struct cmg_httpd_req *req)
     peer_host(req->peer, host, sizeof(host));
     p = login_peer(d, host, cmg_loop_now(d->srv->loop));
     if (p->tokens == 0) {
-        log_refusal(d, req, "rate_limited",
+        log_refusal(&d->limited, req, "rate_limited",
                     "dashboard sign-in refused: too many failed sign-ins from this address");
         login_page(req, 429, "Too many failed sign-ins from this address: wait a minute.",
                    "Retry-After: 60\r\n");
@@ -372,7 +373,7 @@ static void login(struct cmg_dashboard *d, struct cmg_httpd_req *req)
     if (!form_value(req->body, req->body_len, "token", token, sizeof(token)) ||
         !cmg_site_secret_is(token, d->srv->ctx->admin_token)) {
         p->tokens--;
-        log_refusal(d, req, "admin_token", "dashboard sign-in refused: no or wrong admin token");
+        log_refusal(&d->refused, req, "admin_token", "dashboard sign-in refused: no or wrong admin token");
         login_page(req, 401, "Wrong admin token: give the content of admin.token in the "
                    "site directory.", NULL);
     } else if (!(s = session_new(d))) {

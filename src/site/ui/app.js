@@ -106,9 +106,10 @@
     return el('section', {class: 'panel'}, title ? el('h2', null, title) : null, children);
   }
 
-  function card(label, value, sub, cls) {
+  function card(label, value, sub, cls, valueCls) {
     return el('div', {class: 'card ' + (cls || '')}, el('div', {class: 'label'}, label),
-              el('div', {class: 'value'}, value), sub ? el('div', {class: 'sub'}, sub) : null);
+              el('div', {class: 'value ' + (valueCls || '')}, value),
+              sub ? el('div', {class: 'sub'}, sub) : null);
   }
 
   function errorBox(what, err) {
@@ -194,7 +195,7 @@
       scales: {x: {time: true}},
       series: [{}].concat(series.map((s) => ({
         label: s.label, stroke: s.color, width: 2, dash: s.dash,
-        points: {show: extra && extra.points},
+        points: {show: !s.dash && !!(extra && extra.points)},
         value: (u, v) => (v === null || v === undefined ? '–' : fmt(v)),
       }))),
       axes: [{}, {size: 80, values: (u, vals) => vals.map((v) => fmt(v))}],
@@ -496,7 +497,7 @@
       card(`Ending within ${soon} days`, fmtNum(rows.filter((r) => days(r) < soon).length), null,
            rows.some((r) => days(r) < soon) ? 'warning' : ''),
       card('Next to end', rows.length ? fmtTime(rows[0].end) : '–',
-           rows.length ? `${rows[0].kind} ${rows[0].name}` : null)));
+           rows.length ? `${rows[0].kind} ${rows[0].name}` : null, '', 'small')));
     const trs = rows.map((r) => {
       const d = days(r);
       const cls = d < 0 ? 'expired' : d < 7 ? 'critical' : d < soon ? 'warning' : null;

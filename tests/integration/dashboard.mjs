@@ -4,7 +4,10 @@
 //
 //   node dashboard.mjs CONFIG.json
 //   CONFIG: {"url": "https://127.0.0.1:PORT", "token": "...", "out": "DIR",
-//            "tunnels": N, "timeout_ms": 20000, "chromium": "/usr/bin/chromium"}
+//            "tunnels": N, "timeout_ms": 20000, "chromium": "/usr/bin/chromium",
+//            "down": "CONNECTOR"}
+// With "down": signs in and waits only until the connections page shows no tunnel of that
+// connector up (a screenshot: dashboard-connector-down.png).
 import {readFileSync} from 'node:fs';
 import {createRequire} from 'node:module';
 import path from 'node:path';
@@ -38,6 +41,12 @@ async function seriesPixels(page, chart) {
     }
     return n;
   }, chart);
+}
+
+async function tunnelRows(page) {
+  return page.$$eval('[data-tunnel-row]', (rows) => rows.map((r) => ({
+    gateway: r.dataset.gateway, connector: r.dataset.connector, state: r.dataset.state,
+    stale: r.classList.contains('stale'), text: r.innerText})));
 }
 
 async function shoot(page, name) {
@@ -90,13 +99,23 @@ async function main() {
       name: c.name, httpOnly: c.httpOnly, secure: c.secure, sameSite: c.sameSite, path: c.path}));
     result.script_sees_cookie = await page.evaluate(() => document.cookie.includes('cmg_session'));
 
+    if (cfg.down) {
+      step(`connections: wait for ${cfg.down}'s tunnels to be shown down or stale`);
+      await page.waitForFunction((c) => {
+        const rows = [...document.querySelectorAll(`[data-tunnel-row][data-connector="${c}"]`)];
+        return rows.length && rows.every((r) => r.dataset.state !== 'up' ||
+                                                r.classList.contains('stale'));
+      }, cfg.down, {timeout});
+      result.tunnel_rows = await tunnelRows(page);
+      await shoot(page, 'connector-down');
+      result.ok = true;
+      return;
+    }
     step('connections: wait for the tunnel rows');
     await page.waitForFunction((n) =>
       document.querySelectorAll('[data-tunnel-row][data-state="up"]').length >= n,
     cfg.tunnels || 1, {timeout});
-    result.tunnel_rows = await page.$$eval('[data-tunnel-row]', (rows) => rows.map((r) => ({
-      gateway: r.dataset.gateway, connector: r.dataset.connector, state: r.dataset.state,
-      text: r.innerText})));
+    result.tunnel_rows = await tunnelRows(page);
     await shoot(page, 'connections');
 
     step('traffic: wait for a drawn chart');

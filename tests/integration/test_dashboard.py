@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import ssl
 import subprocess
 import time
@@ -312,35 +313,54 @@ REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = '/usr/bin/chromium'
 PLAYWRIGHT = REPO / 'tests' / 'node_modules' / 'playwright-core'
 REQUESTS = 20
+REPORT_INTERVAL = 1
 
 def artifacts_dir():
     d = Path(os.environ.get('CMG_ARTIFACTS') or REPO / 'test-artifacts')
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-def run_browser(dep, tmp_path, tunnels):
+def run_browser(dep, tmp_path, tunnels, down=None):
     out = artifacts_dir()
     cfg = tmp_path / 'browser.json'
     cfg.write_text(json.dumps({'url': f'https://127.0.0.1:{dep.admin_port}',
                                'token': dep.admin_token, 'out': str(out), 'tunnels': tunnels,
-                               'timeout_ms': 20000 * SLOW, 'chromium': CHROMIUM}))
+                               'timeout_ms': 20000 * SLOW, 'chromium': CHROMIUM, 'down': down}))
     r = subprocess.run(['node', str(Path(__file__).with_name('dashboard.mjs')), str(cfg)],
                        capture_output=True, text=True, timeout=120 * SLOW)
     assert r.returncode == 0, f'dashboard.mjs: exit {r.returncode}\n{r.stdout}\n{r.stderr}'
-    return json.loads(r.stdout), out
+    seen = json.loads(r.stdout)
+    assert seen.get('ok'), json.dumps(seen, indent=1)
+    return seen, out
+
+
+def deployment_2x2(procs, tmp_path, svc):
+    """Two gateway instances and two connectors (connector-1 and c2), reports every second."""
+    dep = Deployment(procs, tmp_path, svc, start=False)
+    site = dep.site
+    site.tunnel_port = cmgtest.free_port_range(2)
+    site.loopback(2)
+    for conf, section in ((site.dir / 'site.conf', 'site'), (site.gateway_conf, 'gateway'),
+                          (site.connector_conf, 'connector')):
+        cmgtest.ini_set(conf, section, 'report_interval', REPORT_INTERVAL)
+    dep.cmg_site('connector', 'add', 'c2')
+    conf_b = site.connector_copy('connector-b', [svc.url])
+    cmgtest.ini_set(conf_b, 'connector', 'cert', 'connectors/c2.crt')
+    cmgtest.ini_set(conf_b, 'connector', 'key', 'connectors/c2.key')
+    cmgtest.ini_set(conf_b, 'connector', 'name', 'c2')
+    dep.start_site()
+    dep.gateway = [cmgtest.start_gateway(procs, site, i) for i in range(2)]
+    dep.connector = [cmgtest.start_connector(procs, site.connector_conf, 'connector-a'),
+                     cmgtest.start_connector(procs, conf_b, 'connector-b')]
+    cmgtest.wait_ready(procs, site)
+    return dep
+
 
 @pytest.mark.skip(reason='needs the gateway reports (issue 13 item 2), not in this branch yet')
 def test_dashboard_in_chromium(procs, tmp_path, svc):
     assert os.access(CHROMIUM, os.X_OK), f'{CHROMIUM} is missing: scripts/deps installs it'
     assert PLAYWRIGHT.is_dir(), f'{PLAYWRIGHT} is missing: scripts/deps installs it (npm ci)'
-    dep = Deployment(procs, tmp_path, svc, start=False)
-    for conf, section in ((dep.site.dir / 'site.conf', 'site'),
-                          (dep.site.gateway_conf, 'gateway'),
-                          (dep.site.connector_conf, 'connector')):
-        cmgtest.ini_set(conf, section, 'report_interval', 1)
-    dep.start_site()
-    dep.gateway, dep.connector = cmgtest.bring_up(procs, dep.site)
-    dep.wait_policy()
+    dep = deployment_2x2(procs, tmp_path, svc)
     for _ in range(REQUESTS):
         r = cmgtest.curl(dep.site, dep.site.path('policy.xml'))
         assert r.status == 200, r
@@ -349,22 +369,22 @@ def test_dashboard_in_chromium(procs, tmp_path, svc):
 
     def reported():
         s = dep.api('GET', '/v1/status')
-        up = [t for t in s.get('tunnels', []) if t['state'] == 'up']
-        return up and s['traffic']['today']['requests'] >= REQUESTS and s
-    status = poll(reported, 15 * SLOW, 'the reports of the tunnel and the traffic at the site',
+        up = [t for t in s['tunnels'] if t['state'] == 'up']
+        return len(up) == 4 and s['traffic']['today']['requests'] >= REQUESTS and s
+    status = poll(reported, 15 * SLOW, 'the reports of 4 tunnels and the traffic at the site',
                   check=procs.check)
 
-    seen, out = run_browser(dep, tmp_path, tunnels=1)
+    seen, out = run_browser(dep, tmp_path, tunnels=4)
     print(f'dashboard screenshots in {out}')
-    assert seen.get('ok'), json.dumps(seen, indent=1)
     assert seen['redirected_to'] == '/ui/login'
     cookie = [c for c in seen['cookies'] if c['name'] == 'cmg_session']
     assert cookie == [{'name': 'cmg_session', 'httpOnly': True, 'secure': True,
                        'sameSite': 'Strict', 'path': '/'}], seen['cookies']
     assert seen['script_sees_cookie'] is False   # HttpOnly
-    rows = seen['tunnel_rows']
-    instance = status['gateways'][0]['instance']
-    assert [(t['gateway'], t['state']) for t in rows] == [(instance, 'up')], rows
+    instances = sorted(g['instance'] for g in status['gateways'])
+    assert len(instances) == 2
+    rows = sorted((t['gateway'], t['connector'], t['state']) for t in seen['tunnel_rows'])
+    assert rows == [(g, c, 'up') for g in instances for c in ('c2', 'connector-1')], rows
     assert seen['traffic_points'] > 0 and seen['traffic_pixels'] > 50, seen
     assert seen['live_reloads'] == 0
     assert seen['csp_violations'] == [] and seen['page_errors'] == [], seen
@@ -375,3 +395,13 @@ def test_dashboard_in_chromium(procs, tmp_path, svc):
         assert Path(p).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', p
     assert 'dashboard-device' in seen['devices_text'], seen['devices_text']
     assert 'site CA' in seen['certificates_text']
+
+    # a connector killed: within 2 report intervals its tunnels are shown down or stale
+    dep.connector[1].signal(signal.SIGKILL)
+    killed = time.monotonic()
+    seen, _ = run_browser(dep, tmp_path, tunnels=4, down='c2')
+    took = time.monotonic() - killed
+    print(f'c2 shown down {took:.1f} s after its kill')
+    rows = {(t['gateway'], t['connector']): t for t in seen['tunnel_rows']}
+    assert all(rows[(g, 'c2')]['state'] != 'up' or rows[(g, 'c2')]['stale'] for g in instances)
+    assert all(rows[(g, 'connector-1')]['state'] == 'up' for g in instances), rows

@@ -257,8 +257,10 @@
       cns.map((c) => {
         const t = tunnels.find((x) => x.gateway === g && x.connector === c);
         if (!t) return el('td', null, badge('none'));
-        return el('td', null, badge(t.state || 'unknown'),
-                  el('span', {class: 'cell-rtt'}, fmtRtt(t.rtt_ms)));
+        const stale = tunnelStale(t, s);
+        return el('td', {class: stale ? 'stale' : null}, badge(t.state || 'unknown'),
+                  stale ? badge('stale', 'stale tag') : null,
+                  el('span', {class: 'cell-rtt'}, t.state === 'up' ? fmtRtt(t.rtt_ms) : ''));
       })));
     return table([{label: 'gateway \\ connector'}].concat(cns.map((c) => ({label: c}))), rows,
                  {class: 'matrix'});
@@ -290,7 +292,8 @@
                        'data-connector': t.connector},
         td(t.gateway), td(t.address), td(t.connector),
         el('td', null, badge(t.state || 'unknown'), stale ? badge('stale', 'stale tag') : null),
-        td(fmtSince(t.since, now)), td(fmtRtt(t.rtt_ms), true), td(fmtNum(t.reconnects), true),
+        td(fmtSince(t.since, now)), td(t.state === 'up' ? fmtRtt(t.rtt_ms) : '–', true),
+        td(fmtNum(t.reconnects), true),
         td(t.gateway_view || '–'), td(t.connector_view || '–'));
     });
     main.append(panel('Tunnels', tunnels.length ? table(
@@ -400,7 +403,7 @@
       card('This month', fmtBytes(e.month), null, level),
       card('Monthly limit', limit ? fmtBytes(limit) : 'none',
            limit ? `warning at ${num(e.warning_pct)} %, critical at ${num(e.critical_pct)} %`
-                 : 'set one: cmg site alert set egress_monthly BYTES'),
+                 : 'set one: cmg site alert set egress-monthly SIZE'),
       card('Month used', pct === null ? '–' : pct.toFixed(1) + ' %', null, level)));
     if (limit) main.append(panel('This month against the limit', meter(e)));
     const wrap = el('div', {class: 'charts'});
@@ -491,7 +494,7 @@
     rows.sort((a, b) => a.end - b.end);
     if (!data.certs && errors.certs) main.append(errorBox('Certificates', errors.certs));
     const days = (r) => (r.end - now) / 86400;
-    const soon = CERT_SOON_DAYS;
+    const soon = num(alertSettings().cert_expiry_days) || CERT_SOON_DAYS;
     main.append(el('div', {class: 'cards'},
       card('Certificates', fmtNum(rows.length)),
       card(`Ending within ${soon} days`, fmtNum(rows.filter((r) => days(r) < soon).length), null,
@@ -510,6 +513,28 @@
       : el('p', {class: 'muted'}, data.certs ? 'No certificate.' : 'Loading…')));
   }
 
+  /* The thresholds alert.list gives ({"settings": {...}, "alerts": [...]}), or {}. */
+  function alertSettings() {
+    const a = data.alerts;
+    return a && a.settings && typeof a.settings === 'object' ? a.settings : {};
+  }
+
+  function settingsPanel() {
+    const t = alertSettings();
+    if (!Object.keys(t).length) return null;
+    const size = (v) => (typeof v === 'number' && v > 0 ? fmtBytes(v) : 'none');
+    const rows = [
+      ['Egress per month', size(t.egress_monthly)],
+      ['Egress per day', size(t.egress_daily)],
+      ['Warning / critical at', `${num(t.warning_pct)} % / ${num(t.critical_pct)} %`],
+      ['Certificates ending within', `${num(t.cert_expiry_days)} days`],
+      ['No tunnel for longer than', fmtAge(num(t.no_tunnel))],
+      ['Webhook', t.webhook || 'none'],
+    ].map(([k, v]) => el('tr', null, td(k), td(v)));
+    return panel('Thresholds', table(['Setting', 'Value'], rows),
+                 el('p', {class: 'note'}, 'Set with cmg site alert set …'));
+  }
+
   function alertRow(a, now) {
     return el('tr', {class: a.level || null, 'data-alert-row': ''},
       el('td', null, badge(a.level || 'warning', a.level)), td(a.kind), td(a.subject),
@@ -525,6 +550,8 @@
     main.append(panel(`Open alerts (${open.length})`, open.length
       ? table(head, open.map((a) => alertRow(a, now)))
       : el('p', {class: 'muted'}, 'No open alert.')));
+    const settings = settingsPanel();
+    if (settings) main.append(settings);
     const all = Array.isArray(data.alerts) ? data.alerts
       : data.alerts && Array.isArray(data.alerts.alerts) ? data.alerts.alerts : [];
     const resolved = all.filter((a) => a.resolved).sort((a, b) => num(b.resolved) - num(a.resolved))
@@ -543,7 +570,8 @@
               render: pageTraffic},
     egress: {title: 'Egress', needs: ['status', 'trafficDay', 'trafficMonth'], render: pageEgress},
     devices: {title: 'Devices', needs: ['status', 'devices'], render: pageDevices},
-    certificates: {title: 'Certificates', needs: ['status', 'certs'], render: pageCertificates},
+    certificates: {title: 'Certificates', needs: ['status', 'certs', 'alerts'],
+                   render: pageCertificates},
     alerts: {title: 'Alerts', needs: ['status', 'alerts'], render: pageAlerts},
   };
 

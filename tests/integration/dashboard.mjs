@@ -6,8 +6,9 @@
 //   CONFIG: {"url": "https://127.0.0.1:PORT", "token": "...", "out": "DIR",
 //            "tunnels": N, "timeout_ms": 20000, "chromium": "/usr/bin/chromium",
 //            "down": "CONNECTOR"}
-// With "down": signs in and waits only until the connections page shows no tunnel of that
-// connector up (a screenshot: dashboard-connector-down.png).
+// With "down": at the end, back on the connections page, prints the line READY (the caller
+// then stops that connector) and waits, with no reload, until the page shows no tunnel of
+// that connector up (stale or down), for a screenshot: dashboard-connector-down.png.
 import {readFileSync} from 'node:fs';
 import {createRequire} from 'node:module';
 import path from 'node:path';
@@ -60,7 +61,8 @@ async function visit(page, name) {
   await page.evaluate((n) => { location.hash = `#/${n}`; }, name);
   await page.waitForFunction(([n, b]) => {
     const m = document.getElementById('main');
-    return m.dataset.page === n && m.dataset.ready && m.dataset.ready !== b;
+    return m.dataset.page === n && m.dataset.ready && m.dataset.ready !== b &&
+           m.dataset.complete === 'true';
   }, [name, before], {timeout});
 }
 
@@ -99,18 +101,6 @@ async function main() {
       name: c.name, httpOnly: c.httpOnly, secure: c.secure, sameSite: c.sameSite, path: c.path}));
     result.script_sees_cookie = await page.evaluate(() => document.cookie.includes('cmg_session'));
 
-    if (cfg.down) {
-      step(`connections: wait for ${cfg.down}'s tunnels to be shown down or stale`);
-      await page.waitForFunction((c) => {
-        const rows = [...document.querySelectorAll(`[data-tunnel-row][data-connector="${c}"]`)];
-        return rows.length && rows.every((r) => r.dataset.state !== 'up' ||
-                                                r.classList.contains('stale'));
-      }, cfg.down, {timeout});
-      result.tunnel_rows = await tunnelRows(page);
-      await shoot(page, 'connector-down');
-      result.ok = true;
-      return;
-    }
     step('connections: wait for the tunnel rows');
     await page.waitForFunction((n) =>
       document.querySelectorAll('[data-tunnel-row][data-state="up"]').length >= n,
@@ -132,12 +122,11 @@ async function main() {
     await shoot(page, 'traffic');
 
     step('live: a later status shows without a reload');
-    const navigations = [];
-    page.on('framenavigated', (f) => { if (f === page.mainFrame()) navigations.push(f.url()); });
+    let loads = 0;   // whole documents loaded from here on: none, if the page lives on
+    page.on('load', () => loads++);
     const first = await page.evaluate(() => document.getElementById('updated').textContent);
     await page.waitForFunction((t) => document.getElementById('updated').textContent !== t,
                                first, {timeout});
-    result.live_reloads = navigations.length;
 
     for (const name of PAGES.filter((p) => p !== 'traffic' && p !== 'connections')) {
       step(`visit ${name}`);
@@ -145,6 +134,21 @@ async function main() {
       result[`${name}_text`] = (await page.innerText('main')).slice(0, 2000);
       await shoot(page, name);
     }
+    if (cfg.down) {
+      await visit(page, 'connections');
+      step(`connections: READY; wait for ${cfg.down}'s tunnels to be shown down or stale`);
+      process.stdout.write('READY\n');
+      const t0 = Date.now();
+      await page.waitForFunction((c) => {
+        const rows = [...document.querySelectorAll(`[data-tunnel-row][data-connector="${c}"]`)];
+        return rows.length && rows.every((r) => r.dataset.state !== 'up' ||
+                                                r.classList.contains('stale'));
+      }, cfg.down, {timeout});
+      result.down_ms = Date.now() - t0;
+      result.down_rows = await tunnelRows(page);
+      await shoot(page, 'connector-down');
+    }
+    result.live_reloads = loads;
     result.csp_violations = await page.evaluate(() => window.__csp);
 
     step('sign out');

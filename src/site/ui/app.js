@@ -4,7 +4,7 @@
 'use strict';
 
 (function () {
-  const POLL_MS = 5000;          // status and traffic
+  const POLL_MS = 5000;          // status and traffic; sooner when reports come more often
   const LIST_MS = 30000;         // the admin lists (devices, certificates, ...)
   const FETCH_TIMEOUT_MS = 10000;
   const CERT_SOON_DAYS = 30;     // as the status document's cert_expiry default
@@ -143,10 +143,23 @@
     }
   }
 
+  /* The shortest report interval (the site's, a gateway's or a connector's), within 1..5 s:
+   * nothing changes faster than reports come. */
+  function pollMs() {
+    const s = data.status || {};
+    const intervals = [s.report_interval]
+      .concat((Array.isArray(s.gateways) ? s.gateways : []).map((g) => g.interval))
+      .concat((Array.isArray(s.connectors) ? s.connectors : []).map((c) => c.interval))
+      .filter((v) => typeof v === 'number' && v > 0);
+    const shortest = intervals.length ? Math.min(...intervals) * 1000 : POLL_MS;
+    return Math.min(POLL_MS, Math.max(1000, shortest));
+  }
+
   async function load(key, force) {
     const src = sources[key];
+    const every = src.every === POLL_MS ? pollMs() : src.every;
     if (pending[key]) return;
-    if (!force && fetchedAt[key] && Date.now() - fetchedAt[key] < src.every - 500) return;
+    if (!force && fetchedAt[key] && Date.now() - fetchedAt[key] < every - 500) return;
     pending[key] = true;
     try {
       data[key] = await getJSON(src.url);
@@ -617,6 +630,8 @@
     document.title = `${pages[name].title} · OpenCMG site`;
     renderHeader();
     window.scrollTo(0, scroll);
+    // every source of the page answered (or failed): what tests wait for
+    fresh.dataset.complete = String(pages[name].needs.every((k) => k in data || errors[k]));
     fresh.dataset.ready = String(Date.now());
   }
 
@@ -624,7 +639,7 @@
     clearTimeout(timer);
     await Promise.all(pages[current()].needs.map((k) => load(k, force)));
     render();
-    timer = setTimeout(() => tick(false), POLL_MS);
+    timer = setTimeout(() => tick(false), pollMs());
   }
 
   window.addEventListener('hashchange', () => {

@@ -266,6 +266,12 @@ def test_forged_evicted_and_expired_sessions(procs, tmp_path, svc):
     # a cookie among others, as a browser sends them
     r = ui(dep, 'GET', '/v1/status', headers={'Cookie': f'a=b; cmg_session={session}; c=d'})
     assert r.status == 200, r
+    # a head full of made-up sessions (the most the listener reads): refused, and quickly
+    many = '; '.join(f'cmg_session={secrets.token_hex(32)}' for _ in range(200))
+    started = time.monotonic()
+    assert ui(dep, 'GET', '/v1/status', headers={'Cookie': many}).status == 401
+    assert ui(dep, 'GET', '/ui/', headers={'Cookie': many}).status == 303
+    assert time.monotonic() - started < 2 * SLOW
 
     # at most 64 sessions: the 65th sign-in evicts the oldest, the others live on
     others = [sign_in(dep) for _ in range(SESSIONS_MAX)]

@@ -246,6 +246,11 @@ def test_session_reads_status_but_changes_nothing(procs, tmp_path, svc):
     assert 'admin request refused: no or wrong admin token' in dep.site_proc.log_text()
     assert dep.policy_version() == before
     assert dep.api('POST', '/v1/ops/mapping.list', {})   # the bearer token still works
+    # sessions live in memory only: gone at a restart
+    dep.site_proc.signal(signal.SIGTERM)
+    dep.start_site()
+    assert ui(dep, 'GET', '/v1/status', cookie=session).status == 401
+    assert ui(dep, 'GET', '/ui/', cookie=session).status == 303
 
 def test_forged_evicted_and_expired_sessions(procs, tmp_path, svc):
     stamp = tmp_path / 'faketime'

@@ -381,7 +381,7 @@ def deployment_2x2(procs, tmp_path, svc):
 
 
 @pytest.mark.skip(reason='needs the gateway reports (issue 13 item 2), not in this branch yet')
-def test_dashboard_in_chromium(procs, tmp_path, svc):
+def test_dashboard_in_chromium(procs, tmp_path, svc, capsys):
     assert os.access(CHROMIUM, os.X_OK), f'{CHROMIUM} is missing: scripts/deps installs it'
     assert PLAYWRIGHT.is_dir(), f'{PLAYWRIGHT} is missing: scripts/deps installs it (npm ci)'
     dep = deployment_2x2(procs, tmp_path, svc)
@@ -400,7 +400,9 @@ def test_dashboard_in_chromium(procs, tmp_path, svc):
 
     # the pages; at the end, connector c2 killed while the connections page is open
     seen, out = run_browser(dep, tmp_path, tunnels=4, down=('c2', dep.connector[1]))
-    print(f'dashboard screenshots in {out}; c2 shown down {seen["down_ms"]} ms after its kill')
+    with capsys.disabled():   # named in the output of every run, not only a failed one
+        print(f'\ndashboard screenshots in {out}; c2 shown down {seen["down_ms"]} ms after its '
+              'kill')
     assert seen['redirected_to'] == '/ui/login'
     cookie = [c for c in seen['cookies'] if c['name'] == 'cmg_session']
     assert cookie == [{'name': 'cmg_session', 'httpOnly': True, 'secure': True,

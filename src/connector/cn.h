@@ -70,6 +70,7 @@ struct cmg_cn_config {
     uint32_t max_policy_age_ms;
     uint32_t ping_interval_ms, ping_timeout_ms, reconnect_max_ms, upstream_timeout_ms;
     uint32_t drain_timeout_ms;       /* SIGTERM: requests in flight get this long */
+    uint32_t report_interval_s;      /* reports to the site (site_report.c) */
     int log_level;
     int log_format;                  /* enum cmg_log_format */
     struct cmg_metrics_conf metrics; /* metrics_listen */
@@ -119,6 +120,14 @@ struct cmg_cn_tunnel {
     uint64_t ups;            /* times it came up: more than once is a reconnect */
     uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
     uint64_t rtt_us;         /* its last round trip */
+    /* for the reports to the site (site_report.c) */
+    int64_t since;           /* unix seconds: when it last came up or went down */
+    char instance[CMG_REPORT_MAX_STR + 1];   /* the gateway's, from its last report */
+    char *gw_report;         /* that report, verbatim (one per tunnel at most) */
+    char gw_boot[17];
+    uint64_t gw_seq;
+    bool gw_report_sent;     /* the site took it */
+    uint64_t report_ms;      /* loop time the next report is due by the rate (tunnel.c) */
 };
 
 /* SIGTERM/SIGINT (drain.c): gateways are told, requests in flight finish, then exit. */
@@ -154,7 +163,24 @@ struct cmg_connector {
     struct cmg_tls_watch cert_watch; /* its certificate and CAs, for their end */
     struct cmg_cn_drain drain;
     struct cmg_cn_metrics metrics;
+    struct cmg_site_report *report;   /* NULL without 'site =' */
 };
+
+/* site_report.c: the connector's report to the site (POST /v1/connector/report on the
+ * feed's address, its own connection): the gateways' latest reports and this
+ * connector's view of each tunnel, at most a second after a gateway's report came and
+ * every report_interval. */
+int cmg_site_report_start(struct cmg_connector *cn);
+void cmg_site_report_stop(struct cmg_connector *cn);
+/* A gateway's report came up tunnel t: body (len bytes). 0 kept (or older than the one
+ * kept: ignored), or -1 if it is not a gateway's report (why says what is wrong). */
+int cmg_site_report_gateway(struct cmg_cn_tunnel *t, const char *body, size_t len,
+                            const char **why);
+/* What the site feed knows of the site: address, TLS context (the feed's, current),
+ * host for SNI, authority and path prefix. false without 'site ='. */
+bool cmg_site_feed_target(const struct cmg_connector *cn, const struct cmg_addr **addr,
+                          SSL_CTX **tls, const char **host, const char **authority,
+                          const char **prefix);
 
 /* metrics_cn.c: serves metrics_listen; 0, or -1 (logged). */
 int cmg_cn_metrics_start(struct cmg_connector *cn);
@@ -223,6 +249,8 @@ struct cmg_cn_stream {
     bool refused;             /* REFUSED_STREAM: the connector drains; never started */
     struct cmg_buf resp_body;
     struct cmg_h2_text text;   /* an answer made here */
+    bool report;              /* a gateway's report (CMG_REPORT_PATH): its body in report_in */
+    struct cmg_buf report_in;
     /* for the metrics */
     int status;               /* the answer's, 0: none sent */
     uint64_t start_ms;

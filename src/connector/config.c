@@ -169,6 +169,10 @@ static int connector_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_seconds(value, &c->upstream_timeout_ms);
     } else if (!strcmp(key, "drain_timeout")) {
         rc = cmg_conf_seconds(value, &c->drain_timeout_ms);
+    } else if (!strcmp(key, "report_interval")) {
+        uint64_t s;
+        rc = cmg_conf_duration(value, 1, CMG_REPORT_MAX_INTERVAL, &s);
+        c->report_interval_s = (uint32_t)s;
     } else if (!strcmp(key, "metrics_listen")) {
         rc = cmg_metrics_conf_set(&c->metrics, value);
     } else if (!strcmp(key, "log_level")) {
@@ -224,6 +228,7 @@ int cmg_cn_config_read(struct cmg_cn_config *c, const char *file, char *err, siz
     c->reconnect_max_ms = 30000;
     c->upstream_timeout_ms = 60000;
     c->drain_timeout_ms = 30000;
+    c->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
     c->max_policy_age_ms = CMG_POLICY_MAX_AGE_MS;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;

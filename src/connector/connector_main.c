@@ -37,6 +37,9 @@ static const char usage[] =
     "Metrics and health: plain HTTP on metrics_listen (127.0.0.1:10180 by default;\n"
     "off disables): /metrics (Prometheus), /healthz, and /readyz (200 while a tunnel\n"
     "is up; 503 without one or while draining).\n"
+    "Reports: the gateways' reports that come up the tunnels go to the site\n"
+    "(POST /v1/connector/report on the feed's address) within a second, with this\n"
+    "connector's view of each tunnel, and every report_interval (default 300 s).\n"
     "\n"
     "  -c, --config FILE   connector.conf (see docs/configuration.md)\n"
     "  -h, --help          this text\n";
@@ -79,7 +82,7 @@ static int setup(struct cmg_connector *cn)
         cmg_error("site: %s", err);
         return -1;
     }
-    return 0;
+    return cmg_site_report_start(cn);
 }
 
 int cmg_connector_main(int argc, char **argv)
@@ -131,6 +134,7 @@ int cmg_connector_main(int argc, char **argv)
         rc = cmg_loop_run(cn.loop) < 0 ? 1 : 0;
         cmg_info("connector stopped");
     }
+    cmg_site_report_stop(&cn);
     cmg_site_feed_stop(&cn);
     for (int i = 0; i < cn.ntunnels; i++)
         cmg_cn_tunnel_stop(&cn.tunnels[i]);

@@ -471,6 +471,22 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
     return 0;
 }
 
+bool cmg_site_feed_target(const struct cmg_connector *cn, const struct cmg_addr **addr,
+                          SSL_CTX **tls, const char **host, const char **authority,
+                          const char **prefix)
+{
+    const struct cmg_site_feed *f = cn->feed;
+
+    if (!f)
+        return false;
+    *addr = &f->addr;
+    *tls = f->tls;
+    *host = f->host;
+    *authority = f->authority;
+    *prefix = f->path_prefix;
+    return true;
+}
+
 void cmg_site_feed_stop(struct cmg_connector *cn)
 {
     struct cmg_site_feed *f = cn->feed;

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_STREAMS 4096
@@ -90,6 +91,7 @@ static void stream_free(struct cmg_cn_stream *st)
         st->next->prev = st->prev;
     cmg_headers_free(&st->hdrs);
     cmg_buf_free(&st->resp_body);
+    cmg_buf_free(&st->report_in);
     free(st->path);
     free(st);
 }
@@ -288,6 +290,7 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     nghttp2_submit_response(t->h2, st->id, nv, 2, &dp);
     if (!t->up) {
         t->up = true;
+        t->since = (int64_t)time(NULL);
         t->ups++;
         t->failures = 0;
         t->backoff_ms = BACKOFF_MIN_MS;
@@ -310,6 +313,71 @@ static void refuse(struct cmg_cn_stream *st)
     cmg_cn_tunnel_kick(st->t);
 }
 
+/* A gateway's report, answered here and never forwarded: 204 once kept, 400 if it is
+ * not one. */
+static void report_end(struct cmg_cn_stream *st)
+{
+    const char *why = "no body";
+
+    if (st->resp_submitted)
+        return;   /* answered already: too large */
+    if (strcmp(st->method, "POST"))
+        why = "POST expected";
+    else if (st->report_in.len &&
+             cmg_site_report_gateway(st->t, cmg_buf_head(&st->report_in), st->report_in.len,
+                                     &why) == 0) {
+        answer(st, 204, "");
+        return;
+    }
+    cmg_warn("report from gateway %s refused: %s", st->t->target, why);
+    answer(st, 400, "CMGService_Bad_Request\r\n");
+}
+
+/* Its body, kept up to what a POST to the site can carry with the connector's own part
+ * (the gateway sends no more); past that the report is refused at once. */
+static void report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t len)
+{
+    if (st->resp_submitted)
+        return;
+    if (st->report_in.len + len > CMG_REPORT_MAX_GATEWAY_BODY) {
+        cmg_warn("report from gateway %s refused: over %u bytes", st->t->target,
+                 CMG_REPORT_MAX_GATEWAY_BODY);
+        cmg_buf_free(&st->report_in);
+        answer(st, 400, "CMGService_Bad_Request\r\n");
+        return;
+    }
+    if (cmg_buf_append(&st->report_in, data, len) < 0) {
+        cmg_buf_free(&st->report_in);
+        answer(st, 503, "CMGService_Internal_Server_Error\r\n");
+    }
+}
+
+/* One report on its way per tunnel, and one a second (a burst of REPORT_BURST, as when
+ * a drain starts and ends at once): a gateway cannot make the connector hold more than
+ * one report's bytes per tunnel, nor spend its time parsing them. */
+#define REPORT_EVERY_MS 1000
+#define REPORT_BURST 3
+
+static void report_start(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
+{
+    uint64_t now = cmg_loop_now(t->cn->loop);
+    uint64_t due = t->report_ms > now ? t->report_ms : now;   /* the rate's schedule */
+    bool busy = false;
+
+    for (const struct cmg_cn_stream *o = t->streams; o; o = o->next)
+        busy = busy || (o != st && o->report);
+    if (busy || due > now + (REPORT_BURST - 1) * REPORT_EVERY_MS) {
+        cmg_debug("report from gateway %s refused: %s", t->target,
+                  busy ? "its previous one is still coming" : "more than one a second");
+        answer(st, 429, "CMGService_Too_Many_Requests\r\n");
+        return;
+    }
+    t->report_ms = due + REPORT_EVERY_MS;
+    st->report = true;
+    if (st->req_end)
+        report_end(st);
+}
+
 static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 {
     struct cmg_path p;
@@ -327,6 +395,10 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         if (i >= 0)
             cmg_site_feed_unknown_kid(t->cn, cmg_headers_value(&st->hdrs, (uint32_t)i));
         answer(st, 204, "");
+        return;
+    }
+    if (!strcmp(st->path, CMG_REPORT_PATH)) {   /* answered when its body is all here */
+        report_start(t, st);
         return;
     }
     if (cmg_cn_draining(t->cn)) {
@@ -414,6 +486,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         start_request(t, st);
     } else if (frame->hd.type == NGHTTP2_DATA && end) {
         st->req_end = true;
+        if (st->report)
+            report_end(st);
         if (st->up)
             cmg_upstream_body_end(st->up);
     }
@@ -426,6 +500,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
     struct cmg_cn_stream *st = nghttp2_session_get_stream_user_data(s, id);
     if (st)
         st->req_bytes += len;
+    if (st && st->report)
+        report_data(st, data, len);
     if (!st || !st->up) {
         nghttp2_session_consume(s, id, len);
         return 0;
@@ -443,7 +519,7 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
 
     if (ctl)
         t->ctl_stream = -1;
-    else if (st && cmg_cn_draining(t->cn))
+    else if (st && !st->report && cmg_cn_draining(t->cn))   /* requests only */
         cmg_cn_drain_stream_ended(t->cn, st->refused ? CMG_CN_DRAIN_REFUSED
                                          : error_code == NGHTTP2_NO_ERROR ? CMG_CN_DRAIN_FINISHED
                                                                           : CMG_CN_DRAIN_RESET);
@@ -688,8 +764,10 @@ static void tunnel_down(struct cmg_cn_tunnel *t, const char *why)
         cmg_cn_drain_check(t->cn);
         return;
     }
-    if (t->up)
+    if (t->up) {
         cmg_warn("tunnel down: gateway=%s reason=\"%s\"", t->target, why);
+        t->since = (int64_t)time(NULL);
+    }
     else if (t->failures++ == 0)
         cmg_warn("cannot reach gateway %s: %s (retrying)", t->target, why);
     else
@@ -771,7 +849,7 @@ unsigned cmg_cn_tunnel_requests(const struct cmg_cn_tunnel *t)
 {
     unsigned n = 0;
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next)
-        n += st->id != t->ctl_stream;
+        n += st->id != t->ctl_stream && !st->report;   /* a report holds no drain up */
     return n;
 }
 
@@ -784,7 +862,7 @@ unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t)
         return 0;
     }
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next) {
-        if (st->id == t->ctl_stream || st->refused)
+        if (st->id == t->ctl_stream || st->refused || st->report)   /* requests only */
             continue;
         cut++;
         cmg_warn("drain_timeout: cut %s %s (gateway=%s, response %s)", st->method,

@@ -54,6 +54,32 @@ int cmg_conf_seconds(const char *v, uint32_t *ms)
     return 0;
 }
 
+int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *seconds)
+{
+    static const struct {
+        const char *unit;
+        uint64_t s;
+    } units[] = {{"", 1}, {"s", 1}, {"m", 60}, {"h", 3600}, {"d", 86400}};
+    char *end;
+    unsigned long long x;
+
+    if (*v < '0' || *v > '9')
+        return -1;
+    errno = 0;
+    x = strtoull(v, &end, 10);
+    if (errno || x > 100000000ull)
+        return -1;
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++)
+        if (!strcmp(end, units[i].unit)) {
+            x *= units[i].s;
+            if (x < min || x > max)
+                return -1;
+            *seconds = x;
+            return 0;
+        }
+    return -1;
+}
+
 int cmg_conf_str(char *out, size_t outlen, const char *v)
 {
     size_t n = strlen(v);

@@ -13,6 +13,9 @@ int cmg_conf_path(char *out, size_t outlen, const char *dir, const char *value);
 int cmg_conf_uint(const char *v, uint64_t min, uint64_t max, uint64_t *out);
 /* Seconds, fractions allowed ("0.5"), as milliseconds; at most a day. 0 or -1. */
 int cmg_conf_seconds(const char *v, uint32_t *ms);
+/* A duration in whole seconds: "300", "300s", "5m", "1h", "31d"; within [min, max].
+ * 0 or -1. */
+int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *seconds);
 /* Copies a value into a fixed buffer. 0, or -1 if too long. */
 int cmg_conf_str(char *out, size_t outlen, const char *v);
 

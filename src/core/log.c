@@ -133,9 +133,7 @@ static bool put(struct line *l, const char *s, size_t len)
 
 static bool put_str(struct line *l, const char *s) { return put(l, s, strlen(s)); }
 
-/* The length of the valid UTF-8 character at p (at most `left` bytes), or 0 (RFC 3629:
- * no overlong forms, no surrogates, nothing past U+10FFFF). */
-static size_t utf8_char(const unsigned char *p, size_t left)
+size_t cmg_utf8_char(const unsigned char *p, size_t left)
 {
     size_t n;
     unsigned char lo = 0x80, hi = 0xBF;
@@ -170,7 +168,7 @@ size_t cmg_log_json_escape(char *out, size_t cap, const char *s, size_t len, siz
     while (i < len) {
         char esc[8];
         const char *w = esc;
-        size_t wn, take = utf8_char(p + i, len - i);
+        size_t wn, take = cmg_utf8_char(p + i, len - i);
 
         if (take == 0) {                     /* not UTF-8: U+FFFD */
             w = "\xEF\xBF\xBD";

@@ -86,6 +86,10 @@ void cmg_log_kv_limited(struct cmg_log_limit *l, enum cmg_log_level level, const
                         const struct cmg_log_field *f, size_t n);
 #define CMG_LOG_NFIELDS(f) (sizeof(f) / sizeof((f)[0]))
 
+/* The length of the valid UTF-8 character at p (at most `left` bytes, left > 0), or 0
+ * (RFC 3629: no overlong forms, no surrogates, nothing past U+10FFFF). */
+size_t cmg_utf8_char(const unsigned char *p, size_t left);
+
 /* The inside of a JSON string for the len bytes at s, written to out (at most cap bytes):
  * quotes, backslashes and control characters escaped, each byte that is no part of valid
  * UTF-8 as U+FFFD. Returns the bytes written; *used says how many of s they cover (less

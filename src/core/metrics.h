@@ -14,6 +14,18 @@
 #include <stdint.h>
 
 #define CMG_METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
+/* Reports to the site (issue 13, docs/metrics.md): a gateway's counters and tunnels,
+ * sent up every tunnel as POST CMG_REPORT_PATH every report_interval; connectors pass
+ * them on to the site with their own view of the tunnels. */
+#define CMG_REPORT_PATH "/.cmg/report"
+#define CMG_REPORT_INTERVAL_DEFAULT 300
+#define CMG_REPORT_MAX_INTERVAL 86400
+#define CMG_REPORT_MAX_BODY (1024 * 1024)
+#define CMG_REPORT_MAX_STR 256       /* every string in a report, in bytes */
+/* A gateway's report leaves room in the connector's POST (1 MiB) for the connector's own part */
+#define CMG_REPORT_MAX_GATEWAY_BODY (CMG_REPORT_MAX_BODY - 64 * 1024)
+#define CMG_REPORT_MAX_TUNNELS 64    /* in one connector's or one gateway's report */
+
 /* metrics_listen defaults: a gateway adds its instance number (like tunnel_port) */
 #define CMG_METRICS_GATEWAY_DEFAULT "127.0.0.1:10160"
 #define CMG_METRICS_CONNECTOR_DEFAULT "127.0.0.1:10180"

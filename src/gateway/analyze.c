@@ -24,46 +24,6 @@ bool cmg_analyze_names(const char *canon, size_t len)
     return len >= n && !memcmp(canon, CMG_ANALYZE_PATH, n) && (len == n || canon[n] == '?');
 }
 
-/* The percent-decoded value of "path=" in the query q (n bytes) into out (cap bytes).
- * 1 if found and decoded, 0 if absent, -1 if malformed, too long, or holding a byte no
- * request-target has (controls, space, non-ASCII). */
-static int query_path(const char *q, size_t n, char *out, size_t cap)
-{
-    size_t i = 0, o = 0;
-
-    while (i < n) {
-        size_t end = i;
-        while (end < n && q[end] != '&')
-            end++;
-        if (end - i >= 5 && !memcmp(q + i, "path=", 5)) {
-            for (i += 5; i < end; i++) {
-                int hi, lo;
-                char c = q[i];
-
-                if (c == '%') {
-                    if (i + 2 >= end)
-                        return -1;
-                    hi = cmg_hex_digit(q[i + 1]);
-                    lo = cmg_hex_digit(q[i + 2]);
-                    if (hi < 0 || lo < 0)
-                        return -1;
-                    c = (char)(hi * 16 + lo);
-                    i += 2;
-                }
-                if ((unsigned char)c <= 0x20 || (unsigned char)c >= 0x7F)
-                    return -1;   /* a request-target is printable ASCII */
-                if (o + 1 >= cap)
-                    return -1;
-                out[o++] = c;
-            }
-            out[o] = 0;
-            return o ? 1 : -1;
-        }
-        i = end + 1;
-    }
-    return 0;
-}
-
 /* The client certificate, judged against the policy's trust (chain to the CTL, EKU,
  * validity, revocation), whatever path it is for. */
 static void add_certificate(cJSON *root, struct cmg_device *d)
@@ -171,7 +131,8 @@ static struct cmg_answer analyze_document(struct cmg_device *d, const char *cano
     struct timeval tv;
     cJSON *root = cJSON_CreateObject();
     char *text;
-    int has = q ? query_path(q + 1, len - (size_t)(q - canon) - 1, target, sizeof(target)) : 0;
+    int has = q ? cmg_query_param(q + 1, len - (size_t)(q - canon) - 1, "path", target,
+                                       sizeof(target)) : 0;
 
     if (has < 0) {
         cJSON_Delete(root);

@@ -96,6 +96,13 @@ static int gateway_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_str(c->cert_password, sizeof(c->cert_password), value);
     else if (!strcmp(key, "user"))
         rc = cmg_conf_str(c->user, sizeof(c->user), value);
+    else if (!strcmp(key, "instance_name"))
+        rc = !value[0] || strlen(value) > CMG_REPORT_MAX_STR ? -1
+             : cmg_conf_str(c->instance_name, sizeof(c->instance_name), value);
+    else if (!strcmp(key, "report_interval")) {
+        rc = cmg_conf_duration(value, 1, CMG_REPORT_MAX_INTERVAL, &n);
+        c->report_interval_s = (uint32_t)n;
+    }
     else if (!strcmp(key, "metrics_listen"))
         rc = cmg_metrics_conf_set(&c->metrics, value);
     else if (!strcmp(key, "tunnel_listen"))
@@ -190,6 +197,7 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->max_tunnel_handshakes_per_source = 16;
     c->max_buffer_memory = 256ull << 20;
     c->send_timeout_ms = 60000;
+    c->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;
     cmg_metrics_conf_default(&c->metrics, CMG_METRICS_GATEWAY_DEFAULT);

@@ -42,6 +42,10 @@ struct cmg_gw_config {
     uint32_t send_timeout_ms;
     int log_level;
     int log_format;                 /* enum cmg_log_format */
+    /* reports to the site (report_gw.c): how often, and the name they give this
+     * instance ("": the host name + "/" + instance) */
+    uint32_t report_interval_s;
+    char instance_name[CMG_REPORT_MAX_STR + 1];
     struct cmg_metrics_conf metrics;   /* metrics_listen; its port + instance */
     struct cmg_policy_mapping *mappings;
     size_t nmappings;

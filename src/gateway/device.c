@@ -30,6 +30,7 @@ void cmg_device_close(struct cmg_device *d, const char *why)
     /* Protocol state goes first: it may still detach exchanges. */
     cmg_h1_free(d);
     cmg_h2dev_free(d);
+    cmg_gw_report_device_gone(gw, d);
     cmg_conn_close(&d->conn);
     cmg_gw_device_gone(gw, &d->src);
     if (d->prev)

@@ -184,11 +184,15 @@ static double drain_seconds(const struct cmg_gateway *gw)
 
 static void drain_over(struct cmg_gateway *gw, uint64_t finished, uint32_t cut)
 {
+    uint64_t spent = cmg_loop_now(gw->loop) - gw->drain_start_ms;
+    uint64_t left = gw->cfg.drain_timeout_ms > spent ? gw->cfg.drain_timeout_ms - spent : 0;
+
     cmg_timer_stop(gw->loop, &gw->drain_timer);
     cmg_task_cancel(gw->loop, &gw->drain_task);
     cmg_info("drain over in %.1f s: %llu request(s) finished, %u cut", drain_seconds(gw),
              (unsigned long long)finished, cut);
-    cmg_loop_stop(gw->loop);
+    /* the last report (what finished during the drain), within a second of what is left */
+    cmg_gw_report_last(gw, left < 1000 ? left : 1000);
 }
 
 static void on_drain_task(struct cmg_task *task)
@@ -227,6 +231,7 @@ void cmg_gw_drain(void *gateway)
     cmg_task_cancel(gw->loop, &gw->join_task);
     gw->drain_start_ms = cmg_loop_now(gw->loop);
     gw->state = CMG_GW_DRAINING;
+    cmg_gw_report_drain(gw);
     queued = cmg_gw_listen_leave_devices(gw);
     cmg_info("draining: the device port is left to the other instances (%u queued connection(s) "
              "taken); %u device connection(s) and %u request(s) in flight have drain_timeout "

@@ -35,6 +35,10 @@ static const char usage[] =
     "Metrics and health: plain HTTP on metrics_listen, port + I (127.0.0.1:10160 + I by\n"
     "default; off disables): /metrics (Prometheus), /healthz, and /readyz (200 once\n"
     "serving with a policy in force and a tunnel up; 503 while starting or draining).\n"
+    "Reports: every report_interval of FILE (default 300 s), within a second of a\n"
+    "tunnel's change and once when a drain starts, its counters and tunnels go up\n"
+    "every tunnel to the connectors, which pass them to the site (instance_name of\n"
+    "FILE names the instance; default: the host name, '/', I).\n"
     "\n"
     "options:\n"
     "  -c, --config FILE   gateway.conf (keys: docs/configuration.md, the man page)\n"
@@ -111,7 +115,7 @@ static int setup(struct cmg_gateway *gw)
         return -1;
     watch_certs(gw);
     cmg_gw_migrate_setup(gw);   /* before the drop from root */
-    return cmg_gw_listen(gw) < 0 ? -1 : cmg_gw_metrics_start(gw);
+    return cmg_gw_listen(gw) < 0 || cmg_gw_metrics_start(gw) < 0 ? -1 : cmg_gw_report_start(gw);
 }
 
 /* A key that only a restart applies keeps its running value; the log says so. */
@@ -145,6 +149,8 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
              sizeof(next->metrics.listen));
     keep_str("tunnel_listen", next->tunnel_listen, now->tunnel_listen, sizeof(next->tunnel_listen));
     keep_str("user", next->user, now->user, sizeof(next->user));
+    /* the name the instance's reports carry, chosen at start */
+    keep_str("instance_name", next->instance_name, now->instance_name, sizeof(next->instance_name));
     keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
     keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
     /* Policies are accepted for this name, and the local policy was made from this file's
@@ -239,6 +245,7 @@ static void teardown(struct cmg_gateway *gw)
     cmg_device_close_all(gw);
     cmg_tunnel_close_all(gw);
     cmg_gw_listen_close(gw);
+    cmg_gw_report_stop(gw);
     cmg_gw_metrics_free(gw);
     cmg_tls_watch_free(&gw->cert_watch);
     SSL_CTX_free(gw->device_ctx);

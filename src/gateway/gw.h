@@ -76,6 +76,23 @@ struct cmg_gw_metrics {
     struct cmg_metrics_server *server;
 };
 
+/* ---- reports to the site (report_gw.c) ---- */
+
+struct cmg_gw_report_body;
+struct cmg_gw_report {
+    char instance[CMG_REPORT_MAX_STR + 1];
+    char boot[17];                  /* random per process start; "" until started */
+    uint64_t seq;
+    int64_t started;                /* unix seconds */
+    struct cmg_timer timer;         /* every report_interval */
+    struct cmg_timer soon_timer;    /* a tunnel changed */
+    uint64_t soon_ms;               /* loop time of the last unscheduled report */
+    struct cmg_timer last_timer;    /* the drain is over: the last report's time to go up */
+    uint64_t last_deadline_ms;
+    /* bytes of device connections that are gone (live ones are read from their BIOs) */
+    uint64_t closed_ingress, closed_egress;
+};
+
 struct cmg_gateway {
     struct cmg_loop *loop;
     enum cmg_gw_state state;
@@ -120,6 +137,7 @@ struct cmg_gateway {
     struct cmg_tls_watch cert_watch;    /* its certificate and CAs, for their end */
     uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
     struct cmg_gw_metrics metrics;
+    struct cmg_gw_report report;
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -252,6 +270,10 @@ struct cmg_tunnel {
     uint64_t credit_owed;    /* connection-window credit held back: the budget was spent */
     uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
     uint64_t rtt_us;         /* its last round trip */
+    int64_t since;           /* unix seconds: when it came up or began to drain */
+    int32_t report_stream;   /* the report on its way up (report_body), if any */
+    struct cmg_gw_report_body *report_body;
+    bool report_owed;        /* a report was due while report_body was on its way */
     struct cmg_tunnel *prev, *next;
 };
 
@@ -377,6 +399,25 @@ static inline void cmg_gw_metrics_device(struct cmg_gateway *gw, bool h2)
 void cmg_gw_metrics_refusal(struct cmg_gateway *gw, const char *reason);
 /* A relayed request is over (its access-log line). */
 void cmg_gw_metrics_exchange(struct cmg_gateway *gw, const struct cmg_exchange *ex);
+
+/* ---- reports to the site (report_gw.c) ---- */
+
+/* Picks the boot id and the instance name; reports every report_interval. 0 or -1. */
+int cmg_gw_report_start(struct cmg_gateway *gw);
+void cmg_gw_report_stop(struct cmg_gateway *gw);
+/* A tunnel came up, went down or drains: a report within a second (rate-limited). */
+void cmg_gw_report_news(struct cmg_gateway *gw);
+/* The instance starts draining: a report, now. */
+void cmg_gw_report_drain(struct cmg_gateway *gw);
+/* The drain is over: the last report (what finished during the drain) goes up, then the
+ * loop stops, at most wait_ms later. */
+void cmg_gw_report_last(struct cmg_gateway *gw, uint64_t wait_ms);
+/* A device connection closes: its bytes stay counted. */
+void cmg_gw_report_device_gone(struct cmg_gateway *gw, const struct cmg_device *d);
+/* A stream of t closed: true if it was t's report (then forgotten). */
+bool cmg_gw_report_stream_closed(struct cmg_tunnel *t, int32_t stream_id);
+/* t is freed: its report goes with it. */
+void cmg_gw_report_tunnel_gone(struct cmg_tunnel *t);
 
 /* ---- the policy (policy_gw.c) ---- */
 

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_CONTROL_LINE (CMG_POLICY_MAX + 65536)   /* a policy is one line */
@@ -43,6 +44,7 @@ static void free_roles(struct cmg_tunnel *t)
 static void tunnel_free(void *p)
 {
     struct cmg_tunnel *t = p;
+    cmg_gw_report_tunnel_gone(t);
     free_roles(t);
     cmg_buf_free(&t->ctl_in);
     free(t);
@@ -141,9 +143,11 @@ static void on_hello(struct cmg_tunnel *t, cJSON *msg)
         return;
     }
     t->ready = true;
+    t->since = (int64_t)time(NULL);
     cmg_timer_stop(t->gw->loop, &t->hs_timer);
     tunnel_up_log(t);
     cmg_gw_ready_news(t->gw);
+    cmg_gw_report_news(t->gw);
 }
 
 /* The connector drains (its control message, or HTTP/2's graceful GOAWAY, whichever
@@ -156,6 +160,8 @@ static void connector_draining(struct cmg_tunnel *t)
         return;
     t->draining = true;
     t->ready = false;
+    t->since = (int64_t)time(NULL);
+    cmg_gw_report_news(t->gw);
     for (const struct cmg_exchange *ex = t->exchanges; ex; ex = ex->tun_next)
         n++;
     cmg_info("connector=%s draining: no new requests; %zu in flight",
@@ -343,7 +349,7 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
 
     if (stream_id == t->ctl_stream)
         return fail_later(t, "control stream closed");
-    if (!ex)
+    if (cmg_gw_report_stream_closed(t, stream_id) || !ex)
         return 0;
     ex->stream_closed = true;
     if (error_code == NGHTTP2_NO_ERROR && ex->resp_eof)
@@ -505,6 +511,8 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
         gw->tunnels = t->next;
     if (t->next)
         t->next->prev = t->prev;
+    if (t->ready || t->draining)
+        cmg_gw_report_news(gw);
     /* Requests in flight fail now, with 502, rather than wait for a timeout. */
     for (ex = t->exchanges; ex; ex = next) {
         next = ex->tun_next;
@@ -744,6 +752,7 @@ int cmg_tunnel_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key 
     }
     t->gw = gw;
     t->ctl_stream = -1;
+    t->report_stream = -1;
     SSL_set_accept_state(ssl);
     if (cmg_conn_start(&t->conn, gw->loop, fd, ssl, false, &tunnel_ops, t) < 0) {
         free(t);

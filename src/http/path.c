@@ -243,3 +243,47 @@ void cmg_path_parse(const char *p, size_t n, struct cmg_path *out)
     out->rest = p + r;
     out->rest_len = n - r;
 }
+
+/* Decodes one value (n bytes) into out; its length, or -1. */
+static int query_decode(const char *v, size_t n, char *out, size_t cap)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        char c = v[i];
+        int hi, lo;
+
+        if (c == '%') {
+            if (i + 2 >= n)
+                return -1;
+            hi = cmg_hex_digit(v[i + 1]);
+            lo = cmg_hex_digit(v[i + 2]);
+            if (hi < 0 || lo < 0)
+                return -1;
+            c = (char)(hi * 16 + lo);
+            i += 2;
+        }
+        if ((unsigned char)c <= 0x20 || (unsigned char)c >= 0x7F)
+            return -1;   /* a request-target is printable ASCII */
+        if (o + 1 >= cap)
+            return -1;
+        out[o++] = c;
+    }
+    out[o] = 0;
+    return (int)o;
+}
+
+int cmg_query_param(const char *q, size_t n, const char *name, char *out, size_t cap)
+{
+    size_t k = strlen(name), i = 0;
+
+    while (i < n) {
+        size_t end = i;
+        while (end < n && q[end] != '&')
+            end++;
+        if (end - i > k && !memcmp(q + i, name, k) && q[i + k] == '=')
+            return query_decode(q + i + k + 1, end - i - k - 1, out, cap) > 0 ? 1 : -1;
+        i = end + 1;
+    }
+    return 0;
+}

@@ -32,6 +32,10 @@ int cmg_path_canonical(const char *p, size_t n, char *out, size_t *out_len, cons
 int cmg_path_check(const char *p, size_t n);
 /* Splits a checked target; kind is CMG_PATH_OTHER when no prefix matches. */
 void cmg_path_parse(const char *p, size_t n, struct cmg_path *out);
+/* The percent-decoded value of NAME=... in the query q (n bytes, without the '?') into
+ * out (cap bytes). 1 if found and decoded, 0 if absent, -1 if malformed, empty, too long,
+ * or holding a byte no request-target has (controls, space, non-ASCII). */
+int cmg_query_param(const char *q, size_t n, const char *name, char *out, size_t cap);
 /* The value of a hexadecimal digit, or -1. */
 int cmg_hex_digit(char c);
 /* Longest role id we accept. */

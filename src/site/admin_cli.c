@@ -5,10 +5,12 @@
 #include "site/admin_cli.h"
 
 #include "client/fetch.h"
+#include "site/alerts.h"
 #include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/pki.h"
 #include "site/serve.h"
+#include "site/status.h"
 
 #include <openssl/crypto.h>
 
@@ -121,7 +123,53 @@ static const char usage[] =
     "                                     the old key stay valid until they expire.\n"
     "                                     'site serve' rotates by itself when the key\n"
     "                                     is older than key_rotation (site.conf,\n"
-    "                                     default 180d; 0: never)\n";
+    "                                     default 180d; 0: never)\n"
+    "  alert list                         thresholds, the webhook and the open alerts\n"
+    "  alert set egress-monthly SIZE [--warning PCT] [--critical PCT]\n"
+    "  alert set egress-daily SIZE [--warning PCT] [--critical PCT]\n"
+    "                                     the egress allowance of a calendar month / a\n"
+    "                                     day (UTC), all gateway instances together:\n"
+    "                                     100GiB, 500GB, bytes (B, KB/MB/GB/TB by 1000,\n"
+    "                                     KiB/MiB/GiB/TiB by 1024); a warning at PCT %\n"
+    "                                     (default 50), critical at PCT % (default 90),\n"
+    "                                     both shared by the two allowances\n"
+    "  alert set cert-expiry DAYS         warn of certificates ending within DAYS\n"
+    "                                     (default 30; critical within 7; 0: off)\n"
+    "  alert set no-tunnel DURATION       a connector or gateway instance with no tunnel\n"
+    "                                     up for longer: 30s, 10m, 1h, a bare number of\n"
+    "                                     minutes (default 10m; 0: off)\n"
+    "  alert unset NAME                   back to the default (egress: no allowance)\n"
+    "  alert webhook URL [--ca FILE] | alert webhook --off\n"
+    "                                     POST each alert opened, raised or resolved as\n"
+    "                                     JSON to URL (http:// or https://, checked\n"
+    "                                     against the system's roots or --ca FILE)\n";
+
+static const char status_usage[] =
+    "usage: cmg site status [DIR] [--json] [--api https://HOST:PORT [--admin-token FILE]\n"
+    "                       [--ca FILE]]\n"
+    "\n"
+    "What the deployment of the site in DIR (default: $CMG_SITE_DIR, else the current\n"
+    "directory) is doing, from the reports gateways send through their connectors to\n"
+    "'cmg site serve' every report_interval (300 s by default), on one screen:\n"
+    "  - the tunnels: each gateway instance x each connector, its state (the\n"
+    "    connector's view; the gateway's when that is newer and disagrees, or when\n"
+    "    the connector's report is stale;\n"
+    "    unknown when neither reports), since when, and the round-trip time;\n"
+    "  - each gateway instance's state, policy version, last report's age (STALE when\n"
+    "    older than 2 of its report intervals), devices connected, and each\n"
+    "    connector's last report;\n"
+    "  - requests and bytes today and this month (UTC), and egress (bytes sent to\n"
+    "    devices) against the limits of 'cmg site alert' (\"no monthly limit set\"\n"
+    "    when none);\n"
+    "  - certificates ending within cert_expiry_days (30 by default; expired ones too);\n"
+    "  - open alerts.\n"
+    "\"no report yet\" says that nothing has reported, and what to check.\n"
+    "--json prints the same as a JSON document (docs/site.md names its fields).\n"
+    "With --api the document comes from the admin API of a running site (its\n"
+    "certificate checked against DIR/ca.crt or --ca FILE, authenticated by\n"
+    "DIR/admin.token or --admin-token FILE).\n"
+    "Exit status: 0 when the document was made, whatever it says; 1 on an error (the\n"
+    "reason on stderr); 2 on a usage error.\n";
 
 static int usage_error(const struct cli *c, const char *msg)
 {
@@ -165,7 +213,8 @@ static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
             else if (cJSON_IsNumber(v) && v->valuedouble > 1e9 && v->valuedouble < 1e11 &&
                      (strstr(cols[i], "expires") || strstr(cols[i], "created") ||
                       strstr(cols[i], "registered") || strstr(cols[i], "issued") ||
-                      !strcmp(cols[i], "revoked") || !strcmp(cols[i], "replaced"))) {
+                      !strcmp(cols[i], "revoked") || !strcmp(cols[i], "replaced") ||
+                      !strcmp(cols[i], "opened"))) {
                 iso_time(v->valuedouble, t, sizeof(t));
                 fputs(t, stdout);
             } else if (cJSON_IsNumber(v))
@@ -284,6 +333,8 @@ static bool changes_store(const struct cli *c, const char *op)
     size_t n = strlen(op);
 
     if ((n > 5 && !strcmp(op + n - 5, ".list")) || !strcmp(op, "oidc.show") ||
+        !strcmp(op, "status") || !strcmp(op, "traffic") ||
+        !strncmp(op, "alert.", 6) ||   /* read by 'site serve' as they are: no policy */
         !strcmp(op, "cert.renew"))   /* files and a record: nothing to publish */
         return false;
     return strcmp(op, "cert.revocation") || cJSON_GetObjectItem(c->args, "check_revocation");
@@ -422,6 +473,11 @@ static void show_connectors(const cJSON *r)
     print_table(r, cols, 5);
 }
 
+static void show_status(const cJSON *r)
+{
+    cmg_site_status_print(r, stdout);
+}
+
 static void show_connector(const cJSON *r)
 {
     printf("issued connector %s, certificate serial %s\n  certificate: %s\n  key:         %s\n"
@@ -551,10 +607,71 @@ out:
     return rc;
 }
 
+static void show_size(const char *label, const cJSON *v)
+{
+    if (!cJSON_IsNumber(v)) {
+        printf("%-16s none\n", label);
+        return;
+    }
+    printf("%-16s %.0f bytes", label, v->valuedouble);
+    if (v->valuedouble >= 1024.0 * 1024 * 1024)
+        printf(" (%.2f GiB)", v->valuedouble / (1024.0 * 1024 * 1024));
+    putchar('\n');
+}
+
+static void show_alerts(const cJSON *r)
+{
+    static const char *const cols[] = {"id", "level", "kind", "subject", "opened", "message"};
+    const cJSON *set = cJSON_GetObjectItem(r, "settings");
+    const cJSON *open = cJSON_GetObjectItem(r, "alerts");
+    const char *hook = cJSON_GetStringValue(cJSON_GetObjectItem(set, "webhook"));
+    char origin[300];
+
+    show_size("egress-monthly:", cJSON_GetObjectItem(set, "egress_monthly"));
+    show_size("egress-daily:", cJSON_GetObjectItem(set, "egress_daily"));
+    printf("%-16s warning at %.0f %%, critical at %.0f %%\n", "egress levels:",
+           cJSON_GetNumberValue(cJSON_GetObjectItem(set, "warning_pct")),
+           cJSON_GetNumberValue(cJSON_GetObjectItem(set, "critical_pct")));
+    printf("%-16s %.0f days\n", "cert-expiry:",
+           cJSON_GetNumberValue(cJSON_GetObjectItem(set, "cert_expiry_days")));
+    printf("%-16s %.0f s\n", "no-tunnel:",
+           cJSON_GetNumberValue(cJSON_GetObjectItem(set, "no_tunnel")));
+    if (hook)
+        cmg_alerts_url_origin(hook, origin, sizeof(origin));
+    printf("%-16s %s%s\n", "webhook:", hook ? origin : "none", hook ? "/... (--json: all of it)"
+                                                                   : "");
+    if (!cJSON_GetArraySize(open)) {
+        puts("open alerts:    none");
+        return;
+    }
+    puts("open alerts:");
+    print_table(open, cols, sizeof(cols) / sizeof(cols[0]));
+}
+
+/* alert webhook --ca FILE: the roots of the webhook's HTTPS, as PEM text (not the
+ * site's CA for --api). 0, or an exit status. */
+static int webhook_ca_arg(struct cli *c)
+{
+    unsigned char *pem = NULL;
+    size_t len = 0;
+
+    if (!c->ca_file)
+        return 0;
+    if (cmg_pki_read_file(c->ca_file, 256 * 1024, &pem, &len) < 0) {
+        fprintf(stderr, "%s: --ca: cannot read %s\n", c->prog, c->ca_file);
+        return 1;
+    }
+    cJSON_AddStringToObject(c->args, "ca", (const char *)pem);
+    free(pem);
+    c->ca_file = NULL;
+    return 0;
+}
+
 enum {
     O_ROLE = 256, O_TYPE, O_URL, O_AUTH, O_MAX_BODY, O_LIFETIME, O_DESC, O_DEVICE, O_OUT,
     O_SERIAL, O_CERT, O_REVOKED, O_ISSUER, O_TENANT, O_AUDIENCE, O_JWKS, O_JSON, O_SITE, O_HELP,
-    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH, O_CA, O_DISCOVERY
+    O_API, O_ADMIN_TOKEN, O_FORWARD_AUTH, O_NO_FORWARD_AUTH, O_CA, O_DISCOVERY, O_WARNING,
+    O_CRITICAL, O_OFF
 };
 
 static const struct option long_opts[] = {
@@ -582,6 +699,9 @@ static const struct option long_opts[] = {
     {"forward-authorization", no_argument, NULL, O_FORWARD_AUTH},
     {"no-forward-authorization", no_argument, NULL, O_NO_FORWARD_AUTH},
     {"ca", required_argument, NULL, O_CA},
+    {"warning", required_argument, NULL, O_WARNING},
+    {"critical", required_argument, NULL, O_CRITICAL},
+    {"off", no_argument, NULL, O_OFF},
     {"help", no_argument, NULL, O_HELP},             {NULL, 0, NULL, 0}};
 
 /* Parses options into c->args (by name), the site directory and one subject. */
@@ -634,6 +754,9 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks,
         case O_API: c->api = optarg; break;
         case O_ADMIN_TOKEN: c->token_file = optarg; break;
         case O_CA: c->ca_file = optarg; break;
+        case O_WARNING: cJSON_AddStringToObject(c->args, "warning", optarg); break;
+        case O_CRITICAL: cJSON_AddStringToObject(c->args, "critical", optarg); break;
+        case O_OFF: cJSON_AddTrueToObject(c->args, "off"); break;
         case O_HELP: case 'h': *help = true; break;
         default: return 2;
         }
@@ -662,7 +785,8 @@ struct command {
 /* The args key of a second positional argument, or NULL: 'cert renew connector NAME'. */
 static const char *second_subject(const struct command *cmd)
 {
-    return strcmp(cmd->op, "cert.renew") ? NULL : "name";
+    return !strcmp(cmd->op, "cert.renew") ? "name" : !strcmp(cmd->op, "alert.set") ? "value"
+                                                                                  : NULL;
 }
 
 static const struct command commands[] = {
@@ -690,7 +814,13 @@ static const struct command commands[] = {
     {"connector", "list", "connector.list", NULL, show_connectors},
     {"connector", "revoke", "connector.revoke", "name", show_done},
     {"key", "rotate", "key.rotate", NULL, show_key_rotated},
+    {"alert", "list", "alert.list", NULL, show_alerts},
+    {"alert", "set", "alert.set", "name", show_alerts},
+    {"alert", "unset", "alert.unset", "name", show_alerts},
+    {"alert", "webhook", "alert.webhook", "url", show_alerts},
 };
+
+static const struct command status_command = {"status", "", "status", NULL, show_status};
 
 static int run_command(const struct command *cmd, int argc, char **argv)
 {
@@ -700,13 +830,18 @@ static int run_command(const struct command *cmd, int argc, char **argv)
     bool help = false;
     int rc;
 
-    snprintf(prog, sizeof(prog), "cmg site %s %s", cmd->area, cmd->verb);
+    snprintf(prog, sizeof(prog), "cmg site %s%s%s", cmd->area, *cmd->verb ? " " : "",
+             cmd->verb);
     c.prog = prog;
     c.args = cJSON_CreateObject();
     rc = parse(&c, argc, argv, &jwks, &discovery, &help);
     if (rc != 0 || help) {
-        fputs(usage, help && rc == 0 ? stdout : stderr);
+        fputs(cmd == &status_command ? status_usage : usage, help && rc == 0 ? stdout : stderr);
         goto out;
+    }
+    if (cmd == &status_command && c.subject && !c.dir && !c.subject2) {
+        c.dir = c.subject;   /* not a site directory: opening it says why */
+        c.subject = NULL;
     }
     if ((c.subject && !cmd->subject) || (c.subject2 && !second_subject(cmd))) {
         rc = usage_error(&c, c.subject2 ? "too many arguments"
@@ -730,6 +865,8 @@ static int run_command(const struct command *cmd, int argc, char **argv)
         cJSON_AddFalseToObject(c.args, "blocked");
     if (!strcmp(cmd->op, "oidc.set") && (rc = oidc_keys_args(&c, jwks, discovery)) != 0)
         goto out;
+    if (!strcmp(cmd->op, "alert.webhook") && (rc = webhook_ca_arg(&c)) != 0)
+        goto out;
     rc = run_print(&c, cmd->op, cmd->show);
 out:
     cJSON_Delete(c.args);
@@ -742,6 +879,8 @@ int cmg_site_admin_main(int argc, char **argv)
     const char *area = token ? "token bulk" : argv[0];
     int skip = token ? 2 : 1;
 
+    if (!strcmp(argv[0], "status"))   /* one word: no verb */
+        return run_command(&status_command, argc, argv);
     if (token && strcmp(argv[1], "bulk")) {
         fprintf(stderr, "cmg site token: only 'bulk' tokens are made by hand\n\n%s", usage);
         return 2;
@@ -761,5 +900,5 @@ bool cmg_site_admin_area(const char *word)
 {
     return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
            !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector") ||
-           !strcmp(word, "key");
+           !strcmp(word, "key") || !strcmp(word, "status") || !strcmp(word, "alert");
 }

@@ -162,6 +162,14 @@ static int conf_entry(void *user, const char *section, const char *name, const c
     } else if (!strcmp(name, "key_rotation")) {
         s->key_rotation_s = strcmp(value, "0") ? cmg_parse_lifetime(value) : 0;
         rc = s->key_rotation_s < 0 ? -1 : 0;
+    } else if (!strcmp(name, "report_interval")) {
+        uint64_t v;
+        rc = cmg_conf_duration(value, 1, CMG_REPORT_MAX_INTERVAL, &v);
+        s->report_interval_s = (uint32_t)v;
+    } else if (!strcmp(name, "report_retention")) {
+        uint64_t v;
+        rc = cmg_conf_duration(value, 3600, 100ull * 366 * 86400, &v);
+        s->report_retention_s = (int64_t)v;
     } else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else if (!strcmp(name, "log_format"))
@@ -193,6 +201,8 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     cmg_metrics_conf_default(&s->metrics, CMG_METRICS_SITE_DEFAULT);
     s->oidc_refresh_s = CMG_SITE_OIDC_REFRESH_S;
     s->key_rotation_s = CMG_SITE_KEY_ROTATION_S;
+    s->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
+    s->report_retention_s = CMG_SITE_REPORT_RETENTION_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)
         return -1;
     cs.err = msg;

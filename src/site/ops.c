@@ -4,10 +4,12 @@
 #include "auth/jwk.h"
 #include "core/net.h"
 #include "http/path.h"
+#include "site/alerts.h"
 #include "site/connectors.h"
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/signing.h"
+#include "site/status.h"
 #include "site/tokens.h"
 #include "tls/tls.h"
 
@@ -126,6 +128,8 @@ static bool valid_role(const char *r)
             return false;
     return true;
 }
+
+bool cmg_site_role_valid(const char *role) { return valid_role(role); }
 
 static bool valid_url(const char *u)
 {
@@ -838,6 +842,14 @@ static void add_cert_file(struct cmg_site_ctx *s, cJSON *list, const char *kind,
     X509_free(x);
 }
 
+void cmg_site_cert_files(struct cmg_site_ctx *s, cJSON *list)
+{
+    add_cert_file(s, list, "CA", "site CA", "ca.crt");
+    add_cert_file(s, list, "site", "site channel", "site.crt");
+    add_cert_file(s, list, "gateway", "gateway", "gateway.crt");
+    add_cert_file(s, list, "connector", "connector-1", "connector.crt");
+}
+
 /* Every NAME.crt of DIR/sub, in name order, as rows of kind. */
 static void add_cert_dir(struct cmg_site_ctx *s, cJSON *list, const char *kind, const char *sub)
 {
@@ -874,20 +886,29 @@ static void add_recorded(cJSON *list, cJSON *recorded, const char *kind)
     cJSON_Delete(recorded);
 }
 
-/* The rows by kind (CA first, signing keys last), each kind in the order it came. */
+/* The rows by kind (CA first, signing keys last), each kind in the order it came: one
+ * walk, each row moved once. */
 static cJSON *by_kind(cJSON *list)
 {
-    static const char *const kinds[] = {"CA", "site", "gateway", "connector", "device", NULL};
-    cJSON *out = cJSON_CreateArray(), *row;
+    static const char *const kinds[] = {"CA", "site", "gateway", "connector", "device"};
+    enum { NKINDS = sizeof(kinds) / sizeof(kinds[0]) };
+    cJSON *groups[NKINDS + 1], *out = cJSON_CreateArray(), *row, *next;
 
-    for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++)
-        for (int i = 0; (row = cJSON_GetArrayItem(list, i));) {
-            const char *kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(row, "kind"));
-            if (!kinds[k] || (kind && !strcmp(kind, kinds[k])))
-                cJSON_AddItemToArray(out, cJSON_DetachItemFromArray(list, i));
-            else
-                i++;
-        }
+    for (size_t k = 0; k <= NKINDS; k++)
+        groups[k] = cJSON_CreateArray();
+    for (row = list ? list->child : NULL; row; row = next) {
+        const char *kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(row, "kind"));
+        size_t k = 0;
+        next = row->next;
+        while (k < NKINDS && !(kind && !strcmp(kind, kinds[k])))
+            k++;
+        cJSON_AddItemToArray(groups[k], cJSON_DetachItemViaPointer(list, row));
+    }
+    for (size_t k = 0; k <= NKINDS; k++) {
+        while ((row = cJSON_DetachItemFromArray(groups[k], 0)))
+            cJSON_AddItemToArray(out, row);
+        cJSON_Delete(groups[k]);
+    }
     cJSON_Delete(list);
     return out;
 }
@@ -928,10 +949,7 @@ static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
     *result = cJSON_CreateArray();
     add_recorded(*result, connectors, "connector");
     add_recorded(*result, devices, "device");
-    add_cert_file(s, *result, "CA", "site CA", "ca.crt");
-    add_cert_file(s, *result, "site", "site channel", "site.crt");
-    add_cert_file(s, *result, "gateway", "gateway", "gateway.crt");
-    add_cert_file(s, *result, "connector", "connector-1", "connector.crt");
+    cmg_site_cert_files(s, *result);
     add_cert_dir(s, *result, "connector", "connectors");
     add_cert_dir(s, *result, "device", "devices");
     *result = by_kind(*result);
@@ -1390,6 +1408,27 @@ static int op_key_rotate(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     return cmg_site_key_rotate(s, result, msg, len);
 }
 
+/* ---- what the deployment is doing (status.c) ---- */
+
+static int op_status(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                     size_t len)
+{
+    (void)args;
+    return cmg_site_status(s, (int64_t)time(NULL), result, msg, len);
+}
+
+static int op_traffic(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
+                      size_t len)
+{
+    const cJSON *range = cJSON_GetObjectItemCaseSensitive(args, "range");
+    const cJSON *instance = cJSON_GetObjectItemCaseSensitive(args, "instance");
+
+    if ((range && !cJSON_IsString(range)) || (instance && !cJSON_IsString(instance)))
+        return fail(msg, len, 400, "range and instance must be strings");
+    return cmg_site_traffic(s, (int64_t)time(NULL), range ? range->valuestring : NULL,
+                            instance ? instance->valuestring : NULL, result, msg, len);
+}
+
 static const struct cmg_site_op_def ops[] = {
     {"mapping.add", op_mapping_add},       {"mapping.remove", op_mapping_remove},
     {"mapping.list", op_mapping_list},     {"bulk.create", op_bulk_create},
@@ -1402,6 +1441,9 @@ static const struct cmg_site_op_def ops[] = {
     {"connector.list", op_connector_list}, {"connector.revoke", op_connector_revoke},
     {"cert.renew", op_cert_renew},
     {"key.rotate", op_key_rotate},
+    {"status", op_status},                 {"traffic", op_traffic},
+    {"alert.set", cmg_alerts_op_set},      {"alert.unset", cmg_alerts_op_unset},
+    {"alert.list", cmg_alerts_op_list},    {"alert.webhook", cmg_alerts_op_webhook},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

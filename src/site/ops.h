@@ -25,7 +25,14 @@ const struct cmg_site_op_def *cmg_site_op_find(const char *name);
 int cmg_site_op_run(struct cmg_site_ctx *s, const char *name, const cJSON *args,
                     cJSON **result, char *msg, size_t msglen);
 
+/* The certificates of the site directory's own files (ca.crt, site.crt, gateway.crt,
+ * connector.crt) added to list as 'cert list' shows them: kind, name, serial, expires,
+ * or merged into the row of list of the same serial. */
+void cmg_site_cert_files(struct cmg_site_ctx *s, cJSON *list);
+
 /* "3d", "72h", "90m", "3600s" or a bare number of days, in seconds; -1 if malformed. */
 int64_t cmg_parse_lifetime(const char *s);
+/* A role id as mappings have them: letters, digits, '_' and '-', 1 to 64. */
+bool cmg_site_role_valid(const char *role);
 
 #endif

@@ -11,6 +11,8 @@
 #include "auth/policy.h"
 #include "core/log.h"
 #include "http/httpd.h"
+#include "http/path.h"
+#include "site/alerts.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/dashboard.h"
@@ -19,7 +21,9 @@
 #include "site/pki.h"
 #include "site/policy_build.h"
 #include "site/register.h"
+#include "site/reports.h"
 #include "site/signing.h"
+#include "site/status.h"
 #include "tls/tls.h"
 
 #include <errno.h>
@@ -79,6 +83,9 @@ static const char usage[] =
     "Metrics and health: plain HTTP on metrics_listen of site.conf (default\n"
     "127.0.0.1:10181; off disables): /metrics (Prometheus), /healthz, and /readyz\n"
     "(200 while the store is open and the listeners serve).\n"
+    "Reports: connectors POST /v1/connector/report to the feed listener (their own and\n"
+    "the gateways' reports); traffic is kept in 5-minute buckets for report_retention\n"
+    "of site.conf (default 31d), by day for 400 days and by month (docs/site.md).\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -171,6 +178,19 @@ static void bump_version(struct cmg_site_server *srv)
     }
 }
 
+/* Hourly: reports past report_retention go. */
+static void prune_reports(struct cmg_site_server *srv)
+{
+    time_t now = time(NULL);
+
+    if (now - srv->reports_pruned < CMG_REPORT_PRUNE_S)
+        return;
+    srv->reports_pruned = now;
+    if (cmg_report_prune(srv->ctx->store, (int64_t)now, srv->ctx->report_retention_s) < 0)
+        cmg_warn("cannot prune old reports: %s (retried in an hour)",
+                 cmg_store_error(srv->ctx->store));
+}
+
 static void on_poll(struct cmg_timer *t)
 {
     struct cmg_site_server *srv =
@@ -180,6 +200,9 @@ static void on_poll(struct cmg_timer *t)
     if (time(NULL) - srv->signed_at >= REFRESH_S)
         bump_version(srv);
     cmg_site_crl_freshness(srv->signed_at, time(NULL));
+    prune_reports(srv);
+    if (dv != srv->data_version)
+        cmg_site_alerts_check(srv);   /* an admin command or a report changed the store */
     if (dv != srv->data_version || time(NULL) - srv->signed_at >= REFRESH_S) {
         srv->data_version = dv;
         cmg_site_server_changed(srv);
@@ -291,6 +314,15 @@ static void feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     cmg_timer_start(srv->loop, &w->timer, FEED_WAIT_MS, on_waiter_timeout);
 }
 
+/* An operation that changes nothing: status, traffic, and the *.list and *.show ones. */
+static bool reads_only(const char *name)
+{
+    size_t n = strlen(name);
+
+    return !strcmp(name, "status") || !strcmp(name, "traffic") ||
+           (n > 5 && (!strcmp(name + n - 5, ".list") || !strcmp(name + n - 5, ".show")));
+}
+
 static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const char *name)
 {
     cJSON *args = req->body_len ? cJSON_ParseWithLength(req->body, req->body_len)
@@ -310,9 +342,43 @@ static void run_op(struct cmg_site_server *srv, struct cmg_httpd_req *req, const
         cmg_httpd_error(req, rc, msg);
         return;
     }
-    cmg_info("admin %s from %s", name, req->peer);
+    /* a dashboard or 'site status --api' polls: what only reads is no news */
+    if (reads_only(name))
+        cmg_debug("admin %s from %s", name, req->peer);
+    else
+        cmg_info("admin %s from %s", name, req->peer);
     cmg_site_server_changed(srv);
+    if (!strncmp(name, "alert.", 6))
+        cmg_site_alerts_check(srv);   /* new thresholds apply now */
     cmg_httpd_json(req, 200, result);
+}
+
+/* POST /v1/connector/report: a connector's report (reports.c), named by its
+ * certificate, not by what it says. */
+static void connector_report(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    char name[128] = "", err[300];
+    cJSON *doc;
+
+    if (!connector_allowed(srv, req, "connector report"))
+        return;
+    cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    if (!(doc = cmg_report_parse(req->body ? req->body : "", req->body_len, err, sizeof(err)))) {
+        const struct cmg_log_field f[] = {CMG_F_STR("connector", name), CMG_F_STR("error", err),
+                                          CMG_F_STR("peer", req->peer)};
+        cmg_log_kv(CMG_LOG_WARN, "connector report refused", f, CMG_LOG_NFIELDS(f));
+        cmg_httpd_error(req, 400, err);
+        return;
+    }
+    if (cmg_report_ingest(srv->ctx->store, name, doc, (int64_t)time(NULL), err, sizeof(err)) < 0) {
+        cmg_error("connector %s's report not kept: %s", name, err);
+        cmg_httpd_error(req, 500, "the report could not be kept");
+    } else {
+        cmg_debug("report of connector %s kept", name);
+        cmg_site_alerts_check(srv);   /* a write of our own: the change poll does not see it */
+        cmg_httpd_respond(req, 204, NULL, NULL, 0, NULL);
+    }
+    cJSON_Delete(doc);
 }
 
 /* The feed listener: every caller showed a connector certificate of the site CA. */
@@ -320,8 +386,13 @@ static void on_feed(void *user, struct cmg_httpd_req *req)
 {
     struct cmg_site_server *srv = user;
 
+    if (!strcmp(req->target, "/v1/connector/report") && !strcmp(req->method, "POST")) {
+        connector_report(srv, req);
+        return;
+    }
     if (strncmp(req->target, "/v1/connector/feed", 18) || strcmp(req->method, "GET")) {
-        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N only");
+        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N and POST "
+                        "/v1/connector/report only");
         return;
     }
     if (!connector_allowed(srv, req, "policy feed"))
@@ -337,6 +408,53 @@ static void on_service(void *user, struct cmg_httpd_req *req)
 {
     if (connector_allowed(user, req, "registration request"))
         cmg_site_on_register(user, req);
+}
+
+/* GET /v1/status: the status document (status.c), with what only the running service
+ * knows: the policy version it publishes, the connectors waiting on its feed, the OIDC
+ * key refresh. */
+static void status(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    cJSON *o;
+    char msg[512];
+    int n = 0;
+
+    if (cmg_site_status(srv->ctx, (int64_t)time(NULL), &o, msg, sizeof(msg)) != 0) {
+        cmg_error("admin status: %s", msg);
+        cmg_httpd_error(req, 500, msg);
+        return;
+    }
+    for (struct feed_waiter *w = srv->waiters; w; w = w->next)
+        n++;
+    cJSON_ReplaceItemInObjectCaseSensitive(o, "policy_version",
+                                           cJSON_CreateNumber((double)srv->version));
+    cJSON_AddNumberToObject(o, "connectors_waiting", n);
+    cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
+    cmg_httpd_json(req, 200, o);
+}
+
+/* GET /v1/traffic?range=day|month[&instance=I]: the traffic series (status.c). */
+static void traffic(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    const char *q = strchr(req->target, '?');
+    size_t qn = q ? strlen(++q) : 0;
+    char range[16] = "", instance[300] = "", msg[512];
+    cJSON *o;
+    int rc;
+
+    if (q && (cmg_query_param(q, qn, "range", range, sizeof(range)) < 0 ||
+              cmg_query_param(q, qn, "instance", instance, sizeof(instance)) < 0)) {
+        cmg_httpd_error(req, 400, "expected ?range=day or ?range=month, and optionally "
+                                  "&instance=NAME (at most 256 bytes, percent-encoded)");
+        return;
+    }
+    rc = cmg_site_traffic(srv->ctx, (int64_t)time(NULL), *range ? range : NULL, instance, &o,
+                          msg, sizeof(msg));
+    if (rc != 0) {
+        cmg_httpd_error(req, rc, msg);
+        return;
+    }
+    cmg_httpd_json(req, 200, o);
 }
 
 static void on_admin(void *user, struct cmg_httpd_req *req)
@@ -360,16 +478,10 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
     if (get && !strcmp(req->target, "/v1/policy")) {
         cmg_httpd_respond(req, 200, "application/jose", srv->policy, strlen(srv->policy), NULL);
     } else if (get && !strcmp(req->target, "/v1/status")) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddNumberToObject(o, "policy_version", (double)srv->version);
-        cJSON_AddStringToObject(o, "site_role", srv->ctx->site_role);
-        cJSON_AddStringToObject(o, "service_name", srv->ctx->service_name);
-        int n = 0;
-        for (struct feed_waiter *w = srv->waiters; w; w = w->next)
-            n++;
-        cJSON_AddNumberToObject(o, "connectors_waiting", n);
-        cJSON_AddItemToObject(o, "oidc_refresh", cmg_oidc_refresher_status(srv->oidc));
-        cmg_httpd_json(req, 200, o);
+        status(srv, req);
+    } else if (get && (!strcmp(req->target, "/v1/traffic") ||
+                       !strncmp(req->target, "/v1/traffic?", 12))) {
+        traffic(srv, req);
     } else if (post && !strncmp(req->target, "/v1/ops/", 8)) {
         run_op(srv, req, req->target + 8);
     } else {
@@ -552,6 +664,8 @@ static void reload(void *arg)
     srv->ctx->log_format = next.log_format;
     srv->ctx->oidc_refresh_s = next.oidc_refresh_s;
     srv->ctx->key_rotation_s = next.key_rotation_s;   /* the daily check reads it */
+    srv->ctx->report_interval_s = next.report_interval_s;
+    srv->ctx->report_retention_s = next.report_retention_s;
     cmg_log_set_level(next.log_level);
     cmg_log_set_format(next.log_format);
     watch_certs(srv);
@@ -666,7 +780,8 @@ int cmg_site_serve_main(int argc, char **argv)
     cmg_timer_start(srv.loop, &srv.rotation, ROTATION_CHECK_MS, on_rotation_check);
     watch_certs(&srv);
     cmg_loop_on_hup(srv.loop, reload, &srv);
-    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)))
+    if (!(srv.oidc = cmg_oidc_refresher_new(srv.loop, &ctx, on_oidc_keys_changed, &srv)) ||
+        !(srv.alerts = cmg_site_alerts_new(&srv)))
         goto out;
     cmg_info("site %s serving: admin API on https://%s, connector feed on https://%s, "
              "registration on https://%s, policy version %lld", ctx.service_name, listen[0],
@@ -674,6 +789,7 @@ int cmg_site_serve_main(int argc, char **argv)
     rc = cmg_loop_run(srv.loop) < 0 ? 1 : 0;
     cmg_info("site stopped");
 out:
+    cmg_site_alerts_free(srv.alerts);
     cmg_oidc_refresher_free(srv.oidc);
     cmg_metrics_free(srv.metrics);
     cmg_httpd_free(srv.admin);

@@ -16,6 +16,7 @@ struct cmg_httpd;
 struct feed_waiter;
 struct cmg_oidc_refresher;
 struct cmg_dashboard;
+struct cmg_site_alerts;
 
 struct cmg_site_server {
     struct cmg_site_ctx *ctx;
@@ -35,6 +36,8 @@ struct cmg_site_server {
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
     struct cmg_dashboard *dashboard;      /* the web dashboard on the admin listener */
+    time_t reports_pruned;      /* when reports past report_retention were last dropped */
+    struct cmg_site_alerts *alerts;       /* thresholds evaluated (alerts.h) */
 };
 
 /* DIR/serve.lock: 'site serve' holds an exclusive flock on it while it runs (the

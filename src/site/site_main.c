@@ -28,6 +28,10 @@ static void site_usage(FILE *out)
           "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
           "  connector add|list|revoke        connector certificates, one per connector\n"
           "  key rotate                       a new signing key, announced to gateways\n"
+          "  status [DIR] [--json]            what the deployment is doing: tunnels,\n"
+          "                                   reports, traffic, egress, certificates\n"
+          "                                   ending, open alerts\n"
+          "  alert list|set|unset|webhook     egress, certificate and tunnel alerts\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

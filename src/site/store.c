@@ -1,5 +1,6 @@
 /* The site's SQLite store; see store.h. */
 #include "site/store.h"
+#include "site/store_sql.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,13 +33,57 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, name TEXT NOT NULL,"
     " subject TEXT NOT NULL, issued INTEGER NOT NULL, expires INTEGER NOT NULL,"
     " revoked INTEGER);"
+    /* the status document reads those that end soon, never all of them */
+    "CREATE INDEX IF NOT EXISTS certs_expires ON certs (expires);"
     "CREATE TABLE IF NOT EXISTS connectors (name TEXT PRIMARY KEY, serial TEXT NOT NULL,"
     " issued INTEGER NOT NULL, expires INTEGER NOT NULL, revoked INTEGER);"
     "CREATE TABLE IF NOT EXISTS oidc (id INTEGER PRIMARY KEY CHECK (id = 1), issuer TEXT,"
     " tenant TEXT, audiences TEXT, jwks TEXT, source TEXT);"
     "CREATE TABLE IF NOT EXISTS blocked_ids (id TEXT PRIMARY KEY, created INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS signing_keys (kid TEXT PRIMARY KEY, jwk TEXT NOT NULL,"
-    " created INTEGER NOT NULL, retired INTEGER, announcement TEXT);";
+    " created INTEGER NOT NULL, retired INTEGER, announcement TEXT);"
+    /* reports (reports.c): the gateways' counters as the connectors carry them, kept
+     * once per (instance, boot, seq); traffic by role, role '' the whole gateway */
+    "CREATE TABLE IF NOT EXISTS report_boots (instance TEXT NOT NULL, boot TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, counters TEXT NOT NULL, received INTEGER NOT NULL,"
+    " PRIMARY KEY (instance, boot));"
+    "CREATE TABLE IF NOT EXISTS gateways (instance TEXT PRIMARY KEY, boot TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, state TEXT NOT NULL, policy_version INTEGER NOT NULL,"
+    " started INTEGER NOT NULL, report_time INTEGER NOT NULL, received INTEGER NOT NULL,"
+    " interval INTEGER NOT NULL, devices_now INTEGER NOT NULL, via TEXT NOT NULL,"
+    " tunnels TEXT NOT NULL, certificates TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS connector_reports (connector TEXT PRIMARY KEY,"
+    " received INTEGER NOT NULL, report_time INTEGER NOT NULL, interval INTEGER NOT NULL,"
+    " draining INTEGER NOT NULL, policy_version INTEGER NOT NULL, tunnels TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS traffic_5m (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " bucket INTEGER NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, bucket));"
+    "CREATE TABLE IF NOT EXISTS traffic_day (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " day TEXT NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, day));"
+    "CREATE TABLE IF NOT EXISTS traffic_month (instance TEXT NOT NULL, role TEXT NOT NULL,"
+    " month TEXT NOT NULL,"
+    " requests INTEGER NOT NULL DEFAULT 0, r1xx INTEGER NOT NULL DEFAULT 0, r2xx INTEGER NOT NULL DEFAULT 0,"
+    " r3xx INTEGER NOT NULL DEFAULT 0, r4xx INTEGER NOT NULL DEFAULT 0, r5xx INTEGER NOT NULL DEFAULT 0,"
+    " rother INTEGER NOT NULL DEFAULT 0, request_bytes INTEGER NOT NULL DEFAULT 0,"
+    " response_bytes INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,"
+    " ingress_bytes INTEGER NOT NULL DEFAULT 0, device_connections INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (instance, role, month));"
+    "CREATE TABLE IF NOT EXISTS alert_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
+    " subject TEXT NOT NULL, level TEXT NOT NULL CHECK (level IN ('warning','critical')),"
+    " message TEXT NOT NULL, value REAL, threshold REAL, opened INTEGER NOT NULL,"
+    " updated INTEGER NOT NULL, resolved INTEGER, notified TEXT);";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the
@@ -62,6 +107,11 @@ static const struct {
 const char *cmg_store_error(struct cmg_store *s)
 {
     return sqlite3_errmsg(s->db);
+}
+
+sqlite3 *cmg_store_db(struct cmg_store *s)
+{
+    return s->db;
 }
 
 static bool has_column(sqlite3 *db, const char *table, const char *column)
@@ -163,15 +213,13 @@ void cmg_store_rollback(struct cmg_store *s)
 }
 
 /* Prepares sql and binds the arguments described by fmt: 's' text, 'i' int64, 'n' null. */
-static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt, ...)
+static sqlite3_stmt *vprep(struct cmg_store *s, const char *sql, const char *fmt, va_list ap)
 {
     sqlite3_stmt *st = NULL;
-    va_list ap;
     int i = 1, rc = SQLITE_OK;
 
     if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK)
         return NULL;
-    va_start(ap, fmt);
     for (const char *f = fmt; *f && rc == SQLITE_OK; f++, i++) {
         if (*f == 's')
             rc = sqlite3_bind_text(st, i, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
@@ -180,11 +228,23 @@ static sqlite3_stmt *prep(struct cmg_store *s, const char *sql, const char *fmt,
         else
             rc = sqlite3_bind_null(st, i);
     }
-    va_end(ap);
     if (rc != SQLITE_OK) {
         sqlite3_finalize(st);
         return NULL;
     }
+    return st;
+}
+
+/* store_sql.h shares it with the store's other files. */
+#define prep cmg_store_prepare
+sqlite3_stmt *cmg_store_prepare(struct cmg_store *s, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+
+    va_start(ap, fmt);
+    st = vprep(s, sql, fmt, ap);
+    va_end(ap);
     return st;
 }
 
@@ -375,6 +435,9 @@ static cJSON *rows_json(struct cmg_store *s, sqlite3_stmt *st)
             case SQLITE_INTEGER:
                 cJSON_AddNumberToObject(o, name, (double)sqlite3_column_int64(st, i));
                 break;
+            case SQLITE_FLOAT:
+                cJSON_AddNumberToObject(o, name, sqlite3_column_double(st, i));
+                break;
             case SQLITE_NULL:
                 cJSON_AddNullToObject(o, name);
                 break;
@@ -390,6 +453,17 @@ static cJSON *rows_json(struct cmg_store *s, sqlite3_stmt *st)
     }
     (void)s;
     return arr;
+}
+
+cJSON *cmg_store_query_json(struct cmg_store *s, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    va_list ap;
+
+    va_start(ap, fmt);
+    st = vprep(s, sql, fmt, ap);
+    va_end(ap);
+    return rows_json(s, st);
 }
 
 cJSON *cmg_store_mappings_json(struct cmg_store *s)

@@ -31,6 +31,10 @@ int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t er
 void cmg_store_close(struct cmg_store *s);
 const char *cmg_store_error(struct cmg_store *s);
 
+/* The database itself, for the modules that keep their own tables (reports.c). */
+typedef struct sqlite3 sqlite3;
+sqlite3 *cmg_store_db(struct cmg_store *s);
+
 int cmg_store_begin(struct cmg_store *s);        /* BEGIN IMMEDIATE: for writing */
 int cmg_store_begin_read(struct cmg_store *s);   /* BEGIN: a consistent snapshot */
 int cmg_store_commit(struct cmg_store *s);
@@ -40,6 +44,11 @@ int cmg_store_bump(struct cmg_store *s);
 int64_t cmg_store_policy_version(struct cmg_store *s);
 /* SQLite's data_version: changes when another connection committed. */
 int64_t cmg_store_data_version(struct cmg_store *s);
+
+/* The rows of a read-only query as [{column: value}] (integers and reals as numbers,
+ * NULL as null), its parameters bound as fmt says ('s' text, 'i' int64_t, 'n' null);
+ * NULL on an error (cmg_store_error). For readers of the report tables (status.c). */
+cJSON *cmg_store_query_json(struct cmg_store *s, const char *sql, const char *fmt, ...);
 
 /* Settings (meta table). */
 int cmg_store_get_setting(struct cmg_store *s, const char *key, char *out, size_t outlen);

@@ -13,8 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import cmgtest
 from cmgtest import SLOW, poll
 from sitetest import Deployment, Device
@@ -380,7 +378,6 @@ def deployment_2x2(procs, tmp_path, svc):
     return dep
 
 
-@pytest.mark.skip(reason='needs the gateway reports (issue 13 item 2), not in this branch yet')
 def test_dashboard_in_chromium(procs, tmp_path, svc, capsys):
     assert os.access(CHROMIUM, os.X_OK), f'{CHROMIUM} is missing: scripts/deps installs it'
     assert PLAYWRIGHT.is_dir(), f'{PLAYWRIGHT} is missing: scripts/deps installs it (npm ci)'

@@ -97,6 +97,26 @@ static void finds_role_and_rest(void **state)
     assert_int_equal(p.kind, CMG_PATH_OTHER);
 }
 
+static void query_parameters(void **state)
+{
+    const char *q = "range=month&instance=HOST%2F0&x=&path=a%zz&long=abcdefghij";
+    char out[8];
+
+    assert_int_equal(cmg_query_param(q, strlen(q), "range", out, sizeof(out)), 1);
+    assert_string_equal(out, "month");
+    assert_int_equal(cmg_query_param(q, strlen(q), "instance", out, sizeof(out)), 1);
+    assert_string_equal(out, "HOST/0");
+    assert_int_equal(cmg_query_param(q, strlen(q), "nope", out, sizeof(out)), 0);
+    assert_int_equal(cmg_query_param(q, strlen(q), "ran", out, sizeof(out)), 0);
+    assert_int_equal(cmg_query_param(q, strlen(q), "x", out, sizeof(out)), -1);      /* empty */
+    assert_int_equal(cmg_query_param(q, strlen(q), "path", out, sizeof(out)), -1);   /* %zz */
+    assert_int_equal(cmg_query_param(q, strlen(q), "long", out, sizeof(out)), -1);   /* room */
+    assert_int_equal(cmg_query_param("a=%4", 4, "a", out, sizeof(out)), -1);        /* cut */
+    assert_int_equal(cmg_query_param("a=%20", 5, "a", out, sizeof(out)), -1);       /* space */
+    assert_int_equal(cmg_query_param("a=%41", 5, "a", out, sizeof(out)), 1);
+    assert_string_equal(out, "A");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -105,6 +125,7 @@ int main(void)
         cmocka_unit_test(finds_role_and_rest),
         cmocka_unit_test(canonical_form),
         cmocka_unit_test(refuses_what_backends_resolve_elsewhere),
+        cmocka_unit_test(query_parameters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

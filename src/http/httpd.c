@@ -198,7 +198,7 @@ void cmg_httpd_respond(struct cmg_httpd_req *req, int status, const char *conten
                        const char *body, size_t len, const char *extra)
 {
     struct cmg_httpd_conn *c = req->conn;
-    char head[512];
+    char head[2048];
     int n;
 
     if (c->gone || !c->busy)
@@ -210,7 +210,8 @@ void cmg_httpd_respond(struct cmg_httpd_req *req, int status, const char *conten
                  "Cache-Control: no-store\r\n%s%s\r\n",
                  status, cmg_reason_phrase(status), content_type ? content_type : "text/plain",
                  len, c->keep_alive ? "" : "Connection: close\r\n", extra ? extra : "");
-    if (cmg_buf_append(&c->conn.out, head, (size_t)n) < 0 ||
+    if (n < 0 || (size_t)n >= sizeof(head) ||   /* extra headers past the head's room */
+        cmg_buf_append(&c->conn.out, head, (size_t)n) < 0 ||
         (len && strcmp(req->method, "HEAD") && cmg_buf_append(&c->conn.out, body, len) < 0)) {
         conn_close(c);
         return;

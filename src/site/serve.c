@@ -15,6 +15,7 @@
 #include "site/alerts.h"
 #include "site/connectors.h"
 #include "site/ctx.h"
+#include "site/dashboard.h"
 #include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/pki.h"
@@ -57,6 +58,8 @@ static const char usage[] =
     "with DIR/site.crt (made if missing):\n"
     "  - the admin API, on --admin (default from DIR/site.conf, else\n"
     "    " CMG_SITE_DEFAULT_ADMIN "); callers present DIR/admin.token as a bearer token;\n"
+    "    the web dashboard on the same address (https://ADDR/ui/), signed in with\n"
+    "    DIR/admin.token;\n"
     "  - the connectors' policy feed, on --feed (default from site.conf, else\n"
     "    " CMG_SITE_DEFAULT_FEED "): mutual TLS, each connector with its own certificate\n"
     "    ('cmg site connector add'); the signed policy and the signed routes;\n"
@@ -270,7 +273,7 @@ static bool connector_allowed(struct cmg_site_server *srv, struct cmg_httpd_req 
 
 /* ---- admin API ---- */
 
-static bool secret_is(const char *given, const char *secret)
+bool cmg_site_secret_is(const char *given, const char *secret)
 {
     size_t n = strlen(secret);
     return given && strlen(given) == n && CRYPTO_memcmp(given, secret, n) == 0;
@@ -460,7 +463,10 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
     const char *bearer = cmg_httpd_bearer(req);
     bool get = !strcmp(req->method, "GET"), post = !strcmp(req->method, "POST");
 
-    if (!secret_is(bearer, srv->ctx->admin_token)) {
+    if (cmg_dashboard_handle(srv->dashboard, req))
+        return;
+    if (!cmg_site_secret_is(bearer, srv->ctx->admin_token) &&
+        !cmg_dashboard_admits(srv->dashboard, req)) {
         const struct cmg_log_field f[] = {
             CMG_F_STR("reason", "admin_token"), CMG_F_STR("peer", req->peer),
             CMG_F_STR("method", req->method), CMG_F_STR("path", req->target)};
@@ -753,7 +759,7 @@ int cmg_site_serve_main(int argc, char **argv)
         goto out;
     rotate_if_due(&srv);
     srv.data_version = cmg_store_data_version(ctx.store);
-    if (publish(&srv) < 0)
+    if (publish(&srv) < 0 || !(srv.dashboard = cmg_dashboard_new(&srv)))
         goto out;
     if (channel_tls(&srv, listen, err, sizeof(err)) < 0 ||
         cmg_httpd_listen(srv.loop, listen[0], srv.admin_tls, on_admin, &srv, &srv.admin, err,
@@ -787,6 +793,7 @@ out:
     cmg_oidc_refresher_free(srv.oidc);
     cmg_metrics_free(srv.metrics);
     cmg_httpd_free(srv.admin);
+    cmg_dashboard_free(srv.dashboard);
     cmg_httpd_free(srv.feed);
     cmg_httpd_free(srv.service);
     while (srv.waiters)

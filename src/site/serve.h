@@ -15,6 +15,7 @@
 struct cmg_httpd;
 struct feed_waiter;
 struct cmg_oidc_refresher;
+struct cmg_dashboard;
 struct cmg_site_alerts;
 
 struct cmg_site_server {
@@ -34,6 +35,7 @@ struct cmg_site_server {
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
+    struct cmg_dashboard *dashboard;      /* the web dashboard on the admin listener */
     time_t reports_pruned;      /* when reports past report_retention were last dropped */
     struct cmg_site_alerts *alerts;       /* thresholds evaluated (alerts.h) */
 };
@@ -44,6 +46,9 @@ struct cmg_site_server {
 #define CMG_SITE_SERVE_LOCK "serve.lock"
 /* Whether a 'site serve' holds the lock of the site directory dir. */
 bool cmg_site_serve_running(const char *dir);
+
+/* Whether given is the secret (compared in constant time); false for NULL. */
+bool cmg_site_secret_is(const char *given, const char *secret);
 
 /* metrics_site.c: serves metrics_listen; 0, or -1 (logged). */
 int cmg_site_metrics_start(struct cmg_site_server *srv);

@@ -1,0 +1,28 @@
+# cmake -DOUT=file.c -DLIST=assets.txt -P embed_assets.cmake
+# (LIST: one "name|path" a line)
+# Writes a C file holding each asset as a byte array, and the table
+# cmg_dashboard_assets (site/dashboard_assets.h) naming them: no xxd needed.
+set(body "/* Generated from the dashboard's files by cmake/embed_assets.cmake. */\n")
+string(APPEND body "#include \"site/dashboard_assets.h\"\n\n")
+set(table "const struct cmg_dashboard_asset cmg_dashboard_assets[] = {\n")
+file(STRINGS "${LIST}" ASSETS)
+set(i 0)
+foreach(entry ${ASSETS})
+  string(REPLACE "|" ";" parts "${entry}")
+  list(GET parts 0 name)
+  list(GET parts 1 path)
+  file(READ "${path}" hex HEX)
+  string(LENGTH "${hex}" n)
+  if(n EQUAL 0)
+    message(FATAL_ERROR "${path}: an empty asset")
+  endif()
+  # 24 bytes a line, then each byte as 0xNN
+  string(REGEX REPLACE "(................................................)" "\\1\n" hex "${hex}")
+  string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
+  string(APPEND body "static const unsigned char asset${i}[] = {\n${hex}\n};\n")
+  string(APPEND table "    {\"${name}\", asset${i}, sizeof(asset${i})},\n")
+  math(EXPR i "${i} + 1")
+endforeach()
+string(APPEND table "    {0, 0, 0}};\n")
+file(WRITE "${OUT}.tmp" "${body}\n${table}")
+file(RENAME "${OUT}.tmp" "${OUT}")

@@ -6,10 +6,12 @@
 #include "core/log.h"
 #include "http/httpd.h"
 #include "http/path.h"
+#include "site/alerts.h"
 #include "site/dashboard_assets.h"
 #include "site/ops.h"
 #include "site/serve.h"
 
+#include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
@@ -55,6 +57,7 @@ struct cmg_dashboard {
     struct cmg_site_server *srv;
     struct session sessions[SESSIONS_MAX];
     struct login_peer peers[LOGIN_PEERS];
+    struct login_peer others;   /* every address while the table holds only held-back ones */
     struct cmg_log_limit refused, limited;   /* wrong tokens; addresses held back */
 };
 
@@ -275,33 +278,82 @@ static void peer_host(const char *peer, char *out, size_t len)
         n -= 2;
     }
     snprintf(out, len, "%.*s", (int)n, peer);
+    if (strchr(out, ':')) {   /* IPv6: one limit per /64, what one host is given */
+        unsigned char a[16];
+        if (inet_pton(AF_INET6, out, a) == 1) {
+            memset(a + 8, 0, 8);
+            inet_ntop(AF_INET6, a, out, (socklen_t)len);
+        }
+    }
 }
 
-/* The peer's entry (made, or the least recently used one taken over), its tokens refilled. */
-static struct login_peer *login_peer(struct cmg_dashboard *d, const char *host, uint64_t now)
+static void refill(struct login_peer *p, uint64_t now)
 {
-    struct login_peer *p = NULL, *lru = &d->peers[0];
-    uint64_t add;
+    uint64_t add = (now - p->refilled) / LOGIN_REFILL_MS;
 
-    for (size_t i = 0; i < LOGIN_PEERS && !p; i++) {
-        if (d->peers[i].host[0] && !strcmp(d->peers[i].host, host))
-            p = &d->peers[i];
-        else if (d->peers[i].used < lru->used)
-            lru = &d->peers[i];
-    }
-    if (!p) {
-        p = lru;
-        snprintf(p->host, sizeof(p->host), "%s", host);
-        p->tokens = LOGIN_BURST;
-        p->refilled = now;
-    }
-    add = (now - p->refilled) / LOGIN_REFILL_MS;
     if (add > 0) {
         p->tokens = add >= LOGIN_BURST - p->tokens ? LOGIN_BURST : p->tokens + (unsigned)add;
         p->refilled += add * LOGIN_REFILL_MS;
     }
+}
+
+/* The peer's entry, its tokens refilled: its own, or a new one in place of the least
+ * recently used entry that is not held back (forgetting one would give it its tries
+ * again), or else the entry all other addresses share. */
+static struct login_peer *login_peer(struct cmg_dashboard *d, const char *host, uint64_t now)
+{
+    struct login_peer *p = NULL, *free_one = NULL;
+
+    for (size_t i = 0; i < LOGIN_PEERS && !p; i++) {
+        struct login_peer *e = &d->peers[i];
+        if (e->host[0] && !strcmp(e->host, host)) {
+            p = e;
+            continue;
+        }
+        if (e->host[0])
+            refill(e, now);
+        if ((!e->host[0] || e->tokens == LOGIN_BURST) && (!free_one || e->used < free_one->used))
+            free_one = e;
+    }
+    if (!p && free_one) {
+        p = free_one;
+        snprintf(p->host, sizeof(p->host), "%s", host);
+        p->tokens = LOGIN_BURST;
+        p->refilled = now;
+    } else if (!p) {
+        p = &d->others;
+        if (!p->host[0]) {
+            snprintf(p->host, sizeof(p->host), "*");
+            p->tokens = LOGIN_BURST;
+            p->refilled = now;
+        }
+    }
+    refill(p, now);
     p->used = now;
     return p;
+}
+
+bool cmg_dashboard_may_guess(struct cmg_dashboard *d, const struct cmg_httpd_req *req)
+{
+    char host[64];
+
+    if (!d)
+        return true;
+    peer_host(req->peer, host, sizeof(host));
+    return login_peer(d, host, cmg_loop_now(d->srv->loop))->tokens > 0;
+}
+
+void cmg_dashboard_guessed_wrong(struct cmg_dashboard *d, const struct cmg_httpd_req *req)
+{
+    char host[64];
+    struct login_peer *p;
+
+    if (!d)
+        return;
+    peer_host(req->peer, host, sizeof(host));
+    p = login_peer(d, host, cmg_loop_now(d->srv->loop));
+    if (p->tokens > 0)
+        p->tokens--;
 }
 
 /* The form field `name` of an application/x-www-form-urlencoded body, decoded and
@@ -401,6 +453,20 @@ static void logout(struct cmg_dashboard *d, struct cmg_httpd_req *req)
 
 /* ---- data ---- */
 
+/* The webhook's URL past its origin (user information, path, query) is often its
+ * secret: a session, weaker than the admin token, sees the origin only. */
+static void webhook_origin_only(cJSON *result)
+{
+    cJSON *set = cJSON_GetObjectItemCaseSensitive(result, "settings");
+    const char *url = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(set, "webhook"));
+    char origin[300];
+
+    if (!url)
+        return;
+    cmg_alerts_url_origin(url, origin, sizeof(origin));
+    cJSON_ReplaceItemInObjectCaseSensitive(set, "webhook", cJSON_CreateString(origin));
+}
+
 /* GET /ui/api/NAME: one of the read-only operations, as the admin API would run it. */
 static void api(struct cmg_dashboard *d, struct cmg_httpd_req *req, const char *name)
 {
@@ -422,6 +488,8 @@ static void api(struct cmg_dashboard *d, struct cmg_httpd_req *req, const char *
     }
     rc = cmg_site_op_run(d->srv->ctx, name, args, &result, msg, sizeof(msg));
     cJSON_Delete(args);
+    if (rc == 0 && !strcmp(name, "alert.list"))
+        webhook_origin_only(result);
     if (rc != 0)
         respond_error(req, rc, msg);
     else
@@ -443,12 +511,29 @@ static void not_allowed(struct cmg_httpd_req *req, const char *allow)
     respond(req, 405, "application/json", "{\"error\":\"method not allowed\"}\n", 31, extra);
 }
 
+/* A POST another site's page made the browser send (a form aimed at us): refused, so that
+ * no other site can sign the browser out, or in. Browsers say where a request comes from
+ * in Sec-Fetch-Site; older ones in Origin ("null" under our no-referrer policy, which
+ * tells nothing). Scripts and curl send neither. */
+static bool cross_site(const struct cmg_httpd_req *req)
+{
+    const char *fetch_site = cmg_httpd_header(req, "Sec-Fetch-Site");
+    const char *origin = cmg_httpd_header(req, "Origin"), *host = cmg_httpd_header(req, "Host");
+
+    if (fetch_site)
+        return strcmp(fetch_site, "same-origin") && strcmp(fetch_site, "none");
+    return origin && strcmp(origin, "null") &&
+           (!host || strncmp(origin, "https://", 8) || strcmp(origin + 8, host));
+}
+
 /* A page: the app once signed in, else the sign-in page. */
 static void page(struct cmg_dashboard *d, struct cmg_httpd_req *req, const char *path)
 {
     bool signed_in = session_of(d, req) != NULL;
 
-    if (!strcmp(path, "/ui/login")) {
+    if (!strcmp(req->method, "POST") && cross_site(req)) {
+        respond_error(req, 403, "a sign-in or sign-out from another site's page is refused");
+    } else if (!strcmp(path, "/ui/login")) {
         if (!strcmp(req->method, "POST"))
             login(d, req);
         else if (!is_read(req))

@@ -19,5 +19,9 @@ bool cmg_dashboard_handle(struct cmg_dashboard *d, struct cmg_httpd_req *req);
 /* Whether req may read the admin API with a session instead of the bearer token: a GET
  * of /v1/status or /v1/traffic with a valid session cookie. */
 bool cmg_dashboard_admits(struct cmg_dashboard *d, const struct cmg_httpd_req *req);
+/* The sign-in limit, for the admin API's bearer too: whether req's address may try a
+ * credential now, and charging it a wrong one. */
+bool cmg_dashboard_may_guess(struct cmg_dashboard *d, const struct cmg_httpd_req *req);
+void cmg_dashboard_guessed_wrong(struct cmg_dashboard *d, const struct cmg_httpd_req *req);
 
 #endif

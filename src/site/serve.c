@@ -465,8 +465,14 @@ static void on_admin(void *user, struct cmg_httpd_req *req)
 
     if (cmg_dashboard_handle(srv->dashboard, req))
         return;
+    if (bearer && !cmg_dashboard_may_guess(srv->dashboard, req)) {
+        cmg_httpd_error(req, 429, "too many wrong admin tokens from this address: wait a minute");
+        return;
+    }
     if (!cmg_site_secret_is(bearer, srv->ctx->admin_token) &&
         !cmg_dashboard_admits(srv->dashboard, req)) {
+        if (bearer)   /* a guess: counted as a failed sign-in */
+            cmg_dashboard_guessed_wrong(srv->dashboard, req);
         const struct cmg_log_field f[] = {
             CMG_F_STR("reason", "admin_token"), CMG_F_STR("peer", req->peer),
             CMG_F_STR("method", req->method), CMG_F_STR("path", req->target)};

@@ -303,9 +303,12 @@ def test_sign_in_rate_limited_per_address(procs, tmp_path, svc):
     # while limited, even the right token waits: guessing gains nothing
     r = ui(dep, 'POST', '/ui/login', {'token': dep.admin_token})
     assert r.status == 429 and r.header('Set-Cookie') is None, r
-    # another address is not held up, nor is the bearer token
+    # another address is not held up, with the form or the bearer token
     assert sign_in(dep, source='127.0.0.2')
-    assert dep.api('GET', '/v1/status')
+    bearer = {'Authorization': f'Bearer {dep.admin_token}'}
+    assert ui(dep, 'GET', '/v1/status', headers=bearer, source='127.0.0.2').status == 200
+    # the held-back address may not try the bearer either
+    assert ui(dep, 'GET', '/v1/status', headers=bearer).status == 429
     # hostile forms cost a try each and nothing more
     r = ui(dep, 'POST', '/ui/login', b'token=%zz', source='127.0.0.3')
     assert r.status == 401, r
@@ -315,6 +318,46 @@ def test_sign_in_rate_limited_per_address(procs, tmp_path, svc):
     # one try more every 6 s: after it, the address may try again
     time.sleep(max(0, 6.5 - (time.monotonic() - started)))
     assert sign_in(dep)
+
+def test_bearer_guesses_count_as_failed_sign_ins(procs, tmp_path, svc):
+    """Wrong bearer tokens on the admin API are limited as the sign-in form is (else the
+    form's limit would guard nothing); a request without any token is not a guess."""
+    dep = site_only(procs, tmp_path, svc)
+    src = '127.0.0.4'
+    for _ in range(3):
+        assert ui(dep, 'GET', '/v1/status', source=src).status == 401
+    for _ in range(LOGIN_BURST):
+        r = ui(dep, 'GET', '/v1/status', headers={'Authorization': 'Bearer guess'}, source=src)
+        assert r.status == 401, r
+    r = ui(dep, 'GET', '/v1/status', headers={'Authorization': f'Bearer {dep.admin_token}'},
+           source=src)
+    assert r.status == 429, r
+    assert ui(dep, 'POST', '/ui/login', {'token': dep.admin_token}, source=src).status == 429
+    assert dep.api('GET', '/v1/status')      # 127.0.0.1 is not held up
+
+
+def test_cross_site_posts_and_the_webhook_secret(procs, tmp_path, svc):
+    """Another site's page cannot sign the browser in or out; a session sees the alert
+    webhook by its origin only (its user information, path and query are its secret)."""
+    dep = site_only(procs, tmp_path, svc)
+    cookie = sign_in(dep)
+    for headers in ({'Origin': 'https://evil.example'}, {'Sec-Fetch-Site': 'cross-site'},
+                    {'Origin': 'null', 'Sec-Fetch-Site': 'same-site'}):
+        for path, body in (('/ui/logout', b''), ('/ui/login', {'token': dep.admin_token})):
+            r = ui(dep, 'POST', path, body, cookie=cookie, headers=headers)
+            assert r.status == 403 and r.header('Set-Cookie') is None, (headers, path, r)
+    assert ui(dep, 'GET', '/v1/status', cookie=cookie).status == 200   # still signed in
+    host = f'127.0.0.1:{dep.admin_port}'
+    r = ui(dep, 'POST', '/ui/logout', b'', cookie=cookie,
+           headers={'Origin': f'https://{host}', 'Host': host, 'Sec-Fetch-Site': 'same-origin'})
+    assert r.status == 303, r
+    cookie = sign_in(dep)
+    dep.cmg_site('alert', 'webhook', 'https://user:s3cret@hooks.example:8443/T0K3N?key=abc')
+    listed = ui(dep, 'GET', '/ui/api/alert.list', cookie=cookie)
+    assert listed.status == 200, listed
+    assert listed.json()['settings']['webhook'] == 'https://hooks.example:8443'
+    assert b's3cret' not in listed.body and b'T0K3N' not in listed.body
+
 
 # ---------------------------------------------------------------- in Chromium
 

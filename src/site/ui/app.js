@@ -87,8 +87,13 @@
     return typeof ms === 'number' ? ms.toFixed(ms < 10 ? 2 : 1) + ' ms' : '–';
   }
 
+  // Classes from a fixed list only: states and levels come from reports.
+  const BADGE_CLASSES = new Set(['up', 'down', 'connecting', 'draining', 'unknown', 'none',
+    'stale', 'stale tag', 'ok', 'revoked', 'blocked', 'serving', 'starting', 'warning',
+    'critical']);
   function badge(text, cls) {
-    return el('span', {class: 'badge ' + (cls || text)}, text);
+    const c = cls || text;
+    return el('span', {class: 'badge ' + (BADGE_CLASSES.has(c) ? c : 'unknown')}, text);
   }
 
   function table(headers, rows, attrs) {
@@ -565,16 +570,6 @@
       : el('p', {class: 'muted'}, 'No open alert.')));
     const settings = settingsPanel();
     if (settings) main.append(settings);
-    const all = Array.isArray(data.alerts) ? data.alerts
-      : data.alerts && Array.isArray(data.alerts.alerts) ? data.alerts.alerts : [];
-    const resolved = all.filter((a) => a.resolved).sort((a, b) => num(b.resolved) - num(a.resolved))
-      .slice(0, 20);
-    if (resolved.length) {
-      main.append(panel('Recently resolved', table(['Level', 'Kind', 'Subject', 'Message',
-        'Opened', 'Resolved'], resolved.map((a) => el('tr', {class: 'stale'},
-          el('td', null, badge(a.level || 'warning', 'stale')), td(a.kind), td(a.subject),
-          td(a.message), td(fmtTime(a.opened)), td(fmtTime(a.resolved)))))));
-    }
   }
 
   const pages = {

@@ -84,6 +84,9 @@ def test_health_readiness_and_promtool(procs, tmp_path, svc):
     d, ports = deployment(procs, tmp_path, svc)
     d.start_site()
     gateway = start_gateway(procs, d.site)
+    # The metrics listener opens just after the tunnel listener that start_gateway waits for.
+    poll(lambda: 'metrics and health checks served on' in gateway.log_text(), 10 * SLOW,
+         'the gateway to serve its metrics', check=procs.check)
     # Started, no tunnel yet: alive, not ready, and its metrics already well formed.
     assert http_get(ports.gateway, '/healthz') == (200, 'ok\n')
     status, body = http_get(ports.gateway, '/readyz')

@@ -149,7 +149,8 @@ static X509 *mint(X509 *ca, EVP_PKEY *ca_key, EVP_PKEY *key, unsigned long numbe
     if (add_ext(cert, &ctx, NID_basic_constraints, "critical,CA:FALSE") < 0 ||
         add_ext(cert, &ctx, NID_key_usage, "critical,digitalSignature") < 0 ||
         add_ext(cert, &ctx, NID_ext_key_usage, "clientAuth") < 0 ||
-        add_ext(cert, &ctx, NID_authority_key_identifier, "keyid:always") < 0 ||
+        (X509_get0_subject_key_id(ca) &&   /* a CA without one names none */
+         add_ext(cert, &ctx, NID_authority_key_identifier, "keyid") < 0) ||
         X509_sign(cert, ca_key, EVP_sha256()) <= 0)
         goto out;
     ok = true;

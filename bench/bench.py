@@ -1434,7 +1434,7 @@ LogLevel ERROR
             ratios = [f'{row[f"opencmg_vs_{o}"]:.2f}' if row[f'opencmg_vs_{o}'] else '–'
                       for o in ('nginx', 'ssh', 'direct')]
             lines.append(f'| {title} | {row["figure"]} | ' + ' | '.join(cells + ratios) + ' |')
-        used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx']
+        used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx' and u[1]]
         if used:
             lines += ['', 'Rounds behind the ratios to nginx: ' + ', '.join(
                 f'{sc} all {total} (fewer than {CLEAN_ENOUGH} undisturbed)' if how == 'all' else

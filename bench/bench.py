@@ -256,7 +256,7 @@ class NotifyLoad:
                     '--connect', f'127.0.0.1:{port}', '--cacert', bench.n_ca,
                     '--mint-ca', bench.n_ca, '--mint-ca-key', bench.n_ca_key, '--bind', src,
                     '--connect-rate', bench.size['notify_connect_rate'], '--concurrency', 64,
-                    '--ids-out', w / f'ids-{system}-{j}.txt', '--max-time', 900]
+                    '--ids-out', w / f'ids-{system}-{j}.txt', '--max-time', 1800]
             if key_data:
                 argv.append('--key-data')
             argv.append(f'https://{NAME}:{port}{path}')
@@ -479,7 +479,7 @@ class NotifyBench:
         load = NotifyLoad(b, system, port, '/CCM_Notify', self.n, 1 if system == 'opencmg' else 2,
                           key_data=system == 'nchan')
         self.loads[system] = load
-        up, est, err = load.wait_up(timeout=1200)
+        up, est, err = load.wait_up(timeout=2400)
         time.sleep(min(1.0, 0.2 + self.n / 100000))
         held = self.rss(pids)
         rec = {'scenario': 'notify-hold', 'system': system, 'tool': 'cmg-load', 'round': 1,
@@ -612,7 +612,7 @@ class NotifyBench:
         while True:
             stats = load.ask('replay-stats')
             done = sum(s['up'] for s in stats) == m and sum(s['events'] for s in stats) >= 3 * m
-            if done or time.monotonic() - t0 > self.z['notify_settle'] * 4 + m / 500:
+            if done or time.monotonic() - t0 > self.z['notify_settle'] * 4 + m / 100:
                 break
             time.sleep(0.05)
         up = sum(s['up'] for s in stats)

@@ -79,7 +79,7 @@ struct notify {
     char req[4096];
     size_t req_len;
     /* dialling */
-    unsigned next_dial, in_flight, up, failed, lost, replay_n;
+    unsigned next_dial, in_flight, up, failed, lost, replay_n, replay_next;
     uint64_t t_start, t_up, dial_due_ns;
     bool told_up;
     /* what arrived */
@@ -724,9 +724,7 @@ static void cmd_replay(struct notify *nt, unsigned want)
         taken++;
     }
     nt->replay_n = taken;
-    for (unsigned i = 0; i < nt->n; i++)
-        if (nt->ch[i].replaying)
-            dial(nt, &nt->ch[i]);
+    nt->replay_next = 0;   /* dial_more dials them, at the same bounded pace as the first time */
     printf("{\"event\":\"replaying\",\"channels\":%u}\n", taken);
     fflush(stdout);
 }
@@ -814,14 +812,27 @@ static uint64_t dial_more(struct notify *nt, uint64_t now)
     const struct load_opts *o = nt->o;
     uint64_t gap = o->connect_rate > 0 ? (uint64_t)(1e9 / o->connect_rate) : 0;
 
-    while (nt->next_dial < nt->n && nt->in_flight < o->concurrency) {
+    for (;;) {
+        struct chan *c = NULL;
+        if (nt->next_dial < nt->n) {
+            c = &nt->ch[nt->next_dial];
+        } else {   /* then channels a replay closed, in order */
+            while (nt->replay_next < nt->n &&
+                   !(nt->ch[nt->replay_next].replaying && nt->ch[nt->replay_next].state == CH_IDLE))
+                nt->replay_next++;
+            if (nt->replay_next < nt->n)
+                c = &nt->ch[nt->replay_next];
+        }
+        if (!c || nt->in_flight >= o->concurrency)
+            return UINT64_MAX;
         if (gap && now < nt->dial_due_ns)
             return nt->dial_due_ns - now;
-        dial(nt, &nt->ch[nt->next_dial++]);
+        if (c == &nt->ch[nt->next_dial])
+            nt->next_dial++;
+        dial(nt, c);
         if (gap)
             nt->dial_due_ns = (nt->dial_due_ns > now - gap ? nt->dial_due_ns : now) + gap;
     }
-    return UINT64_MAX;
 }
 
 /* Channels still not up when the time for setting up ran out: failed. */

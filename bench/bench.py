@@ -326,13 +326,15 @@ class NotifyLoad:
                 p.stdin.close()
             except OSError:
                 pass
+        codes = []
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                codes.append(p.wait(timeout=30))
             except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait()
+                codes.append(p.wait())
         self.procs = []
+        return codes
 
 
 class NotifyBench:
@@ -679,8 +681,11 @@ class NotifyBench:
             for s in self.systems:
                 self.replay(s)
         finally:
-            for load in self.loads.values():
-                load.stop()
+            for s, load in self.loads.items():
+                codes = load.stop()
+                hold = next((r for r in self.b.runs if r['scenario'] == 'notify-hold' and r['system'] == s), None)
+                if any(codes) and hold is not None and 'error' not in hold:
+                    hold['error'] = (f'cmg-load exited with {codes}; see load-{s}-*.log')
             for name in ['n-connector'] + [f'n-gateway{i}' for i in range(self.k)] + ['n-site', 'nchan']:
                 self.b.procs.stop(name)
         log(f'    ({time.monotonic() - t0:.0f} s)')

@@ -22,7 +22,8 @@
 #define FILE_MAX 4096               /* a bigger file is not a key file */
 #define REREAD_MAX_MS 60000
 #define REREAD_MIN_MS 1000
-#define OPEN_TRIES 8                /* writers replace the file: a lock taken on the old one is retaken */
+#define OPEN_TRIES 8
+#define NO_FILE (-2)                /* absent, and not to be created here */                /* writers replace the file: a lock taken on the old one is retaken */
 
 static const char header[] =
     "# OpenCMG TLS session ticket keys (gateway.conf ticket_key_file), newest first, at most 3:\n"
@@ -132,16 +133,22 @@ static int parse_keys(const char *file, const char *text, struct cmg_ticket_key 
 /* ---- the file ---- */
 
 /* Opens the file as it is now and locks it: a writer renames a new file over it, so a
- * lock won on the file it replaced is given up and taken on the new one. */
+ * lock won on the file it replaced is given up and taken on the new one. -1 with err, or
+ * NO_FILE if it is absent and cannot be created here. */
 static int open_locked(const char *file, bool *writable, char *err, size_t errlen)
 {
     for (int i = 0; i < OPEN_TRIES; i++) {
         struct stat at_fd, at_path;
-        int fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        int fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600), create_errno = errno;
 
         *writable = fd >= 0;
         if (fd < 0 && (errno == EACCES || errno == EROFS))
             fd = open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 && errno == ENOENT) {
+            snprintf(err, errlen, "ticket_key_file %s: absent, and it cannot be created: %s",
+                     file, strerror(create_errno));
+            return NO_FILE;
+        }
         if (fd < 0) {
             snprintf(err, errlen, "ticket_key_file %s: cannot open it: %s", file, strerror(errno));
             return -1;
@@ -329,7 +336,7 @@ static void check_mode(struct cmg_tickets *t, int fd)
 }
 
 /* Reads the file under its lock, rotates as due, and puts its keys in force. 0, or -1
- * with err (the keys in force stay). */
+ * or NO_FILE with err (the keys in force stay). */
 static int sync_file(struct cmg_tickets *t, char *err, size_t errlen)
 {
     struct cmg_ticket_key keys[CMG_TICKET_MAX_KEYS] = {{0}};
@@ -339,7 +346,7 @@ static int sync_file(struct cmg_tickets *t, char *err, size_t errlen)
     int fd = open_locked(t->file, &writable, err, errlen), rc = -1;
 
     if (fd < 0)
-        return -1;
+        return fd;
     check_mode(t, fd);
     if (read_text(fd, t->file, text, sizeof(text), err, errlen) < 0 ||
         parse_keys(t->file, text, keys, &n, err, errlen) < 0)
@@ -387,11 +394,22 @@ static void on_reread(struct cmg_timer *timer)
 int cmg_tickets_start(struct cmg_tickets *t, struct cmg_loop *loop, const char *file,
                       uint64_t rotate_s, char *err, size_t errlen)
 {
+    int rc;
+
     snprintf(t->file, sizeof(t->file), "%s", file);
     t->rotate_s = rotate_s;
     t->loop = loop;
-    if (sync_file(t, err, errlen) < 0)
+    rc = sync_file(t, err, errlen);
+    if (rc == NO_FILE) {
+        /* As with a policy_cache it cannot write: it serves on, and says what that costs. */
+        if (add_key(t->keys, &t->n, time(NULL)) < 0)
+            return -1;
+        t->warned = true;
+        cmg_warn("%s; until it can be, tickets use a key of this process only (no resumption "
+                 "at other instances or after a restart)", err);
+    } else if (rc < 0) {
         return -1;
+    }
     cmg_timer_start(loop, &t->timer, reread_ms(rotate_s), on_reread);
     return 0;
 }

@@ -41,7 +41,9 @@ struct cmg_tickets {
 };
 
 /* Reads the key file, creating it (mode 0600) or rotating its keys as due, then
- * re-reads it periodically. 0, or -1 with err naming the file and what was expected. */
+ * re-reads it periodically. 0, or -1 with err naming the file and what was expected.
+ * A file that is absent and cannot be created (a read-only or missing directory) is
+ * warned of, and a key of this process serves until it can be. */
 int cmg_tickets_start(struct cmg_tickets *t, struct cmg_loop *loop, const char *file,
                       uint64_t rotate_s, char *err, size_t errlen);
 /* SIGHUP: a new rotation period, and the file read again now. A file that cannot be

@@ -237,6 +237,30 @@ def test_off_is_a_key_of_the_process(procs, tmp_path, svc):
     assert not (site.dir / 'ticket.keys').exists()
 
 
+def test_a_file_that_cannot_be_created_yet(procs, tmp_path, svc):
+    """Absent in a directory that does not exist: a warning and a key of the process (as a
+    policy_cache it cannot write); once the directory is there, the file is made and used."""
+    site = rotation_site(tmp_path, procs, svc)
+    keys = site.dir / 'later' / 'ticket.keys'
+    ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', 'later/ticket.keys')
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    warnings = [line for line in gw.log_text().splitlines() if 'cannot be created' in line]
+    assert len(warnings) == 1 and str(keys) in warnings[0] and 'this process only' in warnings[0]
+    sess = tmp_path / 's.sess'
+    assert s_client(site, '1.3', sess_out=sess) == (False, 200)
+    assert s_client(site, '1.3', sess_in=sess) == (True, 200)
+    keys.parent.mkdir()
+    poll(lambda: keys.exists() and file_keys(keys), 5 * SLOW, 'the file made at a re-read',
+         check=procs.check)
+    def ticket_of_the_file():
+        s_client(site, '1.2', sess_out=sess)
+        return ticket_key_name(sess) in file_keys(keys)
+    poll(ticket_of_the_file, 5 * SLOW, 'a ticket of the file\'s key')
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+
+
 # ---------------------------------------------------------------- handshake_rate
 
 RATE, N = 5, 30

@@ -23,7 +23,8 @@
 #define REREAD_MAX_MS 60000
 #define REREAD_MIN_MS 1000
 #define OPEN_TRIES 8
-#define NO_FILE (-2)                /* absent, and not to be created here */                /* writers replace the file: a lock taken on the old one is retaken */
+#define NO_FILE (-2)
+#define LOCK_WAIT_MS 1000           /* writers hold the lock for a write and an fsync */                /* absent, and not to be created here */                /* writers replace the file: a lock taken on the old one is retaken */
 
 static const char header[] =
     "# OpenCMG TLS session ticket keys (gateway.conf ticket_key_file), newest first, at most 3:\n"
@@ -132,6 +133,22 @@ static int parse_keys(const char *file, const char *text, struct cmg_ticket_key 
 
 /* ---- the file ---- */
 
+/* The lock, waited for a short while at most: the loop must not hang on a file that
+ * some other process keeps locked. */
+static int lock_briefly(int fd, int how)
+{
+    const struct timespec step = {0, 5 * 1000 * 1000};
+
+    for (int waited = 0; waited <= LOCK_WAIT_MS; waited += 5) {
+        if (flock(fd, how | LOCK_NB) == 0)
+            return 0;
+        if (errno != EWOULDBLOCK && errno != EINTR)
+            return -1;
+        nanosleep(&step, NULL);
+    }
+    return -1;
+}
+
 /* Opens the file as it is now and locks it: a writer renames a new file over it, so a
  * lock won on the file it replaced is given up and taken on the new one. -1 with err, or
  * NO_FILE if it is absent and cannot be created here. */
@@ -153,8 +170,13 @@ static int open_locked(const char *file, bool *writable, char *err, size_t errle
             snprintf(err, errlen, "ticket_key_file %s: cannot open it: %s", file, strerror(errno));
             return -1;
         }
-        while (flock(fd, *writable ? LOCK_EX : LOCK_SH) < 0 && errno == EINTR)
-            ;
+        if (lock_briefly(fd, *writable ? LOCK_EX : LOCK_SH) < 0) {
+            snprintf(err, errlen, "ticket_key_file %s: expected it unlocked within %d ms (other "
+                     "instances hold it for a moment), found it locked longer", file,
+                     LOCK_WAIT_MS);
+            close(fd);
+            return -1;
+        }
         if (fstat(fd, &at_fd) == 0 && stat(file, &at_path) == 0 && at_fd.st_dev == at_path.st_dev &&
             at_fd.st_ino == at_path.st_ino)
             return fd;

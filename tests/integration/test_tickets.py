@@ -14,6 +14,7 @@ s_client -sess_out/-sess_in` (TLS 1.3 and 1.2) and Python's ssl `session=`.
   by any time than rate x elapsed + burst; 30 resumed at once are not held back; the pause
   logged once per episode and counted in /metrics (`cmg_handshakes_total{resumed=...}`).
 """
+import fcntl
 import os
 import re
 import signal
@@ -142,6 +143,23 @@ def test_sessions_resume_at_the_other_instance_and_after_a_restart(procs, tmp_pa
     assert file_keys(keys) == names
 
 
+def test_instances_started_together_agree_on_one_key(procs, tmp_path, svc):
+    site = Site(tmp_path / 'site', [svc.url], procs, instances=2)
+    alone_gateway(site)
+    keys = site.dir / 'ticket.keys'
+    gws = [procs.start(f'gateway{i}', [CMG, 'gateway', '-c', site.gateway_conf, '--instance', i])
+           for i in range(2)]
+    poll(lambda: all(listening_for_devices(gw) for gw in gws), 10 * SLOW, 'both instances to serve',
+         check=procs.check)
+    names = file_keys(keys)
+    assert len(names) == 1, keys.read_text()
+    assert sum('created (mode 0600)' in gw.log_text() for gw in gws) == 1
+    sess = tmp_path / 's.sess'
+    for _ in range(8):                    # spread over both by the kernel: one key all the same
+        s_client(site, '1.2', sess_out=sess)
+        assert ticket_key_name(sess) == names[0]
+
+
 def rotation_site(tmp_path, procs, svc):
     site = Site(tmp_path / 'site', [svc.url], procs)
     alone_gateway(site)
@@ -210,6 +228,13 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
         assert r.returncode == 1, r.stderr
         assert f'ticket_key_file {bad}' in r.stderr and expected in r.stderr, r.stderr
         assert 'ab' * 16 not in r.stderr and 'zz' * 8 not in r.stderr, 'key material in the log'
+    # a file another process keeps locked: the gateway does not hang on it
+    bad.write_text('')
+    with open(bad) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                           text=True, timeout=20 * SLOW)
+    assert r.returncode == 1 and f'ticket_key_file {bad}: expected it unlocked' in r.stderr, r.stderr
     for value, expected in [('ticket_key_rotate', '-1'), ('ticket_key_rotate', '31d'),
                             ('handshake_rate', '-5'), ('handshake_rate', 'fast')]:
         ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', 'off')

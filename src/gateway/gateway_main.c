@@ -117,7 +117,8 @@ fail:
  * own key, one per context). */
 static int share_tickets(struct cmg_gateway *gw, SSL_CTX *dev)
 {
-    if (gw->cfg.ticket_keys_off || cmg_tickets_attach(&gw->tickets, dev) == 0)
+    if (cmg_tickets_keep_chain(dev) == 0 &&
+        (gw->cfg.ticket_keys_off || cmg_tickets_attach(&gw->tickets, dev) == 0))
         return 0;
     cmg_error("device TLS: cannot set the session ticket keys of %s", gw->cfg.ticket_key_file);
     return -1;

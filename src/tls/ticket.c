@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdio.h>
@@ -501,4 +502,79 @@ int cmg_tickets_attach(struct cmg_tickets *t, SSL_CTX *ctx)
     if (ctx_index < 0 || !SSL_CTX_set_ex_data(ctx, ctx_index, t))
         return -1;
     return SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb) == 1 ? 0 : -1;
+}
+
+/* ---- the chain a device sent, kept in its ticket ----
+ * A session (and so a ticket) keeps the peer's certificate but not the intermediate
+ * certificates it sent: a resumed connection could not verify a device whose issuing CA
+ * is not in the CTL. The intermediates ride in the ticket's application data (encrypted
+ * and authenticated with it) and serve as untrusted certificates when it resumes. */
+
+#define CHAIN_MAX_CERTS 8
+#define CHAIN_MAX_BYTES (16 * 1024)
+
+/* DER of the certificates, one after another; NULL if none or too many. */
+static unsigned char *chain_der(STACK_OF(X509) *chain, int *total)
+{
+    int n = sk_X509_num(chain);
+    unsigned char *der, *p;
+
+    *total = 0;
+    if (n <= 0 || n > CHAIN_MAX_CERTS)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        int len = i2d_X509(sk_X509_value(chain, i), NULL);
+        if (len <= 0 || *total + len > CHAIN_MAX_BYTES)
+            return NULL;
+        *total += len;
+    }
+    der = p = OPENSSL_malloc((size_t)*total);
+    for (int i = 0; der && i < n; i++)
+        i2d_X509(sk_X509_value(chain, i), &p);
+    return der;
+}
+
+/* A ticket is about to be made: a full handshake's chain goes in it (a resumed session
+ * keeps the data of the ticket it came from). */
+static int keep_chain(SSL *s, void *arg)
+{
+    int total;
+    unsigned char *der;
+
+    (void)arg;
+    if (SSL_session_reused(s))
+        return 1;
+    der = chain_der(SSL_get_peer_cert_chain(s), &total);
+    if (der)
+        SSL_SESSION_set1_ticket_appdata(SSL_get_session(s), der, (size_t)total);
+    OPENSSL_free(der);
+    return 1;
+}
+
+int cmg_tickets_keep_chain(SSL_CTX *ctx)
+{
+    return SSL_CTX_set_session_ticket_cb(ctx, keep_chain, NULL, NULL) == 1 ? 0 : -1;
+}
+
+STACK_OF(X509) *cmg_tickets_peer_chain(SSL *ssl)
+{
+    STACK_OF(X509) *sent = SSL_get_peer_cert_chain(ssl), *kept;
+    const unsigned char *p, *end;
+    void *data = NULL;
+    size_t len = 0;
+
+    if (sk_X509_num(sent) > 0 || !SSL_session_reused(ssl))
+        return sent ? X509_chain_up_ref(sent) : NULL;
+    if (!SSL_SESSION_get0_ticket_appdata(SSL_get0_session(ssl), &data, &len) || len == 0)
+        return NULL;
+    kept = sk_X509_new_null();
+    for (p = data, end = p + len; kept && p < end;) {
+        X509 *x = d2i_X509(NULL, &p, end - p);
+        if (!x || !sk_X509_push(kept, x)) {
+            X509_free(x);
+            break;
+        }
+    }
+    ERR_clear_error();
+    return kept;
 }

@@ -53,4 +53,11 @@ void cmg_tickets_reload(struct cmg_tickets *t, uint64_t rotate_s);
 int cmg_tickets_attach(struct cmg_tickets *t, SSL_CTX *ctx);
 void cmg_tickets_stop(struct cmg_tickets *t);
 
+/* Tickets of ctx carry the intermediate certificates the client sent (a session keeps
+ * only its certificate), whoever's keys encrypt them. 0 or -1. */
+int cmg_tickets_keep_chain(SSL_CTX *ctx);
+/* The intermediates the peer sent, on a resumed connection those its ticket kept: a new
+ * stack (free with sk_X509_pop_free(chain, X509_free)), or NULL. */
+STACK_OF(X509) *cmg_tickets_peer_chain(SSL *ssl);
+
 #endif

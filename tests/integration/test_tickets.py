@@ -26,8 +26,11 @@ import threading
 import time
 import urllib.request
 
-from cmgtest import (CMG, SLOW, Site, alone_gateway, client_context, free_port, ini_set, poll,
-                     read_response, start_connector, start_gateway, wait_ready)
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cmgtest import (CMG, SLOW, Site, alone_gateway, client_context, free_port, ini_set, make_cert,
+                     poll, read_response, start_connector, start_gateway, wait_ready)
 
 KEY_LINE = re.compile(r'^(\d+) ([0-9a-f]{160})$', re.M)
 
@@ -78,9 +81,9 @@ def ticket_key_name(sess_file):
 class PySession:
     """Python ssl: a request, keeping the session for the next connection (same context)."""
 
-    def __init__(self, site):
+    def __init__(self, site, **ctx_args):
         self.site = site
-        self.ctx = client_context(site)
+        self.ctx = client_context(site, **ctx_args)
         self.session = None
 
     def request(self):
@@ -92,8 +95,7 @@ class PySession:
             while s.recv(65536):          # to the close: every ticket read
                 pass
             reused = s.session_reused
-            if self.session is None:
-                self.session = s.session
+            self.session = s.session      # the newest ticket, renewed on a resumed connection
             return reused, status
 
 
@@ -158,6 +160,30 @@ def test_instances_started_together_agree_on_one_key(procs, tmp_path, svc):
     for _ in range(8):                    # spread over both by the kernel: one key all the same
         s_client(site, '1.2', sess_out=sess)
         assert ticket_key_name(sess) == names[0]
+
+
+def test_a_device_of_an_intermediate_ca_resumes_and_is_judged_again(procs, tmp_path, svc):
+    """The chain a device sent is not in its ticket: a resumed connection's certificate is
+    still judged (issued by an intermediate CA the CTL does not hold) and served."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((site.dir / 'ca.key').read_bytes(), None)
+    inter, inter_key, (inter_crt, _) = make_cert(tmp_path / 'issuing', 'Issuing CA', ca, ca_key, ca=True)
+    _, _, (dev_crt, dev_key) = make_cert(tmp_path / 'dev', 'dev-of-issuing', inter, inter_key)
+    chain = tmp_path / 'chain.crt'
+    chain.write_bytes(dev_crt.read_bytes() + inter_crt.read_bytes())
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    py = PySession(site, cert=chain, key=dev_key)
+    assert py.request() == (False, 200)
+    assert py.request() == (True, 200)
+    assert py.request() == (True, 200)    # a ticket made on a resumed connection keeps it too
+    py12 = PySession(site, cert=chain, key=dev_key)
+    py12.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert [py12.request() for _ in range(3)] == [(False, 200), (True, 200), (True, 200)]
+    refused = [line for line in gw.log_text().splitlines() if 'refused' in line]
+    assert not refused, refused
 
 
 def rotation_site(tmp_path, procs, svc):

@@ -186,6 +186,29 @@ def test_a_device_of_an_intermediate_ca_resumes_and_is_judged_again(procs, tmp_p
     assert not refused, refused
 
 
+def test_sighup_reads_the_file_again(procs, tmp_path, svc):
+    """A file copied in from elsewhere (a key made there, the old one kept): SIGHUP puts it in
+    force at once; tickets of the old key still resume."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    keys = site.dir / 'ticket.keys'
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    old_sess, new_sess = tmp_path / 'old.sess', tmp_path / 'new.sess'
+    assert s_client(site, '1.3', sess_out=old_sess) == (False, 200)
+    old_line = KEY_LINE.search(keys.read_text()).group(0)
+    new_key = os.urandom(80).hex()
+    (tmp_path / 'copy').write_text(f'{int(time.time())} {new_key}\n{old_line}\n')
+    os.replace(tmp_path / 'copy', keys)
+    gw.signal(signal.SIGHUP, wait=False)
+    gw.expected_exit = False
+    poll(lambda: 'reloaded' in gw.log_text(), 5 * SLOW, 'the reload', check=procs.check)
+    assert s_client(site, '1.2', sess_out=new_sess) == (False, 200)
+    assert ticket_key_name(new_sess) == new_key[:32]
+    assert s_client(site, '1.3', sess_in=old_sess) == (True, 200)
+    assert new_key[:32] not in gw.log_text()
+
+
 def rotation_site(tmp_path, procs, svc):
     site = Site(tmp_path / 'site', [svc.url], procs)
     alone_gateway(site)

@@ -442,6 +442,7 @@ void cmg_tickets_reload(struct cmg_tickets *t, uint64_t rotate_s)
     if (!t->loop)
         return;
     t->rotate_s = rotate_s;
+    t->warned = false;   /* the operator asked: a file that cannot be used is said again */
     refresh(t);
     cmg_timer_start(t->loop, &t->timer, reread_ms(rotate_s), on_reread);
 }

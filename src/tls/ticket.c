@@ -313,11 +313,12 @@ static int rotate(struct cmg_tickets *t, struct cmg_ticket_key *keys, size_t *n,
         return 0;
     if (write_keys(t->file, keys, *n, err, errlen) < 0)
         return -1;
+    /* (the file is named where it is wrong, not in these routine lines) */
     if (created)
-        cmg_info("ticket_key_file %s created (mode 0600): TLS sessions resume at every gateway "
-                 "instance that shares it", t->file);
+        cmg_info("ticket_key_file created (mode 0600): TLS sessions resume at every gateway "
+                 "instance that shares it");
     else
-        cmg_info("ticket_key_file %s: %s; %zu key(s) in it", t->file,
+        cmg_info("ticket_key_file: %s; %zu key(s) in it",
                  added ? "a new ticket key encrypts from now on" : "an old ticket key dropped", *n);
     return 0;
 }

@@ -12,6 +12,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -157,11 +158,12 @@ static int open_locked(const char *file, bool *writable, char *err, size_t errle
 {
     for (int i = 0; i < OPEN_TRIES; i++) {
         struct stat at_fd, at_path;
-        int fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600), create_errno = errno;
+        /* A symbolic link is followed: a mounted secret (Kubernetes) is one. */
+        int fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600), create_errno = errno;
 
         *writable = fd >= 0;
         if (fd < 0 && (errno == EACCES || errno == EROFS))
-            fd = open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+            fd = open(file, O_RDONLY | O_CLOEXEC);
         if (fd < 0 && errno == ENOENT) {
             snprintf(err, errlen, "ticket_key_file %s: absent, and it cannot be created: %s",
                      file, strerror(create_errno));
@@ -222,11 +224,13 @@ static int read_text(int fd, const char *file, char *buf, size_t cap, char *err,
     return 0;
 }
 
-/* Writes the keys to FILE.new (0600), then renames it over FILE (under the caller's lock). */
+/* Writes the keys to FILE.new (0600), then renames it over FILE (under the caller's lock);
+ * if FILE is a symbolic link, over the file it names, which stays shared. */
 static int write_keys(const char *file, const struct cmg_ticket_key *keys, size_t n, char *err,
                       size_t errlen)
 {
-    char tmp[PATH_MAX + 8], text[FILE_MAX];
+    char tmp[PATH_MAX + 8], text[FILE_MAX], real[PATH_MAX];
+    const char *dest = realpath(file, real) ? real : file;
     size_t len = (size_t)snprintf(text, sizeof(text), "%s", header);
     int fd, rc = -1;
 
@@ -239,12 +243,12 @@ static int write_keys(const char *file, const struct cmg_ticket_key *keys, size_
                 len += (size_t)snprintf(text + len, sizeof(text) - len, "%02x", parts[p][b]);
         len += (size_t)snprintf(text + len, sizeof(text) - len, "\n");
     }
-    snprintf(tmp, sizeof(tmp), "%s.new", file);
+    snprintf(tmp, sizeof(tmp), "%s.new", dest);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0 || fchmod(fd, 0600) < 0 || write(fd, text, len) != (ssize_t)len || fsync(fd) < 0) {
         snprintf(err, errlen, "ticket_key_file %s: cannot write %s: %s", file, tmp, strerror(errno));
         unlink(tmp);
-    } else if (rename(tmp, file) < 0) {
+    } else if (rename(tmp, dest) < 0) {
         snprintf(err, errlen, "ticket_key_file %s: cannot replace it: %s", file, strerror(errno));
         unlink(tmp);
     } else {

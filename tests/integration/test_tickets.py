@@ -335,6 +335,27 @@ def test_a_file_that_cannot_be_created_yet(procs, tmp_path, svc):
     assert stat.S_IMODE(keys.stat().st_mode) == 0o600
 
 
+def test_a_symbolic_link_stays_one(procs, tmp_path, svc):
+    """ticket_key_file a symbolic link (a mounted secret, a shared file): read through it, and
+    a rotation replaces the file it names, not the link."""
+    site = rotation_site(tmp_path, procs, svc)
+    store = tmp_path / 'shared'
+    store.mkdir()
+    (site.dir / 'ticket.keys').symlink_to(store / 'real.keys')
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    first = file_keys(store / 'real.keys')
+    assert len(first) == 1
+    poll(lambda: len(file_keys(store / 'real.keys')) > 1, 5 * SLOW, 'a rotation', check=procs.check)
+    assert (site.dir / 'ticket.keys').is_symlink()
+    assert stat.S_IMODE((store / 'real.keys').stat().st_mode) == 0o600
+    sess = tmp_path / 's.sess'
+    assert s_client(site, '1.2', sess_out=sess) == (False, 200)
+    assert ticket_key_name(sess) in file_keys(store / 'real.keys')
+    assert not any(store.glob('*.new')) and 'a new ticket key encrypts' in gw.log_text()
+
+
 # ---------------------------------------------------------------- handshake_rate
 
 RATE, N = 5, 30

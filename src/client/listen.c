@@ -321,8 +321,9 @@ static ssize_t sink_write(void *cookie, const char *buf, size_t n)
         return (ssize_t)n;
     if (rc < 0)
         snprintf(l->why, sizeof(l->why), "the gateway sent %s", err);
+    /* 0, not -1: glibc counts a cookie's -1 as bytes written, and writes them again */
     errno = EPIPE;
-    return -1;
+    return 0;
 }
 
 static int on_head(void *arg, const struct cmg_fetch_resp *resp, FILE **out, char *err,

@@ -169,19 +169,20 @@ static bool whole_number(const cJSON *v, uint64_t *out)
     return true;
 }
 
-/* A document as its control message: {"type":"notify", then the document's own fields
- * (contract: the fields of the document at the top level next to "type"; the
- * notification's type is repeated as "event" so that it has a name of its own). NULL
- * with why if it is not a document of this epoch. */
-static char *control_line(const struct cmg_notify_feed *f, const cJSON *doc, uint64_t *seq,
+/* A document as its control message: {"type":"notify","event":TYPE, then the
+ * document's other fields (contract 4: the document's fields at the top level next to
+ * "type"; the notification's own type goes as "event", so that the message has one
+ * "type" and every JSON parser reads it alike). NULL with why if it is not a document
+ * of this epoch. */
+static char *control_line(const struct cmg_notify_feed *f, cJSON *doc, uint64_t *seq,
                           int64_t *created, size_t *len, const char **why)
 {
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(doc, "id");
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(doc, "type");
     const cJSON *expired = cJSON_GetObjectItemCaseSensitive(doc, "expired");
     const cJSON *when = cJSON_GetObjectItemCaseSensitive(doc, "created");
+    cJSON *type = cJSON_GetObjectItemCaseSensitive(doc, "type"), *event = NULL;
     char want[64], *text = NULL, *line = NULL;
-    size_t tlen, room;
+    size_t room;
 
     *why = "a document with an id E-S and a seq expected";
     if (!cJSON_IsObject(doc) || !whole_number(cJSON_GetObjectItemCaseSensitive(doc, "seq"), seq) ||
@@ -197,15 +198,22 @@ static char *control_line(const struct cmg_notify_feed *f, const cJSON *doc, uin
         return NULL;
     *created = cJSON_IsNumber(when) ? (int64_t)when->valuedouble : (int64_t)time(NULL);
     *why = "out of memory";
+    if (type) {
+        event = cJSON_DetachItemViaPointer(doc, type);
+        if (!cJSON_IsString(event)) {
+            cJSON_Delete(event);
+            event = NULL;
+        }
+    }
+    if (event && !cJSON_AddStringToObject(doc, "event", event->valuestring))
+        goto out;
     if (!(text = cJSON_PrintUnformatted(doc)))
-        return NULL;
-    tlen = strlen(text);
-    room = tlen + 64 + (cJSON_IsString(type) ? strlen(type->valuestring) : 0);
+        goto out;
+    room = strlen(text) + 32;
     if ((line = malloc(room)))
-        *len = (size_t)snprintf(line, room, "{\"type\":\"notify\",%s%s%s%s", 
-                                cJSON_IsString(type) ? "\"event\":\"" : "",
-                                cJSON_IsString(type) ? type->valuestring : "",
-                                cJSON_IsString(type) ? "\"," : "", text + 1);
+        *len = (size_t)snprintf(line, room, "{\"type\":\"notify\",%s", text + 1);
+out:
+    cJSON_Delete(event);
     free(text);
     return line;
 }
@@ -213,9 +221,9 @@ static char *control_line(const struct cmg_notify_feed *f, const cJSON *doc, uin
 /* Takes the documents in sequence order: older ones than held are skipped (a repeat),
  * and a gap (the site keeps no older ones) empties the backlog, which stays contiguous.
  * -1 with why at the first that is not a document. */
-static int take_documents(struct cmg_notify_feed *f, const cJSON *list, const char **why)
+static int take_documents(struct cmg_notify_feed *f, cJSON *list, const char **why)
 {
-    const cJSON *doc;
+    cJSON *doc;
 
     cJSON_ArrayForEach(doc, list) {
         uint64_t seq;
@@ -248,7 +256,7 @@ static int take_answer(struct cmg_notify_feed *f, const char *body, size_t len, 
 {
     cJSON *doc = cJSON_ParseWithLength(body, len);
     const cJSON *epoch = cJSON_GetObjectItemCaseSensitive(doc, "epoch");
-    const cJSON *list = cJSON_GetObjectItemCaseSensitive(doc, "notifications");
+    cJSON *list = cJSON_GetObjectItemCaseSensitive(doc, "notifications");
     uint64_t last = 0;
     bool new_epoch;
     int rc = -1;

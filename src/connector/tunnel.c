@@ -605,6 +605,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         st->req_end = true;
         if (st->report)
             report_end(st);
+        if (st->notify_report)
+            notify_report_end(st);
         if (st->up)
             cmg_upstream_body_end(st->up);
     }

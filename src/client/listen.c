@@ -44,6 +44,7 @@ struct listener {
     long events;
     bool stop;                   /* --max-events reached */
     bool channel;                /* this connection's answer was an event stream */
+    bool local;                  /* this connection failed here: state, token */
     char why[1100];              /* why this connection ended, if not the server's doing */
     FILE *sink;
 };
@@ -229,7 +230,7 @@ static void save_last_id(struct listener *l, const char *id)
 static void run_command(const char *cmd, const struct cmg_sse_event *ev)
 {
     pid_t pid;
-    int status;
+    int status = 0;
 
     fflush(stderr);
     pid = fork();
@@ -268,7 +269,7 @@ static int print_event(const struct cmg_sse_event *ev)
     char *text = NULL;
     int rc = -1;
 
-    if (ev->data && !(data = cJSON_ParseWithLength(ev->data, ev->data_len)))
+    if (ev->data && (strlen(ev->data) != ev->data_len || !(data = cJSON_ParseWithOpts(ev->data, NULL, 1))))
         data = cJSON_CreateString(ev->data);
     if (!ev->data)
         data = cJSON_CreateNull();
@@ -403,7 +404,7 @@ static int hold(struct listener *l)
     size_t n = 0;
     int rc, ret = CMG_CLIENT_EXIT_FAIL;
 
-    l->channel = false;
+    l->channel = l->local = false;
     l->why[0] = 0;
     if (o->cert) {
         conn.gateway = o->gateway;
@@ -414,11 +415,13 @@ static int hold(struct listener *l)
     } else if ((ret = cmg_client_prepare_state(o->state, o->gateway, o->server_name, o->ca, &s,
                                                &conn, ca, sizeof(ca))) != CMG_CLIENT_EXIT_OK) {
         snprintf(l->why, sizeof(l->why), "the state directory cannot be used");
+        l->local = true;
         goto out;
     }
     ret = CMG_CLIENT_EXIT_FAIL;
     if (bearer(o, &s, &auth) < 0) {
         snprintf(l->why, sizeof(l->why), "no token to send");
+        l->local = true;
         goto out;
     }
     headers[n++] = "Accept: text/event-stream";
@@ -517,7 +520,7 @@ int cmg_client_listen_main(int argc, char **argv)
     struct listen_opts o = {0};
     struct listener l = {.o = &o};
     struct sigaction sa = {.sa_handler = on_signal};
-    unsigned failures = 0;
+    unsigned failures = 0, attempts = 0;
     int done, ret;
 
     ret = parse_listen(argc, argv, &o, &done);
@@ -535,10 +538,13 @@ int cmg_client_listen_main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     for (;;) {
         long delay;
+        bool first = attempts++ == 0;
 
         ret = hold(&l);
         failures = l.channel ? 0 : failures + 1;
-        if (l.stop || o.once)
+        /* a state or token that cannot be used at the start is a mistake to report, not
+         * to retry; later (a renewal, a file being replaced) it is retried */
+        if (l.stop || o.once || (l.local && first))
             break;
         delay = next_delay_ms(&l, l.channel ? 0 : failures);
         fprintf(stderr, "cmg client: channel %s: %s; reconnecting in %.1f s\n",

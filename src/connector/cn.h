@@ -117,6 +117,10 @@ struct cmg_cn_tunnel {
     bool closing, close_notify_sent, half_closed;
     int32_t ctl_stream;
     struct cmg_buf ctl_out;
+    /* notifications (notify_feed.c): taken from the feed's backlog one at a time as the
+     * control stream drains, so that no tunnel holds a copy of the backlog */
+    bool notify_synced;      /* notify-sync sent on this control stream */
+    uint64_t notify_next;    /* the lowest seq still to send (0: whatever comes first) */
     /* for the metrics */
     uint64_t ups;            /* times it came up: more than once is a reconnect */
     uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
@@ -223,10 +227,14 @@ void cmg_notify_feed_stop(struct cmg_connector *cn);
 /* A tunnel's control stream is open (hello and policy queued): notify-sync and the
  * backlog follow, once the site's epoch is known. */
 void cmg_notify_feed_tunnel_ready(struct cmg_cn_tunnel *t);
+/* The control stream has sent all it had: the next notification for t goes into its
+ * ctl_out. true if one did. */
+bool cmg_notify_feed_fill(struct cmg_cn_tunnel *t);
 /* tunnel.c: queues one control line (no newline) on t's control stream if it is
- * open; 0, or -1 if it is not (or the gateway stopped reading: the tunnel is
- * closed). */
+ * open; 0, or -1 if it is not. */
 int cmg_cn_tunnel_control(struct cmg_cn_tunnel *t, const char *line, size_t len);
+/* tunnel.c: the control stream has more to send (cmg_notify_feed_fill has it). */
+void cmg_cn_tunnel_control_more(struct cmg_cn_tunnel *t);
 
 /* metrics_cn.c: serves metrics_listen; 0, or -1 (logged). */
 int cmg_cn_metrics_start(struct cmg_connector *cn);

@@ -4,8 +4,9 @@
  * on every ready tunnel. It keeps a backlog of the newest documents (1024, none older
  * than 24 h, 64 MiB in all) and sends `notify-sync` and the whole backlog on every
  * tunnel that comes up, so a fresh gateway instance has the window at once; the
- * gateways de-duplicate by sequence. Nothing is kept per device: a document's size is
- * bounded, and so is the backlog. A site that cannot be reached is retried with
+ * gateways de-duplicate by sequence. Each tunnel takes the documents from the backlog
+ * one at a time as its control stream drains (a cursor, no copy), so memory is the
+ * backlog's whatever the number of tunnels, and nothing is kept per device. A site that cannot be reached is retried with
  * back-off; meanwhile nothing is sent and the tunnels work as ever. */
 #include "connector/cn.h"
 #include "core/log.h"
@@ -110,7 +111,8 @@ static bool tunnel_ready(const struct cmg_cn_tunnel *t)
     return t->up && t->h2 && t->ctl_stream >= 0;
 }
 
-/* notify-sync, then the backlog in sequence order. */
+/* notify-sync, then the backlog in sequence order: taken one document at a time as
+ * the control stream drains (cmg_notify_feed_fill). */
 static void sync_tunnel(struct cmg_notify_feed *f, struct cmg_cn_tunnel *t)
 {
     char line[128];
@@ -121,9 +123,31 @@ static void sync_tunnel(struct cmg_notify_feed *f, struct cmg_cn_tunnel *t)
     backlog_trim(f, 0);
     if (cmg_cn_tunnel_control(t, line, (size_t)n) < 0)
         return;
-    for (size_t i = 0; i < f->n; i++)
-        if (cmg_cn_tunnel_control(t, kept_at(f, i)->line, kept_at(f, i)->len) < 0)
-            return;
+    t->notify_synced = true;
+    t->notify_next = f->n ? kept_at(f, 0)->seq : 0;   /* empty: whatever comes first */
+}
+
+bool cmg_notify_feed_fill(struct cmg_cn_tunnel *t)
+{
+    struct cmg_notify_feed *f = t->cn->notify;
+    const struct kept *k;
+    uint64_t oldest;
+    size_t i;
+
+    if (!f || !t->notify_synced || !f->n)
+        return false;
+    oldest = kept_at(f, 0)->seq;   /* the backlog is contiguous: a seq is its index */
+    i = t->notify_next > oldest ? (size_t)(t->notify_next - oldest) : 0;
+    if (i >= f->n)
+        return false;
+    k = kept_at(f, i);
+    if (cmg_buf_append(&t->ctl_out, k->line, k->len) < 0 ||
+        cmg_buf_append(&t->ctl_out, "\n", 1) < 0) {
+        cmg_buf_reset(&t->ctl_out);
+        return false;   /* tried again when the stream is resumed */
+    }
+    t->notify_next = k->seq + 1;
+    return true;
 }
 
 void cmg_notify_feed_tunnel_ready(struct cmg_cn_tunnel *t)
@@ -141,11 +165,12 @@ static void sync_all(struct cmg_notify_feed *f)
             sync_tunnel(f, &f->cn->tunnels[i]);
 }
 
-static void send_all(struct cmg_notify_feed *f, const struct kept *k)
+/* A new document in the backlog: every synced tunnel takes it in its turn. */
+static void wake_all(struct cmg_notify_feed *f)
 {
     for (int i = 0; i < f->cn->ntunnels; i++)
-        if (tunnel_ready(&f->cn->tunnels[i]))
-            cmg_cn_tunnel_control(&f->cn->tunnels[i], k->line, k->len);
+        if (tunnel_ready(&f->cn->tunnels[i]) && f->cn->tunnels[i].notify_synced)
+            cmg_cn_tunnel_control_more(&f->cn->tunnels[i]);
 }
 
 /* ---- the site's answer ---- */
@@ -246,7 +271,7 @@ static int take_documents(struct cmg_notify_feed *f, cJSON *list, const char **w
         backlog_add(f, seq, created, line, len);
         if (seq > f->last)
             f->last = seq;
-        send_all(f, kept_at(f, f->n - 1));
+        wake_all(f);
     }
     return 0;
 }

@@ -1,8 +1,8 @@
 /* One HTTP/1.1 exchange with the site's feed listener: the feed's address and TLS
  * context (mutual TLS, the site's certificate required), a short connection of its
  * own ("Connection: close"), the answer's body kept up to a limit, every wait bounded
- * by a deadline. The connector's report, its notify feed and the relay of the
- * gateways' notify reports all talk to the site through this one client. */
+ * by a deadline. The policy feed, the connector's report, the notify feed and the
+ * relay of the gateways' notify reports all talk to the site through this one client. */
 #include "connector/cn.h"
 #include "core/log.h"
 

@@ -25,9 +25,6 @@
 /* A notify report's body, at most what a POST carries less room for the rest. */
 #define NOTIFY_REPORT_MAX (1024 * 1024 - 64 * 1024)
 #define NOTIFY_RELAY_TIMEOUT_MS 10000
-/* Control lines queued for a gateway that does not take them: the backlog of
- * notifications twice over, then the tunnel is given up (and dialled again). */
-#define CONTROL_OUT_MAX (160u * 1024 * 1024)
 #define TUNNEL_ALPN "cmg-tunnel/1"
 /* The PING sent with the drain's GOAWAY: its answer shows the gateway has seen it. */
 static const uint8_t drain_ping[8] = "drain!!";
@@ -228,19 +225,19 @@ static void queue_line(struct cmg_cn_tunnel *t, const char *line)
 
 int cmg_cn_tunnel_control(struct cmg_cn_tunnel *t, const char *line, size_t len)
 {
+    if (!t->up || t->ctl_stream < 0 || !t->h2 || cmg_buf_append(&t->ctl_out, line, len) < 0 ||
+        cmg_buf_append(&t->ctl_out, "\n", 1) < 0)
+        return -1;
+    cmg_cn_tunnel_control_more(t);
+    return 0;
+}
+
+void cmg_cn_tunnel_control_more(struct cmg_cn_tunnel *t)
+{
     if (!t->up || t->ctl_stream < 0 || !t->h2)
-        return -1;
-    if (t->ctl_out.len + len + 1 > CONTROL_OUT_MAX) {
-        tunnel_down(t, "the gateway does not read its control stream (over 160 MiB queued)");
-        return -1;
-    }
-    if (cmg_buf_append(&t->ctl_out, line, len) < 0 || cmg_buf_append(&t->ctl_out, "\n", 1) < 0) {
-        tunnel_down(t, "out of memory for its control stream");
-        return -1;
-    }
+        return;
     nghttp2_session_resume_data(t->h2, t->ctl_stream);
     cmg_cn_tunnel_kick(t);
-    return 0;
 }
 
 static void cmg_cn_tunnel_announce_policy(struct cmg_cn_tunnel *t)
@@ -282,7 +279,11 @@ static ssize_t read_control(nghttp2_session *s, int32_t id, uint8_t *buf, size_t
                             uint32_t *flags, nghttp2_data_source *src, void *user)
 {
     struct cmg_cn_tunnel *t = user;
-    size_t n = t->ctl_out.len < length ? t->ctl_out.len : length;
+    size_t n;
+
+    if (t->ctl_out.len == 0)
+        cmg_notify_feed_fill(t);
+    n = t->ctl_out.len < length ? t->ctl_out.len : length;
     if (n == 0)
         return NGHTTP2_ERR_DEFERRED;
     memcpy(buf, cmg_buf_head(&t->ctl_out), n);
@@ -300,6 +301,8 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     char *text;
     int nroles = cJSON_GetArraySize(roles);
 
+    cmg_buf_reset(&t->ctl_out);   /* what a previous control stream left is not for this one */
+    t->notify_synced = false;
     cJSON_AddStringToObject(hello, "type", "hello");
     cJSON_AddStringToObject(hello, "name", c->name);
     cJSON_AddStringToObject(hello, "version", CMG_VERSION);
@@ -866,6 +869,7 @@ static void release(struct cmg_cn_tunnel *t)
     cmg_conn_close(&t->conn);
     cmg_buf_free(&t->ctl_out);
     t->ctl_stream = -1;
+    t->notify_synced = false;
     t->ping_sent_us = t->rtt_us = 0;
     t->active = t->up = t->drain_heard = false;
     t->closing = t->close_notify_sent = t->half_closed = false;

@@ -180,6 +180,16 @@ def test_help_tells_the_truth():
     assert r.returncode == 2 and '--max-events' in r.stderr
 
 
+def test_unusable_state_or_token_exits_at_once(tmp_path, server):
+    r = run_listen([CMG, 'client', 'listen', '--state', str(tmp_path / 'nothing')], timeout=10)
+    assert r.returncode == 1 and 'not registered' in r.stderr, r.stderr
+    bad = tmp_path / 'bad.token'
+    bad.write_text('not a token\n')
+    r = run_listen(listen_argv(server, '--token', str(bad)), timeout=10)
+    assert r.returncode == 1 and 'not a token' in r.stderr, r.stderr
+    assert not server.requests
+
+
 def test_events_printed_as_json_lines(server):
     """Each event one JSON line, whatever the line ends; comments and unknown fields
     ignored; data that is not JSON printed as a string; a bare named event too."""

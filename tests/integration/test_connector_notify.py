@@ -73,7 +73,9 @@ class NotifySite:
             return oldest
         with self.cond:
             deadline = time.monotonic() + HOLD_S
-            while first_seq() > self.last and self.server and time.monotonic() < deadline:
+            # held only for a caller that knows the epoch and has everything
+            while (after and after.startswith(self.epoch + '-') and first_seq() > self.last
+                   and self.server and time.monotonic() < deadline):
                 self.cond.wait(0.2)
             start = first_seq()
             seqs = list(range(start, self.last + 1))
@@ -302,3 +304,26 @@ def test_report_relay(setup, procs, svc):
     r = gw.post('/.cmg/notify-report', body)
     assert r.status == 502
     assert svc.count == 0                         # never forwarded to an internal service
+
+
+def test_backlog_keeps_the_newest_1024(setup, procs):
+    """1100 notifications pass: a tunnel that comes up afterwards gets notify-sync (last
+    1100) and the newest 1024, in order; the first tunnel got all 1100 once each."""
+    site, ns, gateways = setup
+    ns.per_answer = 500
+    start(procs, site, gateways)
+    gateways[0].wait_lines(lambda ls: any(m['type'] == 'notify-sync' for m in ls), 'notify-sync')
+    for batch in range(11):                 # in batches the connector keeps up with (the
+        for i in range(100):                # feed itself serves only the newest 1024)
+            ns.add('policy', {'n': batch * 100 + i + 1})
+        gateways[0].wait_lines(lambda ls: len([m for m in ls if m['type'] == 'notify']) ==
+                               (batch + 1) * 100, f'batch {batch} on the first tunnel')
+    assert notify_seqs(gateways[0]) == list(range(1, 1101))
+    gateways.append(FakeGateway(site, site.tunnel_port + 1))
+    gw2 = gateways[1]
+    gw2.wait_tunnel(timeout=15)
+    gw2.wait_lines(lambda ls: len([m for m in ls if m['type'] == 'notify']) == 1024,
+                   'the backlog on the second tunnel', timeout=20)
+    time.sleep(0.2)                         # nothing more comes
+    assert gw2.messages('notify-sync') == [{'type': 'notify-sync', 'epoch': EPOCH, 'last': 1100}]
+    assert notify_seqs(gw2) == list(range(77, 1101))

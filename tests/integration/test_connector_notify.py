@@ -327,3 +327,43 @@ def test_backlog_keeps_the_newest_1024(setup, procs):
     time.sleep(0.2)                         # nothing more comes
     assert gw2.messages('notify-sync') == [{'type': 'notify-sync', 'epoch': EPOCH, 'last': 1100}]
     assert notify_seqs(gw2) == list(range(77, 1101))
+
+
+def site_has_notifications():
+    return cmgtest.run_cmg('site', 'notify', '--help').returncode == 0
+
+
+@pytest.mark.skipif(not site_has_notifications(),
+                    reason='this build has no site side of notifications (cmg site notify)')
+def test_with_the_real_site(tmp_path, procs, svc):
+    """The same with `cmg site serve`: `cmg site notify` reaches the fake gateway's control
+    stream as notify-sync and notify, and a notify report relayed by the connector is
+    taken by the site (204) and counted by `cmg site notify status`."""
+    from sitetest import Deployment
+    d = Deployment(procs, tmp_path, svc, start=False)
+    d.start_site()
+    gw = FakeGateway(d.site, d.site.tunnel_port)
+    try:
+        cmgtest.start_connector(procs, d.site.connector_conf)
+        gw.wait_tunnel()
+        gw.wait_lines(lambda ls: any(m['type'] == 'notify-sync' for m in ls), 'notify-sync')
+        epoch = gw.messages('notify-sync')[0]['epoch']
+        device = 'cert:' + 'cd' * 32
+        t0 = time.monotonic()
+        out = json.loads(d.cmg_site('notify', '--device', device, '--type', 'script',
+                                    '--data', '{"run":"x"}', '--json').stdout)
+        msg = gw.wait_lines(lambda ls: [m for m in ls if m.get('id') == out['id']],
+                            'the notification on the control stream')[0]
+        print(f'cmg site notify to the control stream: {(time.monotonic() - t0) * 1000:.0f} ms')
+        assert out['id'] == f'{epoch}-1'
+        assert msg['type'] == 'notify' and msg['event'] == 'script'
+        assert msg['devices'] == [device] and msg['data'] == {'run': 'x'}
+        report = json.dumps({'instance': 'gw-test', 'boot': 'ab' * 8, 'seq': 1,
+                             'time': int(time.time()), 'delivered': {out['id']: [device]},
+                             'opened': [device], 'closed': []}).encode()
+        assert gw.post('/.cmg/notify-report', report).status == 204
+        status = json.loads(d.cmg_site('notify', 'status', out['id'], '--json').stdout)
+        assert (status['targets'], status['delivered'], status['waiting']) == (1, 1, 0)
+        assert svc.count == 0
+    finally:
+        gw.close()

@@ -7,6 +7,7 @@
  * restart resumes too. SIGTERM and SIGINT end it with status 0. */
 #include "client/client.h"
 #include "client/sse.h"
+#include "core/log.h"
 #include "site/pki.h"
 
 #include <cjson/cJSON.h>
@@ -262,20 +263,46 @@ static void run_command(const char *cmd, const struct cmg_sse_event *ev)
                 WTERMSIG(status));
 }
 
-/* {"id","event","data"}: data as the JSON it should be, else as a string. */
+/* A copy of the n bytes at s that is valid UTF-8 without NUL: each byte that is no
+ * part of a valid character (or a NUL) becomes U+FFFD. NULL if out of memory. */
+static char *valid_utf8(const char *s, size_t n)
+{
+    char *out = malloc(n * 3 + 1), *o = out;
+
+    for (size_t i = 0, k; out && i < n; i += k) {
+        k = cmg_utf8_char((const unsigned char *)s + i, n - i);
+        if (k == 0 || s[i] == 0) {
+            memcpy(o, "\xef\xbf\xbd", 3);
+            o += 3;
+            k = 1;
+        } else {
+            memcpy(o, s + i, k);
+            o += k;
+        }
+    }
+    if (out)
+        *o = 0;
+    return out;
+}
+
+/* {"id","event","data"}: data as the JSON it should be, else as a string; valid UTF-8
+ * whatever the gateway sent, so that every line is JSON. */
 static int print_event(const struct cmg_sse_event *ev)
 {
     cJSON *o = cJSON_CreateObject(), *data = NULL;
-    char *text = NULL;
+    char *type = valid_utf8(ev->type, strlen(ev->type));
+    char *text = ev->data ? valid_utf8(ev->data, ev->data_len) : NULL;
     int rc = -1;
 
-    if (ev->data && (strlen(ev->data) != ev->data_len || !(data = cJSON_ParseWithOpts(ev->data, NULL, 1))))
-        data = cJSON_CreateString(ev->data);
+    if (text && !(data = cJSON_ParseWithOpts(text, NULL, 1)))
+        data = cJSON_CreateString(text);
     if (!ev->data)
         data = cJSON_CreateNull();
-    if (o && data && (ev->id[0] ? cJSON_AddStringToObject(o, "id", ev->id)
-                                : cJSON_AddNullToObject(o, "id")) &&
-        cJSON_AddStringToObject(o, "event", ev->type)) {
+    free(text);
+    text = NULL;
+    if (o && data && type && (ev->id[0] ? cJSON_AddStringToObject(o, "id", ev->id)
+                                        : cJSON_AddNullToObject(o, "id")) &&
+        cJSON_AddStringToObject(o, "event", type)) {
         cJSON_AddItemToObject(o, "data", data);
         data = NULL;
         text = cJSON_PrintUnformatted(o);
@@ -283,6 +310,7 @@ static int print_event(const struct cmg_sse_event *ev)
     if (text && printf("%s\n", text) >= 0 && fflush(stdout) == 0)
         rc = 0;
     cJSON_free(text);
+    free(type);
     cJSON_Delete(data);
     cJSON_Delete(o);
     return rc;

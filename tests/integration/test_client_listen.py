@@ -199,15 +199,17 @@ def test_events_printed_as_json_lines(server):
         s.sendall(chunk(f'id: {EPOCH}-2\r\nevent: script\r\nfoo: bar\r\ndata: [1,\r\ndata: 2]\r\n\r\n'))
         s.sendall(chunk(f'id: {EPOCH}-3\revent: compliance\rdata: not json\r\r'))
         s.sendall(chunk(f'id: {EPOCH}-3\nevent: reset\n\n'))
+        s.sendall(chunk(f'id: {EPOCH}-4\nevent: x'.encode() + b'\xffy\ndata: {"a":"\xc3"}\n\n'))
         end_stream(s)
     server.scripts.put(script)
-    r = run_listen(listen_argv(server, '--max-events', '4'))
+    r = run_listen(listen_argv(server, '--max-events', '5'))
     assert r.returncode == 0, r.stderr
     assert lines(r.stdout) == [
         {'id': f'{EPOCH}-1', 'event': 'policy', 'data': {'fetch': True}},
         {'id': f'{EPOCH}-2', 'event': 'script', 'data': [1, 2]},
         {'id': f'{EPOCH}-3', 'event': 'compliance', 'data': 'not json'},
         {'id': f'{EPOCH}-3', 'event': 'reset', 'data': None},
+        {'id': f'{EPOCH}-4', 'event': 'x\ufffdy', 'data': {'a': '\ufffd'}},   # valid UTF-8 out
     ]
     req = server.requests[0]
     assert req[':request'] == 'GET /CCM_Notify HTTP/1.1'

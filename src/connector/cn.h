@@ -170,6 +170,7 @@ struct cmg_connector {
     struct cmg_cn_metrics metrics;
     struct cmg_site_report *report;   /* NULL without 'site =' */
     struct cmg_notify_feed *notify;   /* NULL without 'site =' */
+    bool relay_failing;               /* a notify report relay failed: logged once */
 };
 
 /* site_report.c: the connector's report to the site (POST /v1/connector/report on the

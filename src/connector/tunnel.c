@@ -415,21 +415,24 @@ static void report_start(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 static void on_relayed(struct cmg_site_call *c, int status, const char *why)
 {
     struct cmg_cn_stream *st = c->arg;   /* the relay ends before its stream */
-    struct cmg_cn_tunnel *t;
+    struct cmg_connector *cn = st->t->cn;
 
-    t = st->t;
-    if (status > 0) {
-        if (status != 204)
-            cmg_warn("notify report from gateway %s: the site %s answered %d %.*s", t->target,
-                     cmg_site_call_authority(c), status,
-                     (int)(c->answer.len > 300 ? 300 : c->answer.len), cmg_buf_head(&c->answer));
+    if (status == 204 && cn->relay_failing)
+        cmg_info("notify reports relayed to site %s again", cmg_site_call_authority(c));
+    else if (status > 0 && status != 204)
+        cmg_warn("notify report from gateway %s: the site %s answered %d %.*s", st->t->target,
+                 cmg_site_call_authority(c), status,
+                 (int)(c->answer.len > 300 ? 300 : c->answer.len), cmg_buf_head(&c->answer));
+    else if (status <= 0 && !cn->relay_failing)   /* once until it works again */
+        cmg_warn("notify report from gateway %s not relayed: site %s: %s (the gateway keeps "
+                 "it and sends it again; logged once until a relay works)", st->t->target,
+                 cmg_site_call_authority(c), why);
+    cn->relay_failing = status <= 0;
+    if (status > 0)
         answer(st, status, status == 204 ? "" : "CMGService_Site_Refused\r\n");
-        return;
-    }
-    cmg_warn("notify report from gateway %s not relayed: site %s %s (the gateway keeps it)",
-             t->target, cmg_site_call_authority(c), why);
-    answer(st, status < 0 ? 504 : 502,
-           status < 0 ? "CMGService_Site_Timeout\r\n" : "CMGService_Site_Unreachable\r\n");
+    else
+        answer(st, status < 0 ? 504 : 502,
+               status < 0 ? "CMGService_Site_Timeout\r\n" : "CMGService_Site_Unreachable\r\n");
 }
 
 /* Its body is all here: passed on as it came. */

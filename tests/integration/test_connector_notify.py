@@ -299,6 +299,15 @@ def test_report_relay(setup, procs, svc):
     r = gw.post('/.cmg/notify-report', body)     # the tunnel is fine afterwards
     assert r.status == 204 and len(ns.reports) == 4
 
+    # a site that takes the report and never answers: 504 after 10 s
+    ns.report_delay = 12
+    t0 = time.monotonic()
+    r = gw.post('/.cmg/notify-report', body, wait=False).wait(timeout=20)
+    took = time.monotonic() - t0
+    print(f'504 after {took:.2f} s')
+    assert r.status == 504 and 9.5 <= took < 10 + 5 * SLOW, (r.status, took)
+    ns.report_delay = 0
+
     # the site down: 502, and the gateway keeps its report
     ns.down()
     r = gw.post('/.cmg/notify-report', body)

@@ -320,7 +320,7 @@ def test_backlog_keeps_the_newest_1024(setup, procs):
     1100) and the newest 1024, in order; the first tunnel got all 1100 once each."""
     site, ns, gateways = setup
     ns.per_answer = 500
-    start(procs, site, gateways)
+    conn = start(procs, site, gateways)
     gateways[0].wait_lines(lambda ls: any(m['type'] == 'notify-sync' for m in ls), 'notify-sync')
     for batch in range(11):                 # in batches the connector keeps up with (the
         for i in range(100):                # feed itself serves only the newest 1024)
@@ -336,6 +336,7 @@ def test_backlog_keeps_the_newest_1024(setup, procs):
     time.sleep(0.2)                         # nothing more comes
     assert gw2.messages('notify-sync') == [{'type': 'notify-sync', 'epoch': EPOCH, 'last': 1100}]
     assert notify_seqs(gw2) == list(range(77, 1101))
+    print(f'connector peak RSS after 1100 notifications on 2 tunnels: {conn.peak_rss_kib()} KiB')
 
 
 def site_has_notifications():

@@ -208,14 +208,12 @@ static int create_tx(struct cmg_store *st, const struct cmg_notify_new *n, int64
         return -1;
     *seq = last + 1;
     *ntargets = 0;
+    /* resend_of: NULL (the 'n') unless it re-sends one */
     if (done(cmg_store_prepare(st, "INSERT INTO notifications (seq, type, data, created, expires,"
-                                   " all_devices, ntargets, resend_of) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-                               "issiii", *seq, n->type, n->data, now, now + n->ttl,
-                               (int64_t)n->all)) < 0)
-        return -1;
-    if (n->resend_of > 0 &&
-        done(cmg_store_prepare(st, "UPDATE notifications SET resend_of = ? WHERE seq = ?", "ii",
-                               n->resend_of, *seq)) < 0)
+                                   " all_devices, ntargets, resend_of)"
+                                   " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                               n->resend_of > 0 ? "issiiii" : "issiiin", *seq, n->type, n->data,
+                               now, now + n->ttl, (int64_t)n->all, n->resend_of)) < 0)
         return -1;
     if (n->all)
         return 0;
@@ -344,11 +342,12 @@ int cmg_notify_feed(struct cmg_store *st, const char *after, int64_t now, bool m
         return fail(err, errlen, 500, "store busy: %s", cmg_store_error(st));
     if (cmg_notify_epoch(st, epoch) < 0 || (last = cmg_notify_last(st)) < 0)
         goto out;
-    if (may_hold && !strcmp(after_epoch, epoch) && after_seq == last) {
+    start = start_of(st, epoch, after_epoch, after_seq, last, now, &failed);
+    /* nothing to send to a caller that knows the epoch: held until there is */
+    if (!failed && may_hold && !strcmp(after_epoch, epoch) && start > last) {
         rc = 1;
         goto out;
     }
-    start = start_of(st, epoch, after_epoch, after_seq, last, now, &failed);
     if (failed ||
         cmg_buf_printf(&b, "{\"epoch\":\"%s\",\"last\":%" PRId64 ",\"notifications\":[", epoch,
                        last) < 0 ||

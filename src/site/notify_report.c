@@ -207,10 +207,8 @@ static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *inst
                                           "iiis", (int64_t)0, (int64_t)0, now, instance);
     int64_t last = cmg_notify_last(st), seq;
     char mine[17], epoch[17];
-    const cJSON *e, *dev;
     int rc = ins && last >= 0 && cmg_notify_epoch(st, mine) == 0 ? 0 : -1;
-
-    const cJSON *items = rc == 0 ? d : NULL;
+    const cJSON *e, *dev, *items = rc == 0 ? d : NULL;
 
     cJSON_ArrayForEach(e, items) {
         if (cmg_notify_id_parse(e->string, epoch, &seq) < 0 || strcmp(epoch, mine) || seq > last)
@@ -238,12 +236,10 @@ static int keep_closed(struct cmg_store *st, const cJSON *c, const char *instanc
             " first_seen) VALUES (?1, ?2, ?3, 0, ?4, ?4, ?5) ON CONFLICT (device) DO UPDATE SET"
             " open = CASE WHEN instance = ?2 THEN 0 ELSE open END,"
             " last_seen = max(last_seen, ?4)", "nss", instance, boot);
-    const cJSON *e;
     int rc = up ? 0 : -1;
+    const cJSON *e, *items = rc == 0 ? c : NULL;
 
     sqlite3_bind_int64(up, 5, now);
-    const cJSON *items = rc == 0 ? c : NULL;
-
     cJSON_ArrayForEach(e, items) {
         double t = cJSON_GetArrayItem(e, 1)->valuedouble;
 
@@ -266,10 +262,8 @@ static int keep_opened(struct cmg_store *st, const cJSON *o, const char *instanc
             " first_seen) VALUES (?1, ?2, ?3, 1, ?4, ?4, ?4) ON CONFLICT (device) DO UPDATE SET"
             " instance = ?2, boot = ?3, open = 1, since = ?4, last_seen = max(last_seen, ?4)",
         "sssi", "", instance, boot, now);
-    const cJSON *e;
     int rc = up ? 0 : -1;
-
-    const cJSON *items = rc == 0 ? o : NULL;
+    const cJSON *e, *items = rc == 0 ? o : NULL;
 
     cJSON_ArrayForEach(e, items) {
         sqlite3_bind_text(up, 1, e->valuestring, -1, SQLITE_STATIC);

@@ -464,6 +464,7 @@ static bool reads_only(const char *name)
     size_t n = strlen(name);
 
     return !strcmp(name, "status") || !strcmp(name, "traffic") ||
+           !strcmp(name, "notify.status") ||
            (n > 5 && (!strcmp(name + n - 5, ".list") || !strcmp(name + n - 5, ".show")));
 }
 

@@ -16,7 +16,7 @@ import pytest
 from cmgtest import SLOW, free_port_range, ini_set, poll, run_cmg
 from sitetest import Deployment
 
-INTERVAL = 1           # site.conf report_interval: a silent instance's channels close after 2 s
+INTERVAL = 3           # site.conf report_interval: a silent instance's channels close after 6 s
 BOOT_A = '0123456789abcdef'
 BOOT_B = 'fedcba9876543210'
 CERT_ID = 'cert:' + 'ab' * 32
@@ -307,7 +307,7 @@ def test_channels_in_device_list(dep):
     # a close from another instance does not close the channel held here
     Reporter(dep, instance='gw-3').send(closed=[['moving', int(time.time())]])
     assert devices(dep)['moving']['channel'] == 'open'
-    poll(lambda: devices(dep)['moving']['channel'] == 'closed', 5 * INTERVAL + 2,
+    poll(lambda: devices(dep)['moving']['channel'] == 'closed', 2 * INTERVAL + 5 * SLOW,
          'a silent instance\'s channel to count as closed')
 
 

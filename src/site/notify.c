@@ -289,7 +289,7 @@ static int append_docs(struct cmg_store *st, struct cmg_buf *b, const char *epoc
                                             " all_devices FROM notifications WHERE seq >= ?"
                                             " ORDER BY seq", "i", start);
     size_t begin = b->len;
-    int rc = q ? 0 : -1, step;
+    int rc = q ? 0 : -1, step = SQLITE_DONE;
 
     *more = false;
     while (rc == 0 && (step = sqlite3_step(q)) == SQLITE_ROW) {
@@ -309,6 +309,8 @@ static int append_docs(struct cmg_store *st, struct cmg_buf *b, const char *epoc
             break;
         }
     }
+    if (rc == 0 && !*more && step != SQLITE_DONE)
+        rc = -1;   /* the store failed mid-way */
     sqlite3_finalize(q);
     return rc;
 }

@@ -265,6 +265,14 @@ static const char *op_of(struct notify_cli *c, int *rc)
         cJSON_AddStringToObject(c->args, "id", c->id);
         return "notify.status";
     }
+    if (resend && (c->devices_file || cJSON_GetObjectItemCaseSensitive(c->args, "devices") ||
+                   cJSON_GetObjectItemCaseSensitive(c->args, "all") ||
+                   cJSON_GetObjectItemCaseSensitive(c->args, "type") ||
+                   cJSON_GetObjectItemCaseSensitive(c->args, "data"))) {
+        *rc = usage_error("--resend ID takes its targets, type and data from ID: no --device, "
+                          "--devices, --all, --type or --data with it");
+        return NULL;
+    }
     if (resend && !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c->args, "missed"))) {
         *rc = usage_error("--resend ID needs --missed (a resend goes to the targets that have "
                           "not had it)");

@@ -386,6 +386,7 @@ def test_command_line_errors(dep):
         (('status',), 'ID is needed'),
         (('status', 'nope'), 'EPOCH-SEQ'),
         (('--resend', f'{epoch}-1'), '--missed'),
+        (('--resend', f'{epoch}-1', '--missed', '--all'), 'takes its targets'),
         (('bogus',), 'unexpected argument'),
     ]
     for args, words in usage:

@@ -195,6 +195,8 @@ def test_feed_splits_at_8_mib_with_more(dep, tmp_path):
     assert doc['notifications'][0]['devices'] == sorted(ids)
     doc = notify_feed(dep, f'{epoch}-2')
     assert [n['seq'] for n in doc['notifications']] == [3] and doc['more'] is False
+    print(f'3 notifications of 48,000 ids: answers of 2 and 1; site peak RSS '
+          f'{dep.site_proc.peak_rss_kib() / 1024:.1f} MiB')
 
     too_many = tmp_path / 'more.txt'
     too_many.write_text('\n'.join(f'cert:{i:064x}' for i in range(60000)))
@@ -355,8 +357,11 @@ def test_hostile_reports_are_refused_and_nothing_is_kept(dep):
     big = json.dumps({'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
                       'opened': ['d' * 100] * 11000}).encode()
     assert len(big) > 1 << 20
-    status_code, _ = report(dep, raw=big)
-    assert status_code in (400, 413)
+    try:
+        status_code, _ = report(dep, raw=big)
+    except (ConnectionError, ssl.SSLError):   # 413 and closed while the body was being sent
+        status_code = None
+    assert status_code in (413, None)
     for table in ('notify_boots', 'device_seen', 'notify_delivered'):
         assert db_rows(dep, f'SELECT count(*) FROM {table}') == [(0,)], table
     # the site is whole and still takes a good report
@@ -435,6 +440,7 @@ def test_all_with_100k_known_devices(dep):
     st = status(dep, sent['id'])
     t_status = time.monotonic() - t0
     print(f'notify --all with {st["targets"]} devices known: {t_send * 1000:.0f} ms; '
-          f'notify status: {t_status * 1000:.0f} ms')
+          f'notify status: {t_status * 1000:.0f} ms; site peak RSS '
+          f'{dep.site_proc.peak_rss_kib() / 1024:.1f} MiB')
     assert st['targets'] >= 100000 and st['waiting'] == st['targets']
     assert t_send < 5 * SLOW and t_status < 10 * SLOW

@@ -46,7 +46,11 @@ struct cmg_gw_config {
      * instance ("": the host name + "/" + instance) */
     uint32_t report_interval_s;
     char instance_name[CMG_REPORT_MAX_STR + 1];
-    struct cmg_metrics_conf metrics;   /* metrics_listen; its port + instance */
+    struct cmg_metrics_conf metrics;
+    /* client notifications: heartbeat period, window (seqs), bytes a channel may have
+     * queued, and the middle of the retry: hint */
+    uint32_t notify_heartbeat_ms, notify_retry_ms, notify_window;
+    uint64_t notify_buffer;   /* metrics_listen; its port + instance */
     struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };

@@ -828,6 +828,9 @@ void cmg_h2dev_drain(struct cmg_device *d)
 
     if (h->dead || h->draining)
         return;
+    h2_send(d);   /* notification streams the drain ended: END_STREAM before the GOAWAY */
+    if (d->h2 != h || h->dead)
+        return;
     h->draining = true;
     if (nghttp2_submit_shutdown_notice(h->s) != 0) {
         kick(d);   /* a GOAWAY is out already (rapid reset) */

@@ -634,6 +634,8 @@ static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *
                                                                        : make_event(hub, msg, seq, &why);
     if (!e)
         goto bad;
+    while (hub->count >= hub->cap)   /* its slot in the ring is the oldest's */
+        drop_oldest(hub);
     hub->ring[seq % hub->cap] = e;
     hub->hi = seq;
     hub->count++;

@@ -1,4 +1,4 @@
-/* Client notifications at the gateway (docs/notifications-wire.md): the window of the
+/* Client notifications at the gateway (docs/notify-channel.md): the window of the
  * site's notifications that connectors carry up the tunnels (control messages
  * notify-sync and notify), the devices' channels (GET /CCM_Notify, Server-Sent Events
  * over HTTP/1.1 or one HTTP/2 stream), and the notify reports back to the site. */

@@ -24,12 +24,17 @@
 #define SYNC_GRACE_MS 2000
 #define SWEEP_MS 1000
 #define EPOCH_LEN 16
+/* Channels one loop round visits for live deliveries: a broadcast to many goes out in
+ * slices, so that tunnels and other devices keep flowing meanwhile. */
+#define FAN_SLICE 2000
 
 const char *const cmg_notify_close_names[CMG_NOTIFY_CLOSES] = {
     "peer", "replaced", "overflow", "blocked", "expired", "drain"};
 
-/* One notification (or tombstone) of the window, formatted once. */
+/* One notification (or tombstone) of the window, formatted once; held by the window
+ * and by the fan-out queue while its live delivery is under way. */
 struct event {
+    int refs;
     uint64_t seq;
     int64_t created, expires;   /* created: the site's, or when a tombstone came */
     bool tombstone, all;
@@ -75,9 +80,19 @@ struct cmg_notify_hub {
     struct cmg_notify_channel *all;
     uint32_t nwaiting;
     struct cmg_timer sweep;
+    /* live deliveries, in seq order: the event at the head goes out from `cursor` (a
+     * broadcast) or `pos` (a list) on; later ones wait for it */
+    struct event **queue;
+    size_t qhead, qlen, qcap;
+    struct cmg_notify_channel *cursor;
+    size_t pos;
+    bool started;
+    struct cmg_task fan_task;
     uint64_t deliveries;
     uint64_t closed[CMG_NOTIFY_CLOSES];
 };
+
+static void queue_clear(struct cmg_notify_hub *hub);
 
 #define HUB_OF(t) ((struct cmg_notify_hub *)((char *)(t) - offsetof(struct cmg_notify_hub, sweep)))
 
@@ -156,6 +171,8 @@ static void unlink_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel
 {
     if (!ch->linked)
         return;
+    if (hub->cursor == ch)   /* a broadcast under way goes on with the next */
+        hub->cursor = ch->next;
     if (ch->prev)
         ch->prev->next = ch->next;
     else
@@ -262,7 +279,7 @@ static uint64_t jitter(uint64_t ms, unsigned pct)
 
 static void event_free(struct event *e)
 {
-    if (!e)
+    if (!e || --e->refs > 0)
         return;
     free(e->devices);
     free(e->arena);
@@ -450,6 +467,7 @@ static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *fr
             cmg_info("notifications: the site's epoch is now %s (was %s): the window starts anew",
                      epoch, hub->epoch);
         window_clear(hub);
+        queue_clear(hub);   /* what the old epoch still had to deliver is void */
         memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
         hub->last = last;
         /* Channels of the old epoch: their ids mean nothing now. */
@@ -552,6 +570,7 @@ static struct event *make_event(struct cmg_notify_hub *hub, const cJSON *msg, ui
     *why = "out of memory";
     if (!(e = calloc(1, need)))
         goto fail;
+    e->refs = 1;
     e->seq = seq;
     e->created = get_count(msg, "created", 1, &created) ? (int64_t)created : now_s();
     e->expires = (int64_t)expires;
@@ -577,6 +596,7 @@ static struct event *make_tombstone(uint64_t seq)
 {
     struct event *e = calloc(1, sizeof(*e));
     if (e) {
+        e->refs = 1;
         e->seq = seq;
         e->created = now_s();
         e->tombstone = true;
@@ -585,21 +605,98 @@ static struct event *make_tombstone(uint64_t seq)
     return e;
 }
 
-/* A live notification reaches the channels it targets: a list by lookup, all by a walk. */
-static void fan_out(struct cmg_notify_hub *hub, const struct event *e)
+/* The head of the queue goes on from where it stopped, for at most `budget` channels;
+ * the number left. */
+static unsigned fan_one(struct cmg_notify_hub *hub, const struct event *e, unsigned budget)
 {
-    if (e->all) {
-        for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
-            next = ch->next;
-            deliver(ch, e);
-        }
-        return;
+    if (!hub->started) {
+        hub->started = true;
+        hub->cursor = hub->all;
+        hub->pos = 0;
     }
-    for (size_t i = 0; i < e->ndevices && hub->nchannels; i++) {
-        struct cmg_notify_channel *ch = lookup(hub, e->devices[i]);
+    if (e->all) {
+        while (hub->cursor && budget) {
+            struct cmg_notify_channel *ch = hub->cursor;
+            hub->cursor = ch->next;   /* before: delivering may end ch */
+            deliver(ch, e);
+            budget--;
+        }
+        if (!hub->cursor)
+            hub->started = false;
+        return budget;
+    }
+    while (hub->pos < e->ndevices && budget && hub->nchannels) {
+        struct cmg_notify_channel *ch = lookup(hub, e->devices[hub->pos++]);
         if (ch)
             deliver(ch, e);
+        budget--;
     }
+    if (hub->pos >= e->ndevices || !hub->nchannels)
+        hub->started = false;
+    return budget;
+}
+
+static void on_fan_task(struct cmg_task *t);
+
+static void queue_clear(struct cmg_notify_hub *hub)
+{
+    while (hub->qlen) {
+        event_free(hub->queue[hub->qhead]);
+        hub->queue[hub->qhead] = NULL;
+        hub->qhead = (hub->qhead + 1) % hub->qcap;
+        hub->qlen--;
+    }
+    hub->started = false;
+    hub->cursor = NULL;
+}
+
+/* Live notifications reach the channels they target, in seq order: a list by lookup,
+ * all by a walk, FAN_SLICE channels a loop round. */
+static void fan_out(struct cmg_notify_hub *hub)
+{
+    unsigned budget = FAN_SLICE;
+
+    while (hub->qlen && budget) {
+        struct event *e = hub->queue[hub->qhead];
+        budget = fan_one(hub, e, budget);
+        if (hub->started)
+            break;   /* the slice is spent */
+        hub->queue[hub->qhead] = NULL;
+        hub->qhead = (hub->qhead + 1) % hub->qcap;
+        hub->qlen--;
+        event_free(e);
+    }
+    if (hub->qlen)
+        cmg_task_post(hub->gw->loop, &hub->fan_task, on_fan_task);
+}
+
+static void on_fan_task(struct cmg_task *t)
+{
+    fan_out((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, fan_task)));
+}
+
+/* Queues a live notification; it goes out at once unless others are still going out. */
+static void enqueue(struct cmg_notify_hub *hub, struct event *e)
+{
+    if (hub->qlen == hub->qcap) {
+        size_t n = hub->qcap ? hub->qcap * 2 : 16;
+        struct event **q = calloc(n, sizeof(*q));
+        if (!q) {
+            cmg_warn("notifications: out of memory: %s-%llu not delivered live (replayed on "
+                     "reconnect)", hub->epoch, (unsigned long long)e->seq);
+            return;
+        }
+        for (size_t i = 0; i < hub->qlen; i++)
+            q[i] = hub->queue[(hub->qhead + i) % hub->qcap];
+        free(hub->queue);
+        hub->queue = q;
+        hub->qhead = 0;
+        hub->qcap = n;
+    }
+    e->refs++;
+    hub->queue[(hub->qhead + hub->qlen++) % hub->qcap] = e;
+    if (hub->qlen == 1)
+        fan_out(hub);
 }
 
 static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *from)
@@ -644,7 +741,7 @@ static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *
         hub->last = seq;
     window_trim(hub);
     if (!e->tombstone && e->expires > now_s())
-        fan_out(hub, e);
+        enqueue(hub, e);
     begin_waiting(hub);
     return;
 bad:
@@ -959,6 +1056,9 @@ void cmg_notify_stop(struct cmg_gateway *gw)
         return;
     cmg_notify_report_stop(gw);
     cmg_timer_stop(gw->loop, &hub->sweep);
+    cmg_task_cancel(gw->loop, &hub->fan_task);
+    queue_clear(hub);
+    free(hub->queue);
     while (hub->all)   /* the devices are closed first: nothing should be left */
         unlink_channel(hub, hub->all);
     window_clear(hub);

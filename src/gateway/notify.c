@@ -803,7 +803,7 @@ int cmg_notify_admit(struct cmg_device *d, const char *method, const struct cmg_
         status = 405, reason = "CMGService_Method_Not_Allowed";
     else if (has_body)
         status = 413, reason = "CMGService_Request_Too_Large";
-    else if (d->gw->state == CMG_GW_DRAINING)
+    else if (d->gw->state == CMG_GW_DRAINING || !d->gw->notify)
         status = 503, reason = "CMGService_Draining";
     else if ((status = cmg_authenticate(d, d->gw->policy, &channel, &path, in, id, &reason)) != 0)
         ;

@@ -224,7 +224,8 @@ static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, s
 {
     int rc = ch->ops->write(ch->sink, framed, flen, framed + prefix, flen - prefix - 2);
     if (rc < 0 || ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer) {
-        end_channel(ch, CMG_NOTIFY_OVERFLOW, false);
+        /* a write that failed: the connection is gone or out of memory */
+        end_channel(ch, rc < 0 ? CMG_NOTIFY_PEER : CMG_NOTIFY_OVERFLOW, false);
         return -1;
     }
     return 0;
@@ -239,11 +240,6 @@ static int put_own(struct cmg_notify_channel *ch, const char *sse, size_t n)
         return -1;
     len = frame(buf, sse, n, &prefix);
     return put(ch, buf, len, prefix);
-}
-
-bool cmg_notify_over_buffer(const struct cmg_notify_channel *ch)
-{
-    return ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer;
 }
 
 static void deliver(struct cmg_notify_channel *ch, const struct event *e)
@@ -470,13 +466,11 @@ static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *fr
         queue_clear(hub);   /* what the old epoch still had to deliver is void */
         memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
         hub->last = last;
-        /* Channels of the old epoch: their ids mean nothing now. */
+        /* Channels of the old epoch: their ids mean nothing now (one reset each). */
         for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
             next = ch->next;
-            if (!ch->waiting && hub->synced)
-                send_reset(ch, "epoch");
-            if (!ch->ended && !ch->waiting)
-                ch->sent_seq = 0;
+            if (!ch->waiting)
+                send_reset(ch, "epoch");   /* may end ch */
         }
     } else if (last > hub->last) {
         hub->last = last;
@@ -945,7 +939,6 @@ static bool still_allowed(struct cmg_notify_channel *ch, const struct cmg_policy
 void cmg_notify_policy(struct cmg_gateway *gw)
 {
     struct cmg_notify_hub *hub = gw->notify;
-    unsigned n = 0;
 
     if (!hub)
         return;
@@ -955,10 +948,8 @@ void cmg_notify_policy(struct cmg_gateway *gw)
             cmg_info("notify channel of device %s closed: blocked or revoked by policy version %lld",
                      ch->device, (long long)gw->policy->version);
             end_channel(ch, CMG_NOTIFY_BLOCKED, true);
-            n++;
         }
     }
-    (void)n;
 }
 
 void cmg_notify_drain(struct cmg_gateway *gw)

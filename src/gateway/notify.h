@@ -72,8 +72,6 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
 void cmg_notify_begin(struct cmg_notify_channel *ch);
 /* Its protocol lets go of it (the device closed, or the end the hub asked for). */
 void cmg_notify_gone(struct cmg_notify_channel *ch);
-/* The device took bytes: the channel may be under its notify_buffer again. */
-bool cmg_notify_over_buffer(const struct cmg_notify_channel *ch);
 
 /* A new policy is in force: channels it blocks or revokes end. */
 void cmg_notify_policy(struct cmg_gateway *gw);

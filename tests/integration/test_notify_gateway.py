@@ -389,6 +389,28 @@ def test_replay_with_last_event_id_and_reset_beyond_the_window(env_factory, site
     assert [e['id'] for e in c.events(16)] == [f'{EPOCH}-{s}' for s in range(lo, top + 1)]
     c.close()
 
+def test_a_new_site_epoch_resets_open_channels_once(env_factory, site):
+    """A notify-sync with another epoch (a site store made anew): each open channel gets one
+    reset naming the new epoch, then the new epoch's notifications live; a Last-Event-ID of
+    the old epoch gets a reset too."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 1)
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=[dev]))
+    settle()
+    c = Channel(site)
+    assert [e['id'] for e in c.events(1)] == [f'{EPOCH}-1']
+    env.fc.sync(OTHER_EPOCH, 0)
+    env.fc.notify(FakeConnector.doc(OTHER_EPOCH, 1, devices=[dev]))
+    ev = c.events(3)
+    assert ev[1] == {'id': f'{OTHER_EPOCH}-0', 'event': 'reset', 'data': {'reason': 'epoch'}}
+    assert ev[2]['id'] == f'{OTHER_EPOCH}-1' and len(c.quiet(0.3)) == 3
+    c.close()
+    old = Channel(site, last_id=f'{EPOCH}-1')
+    assert old.events(1)[0]['event'] == 'reset'
+    old.close()
+
+
 def test_replay_waits_for_the_first_sync_and_heartbeats_meanwhile(env_factory, site):
     """Before any notify-sync a channel is open and gets heartbeats (notify_heartbeat 1s);
     its replay decision waits: once the sync and its backlog come, it gets exactly what it

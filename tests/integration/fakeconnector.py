@@ -43,7 +43,7 @@ class FakeConnector:
         self.report_statuses = []         # statuses to answer the next notify reports with
         self.requests = []                # (method, path) of every stream the gateway opened
         self.control_stream = None
-        self._pending = []                # control lines queued before the control stream
+        self._ctl_out = bytearray()       # control lines not yet sent (stream, flow control)
         self._calls = queue.Queue()
         self._streams = {}                # stream id -> {'headers': {...}, 'body': bytearray}
         self._lock = threading.Lock()
@@ -148,10 +148,20 @@ class FakeConnector:
                 select.select([], [self.sock], [], 0.1)
 
     def _send_line(self, line):
+        self._ctl_out += line
+        self._send_control()
+
+    def _send_control(self):
+        """What flow control and the frame size allow of the control lines queued."""
         if self.control_stream is None:
-            self._pending.append(line)
             return
-        self.h2.send_data(self.control_stream, line)
+        while self._ctl_out:
+            room = min(self.h2.local_flow_control_window(self.control_stream),
+                       self.h2.max_outbound_frame_size, len(self._ctl_out))
+            if room <= 0:
+                return
+            self.h2.send_data(self.control_stream, bytes(self._ctl_out[:room]))
+            del self._ctl_out[:room]
 
     def _run(self):
         try:
@@ -189,13 +199,13 @@ class FakeConnector:
                 self.control_stream = ev.stream_id
                 self.h2.send_headers(ev.stream_id, [(':status', '200'),
                                                     ('content-type', 'application/x-ndjson')])
-                for line in self._pending:
-                    self.h2.send_data(ev.stream_id, line)
-                self._pending = []
+                self._send_control()
         elif isinstance(ev, h2.events.DataReceived):
             self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             if ev.stream_id in self._streams:
                 self._streams[ev.stream_id]['body'] += ev.data
+        elif isinstance(ev, h2.events.WindowUpdated):
+            self._send_control()
         elif isinstance(ev, h2.events.StreamEnded):
             st = self._streams.pop(ev.stream_id, None)
             if st is not None and ev.stream_id != self.control_stream:

@@ -540,6 +540,39 @@ def test_notify_reports_and_resend_after_a_503(env_factory, site):
     assert all(len(fc.requests) for fc in env.fcs)
 
 
+def test_malformed_control_messages_are_ignored(env_factory, site):
+    """Malformed notify-sync and notify messages are ignored with a warning (the tunnel and
+    the gateway stay up); a good document after them is delivered."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync('NOT-HEX', 5)
+    env.fc.sync(EPOCH, -1)
+    env.fc.sync(EPOCH, 0)
+    settle()
+    c = Channel(site)
+    c.wait(lambda c: c.sse.retry is not None)
+    good = FakeConnector.doc(EPOCH, 1, 'policy', {'ok': True}, devices=[dev])
+    bad = [dict(good, type='reset'), dict(good, type='bad type!'), dict(good, type='x' * 65),
+           dict(good, data='y' * (16 * 1024 + 1)), dict(good, devices=[]),
+           dict(good, devices=[dev, 7]), dict(good, devices=['has space']),
+           dict(good, devices=['z' * 128]), dict(good, all=True),
+           {k: v for k, v in good.items() if k != 'expires'}, dict(good, seq='1'),
+           dict(good, seq=1.5), dict(good, id=f'{OTHER_EPOCH}-1'), dict(good, id=f'{EPOCH}-2'),
+           dict(good, devices=[f'd{i}' for i in range(100001)])]
+    for doc in bad:
+        env.fc.notify(doc)
+    env.fc.control({'type': 'notify', 'id': 5})
+    env.fc.control({'type': 'notify-sync'})
+    env.fc.notify(good)
+    assert [e['id'] for e in c.events(1)] == [f'{EPOCH}-1']
+    assert len(c.quiet(0.3)) == 1
+    log = env.gateway.log_text()
+    assert log.count('notify-sync ignored') == 3
+    assert log.count(f'notify {EPOCH}-1 ignored: expected') >= 11
+    assert env.gateway.alive() and env.fc.control_stream is not None and not env.fc.closed.is_set()
+    c.close()
+
+
 def test_refusals_cost_like_any_other(env_factory, site):
     """No credential 401, POST/HEAD 405, no Accept: text/event-stream 406; none forwarded."""
     env = env_factory()

@@ -627,8 +627,9 @@ def push_policy(dep, env):
 
 def test_three_credentials_bulk_token_and_blocking(dep, procs, tmp_path):
     """A site device token, an OIDC token and a certificate each open a channel named by
-    the device id the gateway forwards; a bulk token is refused 403; a policy that blocks
-    the certificate device closes its channel within 5 s."""
+    the device id the gateway forwards; a bulk token is refused 403; a channel whose token
+    expires is closed within 5 s of the expiry; a policy that blocks the certificate device
+    closes its channel within 5 s."""
     idp = IdP(tmp_path)
     v = dep.policy_version()
     dep.cmg_site('oidc', 'set', '--issuer', idp.ISSUER, '--tenant', idp.TENANT,
@@ -653,6 +654,15 @@ def test_three_credentials_bulk_token_and_blocking(dep, procs, tmp_path):
                                                            cert_id(dep.site.device_cert)]))
         for c in (by_token, by_oidc, by_cert):
             assert [e['id'] for e in c.events(1)] == [f'{EPOCH}-1']
+        # a token that ends 3 s from now (the policy's clock skew, 120 s, included)
+        crt3, key3 = site_device(dep.site, tmp_path, 'shortdev')
+        short = Channel(dep.site, cert=crt3, key=key3,
+                        token=device_token(dep, jws, crt3, 'dev-short', ttl=3 - 120))
+        assert short.status == 200
+        start = time.monotonic()
+        short.wait(lambda c: c.ended and c.closed, timeout=8, what='the expired token channel')
+        assert time.monotonic() - start < 3 + 5
+        assert 'notify channel of device dev-short closed: its token expired' in env.gateway.log_text()
         v = dep.policy_version()
         dep.cmg_site('device', 'block', cert_id(dep.site.device_cert))
         poll(lambda: dep.policy_version() > v, 5 * SLOW, 'a policy that blocks the device')

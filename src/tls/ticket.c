@@ -135,6 +135,57 @@ static int parse_keys(const char *file, const char *text, struct cmg_ticket_key 
 
 /* ---- the file ---- */
 
+/* Whoever reads the file can forge a ticket naming any device's certificate, and whoever
+ * writes it can plant a key: it is a device credential, like a CA key. */
+static int check_owner_mode(const char *what, const char *path, const struct stat *st,
+                            mode_t forbidden, char *err, size_t errlen)
+{
+    uid_t me = geteuid();
+
+    if (st->st_uid != 0 && st->st_uid != me)
+        snprintf(err, errlen, "ticket_key_file %s: expected %s owned by root or the gateway's "
+                 "user (uid %u), found uid %u", path, what, (unsigned)me, (unsigned)st->st_uid);
+    else if (st->st_mode & forbidden)
+        snprintf(err, errlen, "ticket_key_file %s: expected %s closed to other users (%s), "
+                 "found mode %04o", path, what, forbidden == 022 ? "no writes by group or others"
+                 : "no reads by others, no writes by group or others",
+                 (unsigned)(st->st_mode & 07777));
+    else
+        return 0;
+    snprintf(err + strlen(err), errlen - strlen(err), ": whoever reads it can impersonate any "
+             "certificate device and decrypt TLS 1.2 sessions; chown it and chmod 600 it");
+    return -1;
+}
+
+static int check_file(const char *file, int fd, char *err, size_t errlen)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "ticket_key_file %s: expected a regular file", file);
+        return -1;
+    }
+    return check_owner_mode("the file", file, &st, 022 | 004, err, errlen);
+}
+
+/* A key file is created only in a directory no other user can write to. */
+static int check_dir(const char *file, char *err, size_t errlen)
+{
+    char dir[PATH_MAX];
+    char *slash;
+    struct stat st;
+
+    snprintf(dir, sizeof(dir), "%s", file);
+    slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof(dir), ".");
+    else
+        slash[slash == dir] = 0;
+    if (stat(dir, &st) < 0)
+        return 0;   /* absent: the open says so */
+    return check_owner_mode("its directory", dir, &st, 022, err, errlen);
+}
+
 /* The lock, waited for a short while at most: the loop must not hang on a file that
  * some other process keeps locked. */
 static int lock_briefly(int fd, int how)
@@ -158,8 +209,13 @@ static int open_locked(const char *file, bool *writable, char *err, size_t errle
 {
     for (int i = 0; i < OPEN_TRIES; i++) {
         struct stat at_fd, at_path;
+        int fd, create_errno;
+
+        if (stat(file, &at_path) < 0 && errno == ENOENT && check_dir(file, err, errlen) < 0)
+            return -1;
         /* A symbolic link is followed: a mounted secret (Kubernetes) is one. */
-        int fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600), create_errno = errno;
+        fd = open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        create_errno = errno;
 
         *writable = fd >= 0;
         if (fd < 0 && (errno == EACCES || errno == EROFS))
@@ -352,17 +408,6 @@ static int rotate_or_keep(struct cmg_tickets *t, struct cmg_ticket_key *keys, si
     return rc;
 }
 
-static void check_mode(struct cmg_tickets *t, int fd)
-{
-    struct stat st;
-
-    if (t->mode_warned || fstat(fd, &st) < 0 || !(st.st_mode & 077))
-        return;
-    t->mode_warned = true;
-    cmg_warn("ticket_key_file %s is open to other users (mode %04o): whoever reads it can "
-             "decrypt resumed TLS sessions; chmod 600 it", t->file, (unsigned)(st.st_mode & 07777));
-}
-
 /* Reads the file under its lock, rotates as due, and puts its keys in force. 0, or -1
  * or NO_FILE with err (the keys in force stay). */
 static int sync_file(struct cmg_tickets *t, char *err, size_t errlen)
@@ -375,8 +420,8 @@ static int sync_file(struct cmg_tickets *t, char *err, size_t errlen)
 
     if (fd < 0)
         return fd;
-    check_mode(t, fd);
-    if (read_text(fd, t->file, text, sizeof(text), err, errlen) < 0 ||
+    if (check_file(t->file, fd, err, errlen) < 0 ||
+        read_text(fd, t->file, text, sizeof(text), err, errlen) < 0 ||
         parse_keys(t->file, text, keys, &n, err, errlen) < 0)
         goto out;
     if (writable && rotate_or_keep(t, keys, &n, err, errlen) < 0)

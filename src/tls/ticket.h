@@ -36,7 +36,6 @@ struct cmg_tickets {
     struct cmg_loop *loop;
     struct cmg_timer timer;         /* the periodic re-read */
     bool warned;                    /* a failed re-read was logged: quiet until one succeeds */
-    bool mode_warned;               /* the file is readable by others: said once */
     bool write_warned;              /* a rotation could not be written: said once */
 };
 

@@ -199,6 +199,7 @@ def test_sighup_reads_the_file_again(procs, tmp_path, svc):
     old_line = KEY_LINE.search(keys.read_text()).group(0)
     new_key = os.urandom(80).hex()
     (tmp_path / 'copy').write_text(f'{int(time.time())} {new_key}\n{old_line}\n')
+    os.chmod(tmp_path / 'copy', 0o600)
     os.replace(tmp_path / 'copy', keys)
     gw.signal(signal.SIGHUP, wait=False)
     gw.expected_exit = False
@@ -252,6 +253,7 @@ def test_rotation_renews_old_tickets_and_drops_old_keys(procs, tmp_path, svc):
     py = PySession(site)
     assert py.request() == (False, 200)
     (tmp_path / 'corrupt').write_text('not a key\n')
+    os.chmod(tmp_path / 'corrupt', 0o600)
     os.replace(tmp_path / 'corrupt', keys)      # at once: never an empty file in between
     poll(lambda: 'ticket_key_file' in gw.log_text() and 'expected' in gw.log_text(), 5 * SLOW,
          'a warning about the corrupt file', check=procs.check)
@@ -271,6 +273,7 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
             (''.join(f'{1700000000 + i} {"ab" * 80}\n' for i in range(4)), 'at most 3 keys'),
             ('x' * 5000, 'expected at most 3 keys in')]:
         bad.write_text(text)
+        bad.chmod(0o600)
         ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', bad.name)
         r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
                            text=True, timeout=20 * SLOW)
@@ -279,6 +282,7 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
         assert 'ab' * 16 not in r.stderr and 'zz' * 8 not in r.stderr, 'key material in the log'
     # a file another process keeps locked: the gateway does not hang on it
     bad.write_text('')
+    bad.chmod(0o600)
     with open(bad) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
@@ -292,6 +296,41 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
                            text=True, timeout=20 * SLOW)
         assert r.returncode == 1 and f'{value}: expected' in r.stderr and expected in r.stderr, r.stderr
         ini_set(site.gateway_conf, 'gateway', value, '1')
+
+
+def test_a_key_file_open_to_other_users_is_refused(procs, tmp_path, svc):
+    """Whoever reads the file can forge a ticket that names any device's certificate: a
+    file (or the directory it is to be made in) that other users can read or write is
+    refused at start (exit 1) and, at a re-read, warned of with the keys in force kept."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    keys = site.dir / 'ticket.keys'
+    keys.write_text(f'{int(time.time())} {os.urandom(80).hex()}\n')
+    for mode in (0o644, 0o620, 0o602):
+        os.chmod(keys, mode)
+        r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                           text=True, timeout=20 * SLOW)
+        assert r.returncode == 1, r.stderr
+        assert f'ticket_key_file {keys}: expected the file closed to other users' in r.stderr, r.stderr
+        assert f'found mode {mode:04o}' in r.stderr and 'impersonate any certificate device' in r.stderr
+    keys.unlink()
+    os.chmod(site.dir, 0o777)
+    r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                       text=True, timeout=20 * SLOW)
+    assert r.returncode == 1 and 'expected its directory closed to other users' in r.stderr, r.stderr
+    assert not keys.exists()
+    os.chmod(site.dir, 0o700)
+
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    py = PySession(site)
+    assert py.request() == (False, 200)
+    os.chmod(keys, 0o666)
+    gw.signal(signal.SIGHUP, wait=False)
+    gw.expected_exit = False
+    poll(lambda: 'found mode 0666' in gw.log_text(), 5 * SLOW, 'the warning', check=procs.check)
+    assert 'ticket key(s) in force are kept' in gw.log_text()
+    assert py.request() == (True, 200)
 
 
 def test_off_is_a_key_of_the_process(procs, tmp_path, svc):

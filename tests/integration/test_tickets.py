@@ -444,7 +444,7 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
     wait_ready(procs, site)
     time.sleep(1.0)                        # the bucket full again (one second's worth)
     before = metrics(port)
-    logged_before = gw.log_text().count('handshake_rate reached: accepting paused for')
+    logged_before = gw.log_text().count('handshake_rate reached: full TLS handshakes wait')
     ctx = client_context(site)
 
     # N at once, all connected after t0: every full handshake done by t was admitted within
@@ -457,7 +457,7 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
                                      f'more than {RATE}/s + a burst of {RATE}'
     print(f'{N} full handshakes at {RATE}/s: first {times[0]:.2f} s, median {times[N // 2]:.2f} s, '
           f'last {times[-1]:.2f} s')
-    logged = gw.log_text().count('handshake_rate reached: accepting paused for') - logged_before
+    logged = gw.log_text().count('handshake_rate reached: full TLS handshakes wait') - logged_before
     assert logged == 1, f'expected one log line for the episode, found {logged}'
     after = metrics(port)
     full = 'cmg_handshakes_total{resumed="false"}'
@@ -473,3 +473,74 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
     assert last < (N - RATE) / RATE / 2, f'resumed handshakes were held back ({last:.2f} s)'
     final, resumed = metrics(port), 'cmg_handshakes_total{resumed="true"}'
     assert final[resumed] - after[resumed] == N and final[full] == after[full]
+
+
+def timed_request(site, ctx, session=None):
+    """(seconds to the answer, reused?, status, session) of one request on a new connection."""
+    t = time.monotonic()
+    sock = socket.create_connection((site.addr, site.port), timeout=30 * SLOW)
+    with ctx.wrap_socket(sock, server_hostname=site.name, session=session) as s:
+        s.sendall(get_request(site).encode())
+        status, _, _ = read_response(s)
+        while s.recv(65536):
+            pass
+        return time.monotonic() - t, s.session_reused, status, s.session
+
+
+def test_a_connect_and_close_flood_costs_no_handshake_token(procs, tmp_path, svc):
+    """TCP connections that close without a ClientHello take no token of handshake_rate: a
+    flood of them at 15 times the rate delays no device."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'handshake_rate', 20)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    time.sleep(1.0)                        # the bucket full
+    stop, flooded = threading.Event(), [0]
+
+    def flood():
+        while not stop.is_set():
+            try:
+                socket.create_connection((site.addr, site.port), timeout=5).close()
+                flooded[0] += 1
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=flood) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)                    # the old design had stopped accepting by now
+        served = [timed_request(site, client_context(site)) for _ in range(3)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print(f'{flooded[0]} connect+close in the flood; 3 full handshakes took '
+          f'{", ".join(f"{s[0]:.3f}" for s in served)} s')
+    assert flooded[0] > 100
+    assert [s[2] for s in served] == [200] * 3
+    assert max(s[0] for s in served) < 3 * SLOW, 'a device was delayed by the flood'
+    assert 'handshake_rate reached' not in gw.log_text(), 'the flood took handshake tokens'
+
+
+def test_resumed_devices_do_not_wait_behind_full_handshakes(procs, tmp_path, svc):
+    """While N full handshakes wait their turn at RATE a second, a device that resumes its
+    session is served at once."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'handshake_rate', RATE)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    ctx = client_context(site)
+    session = timed_request(site, ctx)[3]
+    time.sleep(1.0)
+    waiting = threading.Thread(target=connect_all, args=(site, client_context(site)))
+    waiting.start()
+    poll(lambda: 'handshake_rate reached' in gw.log_text(), 5 * SLOW, 'full handshakes waiting')
+    took, reused, status, _ = timed_request(site, ctx, session)
+    waiting.join(60 * SLOW)
+    print(f'resumed while {N} full handshakes waited at {RATE}/s: {took:.3f} s')
+    assert (reused, status) == (True, 200)
+    assert took < (N - 2 * RATE) / RATE / 2, f'the resumed device waited ({took:.2f} s)'

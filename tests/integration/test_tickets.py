@@ -198,7 +198,8 @@ def test_sighup_reads_the_file_again(procs, tmp_path, svc):
     assert s_client(site, '1.3', sess_out=old_sess) == (False, 200)
     old_line = KEY_LINE.search(keys.read_text()).group(0)
     new_key = os.urandom(80).hex()
-    (tmp_path / 'copy').write_text(f'{int(time.time())} {new_key}\n{old_line}\n')
+    # made on the rotating host more than a re-read interval ago: it encrypts at once here
+    (tmp_path / 'copy').write_text(f'{int(time.time()) - 120} {new_key}\n{old_line}\n')
     os.chmod(tmp_path / 'copy', 0o600)
     os.replace(tmp_path / 'copy', keys)
     gw.signal(signal.SIGHUP, wait=False)
@@ -235,12 +236,23 @@ def test_rotation_renews_old_tickets_and_drops_old_keys(procs, tmp_path, svc):
             file_keys(keys)[0] == newest and newest
     old = poll(fresh_session, 5 * SLOW, 'a ticket of the newest key')
 
-    # a new key: the old one still decrypts, and the ticket is renewed (TLS 1.2: a
-    # NewSessionTicket in the resumed handshake)
+    # a new key: decrypt-only for a re-read interval (1 s here: the other instances read it
+    # first), then it encrypts; the old one still decrypts, and its ticket is renewed (TLS
+    # 1.2: a NewSessionTicket in the resumed handshake)
     poll(lambda: file_keys(keys)[0] != old, 5 * SLOW, 'a new key in the file')
+    new = file_keys(keys)[0]
+    made = int(KEY_LINE.search(keys.read_text()).group(1))
+    probe = tmp_path / 'probe.sess'
+    if time.time() < made + 0.9:
+        assert s_client(site, '1.2', sess_out=probe) == (False, 200)
+        if time.time() < made + 0.9:
+            assert ticket_key_name(probe) == old, 'a new key encrypted before the others had it'
+    poll(lambda: time.time() >= made + 2, 5 * SLOW, 'a re-read interval')
     reused, status, renewed = s_client_msg(site, '1.2', sess_in=sess)
     assert old in file_keys(keys), 'the old key was dropped before it could be tried'
     assert (reused, status, renewed) == (True, 200, True), 'a ticket of the previous key'
+    s_client(site, '1.2', sess_out=probe)
+    assert ticket_key_name(probe) in (new, file_keys(keys)[0])
     assert 1 < len(file_keys(keys)) <= 3
 
     # two periods later the old key is gone: its ticket gets a full handshake
@@ -280,14 +292,14 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
         assert r.returncode == 1, r.stderr
         assert f'ticket_key_file {bad}' in r.stderr and expected in r.stderr, r.stderr
         assert 'ab' * 16 not in r.stderr and 'zz' * 8 not in r.stderr, 'key material in the log'
-    # a file another process keeps locked: the gateway does not hang on it
+    # an empty file (a copy in progress): unusable, never filled with a key of this instance
     bad.write_text('')
     bad.chmod(0o600)
-    with open(bad) as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
-                           text=True, timeout=20 * SLOW)
-    assert r.returncode == 1 and f'ticket_key_file {bad}: expected it unlocked' in r.stderr, r.stderr
+    r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                       text=True, timeout=20 * SLOW)
+    assert r.returncode == 1 and f'ticket_key_file {bad}: expected a key, found none' in r.stderr \
+        and 'temporary name, then mv' in r.stderr, r.stderr
+    assert bad.read_text() == ''
     for value, expected in [('ticket_key_rotate', '-1'), ('ticket_key_rotate', '31d'),
                             ('handshake_rate', '-5'), ('handshake_rate', 'fast')]:
         ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', 'off')
@@ -392,7 +404,7 @@ def test_a_symbolic_link_stays_one(procs, tmp_path, svc):
     sess = tmp_path / 's.sess'
     assert s_client(site, '1.2', sess_out=sess) == (False, 200)
     assert ticket_key_name(sess) in file_keys(store / 'real.keys')
-    assert not any(store.glob('*.new')) and 'a new ticket key encrypts' in gw.log_text()
+    assert not any(store.glob('*.new')) and 'a new ticket key, decrypting now, encrypting in' in gw.log_text()
 
 
 # ---------------------------------------------------------------- handshake_rate
@@ -544,3 +556,72 @@ def test_resumed_devices_do_not_wait_behind_full_handshakes(procs, tmp_path, svc
     print(f'resumed while {N} full handshakes waited at {RATE}/s: {took:.3f} s')
     assert (reused, status) == (True, 200)
     assert took < (N - 2 * RATE) / RATE / 2, f'the resumed device waited ({took:.2f} s)'
+
+
+def test_a_file_being_copied_in_place_is_never_overwritten(procs, tmp_path, svc):
+    """cp/scp truncate the file, then write it: an empty file at a re-read is unusable, the
+    keys in force stay, and the instance writes nothing into it (ticket_key_rotate = 0)."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'ticket_key_rotate', '0')
+    keys = site.dir / 'ticket.keys'
+    k1 = os.urandom(80).hex()
+    keys.write_text(f'{int(time.time()) - 120} {k1}\n')
+    keys.chmod(0o600)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    sess = tmp_path / 's.sess'
+    assert s_client(site, '1.2', sess_out=sess) == (False, 200)
+    with open(keys, 'r+') as f:
+        f.truncate(0)                              # as cp does before it writes
+        gw.signal(signal.SIGHUP, wait=False)
+        gw.expected_exit = False
+        poll(lambda: 'expected a key, found none' in gw.log_text(), 5 * SLOW, 'the warning',
+             check=procs.check)
+        assert keys.read_text() == '', 'the instance wrote into a file being copied'
+        f.write(f'{int(time.time()) - 120} {k1}\n')    # the copy completes
+    assert file_keys(keys) == [k1[:32]] and 'kept' in gw.log_text()
+    assert s_client(site, '1.2', sess_in=sess) == (True, 200)
+
+
+def test_a_key_dated_in_the_future_does_not_freeze_rotation(procs, tmp_path, svc):
+    site = rotation_site(tmp_path, procs, svc)
+    keys = site.dir / 'ticket.keys'
+    future = os.urandom(80).hex()
+    keys.write_text(f'{int(time.time()) + 10 ** 9} {future}\n')
+    keys.chmod(0o600)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    poll(lambda: file_keys(keys)[0] != future[:32], 10 * SLOW, 'a rotation', check=procs.check)
+    warnings = [line for line in gw.log_text().splitlines() if 's ahead of this host' in line]
+    assert len(warnings) == 1 and 'taken as made now' in warnings[0], warnings
+    assert future[:32] not in gw.log_text()
+
+
+def test_the_lock_is_never_waited_for(procs, tmp_path, svc):
+    """Readers take no lock; a writer that finds ticket.keys.lock held skips its rotation
+    (picked up at a later re-read) instead of waiting in the event loop."""
+    site = rotation_site(tmp_path, procs, svc)
+    keys = site.dir / 'ticket.keys'
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    first = file_keys(keys)
+    py = PySession(site)
+    with open(str(keys) + '.lock', 'a') as lock, open(keys) as held:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(held, fcntl.LOCK_EX)          # a reader of the old design would wait
+        slowest = 0.0
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            gw.signal(signal.SIGHUP, wait=False)
+            t = time.monotonic()
+            assert py.request()[1] == 200
+            slowest = max(slowest, time.monotonic() - t)
+        assert file_keys(keys) == first, 'rotated while another process held the lock'
+    gw.expected_exit = False
+    print(f'requests with the lock held and a SIGHUP before each: slowest {slowest:.3f} s')
+    assert slowest < 0.5 * SLOW
+    poll(lambda: file_keys(keys)[0] != first[0], 5 * SLOW, 'the rotation once the lock is free',
+         check=procs.check)

@@ -686,19 +686,29 @@ int cmg_tickets_attach(struct cmg_tickets *t, SSL_CTX *ctx)
 #define CHAIN_MAX_CERTS 8
 #define CHAIN_MAX_BYTES (16 * 1024)
 
-/* DER of the certificates, one after another; NULL if none or too many. */
+/* The application data of a ticket whose chain could not be kept (more than
+ * CHAIN_MAX_CERTS or CHAIN_MAX_BYTES): no DER certificate starts with it. */
+static const unsigned char chain_left_out = 0;
+
+/* DER of the certificates, one after another; NULL if none or too many (*total < 0). */
 static unsigned char *chain_der(STACK_OF(X509) *chain, int *total)
 {
     int n = sk_X509_num(chain);
     unsigned char *der, *p;
 
     *total = 0;
-    if (n <= 0 || n > CHAIN_MAX_CERTS)
+    if (n <= 0)
         return NULL;
+    *total = -1;
+    if (n > CHAIN_MAX_CERTS)
+        return NULL;
+    *total = 0;
     for (int i = 0; i < n; i++) {
         int len = i2d_X509(sk_X509_value(chain, i), NULL);
-        if (len <= 0 || *total + len > CHAIN_MAX_BYTES)
+        if (len <= 0 || *total + len > CHAIN_MAX_BYTES) {
+            *total = -1;
             return NULL;
+        }
         *total += len;
     }
     der = p = OPENSSL_malloc((size_t)*total);
@@ -708,25 +718,57 @@ static unsigned char *chain_der(STACK_OF(X509) *chain, int *total)
 }
 
 /* A ticket is about to be made: a full handshake's chain goes in it (a resumed session
- * keeps the data of the ticket it came from). */
+ * keeps the data of the ticket it came from). A chain too long to keep is marked so: such
+ * a ticket never resumes (the device could not be judged without its intermediates). */
 static int keep_chain(SSL *s, void *arg)
 {
-    int total;
+    SSL_SESSION *sess = SSL_get_session(s);
     unsigned char *der;
+    int total, ok = 1;
 
     (void)arg;
     if (SSL_session_reused(s))
         return 1;
     der = chain_der(SSL_get_peer_cert_chain(s), &total);
     if (der)
-        SSL_SESSION_set1_ticket_appdata(SSL_get_session(s), der, (size_t)total);
+        ok = SSL_SESSION_set1_ticket_appdata(sess, der, (size_t)total);
+    if (!der || !ok)
+        ok = total == 0 || SSL_SESSION_set1_ticket_appdata(sess, &chain_left_out, 1);
     OPENSSL_free(der);
-    return 1;
+    return ok ? 1 : 0;
+}
+
+static bool chain_was_left_out(SSL_SESSION *sess)
+{
+    void *data = NULL;
+    size_t len = 0;
+
+    return SSL_SESSION_get0_ticket_appdata(sess, &data, &len) && len == 1 &&
+           *(const unsigned char *)data == chain_left_out;
+}
+
+/* A ticket read: one whose chain was left out gets a full handshake (and a new ticket). */
+static SSL_TICKET_RETURN check_chain(SSL *s, SSL_SESSION *sess, const unsigned char *name,
+                                     size_t name_len, SSL_TICKET_STATUS status, void *arg)
+{
+    (void)s, (void)name, (void)name_len, (void)arg;
+    switch (status) {
+    case SSL_TICKET_FATAL_ERR_MALLOC:
+    case SSL_TICKET_FATAL_ERR_OTHER:
+        return SSL_TICKET_RETURN_ABORT;
+    case SSL_TICKET_SUCCESS:
+    case SSL_TICKET_SUCCESS_RENEW:
+        if (chain_was_left_out(sess))
+            return SSL_TICKET_RETURN_IGNORE_RENEW;
+        return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE : SSL_TICKET_RETURN_USE_RENEW;
+    default:
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    }
 }
 
 int cmg_tickets_keep_chain(SSL_CTX *ctx)
 {
-    return SSL_CTX_set_session_ticket_cb(ctx, keep_chain, NULL, NULL) == 1 ? 0 : -1;
+    return SSL_CTX_set_session_ticket_cb(ctx, keep_chain, check_chain, NULL) == 1 ? 0 : -1;
 }
 
 STACK_OF(X509) *cmg_tickets_peer_chain(SSL *ssl)

@@ -186,6 +186,30 @@ def test_a_device_of_an_intermediate_ca_resumes_and_is_judged_again(procs, tmp_p
     assert not refused, refused
 
 
+def test_a_chain_too_long_for_the_ticket_is_not_resumed(procs, tmp_path, svc):
+    """A device that sends more intermediates than a ticket keeps (8): its sessions are never
+    resumed (a resumed connection could not be judged without them), so it is served on
+    every full handshake instead of refused for the ticket's lifetime."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((site.dir / 'ca.key').read_bytes(), None)
+    inter, inter_key, (inter_crt, _) = make_cert(tmp_path / 'issuing', 'Issuing CA', ca, ca_key, ca=True)
+    _, _, (dev_crt, dev_key) = make_cert(tmp_path / 'dev', 'dev-of-issuing', inter, inter_key)
+    extra = b''.join(make_cert(tmp_path / f'x{i}', f'Unrelated CA {i}', ca=True)[2][0].read_bytes()
+                     for i in range(8))
+    chain = tmp_path / 'chain.crt'
+    chain.write_bytes(dev_crt.read_bytes() + inter_crt.read_bytes() + extra)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        py = PySession(site, cert=chain, key=dev_key)
+        py.ctx.maximum_version = version
+        assert [py.request() for _ in range(3)] == [(False, 200)] * 3, version
+    refused = [line for line in gw.log_text().splitlines() if 'refused' in line]
+    assert not refused, refused
+
+
 def test_sighup_reads_the_file_again(procs, tmp_path, svc):
     """A file copied in from elsewhere (a key made there, the old one kept): SIGHUP puts it in
     force at once; tickets of the old key still resume."""

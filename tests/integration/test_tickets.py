@@ -12,7 +12,11 @@ s_client -sess_out/-sess_in` (TLS 1.3 and 1.2) and Python's ssl `session=`.
 - `ticket_key_file = off`: sessions resume within the process only.
 - `handshake_rate = 5`: 30 connections at once are all served, never more full handshakes
   by any time than rate x elapsed + burst; 30 resumed at once are not held back; the pause
-  logged once per episode and counted in /metrics (`cmg_handshakes_total{resumed=...}`).
+  logged once per episode and counted in /metrics (`cmg_handshakes_total{resumed=...}`);
+  a connect/close flood takes no token; a resumed device does not wait behind full ones.
+- The file as a device credential: modes and owners other users could use are refused; an
+  empty file (a copy in place) is never written; a key dated ahead does not freeze
+  rotation; the lock is never waited for; a chain too long for the ticket never resumes.
 """
 import fcntl
 import os

@@ -449,38 +449,59 @@ cJSON *cmg_notify_missed(struct cmg_store *st, int64_t seq)
 
 /* ---- devices and their channels ---- */
 
-/* A device's channel row: ?1 the device, ?2 now, ?3 the default report interval. An
- * open channel counts while its instance was heard of (any report) within 2 of its
- * report intervals. */
-#define SEEN_SQL                                                                              \
-    "WITH heard(instance, at, iv) AS (SELECT instance, max(at), max(iv) FROM"                 \
+/* Every device, registered or seen only on a channel, with its channel rows, in one
+ * set-based query (the dashboard polls it: nothing per device is recomputed). ?1 now,
+ * ?2 the default report interval, ?3/?4/?5 the cursor (group, registered, id; group 0
+ * registered devices by registration, 1 those seen only on a channel, by id), ?6 the
+ * page size. An open channel counts while its instance was heard of (any report)
+ * within 2 of its report intervals. */
+#define OPEN_SQL(s, h)                                                                        \
+    s ".last_seen, " s ".open AND coalesce(" h ".at >= ?1 - 2 * (CASE WHEN " h ".iv > 0 THEN " \
+    h ".iv ELSE ?2 END), 0), " h ".at"
+#define DEVICES_SQL                                                                           \
+    "WITH heard(instance, at, iv) AS MATERIALIZED (SELECT instance, max(at), max(iv) FROM"    \
     " (SELECT instance, received AS at, interval AS iv FROM gateways UNION ALL"               \
-    " SELECT instance, received, 0 FROM notify_boots) GROUP BY instance)"                     \
-    " SELECT s.last_seen, s.open AND coalesce(h.at >= ?2 - 2 * (CASE WHEN h.iv > 0 THEN h.iv" \
-    " ELSE ?3 END), 0), h.at FROM device_seen s LEFT JOIN heard h ON h.instance = s.instance" \
-    " WHERE s.device = ?1"
+    " SELECT instance, received, 0 FROM notify_boots) GROUP BY instance),"                    \
+    " rows AS (SELECT 0 AS grp, d.registered AS reg, d.id AS id, d.name, d.thumbprint,"       \
+    " d.bulk_guid, d.token_issued, d.token_expires, d.blocked, " OPEN_SQL("s1", "h1") ", "    \
+    OPEN_SQL("s2", "h2") " FROM devices d"                                                    \
+    " LEFT JOIN device_seen s1 ON s1.device = d.id"                                           \
+    " LEFT JOIN heard h1 ON h1.instance = s1.instance"                                        \
+    " LEFT JOIN device_seen s2 ON d.thumbprint IS NOT NULL AND s2.device = 'cert:' ||"        \
+    " d.thumbprint LEFT JOIN heard h2 ON h2.instance = s2.instance"                           \
+    " UNION ALL SELECT 1, 0, s.device, NULL, NULL, NULL, NULL, NULL, 0, " OPEN_SQL("s", "h")  \
+    ", NULL, NULL, NULL FROM device_seen s LEFT JOIN heard h ON h.instance = s.instance"      \
+    " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device)"                       \
+    " AND NOT EXISTS (SELECT 1 FROM devices d WHERE s.device LIKE 'cert:%'"                   \
+    " AND d.thumbprint = substr(s.device, 6)))"                                               \
+    " SELECT * FROM rows WHERE (grp, reg, id) > (?3, ?4, ?5) ORDER BY grp, reg, id LIMIT ?6"
+
+/* Column of the first channel row in DEVICES_SQL's rows (3 columns per row). */
+#define SEEN_COL 9
 
 struct seen {
     bool found, open;
     int64_t last_seen;
 };
 
-/* The channel row of id, merged into *s (the newer wins). */
-static void seen_of(sqlite3_stmt *q, const char *id, struct seen *s)
+/* The channel row at column col of q (last_seen, open, heard at), merged into *s (the
+ * newer wins). */
+static void seen_of(sqlite3_stmt *q, int col, struct seen *s)
 {
-    sqlite3_bind_text(q, 1, id, -1, SQLITE_TRANSIENT);
-    if (sqlite3_step(q) == SQLITE_ROW) {
-        int64_t last = sqlite3_column_int64(q, 0);
-        bool open = sqlite3_column_int64(q, 1) != 0;
-        if (open && sqlite3_column_int64(q, 2) > last)
-            last = sqlite3_column_int64(q, 2);   /* heard of with its instance */
-        if (!s->found || last > s->last_seen) {
-            s->last_seen = last;
-            s->open = open;
-        }
-        s->found = true;
+    int64_t last;
+    bool open;
+
+    if (sqlite3_column_type(q, col) == SQLITE_NULL)
+        return;
+    last = sqlite3_column_int64(q, col);
+    open = sqlite3_column_int64(q, col + 1) != 0;
+    if (open && sqlite3_column_int64(q, col + 2) > last)
+        last = sqlite3_column_int64(q, col + 2);   /* heard of with its instance */
+    if (!s->found || last > s->last_seen) {
+        s->last_seen = last;
+        s->open = open;
     }
-    sqlite3_reset(q);
+    s->found = true;
 }
 
 static void add_seen(cJSON *row, const struct seen *s)
@@ -492,54 +513,77 @@ static void add_seen(cJSON *row, const struct seen *s)
     cJSON_AddStringToObject(row, "channel", !s->found ? "-" : s->open ? "open" : "closed");
 }
 
-/* Devices seen on a channel only (certificate and OIDC devices), appended to list. */
-static int add_channel_only(struct cmg_store *st, cJSON *list, sqlite3_stmt *seen)
+static void add_text_or_null(cJSON *row, const char *name, sqlite3_stmt *q, int col)
 {
-    sqlite3_stmt *q = cmg_store_prepare(st, "SELECT device FROM device_seen WHERE device NOT IN"
-                                            " (SELECT id FROM devices) AND device NOT IN (SELECT"
-                                            " 'cert:' || thumbprint FROM devices) ORDER BY device",
-                                        "");
-    int step = SQLITE_ERROR;
-
-    while (q && (step = sqlite3_step(q)) == SQLITE_ROW) {
-        const char *id = (const char *)sqlite3_column_text(q, 0);
-        cJSON *row = cJSON_CreateObject();
-        struct seen s = {0};
-
-        cJSON_AddStringToObject(row, "id", id);
-        cJSON_AddNullToObject(row, "name");
-        cJSON_AddFalseToObject(row, "blocked");
-        seen_of(seen, id, &s);
-        add_seen(row, &s);
-        cJSON_AddItemToArray(list, row);
-    }
-    sqlite3_finalize(q);
-    return step == SQLITE_DONE ? 0 : -1;
+    if (sqlite3_column_type(q, col) == SQLITE_NULL)
+        cJSON_AddNullToObject(row, name);
+    else if (sqlite3_column_type(q, col) == SQLITE_INTEGER)
+        cJSON_AddNumberToObject(row, name, (double)sqlite3_column_int64(q, col));
+    else
+        cJSON_AddStringToObject(row, name, (const char *)sqlite3_column_text(q, col));
 }
 
-cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s)
+/* One row of DEVICES_SQL as device.list shows it. */
+static cJSON *device_row(sqlite3_stmt *q)
 {
-    cJSON *list = cmg_store_devices_json(st), *row;
-    sqlite3_stmt *seen = list ? cmg_store_prepare(st, SEEN_SQL, "sii", "", now, report_interval_s)
-                              : NULL;
-    cJSON *rows = seen ? list : NULL;
-    char cert_id[80];
+    cJSON *row = cJSON_CreateObject();
+    struct seen s = {0};
+    bool registered = sqlite3_column_int64(q, 0) == 0;
 
-    cJSON_ArrayForEach(row, rows) {
-        const char *thumb = cJSON_GetStringValue(cJSON_GetObjectItem(row, "thumbprint"));
-        struct seen s = {0};
-
-        seen_of(seen, cJSON_GetStringValue(cJSON_GetObjectItem(row, "id")), &s);
-        snprintf(cert_id, sizeof(cert_id), "cert:%s", thumb ? thumb : "");
-        if (thumb)   /* the same device on its certificate */
-            seen_of(seen, cert_id, &s);
-        add_seen(row, &s);
+    add_text_or_null(row, "id", q, 2);
+    add_text_or_null(row, "name", q, 3);
+    if (registered) {
+        add_text_or_null(row, "thumbprint", q, 4);
+        add_text_or_null(row, "bulk_guid", q, 5);
+        add_text_or_null(row, "registered", q, 1);
+        add_text_or_null(row, "token_issued", q, 6);
+        add_text_or_null(row, "token_expires", q, 7);
+        add_text_or_null(row, "blocked", q, 8);
+    } else {
+        cJSON_AddFalseToObject(row, "blocked");
     }
-    if (list && (!seen || add_channel_only(st, list, seen) < 0)) {
+    seen_of(q, SEEN_COL, &s);
+    seen_of(q, SEEN_COL + 3, &s);   /* the same device on its certificate */
+    add_seen(row, &s);
+    return row;
+}
+
+/* The cursor of after: (group, registered) of that device, so the next page starts
+ * right after it. */
+static void cursor_of(struct cmg_store *st, const char *after, int64_t *grp, int64_t *reg)
+{
+    bool failed = false;
+
+    *grp = -1;
+    *reg = 0;
+    if (!after)
+        return;
+    *reg = one_int(cmg_store_prepare(st, "SELECT registered FROM devices WHERE id = ?", "s",
+                                     after), -1, &failed);
+    *grp = *reg < 0 ? 1 : 0;
+    if (*reg < 0)
+        *reg = 0;
+}
+
+cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s,
+                               const char *after, int64_t limit)
+{
+    int64_t grp, reg;
+    sqlite3_stmt *q;
+    cJSON *list = NULL;
+    int step = SQLITE_ERROR;
+
+    cursor_of(st, after, &grp, &reg);
+    q = cmg_store_prepare(st, DEVICES_SQL, "iiiisi", now, report_interval_s, grp, reg,
+                          after ? after : "", limit > 0 ? limit : (int64_t)-1);
+    list = q ? cJSON_CreateArray() : NULL;
+    while (list && (step = sqlite3_step(q)) == SQLITE_ROW)
+        cJSON_AddItemToArray(list, device_row(q));
+    if (list && step != SQLITE_DONE) {
         cJSON_Delete(list);
         list = NULL;
     }
-    sqlite3_finalize(seen);
+    sqlite3_finalize(q);
     return list;
 }
 

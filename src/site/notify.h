@@ -73,9 +73,12 @@ int cmg_notify_report_ingest(struct cmg_store *st, const cJSON *doc, int64_t now
 int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **out);
 /* Targets of seq without a delivery row of it, as a JSON array of ids (NULL: error). */
 cJSON *cmg_notify_missed(struct cmg_store *st, int64_t seq);
-/* Registered devices with last_seen and channel, and the devices seen only on a
- * channel; report_interval_s is the site's default for instances that never said. */
-cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s);
+/* Registered devices (by registration) with last_seen and channel, then the devices
+ * seen only on a channel (by id); report_interval_s is the site's default for instances
+ * that never said. A page: the limit (<= 0: all) rows after the device id after (NULL:
+ * from the first). */
+cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s,
+                               const char *after, int64_t limit);
 
 /* Drops notifications (and their rows), device_seen rows and notify report marks older
  * than retention_s; the newest notification stays (the sequence goes on). 0 or -1. */

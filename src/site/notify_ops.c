@@ -12,6 +12,7 @@
 
 #define LIST_DEFAULT 20
 #define LIST_MAX 1000
+#define DEVICES_PAGE_MAX 100000   /* device.list rows in one page */
 
 static int fail(char *msg, size_t len, int status, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -307,8 +308,16 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
 int cmg_notify_op_devices(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len)
 {
-    (void)args;
+    const cJSON *lim = arg(args, "limit"), *after = arg(args, "after");
+    double limit = lim ? cJSON_GetNumberValue(lim) : 0;
+
+    if (lim && !(limit >= 1 && limit <= DEVICES_PAGE_MAX))
+        return fail(msg, len, 400, "limit: a number from 1 to %d expected", DEVICES_PAGE_MAX);
+    if (after && !(cJSON_IsString(after) && cmg_notify_device_ok(after->valuestring)))
+        return fail(msg, len, 400, "after: a device id expected (the last one of the "
+                                   "previous page)");
     *result = cmg_notify_devices_json(s->store, (int64_t)time(NULL),
-                                      (int64_t)s->report_interval_s);
+                                      (int64_t)s->report_interval_s,
+                                      after ? after->valuestring : NULL, (int64_t)limit);
     return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }

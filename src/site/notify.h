@@ -24,6 +24,7 @@
 #define CMG_NOTIFY_FEED_AGE_S 86400            /* ... of the last 24 h */
 #define CMG_NOTIFY_RETENTION_S (31 * 86400)
 #define CMG_NOTIFY_REPORT_MAX_IDS 65536        /* device ids in one notify report */
+#define CMG_NOTIFY_MAX_UNKNOWN 200000     /* channel rows of devices the site does not know */
 #define CMG_NOTIFY_ID_MAX 40                   /* "<16 hex>-<seq>" and its NUL */
 
 /* A device id as gateways name devices: printable ASCII without space, 1..127 bytes. */

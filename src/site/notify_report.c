@@ -9,6 +9,7 @@
 #include "site/reports.h"
 #include "site/store_sql.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -197,22 +198,36 @@ static int mark(struct cmg_store *st, const char *instance, const char *boot, in
                                   boot, seq, now));
 }
 
-/* The deliveries of this site's epoch and of notifications it has; others are ignored
- * (a gateway's report may hold deliveries of a store made anew). */
+/* A delivery is kept only for a target of the notification: one of its list, or for one
+ * to all devices, a device the site knows (registered, or with a channel row: the
+ * report's own opened/closed are kept first). ?1 seq, ?2 device, ?3 now, ?4 instance. */
+#define DELIVERY_SQL                                                                          \
+    "INSERT OR IGNORE INTO notify_delivered (seq, device, at, instance) SELECT ?1, ?2, ?3, ?4" \
+    " WHERE EXISTS (SELECT 1 FROM notify_targets WHERE seq = ?1 AND device = ?2) OR"          \
+    " (EXISTS (SELECT 1 FROM notifications WHERE seq = ?1 AND all_devices) AND"               \
+    " (EXISTS (SELECT 1 FROM device_seen WHERE device = ?2) OR"                               \
+    " EXISTS (SELECT 1 FROM devices WHERE id = ?2)))"
+
+/* The deliveries of this site's epoch to the targets of notifications it has; others
+ * are ignored (a gateway's report may hold deliveries of a store made anew), counted
+ * in *ignored. */
 static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *instance,
-                          int64_t now)
+                          int64_t now, int64_t *ignored)
 {
-    sqlite3_stmt *ins = cmg_store_prepare(st, "INSERT OR IGNORE INTO notify_delivered (seq,"
-                                              " device, at, instance) VALUES (?, ?, ?, ?)",
-                                          "iiis", (int64_t)0, (int64_t)0, now, instance);
+    sqlite3_stmt *ins = cmg_store_prepare(st, DELIVERY_SQL, "iiis", (int64_t)0, (int64_t)0, now,
+                                          instance);
+    sqlite3 *db = cmg_store_db(st);
     int64_t last = cmg_notify_last(st), seq;
     char mine[17], epoch[17];
     int rc = ins && last >= 0 && cmg_notify_epoch(st, mine) == 0 ? 0 : -1;
     const cJSON *e, *dev, *items = rc == 0 ? d : NULL;
 
     cJSON_ArrayForEach(e, items) {
-        if (cmg_notify_id_parse(e->string, epoch, &seq) < 0 || strcmp(epoch, mine) || seq > last)
+        if (cmg_notify_id_parse(e->string, epoch, &seq) < 0 || strcmp(epoch, mine) ||
+            seq > last) {
+            *ignored += cJSON_GetArraySize(e);
             continue;
+        }
         sqlite3_bind_int64(ins, 1, seq);
         cJSON_ArrayForEach(dev, e) {
             sqlite3_bind_text(ins, 2, dev->valuestring, -1, SQLITE_STATIC);
@@ -220,10 +235,35 @@ static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *inst
                 rc = -1;
                 break;
             }
+            if (sqlite3_changes(db) == 0)
+                ++*ignored;   /* not a target, or kept already */
         }
     }
     sqlite3_finalize(ins);
     return rc;
+}
+
+/* Channel rows of devices the site does not know (not registered, no certificate it
+ * issued) beyond CMG_NOTIFY_MAX_UNKNOWN: the oldest go, closed ones first, so forged ids
+ * cannot grow the store. The rows of known devices are never counted nor dropped. */
+static int cap_unknown(struct cmg_store *st)
+{
+    sqlite3_stmt *q = cmg_store_prepare(
+        st, "SELECT (SELECT count(*) FROM device_seen) - (SELECT count(*) FROM devices) -"
+            " (SELECT count(*) FROM certs WHERE thumbprint IS NOT NULL) - ?", "i",
+        (int64_t)CMG_NOTIFY_MAX_UNKNOWN);
+    int64_t excess = q && sqlite3_step(q) == SQLITE_ROW ? sqlite3_column_int64(q, 0) : -1;
+
+    sqlite3_finalize(q);
+    if (excess <= 0)
+        return q ? 0 : -1;   /* under the cap (an estimate from above: known rows may lack) */
+    return done(cmg_store_prepare(
+        st, "DELETE FROM device_seen WHERE device IN (SELECT device FROM device_seen s"
+            " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device) AND"
+            " NOT (s.device LIKE 'cert:%' AND (EXISTS (SELECT 1 FROM devices d WHERE"
+            " d.thumbprint = substr(s.device, 6)) OR EXISTS (SELECT 1 FROM certs c WHERE"
+            " c.thumbprint = substr(s.device, 6))))"
+            " ORDER BY open, last_seen LIMIT ?)", "i", excess));
 }
 
 /* Closed channels: closed only if this instance holds the device's channel (it may
@@ -276,7 +316,7 @@ static int keep_opened(struct cmg_store *st, const cJSON *o, const char *instanc
     return rc;
 }
 
-static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
+static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now, int64_t *ignored)
 {
     const char *instance = get(doc, "instance")->valuestring;
     const char *boot = get(doc, "boot")->valuestring;
@@ -290,9 +330,11 @@ static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
                                                " instance = ? AND boot <> ?", "ss", instance,
                                            boot)) < 0)
         return -1;
-    if (keep_delivered(st, get(doc, "delivered"), instance, now) < 0 ||
-        keep_closed(st, get(doc, "closed"), instance, boot, now) < 0 ||
-        keep_opened(st, get(doc, "opened"), instance, boot, now) < 0)
+    /* the channels first: a delivery of a broadcast counts for a device seen */
+    if (keep_closed(st, get(doc, "closed"), instance, boot, now) < 0 ||
+        keep_opened(st, get(doc, "opened"), instance, boot, now) < 0 ||
+        keep_delivered(st, get(doc, "delivered"), instance, now, ignored) < 0 ||
+        cap_unknown(st) < 0)
         return -1;
     return 0;
 }
@@ -300,18 +342,23 @@ static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
 int cmg_notify_report_ingest(struct cmg_store *st, const cJSON *doc, int64_t now, char *err,
                              size_t errlen)
 {
+    int64_t ignored = 0;
     int rc;
 
     if (cmg_store_begin(st) < 0) {
         snprintf(err, errlen, "store busy: %s", cmg_store_error(st));
         return -1;
     }
-    rc = ingest_tx(st, doc, now);
+    rc = ingest_tx(st, doc, now, &ignored);
     if (rc >= 0 && cmg_store_commit(st) < 0)
         rc = -1;
     if (rc < 0) {
         snprintf(err, errlen, "store: %s", cmg_store_error(st));
         cmg_store_rollback(st);
     }
+    if (rc == 0 && ignored > 0)
+        cmg_info("notify report of %s: %" PRId64 " delivery(ies) ignored (not a "
+                "target, an unknown notification or kept already)",
+                get(doc, "instance")->valuestring, ignored);
     return rc;
 }

@@ -60,3 +60,38 @@ def bad_op(dep, op, args):
         assert e.code == 400
         return json.loads(e.read())['error']
     raise AssertionError(f'{op} {args} accepted')
+
+
+def test_report_keeps_only_deliveries_to_targets(dep):
+    """A delivery is kept for a target of the notification only (for --all: a device the
+    site knows); made-up ids in a report are skipped, the report still 204."""
+    one = notify_json(dep, '--device', 'target-1', '--type', 'policy')
+    everyone = notify_json(dep, '--all', '--type', 'policy')
+    forged = [f'forged-{i:05d}' for i in range(5000)]
+    gw = Reporter(dep)
+    gw.send(opened=['target-1'], delivered={one['id']: ['target-1'] + forged,
+                                           everyone['id']: ['target-1'] + forged})
+    assert db_rows(dep, 'SELECT seq, device FROM notify_delivered ORDER BY seq') == [
+        (one['seq'], 'target-1'), (everyone['seq'], 'target-1')]
+    assert status(dep, one['id'])['delivered'] == 1
+    assert db_rows(dep, 'SELECT count(*) FROM device_seen') == [(1,)]
+
+
+def test_unknown_devices_are_capped(dep):
+    """Forged opened ids: at most 200,000 channel rows of devices the site does not know;
+    the oldest go, a registered device's row stays."""
+    now = int(time.time())
+    db_write(dep, 'INSERT INTO devices (id, name, thumbprint, registered) VALUES (?, ?, ?, ?)',
+             [('dev-known', 'known', 'cd' * 32, now)])
+    gw = Reporter(dep)
+    gw.send(opened=['dev-known'])
+    t0 = time.monotonic()
+    for part in range(4):
+        gw.send(opened=[f'u{part}-{i:05d}' for i in range(60000)])
+    took = time.monotonic() - t0
+    rows = db_rows(dep, 'SELECT count(*) FROM device_seen')[0][0]
+    print(f'4 reports of 60,000 unknown opened ids: {took * 1000:.0f} ms; '
+          f'{rows} device_seen rows kept')
+    assert rows == 200001
+    assert db_rows(dep, "SELECT open FROM device_seen WHERE device = 'dev-known'") == [(1,)]
+    assert db_rows(dep, "SELECT count(*) FROM device_seen WHERE device LIKE 'u3-%'") == [(60000,)]

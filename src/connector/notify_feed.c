@@ -292,8 +292,18 @@ static int take_answer(struct cmg_notify_feed *f, const char *body, size_t len, 
         !cJSON_IsArray(list))
         goto out;
     new_epoch = strcmp(f->epoch, epoch->valuestring) != 0;
+    if (!new_epoch && last < f->last) {
+        /* the site's store went back (restored from a backup): what it numbers next is
+         * not what the backlog holds under those numbers; start again from its last */
+        cmg_warn("notify feed: the site's last notification is %s-%" PRIu64 " but it was "
+                 "%s-%" PRIu64 " before: its store went back (restored from a "
+                 "backup?); the backlog starts again from %" PRIu64 " (give a restored store "
+                 "a new epoch: cmg site notify new-epoch)", f->epoch, last, f->epoch,
+                 f->last, last);
+        new_epoch = true;
+    }
     if (new_epoch) {
-        if (f->epoch[0])
+        if (strcmp(f->epoch, epoch->valuestring) && f->epoch[0])
             cmg_info("notify feed: the site's epoch is now %s (was %s): a new store; the "
                      "backlog starts again", epoch->valuestring, f->epoch);
         backlog_clear(f);

@@ -316,13 +316,17 @@ static int append_docs(struct cmg_store *st, struct cmg_buf *b, const char *epoc
 }
 
 /* Where the answer to after starts: after's next seq, or the oldest kept when after is
- * absent, of another epoch, older than the window or beyond last. */
+ * absent, of another epoch or older than the window. An after of this epoch beyond last
+ * (a store restored from a backup, the connector ahead of it) is not answered from the
+ * oldest, which would make the connector poll again at once for ever: it is held like
+ * one at last, and then answered with nothing and the site's last, which tells the
+ * connector to start again from there. */
 static int64_t start_of(struct cmg_store *st, const char *epoch, const char *after_epoch,
                         int64_t after_seq, int64_t last, int64_t now, bool *failed)
 {
     int64_t oldest = oldest_kept(st, last, now, failed);
 
-    if (!*after_epoch || strcmp(after_epoch, epoch) || after_seq > last || after_seq + 1 < oldest)
+    if (!*after_epoch || strcmp(after_epoch, epoch) || after_seq + 1 < oldest)
         return oldest;
     return after_seq + 1;
 }
@@ -365,6 +369,22 @@ out:
         fail(err, errlen, 500, "store: %s", cmg_store_error(st));
     cmg_store_commit(st);
     cmg_buf_free(&b);
+    return rc;
+}
+
+int cmg_notify_new_epoch(struct cmg_store *st, char old[17], char made[17])
+{
+    int rc = -1;
+
+    if (cmg_store_begin(st) < 0)
+        return -1;
+    if (cmg_notify_epoch(st, old) == 0 &&
+        done(cmg_store_prepare(st, "UPDATE notify_meta SET epoch = lower(hex(randomblob(8)))",
+                               "")) == 0 &&
+        cmg_notify_epoch(st, made) == 0 && strcmp(old, made) != 0)
+        rc = cmg_store_commit(st);
+    if (rc < 0)
+        cmg_store_rollback(st);
     return rc;
 }
 

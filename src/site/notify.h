@@ -38,6 +38,9 @@ int64_t cmg_notify_ttl_parse(const char *s);
 
 /* The site's epoch (made with the store). 0, or -1. */
 int cmg_notify_epoch(struct cmg_store *st, char out[17]);
+/* Gives the store a new epoch (a store restored from a backup needs one: gateways know
+ * its seqs by the old one). 0 with the old and new epochs, or -1. */
+int cmg_notify_new_epoch(struct cmg_store *st, char old[17], char made[17]);
 /* The highest seq assigned (0 if none), or -1. */
 int64_t cmg_notify_last(struct cmg_store *st);
 

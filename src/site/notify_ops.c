@@ -305,6 +305,20 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     return 0;
 }
 
+int cmg_notify_op_new_epoch(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                            char *msg, size_t len)
+{
+    char old[17], made[17];
+
+    (void)args;
+    if (cmg_notify_new_epoch(s->store, old, made) < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "epoch", made);
+    cJSON_AddStringToObject(*result, "previous", old);
+    return 0;
+}
+
 int cmg_notify_op_devices(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len)
 {

@@ -418,14 +418,17 @@ static void notify_feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     snprintf(w->after_id, sizeof(w->after_id), "%s", after);
 }
 
-/* A new notification answers the held notify feed requests at once. */
+/* A new notification, or a new epoch, answers the held notify feed requests at once. */
 static void notify_changed(struct cmg_site_server *srv)
 {
     int64_t last = cmg_notify_last(srv->ctx->store);
+    char epoch[17] = "";
 
-    if (last <= srv->notify_last)
+    cmg_notify_epoch(srv->ctx->store, epoch);
+    if (last <= srv->notify_last && !strcmp(epoch, srv->notify_epoch))
         return;
     srv->notify_last = last;
+    memcpy(srv->notify_epoch, epoch, sizeof(epoch));
     while (srv->notify_waiters)
         waiter_answer(srv->notify_waiters);
 }

@@ -169,8 +169,9 @@ def test_sequence_contiguous_tombstones_and_window_start(dep):
     assert second['expires'] - second['created'] == 90 and second['data'] == 'x'
     assert doc['notifications'][2]['expires'] - doc['notifications'][2]['created'] == 7200
     assert [n['seq'] for n in notify_feed(dep, f'{epoch}-2')['notifications']] == [3]
-    # absent, another epoch, beyond last: from the oldest kept
-    for after in (None, '', '0000000000000000-2', f'{epoch}-9'):
+    # absent, another epoch: from the oldest kept (beyond last is held: a store restored
+    # from a backup, test_notify_hardening.py)
+    for after in (None, '', '0000000000000000-2'):
         assert [n['seq'] for n in notify_feed(dep, after)['notifications']] == [1, 2, 3], after
 
 

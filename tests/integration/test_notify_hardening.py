@@ -1,0 +1,177 @@
+"""Notifications under hostile or heavy input and after operator mistakes (issue 14
+review): `device list` over 50,000 devices and hundreds of gateway boots in one
+set-based query, with pages; what a forged notify report can add to site.db; a site
+store restored from a backup (the feed holds a connector ahead of it, the connector
+starts again from the site's last instead of polling in a loop, `cmg site notify
+new-epoch`). The real `cmg site serve` runs and the test plays the connector (see
+test_site_notify.py), or the real connector runs against the stand-in site of
+test_connector_notify.py."""
+import json
+import sqlite3
+import threading
+import time
+
+from cmgtest import SLOW, poll
+from test_connector_notify import EPOCH, setup, start  # noqa: F401
+from test_site_notify import (BOOT_A, Reporter, connector_context, db_rows, dep,  # noqa: F401
+                              notify, notify_feed, notify_json, report, status)
+
+
+def db_write(dep, sql, rows):
+    with sqlite3.connect(str(dep.site.dir / 'site.db'), timeout=10) as c:
+        c.executemany(sql, rows)
+
+
+def device_page(dep, **args):
+    return dep.api('POST', '/v1/ops/device.list', args)
+
+
+def test_device_list_is_one_query_and_pages(dep):
+    """50,000 devices seen on channels and 250 gateway boots: `device list` answers in
+    one pass (the old per-device query took tens of seconds); pages with limit/after
+    walk the whole list once, in order."""
+    for part in range(2):
+        Reporter(dep, instance=f'gw-{part}').send(
+            opened=[f'dev-{part}-{i:05d}' for i in range(25000)])
+    now = int(time.time())
+    db_write(dep, 'INSERT INTO notify_boots (instance, boot, seq, received) VALUES (?, ?, 1, ?)',
+             [(f'forged-{i}', f'{i:016x}', now) for i in range(250)])
+    t0 = time.monotonic()
+    r = dep.cmg_site('device', 'list', '--json')
+    took = time.monotonic() - t0
+    listed = json.loads(r.stdout)
+    print(f'device list: {len(listed)} devices, 250 boots: {took * 1000:.0f} ms')
+    assert len(listed) == 50000
+    assert all(d['channel'] == 'open' for d in listed)
+    assert took < 5 * SLOW
+
+    seen, after, pages = [], None, 0
+    while True:
+        page = device_page(dep, limit=20000, **({'after': after} if after else {}))
+        if not page:
+            break
+        pages += 1
+        seen += [d['id'] for d in page]
+        after = page[-1]['id']
+    assert pages == 3 and seen == [d['id'] for d in listed]
+    assert 'limit' in bad_op(dep, 'device.list', {'limit': 0})
+    assert 'after' in bad_op(dep, 'device.list', {'after': 'a b'})
+
+
+def bad_op(dep, op, args):
+    import urllib.error
+    try:
+        dep.api('POST', f'/v1/ops/{op}', args)
+    except urllib.error.HTTPError as e:
+        assert e.code == 400
+        return json.loads(e.read())['error']
+    raise AssertionError(f'{op} {args} accepted')
+
+
+def test_report_keeps_only_deliveries_to_targets(dep):
+    """A delivery is kept for a target of the notification only (for --all: a device the
+    site knows); made-up ids in a report are skipped, the report still 204."""
+    one = notify_json(dep, '--device', 'target-1', '--type', 'policy')
+    everyone = notify_json(dep, '--all', '--type', 'policy')
+    forged = [f'forged-{i:05d}' for i in range(5000)]
+    gw = Reporter(dep)
+    gw.send(opened=['target-1'], delivered={one['id']: ['target-1'] + forged,
+                                           everyone['id']: ['target-1'] + forged})
+    assert db_rows(dep, 'SELECT seq, device FROM notify_delivered ORDER BY seq') == [
+        (one['seq'], 'target-1'), (everyone['seq'], 'target-1')]
+    assert status(dep, one['id'])['delivered'] == 1
+    assert db_rows(dep, 'SELECT count(*) FROM device_seen') == [(1,)]
+
+
+def test_unknown_devices_are_capped(dep):
+    """Forged opened ids: at most 200,000 channel rows of devices the site does not know;
+    the oldest go, a registered device's row stays."""
+    now = int(time.time())
+    db_write(dep, 'INSERT INTO devices (id, name, thumbprint, registered) VALUES (?, ?, ?, ?)',
+             [('dev-known', 'known', 'cd' * 32, now)])
+    gw = Reporter(dep)
+    gw.send(opened=['dev-known'])
+    t0 = time.monotonic()
+    for part in range(4):
+        gw.send(opened=[f'u{part}-{i:05d}' for i in range(60000)])
+    took = time.monotonic() - t0
+    rows = db_rows(dep, 'SELECT count(*) FROM device_seen')[0][0]
+    print(f'4 reports of 60,000 unknown opened ids: {took * 1000:.0f} ms; '
+          f'{rows} device_seen rows kept')
+    assert rows == 200001
+    assert db_rows(dep, "SELECT open FROM device_seen WHERE device = 'dev-known'") == [(1,)]
+    assert db_rows(dep, "SELECT count(*) FROM device_seen WHERE device LIKE 'u3-%'") == [(60000,)]
+
+
+def test_feed_holds_a_connector_ahead_of_a_restored_store(dep):
+    """An `after` of the site's epoch beyond its last (the store went back): not answered
+    from the oldest at once (the connector would poll in a loop) but held, and answered
+    with nothing and the site's last as soon as a notification is made."""
+    epoch = notify_feed(dep)['epoch']
+    for _ in range(2):   # through the API: the service has seen them when it answers
+        notify(dep, '--all', '--type', 'policy', api=True)
+    answers = []
+    poller = threading.Thread(target=lambda: answers.append(notify_feed(dep, f'{epoch}-9')))
+    poller.start()
+    time.sleep(1)
+    assert not answers                       # held
+    notify(dep, '--all', '--type', 'script')
+    poller.join(5 * SLOW)
+    assert answers and answers[0]['notifications'] == [] and answers[0]['last'] == 3
+
+
+def test_new_epoch_command(dep):
+    """`cmg site notify new-epoch`: a new epoch; a held poll of the old one answered at
+    once with the new epoch from the oldest kept; ids print with it."""
+    old = notify_feed(dep)['epoch']
+    notify(dep, '--all', '--type', 'policy', api=True)
+    answers = []
+    poller = threading.Thread(target=lambda: answers.append(notify_feed(dep, f'{old}-1')))
+    poller.start()
+    time.sleep(0.5)
+    r = notify(dep, 'new-epoch')
+    poller.join(5 * SLOW)
+    new = answers[0]['epoch']
+    assert new != old and r.stdout.startswith(f'notification epoch {new} (was {old})')
+    assert [n['id'] for n in answers[0]['notifications']] == [f'{new}-1']
+    assert notify_json(dep, '--all', '--type', 'policy')['id'] == f'{new}-2'
+    via_api = notify_json(dep, 'new-epoch', api=True)
+    assert via_api['previous'] == new and notify_feed(dep)['epoch'] == via_api['epoch']
+
+
+def test_connector_starts_again_when_the_store_went_back(setup, procs):
+    """The site's last below what the connector had (a store restored from a backup),
+    answered from the oldest as the first version of the feed did: the connector warns,
+    sends notify-sync with the site's last and its documents again, and waits (a held
+    poll) instead of asking again at once; what the site numbers next reaches the
+    gateway."""
+    site, ns, gateways = setup
+    for i in range(5):
+        ns.add('policy', {'n': i})
+    plain = ns.answer
+
+    def answer(after):   # beyond last: from the oldest, at once
+        if after and after.startswith(EPOCH + '-') and int(after.split('-')[1]) > ns.last:
+            after = None
+        return plain(after)
+    ns.answer = answer
+    conn = start(procs, site, gateways)
+    gw = gateways[0]
+    gw.wait_lines(lambda ls: len([m for m in ls if m['type'] == 'notify']) == 5, 'the backlog')
+    poll(lambda: ns.afters[-1] == f'{EPOCH}-5', 5 * SLOW, 'the held poll')
+    ns.down()                                # the site stops, its store is restored ...
+    with ns.cond:                            # ... from a backup that had 2
+        ns.last = 2
+        ns.docs = {s: d for s, d in ns.docs.items() if s <= 2}
+    ns.up()
+    gw.wait_lines(lambda ls: [m for m in ls if m['type'] == 'notify-sync' and m['last'] == 2],
+                  'notify-sync with the site\'s last', timeout=20)
+    polls = len(ns.afters)
+    time.sleep(2)
+    print(f'polls in the 2 s after the restore: {len(ns.afters) - polls}')
+    assert len(ns.afters) - polls <= 1 and ns.afters[-1] == f'{EPOCH}-2'
+    assert 'its store went back' in conn.log_text()
+    ns.add('script', {'after': 'restore'})   # seq 3 again, other contents
+    gw.wait_lines(lambda ls: [m for m in ls if m.get('data') == {'after': 'restore'}],
+                  'the new seq 3')
+    assert [m['seq'] for m in gw.messages('notify')] == [1, 2, 3, 4, 5, 1, 2, 3]

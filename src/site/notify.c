@@ -43,13 +43,16 @@ bool cmg_notify_type_ok(const char *type)
 
 int cmg_notify_id_parse(const char *id, char epoch[17], int64_t *seq)
 {
-    const char *s = id + 17;
+    const char *s;
     int64_t v = 0;
 
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < 16; i++)   /* stops at the NUL of a shorter one */
         if (!isdigit((unsigned char)id[i]) && !(id[i] >= 'a' && id[i] <= 'f'))
             return -1;
-    if (id[16] != '-' || !isdigit((unsigned char)*s) || (*s == '0' && s[1]) || strlen(s) > 18)
+    if (id[16] != '-')
+        return -1;
+    s = id + 17;
+    if (!isdigit((unsigned char)*s) || (*s == '0' && s[1]) || strlen(s) > 18)
         return -1;
     for (; *s; s++) {
         if (!isdigit((unsigned char)*s))

@@ -3,15 +3,20 @@ review): `device list` over 50,000 devices and hundreds of gateway boots in one
 set-based query, with pages; what a forged notify report can add to site.db; a site
 store restored from a backup (the feed holds a connector ahead of it, the connector
 starts again from the site's last instead of polling in a loop, `cmg site notify
-new-epoch`). The real `cmg site serve` runs and the test plays the connector (see
+new-epoch`); `cmg client listen` after a stream cut mid-event, with a corrupt saved id, a
+gateway that ends channels at once with `retry: 0`, and stale temporary files. The real
+`cmg site serve` runs and the test plays the connector (see
 test_site_notify.py), or the real connector runs against the stand-in site of
-test_connector_notify.py."""
+test_connector_notify.py, or the client against the SSE stand-in of
+test_client_listen.py."""
 import json
 import sqlite3
 import threading
 import time
 
 from cmgtest import SLOW, poll
+from test_client_listen import (CMG, chunk, events, listen_argv, lines, make_state,  # noqa: F401
+                                run_listen, server, start_stream)
 from test_connector_notify import EPOCH, setup, start  # noqa: F401
 from test_site_notify import (BOOT_A, Reporter, connector_context, db_rows, dep,  # noqa: F401
                               notify, notify_feed, notify_json, report, status)
@@ -175,3 +180,57 @@ def test_connector_starts_again_when_the_store_went_back(setup, procs):
     gw.wait_lines(lambda ls: [m for m in ls if m.get('data') == {'after': 'restore'}],
                   'the new seq 3')
     assert [m['seq'] for m in gw.messages('notify')] == [1, 2, 3, 4, 5, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- cmg client listen
+
+def test_listen_stream_cut_mid_event_resumes_from_the_last_dispatched(server):
+    """The stream breaks after an event's id: line but before its blank line: the
+    reconnection's Last-Event-ID is the last event printed, and the cut one comes again."""
+    def cut(s, headers):
+        start_stream(s, 'retry: 100\n\n')
+        s.sendall(chunk(f'id: {EPOCH}-1\nevent: policy\ndata: {{}}\n\n'))
+        s.sendall(chunk(f'id: {EPOCH}-2\nevent: script\ndata: {{"cut"'))
+        time.sleep(0.2)
+        s.close()                            # no last chunk: the stream broke
+    server.scripts.put(cut)
+    server.scripts.put(events((2, 'script', '{"whole":1}')))
+    r = run_listen(listen_argv(server, '--max-events', '2'))
+    assert r.returncode == 0, r.stderr
+    assert lines(r.stdout) == [{'id': f'{EPOCH}-1', 'event': 'policy', 'data': {}},
+                               {'id': f'{EPOCH}-2', 'event': 'script', 'data': {'whole': 1}}]
+    assert server.requests[1]['last-event-id'] == f'{EPOCH}-1'
+
+
+def test_listen_corrupt_saved_id_and_stale_temporary_files(server, tmp_path):
+    """A notify.last-id that is not EPOCH-SEQ: a warning, the channel opened without
+    Last-Event-ID (not refused for ever); a temporary file a killed run left is removed."""
+    state = make_state(server, tmp_path)
+    (state / 'notify.last-id').write_text('not-an-id\n')
+    stale = state / 'notify.last-id.tmp-99999999-0'
+    stale.write_text(f'{EPOCH}-9\n')
+    server.scripts.put(events((1, 'policy', '{}')))
+    r = run_listen([CMG, 'client', 'listen', '--state', str(state), '--max-events', '1'])
+    assert r.returncode == 0, r.stderr
+    assert 'not a notification id EPOCH-SEQ' in r.stderr
+    assert 'last-event-id' not in server.requests[0]
+    assert not stale.exists()
+    assert (state / 'notify.last-id').read_text().strip() == f'{EPOCH}-1'
+
+
+def test_listen_backs_off_a_channel_ended_at_once(server):
+    """A gateway that answers each channel with retry: 0 and ends it at once: the client
+    waits at least 1 s, and longer each time (a channel under 10 s counts as a failure)."""
+    def short(s, headers):
+        start_stream(s, 'retry: 0\n\n')
+        s.sendall(b'0\r\n\r\n')
+        s.close()
+    for _ in range(2):
+        server.scripts.put(short)
+    server.scripts.put(events((1, 'policy', '{}')))
+    r = run_listen(listen_argv(server, '--max-events', '1'), timeout=30)
+    assert r.returncode == 0, r.stderr
+    at = [req[':time'] for req in server.requests]
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    print('gaps between connections: ' + ', '.join(f'{g:.2f} s' for g in gaps))
+    assert len(gaps) == 2 and gaps[0] >= 0.95 and gaps[1] >= 1.9

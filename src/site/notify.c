@@ -393,15 +393,35 @@ int cmg_notify_new_epoch(struct cmg_store *st, char old[17], char made[17])
 
 /* ---- counts ---- */
 
-/* The targets of a notification as a table t(device): its list, or for one to all
- * devices, those the site knew when it was made (?1 its seq, ?2 its created time). */
+/* The targets of a notification as a table t(device, alias): its list, or for one to
+ * all devices, those the site knew when it was made (?1 its seq, ?2 its created time)
+ * that could receive it: registered devices not blocked (alias: the same device on its
+ * certificate, cert:<thumbprint>, so it counts once), device certificates neither
+ * revoked, replaced nor expired then (other than a registered device's), and the
+ * devices seen on a channel that are none of those (nor a registered device under
+ * either name). */
 #define TARGETS_CTE                                                                           \
     "WITH n AS (SELECT all_devices AS all_ FROM notifications WHERE seq = ?1),"               \
-    " t(device) AS (SELECT device FROM notify_targets WHERE seq = ?1 AND NOT (SELECT all_ FROM n)" \
-    " UNION SELECT id FROM devices WHERE registered <= ?2 AND (SELECT all_ FROM n)"            \
-    " UNION SELECT 'cert:' || thumbprint FROM certs WHERE thumbprint IS NOT NULL AND"          \
-    " (kind IS NULL OR kind = 'device') AND issued <= ?2 AND (SELECT all_ FROM n)"             \
-    " UNION SELECT device FROM device_seen WHERE first_seen <= ?2 AND (SELECT all_ FROM n)) "
+    " t(device, alias) AS (SELECT device, NULL FROM notify_targets WHERE seq = ?1 AND"        \
+    " NOT (SELECT all_ FROM n)"                                                               \
+    " UNION SELECT id, 'cert:' || thumbprint FROM devices WHERE registered <= ?2 AND"         \
+    " NOT blocked AND (SELECT all_ FROM n)"                                                   \
+    " UNION SELECT 'cert:' || c.thumbprint, NULL FROM certs c WHERE c.thumbprint IS NOT NULL" \
+    " AND (c.kind IS NULL OR c.kind = 'device') AND c.revoked IS NULL AND c.replaced IS NULL" \
+    " AND c.issued <= ?2 AND c.expires > ?2 AND (SELECT all_ FROM n) AND NOT EXISTS"          \
+    " (SELECT 1 FROM devices d WHERE d.thumbprint = c.thumbprint)"                            \
+    " UNION SELECT s.device, NULL FROM device_seen s WHERE s.first_seen <= ?2 AND"            \
+    " (SELECT all_ FROM n) AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device)"    \
+    " AND NOT (s.device LIKE 'cert:%' AND (EXISTS (SELECT 1 FROM devices d WHERE"             \
+    " d.thumbprint = substr(s.device, 6)) OR EXISTS (SELECT 1 FROM certs c WHERE"             \
+    " c.thumbprint = substr(s.device, 6) AND (c.revoked IS NOT NULL OR c.replaced IS NOT"     \
+    " NULL OR c.expires <= ?2))))) "
+
+/* A target of t has a delivery of ?1 under its name or its alias. */
+#define DELIVERED_SQL                                                                         \
+    "(EXISTS (SELECT 1 FROM notify_delivered d WHERE d.seq = ?1 AND d.device = t.device) OR"  \
+    " (t.alias IS NOT NULL AND EXISTS (SELECT 1 FROM notify_delivered d WHERE d.seq = ?1 AND" \
+    " d.device = t.alias)))"
 
 int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **out)
 {
@@ -419,9 +439,8 @@ int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **ou
         goto out;
     created = sqlite3_column_int64(n, 1);
     expires = sqlite3_column_int64(n, 2);
-    c = cmg_store_prepare(st, TARGETS_CTE "SELECT count(*), count(d.device) FROM t LEFT JOIN"
-                              " notify_delivered d ON d.seq = ?1 AND d.device = t.device",
-                          "ii", seq, created);
+    c = cmg_store_prepare(st, TARGETS_CTE "SELECT count(*), count(CASE WHEN " DELIVERED_SQL
+                              " THEN 1 END) FROM t", "ii", seq, created);
     if (!c || sqlite3_step(c) != SQLITE_ROW)
         goto out;
     targets = sqlite3_column_int64(c, 0);
@@ -453,10 +472,9 @@ cJSON *cmg_notify_missed(struct cmg_store *st, int64_t seq)
     int64_t created = one_int(cmg_store_prepare(st, "SELECT created FROM notifications WHERE "
                                                     "seq = ?", "i", seq), 0, &failed);
     sqlite3_stmt *q = failed ? NULL
-                             : cmg_store_prepare(st, TARGETS_CTE "SELECT device FROM t WHERE NOT"
-                                                     " EXISTS (SELECT 1 FROM notify_delivered d"
-                                                     " WHERE d.seq = ?1 AND d.device = t.device)"
-                                                     " ORDER BY device", "ii", seq, created);
+                             : cmg_store_prepare(st, TARGETS_CTE "SELECT device FROM t WHERE"
+                                                     " NOT " DELIVERED_SQL " ORDER BY device",
+                                                 "ii", seq, created);
     cJSON *ids = q ? cJSON_CreateArray() : NULL;
     int step;
 

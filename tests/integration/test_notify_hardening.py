@@ -234,3 +234,34 @@ def test_listen_backs_off_a_channel_ended_at_once(server):
     gaps = [b - a for a, b in zip(at, at[1:])]
     print('gaps between connections: ' + ', '.join(f'{g:.2f} s' for g in gaps))
     assert len(gaps) == 2 and gaps[0] >= 0.95 and gaps[1] >= 1.9
+
+
+def test_all_counts_only_devices_that_can_receive(dep):
+    """--all targets: a registered device once (not again as its certificate), not a
+    blocked one, device certificates neither revoked, replaced, expired nor a gateway's;
+    a delivery to a registered device under its certificate's name counts for it."""
+    now = int(time.time())
+    t = {k: k * 32 for k in ('a1', 'b2', 'c3', 'd4', 'e5', 'f6', '07')}
+    db_write(dep, 'INSERT INTO devices (id, name, thumbprint, registered, blocked) '
+                  'VALUES (?, ?, ?, ?, ?)',
+             [('dev-ok', 'ok', t['a1'], now - 10, 0), ('dev-blocked', 'no', t['b2'], now - 10, 1)])
+    db_write(dep, 'INSERT INTO certs (serial, name, subject, issued, expires, revoked, '
+                  'thumbprint, kind, replaced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+             [('01', 'ok', '/CN=ok', now - 10, now + 999, None, t['a1'], None, None),
+              ('02', 'good', '/CN=good', now - 10, now + 999, None, t['c3'], None, None),
+              ('03', 'revoked', '/CN=r', now - 10, now + 999, now - 5, t['d4'], None, None),
+              ('04', 'replaced', '/CN=p', now - 10, now + 999, None, t['e5'], 'device', now - 5),
+              ('05', 'expired', '/CN=x', now - 99, now - 50, None, t['f6'], None, None),
+              ('06', 'gw', '/CN=gw', now - 10, now + 999, None, t['07'], 'gateway', None)])
+    gw = Reporter(dep)
+    gw.send(opened=['cert:' + t['a1'], 'cert:' + t['d4'], 'oidc-1', 'dev-blocked'])
+    sent = notify_json(dep, '--all', '--type', 'policy')
+    st = status(dep, sent['id'])
+    assert st['targets'] == 3, st            # dev-ok, cert:c3..., oidc-1
+    gw.send(delivered={sent['id']: ['cert:' + t['a1']]})
+    st = status(dep, sent['id'])
+    assert (st['targets'], st['delivered'], st['waiting']) == (3, 1, 2)
+    again = notify_json(dep, '--resend', sent['id'], '--missed')
+    assert again['targets'] == 2
+    assert sorted(db_rows(dep, 'SELECT device FROM notify_targets WHERE seq = ?',
+                          again['seq'])) == [('cert:' + t['c3'],), ('oidc-1',)]

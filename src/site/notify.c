@@ -187,6 +187,21 @@ static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
     return status;
 }
 
+size_t cmg_notify_devices_fitting(const struct cmg_notify_new *n, size_t *bytes_out)
+{
+    size_t bytes = DOC_OVERHEAD + strlen(n->type) + strlen(n->data), i = 0;
+
+    for (; !n->all && i < n->ndevices && i < CMG_NOTIFY_MAX_DEVICES; i++) {
+        size_t more = id_json_len(n->devices[i]) + 1;
+        if (bytes + more > CMG_NOTIFY_MAX_LINE)
+            break;
+        bytes += more;
+    }
+    if (bytes_out)
+        *bytes_out = bytes;
+    return i;
+}
+
 /* The document's size, before anything is written: it must fit a control line. */
 static int check_size(const struct cmg_notify_new *n, char *err, size_t errlen)
 {

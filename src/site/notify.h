@@ -53,6 +53,9 @@ struct cmg_notify_new {
     size_t ndevices;
     int64_t resend_of;             /* 0, or the seq this one re-sends */
 };
+/* How many of n's first devices fit in one document (the whole list when it does);
+ * the document's bytes with them in *bytes (may be NULL). */
+size_t cmg_notify_devices_fitting(const struct cmg_notify_new *n, size_t *bytes);
 /* Records a notification in one transaction: 0 with its seq and target count, or an
  * HTTP status (400 too big, 500 store) with the reason in err. */
 int cmg_notify_create(struct cmg_store *st, const struct cmg_notify_new *n, int64_t now,

@@ -226,6 +226,15 @@ static void show_sent(const cJSON *r)
         puts(str(r, "note"));
         return;
     }
+    const cJSON *parts = cJSON_GetObjectItemCaseSensitive(r, "notifications"), *part;
+    int nparts = cJSON_GetArraySize(parts), i = 0;
+
+    if (nparts > 1) {   /* a resend split in several notifications: every id */
+        cJSON_ArrayForEach(part, parts)
+            printf("notification %s: %.0f device(s) (resend of %s, part %d of %d)\n",
+                   str(part, "id"), num(part, "targets"), str(r, "resend_of"), ++i, nparts);
+        return;
+    }
     if (cJSON_IsString(targets))
         printf("notification %s: all devices", str(r, "id"));
     else

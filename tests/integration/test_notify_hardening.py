@@ -265,3 +265,31 @@ def test_all_counts_only_devices_that_can_receive(dep):
     assert again['targets'] == 2
     assert sorted(db_rows(dep, 'SELECT device FROM notify_targets WHERE seq = ?',
                           again['seq'])) == [('cert:' + t['c3'],), ('oidc-1',)]
+
+
+def test_resend_of_a_broadcast_missed_by_60000_certificates_is_split(dep):
+    """60,000 certificate devices missed a broadcast: more than one 4-MiB document holds,
+    so --resend --missed makes several notifications, each within the limit, and prints
+    every id (--json lists them)."""
+    gw = Reporter(dep)
+    ids = [f'cert:{i:064x}' for i in range(60000)]
+    for part in range(0, len(ids), 12000):
+        gw.send(opened=ids[part:part + 12000])
+    sent = notify_json(dep, '--all', '--type', 'policy', '--data', '{"k":"' + 'v' * 1000 + '"}')
+    t0 = time.monotonic()
+    r = notify_json(dep, '--resend', sent['id'], '--missed')
+    took = time.monotonic() - t0
+    parts = r['notifications']
+    print(f'resend to 60,000 certificates: {len(parts)} notifications '
+          f'({[p["targets"] for p in parts]}) in {took * 1000:.0f} ms')
+    assert len(parts) == 2 and r['targets'] == 60000 and r['id'] == parts[0]['id']
+    assert sum(p['targets'] for p in parts) == 60000
+    assert r['resend_of'] == sent['id']
+    targets = db_rows(dep, 'SELECT count(DISTINCT device) FROM notify_targets WHERE seq IN '
+                           '(?, ?)', parts[0]['seq'], parts[1]['seq'])
+    assert targets == [(60000,)]
+    feed = notify_feed(dep, f'{sent["id"]}')
+    for doc in feed['notifications']:
+        assert len(json.dumps(doc, separators=(',', ':'))) <= 4 << 20
+    text = notify(dep, '--resend', sent['id'], '--missed').stdout.splitlines()
+    assert len(text) == 2 and all(f'(resend of {sent["id"]}, part' in t for t in text), text

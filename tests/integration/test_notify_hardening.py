@@ -293,3 +293,21 @@ def test_resend_of_a_broadcast_missed_by_60000_certificates_is_split(dep):
         assert len(json.dumps(doc, separators=(',', ':'))) <= 4 << 20
     text = notify(dep, '--resend', sent['id'], '--missed').stdout.splitlines()
     assert len(text) == 2 and all(f'(resend of {sent["id"]}, part' in t for t in text), text
+
+
+def test_report_with_bad_entries_keeps_the_rest(dep):
+    """Entries individually bad (a device id of 128 bytes, non-ASCII, a space, a control
+    character, a key that is not EPOCH-SEQ) are skipped and counted in one log line; the
+    report is taken (204: a refused one would block the gateway's next reports) and the
+    good entries kept."""
+    one = notify_json(dep, '--device', 'good-1', '--type', 'policy')
+    bad = ['d' * 128, 'caf\u00e9', 'a b', 'a\n']
+    doc = {'instance': 'gw-bad', 'boot': BOOT_A, 'seq': 1, 'time': int(time.time()),
+           'opened': ['good-1'] + bad, 'closed': [[b, 1] for b in bad],
+           'delivered': {one['id']: ['good-1'] + bad, 'nope': ['good-1']}}
+    code, text = report(dep, raw=json.dumps(doc, ensure_ascii=False).encode())
+    assert code == 204, (code, text)
+    assert db_rows(dep, 'SELECT device FROM device_seen') == [('good-1',)]
+    assert db_rows(dep, 'SELECT seq, device FROM notify_delivered') == [(one['seq'], 'good-1')]
+    poll(lambda: 'notify report of gw-bad: 14 entry(ies) skipped' in dep.site_proc.log_text(),
+         5 * SLOW, 'the log line')

@@ -316,6 +316,8 @@ def test_channels_in_device_list(dep):
 
 # ---------------------------------------------------------------- hostile input
 
+# (entries individually bad, such as a device id of 128 bytes, are skipped and the rest
+# kept: test_notify_hardening.py)
 HOSTILE = {
     'not JSON': b'{"instance":',
     'not an object': b'[1, 2]',
@@ -330,16 +332,8 @@ HOSTILE = {
     'boot upper case': {'instance': 'g', 'boot': BOOT_A.upper(), 'seq': 1, 'time': 1},
     'no time': {'instance': 'g', 'boot': BOOT_A, 'seq': 1},
     'delivered a list': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'delivered': []},
-    'delivered bad id': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                         'delivered': {'nope': ['d']}},
     'delivered numbers': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
                           'delivered': {'0123456789abcdef-1': [1, 2]}},
-    'non-ASCII device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                         'opened': ['caf\u00e9']},
-    'space in device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'opened': ['a b']},
-    'control in device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'opened': ['a\n']},
-    'device too long': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                        'opened': ['d' * 128]},
     'closed flat': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'closed': ['d', 1]},
     'closed no time': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
                        'closed': [['d', 'now']]},

@@ -277,6 +277,7 @@ static int append_live(struct cmg_store *st, struct cmg_buf *b, const char *epoc
 {
     int64_t seq = sqlite3_column_int64(row, 0);
     sqlite3_stmt *t;
+    int step = SQLITE_ERROR;
     int rc = cmg_buf_printf(b, "{\"id\":\"%s-%" PRId64 "\",\"seq\":%" PRId64 ",\"type\":\"%s\","
                                "\"data\":%s,\"created\":%" PRId64 ",\"expires\":%" PRId64,
                             epoch, seq, seq, (const char *)sqlite3_column_text(row, 1),
@@ -290,10 +291,12 @@ static int append_live(struct cmg_store *st, struct cmg_buf *b, const char *epoc
         return cmg_buf_appends(b, ",\"all\":true}");
     t = cmg_store_prepare(st, "SELECT device FROM notify_targets WHERE seq = ?", "i", seq);
     rc = t ? cmg_buf_appends(b, ",\"devices\":[") : -1;
-    for (bool first = true; rc == 0 && sqlite3_step(t) == SQLITE_ROW; first = false)
+    for (bool first = true; rc == 0 && (step = sqlite3_step(t)) == SQLITE_ROW; first = false)
         if ((!first && cmg_buf_append(b, ",", 1) < 0) ||
             append_json_id(b, (const char *)sqlite3_column_text(t, 0)) < 0)
             rc = -1;
+    if (rc == 0 && step != SQLITE_DONE)
+        rc = -1;   /* a partial list would reach the gateways: the answer fails instead */
     sqlite3_finalize(t);
     return rc == 0 ? cmg_buf_appends(b, "]}") : -1;
 }

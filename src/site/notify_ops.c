@@ -11,7 +11,7 @@
 #include <time.h>
 
 #define LIST_DEFAULT 20
-#define LIST_MAX 1000
+#define LIST_MAX 100    /* each row's counts may be computed: a bounded page */
 #define DEVICES_PAGE_MAX 100000   /* device.list rows in one page */
 
 static int fail(char *msg, size_t len, int status, const char *fmt, ...)
@@ -333,6 +333,8 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
         if (cmg_notify_status(s->store, (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItem(row,
                               "seq")), now, &st) != 0) {
             cJSON_Delete(seqs);
+            cJSON_Delete(*result);
+            *result = NULL;
             return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         }
         cJSON_AddItemToArray(*result, st);

@@ -17,6 +17,7 @@ import time
 from cmgtest import SLOW, poll
 from test_client_listen import (CMG, chunk, events, listen_argv, lines, make_state,  # noqa: F401
                                 run_listen, server, start_stream)
+from fakegateway import FakeGateway
 from test_connector_notify import EPOCH, setup, start  # noqa: F401
 from test_site_notify import (BOOT_A, Reporter, connector_context, db_rows, dep,  # noqa: F401
                               notify, notify_feed, notify_json, report, status)
@@ -311,3 +312,26 @@ def test_report_with_bad_entries_keeps_the_rest(dep):
     assert db_rows(dep, 'SELECT seq, device FROM notify_delivered') == [(one['seq'], 'good-1')]
     poll(lambda: 'notify report of gw-bad: 14 entry(ies) skipped' in dep.site_proc.log_text(),
          5 * SLOW, 'the log line')
+
+
+def test_connector_backlog_sends_expired_documents_as_tombstones(setup, procs):
+    """A document that expired while in the connector's backlog goes to a gateway that
+    comes up later as a tombstone; a huge `created` is taken without harm."""
+    site, ns, gateways = setup
+    short = ns.add('script', {'short': True})
+    short['expires'] = int(time.time()) + 2
+    ns.add('policy', {'huge': True})['created'] = 1e300
+    conn = start(procs, site, gateways)
+    gateways[0].wait_lines(lambda ls: len([m for m in ls if m['type'] == 'notify']) == 2,
+                           'the backlog on the first tunnel')
+    assert gateways[0].messages('notify')[0]['data'] == {'short': True}
+    time.sleep(2.5)
+    gateways.append(FakeGateway(site, site.tunnel_port + 1))
+    gw2 = gateways[1]
+    gw2.wait_tunnel(timeout=15)
+    gw2.wait_lines(lambda ls: len([m for m in ls if m['type'] == 'notify']) == 2,
+                   'the backlog on the second tunnel')
+    first, second = gw2.messages('notify')
+    assert first == {'type': 'notify', 'id': f'{EPOCH}-1', 'seq': 1, 'expired': True}
+    assert second['data'] == {'huge': True}
+    assert conn.alive()

@@ -443,8 +443,9 @@ int cmg_notify_new_epoch(struct cmg_store *st, char old[17], char made[17])
 
 int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **out)
 {
-    sqlite3_stmt *n = cmg_store_prepare(st, "SELECT type, created, expires, resend_of FROM "
-                                            "notifications WHERE seq = ?", "i", seq);
+    sqlite3_stmt *n = cmg_store_prepare(st, "SELECT type, created, expires, resend_of,"
+                                            " final_targets, final_delivered FROM"
+                                            " notifications WHERE seq = ?", "i", seq);
     sqlite3_stmt *c = NULL;
     char epoch[17], id[CMG_NOTIFY_ID_MAX];
     int rc = -1, step = n ? sqlite3_step(n) : SQLITE_ERROR;
@@ -457,12 +458,21 @@ int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **ou
         goto out;
     created = sqlite3_column_int64(n, 1);
     expires = sqlite3_column_int64(n, 2);
-    c = cmg_store_prepare(st, TARGETS_CTE "SELECT count(*), count(CASE WHEN " DELIVERED_SQL
-                              " THEN 1 END) FROM t", "ii", seq, created);
-    if (!c || sqlite3_step(c) != SQLITE_ROW)
-        goto out;
-    targets = sqlite3_column_int64(c, 0);
-    delivered = sqlite3_column_int64(c, 1);
+    if (sqlite3_column_type(n, 4) != SQLITE_NULL) {   /* counted once, when it was over */
+        targets = sqlite3_column_int64(n, 4);
+        delivered = sqlite3_column_int64(n, 5);
+    } else {
+        c = cmg_store_prepare(st, TARGETS_CTE "SELECT count(*), count(CASE WHEN " DELIVERED_SQL
+                                  " THEN 1 END) FROM t", "ii", seq, created);
+        if (!c || sqlite3_step(c) != SQLITE_ROW)
+            goto out;
+        targets = sqlite3_column_int64(c, 0);
+        delivered = sqlite3_column_int64(c, 1);
+        if (now >= expires + CMG_NOTIFY_FINAL_AFTER_S)   /* no delivery can come any more */
+            done(cmg_store_prepare(st, "UPDATE notifications SET final_targets = ?,"
+                                       " final_delivered = ? WHERE seq = ?", "iii", targets,
+                                   delivered, seq));
+    }
     snprintf(id, sizeof(id), "%s-%" PRId64, epoch, seq);
     *out = cJSON_CreateObject();
     cJSON_AddStringToObject(*out, "id", id);
@@ -648,26 +658,81 @@ cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report
 
 /* ---- retention ---- */
 
-int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t retention_s)
+/* One expired notification without its final counts gets them (a full count, so one
+ * per call). 0, or -1. */
+static int finalize_one(struct cmg_store *st, int64_t now)
+{
+    bool failed = false;
+    int64_t seq = one_int(cmg_store_prepare(st, "SELECT min(seq) FROM notifications WHERE"
+                                                " final_targets IS NULL AND expires <= ?", "i",
+                                            now - CMG_NOTIFY_FINAL_AFTER_S), 0, &failed);
+    cJSON *counts = NULL;
+    int rc = failed ? -1 : 0;
+
+    if (rc == 0 && seq > 0 && cmg_notify_status(st, seq, now, &counts) < 0)
+        rc = -1;
+    cJSON_Delete(counts);
+    return rc;
+}
+
+/* Deletes at most CMG_NOTIFY_PRUNE_BATCH rows of table for the counted notifications
+ * made before old: 1 some were left, 0 none, -1. */
+static int prune_rows(struct cmg_store *st, const char *table, int64_t old)
+{
+    char sql[400];
+    sqlite3_stmt *q;
+    int rc;
+
+    snprintf(sql, sizeof(sql), "DELETE FROM %s WHERE (seq, device) IN (SELECT seq, device FROM"
+             " %s WHERE seq IN (SELECT seq FROM notifications WHERE created < ? AND"
+             " final_targets IS NOT NULL) LIMIT %d)", table, table, CMG_NOTIFY_PRUNE_BATCH);
+    q = cmg_store_prepare(st, sql, "i", old);
+    rc = q ? sqlite3_step(q) : SQLITE_ERROR;
+    sqlite3_finalize(q);
+    if (rc != SQLITE_DONE)
+        return -1;
+    return sqlite3_changes(cmg_store_db(st)) == CMG_NOTIFY_PRUNE_BATCH ? 1 : 0;
+}
+
+/* Notifications, channel rows and report marks older than retention_s. */
+static int prune_old(struct cmg_store *st, int64_t now, int64_t retention_s)
 {
     int64_t old = now - retention_s;
-    int rc = -1;
 
-    if (cmg_store_begin(st) < 0)
-        return -1;
     if (done(cmg_store_prepare(st, "DELETE FROM notifications WHERE created < ? AND seq <"
-                                   " (SELECT max(seq) FROM notifications)", "i", old)) == 0 &&
+                                   " (SELECT max(seq) FROM notifications)", "i", old)) < 0 ||
         done(cmg_store_prepare(st, "DELETE FROM notify_targets WHERE seq <"
-                                   " (SELECT min(seq) FROM notifications)", "")) == 0 &&
+                                   " (SELECT min(seq) FROM notifications)", "")) < 0 ||
         done(cmg_store_prepare(st, "DELETE FROM notify_delivered WHERE seq <"
-                                   " (SELECT min(seq) FROM notifications)", "")) == 0 &&
+                                   " (SELECT min(seq) FROM notifications)", "")) < 0 ||
         /* an open channel counts only while its instance reports */
         done(cmg_store_prepare(st, "DELETE FROM device_seen WHERE last_seen < ?1 AND (NOT open"
                                    " OR instance NOT IN (SELECT instance FROM notify_boots"
-                                   " WHERE received >= ?1))", "i", old)) == 0 &&
-        done(cmg_store_prepare(st, "DELETE FROM notify_boots WHERE received < ?", "i", old)) == 0)
+                                   " WHERE received >= ?1))", "i", old)) < 0 ||
+        done(cmg_store_prepare(st, "DELETE FROM notify_boots WHERE received < ?", "i", old)) < 0)
+        return -1;
+    return 0;
+}
+
+int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t rows_retention_s,
+                     int64_t retention_s)
+{
+    int rc = -1, more = 0;
+
+    if (cmg_store_begin(st) < 0)
+        return -1;
+    if (finalize_one(st, now) == 0 &&
+        (more = prune_rows(st, "notify_targets", now - rows_retention_s)) >= 0 &&
+        (more |= prune_rows(st, "notify_delivered", now - rows_retention_s)) >= 0 &&
+        (more > 0 || prune_old(st, now, retention_s) == 0))
         rc = cmg_store_commit(st);
-    if (rc < 0)
+    if (rc < 0) {
         cmg_store_rollback(st);
-    return rc;
+        return -1;
+    }
+    /* more to do: rows left, or notifications left to count */
+    return more > 0 || one_int(cmg_store_prepare(st, "SELECT count(*) FROM notifications WHERE"
+                                                     " final_targets IS NULL AND expires <= ?",
+                                                 "i", now - CMG_NOTIFY_FINAL_AFTER_S), 0,
+                               NULL) > 0 ? 1 : 0;
 }

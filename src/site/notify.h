@@ -23,6 +23,8 @@
 #define CMG_NOTIFY_FEED_SEQS 1024              /* the feed serves the newest seqs ... */
 #define CMG_NOTIFY_FEED_AGE_S 86400            /* ... of the last 24 h */
 #define CMG_NOTIFY_RETENTION_S (31 * 86400)
+#define CMG_NOTIFY_FINAL_AFTER_S 60            /* counts final this long after it expired */
+#define CMG_NOTIFY_PRUNE_BATCH 10000           /* per-device rows deleted per loop turn */
 #define CMG_NOTIFY_REPORT_MAX_IDS 65536        /* device ids in one notify report */
 #define CMG_NOTIFY_MAX_UNKNOWN 200000     /* channel rows of devices the site does not know */
 #define CMG_NOTIFY_ID_MAX 40                   /* "<16 hex>-<seq>" and its NUL */
@@ -87,8 +89,13 @@ cJSON *cmg_notify_missed(struct cmg_store *st, int64_t seq);
 cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s,
                                const char *after, int64_t limit);
 
-/* Drops notifications (and their rows), device_seen rows and notify report marks older
- * than retention_s; the newest notification stays (the sequence goes on). 0 or -1. */
-int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t retention_s);
+/* One step of pruning, bounded for the loop: counts one expired notification for good
+ * (final_targets, final_delivered), drops at most CMG_NOTIFY_PRUNE_BATCH per-device rows
+ * (targets, deliveries) of counted notifications older than rows_retention_s, and once
+ * none are left the notifications, device_seen rows and notify report marks older than
+ * retention_s (the newest notification stays: the sequence goes on). 1 more to do
+ * (call again), 0 done, -1. */
+int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t rows_retention_s,
+                     int64_t retention_s);
 
 #endif

@@ -40,6 +40,7 @@ struct cmg_site_server {
     struct cmg_metrics_server *metrics;   /* metrics_listen */
     struct cmg_dashboard *dashboard;      /* the web dashboard on the admin listener */
     time_t reports_pruned;      /* when reports past report_retention were last dropped */
+    bool notify_pruning;        /* notify rows left to prune: a batch per loop turn */
     struct cmg_site_alerts *alerts;       /* thresholds evaluated (alerts.h) */
 };
 

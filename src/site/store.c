@@ -130,6 +130,10 @@ static const struct {
      * a connector's earlier one), and when a renewal replaced it */
     {"certs", "replaced",
      "ALTER TABLE certs ADD COLUMN kind TEXT; ALTER TABLE certs ADD COLUMN replaced INTEGER;"},
+    /* a notification's counts, kept once it has expired (its per-device rows go sooner) */
+    {"notifications", "final_targets",
+     "ALTER TABLE notifications ADD COLUMN final_targets INTEGER;"
+     "ALTER TABLE notifications ADD COLUMN final_delivered INTEGER;"},
 };
 
 /* Indexes on columns added above (made after them). device_seen_age and

@@ -335,3 +335,34 @@ def test_connector_backlog_sends_expired_documents_as_tombstones(setup, procs):
     assert first == {'type': 'notify', 'id': f'{EPOCH}-1', 'seq': 1, 'expired': True}
     assert second['data'] == {'huge': True}
     assert conn.alive()
+
+
+def test_per_device_rows_pruned_in_batches_counts_kept(dep):
+    """notify_retention: a broadcast's delivery rows older than it go, in batches of
+    10,000 per loop turn (the feed still answers meanwhile), and its counts stay in the
+    notification (status and list unchanged); an expired notification is counted once."""
+    import signal
+    sent = notify_json(dep, '--all', '--type', 'policy')
+    dep.site_proc.signal(signal.SIGTERM)
+    from cmgtest import ini_set
+    ini_set(dep.site.dir / 'site.conf', 'site', 'notify_retention', '1h')
+    old = int(time.time()) - 7200
+    db_write(dep, 'UPDATE notifications SET created = ?, expires = ? WHERE seq = ?',
+             [(old, old + 60, sent['seq'])])
+    devices_ = [(f'dev-{i:05d}', old, old + 1, old) for i in range(25000)]
+    db_write(dep, 'INSERT INTO device_seen (device, instance, boot, open, since, last_seen, '
+                  'first_seen) VALUES (?, \'gw\', \'b\', 0, ?, ?, ?)', devices_)
+    db_write(dep, 'INSERT INTO notify_delivered (seq, device, at, instance) VALUES (?, ?, ?, ?)',
+             [(sent['seq'], d[0], old + 1, 'gw') for d in devices_])
+    dep.start_site()
+    t0 = time.monotonic()
+    notify_feed(dep)                         # answered while the prune goes on
+    print(f'feed answered {1000 * (time.monotonic() - t0):.0f} ms after the start')
+    poll(lambda: db_rows(dep, 'SELECT count(*) FROM notify_delivered') == [(0,)], 10 * SLOW,
+         'the delivery rows to be pruned')
+    st = status(dep, sent['id'])
+    assert (st['targets'], st['delivered'], st['expired']) == (25000, 25000, 0), st
+    assert db_rows(dep, 'SELECT final_targets, final_delivered FROM notifications WHERE seq = ?',
+                   sent['seq']) == [(25000, 25000)]
+    listed = notify_json(dep, 'list')
+    assert listed[0]['delivered'] == 25000

@@ -8,12 +8,15 @@
 #include "client/client.h"
 #include "client/sse.h"
 #include "core/log.h"
+#include "site/notify.h"
 #include "site/pki.h"
 
 #include <cjson/cJSON.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
+#include <dirent.h>
 #include <errno.h>
+#include <libgen.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +29,8 @@
 #define LAST_ID_FILE "notify.last-id"
 #define RETRY_DEFAULT_MS 4000      /* until the server gives its retry: hint */
 #define BACKOFF_MAX_MS 60000
+#define RETRY_FLOOR_MS 1000        /* retry: 0 is no reason to connect in a loop */
+#define SHORT_CHANNEL_MS 10000     /* a channel that ends sooner counts as a failure */
 #define READ_TIMEOUT_MS 120000     /* silence this long: the channel is dead (heartbeats: 45 s) */
 #define ERROR_BODY_MAX 4096
 
@@ -45,6 +50,7 @@ struct listener {
     long events;
     bool stop;                   /* --max-events reached */
     bool channel;                /* this connection's answer was an event stream */
+    struct timespec opened;      /* when it was */
     bool local;                  /* this connection failed here: state, token */
     char why[1100];              /* why this connection ended, if not the server's doing */
     FILE *sink;
@@ -73,7 +79,8 @@ static void listen_usage(FILE *out)
           "  {\"id\":\"E-S\",\"event\":\"TYPE\",\"data\":<JSON>}\n"
           "(event \"reset\" means: do a full policy poll). When the channel ends it is opened\n"
           "again after the server's retry: hint (doubled after each failure, at most 60 s,\n"
-          "jittered +-50 %), with Last-Event-ID, so that the gateway replays what was missed.\n"
+          "jittered +-50 %, at least 1 s; a channel that ended within 10 s counts as a\n"
+          "failure), with Last-Event-ID, so that the gateway replays what was missed.\n"
           "The last id is kept in the state directory (" LAST_ID_FILE "): a restart resumes.\n"
           "A registered device (the first form) uses its state directory's gateway, CA,\n"
           "certificate and device token, as 'cmg client get' does; a device with a PKI\n"
@@ -192,6 +199,45 @@ static int parse_listen(int argc, char **argv, struct listen_opts *o, int *done)
 
 /* ---- the last id ---- */
 
+/* A notification id as gateways send them: EPOCH-SEQ. */
+static bool id_ok(const char *id)
+{
+    char epoch[17];
+    int64_t seq;
+
+    return cmg_notify_id_parse(id, epoch, &seq) == 0;
+}
+
+/* Temporary files of notify.last-id left by a process killed while writing it (the
+ * signal handler leaves at once): removed unless their process still runs. */
+static void clean_stale_tmp(const char *id_file)
+{
+    char dir_buf[PATH_MAX], base_buf[PATH_MAX], path[PATH_MAX + 300], prefix[PATH_MAX];
+    const char *dir, *base;
+    struct dirent *e;
+    DIR *d;
+
+    snprintf(dir_buf, sizeof(dir_buf), "%s", id_file);
+    snprintf(base_buf, sizeof(base_buf), "%s", id_file);
+    dir = dirname(dir_buf);
+    base = basename(base_buf);
+    snprintf(prefix, sizeof(prefix), "%s.tmp-", base);
+    if (!(d = opendir(dir)))
+        return;
+    while ((e = readdir(d))) {
+        long pid;
+
+        if (strncmp(e->d_name, prefix, strlen(prefix)))
+            continue;
+        pid = strtol(e->d_name + strlen(prefix), NULL, 10);
+        if (pid > 0 && (kill((pid_t)pid, 0) == 0 || errno != ESRCH))
+            continue;   /* its writer still runs */
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+}
+
 static void load_last_id(struct listener *l)
 {
     unsigned char *data = NULL;
@@ -203,11 +249,11 @@ static void load_last_id(struct listener *l)
         return;
     while (len && (data[len - 1] == '\n' || data[len - 1] == '\r'))
         data[--len] = 0;
-    if (len && strlen((char *)data) == len && cmg_client_token_ok((char *)data) >= 0 &&
-        !strpbrk((char *)data, " \t")) {
+    if (len && strlen((char *)data) == len && id_ok((const char *)data)) {
         snprintf(l->saved_id, sizeof(l->saved_id), "%s", (char *)data);
     } else if (len) {
-        fprintf(stderr, "cmg client: %s: not an event id; starting without one\n", l->id_file);
+        fprintf(stderr, "cmg client: %s: not a notification id EPOCH-SEQ (16 lowercase hex "
+                "digits, '-', a decimal number); starting without one\n", l->id_file);
     }
     free(data);
 }
@@ -376,6 +422,7 @@ static int on_head(void *arg, const struct cmg_fetch_resp *resp, FILE **out, cha
     setvbuf(l->sink, NULL, _IONBF, 0);
     cmg_sse_reset(l->sse);
     l->channel = true;
+    clock_gettime(CLOCK_MONOTONIC, &l->opened);
     fprintf(stderr, "cmg client: channel open%s%s\n", cmg_sse_last_id(l->sse)[0] ? ", from " : "",
             cmg_sse_last_id(l->sse));
     *out = l->sink;
@@ -506,11 +553,26 @@ out:
     return ret;
 }
 
+/* A channel held long enough to count as a success (one that a gateway ends at once,
+ * again and again, is backed off like a refusal). */
+static bool held_long(const struct listener *l)
+{
+    struct timespec now;
+
+    if (!l->channel)
+        return false;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - l->opened.tv_sec) * 1000L +
+               (now.tv_nsec - l->opened.tv_nsec) / 1000000L >= SHORT_CHANNEL_MS;
+}
+
 /* The wait before the next connection: the server's hint (or the default), doubled per
- * failure in a row, at most a minute, then jittered +-50 % (so that a fleet spreads). */
+ * failure in a row, at most a minute, then jittered +-50 % (so that a fleet spreads),
+ * never under a second. */
 static long next_delay_ms(const struct listener *l, unsigned failures)
 {
-    long base = cmg_sse_retry_ms(l->sse) >= 0 ? cmg_sse_retry_ms(l->sse) : RETRY_DEFAULT_MS;
+    long hint = cmg_sse_retry_ms(l->sse) >= 0 ? cmg_sse_retry_ms(l->sse) : RETRY_DEFAULT_MS;
+    long base = hint < RETRY_FLOOR_MS ? RETRY_FLOOR_MS : hint;
     unsigned char r[2] = {0};
     long ms = base;
 
@@ -520,6 +582,8 @@ static long next_delay_ms(const struct listener *l, unsigned failures)
         ms = BACKOFF_MAX_MS;
     RAND_bytes(r, sizeof(r));
     ms = ms / 2 + (long)(((uint64_t)(r[0] | r[1] << 8) * (uint64_t)ms) >> 16);
+    if (ms < RETRY_FLOOR_MS)
+        ms = RETRY_FLOOR_MS;
     return ms > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : ms;
 }
 
@@ -556,6 +620,8 @@ int cmg_client_listen_main(int argc, char **argv)
         return ret;
     if (id_file_path(&o, l.id_file, sizeof(l.id_file)) < 0)
         return CMG_CLIENT_EXIT_FAIL;
+    if (l.id_file[0])
+        clean_stale_tmp(l.id_file);
     load_last_id(&l);
     if (!(l.sse = cmg_sse_new(on_event, &l, l.saved_id))) {
         fputs("cmg client: out of memory\n", stderr);
@@ -569,12 +635,12 @@ int cmg_client_listen_main(int argc, char **argv)
         bool first = attempts++ == 0;
 
         ret = hold(&l);
-        failures = l.channel ? 0 : failures + 1;
+        failures = held_long(&l) ? 0 : failures + 1;
         /* a state or token that cannot be used at the start is a mistake to report, not
          * to retry; later (a renewal, a file being replaced) it is retried */
         if (l.stop || o.once || (l.local && first))
             break;
-        delay = next_delay_ms(&l, l.channel ? 0 : failures);
+        delay = next_delay_ms(&l, failures);
         fprintf(stderr, "cmg client: channel %s: %s; reconnecting in %.1f s\n",
                 l.channel ? "closed" : "not open", l.why, (double)delay / 1000.0);
         sleep_ms(delay);

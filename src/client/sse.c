@@ -15,7 +15,8 @@ struct cmg_sse {
     bool after_cr;           /* the last byte ended a line with CR: a LF next is its end too */
     size_t bom_seen;         /* bytes of a leading byte order mark matched so far */
     bool started;            /* past the stream's first bytes (where a BOM may be) */
-    char last_id[CMG_SSE_MAX_ID + 1];
+    char last_id[CMG_SSE_MAX_ID + 1];   /* the id of the last event dispatched */
+    char id_buf[CMG_SSE_MAX_ID + 1];    /* the id: field seen, copied at dispatch */
     char type[CMG_SSE_MAX_EVENT + 1];
     char data[CMG_SSE_MAX_DATA + 1];
     size_t data_len;
@@ -34,8 +35,10 @@ struct cmg_sse *cmg_sse_new(cmg_sse_on_event on_event, void *arg, const char *id
     p->on_event = on_event;
     p->arg = arg;
     p->retry_ms = -1;
-    if (id && strlen(id) <= CMG_SSE_MAX_ID)
+    if (id && strlen(id) <= CMG_SSE_MAX_ID) {
         snprintf(p->last_id, sizeof(p->last_id), "%s", id);
+        memcpy(p->id_buf, p->last_id, sizeof(p->id_buf));
+    }
     return p;
 }
 
@@ -46,6 +49,7 @@ void cmg_sse_reset(struct cmg_sse *p)
     p->line_len = p->data_len = p->bom_seen = 0;
     p->after_cr = p->started = p->has_data = false;
     p->type[0] = 0;
+    memcpy(p->id_buf, p->last_id, sizeof(p->id_buf));   /* an undispatched id is dropped */
 }
 
 const char *cmg_sse_last_id(const struct cmg_sse *p) { return p->last_id; }
@@ -63,11 +67,14 @@ static bool id_ok(const char *v, size_t n)
     return true;
 }
 
+/* At a blank line the id seen becomes the last event id (the standard's "last event ID
+ * buffer"): an event cut off by a broken stream does not move it. */
 static int dispatch(struct cmg_sse *p)
 {
     struct cmg_sse_event ev = {.id = p->last_id, .type = p->type[0] ? p->type : "message"};
     int rc = 0;
 
+    memcpy(p->last_id, p->id_buf, sizeof(p->last_id));
     /* The standard dispatches nothing without data; an event named without data (a
      * bare "event: reset") is dispatched too, with no data, so that it is not lost. */
     if (p->has_data || p->type[0]) {
@@ -105,8 +112,8 @@ static int field(struct cmg_sse *p, const char *name, size_t nlen, const char *v
         }
     } else if (nlen == 2 && !memcmp(name, "id", 2)) {
         if (!memchr(v, 0, vlen) && id_ok(v, vlen)) {
-            memcpy(p->last_id, v, vlen);
-            p->last_id[vlen] = 0;
+            memcpy(p->id_buf, v, vlen);
+            p->id_buf[vlen] = 0;
         }
     } else if (nlen == 5 && !memcmp(name, "retry", 5)) {
         long ms = 0;

@@ -32,6 +32,7 @@
 struct kept {
     uint64_t seq;
     int64_t created;     /* unix seconds (tombstones: when it came) */
+    int64_t expires;     /* unix seconds; 0 for a tombstone */
     char *line;
     size_t len;
 };
@@ -93,14 +94,15 @@ static void backlog_trim(struct cmg_notify_feed *f, size_t room_for)
         drop_oldest(f);
 }
 
-static void backlog_add(struct cmg_notify_feed *f, uint64_t seq, int64_t created, char *line,
-                        size_t len)
+static void backlog_add(struct cmg_notify_feed *f, uint64_t seq, int64_t created,
+                        int64_t expires, char *line, size_t len)
 {
     struct kept *k;
 
     backlog_trim(f, len);
     k = kept_at(f, f->n++);
-    *k = (struct kept){.seq = seq, .created = created, .line = line, .len = len};
+    *k = (struct kept){.seq = seq, .created = created, .expires = expires, .line = line,
+                       .len = len};
     f->bytes += len;
 }
 
@@ -141,8 +143,16 @@ bool cmg_notify_feed_fill(struct cmg_cn_tunnel *t)
     if (i >= f->n)
         return false;
     k = kept_at(f, i);
-    if (cmg_buf_append(&t->ctl_out, k->line, k->len) < 0 ||
-        cmg_buf_append(&t->ctl_out, "\n", 1) < 0) {
+    if (k->expires && k->expires <= (int64_t)time(NULL)) {
+        /* expired while kept: a tombstone keeps the sequence, the document is no use */
+        if (cmg_buf_printf(&t->ctl_out, "{\"type\":\"notify\",\"id\":\"%s-%" PRIu64
+                                        "\",\"seq\":%" PRIu64 ",\"expired\":true}\n",
+                           f->epoch, k->seq, k->seq) < 0) {
+            cmg_buf_reset(&t->ctl_out);
+            return false;
+        }
+    } else if (cmg_buf_append(&t->ctl_out, k->line, k->len) < 0 ||
+               cmg_buf_append(&t->ctl_out, "\n", 1) < 0) {
         cmg_buf_reset(&t->ctl_out);
         return false;   /* tried again when the stream is resumed */
     }
@@ -200,11 +210,12 @@ static bool whole_number(const cJSON *v, uint64_t *out)
  * "type" and every JSON parser reads it alike). NULL with why if it is not a document
  * of this epoch. */
 static char *control_line(const struct cmg_notify_feed *f, cJSON *doc, uint64_t *seq,
-                          int64_t *created, size_t *len, const char **why)
+                          int64_t *created, int64_t *expires, size_t *len, const char **why)
 {
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(doc, "id");
     const cJSON *expired = cJSON_GetObjectItemCaseSensitive(doc, "expired");
     const cJSON *when = cJSON_GetObjectItemCaseSensitive(doc, "created");
+    const cJSON *until = cJSON_GetObjectItemCaseSensitive(doc, "expires");
     cJSON *type = cJSON_GetObjectItemCaseSensitive(doc, "type"), *event = NULL;
     char want[64], *text = NULL, *line = NULL;
     size_t room;
@@ -221,7 +232,12 @@ static char *control_line(const struct cmg_notify_feed *f, cJSON *doc, uint64_t 
     *why = "a document with a type, or expired";
     if (!cJSON_IsTrue(expired) && !cJSON_IsString(type))
         return NULL;
-    *created = cJSON_IsNumber(when) ? (int64_t)when->valuedouble : (int64_t)time(NULL);
+    *created = (int64_t)time(NULL);   /* a huge or negative one is clamped, never cast */
+    if (cJSON_IsNumber(when) && when->valuedouble >= 0 && when->valuedouble < (double)*created)
+        *created = (int64_t)when->valuedouble;
+    *expires = 0;   /* 0: a tombstone already, or none said */
+    if (!cJSON_IsTrue(expired) && cJSON_IsNumber(until) && until->valuedouble > 0)
+        *expires = until->valuedouble < 4e18 ? (int64_t)until->valuedouble : INT64_MAX;
     *why = "out of memory";
     if (type) {
         event = cJSON_DetachItemViaPointer(doc, type);
@@ -252,9 +268,9 @@ static int take_documents(struct cmg_notify_feed *f, cJSON *list, const char **w
 
     cJSON_ArrayForEach(doc, list) {
         uint64_t seq;
-        int64_t created;
+        int64_t created, expires;
         size_t len = 0;
-        char *line = control_line(f, doc, &seq, &created, &len, why);
+        char *line = control_line(f, doc, &seq, &created, &expires, &len, why);
 
         if (!line)
             return -1;
@@ -268,7 +284,7 @@ static int take_documents(struct cmg_notify_feed *f, cJSON *list, const char **w
                      newest_seq(f), seq, seq);
             backlog_clear(f);
         }
-        backlog_add(f, seq, created, line, len);
+        backlog_add(f, seq, created, expires, line, len);
         if (seq > f->last)
             f->last = seq;
         wake_all(f);
@@ -292,8 +308,18 @@ static int take_answer(struct cmg_notify_feed *f, const char *body, size_t len, 
         !cJSON_IsArray(list))
         goto out;
     new_epoch = strcmp(f->epoch, epoch->valuestring) != 0;
+    if (!new_epoch && last < f->last) {
+        /* the site's store went back (restored from a backup): what it numbers next is
+         * not what the backlog holds under those numbers; start again from its last */
+        cmg_warn("notify feed: the site's last notification is %s-%" PRIu64 " but it was "
+                 "%s-%" PRIu64 " before: its store went back (restored from a "
+                 "backup?); the backlog starts again from %" PRIu64 " (give a restored store "
+                 "a new epoch: cmg site notify new-epoch)", f->epoch, last, f->epoch,
+                 f->last, last);
+        new_epoch = true;
+    }
     if (new_epoch) {
-        if (f->epoch[0])
+        if (strcmp(f->epoch, epoch->valuestring) && f->epoch[0])
             cmg_info("notify feed: the site's epoch is now %s (was %s): a new store; the "
                      "backlog starts again", epoch->valuestring, f->epoch);
         backlog_clear(f);

@@ -170,6 +170,10 @@ static int conf_entry(void *user, const char *section, const char *name, const c
         uint64_t v;
         rc = cmg_conf_duration(value, 3600, 100ull * 366 * 86400, &v);
         s->report_retention_s = (int64_t)v;
+    } else if (!strcmp(name, "notify_retention")) {
+        uint64_t v;
+        rc = cmg_conf_duration(value, 3600, 100ull * 366 * 86400, &v);
+        s->notify_retention_s = (int64_t)v;
     } else if (!strcmp(name, "log_level"))
         rc = (s->log_level = cmg_log_parse_level(value)) < 0 ? -1 : 0;
     else if (!strcmp(name, "log_format"))
@@ -203,6 +207,7 @@ int cmg_site_read_conf(struct cmg_site_ctx *s, char *err, size_t errlen)
     s->key_rotation_s = CMG_SITE_KEY_ROTATION_S;
     s->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
     s->report_retention_s = CMG_SITE_REPORT_RETENTION_S;
+    s->notify_retention_s = CMG_SITE_NOTIFY_RETENTION_S;
     if (path_in(path, sizeof(path), s->dir, CMG_SITE_CONF) < 0)
         return -1;
     cs.err = msg;

@@ -20,6 +20,7 @@
 #define CMG_SITE_DEFAULT_FEED "127.0.0.1:8092"
 #define CMG_SITE_OIDC_REFRESH_S 3600     /* default site.conf oidc_refresh */
 #define CMG_SITE_REPORT_RETENTION_S (31 * 86400)
+#define CMG_SITE_NOTIFY_RETENTION_S (7 * 86400)
 #define CMG_BULK_DEFAULT_DAYS 3
 #define CMG_BULK_MAX_DAYS 7
 #define CMG_DEVICE_TOKEN_DAYS 90
@@ -43,6 +44,7 @@ struct cmg_site_ctx {
     int64_t key_rotation_s;      /* site.conf key_rotation: its age at rotation; 0 never */
     uint32_t report_interval_s;  /* site.conf report_interval (reports.c) */
     int64_t report_retention_s;  /* site.conf report_retention: traffic_5m kept this long */
+    int64_t notify_retention_s;  /* site.conf notify_retention: per-device notify rows */
     X509 *ca_cert;
     EVP_PKEY *ca_key;
     char admin_token[65];

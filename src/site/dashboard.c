@@ -61,6 +61,9 @@ struct cmg_dashboard {
     struct cmg_log_limit refused, limited;   /* wrong tokens; addresses held back */
 };
 
+/* The devices page reads one page of device.list, polled every 30 s. */
+#define DASHBOARD_DEVICES 100000
+
 /* The read-only admin operations the pages list. */
 static const char *const api_ops[] = {"device.list", "cert.list", "connector.list",
                                       "mapping.list", "alert.list"};
@@ -486,6 +489,8 @@ static void api(struct cmg_dashboard *d, struct cmg_httpd_req *req, const char *
         respond_error(req, 500, "out of memory");
         return;
     }
+    if (!strcmp(name, "device.list"))   /* one page: registered devices come first */
+        cJSON_AddNumberToObject(args, "limit", DASHBOARD_DEVICES);
     rc = cmg_site_op_run(d->srv->ctx, name, args, &result, msg, sizeof(msg));
     cJSON_Delete(args);
     if (rc == 0 && !strcmp(name, "alert.list"))

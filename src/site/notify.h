@@ -23,7 +23,10 @@
 #define CMG_NOTIFY_FEED_SEQS 1024              /* the feed serves the newest seqs ... */
 #define CMG_NOTIFY_FEED_AGE_S 86400            /* ... of the last 24 h */
 #define CMG_NOTIFY_RETENTION_S (31 * 86400)
+#define CMG_NOTIFY_FINAL_AFTER_S 60            /* counts final this long after it expired */
+#define CMG_NOTIFY_PRUNE_BATCH 10000           /* per-device rows deleted per loop turn */
 #define CMG_NOTIFY_REPORT_MAX_IDS 65536        /* device ids in one notify report */
+#define CMG_NOTIFY_MAX_UNKNOWN 200000     /* channel rows of devices the site does not know */
 #define CMG_NOTIFY_ID_MAX 40                   /* "<16 hex>-<seq>" and its NUL */
 
 /* A device id as gateways name devices: printable ASCII without space, 1..127 bytes. */
@@ -37,6 +40,9 @@ int64_t cmg_notify_ttl_parse(const char *s);
 
 /* The site's epoch (made with the store). 0, or -1. */
 int cmg_notify_epoch(struct cmg_store *st, char out[17]);
+/* Gives the store a new epoch (a store restored from a backup needs one: gateways know
+ * its seqs by the old one). 0 with the old and new epochs, or -1. */
+int cmg_notify_new_epoch(struct cmg_store *st, char old[17], char made[17]);
 /* The highest seq assigned (0 if none), or -1. */
 int64_t cmg_notify_last(struct cmg_store *st);
 
@@ -49,6 +55,9 @@ struct cmg_notify_new {
     size_t ndevices;
     int64_t resend_of;             /* 0, or the seq this one re-sends */
 };
+/* How many of n's first devices fit in one document (the whole list when it does);
+ * the document's bytes with them in *bytes (may be NULL). */
+size_t cmg_notify_devices_fitting(const struct cmg_notify_new *n, size_t *bytes);
 /* Records a notification in one transaction: 0 with its seq and target count, or an
  * HTTP status (400 too big, 500 store) with the reason in err. */
 int cmg_notify_create(struct cmg_store *st, const struct cmg_notify_new *n, int64_t now,
@@ -73,12 +82,20 @@ int cmg_notify_report_ingest(struct cmg_store *st, const cJSON *doc, int64_t now
 int cmg_notify_status(struct cmg_store *st, int64_t seq, int64_t now, cJSON **out);
 /* Targets of seq without a delivery row of it, as a JSON array of ids (NULL: error). */
 cJSON *cmg_notify_missed(struct cmg_store *st, int64_t seq);
-/* Registered devices with last_seen and channel, and the devices seen only on a
- * channel; report_interval_s is the site's default for instances that never said. */
-cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s);
+/* Registered devices (by registration) with last_seen and channel, then the devices
+ * seen only on a channel (by id); report_interval_s is the site's default for instances
+ * that never said. A page: the limit (<= 0: all) rows after the device id after (NULL:
+ * from the first). */
+cJSON *cmg_notify_devices_json(struct cmg_store *st, int64_t now, int64_t report_interval_s,
+                               const char *after, int64_t limit);
 
-/* Drops notifications (and their rows), device_seen rows and notify report marks older
- * than retention_s; the newest notification stays (the sequence goes on). 0 or -1. */
-int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t retention_s);
+/* One step of pruning, bounded for the loop: counts one expired notification for good
+ * (final_targets, final_delivered), drops at most CMG_NOTIFY_PRUNE_BATCH per-device rows
+ * (targets, deliveries) of counted notifications older than rows_retention_s, and once
+ * none are left the notifications, device_seen rows and notify report marks older than
+ * retention_s (the newest notification stays: the sequence goes on). 1 more to do
+ * (call again), 0 done, -1. */
+int cmg_notify_prune(struct cmg_store *st, int64_t now, int64_t rows_retention_s,
+                     int64_t retention_s);
 
 #endif

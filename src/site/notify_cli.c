@@ -20,6 +20,7 @@ static const char usage[] =
     "       cmg site notify [DIR] --resend ID --missed [--ttl DURATION] [--json]\n"
     "       cmg site notify status ID [DIR] [--json]\n"
     "       cmg site notify list [DIR] [--json]\n"
+    "       cmg site notify new-epoch [DIR] [--json]\n"
     "  each with [--api https://HOST:PORT [--admin-token FILE] [--ca FILE]]\n"
     "\n"
     "Sends a notification to devices through every connector to every gateway instance;\n"
@@ -45,6 +46,9 @@ static const char usage[] =
     "  delivered, a gateway reported it written to the device; waiting, not yet and not\n"
     "  expired; expired, not delivered before it expired. Gateways report within seconds.\n"
     "list: the newest notifications with those counts.\n"
+    "new-epoch: gives the site's notifications a new epoch; needed after site.db is\n"
+    "  restored from a backup (gateways know its numbers by the old one): every gateway\n"
+    "  then sends its channels one 'reset' event and starts again.\n"
     "--json prints the result as JSON. With --api the operation goes to the admin API of\n"
     "a running site (its certificate checked against DIR/ca.crt or --ca FILE, with\n"
     "DIR/admin.token or --admin-token FILE); an API request body is at most 1 MiB, so\n"
@@ -53,7 +57,7 @@ static const char usage[] =
 
 struct notify_cli {
     struct cmg_site_admin_target t;
-    const char *verb;          /* NULL (send or resend), "status" or "list" */
+    const char *verb;          /* NULL (send or resend), "status", "list" or "new-epoch" */
     const char *id;            /* status ID */
     const char *devices_file;
     bool json, help;
@@ -180,7 +184,7 @@ static int positional(struct notify_cli *c, const char *w)
 {
     if (!c->t.dir && cmg_site_admin_is_site_dir(w))
         c->t.dir = w;
-    else if (!c->verb && (!strcmp(w, "status") || !strcmp(w, "list")))
+    else if (!c->verb && (!strcmp(w, "status") || !strcmp(w, "list") || !strcmp(w, "new-epoch")))
         c->verb = w;
     else if (c->verb && !strcmp(c->verb, "status") && !c->id)
         c->id = w;
@@ -222,6 +226,15 @@ static void show_sent(const cJSON *r)
         puts(str(r, "note"));
         return;
     }
+    const cJSON *parts = cJSON_GetObjectItemCaseSensitive(r, "notifications"), *part;
+    int nparts = cJSON_GetArraySize(parts), i = 0;
+
+    if (nparts > 1) {   /* a resend split in several notifications: every id */
+        cJSON_ArrayForEach(part, parts)
+            printf("notification %s: %.0f device(s) (resend of %s, part %d of %d)\n",
+                   str(part, "id"), num(part, "targets"), str(r, "resend_of"), ++i, nparts);
+        return;
+    }
     if (cJSON_IsString(targets))
         printf("notification %s: all devices", str(r, "id"));
     else
@@ -257,6 +270,8 @@ static const char *op_of(struct notify_cli *c, int *rc)
     *rc = 0;
     if (c->verb && !strcmp(c->verb, "list"))
         return "notify.list";
+    if (c->verb && !strcmp(c->verb, "new-epoch"))
+        return "notify.new_epoch";
     if (c->verb) {
         if (!c->id) {
             *rc = usage_error("status: the notification's ID is needed");
@@ -293,6 +308,9 @@ static void print_result(const struct notify_cli *c, const char *op, const cJSON
         show_status(r);
     } else if (!strcmp(op, "notify.list")) {
         show_list(r);
+    } else if (!strcmp(op, "notify.new_epoch")) {
+        printf("notification epoch %s (was %s): gateways send their channels one reset and "
+               "start again\n", str(r, "epoch"), str(r, "previous"));
     } else {
         show_sent(r);
     }

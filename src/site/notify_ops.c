@@ -11,7 +11,8 @@
 #include <time.h>
 
 #define LIST_DEFAULT 20
-#define LIST_MAX 1000
+#define LIST_MAX 100    /* each row's counts may be computed: a bounded page */
+#define DEVICES_PAGE_MAX 100000   /* device.list rows in one page */
 
 static int fail(char *msg, size_t len, int status, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -194,30 +195,63 @@ int cmg_notify_op_status(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     return rc == 0 ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
-/* The original's type and data, into n (*data malloc'd). 0, 1 none, -1. */
+/* The original's type and data, into n (*data malloc'd): a plain read, no counting.
+ * 0, 1 none, -1. */
 static int original(struct cmg_site_ctx *s, int64_t seq, struct cmg_notify_new *n, char **data,
                     char **type)
 {
-    cJSON *st = NULL;
-    int rc = cmg_notify_status(s->store, seq, 0, &st);
-
-    cJSON_Delete(st);
-    if (rc != 0)
-        return rc;
     cJSON *rows = cmg_store_query_json(s->store, "SELECT type, data FROM notifications WHERE "
                                                  "seq = ?", "i", seq);
     cJSON *row = cJSON_GetArrayItem(rows, 0);
     const char *t = cJSON_GetStringValue(cJSON_GetObjectItem(row, "type"));
     const char *d = cJSON_GetStringValue(cJSON_GetObjectItem(row, "data"));
+    int rc = !rows ? -1 : !row ? 1 : 0;
 
     *type = t ? strdup(t) : NULL;
     *data = d ? strdup(d) : NULL;
     cJSON_Delete(rows);
-    if (!*type || !*data)
-        return -1;
+    if (rc == 0 && (!*type || !*data))
+        rc = -1;
     n->type = *type;
     n->data = *data;
-    return 0;
+    return rc;
+}
+
+/* The missed devices sent as notifications of one document each (a broadcast's missed
+ * set may not fit one): the result names the first, the total, and every part in
+ * "notifications" ({"id","seq","targets"}). */
+static int send_parts(struct cmg_site_ctx *s, struct cmg_notify_new *n, const char *const *ids,
+                      size_t total, cJSON **result, char *msg, size_t len)
+{
+    cJSON *parts = cJSON_CreateArray(), *part = NULL;
+    int64_t all_targets = 0;
+    size_t done = 0;
+    int rc = parts ? 0 : fail(msg, len, 500, "out of memory");
+
+    while (rc == 0 && done < total) {
+        n->devices = ids + done;
+        n->ndevices = total - done;
+        n->ndevices = cmg_notify_devices_fitting(n, NULL);
+        if (n->ndevices == 0) {
+            rc = fail(msg, len, 500, "a device id does not fit a notification");
+            break;
+        }
+        if ((rc = send_new(s, n, &part, msg, len)) != 0)
+            break;
+        all_targets += (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItem(part, "targets"));
+        if (!*result)
+            *result = cJSON_Duplicate(part, true);
+        cJSON_DeleteItemFromObject(part, "expires");
+        cJSON_AddItemToArray(parts, part);
+        done += n->ndevices;
+    }
+    if (rc == 0 && *result) {
+        cJSON_ReplaceItemInObject(*result, "targets", cJSON_CreateNumber((double)all_targets));
+        cJSON_AddItemToObject(*result, "notifications", parts);
+        parts = NULL;
+    }
+    cJSON_Delete(parts);
+    return rc;
 }
 
 static int resend_missed(struct cmg_site_ctx *s, int64_t seq, const char *id,
@@ -225,13 +259,13 @@ static int resend_missed(struct cmg_site_ctx *s, int64_t seq, const char *id,
 {
     cJSON *missed = cmg_notify_missed(s->store, seq), *e;
     const char **ids = NULL;
-    size_t i = 0;
+    size_t i = 0, total;
     int rc;
 
     if (!missed)
         return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-    n->ndevices = (size_t)cJSON_GetArraySize(missed);
-    if (n->ndevices == 0) {
+    total = (size_t)cJSON_GetArraySize(missed);
+    if (total == 0) {
         *result = cJSON_CreateObject();
         cJSON_AddNullToObject(*result, "id");
         cJSON_AddNumberToObject(*result, "targets", 0);
@@ -239,15 +273,18 @@ static int resend_missed(struct cmg_site_ctx *s, int64_t seq, const char *id,
         cJSON_Delete(missed);
         return 0;
     }
-    if (!(ids = calloc(n->ndevices, sizeof(*ids)))) {
+    if (!(ids = calloc(total, sizeof(*ids)))) {
         cJSON_Delete(missed);
         return fail(msg, len, 500, "out of memory");
     }
     cJSON_ArrayForEach(e, missed) ids[i++] = e->valuestring;
-    n->devices = ids;
     n->resend_of = seq;
-    if ((rc = send_new(s, n, result, msg, len)) == 0)
+    if ((rc = send_parts(s, n, ids, total, result, msg, len)) == 0)
         cJSON_AddStringToObject(*result, "resend_of", id);
+    else {
+        cJSON_Delete(*result);   /* the parts made are recorded: sent whatever follows */
+        *result = NULL;
+    }
     free(ids);
     cJSON_Delete(missed);
     return rc;
@@ -296,6 +333,8 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
         if (cmg_notify_status(s->store, (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItem(row,
                               "seq")), now, &st) != 0) {
             cJSON_Delete(seqs);
+            cJSON_Delete(*result);
+            *result = NULL;
             return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         }
         cJSON_AddItemToArray(*result, st);
@@ -304,11 +343,33 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     return 0;
 }
 
+int cmg_notify_op_new_epoch(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                            char *msg, size_t len)
+{
+    char old[17], made[17];
+
+    (void)args;
+    if (cmg_notify_new_epoch(s->store, old, made) < 0)
+        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    *result = cJSON_CreateObject();
+    cJSON_AddStringToObject(*result, "epoch", made);
+    cJSON_AddStringToObject(*result, "previous", old);
+    return 0;
+}
+
 int cmg_notify_op_devices(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len)
 {
-    (void)args;
+    const cJSON *lim = arg(args, "limit"), *after = arg(args, "after");
+    double limit = lim ? cJSON_GetNumberValue(lim) : 0;
+
+    if (lim && !(limit >= 1 && limit <= DEVICES_PAGE_MAX))
+        return fail(msg, len, 400, "limit: a number from 1 to %d expected", DEVICES_PAGE_MAX);
+    if (after && !(cJSON_IsString(after) && cmg_notify_device_ok(after->valuestring)))
+        return fail(msg, len, 400, "after: a device id expected (the last one of the "
+                                   "previous page)");
     *result = cmg_notify_devices_json(s->store, (int64_t)time(NULL),
-                                      (int64_t)s->report_interval_s);
+                                      (int64_t)s->report_interval_s,
+                                      after ? after->valuestring : NULL, (int64_t)limit);
     return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }

@@ -16,6 +16,9 @@ int cmg_notify_op_resend(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
                          size_t len);
 int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                        size_t len);
+/* notify.new_epoch: {"epoch": new, "previous": old}. */
+int cmg_notify_op_new_epoch(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
+                            char *msg, size_t len);
 int cmg_notify_op_devices(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
                           size_t len);
 

@@ -9,6 +9,7 @@
 #include "site/reports.h"
 #include "site/store_sql.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -54,12 +55,8 @@ static bool boot_ok(const cJSON *v)
     return n == 16;
 }
 
-static bool device_ok(const cJSON *v)
-{
-    return cJSON_IsString(v) && cmg_notify_device_ok(v->valuestring);
-}
-
-/* An array of device ids, counted into *ids. */
+/* An array of strings (device ids: one that is not a device id is skipped when the
+ * report is kept, not a reason to refuse the whole report), counted into *ids. */
 static bool id_list_ok(const cJSON *a, size_t *ids)
 {
     const cJSON *e;
@@ -67,17 +64,25 @@ static bool id_list_ok(const cJSON *a, size_t *ids)
     if (!cJSON_IsArray(a))
         return false;
     cJSON_ArrayForEach(e, a) {
-        if (++*ids > CMG_NOTIFY_REPORT_MAX_IDS || !device_ok(e))
+        if (++*ids > CMG_NOTIFY_REPORT_MAX_IDS || !cJSON_IsString(e))
             return false;
     }
     return true;
 }
 
+/* A device id of a report entry; one that is not is counted in *skipped. */
+static bool device_ok(const cJSON *v, int64_t *skipped)
+{
+    bool ok = cmg_notify_device_ok(v->valuestring);
+
+    if (!ok)
+        ++*skipped;
+    return ok;
+}
+
 static const char *check_delivered(const cJSON *d, size_t *ids)
 {
     const cJSON *e;
-    char epoch[17];
-    int64_t seq;
 
     if (!d)
         return NULL;
@@ -86,11 +91,9 @@ static const char *check_delivered(const cJSON *d, size_t *ids)
     cJSON_ArrayForEach(e, d) {
         if (++*ids > CMG_NOTIFY_REPORT_MAX_IDS)
             return "delivered: too many notifications and devices for one report";
-        if (!e->string || cmg_notify_id_parse(e->string, epoch, &seq) < 0 || seq < 1)
-            return "delivered: each key a notification id EPOCH-SEQ expected";
         if (!id_list_ok(e, ids))
-            return "delivered: lists of device ids expected (printable ASCII without space, "
-                   "1..127 bytes; 65536 ids in all at most)";
+            return "delivered: lists of device ids (strings) expected (65536 ids in all at "
+                   "most)";
     }
     return NULL;
 }
@@ -105,7 +108,7 @@ static const char *check_closed(const cJSON *c, size_t *ids)
         return "closed: an array of [device id, unix time] expected";
     cJSON_ArrayForEach(e, c) {
         if (++*ids > CMG_NOTIFY_REPORT_MAX_IDS || !cJSON_IsArray(e) ||
-            cJSON_GetArraySize(e) != 2 || !device_ok(cJSON_GetArrayItem(e, 0)) ||
+            cJSON_GetArraySize(e) != 2 || !cJSON_IsString(cJSON_GetArrayItem(e, 0)) ||
             !count_ok(cJSON_GetArrayItem(e, 1), 0))
             return "closed: an array of [device id, unix time] expected (65536 ids in all "
                    "at most)";
@@ -129,8 +132,7 @@ static const char *check_report(const cJSON *doc)
     if ((bad = check_delivered(get(doc, "delivered"), &ids)))
         return bad;
     if (get(doc, "opened") && !id_list_ok(get(doc, "opened"), &ids))
-        return "opened: an array of device ids expected (printable ASCII without space, "
-               "1..127 bytes; 65536 ids in all at most)";
+        return "opened: an array of device ids (strings) expected (65536 ids in all at most)";
     return check_closed(get(doc, "closed"), &ids);
 }
 
@@ -197,39 +199,83 @@ static int mark(struct cmg_store *st, const char *instance, const char *boot, in
                                   boot, seq, now));
 }
 
-/* The deliveries of this site's epoch and of notifications it has; others are ignored
- * (a gateway's report may hold deliveries of a store made anew). */
+/* A delivery is kept only for a target of the notification: one of its list, or for one
+ * to all devices, a device the site knows (registered, or with a channel row: the
+ * report's own opened/closed are kept first). ?1 seq, ?2 device, ?3 now, ?4 instance. */
+#define DELIVERY_SQL                                                                          \
+    "INSERT OR IGNORE INTO notify_delivered (seq, device, at, instance) SELECT ?1, ?2, ?3, ?4" \
+    " WHERE EXISTS (SELECT 1 FROM notify_targets WHERE seq = ?1 AND device = ?2) OR"          \
+    " (EXISTS (SELECT 1 FROM notifications WHERE seq = ?1 AND all_devices) AND"               \
+    " (EXISTS (SELECT 1 FROM device_seen WHERE device = ?2) OR"                               \
+    " EXISTS (SELECT 1 FROM devices WHERE id = ?2)))"
+
+/* The deliveries of this site's epoch to the targets of notifications it has; others
+ * are ignored (a gateway's report may hold deliveries of a store made anew), counted
+ * in *ignored. */
 static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *instance,
-                          int64_t now)
+                          int64_t now, int64_t *ignored, int64_t *skipped)
 {
-    sqlite3_stmt *ins = cmg_store_prepare(st, "INSERT OR IGNORE INTO notify_delivered (seq,"
-                                              " device, at, instance) VALUES (?, ?, ?, ?)",
-                                          "iiis", (int64_t)0, (int64_t)0, now, instance);
+    sqlite3_stmt *ins = cmg_store_prepare(st, DELIVERY_SQL, "iiis", (int64_t)0, (int64_t)0, now,
+                                          instance);
+    sqlite3 *db = cmg_store_db(st);
     int64_t last = cmg_notify_last(st), seq;
     char mine[17], epoch[17];
     int rc = ins && last >= 0 && cmg_notify_epoch(st, mine) == 0 ? 0 : -1;
     const cJSON *e, *dev, *items = rc == 0 ? d : NULL;
 
     cJSON_ArrayForEach(e, items) {
-        if (cmg_notify_id_parse(e->string, epoch, &seq) < 0 || strcmp(epoch, mine) || seq > last)
+        if (cmg_notify_id_parse(e->string, epoch, &seq) < 0 || seq < 1) {
+            *skipped += 1 + cJSON_GetArraySize(e);   /* not a notification id */
             continue;
+        }
+        if (strcmp(epoch, mine) || seq > last) {
+            *ignored += cJSON_GetArraySize(e);
+            continue;
+        }
         sqlite3_bind_int64(ins, 1, seq);
         cJSON_ArrayForEach(dev, e) {
+            if (!device_ok(dev, skipped))
+                continue;
             sqlite3_bind_text(ins, 2, dev->valuestring, -1, SQLITE_STATIC);
             if (step_reset(ins) < 0) {
                 rc = -1;
                 break;
             }
+            if (sqlite3_changes(db) == 0)
+                ++*ignored;   /* not a target, or kept already */
         }
     }
     sqlite3_finalize(ins);
     return rc;
 }
 
+/* Channel rows of devices the site does not know (not registered, no certificate it
+ * issued) beyond CMG_NOTIFY_MAX_UNKNOWN: the oldest go, closed ones first, so forged ids
+ * cannot grow the store. The rows of known devices are never counted nor dropped. */
+static int cap_unknown(struct cmg_store *st)
+{
+    sqlite3_stmt *q = cmg_store_prepare(
+        st, "SELECT (SELECT count(*) FROM device_seen) - (SELECT count(*) FROM devices) -"
+            " (SELECT count(*) FROM certs WHERE thumbprint IS NOT NULL) - ?", "i",
+        (int64_t)CMG_NOTIFY_MAX_UNKNOWN);
+    int64_t excess = q && sqlite3_step(q) == SQLITE_ROW ? sqlite3_column_int64(q, 0) : -1;
+
+    sqlite3_finalize(q);
+    if (excess <= 0)
+        return q ? 0 : -1;   /* under the cap (an estimate from above: known rows may lack) */
+    return done(cmg_store_prepare(
+        st, "DELETE FROM device_seen WHERE device IN (SELECT device FROM device_seen s"
+            " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device) AND"
+            " NOT (s.device LIKE 'cert:%' AND (EXISTS (SELECT 1 FROM devices d WHERE"
+            " d.thumbprint = substr(s.device, 6)) OR EXISTS (SELECT 1 FROM certs c WHERE"
+            " c.thumbprint = substr(s.device, 6))))"
+            " ORDER BY open, last_seen LIMIT ?)", "i", excess));
+}
+
 /* Closed channels: closed only if this instance holds the device's channel (it may
  * have moved to another); the last time seen moves on either way. */
 static int keep_closed(struct cmg_store *st, const cJSON *c, const char *instance,
-                       const char *boot, int64_t now)
+                       const char *boot, int64_t now, int64_t *skipped)
 {
     sqlite3_stmt *up = cmg_store_prepare(
         st, "INSERT INTO device_seen (device, instance, boot, open, since, last_seen,"
@@ -243,6 +289,8 @@ static int keep_closed(struct cmg_store *st, const cJSON *c, const char *instanc
     cJSON_ArrayForEach(e, items) {
         double t = cJSON_GetArrayItem(e, 1)->valuedouble;
 
+        if (!device_ok(cJSON_GetArrayItem(e, 0), skipped))
+            continue;
         sqlite3_bind_text(up, 1, cJSON_GetArrayItem(e, 0)->valuestring, -1, SQLITE_STATIC);
         sqlite3_bind_int64(up, 4, t < (double)now ? (int64_t)t : now);   /* not in the future */
         if (step_reset(up) < 0) {
@@ -255,7 +303,7 @@ static int keep_closed(struct cmg_store *st, const cJSON *c, const char *instanc
 }
 
 static int keep_opened(struct cmg_store *st, const cJSON *o, const char *instance,
-                       const char *boot, int64_t now)
+                       const char *boot, int64_t now, int64_t *skipped)
 {
     sqlite3_stmt *up = cmg_store_prepare(
         st, "INSERT INTO device_seen (device, instance, boot, open, since, last_seen,"
@@ -266,6 +314,8 @@ static int keep_opened(struct cmg_store *st, const cJSON *o, const char *instanc
     const cJSON *e, *items = rc == 0 ? o : NULL;
 
     cJSON_ArrayForEach(e, items) {
+        if (!device_ok(e, skipped))
+            continue;
         sqlite3_bind_text(up, 1, e->valuestring, -1, SQLITE_STATIC);
         if (step_reset(up) < 0) {
             rc = -1;
@@ -276,7 +326,8 @@ static int keep_opened(struct cmg_store *st, const cJSON *o, const char *instanc
     return rc;
 }
 
-static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
+static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now, int64_t *ignored,
+                     int64_t *skipped)
 {
     const char *instance = get(doc, "instance")->valuestring;
     const char *boot = get(doc, "boot")->valuestring;
@@ -290,9 +341,11 @@ static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
                                                " instance = ? AND boot <> ?", "ss", instance,
                                            boot)) < 0)
         return -1;
-    if (keep_delivered(st, get(doc, "delivered"), instance, now) < 0 ||
-        keep_closed(st, get(doc, "closed"), instance, boot, now) < 0 ||
-        keep_opened(st, get(doc, "opened"), instance, boot, now) < 0)
+    /* the channels first: a delivery of a broadcast counts for a device seen */
+    if (keep_closed(st, get(doc, "closed"), instance, boot, now, skipped) < 0 ||
+        keep_opened(st, get(doc, "opened"), instance, boot, now, skipped) < 0 ||
+        keep_delivered(st, get(doc, "delivered"), instance, now, ignored, skipped) < 0 ||
+        cap_unknown(st) < 0)
         return -1;
     return 0;
 }
@@ -300,18 +353,28 @@ static int ingest_tx(struct cmg_store *st, const cJSON *doc, int64_t now)
 int cmg_notify_report_ingest(struct cmg_store *st, const cJSON *doc, int64_t now, char *err,
                              size_t errlen)
 {
+    int64_t ignored = 0, skipped = 0;
     int rc;
 
     if (cmg_store_begin(st) < 0) {
         snprintf(err, errlen, "store busy: %s", cmg_store_error(st));
         return -1;
     }
-    rc = ingest_tx(st, doc, now);
+    rc = ingest_tx(st, doc, now, &ignored, &skipped);
     if (rc >= 0 && cmg_store_commit(st) < 0)
         rc = -1;
     if (rc < 0) {
         snprintf(err, errlen, "store: %s", cmg_store_error(st));
         cmg_store_rollback(st);
     }
+    if (rc == 0 && skipped > 0)
+        cmg_warn("notify report of %s: %" PRId64 " entry(ies) skipped, the rest kept: device "
+                 "ids not printable ASCII without space of 1..127 bytes, or keys of "
+                 "\"delivered\" not notification ids EPOCH-SEQ",
+                 get(doc, "instance")->valuestring, skipped);
+    if (rc == 0 && ignored > 0)
+        cmg_info("notify report of %s: %" PRId64 " delivery(ies) ignored (not a "
+                "target, an unknown notification or kept already)",
+                get(doc, "instance")->valuestring, ignored);
     return rc;
 }

@@ -1424,6 +1424,7 @@ static const struct cmg_site_op_def ops[] = {
     {"alert.list", cmg_alerts_op_list},    {"alert.webhook", cmg_alerts_op_webhook},
     {"notify", cmg_notify_op_send},        {"notify.status", cmg_notify_op_status},
     {"notify.resend", cmg_notify_op_resend}, {"notify.list", cmg_notify_op_list},
+    {"notify.new_epoch", cmg_notify_op_new_epoch},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

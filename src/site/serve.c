@@ -96,7 +96,8 @@ static const char usage[] =
     "of site.conf (default 31d), by day for 400 days and by month (docs/site.md).\n"
     "Notifications ('cmg site notify'): connectors poll GET /v1/connector/notify on the\n"
     "feed listener (held until there is a new one) and relay the gateways' notify\n"
-    "reports to POST /v1/connector/notify-report (docs/site.md, \"Notifications\").\n"
+    "reports to POST /v1/connector/notify-report (docs/site.md, \"Notifications\");\n"
+    "their per-device rows are kept for notify_retention of site.conf (default 7d).\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -207,9 +208,23 @@ static void prune_reports(struct cmg_site_server *srv)
     if (cmg_report_prune(srv->ctx->store, (int64_t)now, srv->ctx->report_retention_s) < 0)
         cmg_warn("cannot prune old reports: %s (retried in an hour)",
                  cmg_store_error(srv->ctx->store));
-    if (cmg_notify_prune(srv->ctx->store, (int64_t)now, CMG_NOTIFY_RETENTION_S) < 0)
+    srv->notify_pruning = true;
+}
+
+/* The notifications' rows go in batches, one per loop turn, so that a prune never
+ * holds the loop (a broadcast has a delivery row per device). */
+static void prune_notify(struct cmg_site_server *srv)
+{
+    int rc;
+
+    if (!srv->notify_pruning)
+        return;
+    rc = cmg_notify_prune(srv->ctx->store, (int64_t)time(NULL), srv->ctx->notify_retention_s,
+                          srv->ctx->report_retention_s);
+    if (rc < 0)
         cmg_warn("cannot prune old notifications: %s (retried in an hour)",
                  cmg_store_error(srv->ctx->store));
+    srv->notify_pruning = rc == 1;
 }
 
 static void on_poll(struct cmg_timer *t)
@@ -222,6 +237,7 @@ static void on_poll(struct cmg_timer *t)
         bump_version(srv);
     cmg_site_crl_freshness(srv->signed_at, time(NULL));
     prune_reports(srv);
+    prune_notify(srv);
     if (dv != srv->data_version)
         cmg_site_alerts_check(srv);   /* an admin command or a report changed the store */
     if (dv != srv->data_version || time(NULL) - srv->signed_at >= REFRESH_S) {
@@ -418,14 +434,17 @@ static void notify_feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     snprintf(w->after_id, sizeof(w->after_id), "%s", after);
 }
 
-/* A new notification answers the held notify feed requests at once. */
+/* A new notification, or a new epoch, answers the held notify feed requests at once. */
 static void notify_changed(struct cmg_site_server *srv)
 {
     int64_t last = cmg_notify_last(srv->ctx->store);
+    char epoch[17] = "";
 
-    if (last <= srv->notify_last)
+    cmg_notify_epoch(srv->ctx->store, epoch);
+    if (last <= srv->notify_last && !strcmp(epoch, srv->notify_epoch))
         return;
     srv->notify_last = last;
+    memcpy(srv->notify_epoch, epoch, sizeof(epoch));
     while (srv->notify_waiters)
         waiter_answer(srv->notify_waiters);
 }
@@ -831,6 +850,7 @@ static void reload(void *arg)
     srv->ctx->key_rotation_s = next.key_rotation_s;   /* the daily check reads it */
     srv->ctx->report_interval_s = next.report_interval_s;
     srv->ctx->report_retention_s = next.report_retention_s;
+    srv->ctx->notify_retention_s = next.notify_retention_s;
     cmg_log_set_level(next.log_level);
     cmg_log_set_format(next.log_format);
     watch_certs(srv);

@@ -34,11 +34,13 @@ struct cmg_site_server {
     unsigned nwaiters;          /* in waiters: connectors waiting on the feed */
     struct feed_waiter *notify_waiters;   /* connectors waiting on the notify feed */
     int64_t notify_last;        /* the newest notification they were told of */
+    char notify_epoch[17];      /* and its epoch */
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */
     struct cmg_dashboard *dashboard;      /* the web dashboard on the admin listener */
     time_t reports_pruned;      /* when reports past report_retention were last dropped */
+    bool notify_pruning;        /* notify rows left to prune: a batch per loop turn */
     struct cmg_site_alerts *alerts;       /* thresholds evaluated (alerts.h) */
 };
 

@@ -32,7 +32,7 @@ static void site_usage(FILE *out)
           "                                   reports, traffic, egress, certificates\n"
           "                                   ending, open alerts\n"
           "  alert list|set|unset|webhook     egress, certificate and tunnel alerts\n"
-          "  notify [--device ID|--devices FILE|--all] --type TYPE | status ID | list\n"
+          "  notify [--device ID|--devices FILE|--all] --type TYPE | status ID | list | new-epoch\n"
           "                                   notifications to devices' channels, their\n"
           "                                   delivered/waiting/expired counts, --resend\n"
           "                                   ID --missed\n"

@@ -130,7 +130,18 @@ static const struct {
      * a connector's earlier one), and when a renewal replaced it */
     {"certs", "replaced",
      "ALTER TABLE certs ADD COLUMN kind TEXT; ALTER TABLE certs ADD COLUMN replaced INTEGER;"},
+    /* a notification's counts, kept once it has expired (its per-device rows go sooner) */
+    {"notifications", "final_targets",
+     "ALTER TABLE notifications ADD COLUMN final_targets INTEGER;"
+     "ALTER TABLE notifications ADD COLUMN final_delivered INTEGER;"},
 };
+
+/* Indexes on columns added above (made after them). device_seen_age and
+ * certs_thumbprint: the notify reports' cap on devices the site does not know. */
+static const char late_indexes[] =
+    "CREATE INDEX IF NOT EXISTS certs_thumbprint ON certs (thumbprint)"
+    " WHERE thumbprint IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS device_seen_age ON device_seen (open, last_seen);";
 
 const char *cmg_store_error(struct cmg_store *s)
 {
@@ -208,7 +219,8 @@ int cmg_store_open(const char *dir, struct cmg_store **out, char *err, size_t er
         sqlite3_busy_timeout(s->db, 10000) != SQLITE_OK ||
         sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL,
                      NULL) != SQLITE_OK ||
-        sqlite3_exec(s->db, schema, NULL, NULL, NULL) != SQLITE_OK || add_columns(s->db) < 0) {
+        sqlite3_exec(s->db, schema, NULL, NULL, NULL) != SQLITE_OK || add_columns(s->db) < 0 ||
+        sqlite3_exec(s->db, late_indexes, NULL, NULL, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
         cmg_store_close(s);
         return -1;

@@ -169,8 +169,9 @@ def test_sequence_contiguous_tombstones_and_window_start(dep):
     assert second['expires'] - second['created'] == 90 and second['data'] == 'x'
     assert doc['notifications'][2]['expires'] - doc['notifications'][2]['created'] == 7200
     assert [n['seq'] for n in notify_feed(dep, f'{epoch}-2')['notifications']] == [3]
-    # absent, another epoch, beyond last: from the oldest kept
-    for after in (None, '', '0000000000000000-2', f'{epoch}-9'):
+    # absent, another epoch: from the oldest kept (beyond last is held: a store restored
+    # from a backup, test_notify_hardening.py)
+    for after in (None, '', '0000000000000000-2'):
         assert [n['seq'] for n in notify_feed(dep, after)['notifications']] == [1, 2, 3], after
 
 
@@ -315,6 +316,8 @@ def test_channels_in_device_list(dep):
 
 # ---------------------------------------------------------------- hostile input
 
+# (entries individually bad, such as a device id of 128 bytes, are skipped and the rest
+# kept: test_notify_hardening.py)
 HOSTILE = {
     'not JSON': b'{"instance":',
     'not an object': b'[1, 2]',
@@ -329,16 +332,8 @@ HOSTILE = {
     'boot upper case': {'instance': 'g', 'boot': BOOT_A.upper(), 'seq': 1, 'time': 1},
     'no time': {'instance': 'g', 'boot': BOOT_A, 'seq': 1},
     'delivered a list': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'delivered': []},
-    'delivered bad id': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                         'delivered': {'nope': ['d']}},
     'delivered numbers': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
                           'delivered': {'0123456789abcdef-1': [1, 2]}},
-    'non-ASCII device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                         'opened': ['caf\u00e9']},
-    'space in device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'opened': ['a b']},
-    'control in device': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'opened': ['a\n']},
-    'device too long': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
-                        'opened': ['d' * 128]},
     'closed flat': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1, 'closed': ['d', 1]},
     'closed no time': {'instance': 'g', 'boot': BOOT_A, 'seq': 1, 'time': 1,
                        'closed': [['d', 'now']]},

@@ -94,11 +94,9 @@ static void reports_are_checked_whole(void **state)
         "{\"instance\":\"gw\",\"boot\":\"0123456789abcdef\",\"seq\":0,\"time\":5}",
         "{\"instance\":\"gw\",\"boot\":\"0123456789abcdef\",\"seq\":-1,\"time\":5}",
         "{\"instance\":\"gw\",\"boot\":\"0123456789abcdef\",\"seq\":1e300,\"time\":5}",
-        R(",\"delivered\":[]"), R(",\"delivered\":{\"x-1\":[\"d\"]}"),
+        R(",\"delivered\":[]"),
         R(",\"delivered\":{\"0123456789abcdef-1\":\"d\"}"),
-        R(",\"delivered\":{\"0123456789abcdef-0\":[\"d\"]}"),
-        R(",\"opened\":[\"a b\"]"), R(",\"opened\":[1]"), R(",\"opened\":{}"),
-        R(",\"opened\":[\"\\u0001\"]"), R(",\"closed\":[[\"d\"]]"),
+        R(",\"opened\":[1]"), R(",\"opened\":{}"), R(",\"closed\":[[\"d\"]]"),
         R(",\"closed\":[[\"d\",1,2]]"), R(",\"closed\":[[\"d\",-1]]"), R(",\"closed\":[\"d\"]"),
     };
     char err[300];
@@ -109,6 +107,18 @@ static void reports_are_checked_whole(void **state)
         if (doc)
             fail_msg("accepted: %s", bad[i]);
         assert_true(err[0] != 0);
+    }
+    /* entries individually bad: skipped when kept, the report taken (a refused report
+     * would block the gateway's next ones) */
+    static const char *const skipped[] = {
+        R(",\"delivered\":{\"x-1\":[\"d\"]}"), R(",\"delivered\":{\"0123456789abcdef-0\":[\"d\"]}"),
+        R(",\"opened\":[\"a b\"]"), R(",\"opened\":[\"\\u0001\"]"),
+    };
+    for (size_t i = 0; i < sizeof(skipped) / sizeof(skipped[0]); i++) {
+        doc = cmg_notify_report_parse(skipped[i], strlen(skipped[i]), err, sizeof(err));
+        if (!doc)
+            fail_msg("refused: %s", skipped[i]);
+        cJSON_Delete(doc);
     }
     const char *good = R(",\"delivered\":{\"0123456789abcdef-3\":[\"d1\",\"cert:ab\"]},"
                          "\"opened\":[\"d3\"],\"closed\":[[\"d4\",1790000000]],\"extra\":true");

@@ -91,6 +91,7 @@ class Channel:
     end               how it ended: 'last-chunk' (HTTP/1.1 chunked end), 'end-stream'
                       (HTTP/2), 'eof', 'reset' (RST_STREAM), 'answered' (not 200),
                       'error: ...'; None while open
+    goaway            an HTTP/2 GOAWAY came
     session_reused    whether the TLS handshake resumed a session; session: the newest one
 
     hold=True: the thread reads the answer's head and then nothing until resume().
@@ -105,6 +106,7 @@ class Channel:
         self.body = b''
         self.events, self.comments, self.received = [], 0, 0
         self.session, self.session_reused = session, None
+        self.goaway = False
         self._pending, self._text = {}, b''
         self._cond = threading.Condition()
         self._resume = threading.Event()
@@ -153,13 +155,14 @@ class Channel:
         """The device goes away (closes its connection)."""
         self._closing = True
         self._resume.set()
-        raw = self._raw
-        if raw is not None:
-            try:
-                raw.shutdown(socket.SHUT_RDWR)
+        sock = self._tls if self._tls is not None else self._raw
+        if sock is not None:
+            try:   # the socket's own shutdown: wakes the reader's recv (the TLS state untouched)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         self._thread.join(10)
+        assert not self._thread.is_alive(), f'{self.name}: the reader did not stop'
 
     # ---- the reader thread
 
@@ -181,7 +184,10 @@ class Channel:
     def _connect(self):
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if self.rcvbuf:
+            # a small receive buffer, and the segment size of a real network rather than
+            # loopback's 64 KiB, which would let the gateway's kernel hold megabytes for it
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
         raw.settimeout(10 * SLOW)
         raw.connect((self.site.addr, self.port))
         self._raw = raw
@@ -283,10 +289,11 @@ class Channel:
                                 (':authority', self.site.name), (':path', '/CCM_Notify')]
                           + self._request_headers(), end_stream=True)
         self._tls.sendall(conn.data_to_send())
-        ok = None
+        ok, frames = None, b''
         while True:
-            data = self._recv_head() if self.status is None else self._recv()
-            for ev in conn.receive_data(data):
+            frames += self._recv_head() if self.status is None else self._recv()
+            events, frames = self._h2_events(conn, frames)
+            for ev in events:
                 if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
                     headers = dict(ev.headers)
                     ok = headers.get(':status') == '200'
@@ -301,13 +308,27 @@ class Channel:
                     self._finish('end-stream' if ok else 'answered')
                 elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
                     self._finish('reset')
-                elif isinstance(ev, h2.events.ConnectionTerminated):
-                    self._finish('goaway')
             out = conn.data_to_send()
             if out:
                 self._tls.sendall(out)
             if self.end is not None:
                 return
+
+    def _h2_events(self, conn, frames):
+        """The h2 events of the whole frames in `frames`, and the bytes left. A GOAWAY is
+        noted (self.goaway) and not given to h2, which would refuse every frame after it: a
+        draining gateway sends one as a notice, then ends the channel's stream."""
+        events = []
+        while len(frames) >= 9:
+            size = 9 + int.from_bytes(frames[:3], 'big')
+            if len(frames) < size:
+                break
+            frame, frames = frames[:size], frames[size:]
+            if frame[3] == 0x7:
+                self.goaway = True
+            else:
+                events += conn.receive_data(frame)
+        return events, frames
 
     # Server-Sent Events
     def _feed(self, data):

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections import namedtuple
@@ -19,7 +20,8 @@ import h2.connection
 import h2.events
 import pytest
 
-from cmgtest import SLOW, DeviceConnection, client_context, free_port, ini_set, poll, start_gateway
+from cmgtest import (SLOW, DeviceConnection, client_context, curl_argv, free_port, ini_set, poll,
+                     start_gateway)
 from sitetest import Device, IdP
 from test_reports import INTERVAL, two_by_two
 
@@ -366,6 +368,55 @@ class Channel:
                     self._cond.notify_all()
 
 
+class CurlChannel(Channel):
+    """The same channel held by `curl -N` (HTTP/1.1 or HTTP/2) on the shared device port: the
+    answer's head (`-D -`) and the events from curl's output."""
+
+    def __init__(self, site, device, http='2', **kw):
+        self.http, self._curl = http, None
+        super().__init__(site, site.port, device, proto=f'curl-http{http}', **kw)
+
+    def _run(self):
+        args = ['-N', '-D', '-', '-H', f'Accept: {self.accept}']
+        for k, v in self._request_headers()[1:]:
+            args += ['-H', f'{k}: {v}']
+        self._curl = subprocess.Popen(
+            curl_argv(self.site, '/CCM_Notify', *args, http=self.http,
+                      cert=self.device.cert or False, timeout=600),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        out, head = self._curl.stdout, b''
+        try:
+            while b'\r\n\r\n' not in head:
+                data = out.read1(65536)
+                if not data:
+                    raise _Eof()
+                head += data
+            head, rest = head.split(b'\r\n\r\n', 1)
+            first, *lines = head.decode('latin-1').split('\r\n')
+            self._answer(int(first.split()[1]),
+                         {k.strip().lower(): v.strip() for k, _, v in
+                          (line.partition(':') for line in lines)})
+            self._feed(rest)
+            while True:
+                data = out.read1(65536)
+                if not data:
+                    raise _Eof()
+                self.received += len(data)
+                self._feed(data)
+        except _Eof:
+            self._finish('eof')
+        finally:
+            self._curl.wait()
+
+    def close(self):
+        self._closing = True
+        poll(lambda: self._curl is not None, 10, 'curl to start')
+        if self._curl.poll() is None:
+            self._curl.kill()
+        self._thread.join(10)
+        assert not self._thread.is_alive(), f'{self.name}: the reader did not stop'
+
+
 # ---------------------------------------------------------------- the deployment
 
 class Fleet:
@@ -476,6 +527,13 @@ class Fleet:
         self.channels.append(ch)
         return ch
 
+    def curl(self, device, http='2', **kw):
+        """A channel held by curl -N, checked open (200)."""
+        ch = CurlChannel(self.site, device, http=http, **kw)
+        self.channels.append(ch)
+        assert ch.wait_open() == 200, (ch.name, ch.status, ch.end)
+        return ch
+
     def open(self, device, instance=0, proto='h1', **kw):
         """A channel, checked open (200)."""
         ch = self.channel(device, instance, proto, **kw)
@@ -521,5 +579,5 @@ def fleet(procs, tmp_path, svc):
     f.close()
 
 
-__all__ = ['ANY_ID', 'BUFFER', 'Channel', 'DELIVER', 'Event', 'Fleet', 'HEARTBEAT', 'INTERVAL',
+__all__ = ['ANY_ID', 'BUFFER', 'Channel', 'CurlChannel', 'DELIVER', 'Event', 'Fleet', 'HEARTBEAT', 'INTERVAL',
            'NDevice', 'NOTIFY_ID', 'RETRY_MS', 'WINDOW', 'fleet', 'seq_of', 'thumbprint_id']

@@ -2,7 +2,8 @@
 serve`, 2 connectors, 2 gateway instances sharing the device port (each also on a port of its
 own, so that a test places a channel on a known instance), devices of the three methods
 (certificate, registered device with its site device token, OIDC token) over HTTP/1.1 and
-HTTP/2, each reading its channel (`GET /CCM_Notify`, Server-Sent Events) in a thread.
+HTTP/2, each reading its channel (`GET /CCM_Notify`, Server-Sent Events) in a thread (Python's
+ssl and h2, and `curl -N`).
 
 - a targeted notification and a broadcast reach every device once (ids, types, data);
 - a connector killed (SIGKILL) while `cmg site notify --all` runs in a loop: every device
@@ -48,19 +49,22 @@ def test_every_method_both_protocols_exactly_once(fleet, svc):
     layout = [(cert_a, 0, 'h1'), (cert_b, 1, 'h2'), (tok_a, 1, 'h1'), (tok_b, 0, 'h2'),
               (oidc_a, 0, 'h1'), (oidc_b, 1, 'h2')]
     chans = {dev: fleet.open(dev, i, proto) for dev, i, proto in layout}
+    cert_c, oidc_c = fleet.cert_device('dev-cert-c'), fleet.oidc_device('c')
+    chans[cert_c] = fleet.curl(cert_c, http='2')             # curl -N, on the shared port
+    chans[oidc_c] = fleet.curl(oidc_c, http='1.1')
     for dev, ch in chans.items():
         h = ch.headers
         assert h['content-type'].startswith('text/event-stream'), (dev, h)
         assert 'no-store' in h.get('cache-control', ''), (dev, h)
-        if ch.proto == 'h1':
+        if ch.proto in ('h1', 'curl-http1.1'):
             assert h.get('transfer-encoding', '').lower() == 'chunked', (dev, h)
         ch.wait(lambda c: c.retry is not None, DELIVER, 'the retry hint')
         assert RETRY_MS // 2 <= ch.retry <= RETRY_MS * 3 // 2, (dev, ch.retry)
 
-    targeted = [cert_a, tok_b, oidc_b]
+    targeted = [cert_a, tok_b, oidc_b, cert_c]
     one = fleet.notify(*[a for d in targeted for a in ('--device', d.id)], '--type', 'script',
                        '--data', json.dumps({'script': 'inventory', 'args': [1, 'two']}))
-    assert NOTIFY_ID.match(one['id']) and one['targets'] == 3, one
+    assert NOTIFY_ID.match(one['id']) and one['targets'] == 4, one
     assert seq_of(one['id']) == one['seq'] == 1, one
     assert one['expires'] - time.time() > 3500, one        # --ttl default 1 h
     everyone = fleet.broadcast('policy', {'fetch': 'now'})

@@ -2,6 +2,7 @@
 #include "site/alerts.h"
 
 #include "client/fetch.h"
+#include "site/pki.h"
 #include "site/store_sql.h"
 
 #include <ctype.h>
@@ -350,22 +351,6 @@ int cmg_alerts_op_unset(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
     return list_result(s, result, msg, len);
 }
 
-/* PEM text holding certificates only, at least one. */
-static bool pem_certs_only(const char *pem)
-{
-    BIO *bio = BIO_new_mem_buf(pem, -1);
-    X509 *x;
-    int n = 0;
-
-    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
-        X509_free(x);
-        n++;
-    }
-    ERR_clear_error();
-    BIO_free(bio);
-    return n > 0;
-}
-
 static bool plain_url(const char *u)
 {
     for (; *u; u++)
@@ -407,7 +392,7 @@ static int webhook_check(const char *url, const char *ca, char *msg, size_t len)
                     "no spaces or control characters", WEBHOOK_URL_MAX);
     if ((rc = webhook_host_check(url, msg, len)) != 0)
         return rc;
-    if (ca && (strlen(ca) > WEBHOOK_CA_MAX || !pem_certs_only(ca)))
+    if (ca && (strlen(ca) > WEBHOOK_CA_MAX || !cmg_pem_certs_only(ca)))
         return fail(msg, len, 400, "webhook --ca: expected PEM certificates (the roots of the "
                     "webhook's HTTPS), found none");
     if (ca && strncmp(url, "https://", 8))

@@ -1253,22 +1253,6 @@ static int oidc_set_tx(struct cmg_site_ctx *s, const struct cmg_oidc_conf *o, ch
                ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
-/* PEM text holding certificates only, at least one: the roots of a private provider. */
-static bool pem_certs_only(const char *pem)
-{
-    BIO *bio = BIO_new_mem_buf(pem, -1);
-    X509 *x;
-    int n = 0;
-
-    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
-        X509_free(x);
-        n++;
-    }
-    ERR_clear_error();
-    BIO_free(bio);
-    return n > 0;
-}
-
 static bool http_url(const char *u)
 {
     return !strncmp(u, "https://", 8) || !strncmp(u, "http://", 7);
@@ -1285,7 +1269,7 @@ static int oidc_refresh_args(const cJSON *args, struct cmg_oidc_conf *o, char *m
         return fail(msg, len, 400, "the %s URL must be http(s)://, found %s",
                     discovery && !http_url(discovery) ? "discovery" : "JWKS",
                     discovery && !http_url(discovery) ? discovery : uri);
-    if (ca && *ca && !pem_certs_only(ca))
+    if (ca && *ca && !cmg_pem_certs_only(ca))
         return fail(msg, len, 400, "ca: expected PEM certificates (the provider's CA), found "
                                    "none");
     o->discovery = (char *)(discovery ? discovery : "");

@@ -599,3 +599,18 @@ out:
         OSSL_PROVIDER_unload(legacy);
     return ret;
 }
+
+bool cmg_pem_certs_only(const char *pem)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    X509 *x;
+    int n = 0;
+
+    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        X509_free(x);
+        n++;
+    }
+    ERR_clear_error();
+    BIO_free(bio);
+    return n > 0;
+}

@@ -6,6 +6,7 @@
 #ifndef CMG_SITE_PKI_H
 #define CMG_SITE_PKI_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <openssl/evp.h>
@@ -69,5 +70,8 @@ EVP_PKEY *cmg_pki_load_key(const char *path);
 int cmg_pki_parse_pkcs12(const char *name, const unsigned char *data, size_t len,
                          const char *pass, EVP_PKEY **key, X509 **cert,
                          STACK_OF(X509) **chain);
+
+/* PEM text holding certificates only, at least one (a private CA's roots). */
+bool cmg_pem_certs_only(const char *pem);
 
 #endif

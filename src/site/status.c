@@ -55,22 +55,10 @@ static cJSON *rows(struct build *b, cJSON *r)
     return r;
 }
 
-static double num(const cJSON *o, const char *key, double def)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : def;
-}
-
-static const char *str(const cJSON *o, const char *key)
-{
-    const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, key));
-    return v ? v : "";
-}
-
 /* A stored JSON column ("tunnels", "certificates") replaced by the array it holds. */
 static void parse_column(cJSON *row, const char *key)
 {
-    cJSON *v = cJSON_Parse(str(row, key));
+    cJSON *v = cJSON_Parse(cmg_json_str(row, key));
 
     if (!cJSON_IsArray(v)) {
         cJSON_Delete(v);
@@ -86,10 +74,10 @@ static double setting(const struct build *b, const char *name, double def)
     const cJSON *row;
 
     cJSON_ArrayForEach(row, b->settings) {
-        if (!strcmp(str(row, "name"), name)) {
+        if (!strcmp(cmg_json_str(row, "name"), name)) {
             char *end;
-            double v = strtod(str(row, "value"), &end);
-            return end != str(row, "value") && !*end && isfinite(v) && v >= 0 ? v : def;
+            double v = strtod(cmg_json_str(row, "value"), &end);
+            return end != cmg_json_str(row, "value") && !*end && isfinite(v) && v >= 0 ? v : def;
         }
     }
     return def;
@@ -131,7 +119,7 @@ static struct index index_of(struct build *b, const cJSON *list, const char *key
         return ix;
     }
     cJSON_ArrayForEach(row, list)
-        ix.v[ix.n++] = (struct named){.name = str(row, key), .row = row};
+        ix.v[ix.n++] = (struct named){.name = cmg_json_str(row, key), .row = row};
     if (ix.n > 1)
         qsort(ix.v, ix.n, sizeof(*ix.v), by_named);
     return ix;
@@ -151,7 +139,7 @@ static double count(struct build *b, cJSON *r)
     double n;
 
     r = rows(b, r);
-    n = num(cJSON_GetArrayItem(r, 0), "n", 0);
+    n = cmg_json_num(cJSON_GetArrayItem(r, 0), "n", 0);
     cJSON_Delete(r);
     return n;
 }
@@ -187,21 +175,21 @@ static cJSON *gateways(struct build *b)
         (int64_t)GATEWAYS_MAX));
     cJSON_ArrayForEach(row, b->gateway_rows) {
         cJSON *g = cJSON_CreateObject();
-        int64_t age = b->now - (int64_t)num(row, "received", 0);
-        bool is_stale = stale(age, num(row, "interval", 0));
+        int64_t age = b->now - (int64_t)cmg_json_num(row, "received", 0);
+        bool is_stale = stale(age, cmg_json_num(row, "interval", 0));
 
         parse_column(row, "tunnels");
         parse_column(row, "certificates");
         cJSON_AddBoolToObject(row, "is_stale", is_stale);
-        cJSON_AddStringToObject(g, "instance", str(row, "instance"));
-        cJSON_AddStringToObject(g, "state", str(row, "state"));
-        cJSON_AddNumberToObject(g, "policy_version", num(row, "policy_version", 0));
-        cJSON_AddNumberToObject(g, "last_report", num(row, "received", 0));
+        cJSON_AddStringToObject(g, "instance", cmg_json_str(row, "instance"));
+        cJSON_AddStringToObject(g, "state", cmg_json_str(row, "state"));
+        cJSON_AddNumberToObject(g, "policy_version", cmg_json_num(row, "policy_version", 0));
+        cJSON_AddNumberToObject(g, "last_report", cmg_json_num(row, "received", 0));
         cJSON_AddNumberToObject(g, "last_report_age", (double)age);
         cJSON_AddBoolToObject(g, "stale", is_stale);
-        cJSON_AddNumberToObject(g, "interval", num(row, "interval", 0));
-        cJSON_AddNumberToObject(g, "devices_now", num(row, "devices_now", 0));
-        cJSON_AddStringToObject(g, "via", str(row, "via"));
+        cJSON_AddNumberToObject(g, "interval", cmg_json_num(row, "interval", 0));
+        cJSON_AddNumberToObject(g, "devices_now", cmg_json_num(row, "devices_now", 0));
+        cJSON_AddStringToObject(g, "via", cmg_json_str(row, "via"));
         cJSON_AddItemToArray(out, g);
     }
     return out;
@@ -230,8 +218,8 @@ static const char **listed_names(struct build *b, size_t *n)
     }
     cJSON_ArrayForEach(g, b->gateway_rows)
         cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(g, "tunnels"))
-            if (*str(t, "connector"))
-                v[(*n)++] = str(t, "connector");
+            if (*cmg_json_str(t, "connector"))
+                v[(*n)++] = cmg_json_str(t, "connector");
     if (*n > 1)
         qsort(v, *n, sizeof(*v), by_string);
     return v;
@@ -263,13 +251,13 @@ static cJSON *connector_doc(struct build *b, cJSON *row)
 {
     cJSON *c = cJSON_CreateObject();
     bool reported = cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(row, "received"));
-    int64_t age = b->now - (int64_t)num(row, "received", 0);
-    bool is_stale = !reported || stale(age, num(row, "interval", 0));
+    int64_t age = b->now - (int64_t)cmg_json_num(row, "received", 0);
+    bool is_stale = !reported || stale(age, cmg_json_num(row, "interval", 0));
 
     parse_column(row, "tunnels");
     cJSON_AddBoolToObject(row, "reported", reported);
     cJSON_AddBoolToObject(row, "is_stale", is_stale);
-    cJSON_AddStringToObject(c, "name", str(row, "name"));
+    cJSON_AddStringToObject(c, "name", cmg_json_str(row, "name"));
     add_null_or_number(c, "last_report", cJSON_GetObjectItemCaseSensitive(row, "received"));
     if (reported)
         cJSON_AddNumberToObject(c, "last_report_age", (double)age);
@@ -277,7 +265,7 @@ static cJSON *connector_doc(struct build *b, cJSON *row)
         cJSON_AddNullToObject(c, "last_report_age");
     cJSON_AddBoolToObject(c, "stale", is_stale);
     add_null_or_number(c, "interval", cJSON_GetObjectItemCaseSensitive(row, "interval"));
-    cJSON_AddBoolToObject(c, "draining", num(row, "draining", 0) != 0);
+    cJSON_AddBoolToObject(c, "draining", cmg_json_num(row, "draining", 0) != 0);
     add_null_or_number(c, "policy_version",
                        cJSON_GetObjectItemCaseSensitive(row, "policy_version"));
     cJSON_AddBoolToObject(c, "revoked",
@@ -287,7 +275,8 @@ static cJSON *connector_doc(struct build *b, cJSON *row)
 
 static int by_name(const void *a, const void *b)
 {
-    return strcmp(str(*(const cJSON *const *)a, "name"), str(*(const cJSON *const *)b, "name"));
+    return strcmp(cmg_json_str(*(const cJSON *const *)a, "name"),
+                  cmg_json_str(*(const cJSON *const *)b, "name"));
 }
 
 /* Every connector registered here or reporting, reports joined; never-reported ones are
@@ -359,12 +348,14 @@ static void collect_views(struct build *b, struct views *vs)
 
     cJSON_ArrayForEach(r, b->connector_rows)
         cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(r, "tunnels"))
-            /* the instance is learned from the tunnel's first report: the address until then */
-            add_view(b, vs, *str(t, "instance") ? str(t, "instance") : str(t, "gateway"),
-                     str(r, "name"), t, false);
+        /* the instance is learned from the tunnel's first report: the address until then */
+        add_view(b, vs,
+                 *cmg_json_str(t, "instance") ? cmg_json_str(t, "instance")
+                                              : cmg_json_str(t, "gateway"),
+                 cmg_json_str(r, "name"), t, false);
     cJSON_ArrayForEach(r, b->gateway_rows)
         cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(r, "tunnels"))
-            add_view(b, vs, str(r, "instance"), str(t, "connector"), t, true);
+            add_view(b, vs, cmg_json_str(r, "instance"), cmg_json_str(t, "connector"), t, true);
 }
 
 static int by_pair_then_seq(const void *a, const void *b)
@@ -388,7 +379,7 @@ static struct pair pair_of(const struct view *v, size_t left, size_t *used)
            !strcmp(v[i].connector, p.connector); i++) {
         if (!v[i].from_gateway)
             p.from_connector = v[i].tunnel;
-        else if (!p.from_gateway || strcmp(str(p.from_gateway, "state"), "up"))
+        else if (!p.from_gateway || strcmp(cmg_json_str(p.from_gateway, "state"), "up"))
             p.from_gateway = v[i].tunnel;
     }
     *used = i;
@@ -403,8 +394,8 @@ static const char *connector_view(const cJSON *connector, const struct pair *p)
         return "none";
     if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(connector, "is_stale")))
         return "stale";
-    return p->from_connector && *str(p->from_connector, "state")
-               ? str(p->from_connector, "state") : "none";
+    return p->from_connector && *cmg_json_str(p->from_connector, "state")
+               ? cmg_json_str(p->from_connector, "state") : "none";
 }
 
 static bool is_up(const char *view) { return !strcmp(view, "up") || !strcmp(view, "draining"); }
@@ -415,7 +406,7 @@ static bool is_up(const char *view) { return !strcmp(view, "up") || !strcmp(view
 static bool gateway_newer(const cJSON *gateway, const cJSON *connector)
 {
     return cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(gateway, "tunnels")) &&
-           num(gateway, "received", 0) >= num(connector, "received", 0);
+           cmg_json_num(gateway, "received", 0) >= cmg_json_num(connector, "received", 0);
 }
 
 /* The row of a pair: the connector's view while it reports (unless a gateway's newer
@@ -427,8 +418,8 @@ static cJSON *matrix_row(struct build *b, const struct pair *p)
     const cJSON *c = lookup(&b->connector_index, p->connector);
     const cJSON *g = lookup(&b->gateway_index, p->gateway);
     const char *cv = connector_view(c, p);
-    const char *gv = p->from_gateway && *str(p->from_gateway, "state")
-                         ? str(p->from_gateway, "state") : "none";
+    const char *gv = p->from_gateway && *cmg_json_str(p->from_gateway, "state")
+                         ? cmg_json_str(p->from_gateway, "state") : "none";
     bool gateway_fresh = g && !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(g, "is_stale"));
     const cJSON *since = NULL;
     const char *state = "unknown";
@@ -445,7 +436,7 @@ static cJSON *matrix_row(struct build *b, const struct pair *p)
     /* rows by the ten thousand: keys are not copied */
     cJSON_AddItemToObjectCS(row, "gateway", cJSON_CreateString(p->gateway));
     cJSON_AddItemToObjectCS(row, "address",
-                            cJSON_CreateString(str(p->from_connector, "gateway")));
+                            cJSON_CreateString(cmg_json_str(p->from_connector, "gateway")));
     cJSON_AddItemToObjectCS(row, "connector", cJSON_CreateString(p->connector));
     cJSON_AddItemToObjectCS(row, "state", cJSON_CreateString(state));
     /* 0 (or less) is no time of this deployment: not known */
@@ -499,13 +490,13 @@ static cJSON *role_doc(const cJSON *row)
                                              {"5xx", "r5xx"}, {"other", "rother"}};
     cJSON *r = cJSON_CreateObject(), *status = cJSON_CreateObject();
 
-    cJSON_AddStringToObject(r, "role", str(row, "role"));
-    cJSON_AddNumberToObject(r, "requests", num(row, "requests", 0));
+    cJSON_AddStringToObject(r, "role", cmg_json_str(row, "role"));
+    cJSON_AddNumberToObject(r, "requests", cmg_json_num(row, "requests", 0));
     for (size_t i = 0; i < sizeof(classes) / sizeof(classes[0]); i++)
-        cJSON_AddNumberToObject(status, classes[i][0], num(row, classes[i][1], 0));
+        cJSON_AddNumberToObject(status, classes[i][0], cmg_json_num(row, classes[i][1], 0));
     cJSON_AddItemToObject(r, "status", status);
-    cJSON_AddNumberToObject(r, "request_bytes", num(row, "request_bytes", 0));
-    cJSON_AddNumberToObject(r, "response_bytes", num(row, "response_bytes", 0));
+    cJSON_AddNumberToObject(r, "request_bytes", cmg_json_num(row, "request_bytes", 0));
+    cJSON_AddNumberToObject(r, "response_bytes", cmg_json_num(row, "response_bytes", 0));
     return r;
 }
 
@@ -517,9 +508,9 @@ static cJSON *period_traffic(cJSON *sums)
     const cJSON *row;
 
     cJSON_ArrayForEach(row, sums) {
-        requests += num(row, "requests", 0);
-        up += num(row, "request_bytes", 0);
-        down += num(row, "response_bytes", 0);
+        requests += cmg_json_num(row, "requests", 0);
+        up += cmg_json_num(row, "request_bytes", 0);
+        down += cmg_json_num(row, "response_bytes", 0);
         cJSON_AddItemToArray(roles, role_doc(row));
     }
     cJSON_Delete(sums);
@@ -575,8 +566,8 @@ static cJSON *egress(struct build *b)
     const cJSON *row;
 
     cJSON_ArrayForEach(row, per) {
-        today += num(row, "today", 0);
-        month += num(row, "month", 0);
+        today += cmg_json_num(row, "today", 0);
+        month += cmg_json_num(row, "month", 0);
     }
     cJSON_AddNumberToObject(e, "today", today);
     cJSON_AddNumberToObject(e, "month", month);
@@ -637,15 +628,17 @@ static void file_certs(struct build *b, cJSON *list, int64_t horizon)
 
     cmg_site_cert_files(b->s, files);
     cJSON_ArrayForEach(c, files) {
-        double end = num(c, "expires", 0);
+        double end = cmg_json_num(c, "expires", 0);
         if (end <= 0 || end > (double)horizon ||
             count(b, cmg_store_query_json(b->s->store,
                 "SELECT (SELECT count(*) FROM certs WHERE serial = ?1 AND (revoked IS NOT NULL "
                 "OR replaced IS NOT NULL)) + (SELECT count(*) FROM connectors WHERE "
-                "serial = ?1 AND revoked IS NOT NULL) AS n", "s", str(c, "serial"))) > 0)
+                "serial = ?1 AND revoked IS NOT NULL) AS n", "s", cmg_json_str(c, "serial"))) > 0)
             continue;
-        snprintf(kind, sizeof(kind), "%s", !strcmp(str(c, "kind"), "CA") ? "ca" : str(c, "kind"));
-        cJSON_AddItemToArray(list, cert_doc(b, kind, str(c, "name"), str(c, "serial"), end));
+        snprintf(kind, sizeof(kind), "%s",
+                 !strcmp(cmg_json_str(c, "kind"), "CA") ? "ca" : cmg_json_str(c, "kind"));
+        cJSON_AddItemToArray(
+            list, cert_doc(b, kind, cmg_json_str(c, "name"), cmg_json_str(c, "serial"), end));
     }
     cJSON_Delete(files);
 }
@@ -662,8 +655,9 @@ static double store_certs(struct build *b, cJSON *list, int64_t horizon)
     const cJSON *c;
 
     cJSON_ArrayForEach(c, r)
-        cJSON_AddItemToArray(list, cert_doc(b, str(c, "kind"), str(c, "name"), str(c, "serial"),
-                                            num(c, "expires", 0)));
+        cJSON_AddItemToArray(list, cert_doc(b, cmg_json_str(c, "kind"), cmg_json_str(c, "name"),
+                                            cmg_json_str(c, "serial"),
+                                            cmg_json_num(c, "expires", 0)));
     all -= cJSON_GetArraySize(r);
     cJSON_Delete(r);
     return all > 0 ? all : 0;
@@ -679,7 +673,7 @@ static double reported_certs(struct build *b, cJSON *list, int64_t horizon)
     cJSON_ArrayForEach(g, b->gateway_rows) {
         int n = 0;
         cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(g, "certificates")) {
-            double end = num(c, "not_after", 0);
+            double end = cmg_json_num(c, "not_after", 0);
             cJSON *d;
             if (end <= 0 || end > (double)horizon)
                 continue;
@@ -687,8 +681,8 @@ static double reported_certs(struct build *b, cJSON *list, int64_t horizon)
                 more++;
                 continue;
             }
-            d = cert_doc(b, "reported", str(c, "name"), str(c, "serial"), end);
-            cJSON_AddStringToObject(d, "instance", str(g, "instance"));
+            d = cert_doc(b, "reported", cmg_json_str(c, "name"), cmg_json_str(c, "serial"), end);
+            cJSON_AddStringToObject(d, "instance", cmg_json_str(g, "instance"));
             cJSON_AddItemToArray(list, d);
         }
     }
@@ -723,7 +717,7 @@ static void dedupe(struct build *b, cJSON *list)
         return;
     }
     cJSON_ArrayForEach(c, list) {
-        serial_key(str(c, "serial"), k[i].serial, sizeof(k[i].serial));
+        serial_key(cmg_json_str(c, "serial"), k[i].serial, sizeof(k[i].serial));
         k[i].rank = i;
         k[i++].item = c;
     }
@@ -737,8 +731,8 @@ static void dedupe(struct build *b, cJSON *list)
 
 static int by_not_after(const void *a, const void *b)
 {
-    double x = num(*(const cJSON *const *)a, "not_after", 0);
-    double y = num(*(const cJSON *const *)b, "not_after", 0);
+    double x = cmg_json_num(*(const cJSON *const *)a, "not_after", 0);
+    double y = cmg_json_num(*(const cJSON *const *)b, "not_after", 0);
     return x < y ? -1 : x > y;
 }
 
@@ -888,11 +882,12 @@ static cJSON *series(cJSON *sums)
     const cJSON *row;
 
     cJSON_ArrayForEach(row, sums) {
-        double p[4] = {num(row, "t", 0), num(row, "requests", 0), num(row, "request_bytes", 0),
-                       num(row, "response_bytes", 0)};
-        if (!role || strcmp(role, str(row, "role"))) {
+        double p[4] = {cmg_json_num(row, "t", 0), cmg_json_num(row, "requests", 0),
+                       cmg_json_num(row, "request_bytes", 0),
+                       cmg_json_num(row, "response_bytes", 0)};
+        if (!role || strcmp(role, cmg_json_str(row, "role"))) {
             cJSON *s = cJSON_CreateObject();
-            role = str(row, "role");
+            role = cmg_json_str(row, "role");
             cJSON_AddStringToObject(s, "role", role);
             points = cJSON_AddArrayToObject(s, "points");
             cJSON_AddItemToArray(out, s);
@@ -908,7 +903,7 @@ static cJSON *egress_points(cJSON *sums)
     const cJSON *row;
 
     cJSON_ArrayForEach(row, sums) {
-        double p[2] = {num(row, "t", 0), num(row, "egress_bytes", 0)};
+        double p[2] = {cmg_json_num(row, "t", 0), cmg_json_num(row, "egress_bytes", 0)};
         cJSON_AddItemToArray(out, cJSON_CreateDoubleArray(p, 2));
     }
     return out;

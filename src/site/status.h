@@ -32,4 +32,17 @@ void cmg_format_age(int64_t seconds, char *out, size_t len);
 /* Byte counts: "812 B", "12.3 GiB". */
 void cmg_format_bytes(double bytes, char *out, size_t len);
 
+/* A member of a JSON object read leniently: def (or "") when absent or of another type. */
+static inline double cmg_json_num(const cJSON *o, const char *key, double def)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : def;
+}
+
+static inline const char *cmg_json_str(const cJSON *o, const char *key)
+{
+    const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, key));
+    return v ? v : "";
+}
+
 #endif

@@ -11,18 +11,6 @@
 #define MAX_CERT_LINES 10
 #define SHOWN_MAX 1024   /* bytes of one string as shown, "..." past it */
 
-static double num(const cJSON *o, const char *key, double def)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : def;
-}
-
-static const char *str(const cJSON *o, const char *key)
-{
-    const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, key));
-    return v ? v : "";
-}
-
 /* A string from the network or the store as the terminal shows it, never as what it
  * would do: control characters (C0, DEL, and C1, U+0080..U+009F) and bytes that are no
  * part of valid UTF-8 written as \xNN, so that a name cannot move the cursor, retitle
@@ -64,7 +52,7 @@ static struct shown shown(const char *in)
 /* The string at key, shown. */
 static struct shown text(const cJSON *o, const char *key)
 {
-    return shown(str(o, key));
+    return shown(cmg_json_str(o, key));
 }
 
 static bool is_true(const cJSON *o, const char *key)
@@ -121,7 +109,7 @@ static void iso(double t, char *out, size_t len)
 static void age_since(const cJSON *doc, const cJSON *t, char *out, size_t len)
 {
     if (cJSON_IsNumber(t) && t->valuedouble > 0)
-        cmg_format_age((int64_t)(num(doc, "time", 0) - t->valuedouble), out, len);
+        cmg_format_age((int64_t)(cmg_json_num(doc, "time", 0) - t->valuedouble), out, len);
     else
         snprintf(out, len, "-");
 }
@@ -136,10 +124,11 @@ static void print_matrix(const cJSON *doc, FILE *f)
         char since[32], rtt[32] = "-";
         age_since(doc, item(t, "since"), since, sizeof(since));
         /* a round-trip time is the connector's: not shown from a report gone stale */
-        if (cJSON_IsNumber(item(t, "rtt_ms")) && strcmp(str(t, "connector_view"), "stale") &&
-            strcmp(str(t, "connector_view"), "none"))
-            snprintf(rtt, sizeof(rtt), num(t, "rtt_ms", 0) < 10 ? "%.2f ms" : "%.0f ms",
-                     num(t, "rtt_ms", 0));
+        if (cJSON_IsNumber(item(t, "rtt_ms")) &&
+            strcmp(cmg_json_str(t, "connector_view"), "stale") &&
+            strcmp(cmg_json_str(t, "connector_view"), "none"))
+            snprintf(rtt, sizeof(rtt), cmg_json_num(t, "rtt_ms", 0) < 10 ? "%.2f ms" : "%.0f ms",
+                     cmg_json_num(t, "rtt_ms", 0));
         fprintf(f, "%-24s %-16s %-10s %-9s %-9s %s/%s\n", text(t, "gateway").s,
                 text(t, "connector").s, text(t, "state").s, since, rtt,
                 text(t, "gateway_view").s, text(t, "connector_view").s);
@@ -154,15 +143,15 @@ static void print_gateways(const cJSON *doc, FILE *f)
             "LAST REPORT", "DEVICES", "VIA");
     cJSON_ArrayForEach(g, item(doc, "gateways")) {
         char age[32], last[48];
-        cmg_format_age((int64_t)num(g, "last_report_age", 0), age, sizeof(age));
+        cmg_format_age((int64_t)cmg_json_num(g, "last_report_age", 0), age, sizeof(age));
         snprintf(last, sizeof(last), "%s ago%s", age, is_true(g, "stale") ? " STALE" : "");
         fprintf(f, "%-24s %-10s %-7.0f %-18s %-8.0f %s\n", text(g, "instance").s,
-                text(g, "state").s, num(g, "policy_version", 0), last, num(g, "devices_now", 0),
-                text(g, "via").s);
+                text(g, "state").s, cmg_json_num(g, "policy_version", 0), last,
+                cmg_json_num(g, "devices_now", 0), text(g, "via").s);
     }
-    if (num(doc, "gateways_more", 0) > 0)
+    if (cmg_json_num(doc, "gateways_more", 0) > 0)
         fprintf(f, "... and %.0f more instances that reported longer ago (not shown)\n",
-                num(doc, "gateways_more", 0));
+                cmg_json_num(doc, "gateways_more", 0));
 }
 
 static void print_connectors(const cJSON *doc, FILE *f)
@@ -173,12 +162,12 @@ static void print_connectors(const cJSON *doc, FILE *f)
     cJSON_ArrayForEach(c, item(doc, "connectors")) {
         char age[32], last[48], policy[24] = "-";
         if (cJSON_IsNumber(item(c, "last_report"))) {
-            cmg_format_age((int64_t)num(c, "last_report_age", 0), age, sizeof(age));
+            cmg_format_age((int64_t)cmg_json_num(c, "last_report_age", 0), age, sizeof(age));
             snprintf(last, sizeof(last), "%s ago%s", age, is_true(c, "stale") ? " STALE" : "");
         } else
             snprintf(last, sizeof(last), "never reported");
         if (cJSON_IsNumber(item(c, "policy_version")))
-            snprintf(policy, sizeof(policy), "%.0f", num(c, "policy_version", 0));
+            snprintf(policy, sizeof(policy), "%.0f", cmg_json_num(c, "policy_version", 0));
         const char *note = is_true(c, "revoked") ? " revoked"
                            : is_true(c, "draining") ? " draining" : "";
         fprintf(f, "%-24s %-18s %s%s\n", text(c, "name").s, last, policy, note);
@@ -195,9 +184,10 @@ static void print_traffic(const cJSON *doc, FILE *f)
     for (size_t i = 0; i < 2; i++) {
         const cJSON *p = item(t, periods[i][0]);
         char up[32], down[32];
-        cmg_format_bytes(num(p, "request_bytes", 0), up, sizeof(up));
-        cmg_format_bytes(num(p, "response_bytes", 0), down, sizeof(down));
-        fprintf(f, "%-12s %-10.0f %-14s %s\n", periods[i][1], num(p, "requests", 0), up, down);
+        cmg_format_bytes(cmg_json_num(p, "request_bytes", 0), up, sizeof(up));
+        cmg_format_bytes(cmg_json_num(p, "response_bytes", 0), down, sizeof(down));
+        fprintf(f, "%-12s %-10.0f %-14s %s\n", periods[i][1], cmg_json_num(p, "requests", 0), up,
+                down);
     }
 }
 
@@ -207,13 +197,14 @@ static void egress_line(const cJSON *e, const char *used_key, const char *limit_
 {
     char used[32], limit[32];
 
-    cmg_format_bytes(num(e, used_key, 0), used, sizeof(used));
+    cmg_format_bytes(cmg_json_num(e, used_key, 0), used, sizeof(used));
     if (!cJSON_IsNumber(item(e, limit_key))) {
         fprintf(f, "  %s %s (no %s limit set)\n", used, period, what);
         return;
     }
-    cmg_format_bytes(num(e, limit_key, 0), limit, sizeof(limit));
-    fprintf(f, "  %s of %s %s (%.0f %%)\n", used, limit, period, floor(num(e, pct_key, 0)));
+    cmg_format_bytes(cmg_json_num(e, limit_key, 0), limit, sizeof(limit));
+    fprintf(f, "  %s of %s %s (%.0f %%)\n", used, limit, period,
+            floor(cmg_json_num(e, pct_key, 0)));
 }
 
 static void print_egress(const cJSON *doc, FILE *f)
@@ -221,13 +212,13 @@ static void print_egress(const cJSON *doc, FILE *f)
     const cJSON *e = item(doc, "egress"), *g;
 
     fprintf(f, "\nEGRESS (bytes to devices; warning at %.0f %%, critical at %.0f %% of a "
-            "limit)\n", num(e, "warning_pct", 50), num(e, "critical_pct", 90));
+            "limit)\n", cmg_json_num(e, "warning_pct", 50), cmg_json_num(e, "critical_pct", 90));
     egress_line(e, "today", "daily_limit", "today_pct", "daily", "today", f);
     egress_line(e, "month", "monthly_limit", "month_pct", "monthly", "this month", f);
     cJSON_ArrayForEach(g, item(e, "by_gateway")) {
         char today[32], month[32];
-        cmg_format_bytes(num(g, "today", 0), today, sizeof(today));
-        cmg_format_bytes(num(g, "month", 0), month, sizeof(month));
+        cmg_format_bytes(cmg_json_num(g, "today", 0), today, sizeof(today));
+        cmg_format_bytes(cmg_json_num(g, "month", 0), month, sizeof(month));
         fprintf(f, "  %-24s %s today, %s this month\n", text(g, "instance").s, today, month);
     }
 }
@@ -238,23 +229,25 @@ static void print_certificates(const cJSON *doc, FILE *f)
     int n = cJSON_GetArraySize(list), shown = 0;
 
     fprintf(f, "\nCERTIFICATES ending within %.0f days:%s\n",
-            num(doc, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT), n ? "" : " none");
+            cmg_json_num(doc, "cert_expiry_days", CMG_CERT_EXPIRY_DAYS_DEFAULT), n ? "" : " none");
     cJSON_ArrayForEach(c, list) {
         char when[40];
-        double days = num(c, "days_left", 0);
+        double days = cmg_json_num(c, "days_left", 0);
 
         if (shown++ == MAX_CERT_LINES) {
             fprintf(f, "  ... and %.0f more (--json lists %s)\n",
-                    n - MAX_CERT_LINES + num(doc, "certificates_more", 0),
-                    num(doc, "certificates_more", 0) > 0 ? "the soonest of them" : "them all");
+                    n - MAX_CERT_LINES + cmg_json_num(doc, "certificates_more", 0),
+                    cmg_json_num(doc, "certificates_more", 0) > 0 ? "the soonest of them"
+                                                                  : "them all");
             break;
         }
         char left[48];
-        iso(num(c, "not_after", 0), when, sizeof(when));
+        iso(cmg_json_num(c, "not_after", 0), when, sizeof(when));
         if (days < 0) {
             char age[32];
-            cmg_format_age((int64_t)(num(doc, "time", 0) - num(c, "not_after", 0)), age,
-                           sizeof(age));
+            cmg_format_age((int64_t)(cmg_json_num(doc, "time", 0) -
+                                     cmg_json_num(c, "not_after", 0)),
+                           age, sizeof(age));
             snprintf(left, sizeof(left), "EXPIRED %s ago", age);
         } else
             snprintf(left, sizeof(left), "in %.0f day%s", days, days == 1 ? "" : "s");
@@ -284,7 +277,7 @@ static void print_no_report(const cJSON *doc, FILE *f)
             "'cmg site serve' on its feed listener.\n"
             "Are the connectors running and connected to the site and the gateways? %d "
             "connector(s) registered here ('cmg site connector list').\n",
-            num(doc, "report_interval", CMG_REPORT_INTERVAL_DEFAULT),
+            cmg_json_num(doc, "report_interval", CMG_REPORT_INTERVAL_DEFAULT),
             cJSON_GetArraySize(item(doc, "connectors")));
     if (cJSON_IsFalse(item(doc, "site_serving")))
         fprintf(f, "'cmg site serve' is not running on this site: reports have nowhere to "
@@ -299,9 +292,9 @@ void cmg_site_status_print(const cJSON *doc, FILE *f)
 
     cJSON_ArrayForEach(c, item(doc, "connectors"))
         reports |= cJSON_IsNumber(item(c, "last_report"));
-    iso(num(doc, "time", 0), now, sizeof(now));
+    iso(cmg_json_num(doc, "time", 0), now, sizeof(now));
     fprintf(f, "site %s (role %s), policy version %.0f, at %s\n\n", text(doc, "service_name").s,
-            text(doc, "site_role").s, num(doc, "policy_version", 0), now);
+            text(doc, "site_role").s, cmg_json_num(doc, "policy_version", 0), now);
     if (!reports) {
         print_no_report(doc, f);
     } else {

@@ -4,6 +4,7 @@ Everything runs on loopback (127.0.0.1; ::1 with site.addr) with ports the kerne
 stopped at teardown, and one that crashed, tripped a sanitizer or exited on its own fails
 the test.
 """
+import atexit
 import datetime
 import hashlib
 import http.client
@@ -17,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,13 +75,73 @@ PORT_LOW, PORT_HIGH = 10000, 32000
 _handed_out = set()
 
 
+# Test runs alongside this one (ctest -j, or another suite on the machine) pick from the
+# same range: a port is claimed for this process by a file named after it, created
+# exclusively; a claim whose process is gone is taken over.
+_CLAIMS = os.path.join(tempfile.gettempdir(), 'cmg-test-ports')
+
+
+def _claim_one(port):
+    path = os.path.join(_CLAIMS, str(port))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read() or 0)
+                if pid == os.getpid():
+                    return False
+                os.kill(pid, 0)
+                return False        # its process lives: the port is promised there
+            except (ProcessLookupError, ValueError):
+                try:
+                    os.unlink(path)  # a claim left by a process that is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            except (PermissionError, FileNotFoundError):
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        _claimed.append(path)
+        return True
+    return False
+
+
+_claimed = []
+
+
+@atexit.register
+def _release_claims():
+    for path in _claimed:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _claim(ports):
+    os.makedirs(_CLAIMS, exist_ok=True)
+    got = []
+    for port in sorted(ports):
+        if not _claim_one(port):
+            for p in got:
+                path = os.path.join(_CLAIMS, str(p))
+                os.unlink(path)
+                _claimed.remove(path)
+            return False
+        got.append(port)
+    return True
+
+
 def free_port_range(n):
     """The first of n consecutive ports that were free on 127.0.0.1 (for tunnel_port + instance)."""
     rng = random.SystemRandom()
     for _ in range(200):
         base = rng.randrange(PORT_LOW, PORT_HIGH - n)
         ports = set(range(base, base + n))
-        if ports & _handed_out:
+        if ports & _handed_out or not _claim(ports):
             continue
         socks = []
         try:

@@ -284,6 +284,10 @@ def test_status_resend_missed_and_device_list(fleet, tmp_path):
          check=fleet.procs.check)
     r = fleet.dep.cmg_site('notify', '--resend', n['id'], '--missed')
     assert 'nothing to resend: every target has it' in r.stdout + r.stderr, r
+    listed = json.loads(fleet.dep.cmg_site('notify', 'list', '--json').stdout)   # newest first
+    assert [x['id'] for x in listed] == [marker, resent, short['id'], n['id']], listed
+    assert {k: listed[-1][k] for k in ('targets', 'delivered', 'waiting', 'expired')} == \
+        {'targets': 3, 'delivered': 3, 'waiting': 0, 'expired': 0}, listed[-1]
 
     ch_a.close()
     row = poll(lambda: (lambda r: r if r['channel'] == 'closed' else None)(fleet.device_rows()[a.id]),

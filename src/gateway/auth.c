@@ -19,6 +19,7 @@
 enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
 {
     struct cmg_policy *p = d->gw->policy;
+    STACK_OF(X509) *chain;
     X509 *x;
 
     if (d->cert != CMG_CERT_UNKNOWN && d->cert_gen == d->gw->policy_gen)
@@ -40,7 +41,9 @@ enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
             sscanf(d->thumbprint + 2 * i, "%2hhx", &raw[i]);
         cmg_b64url_encode(raw, sizeof(raw), d->x5t, sizeof(d->x5t));
     }
-    d->cert_error = cmg_policy_verify_cert(p, x, SSL_get_peer_cert_chain(d->conn.ssl));
+    chain = cmg_tickets_peer_chain(d->conn.ssl);   /* a resumed session's: from its ticket */
+    d->cert_error = cmg_policy_verify_cert(p, x, chain);
+    sk_X509_pop_free(chain, X509_free);
     d->cert = d->cert_error == X509_V_OK ? CMG_CERT_OK : CMG_CERT_INVALID;
     return d->cert;
 }

@@ -56,12 +56,65 @@ static int mapping_key(struct load *l, const char *role, const char *key, const 
     return 1;
 }
 
+/* The keys of TLS session tickets and handshake admission: 1 taken, 0 bad value (l->err
+ * says why), -1 not one of them. */
+static int tls_key(struct load *l, const char *key, const char *value)
+{
+    struct cmg_gw_config *c = l->c;
+    uint64_t n;
+
+    if (!strcmp(key, "ticket_key_file")) {
+        c->ticket_keys_off = !strcmp(value, "off");
+        if (!value[0] || (!c->ticket_keys_off &&
+                          cmg_conf_path(c->ticket_key_file, sizeof(c->ticket_key_file), l->dir,
+                                        value) < 0)) {
+            snprintf(l->err, sizeof(l->err), "ticket_key_file: expected a file name or off, "
+                     "found '%s'", value);
+            return 0;
+        }
+    } else if (!strcmp(key, "ticket_key_rotate")) {
+        if (cmg_conf_duration(value, 0, CMG_GW_MAX_TICKET_ROTATE_S, &c->ticket_key_rotate_s) < 0) {
+            snprintf(l->err, sizeof(l->err), "ticket_key_rotate: expected a duration up to 30d "
+                     "(e.g. 12h; 0: never rotated here), found '%s'", value);
+            return 0;
+        }
+    } else if (!strcmp(key, "handshake_rate")) {
+        if (cmg_conf_uint(value, 0, CMG_GW_MAX_HANDSHAKE_RATE, &n) < 0) {
+            snprintf(l->err, sizeof(l->err), "handshake_rate: expected full TLS handshakes a "
+                     "second, 0..%u (0: no limit), found '%s'", CMG_GW_MAX_HANDSHAKE_RATE, value);
+            return 0;
+        }
+        c->handshake_rate = (uint32_t)n;
+    } else {
+        return -1;
+    }
+    return 1;
+}
+
+/* ticket_key_file's default: ticket.keys beside the policy cache (or gateway.conf). */
+static int default_ticket_file(struct load *l)
+{
+    struct cmg_gw_config *c = l->c;
+    char dir[PATH_MAX];
+
+    if (c->ticket_keys_off || c->ticket_key_file[0])
+        return 0;
+    if (c->policy_cache[0])
+        cmg_conf_dir(c->policy_cache, dir, sizeof(dir));
+    else
+        snprintf(dir, sizeof(dir), "%s", l->dir);
+    return cmg_conf_path(c->ticket_key_file, sizeof(c->ticket_key_file), dir, "ticket.keys");
+}
+
 static int gateway_key(struct load *l, const char *key, const char *value)
 {
     struct cmg_gw_config *c = l->c;
     uint64_t n;
-    int rc = 0;
+    int rc = tls_key(l, key, value);
 
+    if (rc >= 0)
+        return rc;
+    rc = 0;
 #define PATHKEY(k, field)                                                          \
     if (!strcmp(key, k))                                                           \
         return cmg_conf_path(c->field, sizeof(c->field), l->dir, value) == 0       \
@@ -200,6 +253,8 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;
+    c->ticket_key_rotate_s = 12 * 3600;
+    c->handshake_rate = 2000;
     cmg_metrics_conf_default(&c->metrics, CMG_METRICS_GATEWAY_DEFAULT);
     memset(&l, 0, sizeof(l));
     l.c = c;
@@ -216,6 +271,11 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     if (!c->service_name[0] || !c->cert[0] || !c->client_ca[0] || !c->connector_ca[0]) {
         snprintf(err, errlen, "%s: service_name, cert, client_ca and connector_ca are required",
                  file);
+        return -1;
+    }
+    if (default_ticket_file(&l) < 0) {
+        snprintf(err, errlen, "%s: ticket_key_file: the default path (ticket.keys beside "
+                 "policy_cache) is too long", file);
         return -1;
     }
     if (!c->nlisten) {

@@ -13,6 +13,8 @@
 #define CMG_GW_MAX_LISTEN 8
 /* The smallest max_buffer_memory: a few streams' windows. */
 #define CMG_GW_MIN_BUFFER_MEMORY (16ull << 20)
+#define CMG_GW_MAX_TICKET_ROTATE_S (30ull * 86400)
+#define CMG_GW_MAX_HANDSHAKE_RATE 10000000u
 
 struct cmg_gw_config {
     char file[PATH_MAX];
@@ -47,6 +49,13 @@ struct cmg_gw_config {
     uint32_t report_interval_s;
     char instance_name[CMG_REPORT_MAX_STR + 1];
     struct cmg_metrics_conf metrics;   /* metrics_listen; its port + instance */
+    /* TLS session tickets (tls/ticket.h): the key file the instances share, unless off
+     * (each process its own key); how often a new key is added (0: never, here) */
+    char ticket_key_file[PATH_MAX];
+    bool ticket_keys_off;
+    uint64_t ticket_key_rotate_s;
+    /* full (not resumed) device TLS handshakes a second, then accepting pauses; 0: no limit */
+    uint32_t handshake_rate;
     struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };

@@ -101,6 +101,7 @@ static void on_open(struct cmg_conn *c)
     cmg_timer_stop(d->gw->loop, &d->timer);
     h2 = cmg_tls_alpn_is(c->ssl, "h2");
     cmg_gw_metrics_device(d->gw, h2);
+    cmg_gw_handshake_done(d->gw, SSL_session_reused(c->ssl) == 1);
     rc = h2 ? cmg_h2dev_start(d) : cmg_h1_start(d);
     if (rc < 0)
         cmg_device_close(d, "out of memory");

@@ -32,6 +32,10 @@ static const char usage[] =
     "0 once no connection is left. SIGQUIT, or a second SIGTERM, stops it at once.\n"
     "SIGHUP reloads FILE and the certificates it names, all or nothing, without\n"
     "touching live connections (refused during a drain).\n"
+    "TLS sessions resume at every instance and after a restart: the ticket keys are\n"
+    "shared through ticket_key_file (default ticket.keys beside policy_cache, mode 0600,\n"
+    "a new key every ticket_key_rotate, re-read each minute and on SIGHUP). Full TLS\n"
+    "handshakes beyond handshake_rate a second wait in the kernel's accept queue.\n"
     "Metrics and health: plain HTTP on metrics_listen, port + I (127.0.0.1:10160 + I by\n"
     "default; off disables): /metrics (Prometheus), /healthz, and /readyz (200 once\n"
     "serving with a policy in force and a tunnel up; 503 while starting or draining).\n"
@@ -109,9 +113,39 @@ fail:
     return -1;
 }
 
+/* Device tickets are made and read with the keys of ticket_key_file (off: OpenSSL's
+ * own key, one per context). */
+static int share_tickets(struct cmg_gateway *gw, SSL_CTX *dev)
+{
+    if (cmg_tickets_keep_chain(dev) == 0 &&
+        (gw->cfg.ticket_keys_off || cmg_tickets_attach(&gw->tickets, dev) == 0))
+        return 0;
+    cmg_error("device TLS: cannot set the session ticket keys of %s", gw->cfg.ticket_key_file);
+    return -1;
+}
+
+/* After the drop from root, so that the file is the user's to rotate. */
+static int start_tickets(struct cmg_gateway *gw)
+{
+    char err[PATH_MAX + 300];
+
+    if (gw->cfg.ticket_keys_off) {
+        cmg_info("ticket_key_file off: TLS session tickets of this process only (no resumption "
+                 "at another instance or after a restart)");
+        return 0;
+    }
+    if (cmg_tickets_start(&gw->tickets, gw->loop, gw->cfg.ticket_key_file,
+                          gw->cfg.ticket_key_rotate_s, err, sizeof(err)) < 0) {
+        cmg_error("%s", err);
+        return -1;
+    }
+    return 0;
+}
+
 static int setup(struct cmg_gateway *gw)
 {
-    if (make_contexts(&gw->cfg, &gw->device_ctx, &gw->tunnel_ctx) < 0)
+    if (make_contexts(&gw->cfg, &gw->device_ctx, &gw->tunnel_ctx) < 0 ||
+        share_tickets(gw, gw->device_ctx) < 0)
         return -1;
     watch_certs(gw);
     cmg_gw_migrate_setup(gw);   /* before the drop from root */
@@ -153,6 +187,13 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
     keep_str("instance_name", next->instance_name, now->instance_name, sizeof(next->instance_name));
     keep_str("policy_cache", next->policy_cache, now->policy_cache, sizeof(next->policy_cache));
     keep_str("site_key", next->site_key, now->site_key, sizeof(next->site_key));
+    if (next->ticket_keys_off != now->ticket_keys_off ||
+        strcmp(next->ticket_key_file, now->ticket_key_file) != 0) {
+        cmg_warn("reload: ticket_key_file changed: it applies at the next start; kept %s",
+                 now->ticket_keys_off ? "off" : now->ticket_key_file);
+        next->ticket_keys_off = now->ticket_keys_off;
+        snprintf(next->ticket_key_file, sizeof(next->ticket_key_file), "%s", now->ticket_key_file);
+    }
     /* Policies are accepted for this name, and the local policy was made from this file's
      * mappings and client_ca at start. */
     keep_str("service_name", next->service_name, now->service_name, sizeof(next->service_name));
@@ -191,6 +232,13 @@ static void reload(void *arg)
         cmg_gw_config_free(&next);
         return;
     }
+    if (share_tickets(gw, dev) < 0) {
+        cmg_error("reload failed, nothing changed");
+        SSL_CTX_free(dev);
+        SSL_CTX_free(tun);
+        cmg_gw_config_free(&next);
+        return;
+    }
     SSL_CTX_free(gw->device_ctx);   /* connections made with them hold their own reference */
     SSL_CTX_free(gw->tunnel_ctx);
     gw->device_ctx = dev;
@@ -201,6 +249,7 @@ static void reload(void *arg)
     cmg_log_set_level(gw->cfg.log_level);
     cmg_log_set_format(gw->cfg.log_format);
     cmg_gw_listen_refit(gw);
+    cmg_tickets_reload(&gw->tickets, gw->cfg.ticket_key_rotate_s);
     cmg_tls_watch_free(&gw->cert_watch);
     watch_certs(gw);
     cmg_info("reloaded %s: certificates, keys and limits in force for new connections; %u "
@@ -250,6 +299,7 @@ static void teardown(struct cmg_gateway *gw)
     cmg_tls_watch_free(&gw->cert_watch);
     SSL_CTX_free(gw->device_ctx);
     SSL_CTX_free(gw->tunnel_ctx);
+    cmg_tickets_stop(&gw->tickets);
     cmg_gw_policy_free(gw);
     cmg_gw_config_free(&gw->cfg);
 }
@@ -307,7 +357,8 @@ int cmg_gateway_main(int argc, char **argv)
     gw.loop = cmg_loop_new();
     if (!gw.loop)
         goto out;
-    if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0 || drop_root(&gw) < 0)
+    if (cmg_gw_policy_init(&gw) < 0 || setup(&gw) < 0 || drop_root(&gw) < 0 ||
+        start_tickets(&gw) < 0)
         goto out;
     cmg_loop_on_hup(gw.loop, reload, &gw);
     cmg_loop_on_drain(gw.loop, cmg_gw_drain, &gw);

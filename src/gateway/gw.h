@@ -12,6 +12,7 @@
 #include "gateway/config.h"
 #include "http/headers.h"
 #include "http/path.h"
+#include "tls/ticket.h"
 #include "tls/tls.h"
 
 #include <llhttp.h>
@@ -73,6 +74,8 @@ struct cmg_gw_metrics {
     size_t nrefusals;
     uint64_t refusals_other;
     uint64_t tunnels_up;             /* tunnels that came up (connectors' hellos) */
+    uint64_t handshakes[2];          /* device TLS handshakes done: [0] full, [1] resumed */
+    uint64_t rate_pauses;            /* times handshake_rate paused the device listeners */
     struct cmg_metrics_server *server;
 };
 
@@ -111,6 +114,13 @@ struct cmg_gateway {
     int nlisteners;
     bool accept_paused;             /* out of descriptors: every listener waits */
     struct cmg_timer accept_timer;
+    /* handshake_rate (listen.c): a bucket of full device handshakes, one second's worth;
+     * while it is empty the device listeners wait (rate_timer), an episode logged once */
+    double hs_tokens;
+    uint64_t hs_refilled_ms;
+    bool rate_paused, rate_episode;
+    struct cmg_timer rate_timer;
+    struct cmg_tickets tickets;     /* TLS session ticket keys shared by the instances */
     uint32_t ndevices;
     uint32_t max_devices;           /* max_connections, or less if descriptors are fewer */
     struct cmg_addrcount dev_sources;   /* device connections per source address */
@@ -364,6 +374,9 @@ int cmg_gw_fit_limits(struct cmg_gateway *gw);
 void cmg_gw_listen_refit(struct cmg_gateway *gw);
 /* A device connection is gone: its source may connect again. */
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src);
+/* A device's TLS handshake is done: counted; a resumed one gives back the token of
+ * handshake_rate its connection took when accepted. */
+void cmg_gw_handshake_done(struct cmg_gateway *gw, bool resumed);
 /* A tunnel's handshake is over (authenticated, or the tunnel is gone): frees its slot. */
 void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t);
 

@@ -39,12 +39,18 @@ static void set_listening(struct cmg_gateway *gw, bool devices, bool tunnels)
 
 static bool devices_full(const struct cmg_gateway *gw) { return gw->ndevices >= gw->max_devices; }
 
+/* The device listeners may take connections: room for them, and handshake_rate allows. */
+static bool devices_open(const struct cmg_gateway *gw)
+{
+    return !devices_full(gw) && !gw->rate_paused;
+}
+
 static void on_resume(struct cmg_timer *t)
 {
     struct cmg_gateway *gw =
         (struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, accept_timer));
     gw->accept_paused = false;
-    set_listening(gw, !devices_full(gw), true);
+    set_listening(gw, devices_open(gw), true);
 }
 
 /* Out of descriptors: nothing can be accepted until some close. */
@@ -73,6 +79,78 @@ static void refuse(int fd, const struct sockaddr *sa, const char *what, uint32_t
     }
 }
 
+/* ---- handshake_rate: a token bucket of one second's worth. A connection takes a token
+ * when accepted (so that what is accepted, not only what finished, stays within the
+ * rate), and gives it back if its handshake resumes a session; a handshake that fails
+ * keeps it, as it cost one. While the bucket is empty the device listeners wait and
+ * connections stay in the kernel's queue. */
+
+#define RATE_MIN_PAUSE_MS 10
+
+static void refill(struct cmg_gateway *gw)
+{
+    uint32_t rate = gw->cfg.handshake_rate;
+    uint64_t now = cmg_loop_now(gw->loop);
+
+    gw->hs_tokens += (double)(now - gw->hs_refilled_ms) * rate / 1000.0;
+    gw->hs_refilled_ms = now;
+    if (gw->hs_tokens >= rate) {
+        gw->hs_tokens = rate;
+        gw->rate_episode = false;   /* a full second's worth again: the next pause is news */
+    }
+}
+
+static void on_rate_resume(struct cmg_timer *t)
+{
+    struct cmg_gateway *gw =
+        (struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, rate_timer));
+
+    gw->rate_paused = false;
+    if (!gw->accept_paused)
+        set_listening(gw, devices_open(gw), true);
+}
+
+/* Whether a device connection may be accepted now; if not, the device listeners wait
+ * until a token is back. */
+static bool rate_allows(struct cmg_gateway *gw)
+{
+    uint32_t rate = gw->cfg.handshake_rate;
+    uint64_t ms;
+
+    if (rate == 0)
+        return true;
+    refill(gw);
+    if (gw->hs_tokens >= 1)
+        return true;
+    ms = (uint64_t)((1 - gw->hs_tokens) * 1000 / rate) + 1;
+    if (ms < RATE_MIN_PAUSE_MS)
+        ms = RATE_MIN_PAUSE_MS;
+    gw->rate_paused = true;
+    gw->metrics.rate_pauses++;
+    set_listening(gw, false, !gw->accept_paused);
+    cmg_timer_start(gw->loop, &gw->rate_timer, ms, on_rate_resume);
+    if (!gw->rate_episode) {
+        gw->rate_episode = true;
+        cmg_info("handshake_rate reached: accepting paused for %llu ms (%u full TLS handshakes "
+                 "a second; new connections wait in the kernel's queue, resumed sessions do not "
+                 "count)", (unsigned long long)ms, rate);
+    }
+    return false;
+}
+
+void cmg_gw_handshake_done(struct cmg_gateway *gw, bool resumed)
+{
+    gw->metrics.handshakes[resumed]++;
+    if (!resumed || !gw->cfg.handshake_rate)
+        return;
+    if (gw->hs_tokens + 1 <= gw->cfg.handshake_rate)
+        gw->hs_tokens += 1;
+    if (gw->rate_paused && gw->hs_tokens >= 1) {   /* its token back: no need to wait */
+        cmg_timer_stop(gw->loop, &gw->rate_timer);
+        on_rate_resume(&gw->rate_timer);
+    }
+}
+
 static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr *sa)
 {
     struct cmg_addr_key k;
@@ -89,6 +167,8 @@ static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr 
         cmg_warn("out of memory accepting a device connection");
         return;
     }
+    if (gw->cfg.handshake_rate)
+        gw->hs_tokens -= 1;
     cmg_device_accept(gw, fd, &k);
 }
 
@@ -121,8 +201,8 @@ static void accept_tunnel(struct cmg_gateway *gw, int fd, const struct sockaddr 
 }
 
 /* Accepts up to `batch` connections; false once the queue is empty, the devices are
- * full or the descriptors ran out. */
-static bool accept_some(struct cmg_listener *l, int batch)
+ * full, the descriptors ran out or (if rated) handshake_rate says wait. */
+static bool accept_some(struct cmg_listener *l, int batch, bool rated)
 {
     struct cmg_gateway *gw = l->gw;
     int one = 1;
@@ -139,6 +219,8 @@ static bool accept_some(struct cmg_listener *l, int batch)
             set_listening(gw, false, !gw->accept_paused);
             return false;
         }
+        if (!l->tunnel && rated && !rate_allows(gw))
+            return false;
         fd = accept4(l->io.fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
@@ -157,7 +239,7 @@ static bool accept_some(struct cmg_listener *l, int batch)
 static void on_accept(struct cmg_io *io, uint32_t events)
 {
     (void)events;
-    accept_some((struct cmg_listener *)io, ACCEPT_BATCH);
+    accept_some((struct cmg_listener *)io, ACCEPT_BATCH, true);
 }
 
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
@@ -167,7 +249,7 @@ void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
     gw->ndevices--;
     cmg_addrcount_del(&gw->dev_sources, src);
     if (was_full && !gw->accept_paused)
-        set_listening(gw, true, true);
+        set_listening(gw, devices_open(gw), true);
     cmg_gw_drain_news(gw);
 }
 
@@ -285,7 +367,7 @@ int cmg_gw_listen_devices(struct cmg_gateway *gw)
         }
         cmg_info("listening for devices on %s", l->addr);
     }
-    if (gw->accept_paused || devices_full(gw))
+    if (gw->accept_paused || !devices_open(gw))
         set_listening(gw, false, !gw->accept_paused);
     return 0;
 }
@@ -308,7 +390,7 @@ unsigned cmg_gw_listen_leave_devices(struct cmg_gateway *gw)
         if (l->tunnel || l->fd < 0)
             continue;
         if (l->io.fd >= 0)
-            while (accept_some(l, ACCEPT_BATCH))
+            while (accept_some(l, ACCEPT_BATCH, false))   /* queued: taken, whatever the rate */
                 ;
         close_listener(l);
     }
@@ -319,12 +401,13 @@ void cmg_gw_listen_refit(struct cmg_gateway *gw)
 {
     cmg_gw_fit_limits(gw);
     if (!gw->accept_paused)
-        set_listening(gw, !devices_full(gw), true);
+        set_listening(gw, devices_open(gw), true);
 }
 
 void cmg_gw_listen_close(struct cmg_gateway *gw)
 {
     cmg_timer_stop(gw->loop, &gw->accept_timer);
+    cmg_timer_stop(gw->loop, &gw->rate_timer);
     for (int i = 0; i < gw->nlisteners; i++)
         close_listener(&gw->listeners[i]);
     gw->nlisteners = 0;

@@ -163,6 +163,20 @@ static void show_tunnels(struct cmg_gateway *gw, struct cmg_buf *b)
     cmg_metrics_u64(b, "cmg_gateway_tunnels_up_total", NULL, gw->metrics.tunnels_up);
 }
 
+static void show_handshakes(struct cmg_gateway *gw, struct cmg_buf *b)
+{
+    cmg_metrics_family(b, "cmg_handshakes_total", "counter",
+                       "Device TLS handshakes done, by whether they resumed a session (a "
+                       "ticket); full ones count against handshake_rate.");
+    for (int resumed = 0; resumed < 2; resumed++) {
+        const char *l[] = {"resumed", resumed ? "true" : "false", NULL};
+        cmg_metrics_u64(b, "cmg_handshakes_total", l, gw->metrics.handshakes[resumed]);
+    }
+    cmg_metrics_family(b, "cmg_handshake_rate_pauses_total", "counter",
+                       "Times handshake_rate paused accepting device connections.");
+    cmg_metrics_u64(b, "cmg_handshake_rate_pauses_total", NULL, gw->metrics.rate_pauses);
+}
+
 static void show_state(struct cmg_gateway *gw, struct cmg_buf *b)
 {
     static const char *const states[] = {"starting", "serving", "draining"};
@@ -197,6 +211,7 @@ static void render(void *user, struct cmg_buf *b)
     cmg_metrics_build_info(b, "gateway");
     show_state(gw, b);
     show_devices(gw, b);
+    show_handshakes(gw, b);
     show_roles(gw, b);
     show_refusals(gw, b);
     show_tunnels(gw, b);

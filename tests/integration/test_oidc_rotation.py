@@ -37,9 +37,10 @@ class Provider:
         ca_cert, ca_key, (self.ca, _) = make_cert(tmp / 'idp-ca', 'Test IdP CA', ca=True)
         _, _, (crt, key) = make_cert(tmp / 'idp-server', '127.0.0.1', ca_cert, ca_key,
                                      eku=(ExtendedKeyUsageOID.SERVER_AUTH,), san=('127.0.0.1',))
-        self.keys = {}               # kid -> private key
+        # (kid -> private key, headers of the JWKS answer): one value, so that an answer
+        # never pairs new keys with old headers or the other way round
+        self.published = ({}, {})
         self.mode = 'ok'
-        self.headers = {}
         self.jwks_hits = 0
         self.hanging = threading.Event()
         self.release = threading.Event()
@@ -67,9 +68,23 @@ class Provider:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def rotate(self, kid):
-        """The provider's keys become one new RSA key, kid."""
-        self.keys = {kid: rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    @property
+    def keys(self):
+        return self.published[0]
+
+    @property
+    def headers(self):
+        return self.published[1]
+
+    @headers.setter
+    def headers(self, value):
+        self.published = (self.published[0], value)
+
+    def rotate(self, kid, headers=None):
+        """The provider's keys become one new RSA key, kid; with headers, its answers carry
+        those from the same moment on."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.published = ({kid: key}, self.headers if headers is None else headers)
 
     def token(self, kid, **claims):
         c = IdP.claims(IdP, **claims)
@@ -100,8 +115,9 @@ class Provider:
                 h.wfile.write(b' ')
                 h.wfile.flush()
             return None
-        keys = [public_jwk(k, kid) for kid, k in self.keys.items()]
-        return self.answer(h, 200, json.dumps({'keys': keys}).encode(), self.headers)
+        published, headers = self.published
+        keys = [public_jwk(k, kid) for kid, k in published.items()]
+        return self.answer(h, 200, json.dumps({'keys': keys}).encode(), headers)
 
     @staticmethod
     def answer(h, status, body, headers=None):
@@ -161,9 +177,8 @@ def test_rotation_at_the_provider_needs_no_admin(dep, provider, svc):
     assert provider.discovery in shown and 'key-A' in shown, shown
 
     # The provider rotates: key A gone, key B in; its cache headers say 3 s.
-    provider.headers = {'Cache-Control': 'public, max-age=3'}
     key_a = provider.keys['key-A']
-    provider.rotate('key-B')
+    provider.rotate('key-B', {'Cache-Control': 'public, max-age=3'})
     start = time.monotonic()
     # No token of key B is shown before the site has it: the schedule alone finds it.
     poll(lambda: 'added kid key-B' in site_log(dep), 70 * SLOW, 'the site to fetch key B',
@@ -324,8 +339,9 @@ def test_cache_headers_set_the_next_refresh_within_bounds(dep, provider):
     dep.wait_policy(after=v)
 
     def rotate_and_read(kid, headers):
-        provider.headers = headers
-        provider.rotate(kid)
+        # together: a refresh between the two would cache the old keys under the new
+        # headers (Expires in 40 s) and not look again within this poll
+        provider.rotate(kid, headers)
         line = poll(lambda: ([ln for ln in site_log(dep).splitlines()
                               if f'added kid {kid}' in ln] or [None])[0],
                     10 * REFRESH * SLOW, f'the site to fetch {kid}', interval=0.1,
@@ -336,8 +352,7 @@ def test_cache_headers_set_the_next_refresh_within_bounds(dep, provider):
     expires = rotate_and_read('key-E', {'Expires': formatdate(time.time() + 40, usegmt=True)})
     assert 38 <= expires <= 41, expires
     # Expires in 40 s holds the next scheduled refresh back ...
-    provider.headers = {'Cache-Control': 'max-age=999999'}
-    provider.rotate('key-M')
+    provider.rotate('key-M', {'Cache-Control': 'max-age=999999'})
     time.sleep(3 * REFRESH)
     assert 'added kid key-M' not in site_log(dep)
     # ... until a gateway reports key M; the provider's "999999 s" is held to a day.

@@ -41,6 +41,16 @@ int cmg_client_get_main(int argc, char **argv);
 int cmg_client_renew(const struct cmg_client_conn *conn, struct cmg_client_state *s,
                      char *msg, size_t msglen);
 
+int cmg_client_listen_main(int argc, char **argv);
+
+/* For a registered device: its state (state: --state, or NULL for the default), identity
+ * and connection (gateway, server_name, ca_opt: the options that override the state's,
+ * or NULL; ca receives the state's ca.crt path); renews the token first when due (a
+ * failure while it is still valid is a warning). Returns an exit status. */
+int cmg_client_prepare_state(const char *state, const char *gateway, const char *server_name,
+                             const char *ca_opt, struct cmg_client_state *s,
+                             struct cmg_client_conn *conn, char *ca, size_t calen);
+
 /* "--opt VALUE" or "--opt=VALUE" at argv[*i]: 1 with *val set (and *i advanced past the
  * value), 0 if argv[*i] is not opt, -1 if the value is missing. */
 int cmg_client_opt(int argc, char **argv, int *i, const char *opt, const char **val);

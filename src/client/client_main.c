@@ -32,6 +32,10 @@ static void client_usage(FILE *out)
           "            the same for a device with a PKI certificate, without registration\n"
           "  renew [--state DIR]\n"
           "            renew the device token now\n"
+          "  listen [--state DIR | --gateway HOST:PORT --cert FILE --key FILE [--ca FILE]]\n"
+          "         [--token FILE] [--exec CMD] [--once] [--max-events N]\n"
+          "            hold the device's notification channel (GET /CCM_Notify): print each\n"
+          "            event as a JSON line, reconnect with back-off and Last-Event-ID\n"
           "  analyze --gateway HOST:PORT [--ca FILE] [--cert FILE --key FILE | --state DIR |\n"
           "          --token TOKEN] [--path PATH] [--json]\n"
           "            check each step from this device to the internal service (name,\n"
@@ -64,6 +68,8 @@ int cmg_client_main(int argc, char **argv)
         return cmg_client_register_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "get"))
         return cmg_client_get_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "listen"))
+        return cmg_client_listen_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "analyze"))
         return cmg_client_analyze_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "renew"))

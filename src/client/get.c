@@ -249,23 +249,22 @@ static int finish_sink(struct get_sink *k, bool keep)
     return ret;
 }
 
-/* For a registered device: the state, identity and connection; renews when due. */
-static int prepare_state(const struct get_opts *o, struct cmg_client_state *s,
-                         struct cmg_client_conn *conn, char *ca, size_t calen)
+int cmg_client_prepare_state(const char *state, const char *gateway, const char *server_name,
+                             const char *ca_opt, struct cmg_client_state *s,
+                             struct cmg_client_conn *conn, char *ca, size_t calen)
 {
     char dir[PATH_MAX], msg[768], when[64];
     int64_t now = (int64_t)time(NULL);
     int rc;
 
-    if (cmg_client_state_dir(o->state, dir, sizeof(dir)) < 0 ||
+    if (cmg_client_state_dir(state, dir, sizeof(dir)) < 0 ||
         cmg_client_state_load(dir, s) < 0 ||
         cmg_client_state_load_identity(dir, &conn->key, &conn->cert) < 0 ||
         cmg_client_state_path(dir, "ca.crt", ca, calen) < 0)
         return CMG_CLIENT_EXIT_FAIL;
-    conn->gateway = o->gateway ? o->gateway : s->gateway;
-    conn->server_name = o->server_name ? o->server_name
-                                       : cmg_client_stored_server_name(o->gateway, s);
-    conn->ca_file = o->ca ? o->ca : ca;
+    conn->gateway = gateway ? gateway : s->gateway;
+    conn->server_name = server_name ? server_name : cmg_client_stored_server_name(gateway, s);
+    conn->ca_file = ca_opt ? ca_opt : ca;
     if (now < s->renew_after)
         return CMG_CLIENT_EXIT_OK;
     rc = cmg_client_renew(conn, s, msg, sizeof(msg));
@@ -333,7 +332,8 @@ int cmg_client_get_main(int argc, char **argv)
         conn.timeout_ms = o.timeout_ms;
     } else {
         conn.timeout_ms = o.timeout_ms;
-        ret = prepare_state(&o, &s, &conn, ca, sizeof(ca));
+        ret = cmg_client_prepare_state(o.state, o.gateway, o.server_name, o.ca, &s, &conn, ca,
+                                       sizeof(ca));
         if (ret != CMG_CLIENT_EXIT_OK)
             goto out;
         ret = CMG_CLIENT_EXIT_FAIL;

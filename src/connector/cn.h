@@ -30,6 +30,7 @@ struct cmg_connector;
 struct cmg_cn_stream;
 struct cmg_upstream;
 struct cmg_cn_lookup;
+struct cmg_notify_feed;
 
 struct cmg_cn_mapping {
     char role[CMG_ROLE_ID_MAX + 1];
@@ -116,6 +117,10 @@ struct cmg_cn_tunnel {
     bool closing, close_notify_sent, half_closed;
     int32_t ctl_stream;
     struct cmg_buf ctl_out;
+    /* notifications (notify_feed.c): taken from the feed's backlog one at a time as the
+     * control stream drains, so that no tunnel holds a copy of the backlog */
+    bool notify_synced;      /* notify-sync sent on this control stream */
+    uint64_t notify_next;    /* the lowest seq still to send (0: whatever comes first) */
     /* for the metrics */
     uint64_t ups;            /* times it came up: more than once is a reconnect */
     uint64_t ping_sent_us;   /* the health ping in flight (cmg_metrics_now_us), 0: none */
@@ -164,6 +169,8 @@ struct cmg_connector {
     struct cmg_cn_drain drain;
     struct cmg_cn_metrics metrics;
     struct cmg_site_report *report;   /* NULL without 'site =' */
+    struct cmg_notify_feed *notify;   /* NULL without 'site =' */
+    bool relay_failing;               /* a notify report relay failed: logged once */
 };
 
 /* site_report.c: the connector's report to the site (POST /v1/connector/report on the
@@ -181,6 +188,54 @@ int cmg_site_report_gateway(struct cmg_cn_tunnel *t, const char *body, size_t le
 bool cmg_site_feed_target(const struct cmg_connector *cn, const struct cmg_addr **addr,
                           SSL_CTX **tls, const char **host, const char **authority,
                           const char **prefix);
+
+/* site_call.c: one HTTP/1.1 exchange with the site's feed listener (its address and
+ * TLS context, mutual TLS), on a short connection of its own, bounded by a deadline.
+ * done hears once: status > 0 the site's answer (its body in answer, at most
+ * max_answer bytes: more fails the call, or is cut with cut_answer), 0 unreachable or
+ * a broken answer, -1 no answer by the deadline; why says what went wrong. */
+struct cmg_site_call {
+    struct cmg_connector *cn;
+    void (*done)(struct cmg_site_call *c, int status, const char *why);
+    struct cmg_conn conn;
+    llhttp_t parser;
+    struct cmg_timer timer;
+    struct cmg_buf request, answer;
+    size_t max_answer;
+    bool cut_answer;
+    void *arg;                 /* the owner's */
+    int status;
+    bool busy, complete;
+};
+void cmg_site_call_init(struct cmg_site_call *c, struct cmg_connector *cn,
+                        void (*done)(struct cmg_site_call *c, int status, const char *why),
+                        size_t max_answer);
+/* headers: extra "Name: value\r\n" lines or NULL; body NULL: none. done may be heard
+ * before this returns (no site, no socket). -1 if a call is under way. */
+int cmg_site_call_start(struct cmg_site_call *c, const char *method, const char *target,
+                        const char *headers, const void *body, size_t len, uint32_t timeout_ms);
+/* The site's host:port, for messages. */
+const char *cmg_site_call_authority(const struct cmg_site_call *c);
+/* Drops the call under way (done is not heard). */
+void cmg_site_call_cancel(struct cmg_site_call *c);
+void cmg_site_call_free(struct cmg_site_call *c);
+
+/* notify_feed.c: long-polls the site's notify feed (GET /v1/connector/notify?after=E-S)
+ * and carries each notification to every ready tunnel as a control message, keeping a
+ * backlog (newest 1024, at most 24 h old, 64 MiB) for tunnels that come up later. */
+int cmg_notify_feed_start(struct cmg_connector *cn);
+void cmg_notify_feed_stop(struct cmg_connector *cn);
+/* A tunnel's control stream is open (hello and policy queued): notify-sync and the
+ * backlog follow, once the site's epoch is known. */
+void cmg_notify_feed_tunnel_ready(struct cmg_cn_tunnel *t);
+/* The control stream has sent all it had: the next notification for t goes into its
+ * ctl_out. true if one did. */
+bool cmg_notify_feed_fill(struct cmg_cn_tunnel *t);
+/* tunnel.c: queues one control line (no newline) on t's control stream if it is
+ * open; 0, or -1 if it is not. */
+int cmg_cn_tunnel_control(struct cmg_cn_tunnel *t, const char *line, size_t len);
+/* tunnel.c: the control stream has more to send (cmg_notify_feed_fill has it). */
+void cmg_cn_tunnel_control_more(struct cmg_cn_tunnel *t);
 
 /* metrics_cn.c: serves metrics_listen; 0, or -1 (logged). */
 int cmg_cn_metrics_start(struct cmg_connector *cn);
@@ -251,6 +306,9 @@ struct cmg_cn_stream {
     struct cmg_h2_text text;   /* an answer made here */
     bool report;              /* a gateway's report (CMG_REPORT_PATH): its body in report_in */
     struct cmg_buf report_in;
+    /* a gateway's notify report (CMG_NOTIFY_REPORT_PATH), relayed to the site */
+    bool notify_report;
+    struct cmg_site_call *relay;   /* the relay under way, or NULL */
     /* for the metrics */
     int status;               /* the answer's, 0: none sent */
     uint64_t start_ms;

@@ -82,7 +82,9 @@ static int setup(struct cmg_connector *cn)
         cmg_error("site: %s", err);
         return -1;
     }
-    return cmg_site_report_start(cn);
+    if (cmg_site_report_start(cn) < 0)
+        return -1;
+    return cmg_notify_feed_start(cn);
 }
 
 int cmg_connector_main(int argc, char **argv)
@@ -134,6 +136,7 @@ int cmg_connector_main(int argc, char **argv)
         rc = cmg_loop_run(cn.loop) < 0 ? 1 : 0;
         cmg_info("connector stopped");
     }
+    cmg_notify_feed_stop(&cn);
     cmg_site_report_stop(&cn);
     cmg_site_feed_stop(&cn);
     for (int i = 0; i < cn.ntunnels; i++)

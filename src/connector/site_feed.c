@@ -40,12 +40,7 @@ struct cmg_site_feed {
     char host[256];           /* for SNI */
     struct cmg_addr addr;
     SSL_CTX *tls;
-    struct cmg_conn conn;
-    bool busy;
-    llhttp_t parser;
-    int status;
-    struct cmg_buf body;
-    bool complete;
+    struct cmg_site_call call;   /* the poll under way */
     bool failing;             /* logged once until it works again */
     uint32_t retry_ms;
     struct cmg_timer timer;
@@ -55,41 +50,6 @@ struct cmg_site_feed {
 
 static void request(struct cmg_site_feed *f);
 
-static int on_body(llhttp_t *p, const char *at, size_t n)
-{
-    struct cmg_site_feed *f = p->data;
-    if (f->body.len + n > FEED_MAX_BODY)
-        return -1;
-    return cmg_buf_append(&f->body, at, n);
-}
-
-static int on_headers_complete(llhttp_t *p)
-{
-    ((struct cmg_site_feed *)p->data)->status = p->status_code;
-    return 0;
-}
-
-static int on_complete(llhttp_t *p)
-{
-    ((struct cmg_site_feed *)p->data)->complete = true;
-    return HPE_PAUSED;
-}
-
-static const llhttp_settings_t settings = {
-    .on_body = on_body,
-    .on_headers_complete = on_headers_complete,
-    .on_message_complete = on_complete,
-};
-
-static void finish(struct cmg_site_feed *f)
-{
-    cmg_timer_stop(f->cn->loop, &f->timer);
-    if (f->conn.state != CMG_CONN_CLOSED)
-        cmg_conn_close(&f->conn);
-    f->busy = false;
-    cmg_buf_free(&f->body);
-}
-
 static void on_retry(struct cmg_timer *t)
 {
     request((struct cmg_site_feed *)((char *)t - offsetof(struct cmg_site_feed, timer)));
@@ -97,7 +57,7 @@ static void on_retry(struct cmg_timer *t)
 
 static void retry(struct cmg_site_feed *f, const char *why)
 {
-    finish(f);
+    cmg_site_call_cancel(&f->call);
     if (!f->failing)
         cmg_warn("site %s unreachable or refusing: %s%s (serving with policy version %lld; "
                  "retrying)", f->authority, why,
@@ -252,7 +212,7 @@ static void load_cache(struct cmg_connector *cn)
 static void take(struct cmg_site_feed *f)
 {
     struct cmg_connector *cn = f->cn;
-    cJSON *doc = cJSON_ParseWithLength(cmg_buf_head(&f->body), f->body.len);
+    cJSON *doc = cJSON_ParseWithLength(cmg_buf_head(&f->call.answer), f->call.answer.len);
     const char *policy = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "policy"));
     const char *routes = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(doc, "routes"));
     char from[320];
@@ -280,103 +240,38 @@ static void take(struct cmg_site_feed *f)
             cmg_cn_tunnel_announce(&cn->tunnels[i]);
     }
     cJSON_Delete(doc);
-    finish(f);
+    cmg_buf_free(&f->call.answer);
     cmg_timer_start(cn->loop, &f->timer, 0, on_retry);   /* the next poll, from the loop */
 }
 
-static void on_read(struct cmg_conn *c)
+static void on_answer(struct cmg_site_call *c, int status, const char *why)
 {
-    struct cmg_site_feed *f = c->owner;
-    char buf[16384];
-    ssize_t n;
+    struct cmg_site_feed *f = (struct cmg_site_feed *)((char *)c - offsetof(struct cmg_site_feed, call));
+    char msg[64];
 
-    while (f->busy && !f->complete) {
-        n = cmg_conn_read(c, buf, sizeof(buf));
-        if (n == CMG_AGAIN)
-            return;
-        if (n == 0) {
-            if (llhttp_finish(&f->parser) != HPE_OK || !f->complete) {
-                retry(f, "connection closed mid-answer");
-                return;
-            }
-            break;
-        }
-        enum llhttp_errno e = llhttp_execute(&f->parser, buf, (size_t)n);
-        if (e != HPE_OK && e != HPE_PAUSED) {
-            retry(f, "malformed answer");
-            return;
-        }
-    }
-    if (!f->complete)
-        return;
-    if (f->status != 200) {
-        char why[64];
-        snprintf(why, sizeof(why), "status %d%s", f->status,
-                 f->status == 403 ? " (this connector's certificate is revoked)" : "");
-        retry(f, why);
+    if (status == 200) {
+        take(f);
         return;
     }
-    take(f);
-}
-
-static void on_error(struct cmg_conn *c, const char *why)
-{
-    retry(c->owner, why);
-}
-
-static void on_timeout(struct cmg_timer *t)
-{
-    retry((struct cmg_site_feed *)((char *)t - offsetof(struct cmg_site_feed, timer)),
-          "no answer in time");
-}
-
-/* TLS is up and the site's certificate verified: ask. */
-static void on_open(struct cmg_conn *c)
-{
-    struct cmg_site_feed *f = c->owner;
-
-    if (cmg_buf_printf(&c->out,
-                       "GET %s/v1/connector/feed?after=%lld HTTP/1.1\r\nHost: %s\r\n"
-                       "%s%s%sConnection: close\r\n\r\n",
-                       f->path_prefix, (long long)f->cn->policy_version, f->authority,
-                       f->unknown_kid[0] ? "CMG-Unknown-Kid: " : "", f->unknown_kid,
-                       f->unknown_kid[0] ? "\r\n" : "") < 0) {
-        retry(f, "out of memory");
-        return;
+    if (status > 0) {
+        snprintf(msg, sizeof(msg), "status %d%s", status,
+                 status == 403 ? " (this connector's certificate is revoked)" : "");
+        why = msg;
     }
-    f->unknown_kid[0] = '\0';
-    cmg_conn_flush(c);
-    cmg_conn_want_read(c, true);
+    retry(f, why);
 }
 
-static const struct cmg_conn_ops feed_ops = {on_open, on_read, NULL, on_error};
-
+/* Asks for what is newer than the policy in force (held by the site until there is). */
 static void request(struct cmg_site_feed *f)
 {
-    int fd = cmg_net_connect(&f->addr);
-    SSL *ssl;
+    char target[64], kid[200] = "";
 
-    if (fd < 0) {
-        retry(f, strerror(errno));
-        return;
-    }
-    if (!(ssl = SSL_new(f->tls))) {
-        close(fd);
-        retry(f, "out of memory");
-        return;
-    }
-    SSL_set_connect_state(ssl);
-    SSL_set_tlsext_host_name(ssl, f->host);
-    f->busy = true;
-    f->complete = false;
-    f->status = 0;
-    llhttp_init(&f->parser, HTTP_RESPONSE, &settings);
-    f->parser.data = f;
-    if (cmg_conn_start(&f->conn, f->cn->loop, fd, ssl, true, &feed_ops, f) < 0) {
-        retry(f, "cannot start the connection");
-        return;
-    }
-    cmg_timer_start(f->cn->loop, &f->timer, FEED_TIMEOUT_MS, on_timeout);
+    snprintf(target, sizeof(target), "/v1/connector/feed?after=%lld",
+             (long long)f->cn->policy_version);
+    if (f->unknown_kid[0])
+        snprintf(kid, sizeof(kid), "CMG-Unknown-Kid: %s\r\n", f->unknown_kid);
+    f->unknown_kid[0] = '\0';
+    cmg_site_call_start(&f->call, "GET", target, kid, NULL, 0, FEED_TIMEOUT_MS);
 }
 
 void cmg_site_feed_unknown_kid(struct cmg_connector *cn, const char *kid)
@@ -391,8 +286,8 @@ void cmg_site_feed_unknown_kid(struct cmg_connector *cn, const char *kid)
     f->kid_reported_ms = now;
     cmg_info("a gateway saw an OIDC token signed with key id %s, unknown to the policy: "
              "telling site %s", kid, f->authority);
-    if (f->busy && !f->failing) {   /* the long poll waits: ask again now, with the report */
-        finish(f);
+    if (f->call.busy && !f->failing) {   /* the long poll waits: ask again now, with the report */
+        cmg_site_call_cancel(&f->call);
         request(f);
     }
 }
@@ -451,6 +346,7 @@ int cmg_site_feed_start(struct cmg_connector *cn, char *err, size_t errlen)
         return -1;
     }
     f->cn = cn;
+    cmg_site_call_init(&f->call, cn, on_answer, FEED_MAX_BODY);
     slash = strchr(host, '/');
     snprintf(f->authority, sizeof(f->authority), "%.*s",
              (int)(slash ? (size_t)(slash - host) : strlen(host)), host);
@@ -496,7 +392,8 @@ void cmg_site_feed_stop(struct cmg_connector *cn)
     cmg_keychain_free(&cn->site_keys);
     if (!f)
         return;
-    finish(f);
+    cmg_timer_stop(cn->loop, &f->timer);
+    cmg_site_call_free(&f->call);
     SSL_CTX_free(f->tls);
     free(f);
     cn->feed = NULL;

@@ -26,15 +26,10 @@
 
 struct cmg_site_report {
     struct cmg_connector *cn;
-    struct cmg_conn conn;
-    bool busy;
-    llhttp_t parser;
-    int status;
-    bool complete;
-    struct cmg_buf answer;
+    struct cmg_site_call call;
     bool failing;                        /* logged once until it works again */
     bool again;                          /* gateways' reports came while one was on its way */
-    struct cmg_timer tick, soon, timeout;
+    struct cmg_timer tick, soon;
     /* the gateways' reports in the POST on its way: tunnel index -> seq */
     uint64_t carried[CMG_CN_MAX_GATEWAYS];
     char carried_boot[CMG_CN_MAX_GATEWAYS][17];
@@ -51,7 +46,7 @@ static void on_soon(struct cmg_timer *tm) { post(REPORT_OF(tm, soon)); }
 
 static void post_soon(struct cmg_site_report *r)
 {
-    if (r->busy)
+    if (r->call.busy)
         r->again = true;
     else if (!cmg_timer_armed(&r->soon))
         cmg_timer_start(r->cn->loop, &r->soon, BATCH_MS, on_soon);
@@ -169,39 +164,9 @@ static int make_body(struct cmg_site_report *r, struct cmg_buf *b)
 
 /* ---- the request ---- */
 
-static int on_body(llhttp_t *p, const char *at, size_t n)
-{
-    struct cmg_site_report *r = p->data;
-    size_t room = MAX_ANSWER - r->answer.len;
-
-    return cmg_buf_append(&r->answer, at, n < room ? n : room) < 0 ? -1 : 0;
-}
-
-static int on_headers_complete(llhttp_t *p)
-{
-    ((struct cmg_site_report *)p->data)->status = p->status_code;
-    return 0;
-}
-
-static int on_complete(llhttp_t *p)
-{
-    ((struct cmg_site_report *)p->data)->complete = true;
-    return HPE_PAUSED;
-}
-
-static const llhttp_settings_t settings = {
-    .on_body = on_body,
-    .on_headers_complete = on_headers_complete,
-    .on_message_complete = on_complete,
-};
-
 static void finish(struct cmg_site_report *r)
 {
-    cmg_timer_stop(r->cn->loop, &r->timeout);
-    if (r->conn.state != CMG_CONN_CLOSED || r->conn.io.fd >= 0)
-        cmg_conn_close(&r->conn);
-    cmg_buf_free(&r->answer);
-    r->busy = false;
+    cmg_buf_free(&r->call.answer);
     if (r->again) {   /* more came meanwhile */
         r->again = false;
         post_soon(r);
@@ -210,14 +175,9 @@ static void finish(struct cmg_site_report *r)
 
 static void failed(struct cmg_site_report *r, const char *why)
 {
-    const char *authority = "?", *host, *prefix;
-    const struct cmg_addr *addr;
-    SSL_CTX *tls;
-
-    cmg_site_feed_target(r->cn, &addr, &tls, &host, &authority, &prefix);
     if (!r->failing)
         cmg_warn("report to site %s failed: %s (kept; sent again in %u s, at the next report)",
-                 authority, why, r->cn->cfg.report_interval_s);
+                 cmg_site_call_authority(&r->call), why, r->cn->cfg.report_interval_s);
     r->failing = true;
     r->again = false;   /* not before the next tick */
     finish(r);
@@ -244,107 +204,42 @@ static void delivered(struct cmg_site_report *r)
     finish(r);
 }
 
-static void on_read(struct cmg_conn *c)
+static void on_answer(struct cmg_site_call *c, int status, const char *why)
 {
-    struct cmg_site_report *r = c->owner;
-    char buf[4096];
-    ssize_t n;
+    struct cmg_site_report *r = REPORT_OF(c, call);
+    char msg[MAX_ANSWER + 64];
 
-    while (r->busy && !r->complete) {
-        n = cmg_conn_read(c, buf, sizeof(buf));
-        if (n == CMG_AGAIN)
-            return;
-        if (n == 0) {
-            if (llhttp_finish(&r->parser) != HPE_OK || !r->complete) {
-                failed(r, "connection closed mid-answer");
-                return;
-            }
-            break;
-        }
-        enum llhttp_errno e = llhttp_execute(&r->parser, buf, (size_t)n);
-        if (e != HPE_OK && e != HPE_PAUSED) {
-            failed(r, "malformed answer");
-            return;
-        }
-    }
-    if (!r->complete)
-        return;
-    if (r->status == 204 || r->status == 200) {
+    if (status == 204 || status == 200) {
         delivered(r);
-    } else {
-        char why[MAX_ANSWER + 64];
-        snprintf(why, sizeof(why), "status %d %.*s", r->status, (int)r->answer.len,
-                 r->answer.len ? cmg_buf_head(&r->answer) : "");
-        failed(r, why);
+        return;
     }
+    if (status > 0) {
+        snprintf(msg, sizeof(msg), "status %d %.*s", status, (int)c->answer.len,
+                 c->answer.len ? cmg_buf_head(&c->answer) : "");
+        why = msg;
+    }
+    failed(r, why);
 }
 
-static void on_error(struct cmg_conn *c, const char *why) { failed(c->owner, why); }
-
-static void on_timeout(struct cmg_timer *tm) { failed(REPORT_OF(tm, timeout), "no answer in time"); }
-
-static void on_open(struct cmg_conn *c)
+static void post(struct cmg_site_report *r)
 {
-    struct cmg_site_report *r = c->owner;
-    const char *authority, *host, *prefix;
-    const struct cmg_addr *addr;
-    SSL_CTX *tls;
     struct cmg_buf body = {0};
 
-    cmg_site_feed_target(r->cn, &addr, &tls, &host, &authority, &prefix);
-    if (make_body(r, &body) < 0 ||
-        cmg_buf_printf(&c->out,
-                       "POST %s/v1/connector/report HTTP/1.1\r\nHost: %s\r\n"
-                       "Content-Type: application/json\r\nContent-Length: %zu\r\n"
-                       "Connection: close\r\n\r\n",
-                       prefix, authority, body.len) < 0 ||
-        cmg_buf_append(&c->out, cmg_buf_head(&body), body.len) < 0) {
+    if (r->call.busy) {
+        r->again = true;
+        return;
+    }
+    if (!r->cn->feed)
+        return;
+    if (make_body(r, &body) < 0) {
         cmg_buf_free(&body);
         failed(r, "out of memory");
         return;
     }
+    cmg_site_call_start(&r->call, "POST", "/v1/connector/report",
+                        "Content-Type: application/json\r\n", cmg_buf_head(&body), body.len,
+                        REPORT_TIMEOUT_MS);
     cmg_buf_free(&body);
-    cmg_conn_flush(c);
-    cmg_conn_want_read(c, true);
-}
-
-static const struct cmg_conn_ops report_ops = {on_open, on_read, NULL, on_error};
-
-static void post(struct cmg_site_report *r)
-{
-    const char *authority, *host, *prefix;
-    const struct cmg_addr *addr;
-    SSL_CTX *tls;
-    SSL *ssl;
-    int fd;
-
-    if (r->busy) {
-        r->again = true;
-        return;
-    }
-    if (!cmg_site_feed_target(r->cn, &addr, &tls, &host, &authority, &prefix))
-        return;
-    if ((fd = cmg_net_connect(addr)) < 0) {
-        failed(r, strerror(errno));
-        return;
-    }
-    if (!(ssl = SSL_new(tls))) {
-        close(fd);
-        failed(r, "out of memory");
-        return;
-    }
-    SSL_set_connect_state(ssl);
-    SSL_set_tlsext_host_name(ssl, host);
-    r->busy = true;
-    r->complete = false;
-    r->status = 0;
-    llhttp_init(&r->parser, HTTP_RESPONSE, &settings);
-    r->parser.data = r;
-    if (cmg_conn_start(&r->conn, r->cn->loop, fd, ssl, true, &report_ops, r) < 0) {
-        failed(r, "cannot start the connection");
-        return;
-    }
-    cmg_timer_start(r->cn->loop, &r->timeout, REPORT_TIMEOUT_MS, on_timeout);
 }
 
 static void on_tick(struct cmg_timer *tm)
@@ -366,8 +261,8 @@ int cmg_site_report_start(struct cmg_connector *cn)
         return -1;
     }
     r->cn = cn;
-    r->conn.io.fd = -1;
-    r->conn.state = CMG_CONN_CLOSED;
+    cmg_site_call_init(&r->call, cn, on_answer, MAX_ANSWER);
+    r->call.cut_answer = true;
     cn->report = r;
     cmg_timer_start(cn->loop, &r->tick, cn->cfg.report_interval_s * 1000ull, on_tick);
     return 0;
@@ -386,7 +281,7 @@ void cmg_site_report_stop(struct cmg_connector *cn)
     cmg_timer_stop(cn->loop, &r->tick);
     cmg_timer_stop(cn->loop, &r->soon);
     r->again = false;
-    finish(r);
+    cmg_site_call_free(&r->call);
     free(r);
     cn->report = NULL;
 }

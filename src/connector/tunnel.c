@@ -21,6 +21,10 @@
 #define BACKOFF_MIN_MS 250
 #define CONTROL_PATH "/.cmg/control"
 #define UNKNOWN_KID_PATH "/.cmg/oidc-unknown-kid"   /* a gateway's report, for the site */
+#define NOTIFY_REPORT_PATH "/.cmg/notify-report"     /* relayed to the site, never forwarded */
+/* A notify report's body, at most what a POST carries less room for the rest. */
+#define NOTIFY_REPORT_MAX (1024 * 1024 - 64 * 1024)
+#define NOTIFY_RELAY_TIMEOUT_MS 10000
 #define TUNNEL_ALPN "cmg-tunnel/1"
 /* The PING sent with the drain's GOAWAY: its answer shows the gateway has seen it. */
 static const uint8_t drain_ping[8] = "drain!!";
@@ -92,6 +96,10 @@ static void stream_free(struct cmg_cn_stream *st)
     cmg_headers_free(&st->hdrs);
     cmg_buf_free(&st->resp_body);
     cmg_buf_free(&st->report_in);
+    if (st->relay) {
+        cmg_site_call_free(st->relay);
+        free(st->relay);
+    }
     free(st->path);
     free(st);
 }
@@ -215,6 +223,23 @@ static void queue_line(struct cmg_cn_tunnel *t, const char *line)
     cmg_buf_append(&t->ctl_out, "\n", 1);
 }
 
+int cmg_cn_tunnel_control(struct cmg_cn_tunnel *t, const char *line, size_t len)
+{
+    if (!t->up || t->ctl_stream < 0 || !t->h2 || cmg_buf_append(&t->ctl_out, line, len) < 0 ||
+        cmg_buf_append(&t->ctl_out, "\n", 1) < 0)
+        return -1;
+    cmg_cn_tunnel_control_more(t);
+    return 0;
+}
+
+void cmg_cn_tunnel_control_more(struct cmg_cn_tunnel *t)
+{
+    if (!t->up || t->ctl_stream < 0 || !t->h2)
+        return;
+    nghttp2_session_resume_data(t->h2, t->ctl_stream);
+    cmg_cn_tunnel_kick(t);
+}
+
 static void cmg_cn_tunnel_announce_policy(struct cmg_cn_tunnel *t)
 {
     cJSON *msg = cJSON_CreateObject();
@@ -254,7 +279,11 @@ static ssize_t read_control(nghttp2_session *s, int32_t id, uint8_t *buf, size_t
                             uint32_t *flags, nghttp2_data_source *src, void *user)
 {
     struct cmg_cn_tunnel *t = user;
-    size_t n = t->ctl_out.len < length ? t->ctl_out.len : length;
+    size_t n;
+
+    if (t->ctl_out.len == 0)
+        cmg_notify_feed_fill(t);
+    n = t->ctl_out.len < length ? t->ctl_out.len : length;
     if (n == 0)
         return NGHTTP2_ERR_DEFERRED;
     memcpy(buf, cmg_buf_head(&t->ctl_out), n);
@@ -272,6 +301,8 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     char *text;
     int nroles = cJSON_GetArraySize(roles);
 
+    cmg_buf_reset(&t->ctl_out);   /* what a previous control stream left is not for this one */
+    t->notify_synced = false;
     cJSON_AddStringToObject(hello, "type", "hello");
     cJSON_AddStringToObject(hello, "name", c->name);
     cJSON_AddStringToObject(hello, "version", CMG_VERSION);
@@ -296,6 +327,7 @@ static void open_control(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         t->backoff_ms = BACKOFF_MIN_MS;
         cmg_info("tunnel up: gateway=%s peer=%s roles=%d", t->target, t->conn.peer, nroles);
     }
+    cmg_notify_feed_tunnel_ready(t);
 }
 
 /* ---- requests ---- */
@@ -378,6 +410,93 @@ static void report_start(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
         report_end(st);
 }
 
+/* ---- a gateway's notify report, relayed to the site ---- */
+
+static void on_relayed(struct cmg_site_call *c, int status, const char *why)
+{
+    struct cmg_cn_stream *st = c->arg;   /* the relay ends before its stream */
+    struct cmg_connector *cn = st->t->cn;
+
+    if (status == 204 && cn->relay_failing)
+        cmg_info("notify reports relayed to site %s again", cmg_site_call_authority(c));
+    else if (status > 0 && status != 204)
+        cmg_warn("notify report from gateway %s: the site %s answered %d %.*s", st->t->target,
+                 cmg_site_call_authority(c), status,
+                 (int)(c->answer.len > 300 ? 300 : c->answer.len), cmg_buf_head(&c->answer));
+    else if (status <= 0 && !cn->relay_failing)   /* once until it works again */
+        cmg_warn("notify report from gateway %s not relayed: site %s: %s (the gateway keeps "
+                 "it and sends it again; logged once until a relay works)", st->t->target,
+                 cmg_site_call_authority(c), why);
+    cn->relay_failing = status <= 0;
+    if (status > 0)
+        answer(st, status, status == 204 ? "" : "CMGService_Site_Refused\r\n");
+    else
+        answer(st, status < 0 ? 504 : 502,
+               status < 0 ? "CMGService_Site_Timeout\r\n" : "CMGService_Site_Unreachable\r\n");
+}
+
+/* Its body is all here: passed on as it came. */
+static void notify_report_end(struct cmg_cn_stream *st)
+{
+    if (st->resp_submitted)
+        return;   /* answered already: too large */
+    if (strcmp(st->method, "POST")) {
+        answer(st, 405, "CMGService_Method_Not_Allowed\r\n");
+        return;
+    }
+    if (!(st->relay = malloc(sizeof(*st->relay)))) {
+        answer(st, 503, "CMGService_Internal_Server_Error\r\n");
+        return;
+    }
+    cmg_site_call_init(st->relay, st->t->cn, on_relayed, 4096);
+    st->relay->cut_answer = true;
+    st->relay->arg = st;
+    cmg_site_call_start(st->relay, "POST", "/v1/connector/notify-report",
+                        "Content-Type: application/json\r\n", cmg_buf_head(&st->report_in),
+                        st->report_in.len, NOTIFY_RELAY_TIMEOUT_MS);
+    cmg_buf_free(&st->report_in);
+}
+
+static void notify_report_data(struct cmg_cn_stream *st, const uint8_t *data, size_t len)
+{
+    if (st->resp_submitted)
+        return;
+    if (st->report_in.len + len > NOTIFY_REPORT_MAX) {
+        cmg_warn("notify report from gateway %s refused: over %u bytes", st->t->target,
+                 NOTIFY_REPORT_MAX);
+        cmg_buf_free(&st->report_in);
+        answer(st, 413, "CMGService_Request_Too_Large\r\n");
+        return;
+    }
+    if (cmg_buf_append(&st->report_in, data, len) < 0) {
+        cmg_buf_free(&st->report_in);
+        answer(st, 503, "CMGService_Internal_Server_Error\r\n");
+    }
+}
+
+/* One relay per tunnel at a time: a gateway cannot make the connector hold more than
+ * one report's bytes per tunnel. */
+static void notify_report_start(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
+{
+    bool busy = false;
+
+    for (const struct cmg_cn_stream *o = t->streams; o; o = o->next)
+        busy = busy || (o != st && o->notify_report && !o->resp_submitted);
+    if (busy) {
+        cmg_debug("notify report from gateway %s refused: its previous one is still on its way",
+                  t->target);
+        answer(st, 429, "CMGService_Too_Many_Requests\r\n");
+        return;
+    }
+    st->notify_report = true;
+    if (st->content_length > NOTIFY_REPORT_MAX) {
+        notify_report_data(st, NULL, (size_t)st->content_length);   /* refused at once */
+        return;
+    }
+    if (st->req_end)
+        notify_report_end(st);
+}
+
 static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
 {
     struct cmg_path p;
@@ -399,6 +518,10 @@ static void start_request(struct cmg_cn_tunnel *t, struct cmg_cn_stream *st)
     }
     if (!strcmp(st->path, CMG_REPORT_PATH)) {   /* answered when its body is all here */
         report_start(t, st);
+        return;
+    }
+    if (!strcmp(st->path, NOTIFY_REPORT_PATH)) {   /* relayed when its body is all here */
+        notify_report_start(t, st);
         return;
     }
     if (cmg_cn_draining(t->cn)) {
@@ -488,6 +611,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         st->req_end = true;
         if (st->report)
             report_end(st);
+        if (st->notify_report)
+            notify_report_end(st);
         if (st->up)
             cmg_upstream_body_end(st->up);
     }
@@ -502,6 +627,8 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
         st->req_bytes += len;
     if (st && st->report)
         report_data(st, data, len);
+    if (st && st->notify_report)
+        notify_report_data(st, data, len);
     if (!st || !st->up) {
         nghttp2_session_consume(s, id, len);
         return 0;
@@ -519,7 +646,7 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t error_code, 
 
     if (ctl)
         t->ctl_stream = -1;
-    else if (st && !st->report && cmg_cn_draining(t->cn))   /* requests only */
+    else if (st && !st->report && !st->notify_report && cmg_cn_draining(t->cn))   /* requests only */
         cmg_cn_drain_stream_ended(t->cn, st->refused ? CMG_CN_DRAIN_REFUSED
                                          : error_code == NGHTTP2_NO_ERROR ? CMG_CN_DRAIN_FINISHED
                                                                           : CMG_CN_DRAIN_RESET);
@@ -745,6 +872,7 @@ static void release(struct cmg_cn_tunnel *t)
     cmg_conn_close(&t->conn);
     cmg_buf_free(&t->ctl_out);
     t->ctl_stream = -1;
+    t->notify_synced = false;
     t->ping_sent_us = t->rtt_us = 0;
     t->active = t->up = t->drain_heard = false;
     t->closing = t->close_notify_sent = t->half_closed = false;
@@ -849,7 +977,7 @@ unsigned cmg_cn_tunnel_requests(const struct cmg_cn_tunnel *t)
 {
     unsigned n = 0;
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next)
-        n += st->id != t->ctl_stream && !st->report;   /* a report holds no drain up */
+        n += st->id != t->ctl_stream && !st->report && !st->notify_report;   /* a report holds no drain up */
     return n;
 }
 
@@ -862,7 +990,7 @@ unsigned cmg_cn_tunnel_close(struct cmg_cn_tunnel *t)
         return 0;
     }
     for (const struct cmg_cn_stream *st = t->streams; st; st = st->next) {
-        if (st->id == t->ctl_stream || st->refused || st->report)   /* requests only */
+        if (st->id == t->ctl_stream || st->refused || st->report || st->notify_report)
             continue;
         cut++;
         cmg_warn("drain_timeout: cut %s %s (gateway=%s, response %s)", st->method,

@@ -177,7 +177,7 @@ static int usage_error(const struct cli *c, const char *msg)
     return 2;
 }
 
-static bool is_site_dir(const char *d)
+bool cmg_site_admin_is_site_dir(const char *d)
 {
     char path[4096];
     struct stat st;
@@ -214,7 +214,7 @@ static void print_table(const cJSON *arr, const char *const *cols, size_t ncols)
                      (strstr(cols[i], "expires") || strstr(cols[i], "created") ||
                       strstr(cols[i], "registered") || strstr(cols[i], "issued") ||
                       !strcmp(cols[i], "revoked") || !strcmp(cols[i], "replaced") ||
-                      !strcmp(cols[i], "opened"))) {
+                      !strcmp(cols[i], "opened") || !strcmp(cols[i], "last_seen"))) {
                 iso_time(v->valuedouble, t, sizeof(t));
                 fputs(t, stdout);
             } else if (cJSON_IsNumber(v))
@@ -312,6 +312,15 @@ static int run(struct cli *c, const char *op, cJSON **result)
     return 0;
 }
 
+int cmg_site_admin_run(const struct cmg_site_admin_target *t, const char *op, cJSON *args,
+                       cJSON **result)
+{
+    struct cli c = {.prog = t->prog, .dir = t->dir, .api = t->api, .token_file = t->token_file,
+                    .ca_file = t->ca_file, .args = args};
+
+    return run(&c, op, result);
+}
+
 #define NOT_PUBLISHED "recorded; published when the site service runs (it is not running now)"
 
 static void show_done(const cJSON *r);
@@ -404,9 +413,9 @@ static void show_bulk_list(const cJSON *r)
 
 static void show_devices(const cJSON *r)
 {
-    static const char *const cols[] = {"id", "name", "registered", "token_expires", "blocked",
-                                       "thumbprint"};
-    print_table(r, cols, 6);
+    static const char *const cols[] = {"id",        "name",    "registered", "token_expires",
+                                       "blocked",   "last_seen", "channel", "thumbprint"};
+    print_table(r, cols, 8);
 }
 
 static void show_key_rotated(const cJSON *r)
@@ -762,7 +771,7 @@ static int parse(struct cli *c, int argc, char **argv, const char **jwks,
         }
     }
     for (int i = optind; i < argc; i++) {
-        if (!c->dir && is_site_dir(argv[i]))
+        if (!c->dir && cmg_site_admin_is_site_dir(argv[i]))
             c->dir = argv[i];
         else if (!c->subject)
             c->subject = argv[i];
@@ -881,6 +890,8 @@ int cmg_site_admin_main(int argc, char **argv)
 
     if (!strcmp(argv[0], "status"))   /* one word: no verb */
         return run_command(&status_command, argc, argv);
+    if (!strcmp(argv[0], "notify"))
+        return cmg_site_notify_main(argc, argv);
     if (token && strcmp(argv[1], "bulk")) {
         fprintf(stderr, "cmg site token: only 'bulk' tokens are made by hand\n\n%s", usage);
         return 2;
@@ -900,5 +911,6 @@ bool cmg_site_admin_area(const char *word)
 {
     return !strcmp(word, "mapping") || !strcmp(word, "token") || !strcmp(word, "device") ||
            !strcmp(word, "cert") || !strcmp(word, "oidc") || !strcmp(word, "connector") ||
-           !strcmp(word, "key") || !strcmp(word, "status") || !strcmp(word, "alert");
+           !strcmp(word, "key") || !strcmp(word, "status") || !strcmp(word, "alert") ||
+           !strcmp(word, "notify");
 }

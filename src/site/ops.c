@@ -5,6 +5,7 @@
 #include "core/net.h"
 #include "http/path.h"
 #include "site/alerts.h"
+#include "site/notify_ops.h"
 #include "site/connectors.h"
 #include "site/pki.h"
 #include "site/policy_build.h"
@@ -354,13 +355,6 @@ static int op_bulk_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
 /* ---- devices ---- */
 
 static bool valid_name(const char *n);
-
-static int op_device_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
-                          size_t len)
-{
-    *result = cmg_store_devices_json(s->store);
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-}
 
 /* A SHA-256 thumbprint as people write it (hex, any case, ':' between bytes), in
  * the gateway's spelling: 64 lower-case hex digits. -1 if it is not one. */
@@ -1417,7 +1411,7 @@ static const struct cmg_site_op_def ops[] = {
     {"mapping.add", op_mapping_add},       {"mapping.remove", op_mapping_remove},
     {"mapping.list", op_mapping_list},     {"bulk.create", op_bulk_create},
     {"bulk.list", op_bulk_list},           {"bulk.block", op_bulk_block},
-    {"device.list", op_device_list},       {"device.block", op_device_block},
+    {"device.list", cmg_notify_op_devices}, {"device.block", op_device_block},
     {"cert.issue", op_cert_issue},         {"cert.revoke", op_cert_revoke},
     {"cert.list", op_cert_list},           {"cert.revocation", op_revocation},
     {"oidc.set", op_oidc_set},             {"oidc.show", op_oidc_show},
@@ -1428,6 +1422,8 @@ static const struct cmg_site_op_def ops[] = {
     {"status", op_status},                 {"traffic", op_traffic},
     {"alert.set", cmg_alerts_op_set},      {"alert.unset", cmg_alerts_op_unset},
     {"alert.list", cmg_alerts_op_list},    {"alert.webhook", cmg_alerts_op_webhook},
+    {"notify", cmg_notify_op_send},        {"notify.status", cmg_notify_op_status},
+    {"notify.resend", cmg_notify_op_resend}, {"notify.list", cmg_notify_op_list},
 };
 
 const struct cmg_site_op_def *cmg_site_op_find(const char *name)

@@ -16,6 +16,7 @@
 #include "site/connectors.h"
 #include "site/ctx.h"
 #include "site/dashboard.h"
+#include "site/notify.h"
 #include "site/oidc_refresh.h"
 #include "site/ops.h"
 #include "site/pki.h"
@@ -43,13 +44,20 @@
 #define REFRESH_S CMG_POLICY_RESIGN_S
 #define ROTATION_CHECK_MS (24u * 3600u * 1000u)
 
+/* A connector's feed request held until there is news: the policy feed's or the
+ * notify feed's (list says which; answer makes the answer when it is time). */
 struct feed_waiter {
     struct cmg_site_server *srv;
     struct cmg_httpd_req *req;
     struct cmg_timer timer;
     int64_t after;
+    char after_id[CMG_NOTIFY_ID_MAX];       /* the notify feed's after */
+    struct feed_waiter **list;              /* &srv->waiters or &srv->notify_waiters */
+    void (*answer)(struct feed_waiter *w);
     struct feed_waiter *prev, *next;
 };
+
+static void notify_changed(struct cmg_site_server *srv);
 
 static const char usage[] =
     "usage: cmg site serve DIR [--admin ADDR] [--feed ADDR] [--service ADDR]\n"
@@ -86,6 +94,9 @@ static const char usage[] =
     "Reports: connectors POST /v1/connector/report to the feed listener (their own and\n"
     "the gateways' reports); traffic is kept in 5-minute buckets for report_retention\n"
     "of site.conf (default 31d), by day for 400 days and by month (docs/site.md).\n"
+    "Notifications ('cmg site notify'): connectors poll GET /v1/connector/notify on the\n"
+    "feed listener (held until there is a new one) and relay the gateways' notify\n"
+    "reports to POST /v1/connector/notify-report (docs/site.md, \"Notifications\").\n"
     "\n"
     "options:\n"
     "  --admin ADDR     address of the admin API (host:port)\n"
@@ -114,19 +125,25 @@ static void waiter_free(struct feed_waiter *w)
     if (w->prev)
         w->prev->next = w->next;
     else
-        srv->waiters = w->next;
+        *w->list = w->next;
     if (w->next)
         w->next->prev = w->prev;
-    srv->nwaiters--;
+    if (w->list == &srv->waiters)
+        srv->nwaiters--;
     free(w);
 }
 
 static void waiter_answer(struct feed_waiter *w)
 {
+    w->req->on_abort = NULL;
+    w->answer(w);   /* frees w */
+}
+
+static void policy_answer(struct feed_waiter *w)
+{
     struct cmg_httpd_req *req = w->req;
     struct cmg_site_server *srv = w->srv;
 
-    req->on_abort = NULL;
     waiter_free(w);
     cmg_httpd_json(req, 200, feed_doc(srv));
 }
@@ -161,6 +178,7 @@ void cmg_site_server_changed(struct cmg_site_server *srv)
 
     if (v > srv->version)
         publish(srv);
+    notify_changed(srv);
 }
 
 static void on_oidc_keys_changed(void *srv)
@@ -188,6 +206,9 @@ static void prune_reports(struct cmg_site_server *srv)
     srv->reports_pruned = now;
     if (cmg_report_prune(srv->ctx->store, (int64_t)now, srv->ctx->report_retention_s) < 0)
         cmg_warn("cannot prune old reports: %s (retried in an hour)",
+                 cmg_store_error(srv->ctx->store));
+    if (cmg_notify_prune(srv->ctx->store, (int64_t)now, CMG_NOTIFY_RETENTION_S) < 0)
+        cmg_warn("cannot prune old notifications: %s (retried in an hour)",
                  cmg_store_error(srv->ctx->store));
 }
 
@@ -289,6 +310,32 @@ static void on_waiter_abort(struct cmg_httpd_req *req)
     waiter_free(req->hold);
 }
 
+/* Holds req on list until answer is called: at news, or after FEED_WAIT_MS. NULL if
+ * out of memory (the caller answers at once). */
+static struct feed_waiter *waiter_hold(struct cmg_site_server *srv, struct cmg_httpd_req *req,
+                                       struct feed_waiter **list,
+                                       void (*answer)(struct feed_waiter *w))
+{
+    struct feed_waiter *w = calloc(1, sizeof(*w));
+
+    if (!w)
+        return NULL;
+    w->srv = srv;
+    w->req = req;
+    w->list = list;
+    w->answer = answer;
+    w->next = *list;
+    if (*list)
+        (*list)->prev = w;
+    *list = w;
+    if (list == &srv->waiters)
+        srv->nwaiters++;
+    req->hold = w;
+    req->on_abort = on_waiter_abort;
+    cmg_timer_start(srv->loop, &w->timer, FEED_WAIT_MS, on_waiter_timeout);
+    return w;
+}
+
 /* GET /v1/connector/feed?after=N: answers at once if the policy is newer than N,
  * otherwise when it changes or after FEED_WAIT_MS. */
 static void feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
@@ -297,21 +344,121 @@ static void feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
     int64_t after = q ? strtoll(q + 6, NULL, 10) : -1;
     struct feed_waiter *w;
 
-    if (srv->version > after || !(w = calloc(1, sizeof(*w)))) {
+    if (srv->version > after || !(w = waiter_hold(srv, req, &srv->waiters, policy_answer))) {
         cmg_httpd_json(req, 200, feed_doc(srv));
         return;
     }
-    w->srv = srv;
-    w->req = req;
     w->after = after;
-    w->next = srv->waiters;
-    if (srv->waiters)
-        srv->waiters->prev = w;
-    srv->waiters = w;
-    srv->nwaiters++;
-    req->hold = w;
-    req->on_abort = on_waiter_abort;
-    cmg_timer_start(srv->loop, &w->timer, FEED_WAIT_MS, on_waiter_timeout);
+}
+
+/* ---- the notify feed ---- */
+
+/* The notify feed's answer to after: what is new, or (may_hold) 1 when nothing is. */
+static int notify_respond(struct cmg_site_server *srv, struct cmg_httpd_req *req,
+                          const char *after, bool may_hold)
+{
+    char err[300], *body = NULL;
+    size_t len = 0;
+    int rc = cmg_notify_feed(srv->ctx->store, after, (int64_t)time(NULL), may_hold, &body, &len,
+                             err, sizeof(err));
+
+    if (rc == 0)
+        cmg_httpd_respond(req, 200, "application/json", body, len, NULL);
+    else if (rc != 1) {
+        if (rc != 400)
+            cmg_error("notify feed: %s", err);
+        cmg_httpd_error(req, rc, err);
+    }
+    free(body);
+    return rc;
+}
+
+static void notify_answer(struct feed_waiter *w)
+{
+    struct cmg_httpd_req *req = w->req;
+    struct cmg_site_server *srv = w->srv;
+    char after[CMG_NOTIFY_ID_MAX];
+
+    snprintf(after, sizeof(after), "%s", w->after_id);
+    waiter_free(w);
+    notify_respond(srv, req, after, false);
+}
+
+/* after= of the query: 1 with its value, 0 absent or empty, -1 malformed. */
+static int after_param(const char *target, char *out, size_t cap)
+{
+    const char *q = strchr(target, '?');
+    size_t n = q ? strlen(++q) : 0;
+    const char *at = q ? strstr(q, "after=") : NULL;
+
+    *out = 0;
+    if (at && (at == q || at[-1] == '&') && (at[6] == 0 || at[6] == '&'))
+        return 0;   /* "after=": the first call */
+    return q ? cmg_query_param(q, n, "after", out, cap) : 0;
+}
+
+/* GET /v1/connector/notify?after=EPOCH-SEQ: the notifications after that one, at once
+ * if there are any, else when one is made or after FEED_WAIT_MS. */
+static void notify_feed(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    char after[CMG_NOTIFY_ID_MAX];
+    struct feed_waiter *w;
+
+    if (after_param(req->target, after, sizeof(after)) < 0) {
+        cmg_httpd_error(req, 400, "after: EPOCH-SEQ expected (16 lowercase hex digits, '-', a "
+                                  "decimal sequence number), or nothing");
+        return;
+    }
+    if (notify_respond(srv, req, after, true) != 1)
+        return;
+    if (!(w = waiter_hold(srv, req, &srv->notify_waiters, notify_answer))) {
+        notify_respond(srv, req, after, false);
+        return;
+    }
+    snprintf(w->after_id, sizeof(w->after_id), "%s", after);
+}
+
+/* A new notification answers the held notify feed requests at once. */
+static void notify_changed(struct cmg_site_server *srv)
+{
+    int64_t last = cmg_notify_last(srv->ctx->store);
+
+    if (last <= srv->notify_last)
+        return;
+    srv->notify_last = last;
+    while (srv->notify_waiters)
+        waiter_answer(srv->notify_waiters);
+}
+
+/* POST /v1/connector/notify-report: a gateway's notify report as a connector relays it
+ * (named by its certificate in the logs), checked whole, kept once. */
+static void notify_report(struct cmg_site_server *srv, struct cmg_httpd_req *req)
+{
+    char name[128] = "", err[300];
+    cJSON *doc;
+    int rc;
+
+    if (!connector_allowed(srv, req, "notify report"))
+        return;
+    cmg_tls_subject_entry(req->peer_cert, NID_commonName, name, sizeof(name));
+    if (!(doc = cmg_notify_report_parse(req->body ? req->body : "", req->body_len, err,
+                                        sizeof(err)))) {
+        cmg_warn("notify report via connector %s refused: %s", name, err);
+        cmg_httpd_error(req, 400, err);
+        return;
+    }
+    rc = cmg_notify_report_ingest(srv->ctx->store, doc, (int64_t)time(NULL), err, sizeof(err));
+    if (rc < 0) {
+        cmg_error("notify report via connector %s not kept: %s", name, err);
+        cmg_httpd_error(req, 500, "the report could not be kept");
+    } else {
+        cmg_debug("notify report of %s seq %.0f via connector %s %s",
+                  cJSON_GetStringValue(cJSON_GetObjectItem(doc, "instance")),
+                  cJSON_GetNumberValue(cJSON_GetObjectItem(doc, "seq")), name,
+                  rc == 1 ? "ignored: kept already" : "kept");
+        cmg_httpd_respond(req, 204, NULL, NULL, 0, NULL);
+    }
+    cJSON_Delete(doc);
 }
 
 /* An operation that changes nothing: status, traffic, and the *.list and *.show ones. */
@@ -320,6 +467,7 @@ static bool reads_only(const char *name)
     size_t n = strlen(name);
 
     return !strcmp(name, "status") || !strcmp(name, "traffic") ||
+           !strcmp(name, "notify.status") ||
            (n > 5 && (!strcmp(name + n - 5, ".list") || !strcmp(name + n - 5, ".show")));
 }
 
@@ -390,9 +538,20 @@ static void on_feed(void *user, struct cmg_httpd_req *req)
         connector_report(srv, req);
         return;
     }
+    if (!strcmp(req->target, "/v1/connector/notify-report") && !strcmp(req->method, "POST")) {
+        notify_report(srv, req);
+        return;
+    }
+    if ((!strcmp(req->target, "/v1/connector/notify") ||
+         !strncmp(req->target, "/v1/connector/notify?", 21)) && !strcmp(req->method, "GET")) {
+        if (connector_allowed(srv, req, "notify feed"))
+            notify_feed(srv, req);
+        return;
+    }
     if (strncmp(req->target, "/v1/connector/feed", 18) || strcmp(req->method, "GET")) {
-        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N and POST "
-                        "/v1/connector/report only");
+        cmg_httpd_error(req, 404, "the feed answers GET /v1/connector/feed?after=N, GET "
+                        "/v1/connector/notify?after=EPOCH-SEQ, POST /v1/connector/report and "
+                        "POST /v1/connector/notify-report only");
         return;
     }
     if (!connector_allowed(srv, req, "policy feed"))
@@ -765,6 +924,7 @@ int cmg_site_serve_main(int argc, char **argv)
         goto out;
     rotate_if_due(&srv);
     srv.data_version = cmg_store_data_version(ctx.store);
+    srv.notify_last = cmg_notify_last(ctx.store);
     if (publish(&srv) < 0 || !(srv.dashboard = cmg_dashboard_new(&srv)))
         goto out;
     if (channel_tls(&srv, listen, err, sizeof(err)) < 0 ||
@@ -804,6 +964,8 @@ out:
     cmg_httpd_free(srv.service);
     while (srv.waiters)
         waiter_free(srv.waiters);
+    while (srv.notify_waiters)
+        waiter_free(srv.notify_waiters);
     cmg_tls_watch_free(&srv.cert_watch);
     if (srv.loop) {
         cmg_timer_stop(srv.loop, &srv.poll);

@@ -32,6 +32,8 @@ struct cmg_site_server {
     struct cmg_timer rotation;  /* daily: is the signing key older than key_rotation? */
     struct feed_waiter *waiters;
     unsigned nwaiters;          /* in waiters: connectors waiting on the feed */
+    struct feed_waiter *notify_waiters;   /* connectors waiting on the notify feed */
+    int64_t notify_last;        /* the newest notification they were told of */
     struct cmg_tls_watch cert_watch;    /* the site CA and site.crt, for their end */
     struct cmg_oidc_refresher *oidc;   /* keeps the OIDC keys in step with the provider */
     struct cmg_metrics_server *metrics;   /* metrics_listen */

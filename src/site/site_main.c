@@ -23,7 +23,7 @@ static void site_usage(FILE *out)
           "            connectors' feed of the signed policy they carry to every gateway\n"
           "  mapping add|list|remove          published URL mappings\n"
           "  token bulk create|list|block|unblock   bulk registration tokens\n"
-          "  device list|block|unblock        registered devices\n"
+          "  device list|block|unblock        devices: registered, seen on a channel\n"
           "  cert issue|revoke|list|check-revocation   client certificates and the CRL\n"
           "  oidc set|show|clear              accepted Entra ID / OIDC tokens\n"
           "  connector add|list|revoke        connector certificates, one per connector\n"
@@ -32,6 +32,10 @@ static void site_usage(FILE *out)
           "                                   reports, traffic, egress, certificates\n"
           "                                   ending, open alerts\n"
           "  alert list|set|unset|webhook     egress, certificate and tunnel alerts\n"
+          "  notify [--device ID|--devices FILE|--all] --type TYPE | status ID | list\n"
+          "                                   notifications to devices' channels, their\n"
+          "                                   delivered/waiting/expired counts, --resend\n"
+          "                                   ID --missed\n"
           "\n"
           "Run 'cmg site <command> --help' for the options of a command.\n",
           out);

@@ -92,7 +92,26 @@ static const char schema[] =
     "UPDATE alerts SET resolved = updated WHERE resolved IS NULL AND id NOT IN (SELECT"
     " max(id) FROM alerts WHERE resolved IS NULL GROUP BY kind, subject);"
     "CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (kind, subject)"
-    " WHERE resolved IS NULL;";
+    " WHERE resolved IS NULL;"
+    /* client notifications (notify.c): the epoch is made once, with the store */
+    "CREATE TABLE IF NOT EXISTS notify_meta (epoch TEXT NOT NULL);"
+    "INSERT INTO notify_meta SELECT lower(hex(randomblob(8)))"
+    " WHERE NOT EXISTS (SELECT 1 FROM notify_meta);"
+    "CREATE TABLE IF NOT EXISTS notifications (seq INTEGER PRIMARY KEY, type TEXT NOT NULL,"
+    " data TEXT NOT NULL, created INTEGER NOT NULL, expires INTEGER NOT NULL,"
+    " all_devices INTEGER NOT NULL, ntargets INTEGER NOT NULL, resend_of INTEGER);"
+    "CREATE TABLE IF NOT EXISTS notify_targets (seq INTEGER NOT NULL, device TEXT NOT NULL,"
+    " PRIMARY KEY (seq, device)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS notify_delivered (seq INTEGER NOT NULL, device TEXT NOT NULL,"
+    " at INTEGER NOT NULL, instance TEXT NOT NULL, PRIMARY KEY (seq, device)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS device_seen (device TEXT PRIMARY KEY, instance TEXT NOT NULL,"
+    " boot TEXT NOT NULL, open INTEGER NOT NULL, since INTEGER NOT NULL,"
+    " last_seen INTEGER NOT NULL, first_seen INTEGER NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS device_seen_open ON device_seen (instance) WHERE open;"
+    /* each gateway boot's newest notify report: a replay is told by its seq */
+    "CREATE TABLE IF NOT EXISTS notify_boots (instance TEXT NOT NULL, boot TEXT NOT NULL,"
+    " seq INTEGER NOT NULL, received INTEGER NOT NULL, PRIMARY KEY (instance, boot))"
+    " WITHOUT ROWID;";
 
 /* Columns added after the first schema: a store made before them gets them on open,
  * with the value that keeps it working as it did (the registration service needs the

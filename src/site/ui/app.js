@@ -475,8 +475,11 @@
   }
 
   function pageDevices(main) {
-    const list = data.devices;
-    if (!Array.isArray(list)) return main.append(errorBox('Devices', errors.devices || 'loading'));
+    if (!Array.isArray(data.devices)) {
+      return main.append(errorBox('Devices', errors.devices || 'loading'));
+    }
+    // registered devices only: device.list also names devices seen only on a channel
+    const list = data.devices.filter((d) => d.registered != null);
     const now = Math.floor(Date.now() / 1000);
     const blocked = list.filter((d) => d.blocked);
     const valid = list.filter((d) => !d.blocked && num(d.token_expires) > now);

@@ -80,6 +80,33 @@ int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *secon
     return -1;
 }
 
+int cmg_conf_size(const char *v, uint64_t min, uint64_t max, uint64_t *bytes)
+{
+    static const struct {
+        const char *unit;
+        uint64_t n;
+    } units[] = {{"", 1}, {"B", 1}, {"K", 1024}, {"KiB", 1024}, {"M", 1 << 20},
+                 {"MiB", 1 << 20}, {"G", 1 << 30}, {"GiB", 1 << 30}};
+    char *end;
+    unsigned long long x;
+
+    if (*v < '0' || *v > '9')
+        return -1;
+    errno = 0;
+    x = strtoull(v, &end, 10);
+    if (errno || x > (1ull << 40))
+        return -1;
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++)
+        if (!strcmp(end, units[i].unit)) {
+            x *= units[i].n;
+            if (x < min || x > max)
+                return -1;
+            *bytes = x;
+            return 0;
+        }
+    return -1;
+}
+
 int cmg_conf_str(char *out, size_t outlen, const char *v)
 {
     size_t n = strlen(v);

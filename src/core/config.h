@@ -16,6 +16,9 @@ int cmg_conf_seconds(const char *v, uint32_t *ms);
 /* A duration in whole seconds: "300", "300s", "5m", "1h", "31d"; within [min, max].
  * 0 or -1. */
 int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *seconds);
+/* A size in bytes: "65536", "64KiB" / "64K", "16MiB" / "16M", "1GiB" / "1G"; within
+ * [min, max]. 0 or -1. */
+int cmg_conf_size(const char *v, uint64_t min, uint64_t max, uint64_t *bytes);
 /* Copies a value into a fixed buffer. 0, or -1 if too long. */
 int cmg_conf_str(char *out, size_t outlen, const char *v);
 

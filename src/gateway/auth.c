@@ -352,6 +352,11 @@ static void remember(struct cmg_device *d, const char *tok, size_t len,
     memcpy(c->token, tok, len);
 }
 
+int64_t cmg_device_token_expiry(const struct cmg_device *d)
+{
+    return d->tok ? d->tok->exp : 0;
+}
+
 static int token_auth(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,
                       const struct cmg_path *path, const struct cmg_headers *in,
                       struct cmg_identity *id, const char **reason)

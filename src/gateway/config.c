@@ -156,6 +156,37 @@ static int gateway_key(struct load *l, const char *key, const char *value)
         rc = cmg_conf_duration(value, 1, CMG_REPORT_MAX_INTERVAL, &n);
         c->report_interval_s = (uint32_t)n;
     }
+    else if (!strcmp(key, "notify_heartbeat")) {
+        rc = cmg_conf_duration(value, 1, 3600, &n);
+        c->notify_heartbeat_ms = (uint32_t)n * 1000;
+        if (rc < 0) {
+            snprintf(l->err, sizeof(l->err), "notify_heartbeat: '%s' is not a duration from 1s to 1h",
+                     value);
+            return 0;
+        }
+    } else if (!strcmp(key, "notify_retry")) {
+        rc = cmg_conf_duration(value, 1, 3600, &n);
+        c->notify_retry_ms = (uint32_t)n * 1000;
+        if (rc < 0) {
+            snprintf(l->err, sizeof(l->err), "notify_retry: '%s' is not a duration from 1s to 1h",
+                     value);
+            return 0;
+        }
+    } else if (!strcmp(key, "notify_window")) {
+        rc = cmg_conf_uint(value, 16, 100000, &n);
+        c->notify_window = (uint32_t)n;
+        if (rc < 0) {
+            snprintf(l->err, sizeof(l->err), "notify_window: '%s' is not a count from 16 to 100000",
+                     value);
+            return 0;
+        }
+    } else if (!strcmp(key, "notify_buffer")) {
+        if (cmg_conf_size(value, 4096, 16u << 20, &c->notify_buffer) < 0) {
+            snprintf(l->err, sizeof(l->err), "notify_buffer: '%s' is not a size from 4KiB to 16MiB",
+                     value);
+            return 0;
+        }
+    }
     else if (!strcmp(key, "metrics_listen"))
         rc = cmg_metrics_conf_set(&c->metrics, value);
     else if (!strcmp(key, "tunnel_listen"))
@@ -251,6 +282,10 @@ int cmg_gw_config_load(struct cmg_gw_config *c, const char *file, char *err, siz
     c->max_buffer_memory = 256ull << 20;
     c->send_timeout_ms = 60000;
     c->report_interval_s = CMG_REPORT_INTERVAL_DEFAULT;
+    c->notify_heartbeat_ms = 45000;
+    c->notify_retry_ms = 4000;
+    c->notify_window = 1024;
+    c->notify_buffer = 64 * 1024;
     c->log_level = CMG_LOG_INFO;
     c->log_format = CMG_LOG_TEXT;
     c->ticket_key_rotate_s = 12 * 3600;

@@ -56,6 +56,10 @@ struct cmg_gw_config {
     uint64_t ticket_key_rotate_s;
     /* full (not resumed) device TLS handshakes a second, then accepting pauses; 0: no limit */
     uint32_t handshake_rate;
+    /* client notifications: heartbeat period, window (seqs), bytes a channel may have
+     * queued, and the middle of the retry: hint */
+    uint32_t notify_heartbeat_ms, notify_retry_ms, notify_window;
+    uint64_t notify_buffer;
     struct cmg_policy_mapping *mappings;
     size_t nmappings;
 };

@@ -11,6 +11,7 @@
  * before the connection closes, so that the answer is not lost to a reset. */
 #include "core/log.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 #include "http/h1_head.h"
 #include "http/status.h"
 
@@ -34,6 +35,7 @@ enum h1_phase {
     H1_RESPONSE,   /* the request is in: its answer is awaited or on its way */
     H1_CLOSING,    /* the last answer is being written */
     H1_LINGER,     /* written; the device's input is dropped until it closes */
+    H1_CHANNEL,    /* a notification channel (GET /CCM_Notify): events until it ends */
 };
 
 struct cmg_h1 {
@@ -65,6 +67,10 @@ struct cmg_h1 {
     bool resp_started, resp_chunked;
     int scan;                  /* where scan_head is in the request head */
     int64_t resp_remaining;    /* -1 when the length is not known */
+    /* GET /CCM_Notify admitted: who, until the channel opens; then the channel */
+    struct cmg_identity *notify_id;
+    int64_t notify_expires;
+    struct cmg_notify_channel *channel;
 };
 
 /* States of scan_head() */
@@ -251,6 +257,26 @@ static int on_header_value_complete(llhttp_t *p)
 
 static const struct cmg_exchange_dev_ops h1_ex_ops;
 
+/* GET /CCM_Notify: answered here, never forwarded. Admitted, the channel opens once the
+ * request is complete (parse()); refused, it is answered as any refusal. */
+static int notify_request(struct cmg_device *d, const char *method, bool has_body)
+{
+    struct cmg_h1 *h = d->h1;
+    struct cmg_identity id;
+    struct cmg_answer a = cmg_answer_refusal(500, "CMGService_Out_Of_Memory");
+
+    if (cmg_notify_admit(d, method, &h->hdrs, has_body, &id, &h->notify_expires, &a) != 0 ||
+        !(h->notify_id = malloc(sizeof(id)))) {
+        h->error_status = a.status;
+        h->error_reason = a.reason;
+        h->local.claim = a.claim;
+        h->local.cert = a.cert;
+        return has_body ? -1 : 0;
+    }
+    *h->notify_id = id;
+    return 0;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct cmg_h1 *h = h1_of(p);
@@ -299,6 +325,8 @@ static int on_headers_complete(llhttp_t *p)
         h->error_reason = "CMGService_Method_Not_Supported";
         return -1;
     }
+    if (cmg_notify_names(cmg_buf_head(&h->url), h->url.len))
+        return notify_request(d, method, has_body);
     h->ex = cmg_admit(d, method, cmg_buf_head(&h->url), h->url.len, &h->hdrs, cl, has_body,
                       &h1_ex_ops, d, &a);
     if (h->ex && (status = cmg_exchange_start(h->ex)) != 0) {
@@ -526,6 +554,86 @@ static void h1_on_fail(struct cmg_exchange *ex, int status, const char *why)
 static const struct cmg_exchange_dev_ops h1_ex_ops = {h1_on_response, h1_on_response_body,
                                                       h1_on_request_room, h1_on_fail};
 
+/* ---- notification channels ---- */
+
+static int sink_write(void *sink, const char *framed, size_t flen, const char *sse, size_t slen)
+{
+    struct cmg_device *d = sink;
+    (void)sse;
+    (void)slen;
+    if (cmg_conn_write(&d->conn, framed, flen) < 0)
+        return -1;
+    cmg_conn_flush(&d->conn);
+    if (cmg_conn_pending(&d->conn) == 0)
+        cmg_conn_idle(&d->conn);   /* an idle channel keeps no buffer */
+    return 0;
+}
+
+static size_t sink_pending(void *sink)
+{
+    return cmg_conn_pending(&((struct cmg_device *)sink)->conn);
+}
+
+static void sink_end(void *sink, struct cmg_notify_channel *ch, bool graceful)
+{
+    struct cmg_device *d = sink;
+
+    if (d->h1 && d->h1->channel == ch)
+        d->h1->channel = NULL;
+    cmg_notify_gone(ch);
+    if (!graceful) {
+        cmg_device_close(d, "notify_buffer overflow");
+        return;
+    }
+    cmg_buf_appends(&d->conn.out, "0\r\n\r\n");
+    close_after_output(d);
+}
+
+static const struct cmg_notify_sink_ops h1_sink = {sink_write, sink_pending, sink_end};
+
+/* The request of an admitted channel is complete: the head, then the hub's events. What
+ * the request phase held is freed; of the token, the hub keeps the expiry alone. */
+static void open_channel(struct cmg_device *d)
+{
+    struct cmg_h1 *h = d->h1;
+    struct cmg_identity *id = h->notify_id;
+    char date[64];
+
+    h->notify_id = NULL;
+    h->phase = H1_CHANNEL;
+    cmg_timer_stop(d->gw->loop, &d->timer);   /* neither idle_timeout nor send_timeout */
+    cmg_http_date(date, sizeof(date));
+    cmg_buf_printf(&d->conn.out, "HTTP/1.1 200 OK\r\nDate: %s\r\nContent-Type: "
+                   CMG_NOTIFY_CONTENT_TYPE "\r\nCache-Control: no-store\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n", date);
+    h->channel = cmg_notify_open(d->gw, d, id, h->notify_expires, &h->hdrs, &h1_sink, d);
+    free(id);
+    if (!h->channel) {
+        cmg_device_close(d, "out of memory");
+        return;
+    }
+    cmg_headers_free(&h->hdrs);
+    cmg_buf_free(&h->url);
+    cmg_buf_free(&h->held);
+    free(d->tok);
+    d->tok = NULL;
+    cmg_notify_begin(h->channel);   /* may end it (and the connection) at once */
+    if (d->h1 && d->h1->channel)
+        cmg_conn_want_read(&d->conn, true);
+}
+
+/* A channel's device has nothing to say: what it sends is dropped, its close noticed. */
+static void channel_read(struct cmg_device *d)
+{
+    char buf[4096];
+    ssize_t n;
+
+    while ((n = cmg_conn_read(&d->conn, buf, sizeof(buf))) > 0)
+        ;
+    if (n == 0)
+        cmg_device_close(d, "closed by device");
+}
+
 /* ---- reading ---- */
 
 /* Waiting for the first byte of a request: for `ms`, with no buffer held. */
@@ -633,6 +741,10 @@ static void parse(struct cmg_device *d, const char *data, size_t len)
         cmg_conn_want_read(&d->conn, false);
         if (pos && pos < data + len)
             cmg_buf_append(&h->held, pos, (size_t)(data + len - pos));
+        if (h->notify_id) {
+            open_channel(d);
+            return;
+        }
         if (!h->ex) {   /* answered here: refused, or from the policy (the CRL) */
             struct cmg_answer a = h->local.content_type
                 ? h->local
@@ -746,6 +858,10 @@ void cmg_h1_on_read(struct cmg_device *d)
 
     if (d->h1 && d->h1->phase == H1_LINGER)
         return;   /* device.c reads and drops */
+    if (d->h1 && d->h1->phase == H1_CHANNEL) {
+        channel_read(d);
+        return;
+    }
     parse_held(d);
     /* Each read is parsed before the next; cmg_conn_read bounds a round's input. */
     while (d->h1 && ready_for_input(d)) {
@@ -771,6 +887,11 @@ void cmg_h1_on_drain(struct cmg_device *d)
     if (h->phase == H1_CLOSING) {
         if (cmg_conn_pending(&d->conn) == 0)
             start_linger(d);
+        return;
+    }
+    if (h->phase == H1_CHANNEL) {
+        if (cmg_conn_pending(&d->conn) == 0)
+            cmg_conn_idle(&d->conn);
         return;
     }
     if (h->out_blocked && cmg_conn_pending(&d->conn) < CMG_OUT_HIGH) {
@@ -827,6 +948,12 @@ void cmg_h1_free(struct cmg_device *d)
         cmg_exchange_log(ex, "device connection closed");
         cmg_exchange_dev_done(ex);
     }
+    if (h->channel) {
+        struct cmg_notify_channel *ch = h->channel;
+        h->channel = NULL;
+        cmg_notify_gone(ch);
+    }
+    free(h->notify_id);
     cmg_answer_release(&h->local);
     cmg_headers_free(&h->hdrs);
     cmg_buf_free(&h->url);

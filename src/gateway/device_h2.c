@@ -13,6 +13,7 @@
 #include "core/log.h"
 #include "http/h2.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,10 @@ struct h2stream {
     struct cmg_h2_text text;   /* an answer made here: a refusal, or the CRL ... */
     struct cmg_policy *hold;   /* ... whose body this policy holds until the stream ends */
     unsigned char *owned;      /* ... or that is its own (the analyser's answer) */
+    /* a notification channel (GET /CCM_Notify): its events not yet framed, its end */
+    struct cmg_notify_channel *channel;
+    struct cmg_buf sse;
+    bool sse_stream, sse_end;
     struct h2stream *prev, *next;
 };
 
@@ -260,6 +265,8 @@ static int send_body(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *fr
     struct cmg_exchange *ex = st->ex;
     int rc;
 
+    if (!ex && st->sse_stream)
+        return cmg_h2_put_data(&d->conn, frame, framehd, length, &st->sse);
     if (!ex)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     rc = cmg_h2_put_data(&d->conn, frame, framehd, length, &ex->resp_body);
@@ -383,6 +390,87 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
     return 0;
 }
 
+/* ---- notification channels ---- */
+
+static ssize_t read_sse(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length,
+                        uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct h2stream *st = src->ptr;
+    return cmg_h2_offer(&st->sse, st->sse_end, length, flags);
+}
+
+static int sink_write(void *sink, const char *framed, size_t flen, const char *sse, size_t slen)
+{
+    struct h2stream *st = sink;
+    (void)framed;
+    (void)flen;
+    if (cmg_buf_append(&st->sse, sse, slen) < 0)
+        return -1;
+    nghttp2_session_resume_data(st->d->h2->s, st->id);
+    kick(st->d);
+    return 0;
+}
+
+static size_t sink_pending(void *sink)
+{
+    struct h2stream *st = sink;
+    return st->sse.len + cmg_conn_pending(&st->d->conn);
+}
+
+/* Graceful: END_STREAM once what is queued is out; overflow: the stream is reset (the
+ * connection's other streams go on). */
+static void sink_end(void *sink, struct cmg_notify_channel *ch, bool graceful)
+{
+    struct h2stream *st = sink;
+
+    if (st->channel == ch)
+        st->channel = NULL;
+    cmg_notify_gone(ch);
+    if (graceful) {
+        st->sse_end = true;
+        nghttp2_session_resume_data(st->d->h2->s, st->id);
+    } else {
+        cmg_buf_free(&st->sse);
+        st->reset_counted = true;   /* our own reset */
+        nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+    }
+    kick(st->d);
+}
+
+static const struct cmg_notify_sink_ops h2_sink = {sink_write, sink_pending, sink_end};
+
+/* GET /CCM_Notify on this stream: answered here, never forwarded. The stream stays
+ * open (the connection busy: no idle_timeout) until the hub or the device ends it. */
+static void notify_stream(struct h2stream *st, bool has_body)
+{
+    struct cmg_device *d = st->d;
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"content-type", (uint8_t *)CMG_NOTIFY_CONTENT_TYPE, 12,
+         sizeof(CMG_NOTIFY_CONTENT_TYPE) - 1, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"cache-control", (uint8_t *)"no-store", 13, 8, NGHTTP2_NV_FLAG_NONE},
+    };
+    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = read_sse};
+    struct cmg_identity id;
+    struct cmg_answer a;
+    int64_t expires;
+
+    if (cmg_notify_admit(d, st->method, &st->hdrs, has_body, &id, &expires, &a) != 0) {
+        answer_here(st, &a);
+        return;
+    }
+    if (!(st->channel = cmg_notify_open(d->gw, d, &id, expires, &st->hdrs, &h2_sink, st))) {
+        refuse(st, 500, "CMGService_Out_Of_Memory");
+        return;
+    }
+    forget_head(st);
+    st->sse_stream = st->resp_submitted = st->admitted = true;
+    d->h2->served = true;
+    nghttp2_submit_response(d->h2->s, st->id, nv, sizeof(nv) / sizeof(nv[0]), &dp);
+    cmg_notify_begin(st->channel);
+    kick(d);
+}
+
 static void admit(struct h2stream *st, bool end_stream)
 {
     struct cmg_device *d = st->d;
@@ -396,6 +484,10 @@ static void admit(struct h2stream *st, bool end_stream)
     }
     if (!strcmp(st->method, "CONNECT")) {
         refuse(st, 400, "CMGService_Method_Not_Supported");
+        return;
+    }
+    if (cmg_notify_names(st->path, strlen(st->path))) {
+        notify_stream(st, has_body);
         return;
     }
     st->ex = cmg_admit(d, st->method, st->path, strlen(st->path), &st->hdrs,
@@ -529,6 +621,12 @@ static void stream_free(struct h2stream *st)
         }
         release_exchange(st);
     }
+    if (st->channel) {
+        struct cmg_notify_channel *ch = st->channel;
+        st->channel = NULL;
+        cmg_notify_gone(ch);
+    }
+    cmg_buf_free(&st->sse);
     forget_head(st);
     cmg_policy_unref(st->hold);
     free(st->owned);
@@ -729,6 +827,9 @@ void cmg_h2dev_drain(struct cmg_device *d)
     struct cmg_h2dev *h = d->h2;
 
     if (h->dead || h->draining)
+        return;
+    h2_send(d);   /* notification streams the drain ended: END_STREAM before the GOAWAY */
+    if (d->h2 != h || h->dead)
         return;
     h->draining = true;
     if (nghttp2_submit_shutdown_notice(h->s) != 0) {

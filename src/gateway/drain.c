@@ -15,6 +15,7 @@
  * connection is left. */
 #include "core/log.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -237,6 +238,7 @@ void cmg_gw_drain(void *gateway)
              "taken); %u device connection(s) and %u request(s) in flight have drain_timeout "
              "(%g s) to finish", queued, gw->ndevices, gw->nexchanges,
              gw->cfg.drain_timeout_ms / 1000.0);
+    cmg_notify_drain(gw);   /* channels never hold a drain */
     for (d = gw->devices; d; d = next) {
         next = d->next;
         cmg_device_drain(d);

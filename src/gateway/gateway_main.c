@@ -4,6 +4,7 @@
 #include "core/privdrop.h"
 #include "gateway/gateway.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 #include "tls/tls.h"
 
 #include <errno.h>
@@ -149,7 +150,9 @@ static int setup(struct cmg_gateway *gw)
         return -1;
     watch_certs(gw);
     cmg_gw_migrate_setup(gw);   /* before the drop from root */
-    return cmg_gw_listen(gw) < 0 || cmg_gw_metrics_start(gw) < 0 ? -1 : cmg_gw_report_start(gw);
+    return cmg_gw_listen(gw) < 0 || cmg_gw_metrics_start(gw) < 0 || cmg_gw_report_start(gw) < 0
+               ? -1
+               : cmg_notify_start(gw);
 }
 
 /* A key that only a restart applies keeps its running value; the log says so. */
@@ -295,6 +298,7 @@ static void teardown(struct cmg_gateway *gw)
     cmg_tunnel_close_all(gw);
     cmg_gw_listen_close(gw);
     cmg_gw_report_stop(gw);
+    cmg_notify_stop(gw);
     cmg_gw_metrics_free(gw);
     cmg_tls_watch_free(&gw->cert_watch);
     SSL_CTX_free(gw->device_ctx);

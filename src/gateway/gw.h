@@ -148,6 +148,9 @@ struct cmg_gateway {
     uint64_t kid_reported_ms;       /* the last unknown-kid report, loop time; 0: none */
     struct cmg_gw_metrics metrics;
     struct cmg_gw_report report;
+    /* client notifications (notify.c, notify_report.c) */
+    struct cmg_notify_hub *notify;
+    struct cmg_notify_reports *notify_reports;
 };
 
 /* ---- exchanges: one request relayed from a device to a connector ---- */
@@ -410,6 +413,8 @@ static inline void cmg_gw_metrics_device(struct cmg_gateway *gw, bool h2)
 }
 /* A request answered here with a reason token (a string of the code). */
 void cmg_gw_metrics_refusal(struct cmg_gateway *gw, const char *reason);
+/* The notification families (notify.c). */
+void cmg_notify_metrics(struct cmg_gateway *gw, struct cmg_buf *b);
 /* A relayed request is over (its access-log line). */
 void cmg_gw_metrics_exchange(struct cmg_gateway *gw, const struct cmg_exchange *ex);
 
@@ -462,6 +467,9 @@ struct cmg_identity {
 /* The client certificate of the connection as a certificate mapping judges it: 0, or the
  * status to answer with *reason and the failed check in *check (literals). */
 int cmg_device_cert_verdict(struct cmg_device *d, const char **reason, const char **check);
+/* The end (unix seconds, clock skew included) of the bearer token the connection's last
+ * request was admitted with; 0 if none. */
+int64_t cmg_device_token_expiry(const struct cmg_device *d);
 /* Authenticates a request for mapping m. 0 with *id filled, or the status to answer
  * with *reason. */
 int cmg_authenticate(struct cmg_device *d, struct cmg_policy *p, struct cmg_policy_mapping *m,

@@ -215,6 +215,7 @@ static void render(void *user, struct cmg_buf *b)
     show_roles(gw, b);
     show_refusals(gw, b);
     show_tunnels(gw, b);
+    cmg_notify_metrics(gw, b);
     cmg_metrics_policy(b, gw->policy->version, gw->policy->issued_at);
     cmg_metrics_certificates(b, &gw->cert_watch);
 }

@@ -6,6 +6,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 #include "site/pki.h"
 
 #include <openssl/x509_vfy.h>
@@ -72,6 +73,7 @@ static void apply(struct cmg_gateway *gw, struct cmg_policy *p, const char *from
              cmg_keychain_newest(&gw->site_keys)->kid);
     watch_age(gw);
     cmg_tunnel_close_revoked(gw);
+    cmg_notify_policy(gw);
     cmg_gw_ready_news(gw);
 }
 

@@ -5,6 +5,7 @@
 #include "core/log.h"
 #include "http/h2.h"
 #include "gateway/gw.h"
+#include "gateway/notify.h"
 #include "tls/tls.h"
 
 #include <cjson/cJSON.h>
@@ -185,6 +186,8 @@ static void on_control_line(struct cmg_tunnel *t, const char *line, size_t len)
         else
             cmg_info("tunnel %s: connector=%s now serves %zu role(s)", t->conn.peer, t->name,
                      t->nroles);
+    } else if (t->ready && cmg_notify_control(t->gw, type->valuestring, msg, t->name)) {
+        /* notify-sync, notify: the notification hub's */
     } else if (!strcmp(type->valuestring, "policy") && t->ready) {
         const cJSON *jws = cJSON_GetObjectItemCaseSensitive(msg, "jws");
         if (cJSON_IsString(jws))
@@ -249,6 +252,12 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
                      void *user)
 {
     struct cmg_exchange *ex = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+    if (!ex && frame->hd.type == NGHTTP2_HEADERS && namelen == 7 && !memcmp(name, ":status", 7)) {
+        int st = 0;
+        for (size_t i = 0; i < valuelen && i < 3; i++)
+            st = st * 10 + (value[i] - '0');
+        cmg_notify_report_status(user, frame->hd.stream_id, st);
+    }
     if (!ex || frame->hd.type != NGHTTP2_HEADERS)
         return 0;
     if (namelen == 7 && !memcmp(name, ":status", 7)) {
@@ -349,7 +358,8 @@ static int on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error
 
     if (stream_id == t->ctl_stream)
         return fail_later(t, "control stream closed");
-    if (cmg_gw_report_stream_closed(t, stream_id) || !ex)
+    if (cmg_gw_report_stream_closed(t, stream_id) ||
+        cmg_notify_report_closed_stream(t, stream_id, error_code) || !ex)
         return 0;
     ex->stream_closed = true;
     if (error_code == NGHTTP2_NO_ERROR && ex->resp_eof)
@@ -513,6 +523,7 @@ static void tunnel_fail(struct cmg_tunnel *t, const char *why)
         t->next->prev = t->prev;
     if (t->ready || t->draining)
         cmg_gw_report_news(gw);
+    cmg_notify_report_tunnel_gone(t);
     /* Requests in flight fail now, with 502, rather than wait for a timeout. */
     for (ex = t->exchanges; ex; ex = next) {
         next = ex->tun_next;

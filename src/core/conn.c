@@ -109,6 +109,8 @@ static void update_events(struct cmg_conn *c)
         ev = EPOLLOUT;
         break;
     case CMG_CONN_HANDSHAKE:
+        if (c->hello_paused)
+            break;
         ev = c->tls_out.len ? EPOLLOUT : EPOLLIN;   /* our flight first, then theirs */
         break;
     case CMG_CONN_OPEN:
@@ -213,7 +215,8 @@ static void do_handshake(struct cmg_conn *c)
         opened(c);
         return;
     }
-    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+    c->hello_paused = err == SSL_ERROR_WANT_CLIENT_HELLO_CB;
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE || c->hello_paused) {
         update_events(c);
         return;
     }
@@ -480,6 +483,12 @@ void cmg_conn_flush_later(struct cmg_conn *c)
     cmg_task_post(c->io.loop, &c->task, conn_task);
 }
 
+void cmg_conn_resume_handshake(struct cmg_conn *c)
+{
+    if (c->state == CMG_CONN_HANDSHAKE && !c->failed)
+        cmg_task_post(c->io.loop, &c->task, conn_task);
+}
+
 static void conn_io(struct cmg_io *io, uint32_t events)
 {
     struct cmg_conn *c = conn_of_io(io);
@@ -490,7 +499,10 @@ static void conn_io(struct cmg_io *io, uint32_t events)
         finish_connect(c);
         return;
     case CMG_CONN_HANDSHAKE:
-        do_handshake(c);
+        if (!c->hello_paused)
+            do_handshake(c);
+        else if (err)   /* reported even while unwatched */
+            cmg_conn_fail(c, "TLS handshake failed: connection closed while it waited");
         return;
     case CMG_CONN_OPEN:
         break;

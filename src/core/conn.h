@@ -44,6 +44,7 @@ struct cmg_conn {
     bool pending_open;       /* deliver on_open from the task */
     bool release_idle;       /* free the buffers once all output is written */
     bool failed, reported;
+    bool hello_paused;       /* the ClientHello callback suspended the handshake */
     uint64_t read_round;     /* loop round that read_bytes counts */
     size_t read_bytes;       /* input taken in that round (fairness budget) */
     char peer[64];           /* "ip:port", for logs */
@@ -74,6 +75,9 @@ void cmg_conn_want_read(struct cmg_conn *c, bool on);
  * queued meanwhile (a response's head and body, several responses) goes out in one
  * write. No on_drain follows unless the write has to wait for the socket. */
 void cmg_conn_flush_later(struct cmg_conn *c);
+/* A handshake the ClientHello callback suspended (SSL_CLIENT_HELLO_RETRY) goes on from
+ * the loop: until then the connection waits, its socket not watched. */
+void cmg_conn_resume_handshake(struct cmg_conn *c);
 /* Reports failure through on_error (once), from the loop, not from this call. */
 void cmg_conn_fail(struct cmg_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Releases the socket and TLS state now; the struct stays the owner's. */

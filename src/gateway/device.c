@@ -27,6 +27,7 @@ void cmg_device_close(struct cmg_device *d, const char *why)
         return;
     cmg_debug("device %s closed: %s", d->conn.peer, why);
     cmg_timer_stop(gw->loop, &d->timer);
+    cmg_gw_admission_forget(gw, d);
     /* Protocol state goes first: it may still detach exchanges. */
     cmg_h1_free(d);
     cmg_h2dev_free(d);
@@ -101,7 +102,7 @@ static void on_open(struct cmg_conn *c)
     cmg_timer_stop(d->gw->loop, &d->timer);
     h2 = cmg_tls_alpn_is(c->ssl, "h2");
     cmg_gw_metrics_device(d->gw, h2);
-    cmg_gw_handshake_done(d->gw, SSL_session_reused(c->ssl) == 1);
+    cmg_gw_handshake_done(d, SSL_session_reused(c->ssl) == 1);
     rc = h2 ? cmg_h2dev_start(d) : cmg_h1_start(d);
     if (rc < 0)
         cmg_device_close(d, "out of memory");
@@ -163,6 +164,7 @@ void cmg_device_accept(struct cmg_gateway *gw, int fd, const struct cmg_addr_key
     d->src = *src;
     gw->ndevices++;   /* counted from here: cmg_gw_device_gone() uncounts */
     SSL_set_accept_state(ssl);
+    SSL_set_app_data(ssl, d);   /* for handshake_rate's ClientHello callback */
     if (cmg_conn_start(&d->conn, gw->loop, fd, ssl, false, &device_ops, d) < 0) {
         free(d);
         cmg_gw_device_gone(gw, src);

@@ -36,7 +36,7 @@ static const char usage[] =
     "TLS sessions resume at every instance and after a restart: the ticket keys are\n"
     "shared through ticket_key_file (default ticket.keys beside policy_cache, mode 0600,\n"
     "a new key every ticket_key_rotate, re-read each minute and on SIGHUP). Full TLS\n"
-    "handshakes beyond handshake_rate a second wait in the kernel's accept queue.\n"
+    "handshakes beyond handshake_rate a second wait their turn; resumed ones do not.\n"
     "Metrics and health: plain HTTP on metrics_listen, port + I (127.0.0.1:10160 + I by\n"
     "default; off disables): /metrics (Prometheus), /healthz, and /readyz (200 once\n"
     "serving with a policy in force and a tunnel up; 503 while starting or draining).\n"
@@ -118,7 +118,7 @@ fail:
  * own key, one per context). */
 static int share_tickets(struct cmg_gateway *gw, SSL_CTX *dev)
 {
-    if (cmg_tickets_keep_chain(dev) == 0 &&
+    if (cmg_tickets_keep_chain(dev) == 0 && cmg_gw_admission_attach(gw, dev) == 0 &&
         (gw->cfg.ticket_keys_off || cmg_tickets_attach(&gw->tickets, dev) == 0))
         return 0;
     cmg_error("device TLS: cannot set the session ticket keys of %s", gw->cfg.ticket_key_file);

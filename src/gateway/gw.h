@@ -115,11 +115,12 @@ struct cmg_gateway {
     bool accept_paused;             /* out of descriptors: every listener waits */
     struct cmg_timer accept_timer;
     /* handshake_rate (listen.c): a bucket of full device handshakes, one second's worth;
-     * while it is empty the device listeners wait (rate_timer), an episode logged once */
+     * while it is empty full handshakes wait in a FIFO (rate_timer), an episode logged once */
     double hs_tokens;
     uint64_t hs_refilled_ms;
-    bool rate_paused, rate_episode;
+    bool rate_episode;
     struct cmg_timer rate_timer;
+    struct cmg_device *hs_wait_head, *hs_wait_tail;
     struct cmg_tickets tickets;     /* TLS session ticket keys shared by the instances */
     uint32_t ndevices;
     uint32_t max_devices;           /* max_connections, or less if descriptors are fewer */
@@ -337,6 +338,11 @@ struct cmg_device {
     uint32_t linger_ms;
     const char *linger_why;
     size_t linger_bytes;     /* dropped so far */
+    /* handshake_rate (listen.c) */
+    bool hs_waiting;         /* its handshake waits for a token, in the FIFO */
+    bool hs_charged;         /* it took a token */
+    bool hs_maybe_resumed;   /* it offered a session: charged only if it did not resume */
+    struct cmg_device *hs_wait_prev, *hs_wait_next;
     struct cmg_device *prev, *next;
 };
 
@@ -377,9 +383,13 @@ int cmg_gw_fit_limits(struct cmg_gateway *gw);
 void cmg_gw_listen_refit(struct cmg_gateway *gw);
 /* A device connection is gone: its source may connect again. */
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src);
-/* A device's TLS handshake is done: counted; a resumed one gives back the token of
- * handshake_rate its connection took when accepted. */
-void cmg_gw_handshake_done(struct cmg_gateway *gw, bool resumed);
+/* handshake_rate decides at each device ClientHello of dev (listen.c). 0 or -1. */
+int cmg_gw_admission_attach(struct cmg_gateway *gw, SSL_CTX *dev);
+/* A device closed: out of the handshake FIFO if it waited there. */
+void cmg_gw_admission_forget(struct cmg_gateway *gw, struct cmg_device *d);
+/* A device's TLS handshake is done: counted; a full one that took no token is charged,
+ * a resumed one that took one gives it back. */
+void cmg_gw_handshake_done(struct cmg_device *d, bool resumed);
 /* A tunnel's handshake is over (authenticated, or the tunnel is gone): frees its slot. */
 void cmg_gw_handshake_over(struct cmg_gateway *gw, struct cmg_tunnel *t);
 

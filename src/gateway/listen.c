@@ -39,11 +39,8 @@ static void set_listening(struct cmg_gateway *gw, bool devices, bool tunnels)
 
 static bool devices_full(const struct cmg_gateway *gw) { return gw->ndevices >= gw->max_devices; }
 
-/* The device listeners may take connections: room for them, and handshake_rate allows. */
-static bool devices_open(const struct cmg_gateway *gw)
-{
-    return !devices_full(gw) && !gw->rate_paused;
-}
+/* The device listeners may take connections: room for them. */
+static bool devices_open(const struct cmg_gateway *gw) { return !devices_full(gw); }
 
 static void on_resume(struct cmg_timer *t)
 {
@@ -79,13 +76,16 @@ static void refuse(int fd, const struct sockaddr *sa, const char *what, uint32_t
     }
 }
 
-/* ---- handshake_rate: a token bucket of one second's worth. A connection takes a token
- * when accepted (so that what is accepted, not only what finished, stays within the
- * rate), and gives it back if its handshake resumes a session; a handshake that fails
- * keeps it, as it cost one. While the bucket is empty the device listeners wait and
- * connections stay in the kernel's queue. */
+/* ---- handshake_rate: a token bucket of one second's worth, charged by the full TLS
+ * handshakes. Accepting never waits for it (a connect and close costs no token, so a
+ * flood of them cannot shut the port): the ClientHello decides. One that carries a
+ * session ticket or a PSK is likely to resume and goes on at once, charged when its
+ * handshake turns out full; any other takes a token, or waits in a FIFO, its handshake
+ * suspended (SSL_CLIENT_HELLO_RETRY), until a token frees; handshake_timeout bounds the
+ * wait. Resumed devices never wait behind full ones, unless forged tickets already ran
+ * the bucket a second's worth into debt. */
 
-#define RATE_MIN_PAUSE_MS 10
+#define RATE_MIN_WAIT_MS 10
 
 static void refill(struct cmg_gateway *gw)
 {
@@ -96,59 +96,149 @@ static void refill(struct cmg_gateway *gw)
     gw->hs_refilled_ms = now;
     if (gw->hs_tokens >= rate) {
         gw->hs_tokens = rate;
-        gw->rate_episode = false;   /* a full second's worth again: the next pause is news */
+        gw->rate_episode = false;   /* a full second's worth again: the next wait is news */
     }
 }
 
-static void on_rate_resume(struct cmg_timer *t)
+static void unqueue(struct cmg_gateway *gw, struct cmg_device *d)
 {
-    struct cmg_gateway *gw =
-        (struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, rate_timer));
-
-    gw->rate_paused = false;
-    if (!gw->accept_paused)
-        set_listening(gw, devices_open(gw), true);
+    if (d->hs_wait_prev)
+        d->hs_wait_prev->hs_wait_next = d->hs_wait_next;
+    else
+        gw->hs_wait_head = d->hs_wait_next;
+    if (d->hs_wait_next)
+        d->hs_wait_next->hs_wait_prev = d->hs_wait_prev;
+    else
+        gw->hs_wait_tail = d->hs_wait_prev;
+    d->hs_wait_prev = d->hs_wait_next = NULL;
+    d->hs_waiting = false;
 }
 
-/* Whether a device connection may be accepted now; if not, the device listeners wait
- * until a token is back. */
-static bool rate_allows(struct cmg_gateway *gw)
+/* A waiting device that hung up costs no token: it is closed instead. */
+static bool hung_up(struct cmg_device *d)
+{
+    char byte;
+
+    return recv(d->conn.io.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+static void on_rate_timer(struct cmg_timer *t);
+
+/* Tokens to the waiting devices, first come first served; the timer for the rest. */
+static void admit_waiting(struct cmg_gateway *gw)
 {
     uint32_t rate = gw->cfg.handshake_rate;
-    uint64_t ms;
 
-    if (rate == 0)
-        return true;
     refill(gw);
-    if (gw->hs_tokens >= 1)
-        return true;
-    ms = (uint64_t)((1 - gw->hs_tokens) * 1000 / rate) + 1;
-    if (ms < RATE_MIN_PAUSE_MS)
-        ms = RATE_MIN_PAUSE_MS;
-    gw->rate_paused = true;
-    gw->metrics.rate_pauses++;
-    set_listening(gw, false, !gw->accept_paused);
-    cmg_timer_start(gw->loop, &gw->rate_timer, ms, on_rate_resume);
-    if (!gw->rate_episode) {
-        gw->rate_episode = true;
-        cmg_info("handshake_rate reached: accepting paused for %llu ms (%u full TLS handshakes "
-                 "a second; new connections wait in the kernel's queue, resumed sessions do not "
-                 "count)", (unsigned long long)ms, rate);
+    while (gw->hs_wait_head && (rate == 0 || gw->hs_tokens >= 1)) {
+        struct cmg_device *d = gw->hs_wait_head;
+
+        unqueue(gw, d);
+        if (hung_up(d)) {
+            cmg_device_close(d, "closed while its TLS handshake waited for handshake_rate");
+            continue;
+        }
+        if (rate)
+            gw->hs_tokens -= 1;
+        d->hs_charged = true;
+        cmg_conn_resume_handshake(&d->conn);
     }
-    return false;
+    if (gw->hs_wait_head) {
+        uint64_t ms = (uint64_t)((1 - gw->hs_tokens) * 1000 / rate) + 1;
+        cmg_timer_start(gw->loop, &gw->rate_timer, ms < RATE_MIN_WAIT_MS ? RATE_MIN_WAIT_MS : ms,
+                        on_rate_timer);
+    }
 }
 
-void cmg_gw_handshake_done(struct cmg_gateway *gw, bool resumed)
+static void on_rate_timer(struct cmg_timer *t)
 {
-    gw->metrics.handshakes[resumed]++;
-    if (!resumed || !gw->cfg.handshake_rate)
+    admit_waiting((struct cmg_gateway *)((char *)t - offsetof(struct cmg_gateway, rate_timer)));
+}
+
+static void wait_in_turn(struct cmg_gateway *gw, struct cmg_device *d)
+{
+    bool first = !gw->hs_wait_head;
+
+    d->hs_waiting = true;
+    d->hs_wait_prev = gw->hs_wait_tail;
+    if (gw->hs_wait_tail)
+        gw->hs_wait_tail->hs_wait_next = d;
+    else
+        gw->hs_wait_head = d;
+    gw->hs_wait_tail = d;
+    if (!first)
         return;
-    if (gw->hs_tokens + 1 <= gw->cfg.handshake_rate)
-        gw->hs_tokens += 1;
-    if (gw->rate_paused && gw->hs_tokens >= 1) {   /* its token back: no need to wait */
-        cmg_timer_stop(gw->loop, &gw->rate_timer);
-        on_rate_resume(&gw->rate_timer);
+    gw->metrics.rate_pauses++;
+    admit_waiting(gw);   /* arms the timer */
+    if (!gw->rate_episode) {
+        gw->rate_episode = true;
+        cmg_info("handshake_rate reached: full TLS handshakes wait their turn (%u a second; "
+                 "at most handshake_timeout, then closed; resumed sessions do not wait)",
+                 gw->cfg.handshake_rate);
     }
+}
+
+/* Whether the ClientHello offers a session to resume: a TLS 1.2 ticket, a TLS 1.3 PSK. */
+static bool offers_resumption(SSL *ssl)
+{
+    const unsigned char *ext;
+    size_t len;
+
+    return (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_session_ticket, &ext, &len) == 1 &&
+            len > 0) ||
+           SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_psk, &ext, &len) == 1;
+}
+
+static int on_client_hello(SSL *ssl, int *alert, void *arg)
+{
+    struct cmg_device *d = SSL_get_app_data(ssl);
+    struct cmg_gateway *gw = arg;
+    uint32_t rate = gw->cfg.handshake_rate;
+
+    (void)alert;
+    if (!d || rate == 0 || d->hs_charged || d->hs_maybe_resumed)
+        return SSL_CLIENT_HELLO_SUCCESS;
+    if (d->hs_waiting)
+        return SSL_CLIENT_HELLO_RETRY;
+    refill(gw);
+    if (offers_resumption(ssl) && gw->hs_tokens > -(double)rate) {
+        d->hs_maybe_resumed = true;   /* charged by cmg_gw_handshake_done if it was not */
+        return SSL_CLIENT_HELLO_SUCCESS;
+    }
+    if (!gw->hs_wait_head && gw->hs_tokens >= 1) {
+        gw->hs_tokens -= 1;
+        d->hs_charged = true;
+        return SSL_CLIENT_HELLO_SUCCESS;
+    }
+    wait_in_turn(gw, d);
+    return SSL_CLIENT_HELLO_RETRY;
+}
+
+int cmg_gw_admission_attach(struct cmg_gateway *gw, SSL_CTX *dev)
+{
+    SSL_CTX_set_client_hello_cb(dev, on_client_hello, gw);
+    return 0;
+}
+
+void cmg_gw_admission_forget(struct cmg_gateway *gw, struct cmg_device *d)
+{
+    if (d->hs_waiting)
+        unqueue(gw, d);
+}
+
+void cmg_gw_handshake_done(struct cmg_device *d, bool resumed)
+{
+    struct cmg_gateway *gw = d->gw;
+
+    gw->metrics.handshakes[resumed]++;
+    if (!gw->cfg.handshake_rate)
+        return;
+    if (!resumed && !d->hs_charged)
+        gw->hs_tokens -= 1;           /* it offered a session that did not resume */
+    else if (resumed && d->hs_charged && gw->hs_tokens + 1 <= gw->cfg.handshake_rate)
+        gw->hs_tokens += 1;           /* its token back */
+    if (resumed && d->hs_charged && gw->hs_wait_head)
+        admit_waiting(gw);
 }
 
 static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr *sa)
@@ -167,8 +257,6 @@ static void accept_device(struct cmg_gateway *gw, int fd, const struct sockaddr 
         cmg_warn("out of memory accepting a device connection");
         return;
     }
-    if (gw->cfg.handshake_rate)
-        gw->hs_tokens -= 1;
     cmg_device_accept(gw, fd, &k);
 }
 
@@ -201,8 +289,8 @@ static void accept_tunnel(struct cmg_gateway *gw, int fd, const struct sockaddr 
 }
 
 /* Accepts up to `batch` connections; false once the queue is empty, the devices are
- * full, the descriptors ran out or (if rated) handshake_rate says wait. */
-static bool accept_some(struct cmg_listener *l, int batch, bool rated)
+ * full or the descriptors ran out. */
+static bool accept_some(struct cmg_listener *l, int batch)
 {
     struct cmg_gateway *gw = l->gw;
     int one = 1;
@@ -219,8 +307,6 @@ static bool accept_some(struct cmg_listener *l, int batch, bool rated)
             set_listening(gw, false, !gw->accept_paused);
             return false;
         }
-        if (!l->tunnel && rated && !rate_allows(gw))
-            return false;
         fd = accept4(l->io.fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
@@ -239,7 +325,7 @@ static bool accept_some(struct cmg_listener *l, int batch, bool rated)
 static void on_accept(struct cmg_io *io, uint32_t events)
 {
     (void)events;
-    accept_some((struct cmg_listener *)io, ACCEPT_BATCH, true);
+    accept_some((struct cmg_listener *)io, ACCEPT_BATCH);
 }
 
 void cmg_gw_device_gone(struct cmg_gateway *gw, const struct cmg_addr_key *src)
@@ -390,7 +476,7 @@ unsigned cmg_gw_listen_leave_devices(struct cmg_gateway *gw)
         if (l->tunnel || l->fd < 0)
             continue;
         if (l->io.fd >= 0)
-            while (accept_some(l, ACCEPT_BATCH, false))   /* queued: taken, whatever the rate */
+            while (accept_some(l, ACCEPT_BATCH))   /* queued: taken */
                 ;
         close_listener(l);
     }
@@ -400,6 +486,8 @@ unsigned cmg_gw_listen_leave_devices(struct cmg_gateway *gw)
 void cmg_gw_listen_refit(struct cmg_gateway *gw)
 {
     cmg_gw_fit_limits(gw);
+    if (gw->hs_wait_head)
+        admit_waiting(gw);   /* handshake_rate may have changed */
     if (!gw->accept_paused)
         set_listening(gw, devices_open(gw), true);
 }

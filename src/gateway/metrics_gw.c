@@ -173,7 +173,7 @@ static void show_handshakes(struct cmg_gateway *gw, struct cmg_buf *b)
         cmg_metrics_u64(b, "cmg_handshakes_total", l, gw->metrics.handshakes[resumed]);
     }
     cmg_metrics_family(b, "cmg_handshake_rate_pauses_total", "counter",
-                       "Times handshake_rate paused accepting device connections.");
+                       "Times handshake_rate made full TLS handshakes wait their turn.");
     cmg_metrics_u64(b, "cmg_handshake_rate_pauses_total", NULL, gw->metrics.rate_pauses);
 }
 

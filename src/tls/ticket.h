@@ -5,11 +5,16 @@
  *
  *     <creation time, unix seconds> <160 hex digits: name 16 bytes, HMAC 32, AES 32>
  *
- * ('#' comments and blank lines aside). The newest key encrypts new tickets, every key
- * decrypts; a ticket of an older key is renewed. The instance that finds the newest key
- * older than the rotation period adds a new one first, under an exclusive lock on the
- * file, and drops keys older than two periods (and the re-read interval); every
- * instance re-reads the file at that interval (at most a minute) and on SIGHUP. */
+ * ('#' comments and blank lines aside). Every key decrypts; the newest key made at least
+ * a re-read interval ago encrypts (a newer one only decrypts until the other instances
+ * have read it), and a ticket of another key is renewed. The file is read without a lock
+ * (writers rename a complete file over it); the instance that finds the newest key older
+ * than the rotation period adds a new one, under the lock file `<file>.lock` if it wins it
+ * at once (else it skips), and drops keys older than two periods (and the re-read
+ * interval); an absent file is created (with a key) only by the instance whose link of a
+ * complete file wins. Every instance re-reads the file at that interval (at most a
+ * minute) and on SIGHUP. The file is a device credential: one other users may read or
+ * write is refused. */
 #ifndef CMG_TLS_TICKET_H
 #define CMG_TLS_TICKET_H
 
@@ -36,8 +41,8 @@ struct cmg_tickets {
     struct cmg_loop *loop;
     struct cmg_timer timer;         /* the periodic re-read */
     bool warned;                    /* a failed re-read was logged: quiet until one succeeds */
-    bool mode_warned;               /* the file is readable by others: said once */
     bool write_warned;              /* a rotation could not be written: said once */
+    bool future_warned;             /* a key dated ahead of the clock: said once */
 };
 
 /* Reads the key file, creating it (mode 0600) or rotating its keys as due, then

@@ -12,7 +12,11 @@ s_client -sess_out/-sess_in` (TLS 1.3 and 1.2) and Python's ssl `session=`.
 - `ticket_key_file = off`: sessions resume within the process only.
 - `handshake_rate = 5`: 30 connections at once are all served, never more full handshakes
   by any time than rate x elapsed + burst; 30 resumed at once are not held back; the pause
-  logged once per episode and counted in /metrics (`cmg_handshakes_total{resumed=...}`).
+  logged once per episode and counted in /metrics (`cmg_handshakes_total{resumed=...}`);
+  a connect/close flood takes no token; a resumed device does not wait behind full ones.
+- The file as a device credential: modes and owners other users could use are refused; an
+  empty file (a copy in place) is never written; a key dated ahead does not freeze
+  rotation; the lock is never waited for; a chain too long for the ticket never resumes.
 """
 import fcntl
 import os
@@ -186,6 +190,30 @@ def test_a_device_of_an_intermediate_ca_resumes_and_is_judged_again(procs, tmp_p
     assert not refused, refused
 
 
+def test_a_chain_too_long_for_the_ticket_is_not_resumed(procs, tmp_path, svc):
+    """A device that sends more intermediates than a ticket keeps (8): its sessions are never
+    resumed (a resumed connection could not be judged without them), so it is served on
+    every full handshake instead of refused for the ticket's lifetime."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((site.dir / 'ca.key').read_bytes(), None)
+    inter, inter_key, (inter_crt, _) = make_cert(tmp_path / 'issuing', 'Issuing CA', ca, ca_key, ca=True)
+    _, _, (dev_crt, dev_key) = make_cert(tmp_path / 'dev', 'dev-of-issuing', inter, inter_key)
+    extra = b''.join(make_cert(tmp_path / f'x{i}', f'Unrelated CA {i}', ca=True)[2][0].read_bytes()
+                     for i in range(8))
+    chain = tmp_path / 'chain.crt'
+    chain.write_bytes(dev_crt.read_bytes() + inter_crt.read_bytes() + extra)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        py = PySession(site, cert=chain, key=dev_key)
+        py.ctx.maximum_version = version
+        assert [py.request() for _ in range(3)] == [(False, 200)] * 3, version
+    refused = [line for line in gw.log_text().splitlines() if 'refused' in line]
+    assert not refused, refused
+
+
 def test_sighup_reads_the_file_again(procs, tmp_path, svc):
     """A file copied in from elsewhere (a key made there, the old one kept): SIGHUP puts it in
     force at once; tickets of the old key still resume."""
@@ -198,7 +226,9 @@ def test_sighup_reads_the_file_again(procs, tmp_path, svc):
     assert s_client(site, '1.3', sess_out=old_sess) == (False, 200)
     old_line = KEY_LINE.search(keys.read_text()).group(0)
     new_key = os.urandom(80).hex()
-    (tmp_path / 'copy').write_text(f'{int(time.time())} {new_key}\n{old_line}\n')
+    # made on the rotating host more than a re-read interval ago: it encrypts at once here
+    (tmp_path / 'copy').write_text(f'{int(time.time()) - 120} {new_key}\n{old_line}\n')
+    os.chmod(tmp_path / 'copy', 0o600)
     os.replace(tmp_path / 'copy', keys)
     gw.signal(signal.SIGHUP, wait=False)
     gw.expected_exit = False
@@ -234,12 +264,23 @@ def test_rotation_renews_old_tickets_and_drops_old_keys(procs, tmp_path, svc):
             file_keys(keys)[0] == newest and newest
     old = poll(fresh_session, 5 * SLOW, 'a ticket of the newest key')
 
-    # a new key: the old one still decrypts, and the ticket is renewed (TLS 1.2: a
-    # NewSessionTicket in the resumed handshake)
+    # a new key: decrypt-only for a re-read interval (1 s here: the other instances read it
+    # first), then it encrypts; the old one still decrypts, and its ticket is renewed (TLS
+    # 1.2: a NewSessionTicket in the resumed handshake)
     poll(lambda: file_keys(keys)[0] != old, 5 * SLOW, 'a new key in the file')
+    new = file_keys(keys)[0]
+    made = int(KEY_LINE.search(keys.read_text()).group(1))
+    probe = tmp_path / 'probe.sess'
+    if time.time() < made + 0.9:
+        assert s_client(site, '1.2', sess_out=probe) == (False, 200)
+        if time.time() < made + 0.9:
+            assert ticket_key_name(probe) == old, 'a new key encrypted before the others had it'
+    poll(lambda: time.time() >= made + 1.1, 5 * SLOW, 'a re-read interval')
     reused, status, renewed = s_client_msg(site, '1.2', sess_in=sess)
     assert old in file_keys(keys), 'the old key was dropped before it could be tried'
     assert (reused, status, renewed) == (True, 200, True), 'a ticket of the previous key'
+    s_client(site, '1.2', sess_out=probe)
+    assert ticket_key_name(probe) in (new, file_keys(keys)[0])
     assert 1 < len(file_keys(keys)) <= 3
 
     # two periods later the old key is gone: its ticket gets a full handshake
@@ -252,6 +293,7 @@ def test_rotation_renews_old_tickets_and_drops_old_keys(procs, tmp_path, svc):
     py = PySession(site)
     assert py.request() == (False, 200)
     (tmp_path / 'corrupt').write_text('not a key\n')
+    os.chmod(tmp_path / 'corrupt', 0o600)
     os.replace(tmp_path / 'corrupt', keys)      # at once: never an empty file in between
     poll(lambda: 'ticket_key_file' in gw.log_text() and 'expected' in gw.log_text(), 5 * SLOW,
          'a warning about the corrupt file', check=procs.check)
@@ -271,19 +313,21 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
             (''.join(f'{1700000000 + i} {"ab" * 80}\n' for i in range(4)), 'at most 3 keys'),
             ('x' * 5000, 'expected at most 3 keys in')]:
         bad.write_text(text)
+        bad.chmod(0o600)
         ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', bad.name)
         r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
                            text=True, timeout=20 * SLOW)
         assert r.returncode == 1, r.stderr
         assert f'ticket_key_file {bad}' in r.stderr and expected in r.stderr, r.stderr
         assert 'ab' * 16 not in r.stderr and 'zz' * 8 not in r.stderr, 'key material in the log'
-    # a file another process keeps locked: the gateway does not hang on it
+    # an empty file (a copy in progress): unusable, never filled with a key of this instance
     bad.write_text('')
-    with open(bad) as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
-                           text=True, timeout=20 * SLOW)
-    assert r.returncode == 1 and f'ticket_key_file {bad}: expected it unlocked' in r.stderr, r.stderr
+    bad.chmod(0o600)
+    r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                       text=True, timeout=20 * SLOW)
+    assert r.returncode == 1 and f'ticket_key_file {bad}: expected a key, found none' in r.stderr \
+        and 'temporary name, then mv' in r.stderr, r.stderr
+    assert bad.read_text() == ''
     for value, expected in [('ticket_key_rotate', '-1'), ('ticket_key_rotate', '31d'),
                             ('handshake_rate', '-5'), ('handshake_rate', 'fast')]:
         ini_set(site.gateway_conf, 'gateway', 'ticket_key_file', 'off')
@@ -292,6 +336,41 @@ def test_corrupt_file_at_start_is_a_clear_error(procs, tmp_path, svc):
                            text=True, timeout=20 * SLOW)
         assert r.returncode == 1 and f'{value}: expected' in r.stderr and expected in r.stderr, r.stderr
         ini_set(site.gateway_conf, 'gateway', value, '1')
+
+
+def test_a_key_file_open_to_other_users_is_refused(procs, tmp_path, svc):
+    """Whoever reads the file can forge a ticket that names any device's certificate: a
+    file (or the directory it is to be made in) that other users can read or write is
+    refused at start (exit 1) and, at a re-read, warned of with the keys in force kept."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    keys = site.dir / 'ticket.keys'
+    keys.write_text(f'{int(time.time())} {os.urandom(80).hex()}\n')
+    for mode in (0o644, 0o620, 0o602):
+        os.chmod(keys, mode)
+        r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                           text=True, timeout=20 * SLOW)
+        assert r.returncode == 1, r.stderr
+        assert f'ticket_key_file {keys}: expected the file closed to other users' in r.stderr, r.stderr
+        assert f'found mode {mode:04o}' in r.stderr and 'impersonate any certificate device' in r.stderr
+    keys.unlink()
+    os.chmod(site.dir, 0o777)
+    r = subprocess.run([CMG, 'gateway', '-c', str(site.gateway_conf)], capture_output=True,
+                       text=True, timeout=20 * SLOW)
+    assert r.returncode == 1 and 'expected its directory closed to other users' in r.stderr, r.stderr
+    assert not keys.exists()
+    os.chmod(site.dir, 0o700)
+
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    py = PySession(site)
+    assert py.request() == (False, 200)
+    os.chmod(keys, 0o666)
+    gw.signal(signal.SIGHUP, wait=False)
+    gw.expected_exit = False
+    poll(lambda: 'found mode 0666' in gw.log_text(), 5 * SLOW, 'the warning', check=procs.check)
+    assert 'ticket key(s) in force are kept' in gw.log_text()
+    assert py.request() == (True, 200)
 
 
 def test_off_is_a_key_of_the_process(procs, tmp_path, svc):
@@ -353,7 +432,7 @@ def test_a_symbolic_link_stays_one(procs, tmp_path, svc):
     sess = tmp_path / 's.sess'
     assert s_client(site, '1.2', sess_out=sess) == (False, 200)
     assert ticket_key_name(sess) in file_keys(store / 'real.keys')
-    assert not any(store.glob('*.new')) and 'a new ticket key encrypts' in gw.log_text()
+    assert not any(store.glob('*.new')) and 'a new ticket key, decrypting now, encrypting in' in gw.log_text()
 
 
 # ---------------------------------------------------------------- handshake_rate
@@ -405,7 +484,7 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
     wait_ready(procs, site)
     time.sleep(1.0)                        # the bucket full again (one second's worth)
     before = metrics(port)
-    logged_before = gw.log_text().count('handshake_rate reached: accepting paused for')
+    logged_before = gw.log_text().count('handshake_rate reached: full TLS handshakes wait')
     ctx = client_context(site)
 
     # N at once, all connected after t0: every full handshake done by t was admitted within
@@ -418,7 +497,7 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
                                      f'more than {RATE}/s + a burst of {RATE}'
     print(f'{N} full handshakes at {RATE}/s: first {times[0]:.2f} s, median {times[N // 2]:.2f} s, '
           f'last {times[-1]:.2f} s')
-    logged = gw.log_text().count('handshake_rate reached: accepting paused for') - logged_before
+    logged = gw.log_text().count('handshake_rate reached: full TLS handshakes wait') - logged_before
     assert logged == 1, f'expected one log line for the episode, found {logged}'
     after = metrics(port)
     full = 'cmg_handshakes_total{resumed="false"}'
@@ -434,3 +513,143 @@ def test_handshake_rate_spreads_full_handshakes_and_spares_resumed_ones(procs, t
     assert last < (N - RATE) / RATE / 2, f'resumed handshakes were held back ({last:.2f} s)'
     final, resumed = metrics(port), 'cmg_handshakes_total{resumed="true"}'
     assert final[resumed] - after[resumed] == N and final[full] == after[full]
+
+
+def timed_request(site, ctx, session=None):
+    """(seconds to the answer, reused?, status, session) of one request on a new connection."""
+    t = time.monotonic()
+    sock = socket.create_connection((site.addr, site.port), timeout=30 * SLOW)
+    with ctx.wrap_socket(sock, server_hostname=site.name, session=session) as s:
+        s.sendall(get_request(site).encode())
+        status, _, _ = read_response(s)
+        while s.recv(65536):
+            pass
+        return time.monotonic() - t, s.session_reused, status, s.session
+
+
+def test_a_connect_and_close_flood_costs_no_handshake_token(procs, tmp_path, svc):
+    """TCP connections that close without a ClientHello take no token of handshake_rate: a
+    flood of them at 15 times the rate delays no device."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'handshake_rate', 20)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    time.sleep(1.0)                        # the bucket full
+    stop, flooded = threading.Event(), [0]
+
+    def flood():
+        while not stop.is_set():
+            try:
+                socket.create_connection((site.addr, site.port), timeout=5).close()
+                flooded[0] += 1
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=flood) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)                    # the old design had stopped accepting by now
+        served = [timed_request(site, client_context(site)) for _ in range(3)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print(f'{flooded[0]} connect+close in the flood; 3 full handshakes took '
+          f'{", ".join(f"{s[0]:.3f}" for s in served)} s')
+    assert flooded[0] > 100
+    assert [s[2] for s in served] == [200] * 3
+    assert max(s[0] for s in served) < 3 * SLOW, 'a device was delayed by the flood'
+    assert 'handshake_rate reached' not in gw.log_text(), 'the flood took handshake tokens'
+
+
+def test_resumed_devices_do_not_wait_behind_full_handshakes(procs, tmp_path, svc):
+    """While N full handshakes wait their turn at RATE a second, a device that resumes its
+    session is served at once."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'handshake_rate', RATE)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    ctx = client_context(site)
+    session = timed_request(site, ctx)[3]
+    time.sleep(1.0)
+    waiting = threading.Thread(target=connect_all, args=(site, client_context(site)))
+    waiting.start()
+    poll(lambda: 'handshake_rate reached' in gw.log_text(), 5 * SLOW, 'full handshakes waiting')
+    took, reused, status, _ = timed_request(site, ctx, session)
+    waiting.join(60 * SLOW)
+    print(f'resumed while {N} full handshakes waited at {RATE}/s: {took:.3f} s')
+    assert (reused, status) == (True, 200)
+    assert took < (N - 2 * RATE) / RATE / 2, f'the resumed device waited ({took:.2f} s)'
+
+
+def test_a_file_being_copied_in_place_is_never_overwritten(procs, tmp_path, svc):
+    """cp/scp truncate the file, then write it: an empty file at a re-read is unusable, the
+    keys in force stay, and the instance writes nothing into it (ticket_key_rotate = 0)."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'ticket_key_rotate', '0')
+    keys = site.dir / 'ticket.keys'
+    k1 = os.urandom(80).hex()
+    keys.write_text(f'{int(time.time()) - 120} {k1}\n')
+    keys.chmod(0o600)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    sess = tmp_path / 's.sess'
+    assert s_client(site, '1.2', sess_out=sess) == (False, 200)
+    with open(keys, 'r+') as f:
+        f.truncate(0)                              # as cp does before it writes
+        gw.signal(signal.SIGHUP, wait=False)
+        gw.expected_exit = False
+        poll(lambda: 'expected a key, found none' in gw.log_text(), 5 * SLOW, 'the warning',
+             check=procs.check)
+        assert keys.read_text() == '', 'the instance wrote into a file being copied'
+        f.write(f'{int(time.time()) - 120} {k1}\n')    # the copy completes
+    assert file_keys(keys) == [k1[:32]] and 'kept' in gw.log_text()
+    assert s_client(site, '1.2', sess_in=sess) == (True, 200)
+
+
+def test_a_key_dated_in_the_future_does_not_freeze_rotation(procs, tmp_path, svc):
+    site = rotation_site(tmp_path, procs, svc)
+    keys = site.dir / 'ticket.keys'
+    future = os.urandom(80).hex()
+    keys.write_text(f'{int(time.time()) + 10 ** 9} {future}\n')
+    keys.chmod(0o600)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    poll(lambda: file_keys(keys)[0] != future[:32], 10 * SLOW, 'a rotation', check=procs.check)
+    warnings = [line for line in gw.log_text().splitlines() if 's ahead of this host' in line]
+    assert len(warnings) == 1 and 'taken as made now' in warnings[0], warnings
+    assert future[:32] not in gw.log_text()
+
+
+def test_the_lock_is_never_waited_for(procs, tmp_path, svc):
+    """Readers take no lock; a writer that finds ticket.keys.lock held skips its rotation
+    (picked up at a later re-read) instead of waiting in the event loop."""
+    site = rotation_site(tmp_path, procs, svc)
+    keys = site.dir / 'ticket.keys'
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    first = file_keys(keys)
+    py = PySession(site)
+    with open(str(keys) + '.lock', 'a') as lock, open(keys) as held:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(held, fcntl.LOCK_EX)          # a reader of the old design would wait
+        slowest = 0.0
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            gw.signal(signal.SIGHUP, wait=False)
+            t = time.monotonic()
+            assert py.request()[1] == 200
+            slowest = max(slowest, time.monotonic() - t)
+        assert file_keys(keys) == first, 'rotated while another process held the lock'
+    gw.expected_exit = False
+    print(f'requests with the lock held and a SIGHUP before each: slowest {slowest:.3f} s')
+    assert slowest < 0.5 * SLOW
+    poll(lambda: file_keys(keys)[0] != first[0], 5 * SLOW, 'the rotation once the lock is free',
+         check=procs.check)

@@ -33,12 +33,14 @@ NAME = 'cmg.bench.test'
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 SYSTEMS = ['direct', 'nginx', 'ssh', 'opencmg']     # the table's order
 RUN_ORDER = ['nginx', 'opencmg', 'ssh', 'direct']   # each round's order: the key pairs run side by side
-LABEL = {'direct': 'direct', 'nginx': 'nginx', 'ssh': 'nginx + ssh -R', 'opencmg': 'OpenCMG'}
+LABEL = {'direct': 'direct', 'nginx': 'nginx', 'ssh': 'nginx + ssh -R', 'opencmg': 'OpenCMG',
+         'nchan': 'nginx + nchan'}
 # Process groups (a process and its descendants) whose CPU time is read, per system.
 GROUPS = {'direct': ['internal'],
           'nginx': ['front', 'internal'],
           'ssh': ['front', 'sshd', 'ssh', 'internal'],
-          'opencmg': ['gateway', 'connector', 'internal']}
+          'opencmg': ['gateway', 'connector', 'internal'],
+          'nchan': []}   # the notification scenario reads its own processes' CPU
 GROUP_LABEL = {'client': 'load tool', 'front': 'nginx (proxy)', 'sshd': 'sshd', 'ssh': 'ssh -R',
                'gateway': 'cmg gateway', 'connector': 'cmg connector', 'internal': 'nginx (service)'}
 ALL_GROUPS = ['client', 'front', 'sshd', 'ssh', 'gateway', 'connector', 'internal']
@@ -53,17 +55,18 @@ EDGE = {'direct': ['internal'], 'nginx': ['front'], 'ssh': ['front', 'sshd'], 'o
 # short rounds, taken in turn, and ratios computed within each round, beat a few
 # long ones.
 SIZES = {
-    'full': dict(rounds=dict(h1=5, h2=5, rate=12, newconn=5, download=3, upload=3, idle=2, x=3),
+    'full': dict(rounds=dict(h1=5, h2=5, rate=12, newconn=5, download=3, upload=3, idle=2, x=3, notify=3),
                  dur=2.0, warm=0.5, conns=64, h2_conns=8, h2_streams=8,
                  rate=1000, rate_conns=32, rate_dur=2.0, newconn_conns=16,
                  download=1 << 30, upload=256 << 20, idle=10000, idle_procs=2, hold=2.0,
                  xdur=2, xwarm=1, xpaths=dict(h1=('direct', 'nginx', 'ssh'), h2=('direct', 'nginx')),
-                 reruns=20),
-    'tiny': dict(rounds=dict(h1=2, h2=2, rate=2, newconn=2, download=2, upload=2, idle=2, x=1),
+                 reruns=20, channels=100000, notify_connect_rate=500, notify_settle=10, notify_single=20),
+    'tiny': dict(rounds=dict(h1=2, h2=2, rate=2, newconn=2, download=2, upload=2, idle=2, x=1, notify=1),
                  dur=0.3, warm=0.1, conns=8, h2_conns=2, h2_streams=4,
                  rate=200, rate_conns=4, rate_dur=0.3, newconn_conns=4,
                  download=8 << 20, upload=2 << 20, idle=200, idle_procs=2, hold=0.3,
-                 xdur=1, xwarm=0, xpaths=dict(h1=('nginx',), h2=('nginx',)), reruns=0),
+                 xdur=1, xwarm=0, xpaths=dict(h1=('nginx',), h2=('nginx',)), reruns=0,
+                 channels=200, notify_connect_rate=2000, notify_settle=3, notify_single=5),
 }
 
 
@@ -189,6 +192,27 @@ def free_ports(n):
     return ports
 
 
+def free_port_range(n):
+    """The first of n consecutive TCP ports free on 127.0.0.1 a moment ago (below the
+    ephemeral range, as free_ports)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(10000, 32000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(('127.0.0.1', p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f'no {n} consecutive free ports on 127.0.0.1 between 10000 and 32000')
+
+
 def wait_port(port, procs, name, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -200,6 +224,471 @@ def wait_port(port, procs, name, timeout=15):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f'{name} does not listen on 127.0.0.1:{port} after {timeout} s')
+
+
+# ---------------------------------------------------------------- notifications
+
+NOTIFY_PER_GATEWAY = 18000   # channels per gateway instance / nginx worker (20,000 descriptors each)
+NOTIFY_PER_LOAD = 19000      # channels per cmg-load process
+NOTIFY_SYSTEMS = ['nchan', 'opencmg']
+NOTIFY_LABEL = {'nchan': 'nginx + nchan', 'opencmg': 'OpenCMG'}
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+class NotifyLoad:
+    """The cmg-load --notify processes of one system: each holds its share of the channels
+    and answers commands on stdin with a JSON line."""
+
+    def __init__(self, bench, system, port, path, n, first_src, key_data):
+        self.bench, self.system, self.n = bench, system, n
+        self.procs = []
+        self.ids = []          # device id of channel i (OpenCMG: cert:<thumbprint>)
+        nprocs = ceil_div(n, NOTIFY_PER_LOAD)
+        w = bench.work
+        for j in range(nprocs):
+            share = n // nprocs + (j < n % nprocs)
+            offset = j * (n // nprocs) + min(j, n % nprocs)
+            src = f'127.0.{first_src}.{4 * j + 1}-127.0.{first_src}.{4 * j + 4}'
+            argv = [bench.load, '--notify', '-q', '-c', share, '--device-offset', offset,
+                    '--connect', f'127.0.0.1:{port}', '--cacert', bench.n_ca,
+                    '--mint-ca', bench.n_ca, '--mint-ca-key', bench.n_ca_key, '--bind', src,
+                    '--connect-rate', bench.size['notify_connect_rate'], '--concurrency', 64,
+                    '--ids-out', w / f'ids-{system}-{j}.txt', '--max-time', 1800]
+            if key_data:
+                argv.append('--key-data')
+            argv.append(f'https://{NAME}:{port}{path}')
+            err = open(w / f'load-{system}-{j}.log', 'ab')
+            p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=err, text=True, bufsize=1)
+            err.close()
+            self.procs.append(p)
+
+    def wait_up(self, timeout):
+        """Until every process said 'up': (channels up, seconds to set up, first error)."""
+        up, slowest, errors = 0, 0.0, []
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            j = self.read(p, max(1, deadline - time.monotonic()))
+            up += j['up']
+            slowest = max(slowest, j['establish_s'])
+            if j['first_error']:
+                errors.append(j['first_error'])
+        for j in range(len(self.procs)):
+            self.ids += (self.bench.work / f'ids-{self.system}-{j}.txt').read_text().split()
+        return up, slowest, errors[0] if errors else ''
+
+    @staticmethod
+    def read(p, timeout):
+        import select
+        r, _, _ = select.select([p.stdout], [], [], timeout)
+        line = p.stdout.readline() if r else ''
+        if not line:
+            raise RuntimeError(f'cmg-load --notify (pid {p.pid}) gave no answer in {timeout:.0f} s')
+        return json.loads(line)
+
+    def ask(self, command, timeout=30):
+        for p in self.procs:
+            p.stdin.write(command + '\n')
+            p.stdin.flush()
+        return [self.read(p, timeout) for p in self.procs]
+
+    def events(self):
+        return sum(j['events'] for j in self.ask('stats'))
+
+    def cpu_ticks(self):
+        table = proc_table()
+        return sum(table[p.pid][1] for p in self.procs if p.pid in table)
+
+    def up(self):
+        return sum(j['up'] for j in self.ask('stats'))
+
+    def dump(self):
+        """What arrived since the last dump, merged: key -> [arrival ns, ...]."""
+        merged = {}
+        for j, p in enumerate(self.procs):
+            path = self.bench.work / f'arrivals-{self.system}-{j}.txt'
+            p.stdin.write(f'dump {path}\n')
+            p.stdin.flush()
+            if not self.read(p, 60)['ok']:
+                raise RuntimeError(f'cmg-load could not write {path}')
+            for line in path.read_text().splitlines():
+                f = line.split(' ')
+                merged.setdefault(f[0], []).extend(int(t) for t in f[4:])
+            path.unlink()
+        return merged
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        self.procs = []
+        return codes
+
+
+class NotifyBench:
+    """The notification scenario: N SSE channels held on OpenCMG (site serve, a connector
+    on the site's feed, K gateway instances sharing the device port) and on nginx + nchan
+    (K workers, a channel per device plus 'all'), side by side; rounds of 'notify all', a
+    list of 1,000 and of 10,000, each timed from the publishing call to the last delivery
+    (one clock: every load process stamps CLOCK_REALTIME), and a replay check."""
+
+    def __init__(self, bench):
+        self.b = bench
+        self.z = bench.size
+        self.n = bench.args.channels or self.z['channels']
+        self.k = ceil_div(self.n, NOTIFY_PER_GATEWAY)
+        self.loads = {}
+        self.pub_conn = None
+        # OpenCMG is left out with --systems without it (nchan alone checks the load tool)
+        self.systems = [s for s in NOTIFY_SYSTEMS if s != 'opencmg' or 'opencmg' in bench.systems]
+
+    # ------------------------------------------------------------ set-up
+
+    def setup_site(self):
+        b = self.b
+        w = b.work
+        (self.p_gw, self.p_admin, self.p_service, self.p_feed, self.p_nchan,
+         self.p_pub) = free_ports(6)
+        self.p_tun = free_port_range(self.k)
+        site = w / 'site-notify'
+        r = subprocess.run([b.cmg, 'site', 'init', site, '--service-name', NAME,
+                            '--mp', f'http://127.0.0.1:{b.p_int}/',
+                            '--gateway-port', str(self.p_gw), '--tunnel-port', str(self.p_tun),
+                            '--site-admin', f'127.0.0.1:{self.p_admin}',
+                            '--site-service', f'127.0.0.1:{self.p_service}',
+                            '--site-feed', f'127.0.0.1:{self.p_feed}'],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f'cmg site init (notify) failed:\n{r.stdout}\n{r.stderr}')
+        self.site = site
+        b.n_ca, b.n_ca_key = site / 'ca.crt', site / 'ca.key'
+        self.token = (site / 'admin.token').read_text().strip()
+        per = ceil_div(self.n, self.k)
+        b.edit_ini(site / 'gateway.conf', 'gateway', {
+            'listen': f'127.0.0.1:{self.p_gw}', 'tunnel_listen': '127.0.0.1',
+            'max_connections': str(min(19000, per + max(1000, per // 20)))})
+        b.edit_ini(site / 'connector.conf', 'connector', {
+            'gateway': '\ngateway = '.join(f'127.0.0.1:{self.p_tun + i}' for i in range(self.k)),
+            'reconnect_max': '1'})
+
+    def start_opencmg(self):
+        b = self.b
+        b.procs.start('n-site', [b.cmg, 'site', 'serve', self.site])
+        wait_port(self.p_admin, b.procs, 'n-site')
+        for i in range(self.k):
+            b.procs.start(f'n-gateway{i}', [b.cmg, 'gateway', '-c', self.site / 'gateway.conf',
+                                            '--instance', i])
+            wait_port(self.p_tun + i, b.procs, f'n-gateway{i}')
+        b.procs.start('n-connector', [b.cmg, 'connector', '-c', self.site / 'connector.conf'])
+        wait_port(self.p_gw, b.procs, 'n-connector', timeout=30)
+
+    def write_nchan_conf(self):
+        b = self.b
+        w = b.work
+        (w / 'tmp-nchan').mkdir(exist_ok=True)
+        shm = max(64, ceil_div(self.n * 4, 1024) + 64)   # MiB: channels, subscribers, messages
+        conf = b.nginx_head('nchan', 19500).replace('worker_processes 1;', f'worker_processes {self.k};')
+        conf = 'load_module /usr/lib/nginx/modules/ngx_nchan_module.so;\n' + conf + f'''http {{
+    access_log off;
+    client_body_temp_path {w}/tmp-nchan/body;
+    proxy_temp_path {w}/tmp-nchan/proxy;
+    fastcgi_temp_path {w}/tmp-nchan/fastcgi;
+    uwsgi_temp_path {w}/tmp-nchan/uwsgi;
+    scgi_temp_path {w}/tmp-nchan/scgi;
+    client_max_body_size 16m;
+    nchan_shared_memory_size {shm}m;
+    nchan_message_buffer_length 16;
+    nchan_message_timeout 1h;
+    # a channel per device (the CN of its certificate) plus one for all
+    map $ssl_client_s_dn $device {{ ~CN=(?<cn>[^,/]+) $cn; default none; }}
+    server {{
+        listen 127.0.0.1:{self.p_nchan} ssl reuseport;
+        ssl_certificate {self.site}/gateway.crt;
+        ssl_certificate_key {self.site}/gateway.key;
+        ssl_client_certificate {self.site}/ca.crt;
+        ssl_verify_client on;
+        ssl_protocols TLSv1.3;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        location = /CCM_Notify {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $device all;
+            nchan_subscriber_first_message newest;
+            nchan_eventsource_ping_interval 0;
+        }}
+        location / {{ return 404; }}
+    }}
+    server {{
+        listen 127.0.0.1:{self.p_pub};
+        location = /pub {{
+            nchan_publisher;
+            nchan_channel_id $arg_id;
+            nchan_channel_id_split_delimiter ",";
+            nchan_max_channel_id_length 8192;
+        }}
+    }}
+}}
+'''
+        (w / 'nchan.conf').write_text(conf)
+
+    def setup(self):
+        self.setup_site()
+        self.write_nchan_conf()
+        self.b.start_nginx('nchan', self.p_nchan)
+        if 'opencmg' in self.systems:
+            self.start_opencmg()
+
+    # ------------------------------------------------------------ measuring
+
+    def pids(self, system):
+        """The device-facing processes: the gateway instances, or the nginx workers."""
+        b = self.b
+        table = proc_table()
+        groups = b.procs.groups()
+        if system == 'nchan':
+            return [p for p in descendants(table, groups['nchan']) if p != groups['nchan']]
+        return [groups[f'n-gateway{i}'] for i in range(self.k)]
+
+    def cpu_ticks(self, pids):
+        table = proc_table()
+        return sum(table[p][1] for p in pids if p in table)
+
+    def rss(self, pids):
+        return sum(rss_kib(p) for p in pids)
+
+    def hold(self, system):
+        """Opens the N channels of a system; records the memory they cost."""
+        b = self.b
+        pids = self.pids(system)
+        others = {'connector': b.procs.pid('n-connector'), 'site': b.procs.pid('n-site')}
+        time.sleep(0.3)
+        before = self.rss(pids)
+        other_before = {k: rss_kib(v) for k, v in others.items()} if system == 'opencmg' else {}
+        port = self.p_gw if system == 'opencmg' else self.p_nchan
+        t0 = time.monotonic()
+        load = NotifyLoad(b, system, port, '/CCM_Notify', self.n, 1 if system == 'opencmg' else 2,
+                          key_data=system == 'nchan')
+        self.loads[system] = load
+        up, est, err = load.wait_up(timeout=2400)
+        time.sleep(min(1.0, 0.2 + self.n / 100000))
+        held = self.rss(pids)
+        rec = {'scenario': 'notify-hold', 'system': system, 'tool': 'cmg-load', 'round': 1,
+               'channels': self.n, 'up': up, 'establish_s': est, 'wall_s': round(time.monotonic() - t0, 3),
+               'rss_before_kib': before, 'rss_held_kib': held,
+               'kib_per_channel': round((held - before) / up, 2) if up else None}
+        for k, pid in others.items():
+            if system == 'opencmg':
+                rec[f'{k}_rss_before_kib'] = other_before[k]
+                rec[f'{k}_rss_held_kib'] = rss_kib(pid)
+        if up != self.n:
+            rec['error'] = f'{up} of {self.n} channels up; first error: {err}'
+        b.runs.append(rec)
+        log(f'    {NOTIFY_LABEL[system]:<15} {up} of {self.n} channels up in {est:.1f} s; '
+            f'{rec["kib_per_channel"]} KiB per channel'
+            + (f' (connector {rec["connector_rss_before_kib"]} → {rec["connector_rss_held_kib"]} KiB)'
+               if system == 'opencmg' else '') + (f'  ERROR: {rec["error"]}' if 'error' in rec else ''))
+
+    def api(self, op, body):
+        import ssl
+        import urllib.request
+        req = urllib.request.Request(f'https://127.0.0.1:{self.p_admin}/v1/ops/{op}', method='POST',
+                                     data=json.dumps(body).encode())
+        req.add_header('Authorization', f'Bearer {self.token}')
+        req.add_header('Content-Type', 'application/json')
+        ctx = ssl.create_default_context(cafile=str(self.site / 'ca.crt'))
+        ctx.check_hostname = False
+        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+            return json.loads(r.read())
+
+    def publish(self, channels, body):
+        """nchan: one POST per up to 255 channels (its multi-channel publish)."""
+        import http.client
+        for i in range(0, len(channels), 255):
+            if self.pub_conn is None:
+                self.pub_conn = http.client.HTTPConnection('127.0.0.1', self.p_pub, timeout=60)
+            self.pub_conn.request('POST', '/pub?id=' + ','.join(channels[i:i + 255]), body=body,
+                                  headers={'Content-Type': 'text/plain'})
+            r = self.pub_conn.getresponse()
+            r.read()
+            if r.status >= 300:
+                raise RuntimeError(f'nchan publish answered {r.status}')
+
+    def send(self, system, kind, targets, tag):
+        """Publishes one notification; returns (event key, time of the call in ns)."""
+        if system == 'nchan':
+            t0 = time.time_ns()
+            self.publish(['all'] if targets is None else [f'bench-device-{i}' for i in targets], tag)
+            return tag, t0
+        load = self.loads['opencmg']
+        body = {'type': 'bench', 'data': {'round': tag}, 'ttl': 3600}
+        if targets is None:
+            body['all'] = True
+        else:
+            body['devices'] = [load.ids[i] for i in targets]
+        t0 = time.time_ns()
+        res = self.api('notify', body)
+        return res['id'], t0
+
+    def wait_delivered(self, load, want, settle):
+        """Until `want` events arrived (or nothing more came for `settle` s)."""
+        last, last_change = -1, time.monotonic()
+        while True:
+            got = load.events()
+            if got >= want:
+                return got
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > settle:
+                return got
+            time.sleep(0.02)
+
+    def round(self, system, kind, targets, rnd):
+        b = self.b
+        load = self.loads[system]
+        pids = self.pids(system)
+        extra = {'connector': b.procs.pid('n-connector'), 'site': b.procs.pid('n-site')} \
+            if system == 'opencmg' else {}
+        want = load.up() if targets is None else len(targets)
+        load.dump()   # forget anything before
+        c0, l0 = self.cpu_ticks(pids), load.cpu_ticks()
+        x0 = {k: self.cpu_ticks([v]) for k, v in extra.items()}
+        cpu0 = b.cpu_snapshot()
+        tag = f'r{rnd}-{kind}-{system}'
+        key, t0 = self.send(system, kind, targets, tag)
+        got = self.wait_delivered(load, want, self.z['notify_settle'])
+        c1, l1 = self.cpu_ticks(pids), load.cpu_ticks()
+        x1 = {k: self.cpu_ticks([v]) for k, v in extra.items()}
+        cpu1 = b.cpu_snapshot()
+        arrivals = load.dump()
+        times = sorted(t - t0 for t in arrivals.get(key, []))
+        rec = {'scenario': f'notify-{kind}', 'system': system, 'tool': 'cmg-load', 'round': rnd,
+               'targets': want, 'delivered': len(times)}
+        if times:
+            pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] / 1e6
+            rec.update(first_ms=round(times[0] / 1e6, 2), p50_ms=round(pick(0.5), 2),
+                       p99_ms=round(pick(0.99), 2), last_ms=round(times[-1] / 1e6, 2))
+            rec['server_cpu_us_per_delivery'] = round((c1 - c0) / CLK_TCK / len(times) * 1e6, 2)
+            for k in extra:
+                rec[f'{k}_cpu_us_per_delivery'] = round((x1[k] - x0[k]) / CLK_TCK / len(times) * 1e6, 2)
+        wall = max(0.001, (time.time_ns() - t0) / 1e9)
+        b.account(rec, cpu0, cpu1, (l1 - l0) / CLK_TCK, wall, 'nchan')
+        if len(times) != want:
+            rec['error'] = f'{len(times)} of {want} delivered ({got} events in all)'
+        b.runs.append(rec)
+        log(f'    notify {kind:<6} {NOTIFY_LABEL[system]:<15} r{rnd}: {len(times)}/{want} delivered, '
+            f'first {rec.get("first_ms")} p50 {rec.get("p50_ms")} p99 {rec.get("p99_ms")} '
+            f'last {rec.get("last_ms")} ms; {rec.get("server_cpu_us_per_delivery")} µs CPU per delivery'
+            + (f'  ERROR: {rec["error"]}' if 'error' in rec else ''))
+
+    def single(self, system, rnd):
+        """Notifications to one device at a time, each waited for: the latency a single
+        device sees (its p99 over the samples)."""
+        load = self.loads[system]
+        count = self.z['notify_single']
+        lat = []
+        for i in range(count):
+            load.dump()
+            device = (rnd * count + i) * 7919 % self.n
+            key, t0 = self.send(system, 'one', [device], f'r{rnd}-one{i}-{system}')
+            self.wait_delivered(load, 1, self.z['notify_settle'])
+            lat += [t - t0 for t in load.dump().get(key, [])]
+        lat.sort()
+        rec = {'scenario': 'notify-one', 'system': system, 'tool': 'cmg-load', 'round': rnd,
+               'targets': count, 'delivered': len(lat)}
+        if lat:
+            pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6
+            rec.update(first_ms=round(lat[0] / 1e6, 2), p50_ms=round(pick(0.5), 2),
+                       p99_ms=round(pick(0.99), 2), last_ms=round(lat[-1] / 1e6, 2))
+        if len(lat) != count:
+            rec['error'] = f'{len(lat)} of {count} single-device notifications delivered'
+        self.b.runs.append(rec)
+        log(f'    notify one    {NOTIFY_LABEL[system]:<15} r{rnd}: {len(lat)}/{count} delivered, '
+            f'min {rec.get("first_ms")} p50 {rec.get("p50_ms")} p99 {rec.get("p99_ms")} max {rec.get("last_ms")} ms'
+            + (f'  ERROR: {rec["error"]}' if 'error' in rec else ''))
+
+    def replay(self, system):
+        """Mark every channel, send 3 to all, reconnect a tenth of the channels with the
+        marked Last-Event-ID: each must get exactly the 3, once."""
+        load = self.loads[system]
+        m = max(1, self.n // 10)
+        load.ask('mark')
+        for i in range(3):
+            want = load.up()
+            load.dump()
+            self.send(system, 'all', None, f'replay{i}-{system}')
+            self.wait_delivered(load, want, self.z['notify_settle'])
+        load.dump()
+        per = [m // len(load.procs) + (j < m % len(load.procs)) for j in range(len(load.procs))]
+        for p, share in zip(load.procs, per):
+            p.stdin.write(f'replay {share}\n')
+            p.stdin.flush()
+        for p in load.procs:
+            load.read(p, 30)
+        t0 = time.monotonic()
+        while True:
+            stats = load.ask('replay-stats')
+            done = sum(s['up'] for s in stats) == m and sum(s['events'] for s in stats) >= 3 * m
+            if done or time.monotonic() - t0 > self.z['notify_settle'] * 4 + m / 100:
+                break
+            time.sleep(0.05)
+        up = sum(s['up'] for s in stats)
+        events = sum(s['events'] for s in stats)
+        lo = min(s['min'] for s in stats if s['channels'])
+        hi = max(s['max'] for s in stats)
+        rec = {'scenario': 'notify-replay', 'system': system, 'tool': 'cmg-load', 'round': 1,
+               'replayed': m, 'replay_up': up, 'replay_events': events, 'replay_min': lo,
+               'replay_max': hi, 'replay_s': round(time.monotonic() - t0, 3)}
+        if up != m or lo != 3 or hi != 3:
+            rec['error'] = f'{up} of {m} reconnected; each got {lo}..{hi} events, 3 expected'
+        self.b.runs.append(rec)
+        log(f'    replay {NOTIFY_LABEL[system]:<15}: {up}/{m} reconnected with Last-Event-ID, '
+            f'{lo}..{hi} events each (3 missed) in {rec["replay_s"]} s'
+            + (f'  ERROR: {rec["error"]}' if 'error' in rec else ''))
+
+    def run(self):
+        z = self.z
+        log(f'  notifications: {self.n} SSE channels (mutual TLS, a certificate each) on OpenCMG '
+            f'({self.k} gateway instance(s)) and nginx + nchan ({self.k} worker(s)), '
+            f'{ceil_div(self.n, NOTIFY_PER_LOAD)} cmg-load process(es) each')
+        t0 = time.monotonic()
+        try:
+            self.setup()
+            for s in self.systems:
+                self.hold(s)
+            small, large = min(1000, max(1, self.n // 4)), min(10000, max(1, self.n // 2))
+            spread = lambda k: [i * self.n // k for i in range(k)]
+            kinds = [('all', None), (f'list{small}', spread(small)), (f'list{large}', spread(large))]
+            self.kinds = [k for k, _ in kinds]
+            for rnd in range(1, z['rounds']['notify'] + 1):
+                for kind, targets in kinds:
+                    for s in self.systems:
+                        self.b.check_alive()
+                        self.round(s, kind, targets, rnd)
+                for s in self.systems:
+                    self.single(s, rnd)
+            for s in self.systems:
+                self.replay(s)
+        finally:
+            for s, load in self.loads.items():
+                codes = load.stop()
+                hold = next((r for r in self.b.runs if r['scenario'] == 'notify-hold' and r['system'] == s), None)
+                if any(codes) and hold is not None and 'error' not in hold:
+                    hold['error'] = (f'cmg-load exited with {codes}; see load-{s}-*.log')
+            for name in ['n-connector'] + [f'n-gateway{i}' for i in range(self.k)] + ['n-site', 'nchan']:
+                self.b.procs.stop(name)
+        log(f'    ({time.monotonic() - t0:.0f} s)')
 
 
 # ---------------------------------------------------------------- the bench
@@ -714,6 +1203,8 @@ LogLevel ERROR
                       lambda s, r: self.bulk('upload', s, r))
         self.scenario('idle', f'{z["idle"]} idle TLS connections, one request each',
                       lambda s, r: self.idle(s, r))
+        if not self.args.only or 'notify' in self.args.only.split(','):
+            NotifyBench(self).run()
         if not self.args.no_crosscheck:
             self.crosscheck()
 
@@ -976,7 +1467,7 @@ LogLevel ERROR
             ratios = [f'{row[f"opencmg_vs_{o}"]:.2f}' if row[f'opencmg_vs_{o}'] else '–'
                       for o in ('nginx', 'ssh', 'direct')]
             lines.append(f'| {title} | {row["figure"]} | ' + ' | '.join(cells + ratios) + ' |')
-        used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx']
+        used = [(sc, u) for (sc, o), u in self.pairs_used.items() if o == 'nginx' and u[1]]
         if used:
             lines += ['', 'Rounds behind the ratios to nginx: ' + ', '.join(
                 f'{sc} all {total} (fewer than {CLEAN_ENOUGH} undisturbed)' if how == 'all' else
@@ -1067,6 +1558,9 @@ LogLevel ERROR
                                  f'{fmt(x[pre + "_mean_ms"], "ms")} | {fmt(x[pre + "_p50_ms"], "ms")} | '
                                  f'{fmt(x[pre + "_p99_ms"], "ms")} | |')
 
+        notify_lines, notify_targets = self.notify_report(fmt)
+        lines += notify_lines
+
         # Targets.
         def ratio(sc, key, other):
             for row in summary:
@@ -1086,13 +1580,20 @@ LogLevel ERROR
         lines += ['', '| target (OpenCMG) | measured | met |', '|---|--:|:-:|']
         target_rows = []
         for label, v, lim, higher in targets:
+            if v is None and self.args.only:
+                continue   # a scenario left out with --only: no verdict
             met = v is not None and (v >= lim if higher else v <= lim)
             target_rows.append({'target': label, 'measured': v, 'met': met})
             lines.append(f'| {label} | {"–" if v is None else f"{v:.2f} ×"} | {"✔" if met else "✘"} |')
         met = rss is not None and rss <= 32
-        target_rows.append({'target': 'gateway RSS per idle TLS connection ≤ 32 KiB', 'measured': rss, 'met': met})
-        lines.append(f'| gateway RSS per idle TLS connection ≤ 32 KiB | '
-                     f'{"–" if rss is None else f"{rss:.1f} KiB"} | {"✔" if met else "✘"} |')
+        if rss is not None or not self.args.only:
+            target_rows.append({'target': 'gateway RSS per idle TLS connection ≤ 32 KiB', 'measured': rss,
+                                'met': met})
+            lines.append(f'| gateway RSS per idle TLS connection ≤ 32 KiB | '
+                         f'{"–" if rss is None else f"{rss:.1f} KiB"} | {"✔" if met else "✘"} |')
+        for label, v, met in notify_targets:
+            target_rows.append({'target': label, 'measured': v, 'met': met})
+            lines.append(f'| {label} | {v} | {"✔" if met else "✘"} |')
         if noisy:
             lines += ['', f'⚠ {len(noisy)} of {len(self.runs)} runs shared the machine with other processes '
                       'or lost time to the hypervisor (≥ 10 % of its CPU): their figures are noisier.']
@@ -1124,6 +1625,84 @@ LogLevel ERROR
              'crosscheck': xrows, 'targets': target_rows, 'runs': self.runs}, indent=1))
         return table
 
+    def notify_report(self, fmt):
+        """The notification table (medians of the rounds; ratios within each round) and its
+        targets: (lines, [(target, measured, met)])."""
+        runs = [r for r in self.runs if r['scenario'].startswith('notify-')]
+        if not runs:
+            return [], []
+        hold = {s: next((r for r in runs if r['scenario'] == 'notify-hold' and r['system'] == s), {})
+                for s in NOTIFY_SYSTEMS}
+        n = hold['opencmg'].get('channels') or hold['nchan'].get('channels')
+        kinds = []
+        for r in runs:
+            k = r['scenario'][len('notify-'):]
+            if k not in ('hold', 'replay') and k not in kinds:
+                kinds.append(k)
+        title = lambda k: ('notify all' if k == 'all' else
+                           f'notify one device, {self.size["notify_single"]} times (min, p50, p99, max)'
+                           if k == 'one' else f'notify a list of {int(k[4:]):,}')
+        lines = ['', f'Notifications: {n:,} SSE channels per system (HTTP/1.1, TLS 1.3, a client '
+                 'certificate per device), held at once; each round publishes on each system in turn, '
+                 'timed from the publishing call to each delivery (CLOCK_REALTIME stamped by every load '
+                 'process); CPU of the device-facing processes (gateway instances; nginx workers) per '
+                 'delivery.', '',
+                 '| notification | figure | nginx + nchan | OpenCMG | OpenCMG ÷ nchan |', '|---|---|--:|--:|--:|']
+        figs = [('first ms', 'first_ms'), ('p50 ms', 'p50_ms'), ('p99 ms', 'p99_ms'), ('last ms', 'last_ms'),
+                ('delivered', 'delivered'), ('server CPU µs/delivery', 'server_cpu_us_per_delivery')]
+        for k in kinds:
+            sc = f'notify-{k}'
+            for i, (label, key) in enumerate(figs):
+                a, b = self.median(sc, 'nchan', key), self.median(sc, 'opencmg', key)
+                ratio = self.paired(sc, key, 'nchan') if key != 'delivered' else None
+                cell = lambda v: '–' if v is None else f'{v:,.0f}' if key == 'delivered' else fmt(v, 'ms')
+                lines.append(f'| {title(k) if i == 0 else ""} | {label} | {cell(a)} | {cell(b)} | '
+                             f'{"–" if ratio is None else f"{ratio:.2f}"} |')
+            for k2 in ('connector', 'site'):
+                v = self.median(sc, 'opencmg', f'{k2}_cpu_us_per_delivery')
+                if v is not None:
+                    lines.append(f'| | {k2} CPU µs/delivery | – | {fmt(v, "ms")} | |')
+        kib = {s: hold[s].get('kib_per_channel') for s in NOTIFY_SYSTEMS}
+        est = {s: hold[s].get('establish_s') for s in NOTIFY_SYSTEMS}
+        lines.append(f'| {n:,} idle channels | RSS KiB per channel | {fmt(kib["nchan"], "kib_per_conn")} | '
+                     f'{fmt(kib["opencmg"], "kib_per_conn")} | '
+                     f'{kib["opencmg"] / kib["nchan"]:.2f} |' if kib['nchan'] and kib['opencmg'] else
+                     f'| {n:,} idle channels | RSS KiB per channel | {fmt(kib["nchan"], "kib_per_conn")} | '
+                     f'{fmt(kib["opencmg"], "kib_per_conn")} | – |')
+        lines.append(f'| | all up in s | {fmt(est["nchan"], "establish_s")} | {fmt(est["opencmg"], "establish_s")} | |')
+        h = hold['opencmg']
+        for k2 in ('connector', 'site'):
+            if f'{k2}_rss_before_kib' in h:
+                lines.append(f'| | {k2} RSS KiB before → with the channels | – | '
+                             f'{h[f"{k2}_rss_before_kib"]:,} → {h[f"{k2}_rss_held_kib"]:,} | |')
+        for s in NOTIFY_SYSTEMS:
+            r = next((x for x in runs if x['scenario'] == 'notify-replay' and x['system'] == s), None)
+            if r:
+                lines.append(f'| replay | {NOTIFY_LABEL[s]}: channels back with Last-Event-ID, events each '
+                             f'(3 missed) | {r["replay_up"]:,} of {r["replayed"]:,}, {r["replay_min"]}..'
+                             f'{r["replay_max"]} | | |' if s == 'nchan' else
+                             f'| | {NOTIFY_LABEL[s]}: the same | | {r["replay_up"]:,} of {r["replayed"]:,}, '
+                             f'{r["replay_min"]}..{r["replay_max"]} | |')
+        ms = lambda k, key: self.median(f'notify-{k}', 'opencmg', key)
+        targets = []
+        def add(label, v, ok, unit=''):
+            targets.append((label, '–' if v is None else f'{v:.2f}{unit}', v is not None and ok(v)))
+        add('notify: gateway RSS per idle channel ≤ 32 KiB', kib['opencmg'], lambda v: v <= 32, ' KiB')
+        add('notify: gateway RSS per idle channel ≤ 0.8 × nchan',
+            kib['opencmg'] / kib['nchan'] if kib['opencmg'] and kib['nchan'] else None, lambda v: v <= 0.8, ' ×')
+        if 'all' in kinds:
+            add(f'notify all: last of {n:,} ≤ 2 s', ms('all', 'last_ms'), lambda v: v <= 2000, ' ms')
+            add(f'notify all: median ≤ 1 s', ms('all', 'p50_ms'), lambda v: v <= 1000, ' ms')
+            add('notify all: server CPU per delivery ≤ 0.8 × nchan',
+                self.paired('notify-all', 'server_cpu_us_per_delivery', 'nchan'), lambda v: v <= 0.8, ' ×')
+        if 'one' in kinds:
+            add('notify one device: p99 ≤ 50 ms', ms('one', 'p99_ms'), lambda v: v <= 50, ' ms')
+        big = [k for k in kinds if k.startswith('list')]
+        if big:
+            k = max(big, key=lambda x: int(x[4:]))
+            add(f'notify a list of {int(k[4:]):,}: last ≤ 1 s', ms(k, 'last_ms'), lambda v: v <= 1000, ' ms')
+        return lines, targets
+
     def cleanup(self, keep_logs):
         self.procs.stop_all()
         if keep_logs:
@@ -1142,8 +1721,11 @@ def main():
     ap.add_argument('--quick', action='store_true', help='tiny sizes: checks that everything works')
     ap.add_argument('--rounds', type=int, help='rounds per system (default 2)')
     ap.add_argument('--systems', default=','.join(SYSTEMS), help='comma-separated subset of ' + ','.join(SYSTEMS))
-    ap.add_argument('--only', help='comma-separated scenarios: h1,h2,rate,newconn,download,upload,idle,crosscheck')
+    ap.add_argument('--only', help='comma-separated scenarios: h1,h2,rate,newconn,download,upload,idle,'
+                                   'notify,crosscheck')
     ap.add_argument('--idle-conns', type=int, help='idle connections (default 10000)')
+    ap.add_argument('--channels', type=int,
+                    help='notification channels per system (default 100000; 200 with --quick)')
     ap.add_argument('--rate', type=int, help='the fixed rate, requests/s (default 1000)')
     ap.add_argument('--no-crosscheck', action='store_true', help='skip the wrk / h2load cross-check')
     ap.add_argument('--nginx-buffering', default='on', choices=('on', 'off'),

@@ -79,6 +79,31 @@ static const char usage[] =
     "  --max-time S           give up after S seconds (default: warm-up + duration\n"
     "                         + 30, or 600 with -n or --idle)\n"
     "  -q, --quiet            no summary on stderr\n"
+    "\n"
+    "Notification channels (--notify; one process, steered by lines on stdin):\n"
+    "  --notify               hold -c Server-Sent-Events channels (GET URL with\n"
+    "                         'Accept: text/event-stream', HTTP/1.1, TLS), each with\n"
+    "                         its own client certificate; stamp every event's arrival\n"
+    "                         (CLOCK_REALTIME ns) by its id; a channel that ends is\n"
+    "                         lost, never dialled again on its own. Prints\n"
+    "                         {\"event\":\"up\",...} once every channel is up or failed,\n"
+    "                         then answers commands on stdin, one JSON line each:\n"
+    "                         'dump FILE' (per event: KEY COUNT FIRST LAST T1 T2 ...,\n"
+    "                         then forgets them), 'mark' (each channel keeps its last\n"
+    "                         event id), 'replay M' (M marked channels close and dial\n"
+    "                         again with Last-Event-ID: <mark>), 'replay-stats',\n"
+    "                         'stats', 'quit' (or the end of stdin)\n"
+    "  --mint-ca FILE         mint a certificate per channel (CN bench-device-<n>, one\n"
+    "  --mint-ca-key FILE     shared P-256 key, valid from an hour ago) from this CA\n"
+    "  --cert-dir DIR         or read DIR/device<n+1>.crt and .key per channel\n"
+    "  --device-offset K      the first channel is device K (default 0)\n"
+    "  --ids-out FILE         write each channel's device id (cert:<SHA-256>), a line each\n"
+    "  --bind LIST            source addresses, round-robin: A[-B][,C[-D]...]\n"
+    "  --connect-rate R       dial at most R channels per second (default: no limit\n"
+    "                         but --concurrency)\n"
+    "  --path P               request P instead of the URL's path\n"
+    "  --last-event-id ID     send 'Last-Event-ID: ID' on every first dial\n"
+    "  --key-data             know an event by its first data line, not its id\n"
     "  -h, --help             this text\n"
     "\n"
     "Output: requests and rps count responses that completed in the window; status\n"
@@ -226,6 +251,46 @@ static int parse_src(const char *s, struct load_opts *o)
     return o->src_last >= o->src_first ? 0 : -1;
 }
 
+/* --bind: a comma-separated list of addresses and ranges. */
+static int parse_bind(const char *s, struct load_opts *o)
+{
+    char list[4096], *save = NULL;
+    struct load_opts one;
+
+    snprintf(list, sizeof(list), "%s", s);
+    for (char *part = strtok_r(list, ",", &save); part; part = strtok_r(NULL, ",", &save)) {
+        if (parse_src(part, &one) < 0)
+            return -1;
+        for (uint32_t a = one.src_first; a <= one.src_last; a++) {
+            if (o->nbind == LOAD_MAX_BIND)
+                return -1;
+            o->bind[o->nbind++] = a;
+        }
+    }
+    return o->nbind ? 0 : -1;
+}
+
+/* --notify: one process; its own checks, then notify.c runs it. */
+static int notify_main(struct load_opts *o)
+{
+    if (!o->tls || o->proto != LOAD_H1 || o->procs != 1) {
+        fprintf(stderr, "cmg-load: --notify holds HTTP/1.1 channels over TLS (https://), in one "
+                        "process (start several for more)\n");
+        return 2;
+    }
+    if (!o->mint_ca != !o->mint_ca_key || (o->mint_ca && o->cert_dir)) {
+        fprintf(stderr, "cmg-load: --mint-ca and --mint-ca-key go together, and not with --cert-dir\n");
+        return 2;
+    }
+    if (!o->nbind && o->src_first)
+        for (uint32_t a = o->src_first; a <= o->src_last && o->nbind < LOAD_MAX_BIND; a++)
+            o->bind[o->nbind++] = a;
+    if (o->max_time_s <= 0)
+        o->max_time_s = 600;
+    signal(SIGPIPE, SIG_IGN);
+    return load_notify_run(o);
+}
+
 static void raise_nofile(void)
 {
     struct rlimit rl;
@@ -348,7 +413,8 @@ static void report(const struct load_opts *o, const struct load_stats *st, const
 int main(int argc, char **argv)
 {
     enum { O_CONNECT = 256, O_CACERT, O_CERT, O_KEY, O_BEARER, O_BODY, O_H2, O_NEWCONN, O_IDLE,
-           O_IDLE_REQ, O_HOLD, O_CONC, O_SRC, O_MAXTIME };
+           O_IDLE_REQ, O_HOLD, O_CONC, O_SRC, O_MAXTIME, O_NOTIFY, O_MINT_CA, O_MINT_KEY,
+           O_CERT_DIR, O_DEV_OFF, O_IDS_OUT, O_BIND, O_CONN_RATE, O_PATH, O_LAST_ID, O_KEY_DATA };
     static const struct option opts[] = {
         {"connect", required_argument, NULL, O_CONNECT}, {"cacert", required_argument, NULL, O_CACERT},
         {"cert", required_argument, NULL, O_CERT}, {"key", required_argument, NULL, O_KEY},
@@ -362,12 +428,21 @@ int main(int argc, char **argv)
         {"hold", required_argument, NULL, O_HOLD}, {"concurrency", required_argument, NULL, O_CONC},
         {"src", required_argument, NULL, O_SRC}, {"procs", required_argument, NULL, 'p'},
         {"max-time", required_argument, NULL, O_MAXTIME}, {"quiet", no_argument, NULL, 'q'},
+        {"notify", no_argument, NULL, O_NOTIFY}, {"mint-ca", required_argument, NULL, O_MINT_CA},
+        {"mint-ca-key", required_argument, NULL, O_MINT_KEY},
+        {"cert-dir", required_argument, NULL, O_CERT_DIR},
+        {"device-offset", required_argument, NULL, O_DEV_OFF},
+        {"ids-out", required_argument, NULL, O_IDS_OUT}, {"bind", required_argument, NULL, O_BIND},
+        {"connect-rate", required_argument, NULL, O_CONN_RATE},
+        {"path", required_argument, NULL, O_PATH},
+        {"last-event-id", required_argument, NULL, O_LAST_ID},
+        {"key-data", no_argument, NULL, O_KEY_DATA},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     static struct load_opts o;
     static struct load_worker w;
     static struct load_stats total;
     static struct load_hist hist, part;
-    const char *connect_to = NULL, *method = NULL;
+    const char *connect_to = NULL, *method = NULL, *path = NULL;
     pid_t pids[MAX_PROCS];
     int msg_fd[MAX_PROCS], go_fd[MAX_PROCS];
     uint64_t established = 0;
@@ -420,6 +495,23 @@ int main(int argc, char **argv)
         case 'p': o.procs = (unsigned)parse_size(optarg, "-p"); break;
         case O_MAXTIME: o.max_time_s = parse_double(optarg, "--max-time"); break;
         case 'q': o.quiet = true; break;
+        case O_NOTIFY: o.notify = true; break;
+        case O_MINT_CA: o.mint_ca = optarg; break;
+        case O_MINT_KEY: o.mint_ca_key = optarg; break;
+        case O_CERT_DIR: o.cert_dir = optarg; break;
+        case O_DEV_OFF: o.device_offset = (unsigned long)parse_size(optarg, "--device-offset"); break;
+        case O_IDS_OUT: o.ids_out = optarg; break;
+        case O_BIND:
+            if (parse_bind(optarg, &o) < 0) {
+                fprintf(stderr, "cmg-load: --bind A[-B][,C[-D]...], IPv4 addresses, at most %d\n",
+                        LOAD_MAX_BIND);
+                return 2;
+            }
+            break;
+        case O_CONN_RATE: o.connect_rate = parse_double(optarg, "--connect-rate"); break;
+        case O_PATH: path = optarg; break;
+        case O_LAST_ID: o.last_event_id = optarg; break;
+        case O_KEY_DATA: o.key_data = true; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return 2;
         }
@@ -452,7 +544,11 @@ int main(int argc, char **argv)
         o.max_time_s = o.requests || o.mode == LOAD_IDLE ? 600 : o.warmup_s + o.duration_s + 30;
     if (parse_url(argv[optind], connect_to, &o) < 0)
         return 2;
+    if (path)
+        snprintf(o.path, sizeof(o.path), "%s", path);
     raise_nofile();
+    if (o.notify)
+        return notify_main(&o);
 
     signal(SIGPIPE, SIG_IGN);
     signal(SIGINT, SIG_IGN);   /* the workers stop early and report; we collect */

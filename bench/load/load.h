@@ -16,6 +16,7 @@
 
 #define LOAD_MAX_STREAMS 256
 #define LOAD_MAX_HEADERS 16
+#define LOAD_MAX_BIND 256
 
 enum load_mode {
     LOAD_KEEPALIVE,   /* every connection sends its next request as soon as it can */
@@ -49,6 +50,14 @@ struct load_opts {
     bool idle_request;
     uint32_t src_first, src_last;   /* source addresses, host order; 0: the kernel's choice */
     bool quiet;
+    /* --notify: SSE channels, one certificate each (notify.c) */
+    bool notify;
+    bool key_data;                  /* an event is known by its data, not its id */
+    const char *mint_ca, *mint_ca_key, *cert_dir, *ids_out, *last_event_id;
+    unsigned long device_offset;
+    uint32_t bind[LOAD_MAX_BIND];   /* source addresses, host order, round-robin */
+    unsigned nbind;
+    double connect_rate;            /* dials per second (0: as fast as --concurrency allows) */
 };
 
 struct load_stats {
@@ -164,5 +173,10 @@ void load_worker_body_out(struct load_conn *c, uint64_t n);
 void load_worker_body_in(struct load_conn *c, uint64_t n);
 /* Runs the worker to the end; fd_msg: pipe to the parent; fd_go: pipe from it. */
 int load_worker_run(struct load_worker *w, int fd_msg, int fd_go);
+/* The client TLS context of every connection (certificate, CA, ALPN); NULL with err set. */
+SSL_CTX *load_client_ctx(const struct load_opts *o, char *err, size_t errlen);
+
+/* ---- notify.c: hold SSE channels, stamp every event (--notify) ---- */
+int load_notify_run(const struct load_opts *o);
 
 #endif

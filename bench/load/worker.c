@@ -232,7 +232,7 @@ static int build_request(struct load_worker *w)
     return 0;
 }
 
-static SSL_CTX *client_ctx(const struct load_opts *o, char *err, size_t errlen)
+SSL_CTX *load_client_ctx(const struct load_opts *o, char *err, size_t errlen)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     unsigned char alpn_h2[] = "\x02h2", alpn_h1[] = "\x08http/1.1";
@@ -382,7 +382,7 @@ int load_worker_run(struct load_worker *w, int fd_msg, int fd_go)
     if (!(w->hist = malloc(sizeof(*w->hist))))
         return 1;
     load_hist_reset(w->hist);
-    if (o->tls && !(w->ctx = client_ctx(o, err, sizeof(err)))) {
+    if (o->tls && !(w->ctx = load_client_ctx(o, err, sizeof(err)))) {
         fprintf(stderr, "cmg-load: %s\n", err);
         return 1;
     }

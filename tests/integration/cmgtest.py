@@ -469,11 +469,12 @@ def joins_at_once(site):
     return ini_get(site.gateway_conf, 'gateway', 'ready_timeout')[-1:] == ['0']
 
 
-def start_gateway(procs, site, instance=None):
-    """Start a gateway; return once it listens for connectors (its log says so) and, if it
-    joins the device port at once (ready_timeout = 0), completes a TLS handshake there.
-    Otherwise the device port opens once a connector is up: wait_ready() waits for that."""
-    argv = [CMG, 'gateway', '-c', site.gateway_conf]
+def start_gateway(procs, site, instance=None, conf=None):
+    """Start a gateway (with `conf`, default site.gateway_conf); return once it listens for
+    connectors (its log says so) and, if it joins the device port at once (ready_timeout = 0),
+    completes a TLS handshake there. Otherwise the device port opens once a connector is up:
+    wait_ready() waits for that."""
+    argv = [CMG, 'gateway', '-c', conf or site.gateway_conf]
     if instance is not None:
         argv += ['--instance', instance]
     proc = procs.start('gateway' if instance is None else f'gateway{instance}', argv)

@@ -32,8 +32,10 @@ DOWNLOADS = [5000, 123457, 1]         # response body sizes
 TABLES = ('traffic_5m', 'traffic_day', 'traffic_month')
 
 
-@pytest.fixture
-def dep(procs, tmp_path, svc):
+def two_by_two(procs, tmp_path, svc, configure=None, gateway_conf=None):
+    """2 gateway instances × 2 connectors (connector-1 as connector-a, c2 as edge-b) and
+    `cmg site serve`, report_interval = INTERVAL on every role. configure(d) edits the files
+    before anything starts; gateway_conf(i), if given, is the file instance i runs with."""
     d = Deployment(procs, tmp_path, svc, start=False)
     site = d.site
     site.tunnel_port = free_port_range(2)
@@ -46,12 +48,20 @@ def dep(procs, tmp_path, svc):
     ini_set(conf_b, 'connector', 'cert', 'connectors/c2.crt')
     ini_set(conf_b, 'connector', 'key', 'connectors/c2.key')
     ini_set(conf_b, 'connector', 'name', 'edge-b')   # its certificate says c2: reported as c2
+    if configure:
+        configure(d)
     d.start_site()
-    d.gateways = [start_gateway(procs, site, i) for i in range(2)]
+    d.gateways = [start_gateway(procs, site, i, conf=gateway_conf and gateway_conf(i))
+                  for i in range(2)]
     d.connectors = [start_connector(procs, site.connector_conf, 'connector-a'),
                     start_connector(procs, conf_b, 'connector-b')]
     wait_ready(procs, site)
     return d
+
+
+@pytest.fixture
+def dep(procs, tmp_path, svc):
+    return two_by_two(procs, tmp_path, svc)
 
 
 def db(dep):

@@ -589,7 +589,7 @@ static void sink_end(void *sink, struct cmg_notify_channel *ch, bool graceful)
     close_after_output(d);
 }
 
-static const struct cmg_notify_sink_ops h1_sink = {sink_write, sink_pending, sink_end};
+static const struct cmg_notify_sink_ops h1_sink = {sink_write, sink_pending, sink_end, false};
 
 /* The request of an admitted channel is complete: the head, then the hub's events. What
  * the request phase held is freed; of the token, the hub keeps the expiry alone. */
@@ -890,7 +890,9 @@ void cmg_h1_on_drain(struct cmg_device *d)
         return;
     }
     if (h->phase == H1_CHANNEL) {
-        if (cmg_conn_pending(&d->conn) == 0)
+        if (h->channel)
+            cmg_notify_resume(h->channel);   /* a replay paced by the socket goes on */
+        if (d->h1 && cmg_conn_pending(&d->conn) == 0)
             cmg_conn_idle(&d->conn);
         return;
     }

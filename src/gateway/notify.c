@@ -56,11 +56,12 @@ struct cmg_notify_channel {
     struct cmg_notify_channel *prev, *next;  /* every open channel */
     uint64_t sent_seq;        /* never a seq at or below this one again */
     uint64_t resume_seq;      /* Last-Event-ID, while the replay waits */
+    uint64_t replay_next;     /* a replay paused by notify_buffer goes on from here */
     uint64_t hb_due_ms;
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
     uint8_t method;
     uint8_t reason;           /* enum cmg_notify_close */
-    bool mapped, linked, waiting, has_resume, ended;
+    bool mapped, linked, waiting, has_resume, ended, replaying;
     char resume_epoch[EPOCH_LEN + 1];
     char device[];
 };
@@ -223,7 +224,8 @@ static void end_channel(struct cmg_notify_channel *ch, enum cmg_notify_close rea
 static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
 {
     int rc = ch->ops->write(ch->sink, framed, flen, framed + prefix, flen - prefix - 2);
-    if (rc < 0 || ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer) {
+    if (rc < 0 ||
+        (!ch->ops->deferred && ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
         /* a write that failed: the connection is gone or out of memory */
         end_channel(ch, rc < 0 ? CMG_NOTIFY_PEER : CMG_NOTIFY_OVERFLOW, false);
         return -1;
@@ -242,15 +244,21 @@ static int put_own(struct cmg_notify_channel *ch, const char *sse, size_t n)
     return put(ch, buf, len, prefix);
 }
 
-static void deliver(struct cmg_notify_channel *ch, const struct event *e)
+static void send_event(struct cmg_notify_channel *ch, const struct event *e)
 {
-    if (ch->ended || ch->waiting || e->seq <= ch->sent_seq)
-        return;
     ch->sent_seq = e->seq;
     if (put(ch, e->wire, e->len, e->prefix) < 0)
         return;
     ch->hub->deliveries++;
     cmg_notify_report_delivered(ch->hub->gw, e->seq, ch->device);
+}
+
+/* A live notification: a channel still replaying gets it from the window, in order. */
+static void deliver(struct cmg_notify_channel *ch, const struct event *e)
+{
+    if (ch->ended || ch->waiting || ch->replaying || e->seq <= ch->sent_seq)
+        return;
+    send_event(ch, e);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -336,23 +344,52 @@ static void send_reset(struct cmg_notify_channel *ch, const char *reason)
                      hub->epoch, (unsigned long long)top, reason);
 
     ch->sent_seq = top;
+    ch->replaying = false;
     put_own(ch, sse, (size_t)n);
 }
 
-/* Every unexpired notification of the window after `from` that targets the device. */
+/* Room for e: the queue is empty, or e fits under notify_buffer with what waits. */
+static bool room_for(const struct cmg_notify_channel *ch, const struct event *e)
+{
+    size_t pending = ch->ops->pending(ch->sink);
+    return pending == 0 || pending + e->len <= ch->hub->gw->cfg.notify_buffer;
+}
+
+/* Every unexpired notification of the window after `from` that targets the device,
+ * as far as notify_buffer leaves room: the rest when the device has taken it
+ * (cmg_notify_resume), so that a replay never overflows a device that reads. */
 static void replay(struct cmg_notify_channel *ch, uint64_t from)
 {
     struct cmg_notify_hub *hub = ch->hub;
     int64_t now = now_s();
 
+    ch->replaying = false;
     for (uint64_t seq = from > window_lo(hub) ? from : window_lo(hub); seq <= hub->hi && hub->count;
          seq++) {
         const struct event *e = at(hub, seq);
         if (ch->ended)
             return;
-        if (e && !e->tombstone && e->expires > now && targets(e, ch->device))
-            deliver(ch, e);
+        if (!e || e->tombstone || e->expires <= now || seq <= ch->sent_seq ||
+            !targets(e, ch->device))
+            continue;
+        if (!room_for(ch, e)) {
+            ch->replaying = true;
+            ch->replay_next = seq;
+            return;
+        }
+        send_event(ch, e);
     }
+}
+
+void cmg_notify_resume(struct cmg_notify_channel *ch)
+{
+    if (ch && ch->replaying && !ch->ended)
+        replay(ch, ch->replay_next);
+}
+
+void cmg_notify_overflow(struct cmg_notify_channel *ch)
+{
+    end_channel(ch, CMG_NOTIFY_OVERFLOW, false);
 }
 
 /* The window can prove what a channel missed: replay it, or one reset if not. */

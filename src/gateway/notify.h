@@ -36,12 +36,16 @@ struct cmg_notify_sink_ops {
     /* Queues one message: over HTTP/1.1 `framed` (a whole chunk), over HTTP/2 `sse`
      * (its payload). 0, or -1 (out of memory). */
     int (*write)(void *sink, const char *framed, size_t flen, const char *sse, size_t slen);
-    /* Bytes queued for the device and not yet taken by its socket. */
+    /* Bytes queued for the device and not yet taken by its socket (over HTTP/2: this
+     * stream's bytes not yet framed). A replay goes on while they leave room. */
     size_t (*pending)(void *sink);
     /* Ends the channel: graceful (the last chunk / END_STREAM, then the connection or
      * stream closes as usual) or at once (overflow). The protocol lets go of ch and
      * calls cmg_notify_gone(ch) before it returns. */
     void (*end)(void *sink, struct cmg_notify_channel *ch, bool graceful);
+    /* The protocol sends later (a task) and judges notify_buffer itself after each
+     * send attempt (cmg_notify_overflow): bytes just queued were never offered. */
+    bool deferred;
 };
 
 /* The hub: created at start, freed at exit. */
@@ -70,6 +74,10 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
                                            const struct cmg_headers *in,
                                            const struct cmg_notify_sink_ops *ops, void *sink);
 void cmg_notify_begin(struct cmg_notify_channel *ch);
+/* What the device took left room: a replay paused by notify_buffer goes on. */
+void cmg_notify_resume(struct cmg_notify_channel *ch);
+/* A deferred protocol found more than notify_buffer unsent after a send attempt. */
+void cmg_notify_overflow(struct cmg_notify_channel *ch);
 /* Its protocol lets go of it (the device closed, or the end the hub asked for). */
 void cmg_notify_gone(struct cmg_notify_channel *ch);
 

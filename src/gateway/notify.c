@@ -27,6 +27,9 @@
 /* Channels one loop round visits for live deliveries: a broadcast to many goes out in
  * slices, so that tunnels and other devices keep flowing meanwhile. */
 #define FAN_SLICE 2000
+/* Channels one loop round checks against a new policy (a certificate's chain verify
+ * costs 0.1-0.2 ms): 100,000 channels are checked within a second or two. */
+#define POLICY_SLICE 2000
 
 const char *const cmg_notify_close_names[CMG_NOTIFY_CLOSES] = {
     "peer", "replaced", "overflow", "blocked", "expired", "drain"};
@@ -59,6 +62,8 @@ struct cmg_notify_channel {
     uint64_t replay_next;     /* a replay paused by notify_buffer goes on from here */
     uint64_t hb_due_ms;
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
+    uint64_t issuer_hash;     /* OIDC: the issuer the token was taken under */
+    uint16_t subject_at, jti_at;   /* OIDC subject (UPN) and token jti, after device[] */
     uint8_t method;
     uint8_t reason;           /* enum cmg_notify_close */
     bool mapped, linked, waiting, has_resume, ended, replaying;
@@ -89,6 +94,8 @@ struct cmg_notify_hub {
     size_t pos;
     bool started;
     struct cmg_task fan_task;
+    struct cmg_notify_channel *policy_cursor;   /* the next channel a new policy checks */
+    struct cmg_task policy_task;
     uint64_t deliveries;
     uint64_t closed[CMG_NOTIFY_CLOSES];
 };
@@ -174,6 +181,8 @@ static void unlink_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel
         return;
     if (hub->cursor == ch)   /* a broadcast under way goes on with the next */
         hub->cursor = ch->next;
+    if (hub->policy_cursor == ch)
+        hub->policy_cursor = ch->next;
     if (ch->prev)
         ch->prev->next = ch->next;
     else
@@ -899,8 +908,10 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
                                            const struct cmg_notify_sink_ops *ops, void *sink)
 {
     struct cmg_notify_hub *hub = gw->notify;
-    size_t n = strlen(id->device_id) + 1;
-    struct cmg_notify_channel *ch = calloc(1, sizeof(*ch) + n), *old;
+    bool oidc = id->method == CMG_ID_OIDC, token = id->method != CMG_ID_CERT;
+    size_t n = strlen(id->device_id) + 1, ns = oidc ? strlen(id->subject) + 1 : 1,
+           nj = token ? strlen(id->jti) + 1 : 1;
+    struct cmg_notify_channel *ch = calloc(1, sizeof(*ch) + n + ns + nj), *old;
 
     if (!ch)
         return NULL;
@@ -911,6 +922,13 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
     ch->expires = expires;
     ch->method = (uint8_t)id->method;
     memcpy(ch->device, id->device_id, n);
+    /* what a later policy may block: the OIDC subject, the token's jti, the issuer */
+    ch->subject_at = (uint16_t)n;
+    ch->jti_at = (uint16_t)(n + ns);
+    memcpy(ch->device + ch->subject_at, oidc ? id->subject : "", ns);
+    memcpy(ch->device + ch->jti_at, token ? id->jti : "", nj);
+    if (oidc && gw->policy)
+        ch->issuer_hash = hash(gw->policy->oidc_issuer);
     read_resume(ch, in);
     if ((old = lookup(hub, ch->device)) != NULL)
         end_channel(old, CMG_NOTIFY_REPLACED, true);
@@ -962,31 +980,71 @@ static bool blocked_as(const struct cmg_policy *p, const char *kind, const char 
            cmg_policy_device_blocked(p, key);
 }
 
+/* A CRL that cannot be used refuses new requests, but does not close every
+ * certificate channel at once: only a verdict the CRL or the trust proves does. */
+static bool cert_still_good(struct cmg_device *d)
+{
+    return cmg_device_cert(d) == CMG_CERT_OK ||
+           (d->cert == CMG_CERT_INVALID && cmg_policy_crl_error(d->cert_error));
+}
+
+static bool oidc_still_good(const struct cmg_notify_channel *ch, const struct cmg_policy *p)
+{
+    return p->oidc && hash(p->oidc_issuer) == ch->issuer_hash &&
+           !(ch->device[ch->subject_at] && blocked_as(p, "oidc:", ch->device + ch->subject_at));
+}
+
 static bool still_allowed(struct cmg_notify_channel *ch, const struct cmg_policy *p)
 {
     struct cmg_device *d = ch->d;
 
-    if (ch->method == CMG_ID_CERT && cmg_device_cert(d) != CMG_CERT_OK)
+    if (ch->method == CMG_ID_CERT && !cert_still_good(d))
         return false;   /* revoked, or no longer trusted */
+    if (ch->method == CMG_ID_OIDC && !oidc_still_good(ch, p))
+        return false;   /* OIDC off, another issuer, or its user blocked */
+    if (ch->device[ch->jti_at] && cmg_policy_token_revoked(p, ch->device + ch->jti_at))
+        return false;
     if (blocked_as(p, ch->method == CMG_ID_OIDC ? "oidc:" : "", ch->device))
         return false;
     return !(d->has_cert && blocked_as(p, "cert:", d->thumbprint));
 }
 
+static void on_policy_task(struct cmg_task *t);
+
+/* POLICY_SLICE channels a loop round, from where the last round stopped. */
+static void policy_slice(struct cmg_notify_hub *hub)
+{
+    const struct cmg_policy *p = hub->gw->policy;
+    unsigned budget = POLICY_SLICE;
+
+    while (hub->policy_cursor && budget--) {
+        struct cmg_notify_channel *ch = hub->policy_cursor;
+        hub->policy_cursor = ch->next;   /* before: ending unlinks ch */
+        if (!still_allowed(ch, p)) {
+            cmg_info("notify channel of device %s closed: blocked or revoked by policy version %lld",
+                     ch->device, (long long)p->version);
+            end_channel(ch, CMG_NOTIFY_BLOCKED, true);
+        }
+    }
+    if (hub->policy_cursor)
+        cmg_task_post(hub->gw->loop, &hub->policy_task, on_policy_task);
+}
+
+static void on_policy_task(struct cmg_task *t)
+{
+    policy_slice((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, policy_task)));
+}
+
+/* Channels opened from now on are admitted under the new policy; the older ones are
+ * checked in slices (a newer policy starts the walk again). */
 void cmg_notify_policy(struct cmg_gateway *gw)
 {
     struct cmg_notify_hub *hub = gw->notify;
 
-    if (!hub)
+    if (!hub || !gw->policy)
         return;
-    for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
-        next = ch->next;
-        if (!still_allowed(ch, gw->policy)) {
-            cmg_info("notify channel of device %s closed: blocked or revoked by policy version %lld",
-                     ch->device, (long long)gw->policy->version);
-            end_channel(ch, CMG_NOTIFY_BLOCKED, true);
-        }
-    }
+    hub->policy_cursor = hub->all;
+    policy_slice(hub);
 }
 
 void cmg_notify_drain(struct cmg_gateway *gw)
@@ -1085,6 +1143,7 @@ void cmg_notify_stop(struct cmg_gateway *gw)
     cmg_notify_report_stop(gw);
     cmg_timer_stop(gw->loop, &hub->sweep);
     cmg_task_cancel(gw->loop, &hub->fan_task);
+    cmg_task_cancel(gw->loop, &hub->policy_task);
     queue_clear(hub);
     free(hub->queue);
     while (hub->all)   /* the devices are closed first: nothing should be left */

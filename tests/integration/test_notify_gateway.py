@@ -675,3 +675,90 @@ def test_three_credentials_bulk_token_and_blocking(dep, procs, tmp_path):
         assert [e['id'] for e in by_oidc.events(2)][1] == f'{EPOCH}-2'
     finally:
         env.close()
+
+
+def resigned_policy(dep, jws, **change):
+    """The site's policy with fields changed (None removes one), a version above, signed
+    with the site's key as the site signs it."""
+    header = json.loads(unb64u(jws.split('.')[0]))
+    payload = json.loads(unb64u(jws.split('.')[1]))
+    for k, v in change.items():
+        if v is None:
+            payload.pop(k, None)
+        else:
+            payload[k] = v
+    payload['version'] += 1
+    key = serialization.load_pem_private_key((dep.site.dir / 'site-signing.key').read_bytes(), None)
+    return sign_jwt(key, payload, kid=header.get('kid'),
+                    header_extra={k: v for k, v in header.items() if k not in ('alg', 'kid')})
+
+
+def test_policy_closes_revoked_site_tokens_blocked_oidc_users_and_oidc_turned_off(dep, procs,
+                                                                                  tmp_path):
+    """Channels opened with a site device token whose jti a new policy revokes, with an
+    OIDC token whose user (oidc:<upn>) it blocks, and with an OIDC token after a policy
+    turns OIDC off, are each closed within 5 s of that policy; a certificate channel stays."""
+    idp = IdP(tmp_path)
+    v = dep.policy_version()
+    dep.cmg_site('oidc', 'set', '--issuer', idp.ISSUER, '--tenant', idp.TENANT,
+                 '--audience', idp.AUDIENCE, '--jwks', idp.jwks)
+    poll(lambda: dep.policy_version() > v, 5 * SLOW, 'a policy with the OIDC issuer')
+    env = Env(procs, dep.site, tmp_path)
+    try:
+        jws = push_policy(dep, env)
+        env.fc.sync(EPOCH, 0)
+        crt2, key2 = site_device(dep.site, tmp_path, 'tokdev')
+        tok = device_token(dep, jws, crt2, 'dev-123')
+        jti = json.loads(unb64u(tok.split('.')[1]))['jti']
+        by_token = Channel(dep.site, cert=crt2, key=key2, token=tok)
+        by_upn = H2Channel(dep.site, token=idp.token(deviceid='aad-dev-1'), cert=crt2, key=key2)
+        by_oidc = Channel(dep.site, token=idp.token(deviceid='aad-dev-2', upn='bob@example.test'),
+                          cert=crt2, key=key2)
+        by_cert = Channel(dep.site)
+        for c in (by_token, by_upn, by_oidc, by_cert):
+            c.wait(lambda c: c.sse.retry is not None)
+        payload = json.loads(unb64u(jws.split('.')[1]))
+        blocking = resigned_policy(dep, jws, revoked_tokens=payload.get('revoked_tokens', []) + [jti],
+                                   blocked_devices=payload.get('blocked_devices', []) +
+                                   ['oidc:alice@example.test'])
+        start = time.monotonic()
+        env.fc.policy(blocking)
+        by_token.wait(lambda c: c.ended and c.closed, timeout=5, what='the revoked token channel')
+        by_upn.wait(lambda c: c.sid in c.ended, timeout=5, what='the blocked OIDC user channel')
+        assert time.monotonic() - start < 5
+        assert by_oidc.quiet(0.3) == [] and not by_oidc.ended
+        start = time.monotonic()
+        env.fc.policy(resigned_policy(dep, blocking, oidc=None))
+        by_oidc.wait(lambda c: c.ended and c.closed, timeout=5, what='the OIDC channel, OIDC off')
+        assert time.monotonic() - start < 5
+        env.fc.notify(FakeConnector.doc(EPOCH, 1, all_=True))
+        assert [e['id'] for e in by_cert.events(1)] == [f'{EPOCH}-1']
+        log = env.gateway.log_text()
+        for dev in ('dev-123', 'aad-dev-1', 'aad-dev-2'):
+            assert f'notify channel of device {dev} closed: blocked or revoked' in log
+    finally:
+        env.close()
+
+
+def test_a_policy_without_a_usable_crl_keeps_certificate_channels(dep, procs, tmp_path):
+    """A policy that checks revocation but carries no CRL refuses new certificate
+    channels (401 CMGService_CRL_Unavailable) and leaves the open ones be: an unusable
+    CRL does not close the whole fleet at once."""
+    env = Env(procs, dep.site, tmp_path)
+    try:
+        jws = push_policy(dep, env)
+        env.fc.sync(EPOCH, 0)
+        by_cert = Channel(dep.site)
+        by_cert.wait(lambda c: c.sse.retry is not None)
+        no_crl = resigned_policy(dep, jws, crl=None, check_revocation=True)
+        version = json.loads(unb64u(no_crl.split('.')[1]))['version']
+        env.fc.policy(no_crl)
+        poll(lambda: f'policy version {version} in force' in env.gateway.log_text(), 5 * SLOW,
+             'the policy without a CRL')
+        refused = Channel(dep.site)
+        assert refused.status == 401 and b'CMGService_CRL_Unavailable' in refused.body
+        env.fc.notify(FakeConnector.doc(EPOCH, 1, all_=True))
+        assert [e['id'] for e in by_cert.events(1)] == [f'{EPOCH}-1']
+        assert not by_cert.ended
+    finally:
+        env.close()

@@ -30,6 +30,9 @@
 /* Channels one loop round checks against a new policy (a certificate's chain verify
  * costs 0.1-0.2 ms): 100,000 channels are checked within a second or two. */
 #define POLICY_SLICE 2000
+/* A site's epoch changes when its store is made anew: rarely. More often than this, a
+ * change waits (a connector flapping between two sites costs the fleet nothing). */
+#define EPOCH_CHANGE_MIN_MS 10000
 
 const char *const cmg_notify_close_names[CMG_NOTIFY_CLOSES] = {
     "peer", "replaced", "overflow", "blocked", "expired", "drain"};
@@ -61,6 +64,7 @@ struct cmg_notify_channel {
     uint64_t resume_seq;      /* Last-Event-ID, while the replay waits */
     uint64_t replay_next;     /* a replay paused by notify_buffer goes on from here */
     uint64_t hb_due_ms;
+    uint32_t gen;             /* the hub's epoch generation its ids are of */
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
     uint64_t issuer_hash;     /* OIDC: the issuer the token was taken under */
     uint16_t subject_at, jti_at;   /* OIDC subject (UPN) and token jti, after device[] */
@@ -96,6 +100,14 @@ struct cmg_notify_hub {
     struct cmg_task fan_task;
     struct cmg_notify_channel *policy_cursor;   /* the next channel a new policy checks */
     struct cmg_task policy_task;
+    /* Channels start (the replay decision) and move to a new epoch (one reset) in
+     * slices too: walks that go on from these. */
+    struct cmg_notify_channel *begin_cursor, *epoch_cursor;
+    struct cmg_task begin_task, epoch_task;
+    uint32_t gen;             /* epoch changes so far */
+    uint64_t epoch_ms;        /* when the epoch last changed */
+    char next_epoch[EPOCH_LEN + 1];   /* a change that waits for EPOCH_CHANGE_MIN_MS */
+    uint64_t next_last;
     uint64_t deliveries;
     uint64_t closed[CMG_NOTIFY_CLOSES];
 };
@@ -183,6 +195,10 @@ static void unlink_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel
         hub->cursor = ch->next;
     if (hub->policy_cursor == ch)
         hub->policy_cursor = ch->next;
+    if (hub->begin_cursor == ch)
+        hub->begin_cursor = ch->next;
+    if (hub->epoch_cursor == ch)
+        hub->epoch_cursor = ch->next;
     if (ch->prev)
         ch->prev->next = ch->next;
     else
@@ -265,8 +281,9 @@ static void send_event(struct cmg_notify_channel *ch, const struct event *e)
 /* A live notification: a channel still replaying gets it from the window, in order. */
 static void deliver(struct cmg_notify_channel *ch, const struct event *e)
 {
-    if (ch->ended || ch->waiting || ch->replaying || e->seq <= ch->sent_seq)
-        return;
+    if (ch->ended || ch->waiting || ch->replaying || ch->gen != ch->hub->gen ||
+        e->seq <= ch->sent_seq)
+        return;   /* waiting for its replay, or for its reset into the new epoch */
     send_event(ch, e);
 }
 
@@ -410,6 +427,7 @@ static void begin(struct cmg_notify_channel *ch)
     if (ch->waiting)
         hub->nwaiting--;
     ch->waiting = false;
+    ch->gen = hub->gen;
     if (!ch->has_resume) {
         replay(ch, 1);
         return;
@@ -434,17 +452,58 @@ static bool window_ready(const struct cmg_notify_hub *hub)
             cmg_loop_now(hub->gw->loop) - hub->sync_ms >= SYNC_GRACE_MS);
 }
 
+static void on_begin_task(struct cmg_task *t);
+
+/* The waiting channels start FAN_SLICE a loop round (after a restart every device
+ * comes back at once): the walk goes on from begin_cursor. */
 static void begin_waiting(struct cmg_notify_hub *hub)
 {
-    struct cmg_notify_channel *ch, *next;
+    unsigned budget = FAN_SLICE;
 
     if (!hub->nwaiting || !window_ready(hub))
         return;
-    for (ch = hub->all; ch && hub->nwaiting; ch = next) {
-        next = ch->next;
+    if (!hub->begin_cursor)
+        hub->begin_cursor = hub->all;
+    while (hub->begin_cursor && hub->nwaiting && budget--) {
+        struct cmg_notify_channel *ch = hub->begin_cursor;
+        hub->begin_cursor = ch->next;   /* before: beginning may end ch */
         if (ch->waiting)
             begin(ch);
     }
+    if (!hub->nwaiting)
+        hub->begin_cursor = NULL;
+    else   /* more on the way, or some opened behind the walk: from the start again */
+        cmg_task_post(hub->gw->loop, &hub->begin_task, on_begin_task);
+}
+
+static void on_begin_task(struct cmg_task *t)
+{
+    begin_waiting((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, begin_task)));
+}
+
+static void on_epoch_task(struct cmg_task *t);
+
+/* Channels of the old epoch: their ids mean nothing now, one reset each, FAN_SLICE a
+ * loop round; live events of the new epoch wait for a channel's reset (deliver()). */
+static void reset_slice(struct cmg_notify_hub *hub)
+{
+    unsigned budget = FAN_SLICE;
+
+    while (hub->epoch_cursor && budget--) {
+        struct cmg_notify_channel *ch = hub->epoch_cursor;
+        hub->epoch_cursor = ch->next;   /* before: the reset may end ch */
+        if (ch->gen == hub->gen || ch->waiting)
+            continue;   /* opened since, or its decision waits: it starts in the new epoch */
+        ch->gen = hub->gen;
+        send_reset(ch, "epoch");
+    }
+    if (hub->epoch_cursor)
+        cmg_task_post(hub->gw->loop, &hub->epoch_task, on_epoch_task);
+}
+
+static void on_epoch_task(struct cmg_task *t)
+{
+    reset_slice((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, epoch_task)));
 }
 
 /* ---- control messages ---- */
@@ -494,6 +553,46 @@ static bool get_count(const cJSON *msg, const char *name, uint64_t min, uint64_t
     return true;
 }
 
+static struct cmg_log_limit epoch_flaps = {.what = "deferred epoch changes"};
+
+/* The site's epoch and newest seq, as a notify-sync (or a deferred one) says. */
+static void sync_to(struct cmg_notify_hub *hub, const char *epoch, uint64_t last, const char *from)
+{
+    if (strcmp(epoch, hub->epoch) && hub->epoch[0] &&
+        cmg_loop_now(hub->gw->loop) - hub->epoch_ms < EPOCH_CHANGE_MIN_MS) {
+        cmg_log_limited(&epoch_flaps, CMG_LOG_WARN,
+                        "connector %s: the site's epoch changes again (%s, was %s) within %d s: "
+                        "the change waits (are connectors of two sites on this gateway?)", from,
+                        epoch, hub->epoch, EPOCH_CHANGE_MIN_MS / 1000);
+        memmove(hub->next_epoch, epoch, EPOCH_LEN + 1);
+        hub->next_last = last;
+        return;
+    }
+    hub->next_epoch[0] = 0;
+    if (strcmp(epoch, hub->epoch)) {
+        if (hub->epoch[0])
+            cmg_info("notifications: the site's epoch is now %s (was %s): the window starts anew",
+                     epoch, hub->epoch);
+        window_clear(hub);
+        queue_clear(hub);   /* what the old epoch still had to deliver is void */
+        if (hub->epoch[0])   /* the first epoch heard is no change */
+            hub->epoch_ms = cmg_loop_now(hub->gw->loop);
+        memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
+        hub->last = last;
+        hub->gen++;
+        hub->epoch_cursor = hub->all;
+        reset_slice(hub);
+    } else if (last > hub->last) {
+        hub->last = last;
+    }
+    if (!hub->synced)
+        cmg_info("notifications: in step with the site (epoch %s, last %llu) through %s", epoch,
+                 (unsigned long long)last, from);
+    hub->synced = true;
+    hub->sync_ms = cmg_loop_now(hub->gw->loop);
+    begin_waiting(hub);
+}
+
 static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *from)
 {
     const char *epoch = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(msg, "epoch"));
@@ -504,29 +603,18 @@ static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *fr
                  "\"last\": a count}", from);
         return;
     }
-    if (strcmp(epoch, hub->epoch)) {
-        if (hub->epoch[0])
-            cmg_info("notifications: the site's epoch is now %s (was %s): the window starts anew",
-                     epoch, hub->epoch);
-        window_clear(hub);
-        queue_clear(hub);   /* what the old epoch still had to deliver is void */
-        memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
-        hub->last = last;
-        /* Channels of the old epoch: their ids mean nothing now (one reset each). */
-        for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
-            next = ch->next;
-            if (!ch->waiting)
-                send_reset(ch, "epoch");   /* may end ch */
-        }
-    } else if (last > hub->last) {
-        hub->last = last;
-    }
-    if (!hub->synced)
-        cmg_info("notifications: in step with the site (epoch %s, last %llu) through %s", epoch,
-                 (unsigned long long)last, from);
-    hub->synced = true;
-    hub->sync_ms = cmg_loop_now(hub->gw->loop);
-    begin_waiting(hub);
+    sync_to(hub, epoch, last, from);
+}
+
+/* An epoch change that waited: in force once EPOCH_CHANGE_MIN_MS have passed. */
+static void deferred_epoch(struct cmg_notify_hub *hub)
+{
+    char epoch[EPOCH_LEN + 1];
+
+    if (!hub->next_epoch[0] || cmg_loop_now(hub->gw->loop) - hub->epoch_ms < EPOCH_CHANGE_MIN_MS)
+        return;
+    memcpy(epoch, hub->next_epoch, sizeof(epoch));
+    sync_to(hub, epoch, hub->next_last, "(an epoch change that waited)");
 }
 
 /* The target list, sorted, its strings in one arena. -1 if malformed. */
@@ -921,6 +1009,7 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
     ch->sink = sink;
     ch->expires = expires;
     ch->method = (uint8_t)id->method;
+    ch->gen = hub->gen;
     memcpy(ch->device, id->device_id, n);
     /* what a later policy may block: the OIDC subject, the token's jti, the issuer */
     ch->subject_at = (uint16_t)n;
@@ -1084,6 +1173,7 @@ static void on_sweep(struct cmg_timer *t)
             heartbeat(ch, now);
     }
     window_trim(hub);
+    deferred_epoch(hub);
     begin_waiting(hub);
     cmg_timer_start(hub->gw->loop, &hub->sweep, SWEEP_MS, on_sweep);
 }
@@ -1144,6 +1234,8 @@ void cmg_notify_stop(struct cmg_gateway *gw)
     cmg_timer_stop(gw->loop, &hub->sweep);
     cmg_task_cancel(gw->loop, &hub->fan_task);
     cmg_task_cancel(gw->loop, &hub->policy_task);
+    cmg_task_cancel(gw->loop, &hub->begin_task);
+    cmg_task_cancel(gw->loop, &hub->epoch_task);
     queue_clear(hub);
     free(hub->queue);
     while (hub->all)   /* the devices are closed first: nothing should be left */

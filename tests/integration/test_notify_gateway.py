@@ -408,6 +408,15 @@ def test_a_new_site_epoch_resets_open_channels_once(env_factory, site):
     c.close()
     old = Channel(site, last_id=f'{EPOCH}-1')
     assert old.events(1)[0]['event'] == 'reset'
+    # flipping back within 10 s (connectors of two sites?) waits: no reset storm
+    env.fc.sync(EPOCH, 1)
+    poll(lambda: 'the change waits' in env.gateway.log_text(), 5 * SLOW, 'the deferred change')
+    env.fc.notify(FakeConnector.doc(OTHER_EPOCH, 2, devices=[dev]))
+    ev = old.events(2)
+    assert ev[1]['id'] == f'{OTHER_EPOCH}-2' and len(old.quiet(0.3)) == 2
+    # ... and takes effect 10 s after the last change: one reset
+    ev = old.events(3, timeout=15)
+    assert ev[2] == {'id': f'{EPOCH}-1', 'event': 'reset', 'data': {'reason': 'epoch'}}
     old.close()
 
 

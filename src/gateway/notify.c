@@ -575,8 +575,10 @@ static void sync_to(struct cmg_notify_hub *hub, const char *epoch, uint64_t last
                      epoch, hub->epoch);
         window_clear(hub);
         queue_clear(hub);   /* what the old epoch still had to deliver is void */
-        if (hub->epoch[0])   /* the first epoch heard is no change */
+        if (hub->epoch[0]) {   /* the first epoch heard is no change */
             hub->epoch_ms = cmg_loop_now(hub->gw->loop);
+            cmg_notify_report_epoch(hub->gw);
+        }
         memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
         hub->last = last;
         hub->gen++;
@@ -1200,6 +1202,11 @@ void cmg_notify_metrics(struct cmg_gateway *gw, struct cmg_buf *b)
         const char *l[] = {"reason", cmg_notify_close_names[i], NULL};
         cmg_metrics_u64(b, "cmg_notify_closed_total", l, hub->closed[i]);
     }
+    cmg_metrics_family(b, "cmg_notify_report_records_dropped_total", "counter",
+                       "Notify report records dropped: the site took no report for too long "
+                       "(more than 16 MiB waited), or they named an old epoch.");
+    cmg_metrics_u64(b, "cmg_notify_report_records_dropped_total", NULL,
+                    cmg_notify_report_dropped(gw));
 }
 
 /* ---- life ---- */

@@ -90,6 +90,10 @@ void cmg_notify_drain(struct cmg_gateway *gw);
 void cmg_notify_report_delivered(struct cmg_gateway *gw, uint64_t seq, const char *device);
 void cmg_notify_report_opened(struct cmg_gateway *gw, const char *device);
 void cmg_notify_report_closed(struct cmg_gateway *gw, const char *device, int64_t when);
+/* The site's epoch changed: unsent deliveries of the old one are dropped. */
+void cmg_notify_report_epoch(struct cmg_gateway *gw);
+/* Records dropped so far (the site took no report for too long, or the epoch changed). */
+uint64_t cmg_notify_report_dropped(const struct cmg_gateway *gw);
 /* Tunnel hooks: the :status of a stream, and its end. true if it was the report's. */
 bool cmg_notify_report_status(struct cmg_tunnel *t, int32_t stream_id, int status);
 bool cmg_notify_report_closed_stream(struct cmg_tunnel *t, int32_t stream_id, uint32_t error);

@@ -771,3 +771,30 @@ def test_a_policy_without_a_usable_crl_keeps_certificate_channels(dep, procs, tm
         assert not by_cert.ended
     finally:
         env.close()
+
+
+def test_reports_never_label_old_deliveries_with_a_new_epoch(env_factory, site):
+    """Deliveries of the old epoch still unsent when the site's epoch changes (the site
+    answered 503 meanwhile) are dropped, never reported under the new epoch's ids."""
+    env = env_factory()
+    env.fc.report_statuses = [503, 503, 503]
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 0)
+    settle()
+    c = Channel(site)
+    c.wait(lambda c: c.sse.retry is not None)
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=[dev]))
+    c.events(1)
+    poll(lambda: env.fc.report_attempts, 5 * SLOW, 'the first report (answered 503)')
+    env.fc.notify(FakeConnector.doc(EPOCH, 2, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 3, devices=[dev]))
+    c.events(3)
+    env.fc.sync(OTHER_EPOCH, 0)
+    env.fc.notify(FakeConnector.doc(OTHER_EPOCH, 1, devices=[dev]))
+    assert c.events(5)[4]['id'] == f'{OTHER_EPOCH}-1'
+    reports = env.fc.wait_reports(lambda r: any(f'{OTHER_EPOCH}-1' in x['delivered'] for x in r),
+                                  timeout=10)
+    keys = [k for x in reports for k in x['delivered']]
+    assert f'{EPOCH}-1' in keys
+    assert f'{OTHER_EPOCH}-2' not in keys and f'{OTHER_EPOCH}-3' not in keys, keys
+    c.close()

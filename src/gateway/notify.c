@@ -96,7 +96,10 @@ struct cmg_notify_hub {
     size_t qhead, qlen, qcap;
     struct cmg_notify_channel *cursor;
     size_t pos;
+    size_t qmem;              /* what the queued events hold: at most WINDOW_MAX_BYTES */
     bool started;
+    bool walk;                /* the list at the head is longer than the channels: walk them */
+    bool told_bytes;          /* the byte cap shortened the window (logged once) */
     struct cmg_task fan_task;
     struct cmg_notify_channel *policy_cursor;   /* the next channel a new policy checks */
     struct cmg_task policy_task;
@@ -349,7 +352,14 @@ static void window_clear(struct cmg_notify_hub *hub)
 static void window_trim(struct cmg_notify_hub *hub)
 {
     int64_t oldest = now_s() - WINDOW_MAX_AGE_S;
-    while (hub->count && (hub->count > hub->cap || hub->mem > WINDOW_MAX_BYTES))
+    while (hub->count && hub->count > hub->cap)
+        drop_oldest(hub);
+    if (hub->mem > WINDOW_MAX_BYTES && !hub->told_bytes) {
+        cmg_info("notifications: the window holds more than %u MiB: its oldest leave before "
+                 "notify_window (%u) is reached", WINDOW_MAX_BYTES >> 20, hub->cap);
+        hub->told_bytes = true;
+    }
+    while (hub->count && hub->mem > WINDOW_MAX_BYTES)
         drop_oldest(hub);
     while (hub->count) {
         const struct event *e = at(hub, hub->hi - hub->count + 1);
@@ -743,12 +753,15 @@ static unsigned fan_one(struct cmg_notify_hub *hub, const struct event *e, unsig
         hub->started = true;
         hub->cursor = hub->all;
         hub->pos = 0;
+        hub->walk = !e->all && e->ndevices > hub->nchannels;
     }
-    if (e->all) {
+    if (e->all || hub->walk) {
+        /* every channel, or each channel looked up in a list longer than their number */
         while (hub->cursor && budget) {
             struct cmg_notify_channel *ch = hub->cursor;
             hub->cursor = ch->next;   /* before: delivering may end ch */
-            deliver(ch, e);
+            if (e->all || targets(e, ch->device))
+                deliver(ch, e);
             budget--;
         }
         if (!hub->cursor)
@@ -771,6 +784,7 @@ static void on_fan_task(struct cmg_task *t);
 static void queue_clear(struct cmg_notify_hub *hub)
 {
     while (hub->qlen) {
+        hub->qmem -= hub->queue[hub->qhead]->mem;
         event_free(hub->queue[hub->qhead]);
         hub->queue[hub->qhead] = NULL;
         hub->qhead = (hub->qhead + 1) % hub->qcap;
@@ -794,6 +808,7 @@ static void fan_out(struct cmg_notify_hub *hub)
         hub->queue[hub->qhead] = NULL;
         hub->qhead = (hub->qhead + 1) % hub->qcap;
         hub->qlen--;
+        hub->qmem -= e->mem;
         event_free(e);
     }
     if (hub->qlen)
@@ -806,8 +821,17 @@ static void on_fan_task(struct cmg_task *t)
 }
 
 /* Queues a live notification; it goes out at once unless others are still going out. */
+static struct cmg_log_limit queue_full = {.what = "notifications not delivered live"};
+
 static void enqueue(struct cmg_notify_hub *hub, struct event *e)
 {
+    if (hub->qmem + e->mem > WINDOW_MAX_BYTES) {
+        cmg_log_limited(&queue_full, CMG_LOG_WARN,
+                        "notifications: more than %u MiB wait to go out live: %s-%llu not "
+                        "delivered live (devices get it when they reconnect)",
+                        WINDOW_MAX_BYTES >> 20, hub->epoch, (unsigned long long)e->seq);
+        return;
+    }
     if (hub->qlen == hub->qcap) {
         size_t n = hub->qcap ? hub->qcap * 2 : 16;
         struct event **q = calloc(n, sizeof(*q));
@@ -824,6 +848,7 @@ static void enqueue(struct cmg_notify_hub *hub, struct event *e)
         hub->qcap = n;
     }
     e->refs++;
+    hub->qmem += e->mem;
     hub->queue[(hub->qhead + hub->qlen++) % hub->qcap] = e;
     if (hub->qlen == 1)
         fan_out(hub);

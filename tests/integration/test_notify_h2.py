@@ -15,8 +15,8 @@ import h2.settings
 
 from cmgtest import SANITIZED, SLOW, poll, tls_connect
 from fakeconnector import FakeConnector
-from test_notify_gateway import (EPOCH, Channel, H2Channel, env_factory, settle,  # noqa: F401
-                                 site_device)
+from test_notify_gateway import (EPOCH, Channel, H2Channel, cert_id, env_factory,  # noqa: F401
+                                 settle, site_device)
 
 
 def fill_window(env, count, size):
@@ -211,3 +211,26 @@ def test_idle_h2_channels_keep_no_buffers_after_a_burst(env_factory, site, tmp_p
         assert per_channel < 64, f'{per_channel:.1f} KiB kept per idle HTTP/2 channel'
     for c in chans:
         c.close()
+
+
+def test_a_list_longer_than_the_channels_reaches_exactly_its_online_devices(env_factory, site,
+                                                                           tmp_path):
+    """A 100,000-id list with two devices online, one of them in it: that one gets it at
+    once (the channels are looked up in the list, not the list in the channels), the
+    other nothing."""
+    env = env_factory()
+    env.fc.sync(EPOCH, 0)
+    settle()
+    crt, key = site_device(site, tmp_path, 'outsider')
+    inside = Channel(site)
+    outside = H2Channel(site, cert=crt, key=key)
+    inside.wait(lambda c: c.sse.retry is not None)
+    outside.wait(lambda c: c.sse.retry is not None)
+    ids = [f'dev-{i:06d}' for i in range(99999)] + \
+        [cert_id(site.device_cert)]
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=ids))
+    assert [e['id'] for e in inside.events(1)] == [f'{EPOCH}-1']
+    env.fc.notify(FakeConnector.doc(EPOCH, 2, all_=True))
+    assert [e['id'] for e in outside.events(1)] == [f'{EPOCH}-2']
+    inside.close()
+    outside.close()

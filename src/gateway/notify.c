@@ -24,6 +24,7 @@
 #define SYNC_GRACE_MS 2000
 #define SWEEP_MS 1000
 #define EPOCH_LEN 16
+#define MAX_SEQ (1ull << 53)
 /* Channels one loop round visits for live deliveries: a broadcast to many goes out in
  * slices, so that tunnels and other devices keep flowing meanwhile. */
 #define FAN_SLICE 2000
@@ -379,7 +380,9 @@ static void send_reset(struct cmg_notify_channel *ch, const char *reason)
     int n = snprintf(sse, sizeof(sse), "id: %s-%llu\nevent: reset\ndata: {\"reason\":\"%s\"}\n\n",
                      hub->epoch, (unsigned long long)top, reason);
 
-    ch->sent_seq = top;
+    /* Seqs the window does not hold yet (a backlog still on its way) go out when they
+     * come: the reset names the site's newest, but only what was here is skipped. */
+    ch->sent_seq = hub->hi;
     ch->replaying = false;
     put_own(ch, sse, (size_t)n);
 }
@@ -421,6 +424,11 @@ void cmg_notify_resume(struct cmg_notify_channel *ch)
 {
     if (ch && ch->replaying && !ch->ended)
         replay(ch, ch->replay_next);
+}
+
+const char *cmg_notify_close_reason(const struct cmg_notify_channel *ch)
+{
+    return cmg_notify_close_names[ch->reason];
 }
 
 void cmg_notify_overflow(struct cmg_notify_channel *ch)
@@ -875,6 +883,14 @@ static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *
     }
     if (hub->count && seq <= hub->hi)
         return;   /* held already (another connector, another tunnel), or older than the window */
+    if (seq > (hub->last > hub->hi ? hub->last : hub->hi) + hub->cap) {
+        /* a seq far beyond the site's newest would restart the window there, and every
+         * later real one would be ignored as old */
+        cmg_warn("connector %s: notify %s ignored: its seq is more than notify_window (%u) "
+                 "beyond the newest the site announced (%llu)", from, id, hub->cap,
+                 (unsigned long long)(hub->last > hub->hi ? hub->last : hub->hi));
+        return;
+    }
     if (!hub->count && seq <= hub->hi)
         return;
     if (hub->count && seq != hub->hi + 1) {
@@ -991,8 +1007,8 @@ static void read_resume(struct cmg_notify_channel *ch, const struct cmg_headers 
     v = cmg_headers_value(in, (uint32_t)i);
     n = in->v[i].value_len;
     ch->has_resume = true;   /* a malformed one proves nothing: a reset */
-    if (n < EPOCH_LEN + 2 || n > EPOCH_LEN + 21 || v[EPOCH_LEN] != '-')
-        return;
+    if (n < EPOCH_LEN + 2 || n > EPOCH_LEN + 1 + 16 || v[EPOCH_LEN] != '-')
+        return;   /* a seq is at most 2^53: 16 digits */
     memcpy(ch->resume_epoch, v, EPOCH_LEN);
     ch->resume_epoch[EPOCH_LEN] = 0;
     if (!is_epoch(ch->resume_epoch)) {
@@ -1006,6 +1022,8 @@ static void read_resume(struct cmg_notify_channel *ch, const struct cmg_headers 
         }
         ch->resume_seq = ch->resume_seq * 10 + (uint64_t)(v[k] - '0');
     }
+    if (ch->resume_seq > MAX_SEQ)
+        ch->resume_epoch[0] = 0;
 }
 
 static void link_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel *ch)

@@ -78,6 +78,8 @@ void cmg_notify_begin(struct cmg_notify_channel *ch);
 void cmg_notify_resume(struct cmg_notify_channel *ch);
 /* A deferred protocol found more than notify_buffer unsent after a send attempt. */
 void cmg_notify_overflow(struct cmg_notify_channel *ch);
+/* Why the hub ends it (valid in the sink's end(), before cmg_notify_gone). */
+const char *cmg_notify_close_reason(const struct cmg_notify_channel *ch);
 /* Its protocol lets go of it (the device closed, or the end the hub asked for). */
 void cmg_notify_gone(struct cmg_notify_channel *ch);
 

@@ -5,6 +5,7 @@ HTTP/1.1 (Python ssl) and HTTP/2 (Python h2) and read Server-Sent Events."""
 import base64
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
@@ -797,4 +798,59 @@ def test_reports_never_label_old_deliveries_with_a_new_epoch(env_factory, site):
     keys = [k for x in reports for k in x['delivered']]
     assert f'{EPOCH}-1' in keys
     assert f'{OTHER_EPOCH}-2' not in keys and f'{OTHER_EPOCH}-3' not in keys, keys
+    c.close()
+
+
+def test_a_reset_skips_only_what_the_window_held(env_factory, site):
+    """The window holds 3..4 of a site whose newest is 6 (the rest of the backlog late):
+    a device whose Last-Event-ID is older than the window gets its reset, then 5 and 6
+    when they come (they were skipped for good before)."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 6)
+    env.fc.notify(FakeConnector.doc(EPOCH, 3, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 4, devices=[dev]))
+    settle()
+    c = Channel(site, last_id=f'{EPOCH}-1')
+    ev = c.events(1, timeout=5)   # after the sync's 2 s grace
+    assert ev[0] == {'id': f'{EPOCH}-6', 'event': 'reset', 'data': {'reason': 'window'}}
+    env.fc.notify(FakeConnector.doc(EPOCH, 5, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 6, devices=[dev]))
+    assert [e['id'] for e in c.events(3)[1:]] == [f'{EPOCH}-5', f'{EPOCH}-6']
+    c.close()
+
+
+def test_hostile_channel_inputs(env_factory, site):
+    """HTTP/1.0 gets 505 (a channel is an endless chunked stream); a Last-Event-ID of 20
+    digits gets a reset, not a wrapped seq; a device that sends data on its open channel
+    is closed; a connector notify with a seq far beyond the site's newest is ignored (the
+    next real one is delivered); a reload that changes notify_window warns and keeps it."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 1)
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=[dev]))
+    settle()
+    s = tls_connect(site)
+    s.sendall(f'GET /CCM_Notify HTTP/1.0\r\nHost: {site.name}\r\n'
+              f'Accept: text/event-stream\r\n\r\n'.encode())
+    s.settimeout(5)
+    assert s.recv(65536).startswith(b'HTTP/1.1 505 ')
+    s.close()
+    wrapped = Channel(site, last_id=f'{EPOCH}-18446744073709551617')
+    assert wrapped.events(1)[0]['event'] == 'reset'
+    wrapped.close()
+    chatty = Channel(site)
+    chatty.events(1)
+    chatty.sock.sendall(b'x' * 16384)
+    chatty.wait(lambda c: c.closed, what='the channel of a device that sends data')
+    c = Channel(site, last_id=f'{EPOCH}-1')
+    c.wait(lambda c: c.sse.retry is not None)
+    env.fc.notify(FakeConnector.doc(EPOCH, 10 ** 12, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 2, devices=[dev]))
+    assert [e['id'] for e in c.events(1)] == [f'{EPOCH}-2']
+    assert 'more than notify_window (1024) beyond the newest' in env.gateway.log_text()
+    ini_set(site.gateway_conf, 'gateway', 'notify_window', '64')
+    os.kill(env.gateway.pid, signal.SIGHUP)
+    poll(lambda: 'notify_window changed (1024 -> 64): it applies at the next start'
+         in env.gateway.log_text(), 5 * SLOW, 'the reload warning')
     c.close()

@@ -24,6 +24,8 @@
 #define MAX_HEADERS 100
 /* After the last answer: how long the device's input is dropped. */
 #define LINGER_MS 2000
+/* What a notification channel's device may send once it is open (nothing is expected). */
+#define CHANNEL_INPUT_MAX 4096
 /* Requests one connection may begin per loop round: a pipelined burst of requests
  * answered here (refusals) costs far more than its bytes, which cmg_conn_read counts. */
 #define REQUESTS_PER_ROUND 16
@@ -71,6 +73,7 @@ struct cmg_h1 {
     struct cmg_identity *notify_id;
     int64_t notify_expires;
     struct cmg_notify_channel *channel;
+    size_t channel_input;       /* bytes the device sent once its channel was open */
 };
 
 /* States of scan_head() */
@@ -265,7 +268,12 @@ static int notify_request(struct cmg_device *d, const char *method, bool has_bod
     struct cmg_identity id;
     struct cmg_answer a = cmg_answer_refusal(500, "CMGService_Out_Of_Memory");
 
-    if (cmg_notify_admit(d, method, &h->hdrs, has_body, &id, &h->notify_expires, &a) != 0 ||
+    if (h->parser.http_major == 1 && h->parser.http_minor == 0) {
+        /* a channel is a chunked stream without end: HTTP/1.1 or HTTP/2 only */
+        a = cmg_answer_refusal(505, "CMGService_Bad_Request");
+    }
+    if (a.status == 505 ||
+        cmg_notify_admit(d, method, &h->hdrs, has_body, &id, &h->notify_expires, &a) != 0 ||
         !(h->notify_id = malloc(sizeof(id)))) {
         h->error_status = a.status;
         h->error_reason = a.reason;
@@ -578,18 +586,21 @@ static void sink_end(void *sink, struct cmg_notify_channel *ch, bool graceful)
 {
     struct cmg_device *d = sink;
 
+    const char *why = !strcmp(cmg_notify_close_reason(ch), "overflow") ? "notify_buffer overflow"
+                                                                       : "notify channel write failed";
+
     if (d->h1 && d->h1->channel == ch)
         d->h1->channel = NULL;
     cmg_notify_gone(ch);
     if (!graceful) {
-        cmg_device_close(d, "notify_buffer overflow");
+        cmg_device_close(d, why);
         return;
     }
     cmg_buf_appends(&d->conn.out, "0\r\n\r\n");
     close_after_output(d);
 }
 
-static const struct cmg_notify_sink_ops h1_sink = {sink_write, sink_pending, sink_end};
+static const struct cmg_notify_sink_ops h1_sink = {sink_write, sink_pending, sink_end, false};
 
 /* The request of an admitted channel is complete: the head, then the hub's events. What
  * the request phase held is freed; of the token, the hub keeps the expiry alone. */
@@ -622,14 +633,20 @@ static void open_channel(struct cmg_device *d)
         cmg_conn_want_read(&d->conn, true);
 }
 
-/* A channel's device has nothing to say: what it sends is dropped, its close noticed. */
+/* A channel's device has nothing to say: a little is dropped (a stray CRLF), more
+ * closes the channel (decrypting it would cost us without end), its close is noticed. */
 static void channel_read(struct cmg_device *d)
 {
     char buf[4096];
     ssize_t n;
 
-    while ((n = cmg_conn_read(&d->conn, buf, sizeof(buf))) > 0)
-        ;
+    while ((n = cmg_conn_read(&d->conn, buf, sizeof(buf))) > 0) {
+        d->h1->channel_input += (size_t)n;
+        if (d->h1->channel_input > CHANNEL_INPUT_MAX) {
+            cmg_device_close(d, "the device sent data on its notification channel");
+            return;
+        }
+    }
     if (n == 0)
         cmg_device_close(d, "closed by device");
 }
@@ -890,7 +907,9 @@ void cmg_h1_on_drain(struct cmg_device *d)
         return;
     }
     if (h->phase == H1_CHANNEL) {
-        if (cmg_conn_pending(&d->conn) == 0)
+        if (h->channel)
+            cmg_notify_resume(h->channel);   /* a replay paced by the socket goes on */
+        if (d->h1 && cmg_conn_pending(&d->conn) == 0)
             cmg_conn_idle(&d->conn);
         return;
     }

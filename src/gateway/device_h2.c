@@ -33,6 +33,7 @@ struct cmg_h2dev {
     struct cmg_task send_task;
     struct h2stream *streams;   /* open streams, freed with the session */
     bool dead;
+    bool check_channels;        /* notification streams to look at after a send */
     bool served;                /* a request was admitted: idle_timeout, not header_timeout */
     uint64_t quiet_since;       /* when the last admitted stream ended (or the start) */
     bool block_open;            /* a HEADERS block is being received ... */
@@ -65,7 +66,7 @@ struct h2stream {
     /* a notification channel (GET /CCM_Notify): its events not yet framed, its end */
     struct cmg_notify_channel *channel;
     struct cmg_buf sse;
-    bool sse_stream, sse_end;
+    bool sse_stream, sse_end, end_sent;
     struct h2stream *prev, *next;
 };
 
@@ -99,6 +100,8 @@ static void kick(struct cmg_device *d)
         cmg_task_post(d->gw->loop, &d->h2->send_task, on_send_task);
 }
 
+static void check_channels(struct cmg_device *d);
+
 static void h2_send(struct cmg_device *d)
 {
     struct cmg_h2dev *h = d->h2;
@@ -109,6 +112,8 @@ static void h2_send(struct cmg_device *d)
         cmg_device_close(d, nghttp2_strerror(rc));
         return;
     }
+    if (h->check_channels)
+        check_channels(d);
     if (!cmg_h2_finished(h->s, &d->conn))
         return;
     /* After the drain's GOAWAY, the last responses may still be in the socket's buffer, and
@@ -396,7 +401,10 @@ static ssize_t read_sse(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len
                         uint32_t *flags, nghttp2_data_source *src, void *user)
 {
     struct h2stream *st = src->ptr;
-    return cmg_h2_offer(&st->sse, st->sse_end, length, flags);
+    ssize_t n = cmg_h2_offer(&st->sse, st->sse_end, length, flags);
+    if (*flags & NGHTTP2_DATA_FLAG_EOF)
+        st->end_sent = true;
+    return n;
 }
 
 static int sink_write(void *sink, const char *framed, size_t flen, const char *sse, size_t slen)
@@ -407,14 +415,59 @@ static int sink_write(void *sink, const char *framed, size_t flen, const char *s
     if (cmg_buf_append(&st->sse, sse, slen) < 0)
         return -1;
     nghttp2_session_resume_data(st->d->h2->s, st->id);
+    st->d->h2->check_channels = true;
     kick(st->d);
     return 0;
 }
 
+/* This stream's bytes alone: other streams' downloads in the connection's output are
+ * not the channel's. */
 static size_t sink_pending(void *sink)
 {
-    struct h2stream *st = sink;
-    return st->sse.len + cmg_conn_pending(&st->d->conn);
+    return ((struct h2stream *)sink)->sse.len;
+}
+
+static void reset_channel_stream(struct h2stream *st)
+{
+    cmg_buf_free(&st->sse);
+    st->sse_end = false;
+    st->reset_counted = true;   /* our own reset */
+    nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+}
+
+/* After a send attempt: a channel with more than notify_buffer still unsent is closed
+ * (overflow); one whose bytes all went on with its paused replay and keeps no buffer;
+ * an ended one whose END_STREAM could not go out at once (flow control, a full socket)
+ * is reset, so that replaced streams and drains never wait on a device. */
+static void check_channels(struct cmg_device *d)
+{
+    struct cmg_h2dev *h = d->h2;
+    size_t limit = d->gw->cfg.notify_buffer;
+    bool again = false, reset = false;
+
+    h->check_channels = false;
+    for (struct h2stream *st = h->streams; st; st = st->next) {
+        if (!st->sse_stream)
+            continue;
+        if (st->sse_end && !st->end_sent) {
+            reset_channel_stream(st);
+            reset = true;
+        } else if (st->channel && st->sse.len > limit) {
+            cmg_notify_overflow(st->channel);   /* resets the stream */
+            reset = true;
+        } else if (st->channel && st->sse.len == 0) {
+            cmg_buf_release(&st->sse);
+            cmg_notify_resume(st->channel);
+        }
+        again |= st->channel && st->sse.len;
+    }
+    if (cmg_conn_pending(&d->conn) == 0)
+        cmg_conn_idle(&d->conn);   /* an idle channel keeps no buffer, as over HTTP/1.1 */
+    else
+        again = true;   /* released once the socket took it (on_drain sends again) */
+    h->check_channels |= again;
+    if (reset)
+        kick(d);
 }
 
 /* Graceful: END_STREAM once what is queued is out; overflow: the stream is reset (the
@@ -428,16 +481,15 @@ static void sink_end(void *sink, struct cmg_notify_channel *ch, bool graceful)
     cmg_notify_gone(ch);
     if (graceful) {
         st->sse_end = true;
+        st->d->h2->check_channels = true;   /* END_STREAM at the next send, or a reset */
         nghttp2_session_resume_data(st->d->h2->s, st->id);
     } else {
-        cmg_buf_free(&st->sse);
-        st->reset_counted = true;   /* our own reset */
-        nghttp2_submit_rst_stream(st->d->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+        reset_channel_stream(st);
     }
     kick(st->d);
 }
 
-static const struct cmg_notify_sink_ops h2_sink = {sink_write, sink_pending, sink_end};
+static const struct cmg_notify_sink_ops h2_sink = {sink_write, sink_pending, sink_end, true};
 
 /* GET /CCM_Notify on this stream: answered here, never forwarded. The stream stays
  * open (the connection busy: no idle_timeout) until the hub or the device ends it. */

@@ -176,6 +176,11 @@ static void keep_restart_only(struct cmg_gw_config *next, const struct cmg_gw_co
         memcpy(next->listen, now->listen, sizeof(now->listen));
         next->nlisten = now->nlisten;
     }
+    if (next->notify_window != now->notify_window) {
+        cmg_warn("reload: notify_window changed (%u -> %u): it applies at the next start; kept %u",
+                 now->notify_window, next->notify_window, now->notify_window);
+        next->notify_window = now->notify_window;
+    }
     if (next->tunnel_port != now->tunnel_port) {
         cmg_warn("reload: tunnel_port changed (%u -> %u): it applies at the next start; kept %u",
                  now->tunnel_port, next->tunnel_port, now->tunnel_port);

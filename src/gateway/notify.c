@@ -24,9 +24,16 @@
 #define SYNC_GRACE_MS 2000
 #define SWEEP_MS 1000
 #define EPOCH_LEN 16
+#define MAX_SEQ (1ull << 53)
 /* Channels one loop round visits for live deliveries: a broadcast to many goes out in
  * slices, so that tunnels and other devices keep flowing meanwhile. */
 #define FAN_SLICE 2000
+/* Channels one loop round checks against a new policy (a certificate's chain verify
+ * costs 0.1-0.2 ms): 100,000 channels are checked within a second or two. */
+#define POLICY_SLICE 2000
+/* A site's epoch changes when its store is made anew: rarely. More often than this, a
+ * change waits (a connector flapping between two sites costs the fleet nothing). */
+#define EPOCH_CHANGE_MIN_MS 10000
 
 const char *const cmg_notify_close_names[CMG_NOTIFY_CLOSES] = {
     "peer", "replaced", "overflow", "blocked", "expired", "drain"};
@@ -56,11 +63,15 @@ struct cmg_notify_channel {
     struct cmg_notify_channel *prev, *next;  /* every open channel */
     uint64_t sent_seq;        /* never a seq at or below this one again */
     uint64_t resume_seq;      /* Last-Event-ID, while the replay waits */
+    uint64_t replay_next;     /* a replay paused by notify_buffer goes on from here */
     uint64_t hb_due_ms;
+    uint32_t gen;             /* the hub's epoch generation its ids are of */
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
+    uint64_t issuer_hash;     /* OIDC: the issuer the token was taken under */
+    uint16_t subject_at, jti_at;   /* OIDC subject (UPN) and token jti, after device[] */
     uint8_t method;
     uint8_t reason;           /* enum cmg_notify_close */
-    bool mapped, linked, waiting, has_resume, ended;
+    bool mapped, linked, waiting, has_resume, ended, replaying;
     char resume_epoch[EPOCH_LEN + 1];
     char device[];
 };
@@ -86,8 +97,21 @@ struct cmg_notify_hub {
     size_t qhead, qlen, qcap;
     struct cmg_notify_channel *cursor;
     size_t pos;
+    size_t qmem;              /* what the queued events hold: at most WINDOW_MAX_BYTES */
     bool started;
+    bool walk;                /* the list at the head is longer than the channels: walk them */
+    bool told_bytes;          /* the byte cap shortened the window (logged once) */
     struct cmg_task fan_task;
+    struct cmg_notify_channel *policy_cursor;   /* the next channel a new policy checks */
+    struct cmg_task policy_task;
+    /* Channels start (the replay decision) and move to a new epoch (one reset) in
+     * slices too: walks that go on from these. */
+    struct cmg_notify_channel *begin_cursor, *epoch_cursor;
+    struct cmg_task begin_task, epoch_task;
+    uint32_t gen;             /* epoch changes so far */
+    uint64_t epoch_ms;        /* when the epoch last changed */
+    char next_epoch[EPOCH_LEN + 1];   /* a change that waits for EPOCH_CHANGE_MIN_MS */
+    uint64_t next_last;
     uint64_t deliveries;
     uint64_t closed[CMG_NOTIFY_CLOSES];
 };
@@ -173,6 +197,12 @@ static void unlink_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel
         return;
     if (hub->cursor == ch)   /* a broadcast under way goes on with the next */
         hub->cursor = ch->next;
+    if (hub->policy_cursor == ch)
+        hub->policy_cursor = ch->next;
+    if (hub->begin_cursor == ch)
+        hub->begin_cursor = ch->next;
+    if (hub->epoch_cursor == ch)
+        hub->epoch_cursor = ch->next;
     if (ch->prev)
         ch->prev->next = ch->next;
     else
@@ -223,7 +253,8 @@ static void end_channel(struct cmg_notify_channel *ch, enum cmg_notify_close rea
 static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
 {
     int rc = ch->ops->write(ch->sink, framed, flen, framed + prefix, flen - prefix - 2);
-    if (rc < 0 || ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer) {
+    if (rc < 0 ||
+        (!ch->ops->deferred && ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
         /* a write that failed: the connection is gone or out of memory */
         end_channel(ch, rc < 0 ? CMG_NOTIFY_PEER : CMG_NOTIFY_OVERFLOW, false);
         return -1;
@@ -242,15 +273,22 @@ static int put_own(struct cmg_notify_channel *ch, const char *sse, size_t n)
     return put(ch, buf, len, prefix);
 }
 
-static void deliver(struct cmg_notify_channel *ch, const struct event *e)
+static void send_event(struct cmg_notify_channel *ch, const struct event *e)
 {
-    if (ch->ended || ch->waiting || e->seq <= ch->sent_seq)
-        return;
     ch->sent_seq = e->seq;
     if (put(ch, e->wire, e->len, e->prefix) < 0)
         return;
     ch->hub->deliveries++;
     cmg_notify_report_delivered(ch->hub->gw, e->seq, ch->device);
+}
+
+/* A live notification: a channel still replaying gets it from the window, in order. */
+static void deliver(struct cmg_notify_channel *ch, const struct event *e)
+{
+    if (ch->ended || ch->waiting || ch->replaying || ch->gen != ch->hub->gen ||
+        e->seq <= ch->sent_seq)
+        return;   /* waiting for its replay, or for its reset into the new epoch */
+    send_event(ch, e);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -315,7 +353,14 @@ static void window_clear(struct cmg_notify_hub *hub)
 static void window_trim(struct cmg_notify_hub *hub)
 {
     int64_t oldest = now_s() - WINDOW_MAX_AGE_S;
-    while (hub->count && (hub->count > hub->cap || hub->mem > WINDOW_MAX_BYTES))
+    while (hub->count && hub->count > hub->cap)
+        drop_oldest(hub);
+    if (hub->mem > WINDOW_MAX_BYTES && !hub->told_bytes) {
+        cmg_info("notifications: the window holds more than %u MiB: its oldest leave before "
+                 "notify_window (%u) is reached", WINDOW_MAX_BYTES >> 20, hub->cap);
+        hub->told_bytes = true;
+    }
+    while (hub->count && hub->mem > WINDOW_MAX_BYTES)
         drop_oldest(hub);
     while (hub->count) {
         const struct event *e = at(hub, hub->hi - hub->count + 1);
@@ -335,24 +380,60 @@ static void send_reset(struct cmg_notify_channel *ch, const char *reason)
     int n = snprintf(sse, sizeof(sse), "id: %s-%llu\nevent: reset\ndata: {\"reason\":\"%s\"}\n\n",
                      hub->epoch, (unsigned long long)top, reason);
 
-    ch->sent_seq = top;
+    /* Seqs the window does not hold yet (a backlog still on its way) go out when they
+     * come: the reset names the site's newest, but only what was here is skipped. */
+    ch->sent_seq = hub->hi;
+    ch->replaying = false;
     put_own(ch, sse, (size_t)n);
 }
 
-/* Every unexpired notification of the window after `from` that targets the device. */
+/* Room for e: the queue is empty, or e fits under notify_buffer with what waits. */
+static bool room_for(const struct cmg_notify_channel *ch, const struct event *e)
+{
+    size_t pending = ch->ops->pending(ch->sink);
+    return pending == 0 || pending + e->len <= ch->hub->gw->cfg.notify_buffer;
+}
+
+/* Every unexpired notification of the window after `from` that targets the device,
+ * as far as notify_buffer leaves room: the rest when the device has taken it
+ * (cmg_notify_resume), so that a replay never overflows a device that reads. */
 static void replay(struct cmg_notify_channel *ch, uint64_t from)
 {
     struct cmg_notify_hub *hub = ch->hub;
     int64_t now = now_s();
 
+    ch->replaying = false;
     for (uint64_t seq = from > window_lo(hub) ? from : window_lo(hub); seq <= hub->hi && hub->count;
          seq++) {
         const struct event *e = at(hub, seq);
         if (ch->ended)
             return;
-        if (e && !e->tombstone && e->expires > now && targets(e, ch->device))
-            deliver(ch, e);
+        if (!e || e->tombstone || e->expires <= now || seq <= ch->sent_seq ||
+            !targets(e, ch->device))
+            continue;
+        if (!room_for(ch, e)) {
+            ch->replaying = true;
+            ch->replay_next = seq;
+            return;
+        }
+        send_event(ch, e);
     }
+}
+
+void cmg_notify_resume(struct cmg_notify_channel *ch)
+{
+    if (ch && ch->replaying && !ch->ended)
+        replay(ch, ch->replay_next);
+}
+
+const char *cmg_notify_close_reason(const struct cmg_notify_channel *ch)
+{
+    return cmg_notify_close_names[ch->reason];
+}
+
+void cmg_notify_overflow(struct cmg_notify_channel *ch)
+{
+    end_channel(ch, CMG_NOTIFY_OVERFLOW, false);
 }
 
 /* The window can prove what a channel missed: replay it, or one reset if not. */
@@ -364,6 +445,7 @@ static void begin(struct cmg_notify_channel *ch)
     if (ch->waiting)
         hub->nwaiting--;
     ch->waiting = false;
+    ch->gen = hub->gen;
     if (!ch->has_resume) {
         replay(ch, 1);
         return;
@@ -388,17 +470,58 @@ static bool window_ready(const struct cmg_notify_hub *hub)
             cmg_loop_now(hub->gw->loop) - hub->sync_ms >= SYNC_GRACE_MS);
 }
 
+static void on_begin_task(struct cmg_task *t);
+
+/* The waiting channels start FAN_SLICE a loop round (after a restart every device
+ * comes back at once): the walk goes on from begin_cursor. */
 static void begin_waiting(struct cmg_notify_hub *hub)
 {
-    struct cmg_notify_channel *ch, *next;
+    unsigned budget = FAN_SLICE;
 
     if (!hub->nwaiting || !window_ready(hub))
         return;
-    for (ch = hub->all; ch && hub->nwaiting; ch = next) {
-        next = ch->next;
+    if (!hub->begin_cursor)
+        hub->begin_cursor = hub->all;
+    while (hub->begin_cursor && hub->nwaiting && budget--) {
+        struct cmg_notify_channel *ch = hub->begin_cursor;
+        hub->begin_cursor = ch->next;   /* before: beginning may end ch */
         if (ch->waiting)
             begin(ch);
     }
+    if (!hub->nwaiting)
+        hub->begin_cursor = NULL;
+    else   /* more on the way, or some opened behind the walk: from the start again */
+        cmg_task_post(hub->gw->loop, &hub->begin_task, on_begin_task);
+}
+
+static void on_begin_task(struct cmg_task *t)
+{
+    begin_waiting((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, begin_task)));
+}
+
+static void on_epoch_task(struct cmg_task *t);
+
+/* Channels of the old epoch: their ids mean nothing now, one reset each, FAN_SLICE a
+ * loop round; live events of the new epoch wait for a channel's reset (deliver()). */
+static void reset_slice(struct cmg_notify_hub *hub)
+{
+    unsigned budget = FAN_SLICE;
+
+    while (hub->epoch_cursor && budget--) {
+        struct cmg_notify_channel *ch = hub->epoch_cursor;
+        hub->epoch_cursor = ch->next;   /* before: the reset may end ch */
+        if (ch->gen == hub->gen || ch->waiting)
+            continue;   /* opened since, or its decision waits: it starts in the new epoch */
+        ch->gen = hub->gen;
+        send_reset(ch, "epoch");
+    }
+    if (hub->epoch_cursor)
+        cmg_task_post(hub->gw->loop, &hub->epoch_task, on_epoch_task);
+}
+
+static void on_epoch_task(struct cmg_task *t)
+{
+    reset_slice((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, epoch_task)));
 }
 
 /* ---- control messages ---- */
@@ -448,6 +571,48 @@ static bool get_count(const cJSON *msg, const char *name, uint64_t min, uint64_t
     return true;
 }
 
+static struct cmg_log_limit epoch_flaps = {.what = "deferred epoch changes"};
+
+/* The site's epoch and newest seq, as a notify-sync (or a deferred one) says. */
+static void sync_to(struct cmg_notify_hub *hub, const char *epoch, uint64_t last, const char *from)
+{
+    if (strcmp(epoch, hub->epoch) && hub->epoch[0] &&
+        cmg_loop_now(hub->gw->loop) - hub->epoch_ms < EPOCH_CHANGE_MIN_MS) {
+        cmg_log_limited(&epoch_flaps, CMG_LOG_WARN,
+                        "connector %s: the site's epoch changes again (%s, was %s) within %d s: "
+                        "the change waits (are connectors of two sites on this gateway?)", from,
+                        epoch, hub->epoch, EPOCH_CHANGE_MIN_MS / 1000);
+        memmove(hub->next_epoch, epoch, EPOCH_LEN + 1);
+        hub->next_last = last;
+        return;
+    }
+    hub->next_epoch[0] = 0;
+    if (strcmp(epoch, hub->epoch)) {
+        if (hub->epoch[0])
+            cmg_info("notifications: the site's epoch is now %s (was %s): the window starts anew",
+                     epoch, hub->epoch);
+        window_clear(hub);
+        queue_clear(hub);   /* what the old epoch still had to deliver is void */
+        if (hub->epoch[0]) {   /* the first epoch heard is no change */
+            hub->epoch_ms = cmg_loop_now(hub->gw->loop);
+            cmg_notify_report_epoch(hub->gw);
+        }
+        memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
+        hub->last = last;
+        hub->gen++;
+        hub->epoch_cursor = hub->all;
+        reset_slice(hub);
+    } else if (last > hub->last) {
+        hub->last = last;
+    }
+    if (!hub->synced)
+        cmg_info("notifications: in step with the site (epoch %s, last %llu) through %s", epoch,
+                 (unsigned long long)last, from);
+    hub->synced = true;
+    hub->sync_ms = cmg_loop_now(hub->gw->loop);
+    begin_waiting(hub);
+}
+
 static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *from)
 {
     const char *epoch = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(msg, "epoch"));
@@ -458,29 +623,18 @@ static void on_sync(struct cmg_notify_hub *hub, const cJSON *msg, const char *fr
                  "\"last\": a count}", from);
         return;
     }
-    if (strcmp(epoch, hub->epoch)) {
-        if (hub->epoch[0])
-            cmg_info("notifications: the site's epoch is now %s (was %s): the window starts anew",
-                     epoch, hub->epoch);
-        window_clear(hub);
-        queue_clear(hub);   /* what the old epoch still had to deliver is void */
-        memcpy(hub->epoch, epoch, EPOCH_LEN + 1);
-        hub->last = last;
-        /* Channels of the old epoch: their ids mean nothing now (one reset each). */
-        for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
-            next = ch->next;
-            if (!ch->waiting)
-                send_reset(ch, "epoch");   /* may end ch */
-        }
-    } else if (last > hub->last) {
-        hub->last = last;
-    }
-    if (!hub->synced)
-        cmg_info("notifications: in step with the site (epoch %s, last %llu) through %s", epoch,
-                 (unsigned long long)last, from);
-    hub->synced = true;
-    hub->sync_ms = cmg_loop_now(hub->gw->loop);
-    begin_waiting(hub);
+    sync_to(hub, epoch, last, from);
+}
+
+/* An epoch change that waited: in force once EPOCH_CHANGE_MIN_MS have passed. */
+static void deferred_epoch(struct cmg_notify_hub *hub)
+{
+    char epoch[EPOCH_LEN + 1];
+
+    if (!hub->next_epoch[0] || cmg_loop_now(hub->gw->loop) - hub->epoch_ms < EPOCH_CHANGE_MIN_MS)
+        return;
+    memcpy(epoch, hub->next_epoch, sizeof(epoch));
+    sync_to(hub, epoch, hub->next_last, "(an epoch change that waited)");
 }
 
 /* The target list, sorted, its strings in one arena. -1 if malformed. */
@@ -607,12 +761,15 @@ static unsigned fan_one(struct cmg_notify_hub *hub, const struct event *e, unsig
         hub->started = true;
         hub->cursor = hub->all;
         hub->pos = 0;
+        hub->walk = !e->all && e->ndevices > hub->nchannels;
     }
-    if (e->all) {
+    if (e->all || hub->walk) {
+        /* every channel, or each channel looked up in a list longer than their number */
         while (hub->cursor && budget) {
             struct cmg_notify_channel *ch = hub->cursor;
             hub->cursor = ch->next;   /* before: delivering may end ch */
-            deliver(ch, e);
+            if (e->all || targets(e, ch->device))
+                deliver(ch, e);
             budget--;
         }
         if (!hub->cursor)
@@ -635,6 +792,7 @@ static void on_fan_task(struct cmg_task *t);
 static void queue_clear(struct cmg_notify_hub *hub)
 {
     while (hub->qlen) {
+        hub->qmem -= hub->queue[hub->qhead]->mem;
         event_free(hub->queue[hub->qhead]);
         hub->queue[hub->qhead] = NULL;
         hub->qhead = (hub->qhead + 1) % hub->qcap;
@@ -658,6 +816,7 @@ static void fan_out(struct cmg_notify_hub *hub)
         hub->queue[hub->qhead] = NULL;
         hub->qhead = (hub->qhead + 1) % hub->qcap;
         hub->qlen--;
+        hub->qmem -= e->mem;
         event_free(e);
     }
     if (hub->qlen)
@@ -670,8 +829,17 @@ static void on_fan_task(struct cmg_task *t)
 }
 
 /* Queues a live notification; it goes out at once unless others are still going out. */
+static struct cmg_log_limit queue_full = {.what = "notifications not delivered live"};
+
 static void enqueue(struct cmg_notify_hub *hub, struct event *e)
 {
+    if (hub->qmem + e->mem > WINDOW_MAX_BYTES) {
+        cmg_log_limited(&queue_full, CMG_LOG_WARN,
+                        "notifications: more than %u MiB wait to go out live: %s-%llu not "
+                        "delivered live (devices get it when they reconnect)",
+                        WINDOW_MAX_BYTES >> 20, hub->epoch, (unsigned long long)e->seq);
+        return;
+    }
     if (hub->qlen == hub->qcap) {
         size_t n = hub->qcap ? hub->qcap * 2 : 16;
         struct event **q = calloc(n, sizeof(*q));
@@ -688,6 +856,7 @@ static void enqueue(struct cmg_notify_hub *hub, struct event *e)
         hub->qcap = n;
     }
     e->refs++;
+    hub->qmem += e->mem;
     hub->queue[(hub->qhead + hub->qlen++) % hub->qcap] = e;
     if (hub->qlen == 1)
         fan_out(hub);
@@ -714,6 +883,14 @@ static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *
     }
     if (hub->count && seq <= hub->hi)
         return;   /* held already (another connector, another tunnel), or older than the window */
+    if (seq > (hub->last > hub->hi ? hub->last : hub->hi) + hub->cap) {
+        /* a seq far beyond the site's newest would restart the window there, and every
+         * later real one would be ignored as old */
+        cmg_warn("connector %s: notify %s ignored: its seq is more than notify_window (%u) "
+                 "beyond the newest the site announced (%llu)", from, id, hub->cap,
+                 (unsigned long long)(hub->last > hub->hi ? hub->last : hub->hi));
+        return;
+    }
     if (!hub->count && seq <= hub->hi)
         return;
     if (hub->count && seq != hub->hi + 1) {
@@ -830,8 +1007,8 @@ static void read_resume(struct cmg_notify_channel *ch, const struct cmg_headers 
     v = cmg_headers_value(in, (uint32_t)i);
     n = in->v[i].value_len;
     ch->has_resume = true;   /* a malformed one proves nothing: a reset */
-    if (n < EPOCH_LEN + 2 || n > EPOCH_LEN + 21 || v[EPOCH_LEN] != '-')
-        return;
+    if (n < EPOCH_LEN + 2 || n > EPOCH_LEN + 1 + 16 || v[EPOCH_LEN] != '-')
+        return;   /* a seq is at most 2^53: 16 digits */
     memcpy(ch->resume_epoch, v, EPOCH_LEN);
     ch->resume_epoch[EPOCH_LEN] = 0;
     if (!is_epoch(ch->resume_epoch)) {
@@ -845,6 +1022,8 @@ static void read_resume(struct cmg_notify_channel *ch, const struct cmg_headers 
         }
         ch->resume_seq = ch->resume_seq * 10 + (uint64_t)(v[k] - '0');
     }
+    if (ch->resume_seq > MAX_SEQ)
+        ch->resume_epoch[0] = 0;
 }
 
 static void link_channel(struct cmg_notify_hub *hub, struct cmg_notify_channel *ch)
@@ -862,8 +1041,10 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
                                            const struct cmg_notify_sink_ops *ops, void *sink)
 {
     struct cmg_notify_hub *hub = gw->notify;
-    size_t n = strlen(id->device_id) + 1;
-    struct cmg_notify_channel *ch = calloc(1, sizeof(*ch) + n), *old;
+    bool oidc = id->method == CMG_ID_OIDC, token = id->method != CMG_ID_CERT;
+    size_t n = strlen(id->device_id) + 1, ns = oidc ? strlen(id->subject) + 1 : 1,
+           nj = token ? strlen(id->jti) + 1 : 1;
+    struct cmg_notify_channel *ch = calloc(1, sizeof(*ch) + n + ns + nj), *old;
 
     if (!ch)
         return NULL;
@@ -873,7 +1054,15 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
     ch->sink = sink;
     ch->expires = expires;
     ch->method = (uint8_t)id->method;
+    ch->gen = hub->gen;
     memcpy(ch->device, id->device_id, n);
+    /* what a later policy may block: the OIDC subject, the token's jti, the issuer */
+    ch->subject_at = (uint16_t)n;
+    ch->jti_at = (uint16_t)(n + ns);
+    memcpy(ch->device + ch->subject_at, oidc ? id->subject : "", ns);
+    memcpy(ch->device + ch->jti_at, token ? id->jti : "", nj);
+    if (oidc && gw->policy)
+        ch->issuer_hash = hash(gw->policy->oidc_issuer);
     read_resume(ch, in);
     if ((old = lookup(hub, ch->device)) != NULL)
         end_channel(old, CMG_NOTIFY_REPLACED, true);
@@ -925,31 +1114,71 @@ static bool blocked_as(const struct cmg_policy *p, const char *kind, const char 
            cmg_policy_device_blocked(p, key);
 }
 
+/* A CRL that cannot be used refuses new requests, but does not close every
+ * certificate channel at once: only a verdict the CRL or the trust proves does. */
+static bool cert_still_good(struct cmg_device *d)
+{
+    return cmg_device_cert(d) == CMG_CERT_OK ||
+           (d->cert == CMG_CERT_INVALID && cmg_policy_crl_error(d->cert_error));
+}
+
+static bool oidc_still_good(const struct cmg_notify_channel *ch, const struct cmg_policy *p)
+{
+    return p->oidc && hash(p->oidc_issuer) == ch->issuer_hash &&
+           !(ch->device[ch->subject_at] && blocked_as(p, "oidc:", ch->device + ch->subject_at));
+}
+
 static bool still_allowed(struct cmg_notify_channel *ch, const struct cmg_policy *p)
 {
     struct cmg_device *d = ch->d;
 
-    if (ch->method == CMG_ID_CERT && cmg_device_cert(d) != CMG_CERT_OK)
+    if (ch->method == CMG_ID_CERT && !cert_still_good(d))
         return false;   /* revoked, or no longer trusted */
+    if (ch->method == CMG_ID_OIDC && !oidc_still_good(ch, p))
+        return false;   /* OIDC off, another issuer, or its user blocked */
+    if (ch->device[ch->jti_at] && cmg_policy_token_revoked(p, ch->device + ch->jti_at))
+        return false;
     if (blocked_as(p, ch->method == CMG_ID_OIDC ? "oidc:" : "", ch->device))
         return false;
     return !(d->has_cert && blocked_as(p, "cert:", d->thumbprint));
 }
 
+static void on_policy_task(struct cmg_task *t);
+
+/* POLICY_SLICE channels a loop round, from where the last round stopped. */
+static void policy_slice(struct cmg_notify_hub *hub)
+{
+    const struct cmg_policy *p = hub->gw->policy;
+    unsigned budget = POLICY_SLICE;
+
+    while (hub->policy_cursor && budget--) {
+        struct cmg_notify_channel *ch = hub->policy_cursor;
+        hub->policy_cursor = ch->next;   /* before: ending unlinks ch */
+        if (!still_allowed(ch, p)) {
+            cmg_info("notify channel of device %s closed: blocked or revoked by policy version %lld",
+                     ch->device, (long long)p->version);
+            end_channel(ch, CMG_NOTIFY_BLOCKED, true);
+        }
+    }
+    if (hub->policy_cursor)
+        cmg_task_post(hub->gw->loop, &hub->policy_task, on_policy_task);
+}
+
+static void on_policy_task(struct cmg_task *t)
+{
+    policy_slice((struct cmg_notify_hub *)((char *)t - offsetof(struct cmg_notify_hub, policy_task)));
+}
+
+/* Channels opened from now on are admitted under the new policy; the older ones are
+ * checked in slices (a newer policy starts the walk again). */
 void cmg_notify_policy(struct cmg_gateway *gw)
 {
     struct cmg_notify_hub *hub = gw->notify;
 
-    if (!hub)
+    if (!hub || !gw->policy)
         return;
-    for (struct cmg_notify_channel *ch = hub->all, *next; ch; ch = next) {
-        next = ch->next;
-        if (!still_allowed(ch, gw->policy)) {
-            cmg_info("notify channel of device %s closed: blocked or revoked by policy version %lld",
-                     ch->device, (long long)gw->policy->version);
-            end_channel(ch, CMG_NOTIFY_BLOCKED, true);
-        }
-    }
+    hub->policy_cursor = hub->all;
+    policy_slice(hub);
 }
 
 void cmg_notify_drain(struct cmg_gateway *gw)
@@ -989,6 +1218,7 @@ static void on_sweep(struct cmg_timer *t)
             heartbeat(ch, now);
     }
     window_trim(hub);
+    deferred_epoch(hub);
     begin_waiting(hub);
     cmg_timer_start(hub->gw->loop, &hub->sweep, SWEEP_MS, on_sweep);
 }
@@ -1015,6 +1245,11 @@ void cmg_notify_metrics(struct cmg_gateway *gw, struct cmg_buf *b)
         const char *l[] = {"reason", cmg_notify_close_names[i], NULL};
         cmg_metrics_u64(b, "cmg_notify_closed_total", l, hub->closed[i]);
     }
+    cmg_metrics_family(b, "cmg_notify_report_records_dropped_total", "counter",
+                       "Notify report records dropped: the site took no report for too long "
+                       "(more than 16 MiB waited), or they named an old epoch.");
+    cmg_metrics_u64(b, "cmg_notify_report_records_dropped_total", NULL,
+                    cmg_notify_report_dropped(gw));
 }
 
 /* ---- life ---- */
@@ -1048,6 +1283,9 @@ void cmg_notify_stop(struct cmg_gateway *gw)
     cmg_notify_report_stop(gw);
     cmg_timer_stop(gw->loop, &hub->sweep);
     cmg_task_cancel(gw->loop, &hub->fan_task);
+    cmg_task_cancel(gw->loop, &hub->policy_task);
+    cmg_task_cancel(gw->loop, &hub->begin_task);
+    cmg_task_cancel(gw->loop, &hub->epoch_task);
     queue_clear(hub);
     free(hub->queue);
     while (hub->all)   /* the devices are closed first: nothing should be left */

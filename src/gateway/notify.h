@@ -36,12 +36,16 @@ struct cmg_notify_sink_ops {
     /* Queues one message: over HTTP/1.1 `framed` (a whole chunk), over HTTP/2 `sse`
      * (its payload). 0, or -1 (out of memory). */
     int (*write)(void *sink, const char *framed, size_t flen, const char *sse, size_t slen);
-    /* Bytes queued for the device and not yet taken by its socket. */
+    /* Bytes queued for the device and not yet taken by its socket (over HTTP/2: this
+     * stream's bytes not yet framed). A replay goes on while they leave room. */
     size_t (*pending)(void *sink);
     /* Ends the channel: graceful (the last chunk / END_STREAM, then the connection or
      * stream closes as usual) or at once (overflow). The protocol lets go of ch and
      * calls cmg_notify_gone(ch) before it returns. */
     void (*end)(void *sink, struct cmg_notify_channel *ch, bool graceful);
+    /* The protocol sends later (a task) and judges notify_buffer itself after each
+     * send attempt (cmg_notify_overflow): bytes just queued were never offered. */
+    bool deferred;
 };
 
 /* The hub: created at start, freed at exit. */
@@ -70,6 +74,12 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
                                            const struct cmg_headers *in,
                                            const struct cmg_notify_sink_ops *ops, void *sink);
 void cmg_notify_begin(struct cmg_notify_channel *ch);
+/* What the device took left room: a replay paused by notify_buffer goes on. */
+void cmg_notify_resume(struct cmg_notify_channel *ch);
+/* A deferred protocol found more than notify_buffer unsent after a send attempt. */
+void cmg_notify_overflow(struct cmg_notify_channel *ch);
+/* Why the hub ends it (valid in the sink's end(), before cmg_notify_gone). */
+const char *cmg_notify_close_reason(const struct cmg_notify_channel *ch);
 /* Its protocol lets go of it (the device closed, or the end the hub asked for). */
 void cmg_notify_gone(struct cmg_notify_channel *ch);
 
@@ -82,6 +92,10 @@ void cmg_notify_drain(struct cmg_gateway *gw);
 void cmg_notify_report_delivered(struct cmg_gateway *gw, uint64_t seq, const char *device);
 void cmg_notify_report_opened(struct cmg_gateway *gw, const char *device);
 void cmg_notify_report_closed(struct cmg_gateway *gw, const char *device, int64_t when);
+/* The site's epoch changed: unsent deliveries of the old one are dropped. */
+void cmg_notify_report_epoch(struct cmg_gateway *gw);
+/* Records dropped so far (the site took no report for too long, or the epoch changed). */
+uint64_t cmg_notify_report_dropped(const struct cmg_gateway *gw);
 /* Tunnel hooks: the :status of a stream, and its end. true if it was the report's. */
 bool cmg_notify_report_status(struct cmg_tunnel *t, int32_t stream_id, int status);
 bool cmg_notify_report_closed_stream(struct cmg_tunnel *t, int32_t stream_id, uint32_t error);

@@ -53,27 +53,65 @@ static size_t unsent(const struct cmg_notify_reports *r)
     return r->delivered.len + r->opened.len + r->closed.len;
 }
 
-/* Past MAX_UNSENT: an eighth of the deliveries not in flight go, oldest first. */
+/* Drops every delivery record after `from`; how many. */
+static uint64_t drop_all(struct cmg_buf *b, size_t from)
+{
+    const char *p = cmg_buf_head(b);
+    uint64_t n = 0;
+
+    for (size_t at = from; at < b->len; at += 9 + (unsigned char)p[at + 8])
+        n++;
+    b->len = from;
+    return n;
+}
+
+/* Drops an eighth (at least one record) of b's records after `from` (those in
+ * flight), oldest first; records are "pre bytes, len(1), id". How many went. */
+static uint64_t drop_oldest(struct cmg_buf *b, size_t from, size_t pre)
+{
+    size_t at = from, target = (b->len - from) / 8;
+    const char *p = cmg_buf_head(b);
+    uint64_t n = 0;
+
+    while (at < b->len && (n == 0 || at - from < target)) {
+        at += pre + 1 + (unsigned char)p[at + pre];
+        n++;
+    }
+    memmove(cmg_buf_head(b) + from, p + at, b->len - at);
+    b->len -= at - from;
+    return n;
+}
+
+/* Past MAX_UNSENT (the site does not take reports): an eighth of every kind of record
+ * not in flight goes, oldest first, with one warning until a report is taken again. */
 static void bound(struct cmg_notify_reports *r)
 {
-    size_t from = r->sent_d, at = from, target = (r->delivered.len - from) / 8;
-    const char *p = cmg_buf_head(&r->delivered);
-    uint64_t n = 0;
+    uint64_t n;
 
     if (unsent(r) <= MAX_UNSENT)
         return;
-    while (at < r->delivered.len && at - from < target) {
-        at += 9 + (unsigned char)p[at + 8];
-        n++;
-    }
-    memmove(cmg_buf_head(&r->delivered) + from, p + at, r->delivered.len - at);
-    r->delivered.len -= at - from;
+    n = drop_oldest(&r->delivered, r->sent_d, 8) + drop_oldest(&r->opened, r->sent_o, 0) +
+        drop_oldest(&r->closed, r->sent_c, 8);
     r->dropped += n;
     if (!r->warned)
         cmg_warn("notify reports: more than %u MiB not taken by the site (is it reachable?): "
-                 "the oldest %llu delivery record(s) dropped; 'notify status' undercounts them",
-                 MAX_UNSENT >> 20, (unsigned long long)n);
+                 "the oldest %llu record(s) dropped (deliveries, opened and closed channels); "
+                 "'notify status' undercounts them", MAX_UNSENT >> 20, (unsigned long long)n);
     r->warned = true;
+}
+
+uint64_t cmg_notify_report_dropped(const struct cmg_gateway *gw)
+{
+    return gw->notify_reports ? gw->notify_reports->dropped : 0;
+}
+
+void cmg_notify_report_epoch(struct cmg_gateway *gw)
+{
+    struct cmg_notify_reports *r = gw->notify_reports;
+    if (!r || r->delivered.len <= r->sent_d)
+        return;
+    /* Unsent deliveries name seqs of the old epoch: the site's new store knows none. */
+    r->dropped += drop_all(&r->delivered, r->sent_d);
 }
 
 static void add(struct cmg_buf *b, const void *pre, size_t prelen, const char *device)
@@ -103,6 +141,7 @@ void cmg_notify_report_opened(struct cmg_gateway *gw, const char *device)
     if (!r)
         return;
     add(&r->opened, NULL, 0, device);
+    bound(r);
     soon(gw, BATCH_MS);
 }
 
@@ -112,6 +151,7 @@ void cmg_notify_report_closed(struct cmg_gateway *gw, const char *device, int64_
     if (!r)
         return;
     add(&r->closed, &when, 8, device);
+    bound(r);
     soon(gw, BATCH_MS);
 }
 
@@ -128,18 +168,33 @@ static void put_id(struct cmg_buf *b, const char *p, size_t n)
     cmg_buf_append(b, "\"", 1);
 }
 
-/* How many bytes of records fit in `room` (an upper bound of their JSON). */
-static size_t fit(const struct cmg_buf *b, size_t pre, size_t extra, size_t *room)
+/* An id's JSON: its bytes, a backslash before each quote or backslash, the quotes
+ * and a comma. */
+static size_t id_cost(const char *id, size_t n)
+{
+    size_t cost = n + 3;
+    for (size_t i = 0; i < n; i++)
+        cost += id[i] == '"' || id[i] == '\\';
+    return cost;
+}
+
+/* How many bytes of records fit in `room` (an upper bound of their JSON): `extra` per
+ * record, and for deliveries (keyed) `key` whenever the seq differs from the record
+ * before (the distinct seqs are never more than those changes plus one). */
+static size_t fit(const struct cmg_buf *b, size_t pre, size_t extra, size_t key, size_t *room)
 {
     const char *p = cmg_buf_head(b);
-    size_t at = 0;
+    size_t at = 0, before = SIZE_MAX;
     while (at < b->len) {
-        size_t rec = pre + 1 + (unsigned char)p[at + pre];
-        size_t cost = 2 * (rec - pre - 1) + 3 + extra;
+        size_t n = (unsigned char)p[at + pre];
+        size_t cost = id_cost(p + at + pre + 1, n) + extra;
+        if (key && (before == SIZE_MAX || memcmp(p + before, p + at, 8)))
+            cost += key;
         if (cost > *room)
             break;
         *room -= cost;
-        at += rec;
+        before = at;
+        at += pre + 1 + n;
     }
     return at;
 }
@@ -190,9 +245,9 @@ static int make_body(struct cmg_gateway *gw, struct cmg_notify_reports *r)
     size_t room = MAX_BODY - 1024 - 2 * CMG_REPORT_MAX_STR;
     const char *p;
 
-    r->sent_o = fit(&r->opened, 0, 0, &room);
-    r->sent_c = fit(&r->closed, 8, 24, &room);
-    r->sent_d = fit(&r->delivered, 8, 40, &room);   /* a key per record at most */
+    r->sent_o = fit(&r->opened, 0, 0, 0, &room);
+    r->sent_c = fit(&r->closed, 8, 24, 0, &room);
+    r->sent_d = fit(&r->delivered, 8, 0, 48, &room);   /* "E-S":[...], : 16+1+20+8 */
     cmg_buf_printf(&b, "{\"instance\":");
     put_id(&b, gw->report.instance, strlen(gw->report.instance));
     cmg_buf_printf(&b, ",\"boot\":\"%s\",\"seq\":%llu,\"time\":%lld,\"delivered\":{",

@@ -5,6 +5,7 @@ HTTP/1.1 (Python ssl) and HTTP/2 (Python h2) and read Server-Sent Events."""
 import base64
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
@@ -408,6 +409,15 @@ def test_a_new_site_epoch_resets_open_channels_once(env_factory, site):
     c.close()
     old = Channel(site, last_id=f'{EPOCH}-1')
     assert old.events(1)[0]['event'] == 'reset'
+    # flipping back within 10 s (connectors of two sites?) waits: no reset storm
+    env.fc.sync(EPOCH, 1)
+    poll(lambda: 'the change waits' in env.gateway.log_text(), 5 * SLOW, 'the deferred change')
+    env.fc.notify(FakeConnector.doc(OTHER_EPOCH, 2, devices=[dev]))
+    ev = old.events(2)
+    assert ev[1]['id'] == f'{OTHER_EPOCH}-2' and len(old.quiet(0.3)) == 2
+    # ... and takes effect 10 s after the last change: one reset
+    ev = old.events(3, timeout=15)
+    assert ev[2] == {'id': f'{EPOCH}-1', 'event': 'reset', 'data': {'reason': 'epoch'}}
     old.close()
 
 
@@ -675,3 +685,172 @@ def test_three_credentials_bulk_token_and_blocking(dep, procs, tmp_path):
         assert [e['id'] for e in by_oidc.events(2)][1] == f'{EPOCH}-2'
     finally:
         env.close()
+
+
+def resigned_policy(dep, jws, **change):
+    """The site's policy with fields changed (None removes one), a version above, signed
+    with the site's key as the site signs it."""
+    header = json.loads(unb64u(jws.split('.')[0]))
+    payload = json.loads(unb64u(jws.split('.')[1]))
+    for k, v in change.items():
+        if v is None:
+            payload.pop(k, None)
+        else:
+            payload[k] = v
+    payload['version'] += 1
+    key = serialization.load_pem_private_key((dep.site.dir / 'site-signing.key').read_bytes(), None)
+    return sign_jwt(key, payload, kid=header.get('kid'),
+                    header_extra={k: v for k, v in header.items() if k not in ('alg', 'kid')})
+
+
+def test_policy_closes_revoked_site_tokens_blocked_oidc_users_and_oidc_turned_off(dep, procs,
+                                                                                  tmp_path):
+    """Channels opened with a site device token whose jti a new policy revokes, with an
+    OIDC token whose user (oidc:<upn>) it blocks, and with an OIDC token after a policy
+    turns OIDC off, are each closed within 5 s of that policy; a certificate channel stays."""
+    idp = IdP(tmp_path)
+    v = dep.policy_version()
+    dep.cmg_site('oidc', 'set', '--issuer', idp.ISSUER, '--tenant', idp.TENANT,
+                 '--audience', idp.AUDIENCE, '--jwks', idp.jwks)
+    poll(lambda: dep.policy_version() > v, 5 * SLOW, 'a policy with the OIDC issuer')
+    env = Env(procs, dep.site, tmp_path)
+    try:
+        jws = push_policy(dep, env)
+        env.fc.sync(EPOCH, 0)
+        crt2, key2 = site_device(dep.site, tmp_path, 'tokdev')
+        tok = device_token(dep, jws, crt2, 'dev-123')
+        jti = json.loads(unb64u(tok.split('.')[1]))['jti']
+        by_token = Channel(dep.site, cert=crt2, key=key2, token=tok)
+        by_upn = H2Channel(dep.site, token=idp.token(deviceid='aad-dev-1'), cert=crt2, key=key2)
+        by_oidc = Channel(dep.site, token=idp.token(deviceid='aad-dev-2', upn='bob@example.test'),
+                          cert=crt2, key=key2)
+        by_cert = Channel(dep.site)
+        for c in (by_token, by_upn, by_oidc, by_cert):
+            c.wait(lambda c: c.sse.retry is not None)
+        payload = json.loads(unb64u(jws.split('.')[1]))
+        blocking = resigned_policy(dep, jws, revoked_tokens=payload.get('revoked_tokens', []) + [jti],
+                                   blocked_devices=payload.get('blocked_devices', []) +
+                                   ['oidc:alice@example.test'])
+        start = time.monotonic()
+        env.fc.policy(blocking)
+        by_token.wait(lambda c: c.ended and c.closed, timeout=5, what='the revoked token channel')
+        by_upn.wait(lambda c: c.sid in c.ended, timeout=5, what='the blocked OIDC user channel')
+        assert time.monotonic() - start < 5
+        assert by_oidc.quiet(0.3) == [] and not by_oidc.ended
+        start = time.monotonic()
+        env.fc.policy(resigned_policy(dep, blocking, oidc=None))
+        by_oidc.wait(lambda c: c.ended and c.closed, timeout=5, what='the OIDC channel, OIDC off')
+        assert time.monotonic() - start < 5
+        env.fc.notify(FakeConnector.doc(EPOCH, 1, all_=True))
+        assert [e['id'] for e in by_cert.events(1)] == [f'{EPOCH}-1']
+        log = env.gateway.log_text()
+        for dev in ('dev-123', 'aad-dev-1', 'aad-dev-2'):
+            assert f'notify channel of device {dev} closed: blocked or revoked' in log
+    finally:
+        env.close()
+
+
+def test_a_policy_without_a_usable_crl_keeps_certificate_channels(dep, procs, tmp_path):
+    """A policy that checks revocation but carries no CRL refuses new certificate
+    channels (401 CMGService_CRL_Unavailable) and leaves the open ones be: an unusable
+    CRL does not close the whole fleet at once."""
+    env = Env(procs, dep.site, tmp_path)
+    try:
+        jws = push_policy(dep, env)
+        env.fc.sync(EPOCH, 0)
+        by_cert = Channel(dep.site)
+        by_cert.wait(lambda c: c.sse.retry is not None)
+        no_crl = resigned_policy(dep, jws, crl=None, check_revocation=True)
+        version = json.loads(unb64u(no_crl.split('.')[1]))['version']
+        env.fc.policy(no_crl)
+        poll(lambda: f'policy version {version} in force' in env.gateway.log_text(), 5 * SLOW,
+             'the policy without a CRL')
+        refused = Channel(dep.site)
+        assert refused.status == 401 and b'CMGService_CRL_Unavailable' in refused.body
+        env.fc.notify(FakeConnector.doc(EPOCH, 1, all_=True))
+        assert [e['id'] for e in by_cert.events(1)] == [f'{EPOCH}-1']
+        assert not by_cert.ended
+    finally:
+        env.close()
+
+
+def test_reports_never_label_old_deliveries_with_a_new_epoch(env_factory, site):
+    """Deliveries of the old epoch still unsent when the site's epoch changes (the site
+    answered 503 meanwhile) are dropped, never reported under the new epoch's ids."""
+    env = env_factory()
+    env.fc.report_statuses = [503, 503, 503]
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 0)
+    settle()
+    c = Channel(site)
+    c.wait(lambda c: c.sse.retry is not None)
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=[dev]))
+    c.events(1)
+    poll(lambda: env.fc.report_attempts, 5 * SLOW, 'the first report (answered 503)')
+    env.fc.notify(FakeConnector.doc(EPOCH, 2, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 3, devices=[dev]))
+    c.events(3)
+    env.fc.sync(OTHER_EPOCH, 0)
+    env.fc.notify(FakeConnector.doc(OTHER_EPOCH, 1, devices=[dev]))
+    assert c.events(5)[4]['id'] == f'{OTHER_EPOCH}-1'
+    reports = env.fc.wait_reports(lambda r: any(f'{OTHER_EPOCH}-1' in x['delivered'] for x in r),
+                                  timeout=10)
+    keys = [k for x in reports for k in x['delivered']]
+    assert f'{EPOCH}-1' in keys
+    assert f'{OTHER_EPOCH}-2' not in keys and f'{OTHER_EPOCH}-3' not in keys, keys
+    c.close()
+
+
+def test_a_reset_skips_only_what_the_window_held(env_factory, site):
+    """The window holds 3..4 of a site whose newest is 6 (the rest of the backlog late):
+    a device whose Last-Event-ID is older than the window gets its reset, then 5 and 6
+    when they come (they were skipped for good before)."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 6)
+    env.fc.notify(FakeConnector.doc(EPOCH, 3, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 4, devices=[dev]))
+    settle()
+    c = Channel(site, last_id=f'{EPOCH}-1')
+    ev = c.events(1, timeout=5)   # after the sync's 2 s grace
+    assert ev[0] == {'id': f'{EPOCH}-6', 'event': 'reset', 'data': {'reason': 'window'}}
+    env.fc.notify(FakeConnector.doc(EPOCH, 5, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 6, devices=[dev]))
+    assert [e['id'] for e in c.events(3)[1:]] == [f'{EPOCH}-5', f'{EPOCH}-6']
+    c.close()
+
+
+def test_hostile_channel_inputs(env_factory, site):
+    """HTTP/1.0 gets 505 (a channel is an endless chunked stream); a Last-Event-ID of 20
+    digits gets a reset, not a wrapped seq; a device that sends data on its open channel
+    is closed; a connector notify with a seq far beyond the site's newest is ignored (the
+    next real one is delivered); a reload that changes notify_window warns and keeps it."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 1)
+    env.fc.notify(FakeConnector.doc(EPOCH, 1, devices=[dev]))
+    settle()
+    s = tls_connect(site)
+    s.sendall(f'GET /CCM_Notify HTTP/1.0\r\nHost: {site.name}\r\n'
+              f'Accept: text/event-stream\r\n\r\n'.encode())
+    s.settimeout(5)
+    assert s.recv(65536).startswith(b'HTTP/1.1 505 ')
+    s.close()
+    wrapped = Channel(site, last_id=f'{EPOCH}-18446744073709551617')
+    assert wrapped.events(1)[0]['event'] == 'reset'
+    wrapped.close()
+    chatty = Channel(site)
+    chatty.events(1)
+    chatty.sock.sendall(b'x' * 16384)
+    chatty.wait(lambda c: c.closed, what='the channel of a device that sends data')
+    c = Channel(site, last_id=f'{EPOCH}-1')
+    c.wait(lambda c: c.sse.retry is not None)
+    env.fc.notify(FakeConnector.doc(EPOCH, 10 ** 12, devices=[dev]))
+    env.fc.notify(FakeConnector.doc(EPOCH, 2, devices=[dev]))
+    assert [e['id'] for e in c.events(1)] == [f'{EPOCH}-2']
+    assert 'more than notify_window (1024) beyond the newest' in env.gateway.log_text()
+    ini_set(site.gateway_conf, 'gateway', 'notify_window', '64')
+    os.kill(env.gateway.pid, signal.SIGHUP)
+    poll(lambda: 'notify_window changed (1024 -> 64): it applies at the next start'
+         in env.gateway.log_text(), 5 * SLOW, 'the reload warning')
+    c.close()

@@ -145,6 +145,12 @@ static struct cmg_notify_channel *lookup(struct cmg_notify_hub *hub, const char 
     return ch;
 }
 
+bool cmg_notify_channel_open(struct cmg_gateway *gw, const char *device)
+{
+    const struct cmg_notify_channel *ch = gw->notify ? lookup(gw->notify, device) : NULL;
+    return ch && !ch->ended;
+}
+
 /* Twice the buckets once there are more channels than buckets. */
 static void grow(struct cmg_notify_hub *hub)
 {

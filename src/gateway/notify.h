@@ -104,4 +104,7 @@ int cmg_notify_report_start(struct cmg_gateway *gw);
 void cmg_notify_report_stop(struct cmg_gateway *gw);
 const char *cmg_gw_notify_epoch(const struct cmg_gateway *gw);
 
+/* Whether the device holds a channel here now (not one being ended). */
+bool cmg_notify_channel_open(struct cmg_gateway *gw, const char *device);
+
 #endif

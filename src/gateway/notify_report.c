@@ -238,12 +238,23 @@ static void put_delivered(struct cmg_buf *b, const struct cmg_buf *d, size_t upt
     free(seqs);
 }
 
+/* Whether the device of a record (len bytes at id) holds a channel here now. */
+static bool record_open(struct cmg_gateway *gw, const char *id, size_t len)
+{
+    char device[256];
+
+    memcpy(device, id, len);   /* a record's length is one byte */
+    device[len] = '\0';
+    return cmg_notify_channel_open(gw, device);
+}
+
 /* The next report's body from what is unsent (sent_* say how much it takes). */
 static int make_body(struct cmg_gateway *gw, struct cmg_notify_reports *r)
 {
     struct cmg_buf b = {0};
     size_t room = MAX_BODY - 1024 - 2 * CMG_REPORT_MAX_STR;
     const char *p;
+    bool first;
 
     r->sent_o = fit(&r->opened, 0, 0, 0, &room);
     r->sent_c = fit(&r->closed, 8, 24, 0, &room);
@@ -253,19 +264,30 @@ static int make_body(struct cmg_gateway *gw, struct cmg_notify_reports *r)
     cmg_buf_printf(&b, ",\"boot\":\"%s\",\"seq\":%llu,\"time\":%lld,\"delivered\":{",
                    gw->report.boot, (unsigned long long)++r->seq, (long long)time(NULL));
     put_delivered(&b, &r->delivered, r->sent_d, cmg_gw_notify_epoch(gw));
+    /* A device that opened and closed (or closed and opened again) since the last report
+     * is in both lists: each says only what holds now, so the site's order of applying
+     * them cannot leave a closed channel open. */
     cmg_buf_appends(&b, "},\"opened\":[");
     p = cmg_buf_head(&r->opened);
+    first = true;
     for (size_t at = 0; at < r->sent_o; at += 1 + (unsigned char)p[at]) {
-        if (at)
+        if (!record_open(gw, p + at + 1, (unsigned char)p[at]))
+            continue;
+        if (!first)
             cmg_buf_append(&b, ",", 1);
+        first = false;
         put_id(&b, p + at + 1, (unsigned char)p[at]);
     }
     cmg_buf_appends(&b, "],\"closed\":[");
     p = cmg_buf_head(&r->closed);
+    first = true;
     for (size_t at = 0; at < r->sent_c; at += 9 + (unsigned char)p[at + 8]) {
         int64_t when;
+        if (record_open(gw, p + at + 9, (unsigned char)p[at + 8]))
+            continue;
         memcpy(&when, p + at, 8);
-        cmg_buf_appends(&b, at ? ",[" : "[");
+        cmg_buf_appends(&b, first ? "[" : ",[");
+        first = false;
         put_id(&b, p + at + 9, (unsigned char)p[at + 8]);
         cmg_buf_printf(&b, ",%lld]", (long long)when);
     }

@@ -550,6 +550,45 @@ def test_notify_reports_and_resend_after_a_503(env_factory, site):
     assert all(len(fc.requests) for fc in env.fcs)
 
 
+def site_view(reports, dev):
+    """The device's channel as the site keeps it: each report's closed, then its opened."""
+    state = None
+    for r in reports:
+        if any(c[0] == dev for c in r['closed']):
+            state = 'closed'
+        if dev in r['opened']:
+            state = 'open'
+    return state
+
+
+def test_reports_say_what_holds_when_a_channel_comes_and_goes_between_two(env_factory, site):
+    """A device whose channel opens and closes, or closes and opens again, between two
+    reports is in both lists of the gateway's records: the report says only what holds
+    when it is made, so the site, which applies closed before opened, ends right."""
+    env = env_factory()
+    dev = cert_id(site.device_cert)
+    env.fc.sync(EPOCH, 0)
+    settle()
+    c1 = Channel(site)
+    c1.wait(lambda c: c.sse.retry is not None)
+    c1.close()
+    c2 = Channel(site)                       # back at once: open in the end
+    c2.wait(lambda c: c.sse.retry is not None)
+    env.fc.wait_reports(lambda r: site_view(r, dev) is not None)
+    time.sleep(1.5 * SLOW)                   # what the records still send goes within 1 s
+    reports = env.fc.wait_reports(lambda r: True)
+    assert site_view(reports, dev) == 'open', reports
+    n = len(reports)
+    c2.close()
+    c3 = Channel(site)                       # a short visit: closed in the end
+    c3.wait(lambda c: c.sse.retry is not None)
+    c3.close()
+    env.fc.wait_reports(lambda r: site_view(r[n:], dev) == 'closed')
+    time.sleep(1.5 * SLOW)
+    reports = env.fc.wait_reports(lambda r: True)
+    assert site_view(reports, dev) == 'closed', reports[n:]
+
+
 def test_malformed_control_messages_are_ignored(env_factory, site):
     """Malformed notify-sync and notify messages are ignored with a warning (the tunnel and
     the gateway stay up); a good document after them is delivered."""

@@ -917,7 +917,9 @@ static void on_notify(struct cmg_notify_hub *hub, const cJSON *msg, const char *
     if (seq > hub->last)
         hub->last = seq;
     window_trim(hub);
-    if (!e->tombstone && e->expires > now_s())
+    /* the newest goes last: an empty window means it was older than the window's 24 h
+     * (a site clock far from this one) and is freed already */
+    if (hub->count && !e->tombstone && e->expires > now_s())
         enqueue(hub, e);
     begin_waiting(hub);
     return;

@@ -263,6 +263,21 @@ def test_status_counts_resend_missed_and_replay(dep):
     assert [n['id'] for n in listing][:2] == [short, f'{epoch}-2']
 
 
+def test_resend_missed_refused_once_the_rows_are_past_retention(dep):
+    gw = Reporter(dep)
+    nid = notify_json(dep, '--device', 'r1', '--device', 'r2', '--type', 'script')['id']
+    gw.send(delivered={nid: ['r1']})
+    # eight days old: past notify_retention (7d), its per-device rows may be pruned
+    with sqlite3.connect(str(dep.site.dir / 'site.db'), timeout=10) as c:
+        c.execute('UPDATE notifications SET created = created - 8 * 86400 WHERE seq = ?',
+                  (int(nid.split('-')[1]),))
+    last = notify_json(dep, 'list')[0]['id']
+    r = notify(dep, '--resend', nid, '--missed', check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert 'notify_retention' in r.stderr and nid in r.stderr
+    assert notify_json(dep, 'list')[0]['id'] == last          # nothing was sent
+
+
 def test_all_is_a_snapshot_of_the_devices_known(dep):
     gw = Reporter(dep)
     before = status(dep, notify_json(dep, '--all', '--type', 'policy')['id'])['targets']

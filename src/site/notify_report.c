@@ -209,6 +209,15 @@ static int mark(struct cmg_store *st, const char *instance, const char *boot, in
     " (EXISTS (SELECT 1 FROM device_seen WHERE device = ?2) OR"                               \
     " EXISTS (SELECT 1 FROM devices WHERE id = ?2)))"
 
+/* A delivery kept after seq's counts were made final (a gateway that could not report
+ * for a while sends it later) is added to them, so that status and --missed agree. */
+static int count_late(struct cmg_store *st, int64_t seq)
+{
+    return done(cmg_store_prepare(st, "UPDATE notifications SET final_delivered ="
+                                      " min(final_delivered + 1, final_targets) WHERE seq = ?"
+                                      " AND final_delivered IS NOT NULL", "i", seq));
+}
+
 /* The deliveries of this site's epoch to the targets of notifications it has; others
  * are ignored (a gateway's report may hold deliveries of a store made anew), counted
  * in *ignored. */
@@ -243,6 +252,10 @@ static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *inst
             }
             if (sqlite3_changes(db) == 0)
                 ++*ignored;   /* not a target, or kept already */
+            else if (count_late(st, seq) < 0) {
+                rc = -1;
+                break;
+            }
         }
     }
     sqlite3_finalize(ins);

@@ -276,6 +276,11 @@ static int cap_unknown(struct cmg_store *st)
     sqlite3_finalize(q);
     if (excess <= 0)
         return q ? 0 : -1;   /* under the cap (an estimate from above: known rows may lack) */
+    /* real OIDC or external-CA devices count as unknown too: a fleet of them past the cap
+     * loses its oldest channel rows, which this line lets an operator see */
+    cmg_warn("notify: %" PRId64 " channel row(s) of devices this site does not know (not "
+             "registered, no certificate it issued) evicted, past the cap of %d; OIDC and "
+             "external-CA devices count here", excess, CMG_NOTIFY_MAX_UNKNOWN);
     return done(cmg_store_prepare(
         st, "DELETE FROM device_seen WHERE device IN (SELECT device FROM device_seen s"
             " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device) AND"

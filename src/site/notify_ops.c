@@ -195,17 +195,19 @@ int cmg_notify_op_status(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     return rc == 0 ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
-/* The original's type and data, into n (*data malloc'd): a plain read, no counting.
- * 0, 1 none, -1. */
+/* The original's type and data, into n (*data malloc'd), and when it was made: a plain
+ * read, no counting. 0, 1 none, -1. */
 static int original(struct cmg_site_ctx *s, int64_t seq, struct cmg_notify_new *n, char **data,
-                    char **type)
+                    char **type, int64_t *created)
 {
-    cJSON *rows = cmg_store_query_json(s->store, "SELECT type, data FROM notifications WHERE "
-                                                 "seq = ?", "i", seq);
+    cJSON *rows = cmg_store_query_json(s->store, "SELECT type, data, created FROM notifications"
+                                                 " WHERE seq = ?", "i", seq);
     cJSON *row = cJSON_GetArrayItem(rows, 0);
     const char *t = cJSON_GetStringValue(cJSON_GetObjectItem(row, "type"));
     const char *d = cJSON_GetStringValue(cJSON_GetObjectItem(row, "data"));
     int rc = !rows ? -1 : !row ? 1 : 0;
+
+    *created = (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItem(row, "created"));
 
     *type = t ? strdup(t) : NULL;
     *data = d ? strdup(d) : NULL;
@@ -295,7 +297,7 @@ int cmg_notify_op_resend(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
 {
     struct cmg_notify_new n = {0};
     char *data = NULL, *type = NULL;
-    int64_t seq;
+    int64_t seq, created = 0;
     int rc = id_arg(s, args, &seq, msg, len);
 
     if (rc == 0 && !cJSON_IsTrue(arg(args, "missed")))
@@ -303,10 +305,16 @@ int cmg_notify_op_resend(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
                   "not had it: --missed)");
     if (rc == 0 && (n.ttl = ttl_arg(args, msg, len)) < 0)
         rc = 400;
-    if (rc == 0 && (rc = original(s, seq, &n, &data, &type)) == 1)
+    if (rc == 0 && (rc = original(s, seq, &n, &data, &type, &created)) == 1)
         rc = fail(msg, len, 404, "no notification %s", cJSON_GetStringValue(arg(args, "id")));
     else if (rc < 0)
         rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    /* past notify_retention its per-device rows may be gone: "missed" would be everyone */
+    else if (rc == 0 && created < (int64_t)time(NULL) - s->notify_retention_s)
+        rc = fail(msg, len, 409, "cannot resend %s to the devices that missed it: it is older "
+                  "than notify_retention (%lld s), whose per-device delivery rows are pruned; "
+                  "send a new notification instead", cJSON_GetStringValue(arg(args, "id")),
+                  (long long)s->notify_retention_s);
     if (rc == 0)
         rc = resend_missed(s, seq, cJSON_GetStringValue(arg(args, "id")), &n, result, msg, len);
     free(data);

@@ -209,6 +209,15 @@ static int mark(struct cmg_store *st, const char *instance, const char *boot, in
     " (EXISTS (SELECT 1 FROM device_seen WHERE device = ?2) OR"                               \
     " EXISTS (SELECT 1 FROM devices WHERE id = ?2)))"
 
+/* A delivery kept after seq's counts were made final (a gateway that could not report
+ * for a while sends it later) is added to them, so that status and --missed agree. */
+static int count_late(struct cmg_store *st, int64_t seq)
+{
+    return done(cmg_store_prepare(st, "UPDATE notifications SET final_delivered ="
+                                      " min(final_delivered + 1, final_targets) WHERE seq = ?"
+                                      " AND final_delivered IS NOT NULL", "i", seq));
+}
+
 /* The deliveries of this site's epoch to the targets of notifications it has; others
  * are ignored (a gateway's report may hold deliveries of a store made anew), counted
  * in *ignored. */
@@ -243,6 +252,10 @@ static int keep_delivered(struct cmg_store *st, const cJSON *d, const char *inst
             }
             if (sqlite3_changes(db) == 0)
                 ++*ignored;   /* not a target, or kept already */
+            else if (count_late(st, seq) < 0) {
+                rc = -1;
+                break;
+            }
         }
     }
     sqlite3_finalize(ins);
@@ -263,6 +276,11 @@ static int cap_unknown(struct cmg_store *st)
     sqlite3_finalize(q);
     if (excess <= 0)
         return q ? 0 : -1;   /* under the cap (an estimate from above: known rows may lack) */
+    /* real OIDC or external-CA devices count as unknown too: a fleet of them past the cap
+     * loses its oldest channel rows, which this line lets an operator see */
+    cmg_warn("notify: %" PRId64 " channel row(s) of devices this site does not know (not "
+             "registered, no certificate it issued) evicted, past the cap of %d; OIDC and "
+             "external-CA devices count here", excess, CMG_NOTIFY_MAX_UNKNOWN);
     return done(cmg_store_prepare(
         st, "DELETE FROM device_seen WHERE device IN (SELECT device FROM device_seen s"
             " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device) AND"

@@ -263,6 +263,40 @@ def test_status_counts_resend_missed_and_replay(dep):
     assert [n['id'] for n in listing][:2] == [short, f'{epoch}-2']
 
 
+def test_resend_missed_refused_once_the_rows_are_past_retention(dep):
+    gw = Reporter(dep)
+    nid = notify_json(dep, '--device', 'r1', '--device', 'r2', '--type', 'script')['id']
+    gw.send(delivered={nid: ['r1']})
+    # eight days old: past notify_retention (7d), its per-device rows may be pruned
+    with sqlite3.connect(str(dep.site.dir / 'site.db'), timeout=10) as c:
+        c.execute('UPDATE notifications SET created = created - 8 * 86400 WHERE seq = ?',
+                  (int(nid.split('-')[1]),))
+    last = notify_json(dep, 'list')[0]['id']
+    r = notify(dep, '--resend', nid, '--missed', check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert 'notify_retention' in r.stderr and nid in r.stderr
+    assert notify_json(dep, 'list')[0]['id'] == last          # nothing was sent
+
+
+def test_late_delivery_adds_to_the_final_counts(dep):
+    gw = Reporter(dep)
+    nid = notify_json(dep, '--device', 'l1', '--device', 'l2', '--type', 'script')['id']
+    gw.send(delivered={nid: ['l1']})
+    # over for more than a minute: the next status makes its counts final
+    with sqlite3.connect(str(dep.site.dir / 'site.db'), timeout=10) as c:
+        c.execute('UPDATE notifications SET created = created - 7200, expires = expires - 7200'
+                  ' WHERE seq = ?', (int(nid.split('-')[1]),))
+    st = status(dep, nid)
+    assert (st['delivered'], st['expired']) == (1, 1)
+    assert db_rows(dep, 'SELECT final_delivered FROM notifications WHERE seq = ?',
+                   int(nid.split('-')[1])) == [(1,)]
+    gw.send(delivered={nid: ['l2']})          # a gateway's report that came late
+    st = status(dep, nid)
+    assert (st['delivered'], st['expired']) == (2, 0)
+    r = notify(dep, '--resend', nid, '--missed')
+    assert r.stdout.strip() == 'nothing to resend: every target has it'
+
+
 def test_all_is_a_snapshot_of_the_devices_known(dep):
     gw = Reporter(dep)
     before = status(dep, notify_json(dep, '--all', '--type', 'policy')['id'])['targets']

@@ -255,17 +255,25 @@ static void end_channel(struct cmg_notify_channel *ch, enum cmg_notify_close rea
 }
 
 /* Writes framed bytes (sse at framed + prefix); past notify_buffer the channel is
- * closed. 0, or -1 if it is gone. */
-static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
+ * closed, unless `admitted` (a replay's write that room_for let through: the TLS
+ * record overhead it cannot count must not close a device that reads). 0, or -1 if
+ * it is gone (freed: not to be touched). */
+static int put_admitted(struct cmg_notify_channel *ch, const char *framed, size_t flen,
+                        size_t prefix, bool admitted)
 {
     int rc = ch->ops->write(ch->sink, framed, flen, framed + prefix, flen - prefix - 2);
-    if (rc < 0 ||
-        (!ch->ops->deferred && ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
+    if (rc < 0 || (!admitted && !ch->ops->deferred &&
+                   ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
         /* a write that failed: the connection is gone or out of memory */
         end_channel(ch, rc < 0 ? CMG_NOTIFY_PEER : CMG_NOTIFY_OVERFLOW, false);
         return -1;
     }
     return 0;
+}
+
+static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
+{
+    return put_admitted(ch, framed, flen, prefix, false);
 }
 
 /* A message made for this channel alone (retry:, a heartbeat, a reset). */
@@ -279,13 +287,15 @@ static int put_own(struct cmg_notify_channel *ch, const char *sse, size_t n)
     return put(ch, buf, len, prefix);
 }
 
-static void send_event(struct cmg_notify_channel *ch, const struct event *e)
+/* 0, or -1 if the write ended the channel (then it is freed). */
+static int send_event(struct cmg_notify_channel *ch, const struct event *e, bool admitted)
 {
     ch->sent_seq = e->seq;
-    if (put(ch, e->wire, e->len, e->prefix) < 0)
-        return;
+    if (put_admitted(ch, e->wire, e->len, e->prefix, admitted) < 0)
+        return -1;
     ch->hub->deliveries++;
     cmg_notify_report_delivered(ch->hub->gw, e->seq, ch->device);
+    return 0;
 }
 
 /* A live notification: a channel still replaying gets it from the window, in order. */
@@ -294,7 +304,7 @@ static void deliver(struct cmg_notify_channel *ch, const struct event *e)
     if (ch->ended || ch->waiting || ch->replaying || ch->gen != ch->hub->gen ||
         e->seq <= ch->sent_seq)
         return;   /* waiting for its replay, or for its reset into the new epoch */
-    send_event(ch, e);
+    send_event(ch, e, false);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -422,7 +432,8 @@ static void replay(struct cmg_notify_channel *ch, uint64_t from)
             ch->replay_next = seq;
             return;
         }
-        send_event(ch, e);
+        if (send_event(ch, e, true) < 0)
+            return;   /* the write ended the channel: it is freed */
     }
 }
 

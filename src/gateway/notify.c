@@ -68,7 +68,8 @@ struct cmg_notify_channel {
     uint32_t gen;             /* the hub's epoch generation its ids are of */
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
     uint64_t issuer_hash;     /* OIDC: the issuer the token was taken under */
-    uint16_t subject_at, jti_at;   /* OIDC subject (UPN) and token jti, after device[] */
+    uint16_t subject_at;      /* OIDC subject (UPN), after device[] (at most 128 bytes) */
+    uint32_t jti_at;          /* token jti, after the subject (which has no bound) */
     uint8_t method;
     uint8_t reason;           /* enum cmg_notify_close */
     bool mapped, linked, waiting, has_resume, ended, replaying;
@@ -437,9 +438,18 @@ static void replay(struct cmg_notify_channel *ch, uint64_t from)
     }
 }
 
+/* A paused replay goes on when the device has taken what was queued; not into a new
+ * epoch (reset_slice gives the channel its reset first), nor past seqs the window
+ * dropped meanwhile (the device gets a reset instead of a silent gap). */
 void cmg_notify_resume(struct cmg_notify_channel *ch)
 {
-    if (ch && ch->replaying && !ch->ended)
+    if (!ch || !ch->replaying || ch->ended)
+        return;
+    if (ch->gen != ch->hub->gen)
+        ch->replaying = false;
+    else if (ch->replay_next < window_lo(ch->hub))
+        send_reset(ch, "window");
+    else
         replay(ch, ch->replay_next);
 }
 
@@ -1075,7 +1085,7 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
     memcpy(ch->device, id->device_id, n);
     /* what a later policy may block: the OIDC subject, the token's jti, the issuer */
     ch->subject_at = (uint16_t)n;
-    ch->jti_at = (uint16_t)(n + ns);
+    ch->jti_at = (uint32_t)(n + ns);
     memcpy(ch->device + ch->subject_at, oidc ? id->subject : "", ns);
     memcpy(ch->device + ch->jti_at, token ? id->jti : "", nj);
     if (oidc && gw->policy)

@@ -114,12 +114,15 @@ static void unqueue(struct cmg_gateway *gw, struct cmg_device *d)
     d->hs_waiting = false;
 }
 
-/* A waiting device that hung up costs no token: it is closed instead. */
+/* A waiting device that hung up (or whose socket the peer reset) costs no token: it
+ * is closed instead. */
 static bool hung_up(struct cmg_device *d)
 {
     char byte;
 
-    return recv(d->conn.io.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+    ssize_t n = recv(d->conn.io.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 static void on_rate_timer(struct cmg_timer *t);
@@ -202,7 +205,11 @@ static int on_client_hello(SSL *ssl, int *alert, void *arg)
         return SSL_CLIENT_HELLO_RETRY;
     refill(gw);
     if (offers_resumption(ssl) && gw->hs_tokens > -(double)rate) {
-        d->hs_maybe_resumed = true;   /* charged by cmg_gw_handshake_done if it was not */
+        /* Charged now (in debt if need be), so that one who hangs up after the server's
+         * first flight pays too; cmg_gw_handshake_done gives it back if it resumed. */
+        gw->hs_tokens -= 1;
+        d->hs_charged = true;
+        d->hs_maybe_resumed = true;
         return SSL_CLIENT_HELLO_SUCCESS;
     }
     if (!gw->hs_wait_head && gw->hs_tokens >= 1) {

@@ -68,7 +68,8 @@ struct cmg_notify_channel {
     uint32_t gen;             /* the hub's epoch generation its ids are of */
     int64_t expires;          /* unix seconds; 0: the credential does not expire */
     uint64_t issuer_hash;     /* OIDC: the issuer the token was taken under */
-    uint16_t subject_at, jti_at;   /* OIDC subject (UPN) and token jti, after device[] */
+    uint16_t subject_at;      /* OIDC subject (UPN), after device[] (at most 128 bytes) */
+    uint32_t jti_at;          /* token jti, after the subject (which has no bound) */
     uint8_t method;
     uint8_t reason;           /* enum cmg_notify_close */
     bool mapped, linked, waiting, has_resume, ended, replaying;
@@ -255,17 +256,25 @@ static void end_channel(struct cmg_notify_channel *ch, enum cmg_notify_close rea
 }
 
 /* Writes framed bytes (sse at framed + prefix); past notify_buffer the channel is
- * closed. 0, or -1 if it is gone. */
-static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
+ * closed, unless `admitted` (a replay's write that room_for let through: the TLS
+ * record overhead it cannot count must not close a device that reads). 0, or -1 if
+ * it is gone (freed: not to be touched). */
+static int put_admitted(struct cmg_notify_channel *ch, const char *framed, size_t flen,
+                        size_t prefix, bool admitted)
 {
     int rc = ch->ops->write(ch->sink, framed, flen, framed + prefix, flen - prefix - 2);
-    if (rc < 0 ||
-        (!ch->ops->deferred && ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
+    if (rc < 0 || (!admitted && !ch->ops->deferred &&
+                   ch->ops->pending(ch->sink) > ch->hub->gw->cfg.notify_buffer)) {
         /* a write that failed: the connection is gone or out of memory */
         end_channel(ch, rc < 0 ? CMG_NOTIFY_PEER : CMG_NOTIFY_OVERFLOW, false);
         return -1;
     }
     return 0;
+}
+
+static int put(struct cmg_notify_channel *ch, const char *framed, size_t flen, size_t prefix)
+{
+    return put_admitted(ch, framed, flen, prefix, false);
 }
 
 /* A message made for this channel alone (retry:, a heartbeat, a reset). */
@@ -279,13 +288,15 @@ static int put_own(struct cmg_notify_channel *ch, const char *sse, size_t n)
     return put(ch, buf, len, prefix);
 }
 
-static void send_event(struct cmg_notify_channel *ch, const struct event *e)
+/* 0, or -1 if the write ended the channel (then it is freed). */
+static int send_event(struct cmg_notify_channel *ch, const struct event *e, bool admitted)
 {
     ch->sent_seq = e->seq;
-    if (put(ch, e->wire, e->len, e->prefix) < 0)
-        return;
+    if (put_admitted(ch, e->wire, e->len, e->prefix, admitted) < 0)
+        return -1;
     ch->hub->deliveries++;
     cmg_notify_report_delivered(ch->hub->gw, e->seq, ch->device);
+    return 0;
 }
 
 /* A live notification: a channel still replaying gets it from the window, in order. */
@@ -294,7 +305,7 @@ static void deliver(struct cmg_notify_channel *ch, const struct event *e)
     if (ch->ended || ch->waiting || ch->replaying || ch->gen != ch->hub->gen ||
         e->seq <= ch->sent_seq)
         return;   /* waiting for its replay, or for its reset into the new epoch */
-    send_event(ch, e);
+    send_event(ch, e, false);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -422,13 +433,23 @@ static void replay(struct cmg_notify_channel *ch, uint64_t from)
             ch->replay_next = seq;
             return;
         }
-        send_event(ch, e);
+        if (send_event(ch, e, true) < 0)
+            return;   /* the write ended the channel: it is freed */
     }
 }
 
+/* A paused replay goes on when the device has taken what was queued; not into a new
+ * epoch (reset_slice gives the channel its reset first), nor past seqs the window
+ * dropped meanwhile (the device gets a reset instead of a silent gap). */
 void cmg_notify_resume(struct cmg_notify_channel *ch)
 {
-    if (ch && ch->replaying && !ch->ended)
+    if (!ch || !ch->replaying || ch->ended)
+        return;
+    if (ch->gen != ch->hub->gen)
+        ch->replaying = false;
+    else if (ch->replay_next < window_lo(ch->hub))
+        send_reset(ch, "window");
+    else
         replay(ch, ch->replay_next);
 }
 
@@ -1066,7 +1087,7 @@ struct cmg_notify_channel *cmg_notify_open(struct cmg_gateway *gw, struct cmg_de
     memcpy(ch->device, id->device_id, n);
     /* what a later policy may block: the OIDC subject, the token's jti, the issuer */
     ch->subject_at = (uint16_t)n;
-    ch->jti_at = (uint16_t)(n + ns);
+    ch->jti_at = (uint32_t)(n + ns);
     memcpy(ch->device + ch->subject_at, oidc ? id->subject : "", ns);
     memcpy(ch->device + ch->jti_at, token ? id->jti : "", nj);
     if (oidc && gw->policy)

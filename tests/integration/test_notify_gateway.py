@@ -499,6 +499,25 @@ def test_a_device_that_stops_reading_is_closed_and_slows_no_one(env_factory, sit
     slow.close()
 
 
+def test_a_replay_bigger_than_notify_buffer_reaches_a_device_that_reads(env_factory, site):
+    """notify_buffer 4KiB and 16 KiB notifications: a device that reads (with a small
+    receive buffer) gets the whole replay, in order, then live events, and is not closed
+    (a replay write the queue had room for is never judged overflow)."""
+    env = env_factory(notify_buffer='4KiB')
+    dev = cert_id(site.device_cert)
+    blob = 'y' * 16000
+    env.fc.sync(EPOCH, 0)
+    for s in range(1, 6):
+        env.fc.notify(FakeConnector.doc(EPOCH, s, 'big', blob, devices=[dev]))
+    settle()
+    c = Channel(site, rcvbuf=4096)
+    assert [(e['id'], e['data']) for e in c.events(5)] == [(f'{EPOCH}-{s}', blob) for s in range(1, 6)]
+    env.fc.notify(FakeConnector.doc(EPOCH, 6, 'after', None, all_=True))
+    assert [e['id'] for e in c.events(6)][-1] == f'{EPOCH}-6'
+    assert 'closed: more than notify_buffer' not in env.gateway.log_text()
+    c.close()
+
+
 def test_drain_ends_channels_at_once(env_factory, site, tmp_path):
     """SIGTERM with drain_timeout 20: the HTTP/1.1 channel gets its last chunk and the
     close, the HTTP/2 one END_STREAM then GOAWAY; once the devices close, the instance

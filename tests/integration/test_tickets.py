@@ -586,6 +586,48 @@ def test_resumed_devices_do_not_wait_behind_full_handshakes(procs, tmp_path, svc
     assert took < (N - 2 * RATE) / RATE / 2, f'the resumed device waited ({took:.2f} s)'
 
 
+def hello_with_a_garbage_ticket(name):
+    """A TLS 1.2 ClientHello offering a session ticket no key of the gateway made."""
+    def ext(kind, body):
+        return kind.to_bytes(2, 'big') + len(body).to_bytes(2, 'big') + body
+
+    host = name.encode()
+    sni = (len(host) + 3).to_bytes(2, 'big') + b'\x00' + len(host).to_bytes(2, 'big') + host
+    sigs = bytes.fromhex('0403080404010503080505010601')
+    exts = (ext(0x0000, sni) + ext(0x000a, bytes.fromhex('0004001d0017')) +
+            ext(0x000b, b'\x01\x00') + ext(0x000d, len(sigs).to_bytes(2, 'big') + sigs) +
+            ext(0x0017, b'') + ext(0xff01, b'\x00') + ext(0x0023, os.urandom(160)))
+    suites = bytes.fromhex('c02fc02bc030c02c')
+    body = (b'\x03\x03' + os.urandom(32) + b'\x20' + os.urandom(32) +
+            len(suites).to_bytes(2, 'big') + suites + b'\x01\x00' +
+            len(exts).to_bytes(2, 'big') + exts)
+    hs = b'\x01' + len(body).to_bytes(3, 'big') + body
+    return b'\x16\x03\x01' + len(hs).to_bytes(2, 'big') + hs
+
+
+def test_offering_a_bogus_session_and_hanging_up_is_charged(procs, tmp_path, svc):
+    """A ClientHello with a ticket the gateway cannot open gets a full handshake: it is
+    charged at the ClientHello, so clients that offer garbage tickets and hang up once the
+    server's first flight came still reach handshake_rate (and a real device then waits)."""
+    site = Site(tmp_path / 'site', [svc.url], procs)
+    ini_set(site.gateway_conf, 'gateway', 'handshake_rate', RATE)
+    gw = start_gateway(procs, site)
+    start_connector(procs, site.connector_conf)
+    wait_ready(procs, site)
+    time.sleep(1.0)                        # the bucket full
+    flights = 0
+    for _ in range(4 * RATE):
+        with socket.create_connection((site.addr, site.port), timeout=10 * SLOW) as s:
+            s.sendall(hello_with_a_garbage_ticket(site.name))
+            first = s.recv(5)               # the server's first flight: its handshake was done
+            flights += len(first) == 5 and first[0] == 0x16
+    print(f'{flights} full first flights to garbage tickets')
+    assert flights == 4 * RATE, 'the gateway did not answer the ClientHellos with a full handshake'
+    poll(lambda: 'handshake_rate reached' in gw.log_text(), 5 * SLOW,
+         'handshake_rate reached by bogus resumption offers')
+    assert timed_request(site, client_context(site))[2] == 200
+
+
 def test_a_file_being_copied_in_place_is_never_overwritten(procs, tmp_path, svc):
     """cp/scp truncate the file, then write it: an empty file at a re-read is unusable, the
     keys in force stay, and the instance writes nothing into it (ticket_key_rotate = 0)."""

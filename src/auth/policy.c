@@ -5,6 +5,7 @@
 #include "auth/keychain.h"
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
@@ -330,6 +331,33 @@ static int parse_trust(struct cmg_policy *p, const cJSON *pl, char *err, size_t 
     return 0;
 }
 
+/* What a certificate's verdict depends on (the CTL, the CRL, whether it is checked, the
+ * clock skew), as 64 bits: a new policy with the same value keeps the verdicts made under
+ * the old one, so that publishing a policy does not verify every connected certificate
+ * again. 0: none could be made (never equal to another). */
+static uint64_t trust_digest(const struct cmg_policy *p, const cJSON *pl)
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    unsigned char out[EVP_MAX_MD_SIZE];
+    const cJSON *c;
+    const char *crl = str(pl, "crl");
+    int64_t flags[2] = {p->check_revocation, p->clock_skew};
+    uint64_t d = 0;
+    bool ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+
+    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(pl, "ctl"))
+        ok = ok && cJSON_IsString(c) &&
+             EVP_DigestUpdate(md, c->valuestring, strlen(c->valuestring) + 1);
+    ok = ok && EVP_DigestUpdate(md, "|", 1) && (!crl || EVP_DigestUpdate(md, crl, strlen(crl))) &&
+         EVP_DigestUpdate(md, flags, sizeof(flags)) && EVP_DigestFinal_ex(md, out, NULL);
+    if (ok) {
+        memcpy(&d, out, sizeof(d));
+        d |= 1;
+    }
+    EVP_MD_CTX_free(md);
+    return d;
+}
+
 static int parse_oidc(struct cmg_policy *p, const cJSON *o, char *err, size_t errlen)
 {
     char jerr[256];
@@ -395,6 +423,7 @@ static int parse_payload(struct cmg_policy *p, const cJSON *pl, char *err, size_
     }
     p->clock_skew = cJSON_IsNumber(skew) && skew->valuedouble >= 0 && skew->valuedouble <= 3600
                         ? (int64_t)skew->valuedouble : 120;
+    p->trust_digest = trust_digest(p, pl);
     return 0;
 }
 

@@ -61,6 +61,7 @@ struct cmg_policy {
     char **revoked_tokens;   /* sorted jti / bulk token GUIDs */
     size_t nrevoked_tokens;
     int64_t clock_skew;      /* seconds */
+    uint64_t trust_digest;   /* of what a certificate's verdict depends on; 0: unknown */
     /* the site <-> connector channel */
     int64_t issued_at;       /* "iat": when the site signed it (0: unknown, local) */
     char **revoked_connectors;   /* sorted serials, upper-case hex */

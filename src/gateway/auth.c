@@ -22,10 +22,15 @@ enum cmg_cert_state cmg_device_cert(struct cmg_device *d)
     STACK_OF(X509) *chain;
     X509 *x;
 
-    if (d->cert != CMG_CERT_UNKNOWN && d->cert_gen == d->gw->policy_gen)
+    if (d->cert != CMG_CERT_UNKNOWN &&
+        (d->cert_gen == d->gw->policy_gen ||
+         (p->trust_digest && d->cert_trust == p->trust_digest))) {
+        d->cert_gen = d->gw->policy_gen;   /* a new policy, the same trust: the same verdict */
         return d->cert;
+    }
     x = d->conn.ssl ? SSL_get0_peer_certificate(d->conn.ssl) : NULL;
     d->cert_gen = d->gw->policy_gen;
+    d->cert_trust = p->trust_digest;
     if (!x) {
         d->cert = CMG_CERT_NONE;
         return d->cert;

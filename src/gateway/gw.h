@@ -321,6 +321,7 @@ struct cmg_device {
     enum cmg_cert_state cert;
     long cert_error;
     uint64_t cert_gen;       /* policy generation the verdict was made under */
+    uint64_t cert_trust;     /* and that policy's trust_digest */
     bool has_cert;           /* presented one, valid or not */
     char thumbprint[65];     /* SHA-256 of the presented certificate, hex */
     char x5t[44];            /* the same, base64url (RFC 8705 cnf) */

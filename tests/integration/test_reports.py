@@ -9,6 +9,7 @@ a revoked connector is refused. A connector answers a gateway's report itself (a
 sends malformed and oversized ones)."""
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -263,6 +264,13 @@ def many_roles(instance, boot):
     return r
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc."""
+    with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def test_the_largest_report_is_kept_quickly(dep, procs):
     """A POST of ~0.96 MB: 2 gateway reports of 4097 roles, new instances and boots. The
     site answers it quickly (it took 1.6 to 2.6 s of the site's loop before), and counts each
@@ -274,15 +282,18 @@ def test_the_largest_report_is_kept_quickly(dep, procs):
                                            many_roles(f'big{i}/1', f'{i:x}0000000000000b1')),
                           separators=(',', ':')).encode()
         assert len(body) < 1 << 20
-        start = time.monotonic()
+        before = cpu_seconds(dep.site_proc.pid)
         status, answer = feed_post(dep, body, raw=True)
-        times.append(time.monotonic() - start)
+        times.append(cpu_seconds(dep.site_proc.pid) - before)
         assert status == 204, answer
     assert rows(dep, "SELECT count(*), sum(r2xx) FROM traffic_day WHERE instance LIKE 'big%' "
                      "AND role <> ''") == [(6 * 4097, 6 * 4097)]
-    print(f'{len(body)} bytes, 2 x 4097 roles: answered in '
-          f'{", ".join(f"{t * 1000:.0f}" for t in times)} ms (a new TLS connection each)')
-    assert max(times) < 2.0   # loose (a loaded machine): the figures are printed
+    print(f'{len(body)} bytes, 2 x 4097 roles: kept in '
+          f'{", ".join(f"{t * 1000:.0f}" for t in times)} ms of the site\'s CPU '
+          '(a new TLS connection each)')
+    # CPU time, not the clock: a busy machine does not stretch it; the quadratic code
+    # took 1.6 s and more of it per POST
+    assert max(times) < 1.0, times
 
 
 def test_hostile_reports_move_nothing(dep, procs):

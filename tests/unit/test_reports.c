@@ -266,10 +266,11 @@ static void the_latest_boot_outlives_retention(void **state)
     assert_true(number("SELECT count(*) FROM traffic_month WHERE instance = 'quiet/0'") == 0);
 }
 
+/* This process's CPU time: what other processes on a busy machine do does not count. */
 static double seconds(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
@@ -298,9 +299,9 @@ static void many_roles_are_kept_quickly(void **state)
         assert_non_null(doc);
         assert_int_equal(cmg_report_ingest(st, "c1", doc, NOW, err, sizeof(err)), 0);
         t2 = seconds();
-        print_message("%zu bytes, 2 x 4097 roles: parse+check %.1f ms, kept %.1f ms\n",
+        print_message("%zu bytes, 2 x 4097 roles: parse+check %.1f ms, kept %.1f ms of CPU\n",
                       strlen(text), (t1 - t0) * 1e3, (t2 - t1) * 1e3);
-        assert_true(t2 - t0 < 1.0);   /* loose: a loaded machine; the figure is printed */
+        assert_true(t2 - t0 < 1.0);   /* CPU seconds: the quadratic code took 1.6 and more */
         cJSON_Delete(doc);
         free(text);
     }

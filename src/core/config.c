@@ -54,12 +54,16 @@ int cmg_conf_seconds(const char *v, uint32_t *ms)
     return 0;
 }
 
-int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *seconds)
+struct conf_unit {
+    const char *name;
+    uint64_t n;
+};
+
+/* A decimal count at most limit followed by one of the units (exact name), scaled and
+ * within [min, max]. 0, or -1. */
+static int scaled(const char *v, const struct conf_unit *units, size_t nunits,
+                  unsigned long long limit, uint64_t min, uint64_t max, uint64_t *out)
 {
-    static const struct {
-        const char *unit;
-        uint64_t s;
-    } units[] = {{"", 1}, {"s", 1}, {"m", 60}, {"h", 3600}, {"d", 86400}};
     char *end;
     unsigned long long x;
 
@@ -67,44 +71,32 @@ int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *secon
         return -1;
     errno = 0;
     x = strtoull(v, &end, 10);
-    if (errno || x > 100000000ull)
+    if (errno || x > limit)
         return -1;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++)
-        if (!strcmp(end, units[i].unit)) {
-            x *= units[i].s;
+    for (size_t i = 0; i < nunits; i++)
+        if (!strcmp(end, units[i].name)) {
+            x *= units[i].n;
             if (x < min || x > max)
                 return -1;
-            *seconds = x;
+            *out = x;
             return 0;
         }
     return -1;
 }
 
+int cmg_conf_duration(const char *v, uint64_t min, uint64_t max, uint64_t *seconds)
+{
+    static const struct conf_unit units[] = {
+        {"", 1}, {"s", 1}, {"m", 60}, {"h", 3600}, {"d", 86400}};
+    return scaled(v, units, sizeof(units) / sizeof(units[0]), 100000000ull, min, max, seconds);
+}
+
 int cmg_conf_size(const char *v, uint64_t min, uint64_t max, uint64_t *bytes)
 {
-    static const struct {
-        const char *unit;
-        uint64_t n;
-    } units[] = {{"", 1}, {"B", 1}, {"K", 1024}, {"KiB", 1024}, {"M", 1 << 20},
-                 {"MiB", 1 << 20}, {"G", 1 << 30}, {"GiB", 1 << 30}};
-    char *end;
-    unsigned long long x;
-
-    if (*v < '0' || *v > '9')
-        return -1;
-    errno = 0;
-    x = strtoull(v, &end, 10);
-    if (errno || x > (1ull << 40))
-        return -1;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++)
-        if (!strcmp(end, units[i].unit)) {
-            x *= units[i].n;
-            if (x < min || x > max)
-                return -1;
-            *bytes = x;
-            return 0;
-        }
-    return -1;
+    static const struct conf_unit units[] = {
+        {"", 1},        {"B", 1},         {"K", 1024},      {"KiB", 1024},
+        {"M", 1 << 20}, {"MiB", 1 << 20}, {"G", 1 << 30},   {"GiB", 1 << 30}};
+    return scaled(v, units, sizeof(units) / sizeof(units[0]), 1ull << 40, min, max, bytes);
 }
 
 int cmg_conf_str(char *out, size_t outlen, const char *v)

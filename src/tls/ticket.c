@@ -3,6 +3,7 @@
 #include "tls/ticket.h"
 
 #include "core/log.h"
+#include "http/path.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -46,17 +47,6 @@ static uint64_t reread_ms(uint64_t rotate_s)
 
 /* ---- the file's text ---- */
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* "<unix seconds> <KEY_HEX hex digits>", nothing else. 0 or -1. */
 static int parse_key(const char *line, size_t len, struct cmg_ticket_key *k)
 {
@@ -71,7 +61,7 @@ static int parse_key(const char *line, size_t len, struct cmg_ticket_key *k)
         return -1;
     line += i + 1;
     for (i = 0; i < KEY_BYTES; i++) {
-        int hi = hex_digit(line[2 * i]), lo = hex_digit(line[2 * i + 1]);
+        int hi = cmg_hex_digit(line[2 * i]), lo = cmg_hex_digit(line[2 * i + 1]);
         if (hi < 0 || lo < 0)
             goto out;
         raw[i] = (unsigned char)(hi << 4 | lo);

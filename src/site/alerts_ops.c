@@ -1,5 +1,6 @@
 /* Alert thresholds in the store, and the admin operations that set them; see alerts.h. */
 #include "site/alerts.h"
+#include "site/ops.h"
 
 #include "client/fetch.h"
 #include "site/pki.h"
@@ -19,19 +20,6 @@
 #define WEBHOOK_URL_MAX 2048
 #define WEBHOOK_CA_MAX (256 * 1024)
 #define NO_TUNNEL_MAX_S (3650 * 86400LL)   /* ten years: since + it cannot overflow */
-
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(msg, len, fmt, ap);
-    va_end(ap);
-    return status;
-}
 
 /* ---- parsing ---- */
 
@@ -222,7 +210,7 @@ static int pct_arg(const cJSON *args, const char *name, unsigned cur, unsigned *
     else
         n = leading_number(text, &end);
     if (n < 1 || n > 100 || *end)
-        return fail(msg, len, 400, "--%s: expected a whole percentage 1..100, found '%s'",
+        return cmg_site_fail(msg, len, 400, "--%s: expected a whole percentage 1..100, found '%s'",
                     name, text ? text : cJSON_IsNumber(v) ? "a number out of range" : "?");
     *out = (unsigned)n;
     return 0;
@@ -250,21 +238,27 @@ static int threshold_value(const char *name, const char *text, int64_t *out, cha
     const char *end = "";
 
     if (!text)
-        return fail(msg, len, 400, "alert set %s: a value is needed", name);
+        return cmg_site_fail(msg, len, 400, "alert set %s: a value is needed", name);
     if (!strncmp(name, "egress-", 7)) {
         if ((*out = cmg_alerts_parse_size(text)) < 0)
-            return fail(msg, len, 400, "%s: expected a size such as 100GiB, 500GB or a number "
-                        "of bytes (B, KB/MB/GB/TB, KiB/MiB/GiB/TiB), found '%s'", name, text);
+            return cmg_site_fail(msg, len, 400,
+                                 "%s: expected a size such as 100GiB, 500GB or a number "
+                                 "of bytes (B, KB/MB/GB/TB, KiB/MiB/GiB/TiB), found '%s'",
+                                 name, text);
     } else if (!strcmp(name, "cert-expiry")) {
         *out = leading_number(text, &end);
         if (*out >= 0 && !strcmp(end, "d"))
             end = "";
         if (*out < 0 || *end || *out > 3650)
-            return fail(msg, len, 400, "cert-expiry: expected a number of days such as 30 or "
-                        "30d (0: off), found '%s'", text);
+            return cmg_site_fail(msg, len, 400,
+                                 "cert-expiry: expected a number of days such as 30 or "
+                                 "30d (0: off), found '%s'",
+                                 text);
     } else if ((*out = cmg_alerts_parse_duration(text)) < 0 || *out > NO_TUNNEL_MAX_S) {
-        return fail(msg, len, 400, "no-tunnel: expected a duration such as 30s, 10m or 1h (a "
-                    "bare number: minutes; 0: off; at most 3650d), found '%s'", text);
+        return cmg_site_fail(msg, len, 400,
+                             "no-tunnel: expected a duration such as 30s, 10m or 1h (a "
+                             "bare number: minutes; 0: off; at most 3650d), found '%s'",
+                             text);
     }
     return 0;
 }
@@ -281,10 +275,11 @@ static const char *store_key(const char *name)
 static int known_name(const char *name, char *msg, size_t len)
 {
     if (!name)
-        return fail(msg, len, 400, "which threshold? expected egress-monthly, egress-daily, "
-                    "cert-expiry or no-tunnel");
+        return cmg_site_fail(msg, len, 400,
+                             "which threshold? expected egress-monthly, egress-daily, "
+                             "cert-expiry or no-tunnel");
     if (!store_key(name))
-        return fail(msg, len, 400, "unknown threshold '%s': expected egress-monthly, "
+        return cmg_site_fail(msg, len, 400, "unknown threshold '%s': expected egress-monthly, "
                     "egress-daily, cert-expiry or no-tunnel", name);
     return 0;
 }
@@ -296,10 +291,10 @@ static int write_set(struct cmg_site_ctx *s, const char *key, int64_t value, uns
     int rc = 0;
 
     if (cmg_store_begin(st) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(st));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(st));
     if (put_u64(st, key, (uint64_t)value) < 0 || put_u64(st, "warning_pct", warning) < 0 ||
         put_u64(st, "critical_pct", critical) < 0 || cmg_store_commit(st) < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(st));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(st));
     if (rc)
         cmg_store_rollback(st);
     return rc;
@@ -322,17 +317,21 @@ int cmg_alerts_op_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
         return rc;
     if (strncmp(name, "egress-", 7) && (cJSON_GetObjectItemCaseSensitive(args, "warning") ||
                                         cJSON_GetObjectItemCaseSensitive(args, "critical")))
-        return fail(msg, len, 400, "%s: --warning and --critical are percentages of an egress "
-                    "allowance, found them given for %s", name, name);
+        return cmg_site_fail(msg, len, 400,
+                             "%s: --warning and --critical are percentages of an egress "
+                             "allowance, found them given for %s",
+                             name, name);
     if (cmg_alert_settings_load(s->store, &cur) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     cmg_alert_settings_free(&cur);
     if ((rc = pct_arg(args, "warning", cur.warning_pct, &warning, msg, len)) != 0 ||
         (rc = pct_arg(args, "critical", cur.critical_pct, &critical, msg, len)) != 0)
         return rc;
     if (warning >= critical)
-        return fail(msg, len, 400, "expected 0 < warning < critical <= 100, found warning %u %% "
-                    "and critical %u %%", warning, critical);
+        return cmg_site_fail(msg, len, 400,
+                             "expected 0 < warning < critical <= 100, found warning %u %% "
+                             "and critical %u %%",
+                             warning, critical);
     if ((rc = write_set(s, store_key(name), value, warning, critical, msg, len)) != 0)
         return rc;
     return list_result(s, result, msg, len);
@@ -347,7 +346,7 @@ int cmg_alerts_op_unset(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
     if ((rc = known_name(name, msg, len)) != 0)
         return rc;
     if (put(s->store, store_key(name), NULL) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     return list_result(s, result, msg, len);
 }
 
@@ -374,7 +373,7 @@ static int webhook_host_check(const char *url, char *msg, size_t len)
     if (n >= sizeof(authority) ||
         (memcpy(authority, p, n), authority[n] = '\0',
          cmg_fetch_split_addr(authority, 443, host, sizeof(host), &port) < 0))
-        return fail(msg, len, 400, "webhook: expected a host and port such as "
+        return cmg_site_fail(msg, len, 400, "webhook: expected a host and port such as "
                     "hooks.example.com:443, found '%.*s'", (int)(n < 200 ? n : 200), p);
     return 0;
 }
@@ -384,19 +383,25 @@ static int webhook_check(const char *url, const char *ca, char *msg, size_t len)
     int rc;
 
     if (strncmp(url, "https://", 8) && strncmp(url, "http://", 7))
-        return fail(msg, len, 400, "webhook: expected an http:// or https:// URL (or --off), "
-                    "found '%.200s'", url);
+        return cmg_site_fail(msg, len, 400,
+                             "webhook: expected an http:// or https:// URL (or --off), "
+                             "found '%.200s'",
+                             url);
     if (strlen(url) > WEBHOOK_URL_MAX || !plain_url(url) || !url[strcspn(url, ":") + 3] ||
         strchr("/?#", url[strcspn(url, ":") + 3]))
-        return fail(msg, len, 400, "webhook: expected a URL with a host, at most %d characters, "
-                    "no spaces or control characters", WEBHOOK_URL_MAX);
+        return cmg_site_fail(msg, len, 400,
+                             "webhook: expected a URL with a host, at most %d characters, "
+                             "no spaces or control characters",
+                             WEBHOOK_URL_MAX);
     if ((rc = webhook_host_check(url, msg, len)) != 0)
         return rc;
     if (ca && (strlen(ca) > WEBHOOK_CA_MAX || !cmg_pem_certs_only(ca)))
-        return fail(msg, len, 400, "webhook --ca: expected PEM certificates (the roots of the "
-                    "webhook's HTTPS), found none");
+        return cmg_site_fail(msg, len, 400,
+                             "webhook --ca: expected PEM certificates (the roots of the "
+                             "webhook's HTTPS), found none");
     if (ca && strncmp(url, "https://", 8))
-        return fail(msg, len, 400, "webhook --ca: the URL is http://, found no TLS to check");
+        return cmg_site_fail(msg, len, 400,
+                             "webhook --ca: the URL is http://, found no TLS to check");
     return 0;
 }
 
@@ -409,14 +414,14 @@ int cmg_alerts_op_webhook(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     int rc = 0;
 
     if (off == !!url)
-        return fail(msg, len, 400, "webhook: expected a URL or --off (one of them)");
+        return cmg_site_fail(msg, len, 400, "webhook: expected a URL or --off (one of them)");
     if (url && (rc = webhook_check(url, ca, msg, len)) != 0)
         return rc;
     if (cmg_store_begin(st) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(st));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(st));
     if (put(st, "webhook", off ? NULL : url) < 0 || put(st, "webhook_ca", off ? NULL : ca) < 0 ||
         cmg_store_commit(st) < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(st));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(st));
     if (rc) {
         cmg_store_rollback(st);
         return rc;
@@ -439,10 +444,10 @@ static int list_result(struct cmg_site_ctx *s, cJSON **result, char *msg, size_t
     cJSON *set, *open;
 
     if (cmg_alert_settings_load(s->store, &a) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (!(open = cmg_alerts_open_json(s->store))) {
         cmg_alert_settings_free(&a);
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     }
     *result = cJSON_CreateObject();
     set = cJSON_AddObjectToObject(*result, "settings");

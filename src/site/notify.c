@@ -3,6 +3,7 @@
 #include "site/notify.h"
 
 #include "core/buf.h"
+#include "site/ops.h"
 #include "core/metrics.h"
 #include "site/store_sql.h"
 
@@ -174,19 +175,6 @@ static int64_t insert_targets(struct cmg_store *st, int64_t seq, const char *con
     return ins ? added : -1;
 }
 
-static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return status;
-}
-
 size_t cmg_notify_devices_fitting(const struct cmg_notify_new *n, size_t *bytes_out)
 {
     size_t bytes = DOC_OVERHEAD + strlen(n->type) + strlen(n->data), i = 0;
@@ -210,7 +198,7 @@ static int check_size(const struct cmg_notify_new *n, char *err, size_t errlen)
     for (size_t i = 0; !n->all && i < n->ndevices; i++)
         bytes += id_json_len(n->devices[i]) + 1;
     if (n->ndevices > CMG_NOTIFY_MAX_DEVICES || bytes > CMG_NOTIFY_MAX_LINE)
-        return fail(err, errlen, 400,
+        return cmg_site_fail(err, errlen, 400,
                     "too many devices for one notification (%zu ids, %zu bytes; at most %d "
                     "ids in %u bytes): split the list, or use --all",
                     n->ndevices, bytes, CMG_NOTIFY_MAX_DEVICES, CMG_NOTIFY_MAX_LINE);
@@ -249,9 +237,9 @@ int cmg_notify_create(struct cmg_store *st, const struct cmg_notify_new *n, int6
     if (rc != 0)
         return rc;
     if (cmg_store_begin(st) < 0)
-        return fail(err, errlen, 500, "store busy: %s", cmg_store_error(st));
+        return cmg_site_fail(err, errlen, 500, "store busy: %s", cmg_store_error(st));
     if (create_tx(st, n, now, seq, ntargets) < 0 || cmg_store_commit(st) < 0) {
-        rc = fail(err, errlen, 500, "store: %s", cmg_store_error(st));
+        rc = cmg_site_fail(err, errlen, 500, "store: %s", cmg_store_error(st));
         cmg_store_rollback(st);
     }
     return rc;
@@ -363,10 +351,11 @@ int cmg_notify_feed(struct cmg_store *st, const char *after, int64_t now, bool m
 
     *body = NULL;
     if (*after && cmg_notify_id_parse(after, after_epoch, &after_seq) < 0)
-        return fail(err, errlen, 400, "after: EPOCH-SEQ expected (16 lowercase hex digits, '-', "
-                                      "a decimal sequence number), or nothing");
+        return cmg_site_fail(err, errlen, 400,
+                             "after: EPOCH-SEQ expected (16 lowercase hex digits, '-', "
+                             "a decimal sequence number), or nothing");
     if (cmg_store_begin_read(st) < 0)
-        return fail(err, errlen, 500, "store busy: %s", cmg_store_error(st));
+        return cmg_site_fail(err, errlen, 500, "store busy: %s", cmg_store_error(st));
     if (cmg_notify_epoch(st, epoch) < 0 || (last = cmg_notify_last(st)) < 0)
         goto out;
     start = start_of(st, epoch, after_epoch, after_seq, last, now, &failed);
@@ -387,7 +376,7 @@ int cmg_notify_feed(struct cmg_store *st, const char *after, int64_t now, bool m
     rc = 0;
 out:
     if (rc == 500)
-        fail(err, errlen, 500, "store: %s", cmg_store_error(st));
+        cmg_site_fail(err, errlen, 500, "store: %s", cmg_store_error(st));
     cmg_store_commit(st);
     cmg_buf_free(&b);
     return rc;

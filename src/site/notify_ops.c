@@ -2,6 +2,7 @@
  * notify.list), shared by 'cmg site notify' and the admin API; see ops.h. */
 #include "site/notify.h"
 #include "site/notify_ops.h"
+#include "site/ops.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -13,19 +14,6 @@
 #define LIST_DEFAULT 20
 #define LIST_MAX 100    /* each row's counts may be computed: a bounded page */
 #define DEVICES_PAGE_MAX 100000   /* device.list rows in one page */
-
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(msg, len, fmt, ap);
-    va_end(ap);
-    return status;
-}
 
 static const cJSON *arg(const cJSON *args, const char *name)
 {
@@ -56,7 +44,8 @@ static int64_t ttl_arg(const cJSON *args, char *msg, size_t len)
     else if (cJSON_IsString(v))
         ttl = cmg_notify_ttl_parse(v->valuestring);
     if (ttl < 0)
-        fail(msg, len, 400, "ttl: a duration from 1s to 24h expected (3600, 90s, 30m, 2h)");
+        cmg_site_fail(msg, len, 400,
+                      "ttl: a duration from 1s to 24h expected (3600, 90s, 30m, 2h)");
     return ttl;
 }
 
@@ -68,14 +57,18 @@ static int id_arg(struct cmg_site_ctx *s, const cJSON *args, int64_t *seq, char 
 
     if (!id || cmg_notify_id_parse(id, epoch, seq) < 0 || *seq < 1) {
         shown(id ? id : "", show, sizeof(show));
-        return fail(msg, len, 400, "id: a notification id EPOCH-SEQ expected, as 'cmg site "
-                    "notify' printed it (got '%s')", show);
+        return cmg_site_fail(msg, len, 400,
+                             "id: a notification id EPOCH-SEQ expected, as 'cmg site "
+                             "notify' printed it (got '%s')",
+                             show);
     }
     if (cmg_notify_epoch(s->store, mine) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (strcmp(epoch, mine))
-        return fail(msg, len, 404, "no notification %s: this site's notifications are %s-N "
-                    "(a site whose store was made anew has a new epoch)", id, mine);
+        return cmg_site_fail(msg, len, 404,
+                             "no notification %s: this site's notifications are %s-N "
+                             "(a site whose store was made anew has a new epoch)",
+                             id, mine);
     return 0;
 }
 
@@ -90,18 +83,22 @@ static int targets_arg(const cJSON *args, struct cmg_notify_new *n, const char *
     n->all = cJSON_IsTrue(arg(args, "all"));
     if (n->all == (devices != NULL) || (devices && !cJSON_IsArray(devices)) ||
         (devices && cJSON_GetArraySize(devices) == 0))
-        return fail(msg, len, 400, "one of devices (a list of 1 to %d device ids) or all (true) "
-                    "expected", CMG_NOTIFY_MAX_DEVICES);
+        return cmg_site_fail(msg, len, 400,
+                             "one of devices (a list of 1 to %d device ids) or all (true) "
+                             "expected",
+                             CMG_NOTIFY_MAX_DEVICES);
     if (n->all)
         return 0;
     n->ndevices = (size_t)cJSON_GetArraySize(devices);
     if (!(*ids = calloc(n->ndevices, sizeof(**ids))))
-        return fail(msg, len, 500, "out of memory");
+        return cmg_site_fail(msg, len, 500, "out of memory");
     cJSON_ArrayForEach(e, devices) {
         if (!cJSON_IsString(e) || !cmg_notify_device_ok(e->valuestring)) {
             shown(cJSON_IsString(e) ? e->valuestring : "(not a string)", show, sizeof(show));
-            return fail(msg, len, 400, "devices[%zu]: a device id expected (printable ASCII "
-                        "without space, 1..127 bytes), got '%s'", i, show);
+            return cmg_site_fail(msg, len, 400,
+                                 "devices[%zu]: a device id expected (printable ASCII "
+                                 "without space, 1..127 bytes), got '%s'",
+                                 i, show);
         }
         (*ids)[i++] = e->valuestring;
     }
@@ -119,15 +116,18 @@ static int content_args(const cJSON *args, struct cmg_notify_new *n, char **data
     n->type = cJSON_GetStringValue(arg(args, "type"));
     if (!n->type || !cmg_notify_type_ok(n->type)) {
         shown(n->type ? n->type : "", show, sizeof(show));
-        return fail(msg, len, 400, "type: 1..64 of A-Z a-z 0-9 _ . - expected ('reset' is the "
-                    "gateway's own), got '%s'", show);
+        return cmg_site_fail(msg, len, 400,
+                             "type: 1..64 of A-Z a-z 0-9 _ . - expected ('reset' is the "
+                             "gateway's own), got '%s'",
+                             show);
     }
     *data = d ? cJSON_PrintUnformatted(d) : strdup("null");
     if (!*data)
-        return fail(msg, len, 500, "out of memory");
+        return cmg_site_fail(msg, len, 500, "out of memory");
     if (strlen(*data) > CMG_NOTIFY_MAX_DATA)
-        return fail(msg, len, 400, "data: at most %u bytes of JSON expected (compact), got %zu",
-                    CMG_NOTIFY_MAX_DATA, strlen(*data));
+        return cmg_site_fail(msg, len, 400,
+                             "data: at most %u bytes of JSON expected (compact), got %zu",
+                             CMG_NOTIFY_MAX_DATA, strlen(*data));
     n->data = *data;
     return 0;
 }
@@ -190,9 +190,9 @@ int cmg_notify_op_status(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
         return rc;
     rc = cmg_notify_status(s->store, seq, (int64_t)time(NULL), result);
     if (rc == 1)
-        return fail(msg, len, 404, "no notification %s (kept %d days)",
+        return cmg_site_fail(msg, len, 404, "no notification %s (kept %d days)",
                     cJSON_GetStringValue(arg(args, "id")), CMG_NOTIFY_RETENTION_S / 86400);
-    return rc == 0 ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 0 ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
 /* The original's type and data, into n (*data malloc'd), and when it was made: a plain
@@ -228,14 +228,14 @@ static int send_parts(struct cmg_site_ctx *s, struct cmg_notify_new *n, const ch
     cJSON *parts = cJSON_CreateArray(), *part = NULL;
     int64_t all_targets = 0;
     size_t done = 0;
-    int rc = parts ? 0 : fail(msg, len, 500, "out of memory");
+    int rc = parts ? 0 : cmg_site_fail(msg, len, 500, "out of memory");
 
     while (rc == 0 && done < total) {
         n->devices = ids + done;
         n->ndevices = total - done;
         n->ndevices = cmg_notify_devices_fitting(n, NULL);
         if (n->ndevices == 0) {
-            rc = fail(msg, len, 500, "a device id does not fit a notification");
+            rc = cmg_site_fail(msg, len, 500, "a device id does not fit a notification");
             break;
         }
         if ((rc = send_new(s, n, &part, msg, len)) != 0)
@@ -265,7 +265,7 @@ static int resend_missed(struct cmg_site_ctx *s, int64_t seq, const char *id,
     int rc;
 
     if (!missed)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     total = (size_t)cJSON_GetArraySize(missed);
     if (total == 0) {
         *result = cJSON_CreateObject();
@@ -277,7 +277,7 @@ static int resend_missed(struct cmg_site_ctx *s, int64_t seq, const char *id,
     }
     if (!(ids = calloc(total, sizeof(*ids)))) {
         cJSON_Delete(missed);
-        return fail(msg, len, 500, "out of memory");
+        return cmg_site_fail(msg, len, 500, "out of memory");
     }
     cJSON_ArrayForEach(e, missed) ids[i++] = e->valuestring;
     n->resend_of = seq;
@@ -301,20 +301,24 @@ int cmg_notify_op_resend(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     int rc = id_arg(s, args, &seq, msg, len);
 
     if (rc == 0 && !cJSON_IsTrue(arg(args, "missed")))
-        rc = fail(msg, len, 400, "missed: true expected (a resend goes to the targets that have "
-                  "not had it: --missed)");
+        rc = cmg_site_fail(msg, len, 400,
+                           "missed: true expected (a resend goes to the targets that have "
+                           "not had it: --missed)");
     if (rc == 0 && (n.ttl = ttl_arg(args, msg, len)) < 0)
         rc = 400;
     if (rc == 0 && (rc = original(s, seq, &n, &data, &type, &created)) == 1)
-        rc = fail(msg, len, 404, "no notification %s", cJSON_GetStringValue(arg(args, "id")));
+        rc = cmg_site_fail(msg, len, 404, "no notification %s",
+                           cJSON_GetStringValue(arg(args, "id")));
     else if (rc < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     /* past notify_retention its per-device rows may be gone: "missed" would be everyone */
     else if (rc == 0 && created < (int64_t)time(NULL) - s->notify_retention_s)
-        rc = fail(msg, len, 409, "cannot resend %s to the devices that missed it: it is older "
-                  "than notify_retention (%lld s), whose per-device delivery rows are pruned; "
-                  "send a new notification instead", cJSON_GetStringValue(arg(args, "id")),
-                  (long long)s->notify_retention_s);
+        rc = cmg_site_fail(
+            msg, len, 409,
+            "cannot resend %s to the devices that missed it: it is older "
+            "than notify_retention (%lld s), whose per-device delivery rows are pruned; "
+            "send a new notification instead",
+            cJSON_GetStringValue(arg(args, "id")), (long long)s->notify_retention_s);
     if (rc == 0)
         rc = resend_missed(s, seq, cJSON_GetStringValue(arg(args, "id")), &n, result, msg, len);
     free(data);
@@ -331,11 +335,11 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     cJSON *seqs, *row, *st;
 
     if (!(limit >= 1 && limit <= LIST_MAX))
-        return fail(msg, len, 400, "limit: a number from 1 to %d expected", LIST_MAX);
+        return cmg_site_fail(msg, len, 400, "limit: a number from 1 to %d expected", LIST_MAX);
     seqs = cmg_store_query_json(s->store, "SELECT seq FROM notifications ORDER BY seq DESC "
                                           "LIMIT ?", "i", (int64_t)limit);
     if (!seqs)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     *result = cJSON_CreateArray();
     cJSON_ArrayForEach(row, seqs) {
         if (cmg_notify_status(s->store, (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItem(row,
@@ -343,7 +347,7 @@ int cmg_notify_op_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
             cJSON_Delete(seqs);
             cJSON_Delete(*result);
             *result = NULL;
-            return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+            return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         }
         cJSON_AddItemToArray(*result, st);
     }
@@ -358,7 +362,7 @@ int cmg_notify_op_new_epoch(struct cmg_site_ctx *s, const cJSON *args, cJSON **r
 
     (void)args;
     if (cmg_notify_new_epoch(s->store, old, made) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "epoch", made);
     cJSON_AddStringToObject(*result, "previous", old);
@@ -372,12 +376,13 @@ int cmg_notify_op_devices(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     double limit = lim ? cJSON_GetNumberValue(lim) : 0;
 
     if (lim && !(limit >= 1 && limit <= DEVICES_PAGE_MAX))
-        return fail(msg, len, 400, "limit: a number from 1 to %d expected", DEVICES_PAGE_MAX);
+        return cmg_site_fail(msg, len, 400, "limit: a number from 1 to %d expected",
+                             DEVICES_PAGE_MAX);
     if (after && !(cJSON_IsString(after) && cmg_notify_device_ok(after->valuestring)))
-        return fail(msg, len, 400, "after: a device id expected (the last one of the "
+        return cmg_site_fail(msg, len, 400, "after: a device id expected (the last one of the "
                                    "previous page)");
     *result = cmg_notify_devices_json(s->store, (int64_t)time(NULL),
                                       (int64_t)s->report_interval_s,
                                       after ? after->valuestring : NULL, (int64_t)limit);
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return *result ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }

@@ -36,10 +36,7 @@
 #define DEVICE_CERT_DAYS 365
 #define DEFAULT_MAX_BODY UINT64_C(1073741824)
 
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *msg, size_t len, int status, const char *fmt, ...)
+int cmg_site_fail(char *msg, size_t len, int status, const char *fmt, ...)
 {
     va_list ap;
 
@@ -83,17 +80,17 @@ static bool arg_bool(const cJSON *args, const char *name)
 }
 
 /* Runs body inside a transaction: commits on 0, rolls back otherwise. */
-#define IN_TX(s, msg, len, call)                                                            \
-    do {                                                                                    \
-        int rc_;                                                                            \
-        if (cmg_store_begin((s)->store) < 0)                                                \
-            return fail(msg, len, 500, "store busy: %s", cmg_store_error((s)->store));     \
-        rc_ = (call);                                                                       \
-        if (rc_ == 0 && cmg_store_commit((s)->store) < 0)                                   \
-            rc_ = fail(msg, len, 500, "store: %s", cmg_store_error((s)->store));            \
-        if (rc_ != 0)                                                                       \
-            cmg_store_rollback((s)->store);                                                 \
-        return rc_;                                                                         \
+#define IN_TX(s, msg, len, call)                                                                   \
+    do {                                                                                           \
+        int rc_;                                                                                   \
+        if (cmg_store_begin((s)->store) < 0)                                                       \
+            return cmg_site_fail(msg, len, 500, "store busy: %s", cmg_store_error((s)->store));    \
+        rc_ = (call);                                                                              \
+        if (rc_ == 0 && cmg_store_commit((s)->store) < 0)                                          \
+            rc_ = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error((s)->store));          \
+        if (rc_ != 0)                                                                              \
+            cmg_store_rollback((s)->store);                                                        \
+        return rc_;                                                                                \
     } while (0)
 
 /* ---- mappings ---- */
@@ -110,7 +107,8 @@ static int new_role_id(struct cmg_site_ctx *s, char out[65])
         unsigned char r[3];
         RAND_bytes(r, sizeof(r));
         snprintf(out, 65, "%llu",
-                 (unsigned long long)(ROLE_ID_BASE + ((uint64_t)r[0] << 16 | (uint64_t)r[1] << 8 | r[2])));
+                 (unsigned long long)(ROLE_ID_BASE +
+                                      ((uint64_t)r[0] << 16 | (uint64_t)r[1] << 8 | r[2])));
         dup = false;
         for (size_t i = 0; i < n; i++)
             dup |= !strcmp(v[i].role, out);
@@ -154,17 +152,19 @@ static int check_url_host(const char *url, char *msg, size_t len)
     struct cmg_addr addr;
 
     if (n == 0)
-        return fail(msg, len, 400, "url %s: no host", url);
+        return cmg_site_fail(msg, len, 400, "url %s: no host", url);
     if (n >= sizeof(authority))
-        return fail(msg, len, 400, "url %s: host too long", url);
+        return cmg_site_fail(msg, len, 400, "url %s: host too long", url);
     memcpy(authority, a, n);
     authority[n] = 0;
     if (strchr(authority, '@'))
-        return fail(msg, len, 400, "url %s: expected host[:port], found user information "
+        return cmg_site_fail(msg, len, 400, "url %s: expected host[:port], found user information "
                                    "('@'), which is not supported", url);
     if (cmg_addr_parse(authority, tls ? 443 : 80, &addr, err, sizeof(err)) < 0)
-        return fail(msg, len, 400, "url %s: expected a host (and port) that resolves on this "
-                                   "network, found %s: no connector could reach it", url, err);
+        return cmg_site_fail(msg, len, 400,
+                             "url %s: expected a host (and port) that resolves on this "
+                             "network, found %s: no connector could reach it",
+                             url, err);
     return 0;
 }
 
@@ -174,12 +174,12 @@ static int mapping_add_tx(struct cmg_site_ctx *s, struct cmg_site_mapping *m, ch
     int rc;
 
     if (!m->role[0] && new_role_id(s, m->role) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     rc = cmg_store_mapping_add(s->store, m);
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc == 1)
-        return fail(msg, len, 409, "role %s is mapped already (remove it first)", m->role);
+        return cmg_site_fail(msg, len, 409, "role %s is mapped already (remove it first)", m->role);
     return 0;
 }
 
@@ -192,20 +192,21 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     int rc;
 
     if (role && !valid_role(role))
-        return fail(msg, len, 400, "role id '%s': letters, digits, '_' and '-' only, "
+        return cmg_site_fail(msg, len, 400, "role id '%s': letters, digits, '_' and '-' only, "
                                    "at most %d", role, CMG_ROLE_ID_MAX);
     if (!type || (strcmp(type, "mp") && strcmp(type, "sup") && strcmp(type, "site")))
-        return fail(msg, len, 400, "type must be mp, sup or site");
+        return cmg_site_fail(msg, len, 400, "type must be mp, sup or site");
     if (!url || !valid_url(url) || strlen(url) >= sizeof(m.url))
-        return fail(msg, len, 400, "url must be an http:// or https:// URL");
+        return cmg_site_fail(msg, len, 400, "url must be an http:// or https:// URL");
     if ((rc = check_url_host(url, msg, len)) != 0)
         return rc;
     if (cmg_mapping_auth_parse(auth ? auth : !strcmp(type, "site") ? "token" : "cert,token,oidc",
                                &m.auth) < 0)
-        return fail(msg, len, 400, "auth must list cert, token and/or oidc, e.g. cert,token");
+        return cmg_site_fail(msg, len, 400,
+                             "auth must list cert, token and/or oidc, e.g. cert,token");
     m.max_body = DEFAULT_MAX_BODY;
     if (arg_uint(args, "max_body", &m.max_body) < 0)
-        return fail(msg, len, 400, "max_body must be a number of bytes");
+        return cmg_site_fail(msg, len, 400, "max_body must be a number of bytes");
     /* A device's credential goes to a service only where asked for: the registration
      * service (type site) checks the bulk token again; others get the identity headers. */
     m.forward_authorization = !strcmp(type, "site");
@@ -215,10 +216,10 @@ static int op_mapping_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     snprintf(m.type, sizeof(m.type), "%s", type);
     snprintf(m.url, sizeof(m.url), "%s", url);
     if (cmg_store_begin(s->store) < 0)
-        return fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
     rc = mapping_add_tx(s, &m, msg, len);
     if (rc == 0 && cmg_store_commit(s->store) < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc != 0) {
         cmg_store_rollback(s->store);
         return rc;
@@ -241,8 +242,8 @@ static int mapping_remove_tx(struct cmg_site_ctx *s, const char *role, char *msg
 {
     int rc = cmg_store_mapping_remove(s->store, role);
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-    return rc == 1 ? fail(msg, len, 404, "no mapping for role %s", role) : 0;
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 1 ? cmg_site_fail(msg, len, 404, "no mapping for role %s", role) : 0;
 }
 
 static int op_mapping_remove(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
@@ -251,7 +252,7 @@ static int op_mapping_remove(struct cmg_site_ctx *s, const cJSON *args, cJSON **
     const char *role = arg_str(args, "role");
 
     if (!role)
-        return fail(msg, len, 400, "which role? (--role ID)");
+        return cmg_site_fail(msg, len, 400, "which role? (--role ID)");
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "removed", role);
     IN_TX(s, msg, len, mapping_remove_tx(s, role, msg, len));
@@ -261,7 +262,7 @@ static int op_mapping_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **re
                            size_t len)
 {
     *result = cmg_store_mappings_json(s->store);
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return *result ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
 /* ---- bulk registration tokens ---- */
@@ -296,7 +297,7 @@ static int bulk_create_tx(struct cmg_site_ctx *s, int64_t lifetime, const char *
     char *tok = cmg_site_bulk_token(s, (int64_t)time(NULL), lifetime, desc, guid, &exp);
 
     if (!tok)
-        return fail(msg, len, 500, "cannot make the token (store: %s)",
+        return cmg_site_fail(msg, len, 500, "cannot make the token (store: %s)",
                     cmg_store_error(s->store));
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "guid", guid);
@@ -316,9 +317,9 @@ static int op_bulk_create(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
     if (!lt && arg_uint(args, "lifetime", &secs) == 0)
         lifetime = secs > INT64_MAX / 2 ? -1 : (int64_t)secs;
     if (lifetime <= 0)
-        return fail(msg, len, 400, "lifetime: a duration such as 3d, 72h or 90m");
+        return cmg_site_fail(msg, len, 400, "lifetime: a duration such as 3d, 72h or 90m");
     if (lifetime > (int64_t)CMG_BULK_MAX_DAYS * 86400)
-        return fail(msg, len, 400, "lifetime: %d days at most", CMG_BULK_MAX_DAYS);
+        return cmg_site_fail(msg, len, 400, "lifetime: %d days at most", CMG_BULK_MAX_DAYS);
     IN_TX(s, msg, len, bulk_create_tx(s, lifetime, arg_str(args, "description"), result, msg, len));
 }
 
@@ -326,7 +327,7 @@ static int op_bulk_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
                         size_t len)
 {
     *result = cmg_store_bulk_json(s->store);
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return *result ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
 static int bulk_block_tx(struct cmg_site_ctx *s, const char *guid, bool block, char *msg,
@@ -334,8 +335,8 @@ static int bulk_block_tx(struct cmg_site_ctx *s, const char *guid, bool block, c
 {
     int rc = cmg_store_bulk_block(s->store, guid, block);
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
-    return rc == 1 ? fail(msg, len, 404, "no bulk token with GUID %s", guid) : 0;
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return rc == 1 ? cmg_site_fail(msg, len, 404, "no bulk token with GUID %s", guid) : 0;
 }
 
 static int op_bulk_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -345,7 +346,7 @@ static int op_bulk_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     bool block = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(args, "blocked"));
 
     if (!guid)
-        return fail(msg, len, 400, "which token? (its GUID)");
+        return cmg_site_fail(msg, len, 400, "which token? (its GUID)");
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "guid", guid);
     cJSON_AddBoolToObject(*result, "blocked", block);
@@ -428,12 +429,14 @@ static int device_block_tx(struct cmg_site_ctx *s, const char *id, bool block, c
         if (rc == 1 && block)
             rc = 0;   /* blocked already */
         else if (rc == 1)
-            return fail(msg, len, 404, "%s is not blocked", ident);
+            return cmg_site_fail(msg, len, 404, "%s is not blocked", ident);
     } else if (rc == 1)
-        return fail(msg, len, 404, "no device %s: give a registered device id, the name or "
-                                   "SHA-256 thumbprint of a certificate device, or oidc:ID "
-                                   "(an OIDC oid, deviceid or user name)", id);
-    return rc < 0 ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
+        return cmg_site_fail(msg, len, 404,
+                             "no device %s: give a registered device id, the name or "
+                             "SHA-256 thumbprint of a certificate device, or oidc:ID "
+                             "(an OIDC oid, deviceid or user name)",
+                             id);
+    return rc < 0 ? cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
 static int op_device_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -443,7 +446,7 @@ static int op_device_block(struct cmg_site_ctx *s, const cJSON *args, cJSON **re
     bool block = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(args, "blocked"));
 
     if (!id)
-        return fail(msg, len, 400, "which device? (a device id, a certificate name or "
+        return cmg_site_fail(msg, len, 400, "which device? (a device id, a certificate name or "
                                    "thumbprint, or oidc:ID)");
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "id", id);
@@ -508,14 +511,14 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
     req.crl_url = s->crl_url;
     if (!k || !(x = cmg_pki_issue(&req, s->ca_cert, s->ca_key)) ||
         !(bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL)) || !(serial = BN_bn2hex(bn))) {
-        fail(msg, len, 500, "cannot issue the certificate");
+        cmg_site_fail(msg, len, 500, "cannot issue the certificate");
         goto out;
     }
     X509_NAME_oneline(X509_get_subject_name(x), subject, sizeof(subject));
     normal_serial(serial, serial, strlen(serial) + 1);
     if (snprintf(crt, sizeof(crt), "%s/%s.crt", outdir, name) >= (int)sizeof(crt) ||
         snprintf(key, sizeof(key), "%s/%s.key", outdir, name) >= (int)sizeof(key)) {
-        fail(msg, len, 400, "output path too long");
+        cmg_site_fail(msg, len, 400, "output path too long");
         rc = 400;
         goto out;
     }
@@ -523,11 +526,11 @@ static int cert_issue_tx(struct cmg_site_ctx *s, const char *name, const char *o
     if (cmg_store_cert_add(s->store, serial, name, subject, (int64_t)time(NULL),
                            (int64_t)time(NULL) + DEVICE_CERT_DAYS * 86400LL) < 0 ||
         cmg_store_cert_set_thumbprint(s->store, serial, thumb) < 0) {
-        fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         goto out;
     }
     if (cmg_pki_write_key(key, k) < 0 || cmg_pki_write_cert(crt, x) < 0) {
-        fail(msg, len, 500, "cannot write %s / %s", crt, key);
+        cmg_site_fail(msg, len, 500, "cannot write %s / %s", crt, key);
         goto out;
     }
     *result = cJSON_CreateObject();
@@ -557,16 +560,18 @@ static int out_dir(struct cmg_site_ctx *s, const cJSON *args, const char *sub, c
 
     if (!out) {
         if (snprintf(dir, dirlen, "%s/%s", s->dir, sub) >= (int)dirlen)
-            return fail(msg, len, 400, "site directory path too long");
+            return cmg_site_fail(msg, len, 400, "site directory path too long");
         mkdir(dir, 0755);
         return 0;
     }
     if (s->confined && (!realpath(out, real) || strncmp(real, s->dir, n) ||
                         (real[n] != '/' && real[n] != 0)))
-        return fail(msg, len, 403, "the admin API writes only inside the site directory %s: "
-                    "out '%s' is outside it (or missing)", s->dir, out);
+        return cmg_site_fail(msg, len, 403,
+                             "the admin API writes only inside the site directory %s: "
+                             "out '%s' is outside it (or missing)",
+                             s->dir, out);
     if (snprintf(dir, dirlen, "%s", out) >= (int)dirlen)
-        return fail(msg, len, 400, "out: path too long");
+        return cmg_site_fail(msg, len, 400, "out: path too long");
     return 0;
 }
 
@@ -578,7 +583,8 @@ static int op_cert_issue(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
     int rc;
 
     if (!name || !valid_name(name))
-        return fail(msg, len, 400, "--device NAME: letters, digits, '.', '_' and '-' only");
+        return cmg_site_fail(msg, len, 400,
+                             "--device NAME: letters, digits, '.', '_' and '-' only");
     if ((rc = out_dir(s, args, "devices", dir, sizeof(dir), msg, len)) != 0)
         return rc;
     IN_TX(s, msg, len, cert_issue_tx(s, name, dir, result, msg, len));
@@ -595,17 +601,17 @@ static int connector_add_tx(struct cmg_site_ctx *s, const char *name, const char
 
     if (snprintf(crt, sizeof(crt), "%s/%s.crt", dir, name) >= (int)sizeof(crt) ||
         snprintf(key, sizeof(key), "%s/%s.key", dir, name) >= (int)sizeof(key))
-        return fail(msg, len, 400, "output path too long");
+        return cmg_site_fail(msg, len, 400, "output path too long");
     /* A taken name writes no file (the transaction holds the store meanwhile). */
     if ((rc = cmg_store_connector_exists(s->store, name)) != 0)
-        return rc < 0 ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store))
-                      : fail(msg, len, 409, "a connector named %s exists already (revoked "
+        return rc < 0 ? cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store))
+                      : cmg_site_fail(msg, len, 409, "a connector named %s exists already (revoked "
                              "or not): choose another name", name);
     if (cmg_site_connector_issue(s->ca_cert, s->ca_key, s->crl_url, name, crt, key, &c, err,
                                  sizeof(err)) < 0)
-        return fail(msg, len, 500, "%s", err);
+        return cmg_site_fail(msg, len, 500, "%s", err);
     if (cmg_store_connector_add(s->store, name, c.serial, c.issued, c.expires) != 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "name", name);
     cJSON_AddStringToObject(*result, "serial", c.serial);
@@ -623,7 +629,7 @@ static int op_connector_add(struct cmg_site_ctx *s, const cJSON *args, cJSON **r
     int rc;
 
     if (!name || !cmg_site_connector_name_ok(name))
-        return fail(msg, len, 400, "connector NAME: 1 to 64 letters, digits, '.', '_' and "
+        return cmg_site_fail(msg, len, 400, "connector NAME: 1 to 64 letters, digits, '.', '_' and "
                     "'-' expected, found '%s'", name ? name : "");
     if ((rc = out_dir(s, args, CMG_SITE_CONNECTORS_DIR, dir, sizeof(dir), msg, len)) != 0)
         return rc;
@@ -634,7 +640,7 @@ static int op_connector_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **
                              char *msg, size_t len)
 {
     *result = cmg_store_connectors_json(s->store);
-    return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+    return *result ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
 }
 
 static int connector_revoke_tx(struct cmg_site_ctx *s, const char *name, char *msg, size_t len)
@@ -642,12 +648,14 @@ static int connector_revoke_tx(struct cmg_site_ctx *s, const char *name, char *m
     int rc = cmg_store_connector_revoke(s->store, name, (int64_t)time(NULL));
 
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc == 1)
-        return fail(msg, len, 404, "no connector named %s ('cmg site connector list' shows "
-                    "them)", name);
+        return cmg_site_fail(msg, len, 404,
+                             "no connector named %s ('cmg site connector list' shows "
+                             "them)",
+                             name);
     if (rc == 2)
-        return fail(msg, len, 409, "connector %s is revoked already", name);
+        return cmg_site_fail(msg, len, 409, "connector %s is revoked already", name);
     return 0;
 }
 
@@ -657,7 +665,8 @@ static int op_connector_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON 
     const char *name = arg_str(args, "name");
 
     if (!name)
-        return fail(msg, len, 400, "which connector? (its NAME, as 'connector list' shows)");
+        return cmg_site_fail(msg, len, 400,
+                             "which connector? (its NAME, as 'connector list' shows)");
     *result = cJSON_CreateObject();
     cJSON_AddStringToObject(*result, "revoked", name);
     IN_TX(s, msg, len, connector_revoke_tx(s, name, msg, len));
@@ -688,16 +697,16 @@ static int cert_revoke_tx(struct cmg_site_ctx *s, const char *serial, X509 *x, c
     int rc = cmg_store_cert_revoke(s->store, serial, (int64_t)time(NULL));
     if (rc == 1 && x) {
         if (record_unlisted(s, x, serial) < 0)
-            return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+            return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         rc = cmg_store_cert_revoke(s->store, serial, (int64_t)time(NULL));
     }
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc == 1)
-        return fail(msg, len, 404, "no certificate with serial %s was issued by this site",
+        return cmg_site_fail(msg, len, 404, "no certificate with serial %s was issued by this site",
                     serial);
     if (rc == 2)
-        return fail(msg, len, 409, "certificate %s is revoked already", serial);
+        return cmg_site_fail(msg, len, 409, "certificate %s is revoked already", serial);
     return 0;
 }
 
@@ -750,11 +759,13 @@ static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
         serial = found;
     else if (!serial && x && serial_hex(x, found, sizeof(found)) == 0)
         serial = found;
-    rc = !serial && name ? fail(msg, len, 404, "no unrevoked certificate for device %s", name)
-         : !serial ? fail(msg, len, 400, "which certificate? (--serial HEX, --cert FILE or "
-                                         "--device NAME)")
+    rc = !serial && name
+             ? cmg_site_fail(msg, len, 404, "no unrevoked certificate for device %s", name)
+         : !serial ? cmg_site_fail(msg, len, 400,
+                                   "which certificate? (--serial HEX, --cert FILE or "
+                                   "--device NAME)")
          : normal_serial(serial, found, sizeof(found)) < 0
-             ? fail(msg, len, 400, "serial %s: hexadecimal digits expected", serial)
+             ? cmg_site_fail(msg, len, 400, "serial %s: hexadecimal digits expected", serial)
              : 0;
     if (rc == 0) {
         *result = cJSON_CreateObject();
@@ -764,10 +775,10 @@ static int op_cert_revoke(struct cmg_site_ctx *s, const cJSON *args, cJSON **res
                                     "revocation checking is off: this revocation has no effect "
                                     "until it is on (cmg site cert check-revocation on)");
         if (cmg_store_begin(s->store) < 0)
-            rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+            rc = cmg_site_fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
         else if ((rc = cert_revoke_tx(s, found, x, msg, len)) == 0 &&
                  cmg_store_commit(s->store) < 0)
-            rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+            rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
         if (rc != 0)
             cmg_store_rollback(s->store);
     }
@@ -930,14 +941,14 @@ static int op_cert_list(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
 
     if (arg_bool(args, "revoked")) {
         *result = cmg_store_certs_json(s->store, true);
-        return *result ? 0 : fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return *result ? 0 : cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     }
     connectors = cmg_store_connectors_json(s->store);
     devices = cmg_store_certs_json(s->store, false);
     if (!connectors || !devices) {
         cJSON_Delete(connectors);
         cJSON_Delete(devices);
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     }
     /* the store's rows first: a file in the site directory then names its row's kind */
     *result = cJSON_CreateArray();
@@ -967,7 +978,7 @@ static int renewal_files(struct renewal *r, const char *dir, const char *base, c
 {
     if (snprintf(r->crt, sizeof(r->crt), "%s/%s.crt", dir, base) >= (int)sizeof(r->crt) ||
         snprintf(r->key, sizeof(r->key), "%s/%s.key", dir, base) >= (int)sizeof(r->key))
-        return fail(msg, len, 400, "%s: path too long", dir);
+        return cmg_site_fail(msg, len, 400, "%s: path too long", dir);
     snprintf(r->old_crt, sizeof(r->old_crt), "%s.old", r->crt);
     snprintf(r->old_key, sizeof(r->old_key), "%s.old", r->key);
     return 0;
@@ -1031,11 +1042,14 @@ static int renewal_target(struct cmg_site_ctx *s, const cJSON *args, struct rene
     bool known, revoked;
 
     if (!kind)
-        return fail(msg, len, 400, "renew what? 'gateway [NAME]', 'connector NAME' or 'site'");
+        return cmg_site_fail(msg, len, 400,
+                             "renew what? 'gateway [NAME]', 'connector NAME' or 'site'");
     if (!strcmp(kind, "gateway")) {
         if (name && strcmp(name, s->service_name))
-            return fail(msg, len, 404, "no gateway certificate for %s: the site has one, for "
-                        "%s (service_name in site.conf)", name, s->service_name);
+            return cmg_site_fail(msg, len, 404,
+                                 "no gateway certificate for %s: the site has one, for "
+                                 "%s (service_name in site.conf)",
+                                 name, s->service_name);
         r->kind = "gateway";
         snprintf(r->name, sizeof(r->name), "%s", s->service_name);
         r->next = "send SIGHUP to the gateway instances: systemctl reload "
@@ -1046,13 +1060,15 @@ static int renewal_target(struct cmg_site_ctx *s, const cJSON *args, struct rene
     if (!strcmp(kind, "connector")) {
         connector_names(s, name, names, sizeof(names), &known, &revoked);
         if (!name)
-            return fail(msg, len, 400, "which connector? its NAME: %s", names);
+            return cmg_site_fail(msg, len, 400, "which connector? its NAME: %s", names);
         if (!known)
-            return fail(msg, len, 404, "no connector named %s; the connectors: %s", name,
+            return cmg_site_fail(msg, len, 404, "no connector named %s; the connectors: %s", name,
                         names);
         if (revoked)
-            return fail(msg, len, 409, "connector %s is revoked: a revoked connector is not "
-                        "renewed ('cmg site connector add' makes a new one)", name);
+            return cmg_site_fail(msg, len, 409,
+                                 "connector %s is revoked: a revoked connector is not "
+                                 "renewed ('cmg site connector add' makes a new one)",
+                                 name);
         r->kind = "connector";
         snprintf(r->name, sizeof(r->name), "%s", name);
         r->next = "send SIGHUP to the connector: systemctl reload opencmg-connector (or kill "
@@ -1062,14 +1078,14 @@ static int renewal_target(struct cmg_site_ctx *s, const cJSON *args, struct rene
     }
     if (!strcmp(kind, "site")) {
         if (name)
-            return fail(msg, len, 400, "the site has one channel certificate: no NAME");
+            return cmg_site_fail(msg, len, 400, "the site has one channel certificate: no NAME");
         r->kind = "site";
         snprintf(r->name, sizeof(r->name), "site channel");
         r->next = "send SIGHUP to the site service: systemctl reload opencmg-site (or kill "
                   "-HUP the pid in serve.lock)";
         return renewal_files(r, s->dir, "site", msg, len);
     }
-    return fail(msg, len, 400, "renew gateway, connector or site: found '%s'", kind);
+    return cmg_site_fail(msg, len, 400, "renew gateway, connector or site: found '%s'", kind);
 }
 
 /* The certificate in force, if this site's CA issued it (and, a connector's, to NAME). */
@@ -1080,21 +1096,24 @@ static int renewal_old(struct cmg_site_ctx *s, const struct renewal *r, X509 **o
     X509 *x;
 
     if (access(r->crt, R_OK) != 0 || access(r->key, R_OK) != 0)
-        return fail(msg, len, 404, "the %s certificate is not where it is renewed: %s / %s: %s",
-                    r->kind, r->crt, r->key, strerror(errno));
+        return cmg_site_fail(msg, len, 404,
+                             "the %s certificate is not where it is renewed: %s / %s: %s", r->kind,
+                             r->crt, r->key, strerror(errno));
     if (!(x = cmg_pki_load_cert(r->crt)))
-        return fail(msg, len, 409, "%s: not a PEM certificate", r->crt);
+        return cmg_site_fail(msg, len, 409, "%s: not a PEM certificate", r->crt);
     X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
     if (!issued_here(s, x)) {
         X509_NAME_oneline(X509_get_issuer_name(x), issuer, sizeof(issuer));
         X509_free(x);
-        return fail(msg, len, 409, "%s was not issued by the site CA (its issuer: %s): renew it "
-                    "where it came from", r->crt, issuer);
+        return cmg_site_fail(msg, len, 409,
+                             "%s was not issued by the site CA (its issuer: %s): renew it "
+                             "where it came from",
+                             r->crt, issuer);
     }
     if (!strcmp(r->kind, "connector") && strcmp(cn, r->name)) {
         X509_free(x);
-        return fail(msg, len, 409, "%s is connector %s's certificate, not %s's", r->crt, cn,
-                    r->name);
+        return cmg_site_fail(msg, len, 409, "%s is connector %s's certificate, not %s's", r->crt,
+                             cn, r->name);
     }
     *out = x;
     return 0;
@@ -1160,7 +1179,7 @@ static int renew_record(struct cmg_site_ctx *s, const struct renewal *r, X509 *o
     renewal_record(r, x, subjects + sublen / 2, sublen / 2, now);
     if (cmg_store_cert_replaced(s->store, was, (int64_t)time(NULL)) < 0 ||
         cmg_store_cert_renewed(s->store, now) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     return 0;
 }
 
@@ -1169,10 +1188,13 @@ static int renew_record(struct cmg_site_ctx *s, const struct renewal *r, X509 *o
  * that does not match, refuses it and keeps what it has). */
 static int renew_write(const struct renewal *r, EVP_PKEY *k, X509 *x, char *msg, size_t len)
 {
-    if (keep_previous(r->crt, r->old_crt, 0644) < 0 || keep_previous(r->key, r->old_key, 0600) < 0 ||
-        cmg_pki_write_key(r->key, k) < 0 || cmg_pki_write_cert(r->crt, x) < 0)
-        return fail(msg, len, 500, "the renewal is recorded, but %s / %s (or their copies *.old) "
-                    "cannot be written: run 'cert renew' again", r->crt, r->key);
+    if (keep_previous(r->crt, r->old_crt, 0644) < 0 ||
+        keep_previous(r->key, r->old_key, 0600) < 0 || cmg_pki_write_key(r->key, k) < 0 ||
+        cmg_pki_write_cert(r->crt, x) < 0)
+        return cmg_site_fail(msg, len, 500,
+                             "the renewal is recorded, but %s / %s (or their copies *.old) "
+                             "cannot be written: run 'cert renew' again",
+                             r->crt, r->key);
     return 0;
 }
 
@@ -1192,16 +1214,16 @@ static int op_cert_renew(struct cmg_site_ctx *s, const cJSON *args, cJSON **resu
         (rc = renewal_old(s, &r, &old, msg, len)) != 0)
         return rc;
     if (!(k = cmg_pki_new_key()) || !(x = cmg_pki_renew(old, k, s->ca_cert, s->ca_key))) {
-        rc = fail(msg, len, 500, "cannot issue the new %s certificate", r.kind);
+        rc = cmg_site_fail(msg, len, 500, "cannot issue the new %s certificate", r.kind);
         goto out;
     }
     if (cmg_store_begin(s->store) < 0) {
-        rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
         goto out;
     }
     rc = renew_record(s, &r, old, x, &was, &now, subjects, sizeof(subjects), msg, len);
     if (rc == 0 && cmg_store_commit(s->store) < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc != 0) {
         cmg_store_rollback(s->store);
         goto out;
@@ -1219,7 +1241,7 @@ static int revocation_tx(struct cmg_site_ctx *s, bool on, char *msg, size_t len)
 {
     if (cmg_store_set_setting(s->store, "check_revocation", on ? "on" : "off") < 0 ||
         cmg_store_bump(s->store) < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     return 0;
 }
 
@@ -1244,7 +1266,7 @@ static int oidc_set_tx(struct cmg_site_ctx *s, const struct cmg_oidc_conf *o, ch
                        size_t len)
 {
     return cmg_store_oidc_set(s->store, o) < 0
-               ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
+               ? cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
 static bool http_url(const char *u)
@@ -1260,12 +1282,13 @@ static int oidc_refresh_args(const cJSON *args, struct cmg_oidc_conf *o, char *m
     const char *ca = arg_str(args, "ca");
 
     if ((discovery && !http_url(discovery)) || (uri && !http_url(uri)))
-        return fail(msg, len, 400, "the %s URL must be http(s)://, found %s",
+        return cmg_site_fail(msg, len, 400, "the %s URL must be http(s)://, found %s",
                     discovery && !http_url(discovery) ? "discovery" : "JWKS",
                     discovery && !http_url(discovery) ? discovery : uri);
     if (ca && *ca && !cmg_pem_certs_only(ca))
-        return fail(msg, len, 400, "ca: expected PEM certificates (the provider's CA), found "
-                                   "none");
+        return cmg_site_fail(msg, len, 400,
+                             "ca: expected PEM certificates (the provider's CA), found "
+                             "none");
     o->discovery = (char *)(discovery ? discovery : "");
     o->jwks_uri = (char *)(uri ? uri : "");
     o->ca = (char *)(ca ? ca : "");
@@ -1285,7 +1308,7 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     int rc;
 
     if (!issuer)
-        return fail(msg, len, 400, "--issuer is required");
+        return cmg_site_fail(msg, len, 400, "--issuer is required");
     if ((rc = oidc_refresh_args(args, &o, msg, len)) != 0)
         return rc;
     if (cJSON_IsString(aud)) {
@@ -1294,11 +1317,13 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     } else if (cJSON_IsArray(aud) && cJSON_GetArraySize(aud) > 0) {
         auds = cJSON_Duplicate(aud, 1);
     } else
-        return fail(msg, len, 400, "--audience is required");
+        return cmg_site_fail(msg, len, 400, "--audience is required");
     if (!cJSON_IsObject(jwks) || cmg_jwks_from_json(jwks, &keys, err, sizeof(err)) < 0) {
         cJSON_Delete(auds);
-        return fail(msg, len, 400, "jwks: %s", cJSON_IsObject(jwks) ? err : "a JWKS object "
-                                   "is required");
+        return cmg_site_fail(msg, len, 400, "jwks: %s",
+                             cJSON_IsObject(jwks) ? err
+                                                  : "a JWKS object "
+                                                    "is required");
     }
     o.issuer = (char *)issuer;
     o.tenant = (char *)(tenant ? tenant : "");
@@ -1314,9 +1339,9 @@ static int op_oidc_set(struct cmg_site_ctx *s, const cJSON *args, cJSON **result
     cJSON_AddStringToObject(*result, "jwks_uri", o.jwks_uri);
     cmg_jwks_free(&keys);
     if (cmg_store_begin(s->store) < 0)
-        rc = fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store busy: %s", cmg_store_error(s->store));
     else if ((rc = oidc_set_tx(s, &o, msg, len)) == 0 && cmg_store_commit(s->store) < 0)
-        rc = fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        rc = cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     if (rc != 0) {
         cmg_store_rollback(s->store);
         cJSON_Delete(*result);
@@ -1348,7 +1373,7 @@ static int op_oidc_show(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
     int rc = cmg_store_oidc_get(s->store, &o);
 
     if (rc < 0)
-        return fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
+        return cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store));
     *result = cJSON_CreateObject();
     if (rc == 0) {
         cJSON_AddStringToObject(*result, "issuer", o.issuer ? o.issuer : "");
@@ -1367,7 +1392,7 @@ static int op_oidc_show(struct cmg_site_ctx *s, const cJSON *args, cJSON **resul
 static int oidc_clear_tx(struct cmg_site_ctx *s, char *msg, size_t len)
 {
     return cmg_store_oidc_clear(s->store) < 0
-               ? fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
+               ? cmg_site_fail(msg, len, 500, "store: %s", cmg_store_error(s->store)) : 0;
 }
 
 static int op_oidc_clear(struct cmg_site_ctx *s, const cJSON *args, cJSON **result, char *msg,
@@ -1402,7 +1427,7 @@ static int op_traffic(struct cmg_site_ctx *s, const cJSON *args, cJSON **result,
     const cJSON *instance = cJSON_GetObjectItemCaseSensitive(args, "instance");
 
     if ((range && !cJSON_IsString(range)) || (instance && !cJSON_IsString(instance)))
-        return fail(msg, len, 400, "range and instance must be strings");
+        return cmg_site_fail(msg, len, 400, "range and instance must be strings");
     return cmg_site_traffic(s, (int64_t)time(NULL), range ? range->valuestring : NULL,
                             instance ? instance->valuestring : NULL, result, msg, len);
 }
@@ -1443,12 +1468,12 @@ int cmg_site_op_run(struct cmg_site_ctx *s, const char *name, const cJSON *args,
 
     *result = NULL;
     if (!d)
-        return fail(msg, msglen, 404, "no operation %s", name);
+        return cmg_site_fail(msg, msglen, 404, "no operation %s", name);
     rc = d->fn(s, args, result, msg, msglen);
     if (rc != 0) {
         cJSON_Delete(*result);
         *result = NULL;
     } else if (!*result)
-        return fail(msg, msglen, 500, "out of memory");
+        return cmg_site_fail(msg, msglen, 500, "out of memory");
     return rc;
 }

@@ -35,4 +35,8 @@ int64_t cmg_parse_lifetime(const char *s);
 /* A role id as mappings have them: letters, digits, '_' and '-', 1 to 64. */
 bool cmg_site_role_valid(const char *role);
 
+/* An operation's refusal: the message (printf-style) into msg, and the status returned. */
+int cmg_site_fail(char *msg, size_t len, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 #endif
